@@ -1,0 +1,236 @@
+"""Load an SD3 / 1.x-Distill checkpoint without executing code and infer its configuration.
+
+Accepted: `.pt`/`.pth` (torch.load with weights_only=True), `.safetensors`, or a diffusers
+transformer folder (config.json + *.safetensors, sharded or not). Keys may be in diffusers naming or
+in the original MMDiT naming (`model.diffusion_model.joint_blocks.N...`), behind wrapper prefixes.
+Project metadata (attention heads, sampling plan) travels under the key `slimengine`: a top-level
+entry of a `.pt` dict, a JSON string in safetensors metadata, or `slimengine.json` in a folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+from .sd3_model import DistilledSD3, SD3Config
+
+WRAPPER_PREFIXES = ("module.", "_fsdp_wrapped_module.", "transformer.")
+COMPENSATION_PREFIXES = ("delta_pred_hidden.", "delta_pred_encoder.")
+# SD3 convention when the weights cannot tell (no qk-norm): heads of 64 channels.
+DEFAULT_HEAD_DIM = 64
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    path: Path
+    config: SD3Config
+    state_dict: dict[str, torch.Tensor]  # diffusers transformer keys + delta_pred_* keys
+    metadata: dict
+    sha256: str
+
+    @property
+    def has_compensation(self) -> bool:
+        return any(k.startswith(COMPENSATION_PREFIXES) for k in self.state_dict)
+
+    def build_model(self, dtype: torch.dtype = torch.float32) -> DistilledSD3:
+        """The model with these weights loaded, in eval mode."""
+        with torch.device("meta"):
+            model = DistilledSD3(self.config, with_compensation=self.has_compensation)
+        model.load_state_dict(_model_keys(self.state_dict), strict=True, assign=True)
+        return model.to(dtype).eval()
+
+
+def load_checkpoint(path: str | Path, num_attention_heads: int | None = None) -> Checkpoint:
+    """Read, normalise and validate a checkpoint; raise CheckpointError with one clear line."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    raw, metadata = _read_raw(path)
+    state_dict = _normalise_keys(raw, path)
+    heads = num_attention_heads or metadata.get("num_attention_heads")
+    config = infer_config(state_dict, path, heads)
+    _check_against_model(state_dict, config, path)
+    return Checkpoint(path=path, config=config, state_dict=state_dict, metadata=metadata, sha256=_hash_source(path))
+
+
+def _read_raw(path: Path) -> tuple[dict, dict]:
+    try:
+        if path.is_dir():
+            return _read_diffusers_folder(path)
+        suffix = path.suffix.lower()
+        if suffix in (".pt", ".pth", ".ckpt", ".bin"):
+            return _read_torch(path)
+        if suffix == ".safetensors":
+            return _read_safetensors([path])
+    except CheckpointError:
+        raise
+    except Exception as e:  # every reader error becomes one line naming the file
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {_first_line(e)})") from None
+    raise CheckpointError(f"{path}: unknown checkpoint type '{path.suffix}' (expected .pt, .pth, .safetensors or a diffusers folder)")
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else "no detail"
+
+
+def _read_torch(path: Path) -> tuple[dict, dict]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    metadata = obj.get("slimengine", {}) if isinstance(obj.get("slimengine"), dict) else {}
+    for key in ("state_dict", "model", "module", "transformer"):
+        if isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, metadata
+
+
+def _read_safetensors(files: list[Path]) -> tuple[dict, dict]:
+    from safetensors import safe_open
+
+    tensors, metadata = {}, {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            if "slimengine" in meta:
+                metadata = json.loads(meta["slimengine"])
+            for key in handle.keys():
+                tensors[key] = handle.get_tensor(key)
+    return tensors, metadata
+
+
+def _read_diffusers_folder(path: Path) -> tuple[dict, dict]:
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{path}: folder has no config.json (expected a diffusers transformer folder)")
+    config = json.loads((path / "config.json").read_text())
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: folder has no .safetensors weights")
+    tensors, metadata = _read_safetensors(files)
+    if (path / "slimengine.json").exists():
+        metadata = json.loads((path / "slimengine.json").read_text())
+    metadata.setdefault("num_attention_heads", config.get("num_attention_heads"))
+    return tensors, metadata
+
+
+def _normalise_keys(raw: dict, path: Path) -> dict[str, torch.Tensor]:
+    state_dict = {}
+    for key, value in raw.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix) :], True
+        state_dict[key] = value
+    if any(k.startswith(("model.diffusion_model.", "joint_blocks.")) for k in state_dict):
+        state_dict = _original_to_diffusers(state_dict, path)
+    if "pos_embed.proj.weight" not in state_dict:
+        raise CheckpointError(f"{path}: not an SD3 transformer checkpoint (no patch embedding 'pos_embed.proj.weight' "
+                              f"among {len(state_dict)} tensors)")
+    return state_dict
+
+
+def _original_to_diffusers(state_dict: dict, path: Path) -> dict:
+    """Original MMDiT names -> diffusers names, using diffusers' own single-file conversion."""
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    compensation = {k: v for k, v in state_dict.items() if k.startswith(COMPENSATION_PREFIXES)}
+    original = {k: v for k, v in state_dict.items() if k not in compensation}
+    try:
+        converted = convert_sd3_transformer_checkpoint_to_diffusers(original)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: original-format SD3 checkpoint is missing key {e}") from None
+    leftover = list(original)  # the conversion pops every key it understood
+    if leftover:
+        raise CheckpointError(f"{path}: unexpected keys in original-format checkpoint: {', '.join(sorted(leftover)[:5])}")
+    converted.update(compensation)
+    return converted
+
+
+def infer_config(state_dict: dict, path: Path, num_attention_heads: int | None = None) -> SD3Config:
+    def shape(key):
+        if key not in state_dict:
+            raise CheckpointError(f"{path}: missing key '{key}'")
+        return tuple(state_dict[key].shape)
+
+    inner, in_channels, patch, _ = shape("pos_embed.proj.weight")
+    pos_tokens = shape("pos_embed.pos_embed")[1]
+    pos_max = int(round(pos_tokens**0.5))
+    if pos_max * pos_max != pos_tokens:
+        raise CheckpointError(f"{path}: positional embedding has {pos_tokens} entries, not a square grid")
+    block_ids = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"transformer_blocks\.(\d+)\.", k))})
+    if not block_ids or block_ids != list(range(len(block_ids))):
+        raise CheckpointError(f"{path}: joint blocks are missing or not numbered 0..N-1 (found {block_ids[:8]})")
+    norm_q = state_dict.get("transformer_blocks.0.attn.norm_q.weight")
+    if norm_q is not None:
+        head_dim = norm_q.shape[0]
+        qk_norm = "layer_norm" if "transformer_blocks.0.attn.norm_q.bias" in state_dict else "rms_norm"
+    else:
+        qk_norm = None
+        head_dim = inner // num_attention_heads if num_attention_heads else DEFAULT_HEAD_DIM
+    if inner % head_dim:
+        raise CheckpointError(f"{path}: width {inner} is not a multiple of the head size {head_dim}")
+    caption_dim, joint_dim = shape("context_embedder.weight")
+    return SD3Config(
+        num_layers=len(block_ids),
+        num_attention_heads=inner // head_dim,
+        attention_head_dim=head_dim,
+        in_channels=in_channels,
+        out_channels=shape("proj_out.weight")[0] // (patch * patch),
+        patch_size=patch,
+        joint_attention_dim=joint_dim,
+        caption_projection_dim=caption_dim,
+        pooled_projection_dim=shape("time_text_embed.text_embedder.linear_1.weight")[1],
+        pos_embed_max_size=pos_max,
+        dual_attention_layers=tuple(i for i in block_ids if f"transformer_blocks.{i}.attn2.to_q.weight" in state_dict),
+        qk_norm=qk_norm,
+    )
+
+
+def _model_keys(state_dict: dict) -> dict:
+    return {(k if k.startswith(COMPENSATION_PREFIXES) else "transformer." + k): v for k, v in state_dict.items()}
+
+
+def _check_against_model(state_dict: dict, config: SD3Config, path: Path) -> None:
+    has_comp = any(k.startswith(COMPENSATION_PREFIXES) for k in state_dict)
+    with torch.device("meta"):
+        expected = DistilledSD3(config, with_compensation=has_comp).state_dict()
+    given = _model_keys(state_dict)
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    if missing:
+        raise CheckpointError(f"{path}: missing {len(missing)} keys, e.g. {', '.join(_strip(missing[:3]))}")
+    if unexpected:
+        raise CheckpointError(f"{path}: {len(unexpected)} unexpected keys, e.g. {', '.join(_strip(unexpected[:3]))}")
+    for key, value in given.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise CheckpointError(f"{path}: '{_strip([key])[0]}' has shape {list(value.shape)}, expected {list(expected[key].shape)}")
+        if not value.dtype.is_floating_point:
+            raise CheckpointError(f"{path}: '{_strip([key])[0]}' has dtype {value.dtype}, expected a floating-point type")
+
+
+def _strip(keys):
+    return [k.removeprefix("transformer.") for k in keys]
+
+
+def _hash_source(path: Path) -> str:
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        with open(f, "rb") as handle:
+            while chunk := handle.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,77 @@
+"""export-engine: turn a PyTorch SD3 / 1.x-Distill checkpoint into an engine bundle."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .errors import CheckpointError, ExportError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="export-engine",
+        description="Export a PyTorch SD3 / 1.x-Distill checkpoint (.pt, .safetensors or diffusers folder) "
+        "into an engine bundle (ONNX stages + manifest) that the slimengine runtime executes.",
+    )
+    parser.add_argument("checkpoint", type=Path, help="checkpoint file or diffusers transformer folder")
+    parser.add_argument("-o", "--output", type=Path, help="bundle directory to write (default: CHECKPOINT.engine)")
+    parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="compute precision (default fp32)")
+    parser.add_argument("--steps", type=int, help="sampling steps (default: metadata, else 2 for 1.x-Distill, 28 for plain SD3)")
+    parser.add_argument("--shift", type=float, help="sigma shift (default: metadata, else 3.0)")
+    parser.add_argument("--cache-blocks", help="joint blocks skipped after step 1, e.g. 2-7 (default: metadata)")
+    parser.add_argument("--guidance-scale", type=float, help="default CFG scale (default: 1.0 for 1.x, 7.0 for plain SD3)")
+    parser.add_argument("--heads", type=int, help="attention heads, when the weights cannot tell (no qk-norm, no metadata)")
+    parser.add_argument("--verify", action="store_true", help="run every stage in ONNX Runtime against PyTorch")
+    parser.add_argument("--force", action="store_true", help="replace an existing bundle")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    output = args.output or args.checkpoint.with_name(args.checkpoint.name.split(".")[0] + ".engine")
+    if args.steps is not None and args.steps < 1:
+        return _fail(f"--steps must be at least 1, got {args.steps}")
+    if output.exists() and not args.force:
+        return _fail(f"{output} already exists (use --force to replace it)")
+    # Heavy imports after argument checks, so --help and usage errors are instant.
+    from tqdm import tqdm
+
+    from .checkpoint import load_checkpoint
+    from .sampling_plan import make_plan
+    from .sd3_export import export_sd3
+
+    start = time.perf_counter()
+    try:
+        checkpoint = load_checkpoint(args.checkpoint, num_attention_heads=args.heads)
+        plan = make_plan(checkpoint.config.num_layers, checkpoint.has_compensation, checkpoint.metadata,
+                         steps=args.steps, shift=args.shift, cache_blocks=args.cache_blocks, guidance_scale=args.guidance_scale)
+    except (CheckpointError, ValueError) as e:
+        return _fail(str(e))
+    c = checkpoint.config
+    kind = f"1.x-Distill, cached blocks {plan.cache_blocks[0]}-{plan.cache_blocks[1]}" if checkpoint.has_compensation else "plain SD3"
+    print(f"{args.checkpoint}: {c.num_layers} blocks, {c.num_attention_heads}x{c.attention_head_dim} heads, {kind}; "
+          f"{plan.steps} steps, effective NFE {plan.effective_nfe(c.num_layers):.2f}", file=sys.stderr)
+    stages = c.num_layers + 2 + checkpoint.has_compensation
+    bar = tqdm(total=stages, desc="export", unit="stage", disable=args.quiet, file=sys.stderr)
+    try:
+        export_sd3(checkpoint, plan, output, precision=args.precision, verify=args.verify, force=args.force,
+                   progress=lambda name: (bar.set_postfix_str(name), bar.update()), report=lambda s: print(s, file=sys.stderr))
+    except (ExportError, ValueError, FileExistsError) as e:
+        return _fail(str(e))
+    finally:
+        bar.close()
+    print(f"wrote {output} ({args.precision}, {stages} stages) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"export-engine: error: {message}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

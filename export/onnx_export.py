@@ -1,0 +1,290 @@
+"""Lower the SD3 stages to ONNX (torch.export -> opset 23, attention as the ONNX `Attention` op).
+
+Every stage takes and returns float32 at its boundary and computes in the bundle's precision
+inside, so the runtime's buffers are precision-independent. Batch, latent height/width, text length
+and token count are dynamic.
+
+Joint blocks share one graph structure (per kind: plain, dual-attention, last), so each kind is
+traced once, from a copy with distinct random weights, and every block's own weights are swapped
+into that graph by parameter name: tracing a 24-block model 24 times would dominate export time.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .sd3_model import DistilledSD3
+
+OPSET = 23
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple  # ints, or strings for dynamic dimensions
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": "float32", "shape": list(self.shape)}
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def file(self) -> str:
+        return f"stages/{self.name}.onnx"
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "file": self.file, "inputs": [t.to_json() for t in self.inputs],
+                "outputs": [t.to_json() for t in self.outputs]}
+
+
+def stage_specs(model: DistilledSD3) -> list[StageSpec]:
+    c = model.config
+    d, dc = c.inner_dim, c.caption_projection_dim
+    img, txt, temb = TensorSpec("img", ("batch", "tokens", d)), TensorSpec("txt", ("batch", "text", dc)), TensorSpec("temb", ("batch", d))
+    latents = TensorSpec("latents", ("batch", c.in_channels, "height", "width"))
+    specs = [StageSpec("embed", (latents, TensorSpec("timestep", ("batch",)), TensorSpec("pooled", ("batch", c.pooled_projection_dim)),
+                                 TensorSpec("text", ("batch", "text", c.joint_attention_dim))), (img, txt, temb))]
+    for i in range(c.num_layers):
+        last = i == c.num_layers - 1
+        outs = (TensorSpec("img_out", img.shape),) if last else (TensorSpec("img_out", img.shape), TensorSpec("txt_out", txt.shape))
+        specs.append(StageSpec(f"block_{i}", (img, txt, temb), outs))
+    if model.has_compensation:
+        specs.append(StageSpec("compensate", (TensorSpec("delta_img", img.shape), TensorSpec("delta_txt", txt.shape)),
+                               (TensorSpec("comp_img", img.shape), TensorSpec("comp_txt", txt.shape))))
+    specs.append(StageSpec("final", (img, temb, TensorSpec("latents", ("batch", c.out_channels, "height", "width"))),
+                           (TensorSpec("velocity", ("batch", c.out_channels, "height", "width")),)))
+    return specs
+
+
+class _Stage(nn.Module):
+    """Casts float32 inputs to the compute dtype and outputs back to float32."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def _in(self, *xs):
+        return [x.to(self.dtype) for x in xs]
+
+    @staticmethod
+    def _out(*xs):
+        return tuple(x.float() for x in xs)
+
+
+class EmbedStage(_Stage):
+    def __init__(self, model: DistilledSD3, dtype):
+        super().__init__(dtype)
+        self.model = model
+
+    def forward(self, latents, timestep, pooled, text):
+        return self._out(*self.model.embed(*self._in(latents, timestep, pooled, text)))
+
+
+class BlockStage(_Stage):
+    def __init__(self, block: nn.Module, dtype):
+        super().__init__(dtype)
+        self.block = block
+
+    def forward(self, img, txt, temb):
+        txt_out, img_out = self.block(*self._in(img, txt, temb))
+        return self._out(img_out) if txt_out is None else self._out(img_out, txt_out)
+
+
+class CompensateStage(_Stage):
+    def __init__(self, model: DistilledSD3, dtype):
+        super().__init__(dtype)
+        self.hidden, self.encoder = model.delta_pred_hidden, model.delta_pred_encoder
+
+    def forward(self, delta_img, delta_txt):
+        delta_img, delta_txt = self._in(delta_img, delta_txt)
+        return self._out(self.hidden(delta_img), self.encoder(delta_txt))
+
+
+class FinalStage(_Stage):
+    def __init__(self, model: DistilledSD3, dtype):
+        super().__init__(dtype)
+        self.model = model
+
+    def forward(self, img, temb, latents):
+        img, temb = self._in(img, temb)
+        return self._out(self.model.final(img, temb, latents))
+
+
+def example_inputs(model: DistilledSD3, batch: int = 2, height: int = 8, width: int = 6, text: int = 5, seed: int = 0):
+    """Consistent float32 inputs for every stage, from running the PyTorch stages on random data."""
+    c = model.config
+    g = torch.Generator().manual_seed(seed)
+    p = c.patch_size
+    latents = torch.randn(batch, c.in_channels, height * p, width * p, generator=g)
+    timestep = torch.rand(batch, generator=g) * 1000
+    pooled = torch.randn(batch, c.pooled_projection_dim, generator=g)
+    text_in = torch.randn(batch, text, c.joint_attention_dim, generator=g)
+    with torch.no_grad():
+        img, txt, temb = (t.float() for t in model.embed(latents.to(model_dtype(model)), timestep, pooled.to(model_dtype(model)),
+                                                      text_in.to(model_dtype(model))))
+    inputs = {"embed": (latents, timestep, pooled, text_in)}
+    for i in range(c.num_layers):
+        inputs[f"block_{i}"] = (img, txt, temb)
+    inputs["compensate"] = (img * 0.1, txt * 0.1)
+    inputs["final"] = (img, temb, latents)
+    return inputs
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def stage_module(model: DistilledSD3, name: str, dtype) -> nn.Module:
+    if name == "embed":
+        return EmbedStage(model, dtype)
+    if name == "compensate":
+        return CompensateStage(model, dtype)
+    if name == "final":
+        return FinalStage(model, dtype)
+    return BlockStage(model.transformer.transformer_blocks[int(name.split("_")[1])], dtype)
+
+
+def _dynamic_shapes(spec: StageSpec, patch: int, max_patches: int):
+    dims = {
+        "batch": torch.export.Dim("batch", min=1, max=4096),
+        "text": torch.export.Dim("text", min=1, max=8192),
+        "tokens": torch.export.Dim("tokens", min=1, max=max_patches * max_patches),
+    }
+    h = torch.export.Dim("height_patches", min=1, max=max_patches)
+    w = torch.export.Dim("width_patches", min=1, max=max_patches)
+    dims["height"], dims["width"] = patch * h, patch * w
+    return tuple({axis: dims[d] for axis, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs)
+
+
+def trace_stage(module: nn.Module, spec: StageSpec, args: tuple, patch: int, max_patches: int):
+    """torch.export + ONNX lowering of one stage; returns the ONNXProgram."""
+    with warnings.catch_warnings(), _quiet_logs():
+        warnings.simplefilter("ignore")
+        return torch.onnx.export(
+            module, args, dynamo=True, opset_version=OPSET, verbose=False,
+            dynamic_shapes=_dynamic_shapes(spec, patch, max_patches),
+            input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
+        )
+
+
+class _quiet_logs:
+    """torch.onnx prints progress lines and warnings per trace; the CLI has its own progress bar."""
+
+    def __enter__(self):
+        self.levels = {n: logging.getLogger(n).level for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript")}
+        for n in self.levels:
+            logging.getLogger(n).setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        for n, level in self.levels.items():
+            logging.getLogger(n).setLevel(level)
+
+
+def _block_kind(model: DistilledSD3, index: int) -> str:
+    if index == model.num_layers - 1:
+        return "last"
+    return "dual" if index in model.config.dual_attention_layers else "plain"
+
+
+class BlockGraphs:
+    """One traced graph per block kind; `graph_for(i)` returns it carrying block i's weights."""
+
+    def __init__(self, model: DistilledSD3, dtype: torch.dtype, spec_of, args_of):
+        self.model, self.dtype, self.spec_of, self.args_of = model, dtype, spec_of, args_of
+        self.templates = {}
+
+    def graph_for(self, index: int):
+        kind = _block_kind(self.model, index)
+        block = self.model.transformer.transformer_blocks[index]
+        if kind not in self.templates:
+            scrambled = copy.deepcopy(block)
+            with torch.no_grad():  # distinct values, so the optimiser cannot merge or fold weights
+                g = torch.Generator().manual_seed(1234)
+                for p in scrambled.parameters():
+                    p.copy_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.02 + 1.0)
+            name = f"block_{index}"
+            self.templates[kind] = trace_stage(BlockStage(scrambled, self.dtype), self.spec_of(name), self.args_of(name),
+                                               self.model.config.patch_size, self.model.config.pos_embed_max_size)
+        program = self.templates[kind]
+        params = {f"block.{k}": v for k, v in block.state_dict().items()}
+        initializers = program.model.graph.initializers
+        # Every weight must appear under its own name, and nothing else may be weight-sized: otherwise
+        # the optimiser folded a weight into a new constant and this block is traced by itself.
+        others = [v for n, v in initializers.items() if n not in params]
+        if set(params) - set(initializers) or any(v.const_value.size > 64 for v in others):
+            return None
+        import onnx_ir as ir
+
+        for name, value in initializers.items():
+            if name not in params:
+                continue
+            tensor = params[name].detach().cpu()
+            if tuple(tensor.shape) != tuple(value.const_value.shape):
+                return None
+            value.const_value = ir.tensor(_to_numpy(tensor), name=name)
+        return program
+
+
+def _to_numpy(tensor: torch.Tensor):
+    if tensor.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def export_stages(model: DistilledSD3, directory: Path, precision: str, progress=None) -> list[StageSpec]:
+    """Write every stage of `model` as stages/NAME.onnx (+ NAME.onnx.data) under `directory`."""
+    dtype = DTYPES[precision]
+    model = model.to(dtype)
+    specs = stage_specs(model)
+    by_name = {s.name: s for s in specs}
+    args = {k: tuple(t.float() for t in v) for k, v in example_inputs(model).items()}
+    blocks = BlockGraphs(model, dtype, by_name.__getitem__, args.__getitem__)
+    (directory / "stages").mkdir(parents=True, exist_ok=True)
+    for spec in specs:
+        program = None
+        if spec.name.startswith("block_"):
+            program = blocks.graph_for(int(spec.name.split("_")[1]))
+        if program is None:
+            program = trace_stage(stage_module(model, spec.name, dtype), spec, args[spec.name],
+                                  model.config.patch_size, model.config.pos_embed_max_size)
+        program.save(directory / spec.file, external_data=True)
+        if progress is not None:
+            progress(spec.name)
+    return specs
+
+
+def verify_stages(model: DistilledSD3, directory: Path, specs: list[StageSpec], precision: str) -> dict[str, float]:
+    """Run every stage in ONNX Runtime on inputs of new shapes and return max |ORT - PyTorch| per stage."""
+    import onnxruntime as ort
+
+    dtype = DTYPES[precision]
+    model = model.to(dtype)
+    args = example_inputs(model, batch=3, height=5, width=7, text=9, seed=1)
+    errors = {}
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    for spec in specs:
+        module = stage_module(model, spec.name, dtype)
+        inputs = tuple(t.float() for t in args[spec.name])
+        with torch.no_grad():
+            expected = module(*inputs)
+        session = ort.InferenceSession(str(directory / spec.file), options, providers=["CPUExecutionProvider"])
+        got = session.run(None, {t.name: x.numpy() for t, x in zip(spec.inputs, inputs)})
+        errors[spec.name] = max(float(np.abs(g - e.numpy()).max()) for g, e in zip(got, expected))
+    return errors

@@ -1,0 +1,171 @@
+"""The sampling program a bundle carries: sigmas, guidance, and which blocks each step runs.
+
+Two kinds of plan:
+- 1.x-Distill (REFERENCE.md): sigmas = shift(linspace(1, 0, steps+1), s) snapped to the teacher's
+  1000-step grid; step 0 runs every block and records Δ over the cached range; every later step
+  skips the range and adds MLP(Δ) (compensation "mlp") or Δ itself (compensation "identity", for a
+  plain model given --cache-blocks).
+- plain SD3: diffusers' FlowMatchEulerDiscreteScheduler sigmas, every block every step, CFG.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+TEACHER_TRAIN_STEPS = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingPlan:
+    sigmas: tuple[float, ...]  # steps + 1 values, the last one 0
+    guidance_scale: float
+    cache_blocks: tuple[int, int] | None = None  # inclusive range of joint blocks skipped after step 0
+    compensation: str | None = None  # "mlp" | "identity" | None
+
+    @property
+    def steps(self) -> int:
+        return len(self.sigmas) - 1
+
+    @property
+    def timesteps(self) -> list[float]:
+        return [s * TEACHER_TRAIN_STEPS for s in self.sigmas[:-1]]
+
+    def records_delta(self, step: int) -> bool:
+        return self.cache_blocks is not None and step == 0
+
+    def skips_block(self, step: int, block: int) -> bool:
+        if self.cache_blocks is None or step == 0:
+            return False
+        first, last = self.cache_blocks
+        return first <= block <= last
+
+    def blocks_run(self, step: int, num_layers: int) -> int:
+        return sum(not self.skips_block(step, i) for i in range(num_layers))
+
+    def effective_nfe(self, num_layers: int) -> float:
+        per_eval = sum(self.blocks_run(s, num_layers) for s in range(self.steps)) / num_layers
+        return per_eval * (2 if self.guidance_scale > 1.0 else 1)
+
+    def validate(self, num_layers: int, has_compensation_mlp: bool) -> None:
+        if self.steps < 1:
+            raise ValueError("a plan needs at least one step")
+        if self.guidance_scale < 0:
+            raise ValueError(f"guidance scale {self.guidance_scale} is negative")
+        if self.cache_blocks is not None:
+            first, last = self.cache_blocks
+            # The last block ends the text stream, so a cached range must stop before it.
+            if not 0 <= first <= last < num_layers - 1:
+                raise ValueError(f"cache blocks {first}-{last} must lie within 0-{num_layers - 2} for a {num_layers}-block model")
+            if self.compensation not in ("mlp", "identity"):
+                raise ValueError("a cached range needs compensation 'mlp' or 'identity'")
+            if self.compensation == "mlp" and not has_compensation_mlp:
+                raise ValueError("compensation 'mlp' needs delta_pred_* weights in the checkpoint")
+
+    def to_manifest(self, num_layers: int) -> dict:
+        steps = []
+        for s in range(self.steps):
+            steps.append(
+                {
+                    "sigma": self.sigmas[s],
+                    "sigma_next": self.sigmas[s + 1],
+                    "timestep": self.timesteps[s],
+                    "record_delta": self.records_delta(s),
+                    "skip_cached_blocks": self.cache_blocks is not None and s > 0,
+                    "blocks_run": self.blocks_run(s, num_layers),
+                }
+            )
+        return {
+            "sampler": "flow_match_euler",
+            "guidance_scale": self.guidance_scale,
+            "cache_blocks": list(self.cache_blocks) if self.cache_blocks else None,
+            "compensation": self.compensation,
+            "effective_nfe": self.effective_nfe(num_layers),
+            "steps": steps,
+        }
+
+
+def shift_sigmas(sigmas: np.ndarray, shift: float) -> np.ndarray:
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def teacher_grid(teacher_shift: float) -> np.ndarray:
+    """The teacher's shifted 1000-step sigma grid, plus 0 so the final sigma stays exactly 0."""
+    grid = shift_sigmas(np.arange(1, TEACHER_TRAIN_STEPS + 1) / TEACHER_TRAIN_STEPS, teacher_shift)
+    return np.concatenate([[0.0], grid])
+
+
+def distilled_sigmas(steps: int, shift: float, teacher_shift: float) -> tuple[float, ...]:
+    sigmas = shift_sigmas(np.linspace(1.0, 0.0, steps + 1), shift)
+    grid = teacher_grid(teacher_shift)
+    snapped = grid[np.abs(grid[None, :] - sigmas[:, None]).argmin(axis=1)]
+    return tuple(float(s) for s in snapped)
+
+
+def scheduler_sigmas(steps: int, shift: float) -> tuple[float, ...]:
+    """diffusers' FlowMatchEulerDiscreteScheduler sigmas (SD3's scheduler) for `steps` steps."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=TEACHER_TRAIN_STEPS, shift=shift)
+    scheduler.set_timesteps(steps)
+    return tuple(float(s) for s in scheduler.sigmas)
+
+
+def parse_block_range(text: str) -> tuple[int, int]:
+    """'2-7' -> (2, 7); '5' -> (5, 5)."""
+    try:
+        parts = [int(p) for p in str(text).split("-")]
+    except ValueError:
+        raise ValueError(f"block range '{text}' is not of the form A-B") from None
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or parts[0] > parts[1] or parts[0] < 0:
+        raise ValueError(f"block range '{text}' is not of the form A-B with 0 <= A <= B")
+    return parts[0], parts[1]
+
+
+def make_plan(
+    num_layers: int,
+    has_compensation_mlp: bool,
+    metadata: dict | None = None,
+    steps: int | None = None,
+    shift: float | None = None,
+    cache_blocks: str | tuple[int, int] | None = None,
+    guidance_scale: float | None = None,
+    teacher_shift: float | None = None,
+) -> SamplingPlan:
+    """Plan from the checkpoint's metadata, overridden by explicit arguments (the CLI flags).
+
+    A checkpoint with compensation weights is a 1.x-Distill student: 2 steps, shift 3, no CFG,
+    cached range from metadata (blocks 2-7 by default when the model is deep enough). Without them it
+    is a plain SD3 model: 28 steps, shift 3, CFG 7.0, unless --cache-blocks asks for Δ reuse.
+    """
+    meta = dict((metadata or {}).get("sampling", {}))
+    distilled = has_compensation_mlp
+    steps = steps or meta.get("steps") or (2 if distilled else 28)
+    shift = shift or meta.get("shift") or 3.0
+    teacher_shift = teacher_shift or meta.get("teacher_shift") or 3.0
+    if cache_blocks is None:
+        cache_blocks = meta.get("cache_blocks")
+        if cache_blocks is None and distilled and num_layers >= 9:
+            cache_blocks = (2, 7)
+    if isinstance(cache_blocks, str):
+        cache_blocks = parse_block_range(cache_blocks)
+    if distilled and cache_blocks is None:
+        raise ValueError("the checkpoint has compensation weights but no cached block range; pass --cache-blocks A-B")
+    cache_blocks = tuple(cache_blocks) if cache_blocks is not None else None
+    if guidance_scale is None:
+        guidance_scale = meta.get("guidance_scale", 1.0 if (distilled or cache_blocks) else 7.0)
+    if distilled or cache_blocks is not None:
+        sigmas = distilled_sigmas(steps, shift, teacher_shift)
+    else:
+        sigmas = scheduler_sigmas(steps, shift)
+    plan = SamplingPlan(
+        sigmas=sigmas,
+        guidance_scale=float(guidance_scale),
+        cache_blocks=cache_blocks,
+        compensation=("mlp" if distilled else "identity") if cache_blocks else None,
+    )
+    plan.validate(num_layers, has_compensation_mlp)
+    return plan

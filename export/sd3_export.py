@@ -1,0 +1,54 @@
+"""Checkpoint -> SD3 engine bundle: stages, sampling program and manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import torch
+
+from .bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, write_bundle
+from .checkpoint import Checkpoint
+from .onnx_export import OPSET, export_stages, verify_stages
+from .sampling_plan import SamplingPlan
+
+EXPORTER_VERSION = "0.1.0"
+
+
+def export_sd3(
+    checkpoint: Checkpoint,
+    plan: SamplingPlan,
+    destination: Path,
+    precision: str = "fp32",
+    verify: bool = False,
+    force: bool = False,
+    progress=None,
+    report=print,
+) -> dict:
+    """Write the bundle for `checkpoint` with `plan`; with `verify`, check every stage in ONNX Runtime."""
+    model = checkpoint.build_model()
+    plan.validate(model.num_layers, model.has_compensation)
+
+    def fill(tmp: Path) -> dict:
+        specs = export_stages(model, tmp, precision, progress=progress)
+        if verify:
+            errors = verify_stages(model, tmp, specs, precision)
+            for name, err in errors.items():
+                report(f"verify {name:>12}: max |ORT - PyTorch| = {err:.3e}")
+        config = checkpoint.config
+        return {
+            "format": BUNDLE_FORMAT,
+            "format_version": BUNDLE_FORMAT_VERSION,
+            "family": "sd3",
+            "precision": precision,
+            "exporter": {"name": "slimengine", "version": EXPORTER_VERSION, "torch": torch.__version__,
+                         "onnx": onnx.__version__, "opset": OPSET},
+            "source": {"path": str(checkpoint.path), "sha256": checkpoint.sha256},
+            "config": {**config.to_json(), "max_latent_size": config.pos_embed_max_size * config.patch_size,
+                       "default_latent_size": min(config.sample_size, config.pos_embed_max_size * config.patch_size)},
+            "stages": [s.to_json() for s in specs],
+            "program": plan.to_manifest(model.num_layers),
+            "custom_op_library": None,
+        }
+
+    return write_bundle(destination, fill, force=force)
