@@ -1,0 +1,15 @@
+"""slimengine: compiled deployment of few-step, cache-accelerated SD3 transformers.
+
+    import slimengine as se
+    session = se.open_engine("sd3m.engine").session()
+    result = session.generate(prompt_embeds, pooled_embeds, seed=0)
+    result.latents, result.stats
+
+The runtime is the C library libslimengine.so (C ABI in slimengine.h); this module wraps it with
+numpy in and out (anything with __dlpack__ or __array__ is accepted as input). The exporter lives
+in `slimengine.export`, the command-line tools in `slimengine.tools`.
+"""
+
+from .runtime import Engine, GenerateResult, Session, SlimError, open_engine, version
+
+__all__ = ["Engine", "GenerateResult", "Session", "SlimError", "open_engine", "version"]

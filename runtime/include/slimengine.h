@@ -1,0 +1,173 @@
+/* slimengine.h: the C ABI of the slimengine runtime.
+ *
+ * An engine (slim_engine) is a loaded bundle: manifest, compiled ONNX Runtime sessions, weights.
+ * A session (slim_session) holds the buffers and caches of one generation at a time.
+ *
+ * Thread safety: an engine is read-only after slim_engine_open and may be shared by any number of
+ * threads; a session must be used by one thread at a time (create one session per thread).
+ *
+ * Errors: every call that can fail returns a slim_status; the detail is in slim_last_error(), a
+ * thread-local string valid until the next slimengine call on the same thread. No C++ exception
+ * crosses this boundary. Ownership: the caller owns every tensor it passes (inputs and outputs);
+ * the library owns and frees what it allocates (engines, sessions, strings it returns).
+ */
+#ifndef SLIMENGINE_H
+#define SLIMENGINE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define SLIM_API __declspec(dllexport)
+#else
+#define SLIM_API __attribute__((visibility("default")))
+#endif
+
+/* ABI version of this header; slim_version() gives the library's at run time. */
+#define SLIM_ABI_VERSION_MAJOR 0
+#define SLIM_ABI_VERSION_MINOR 1
+
+typedef enum slim_status {
+    SLIM_OK = 0,
+    SLIM_ERR_INVALID_ARGUMENT = 1, /* a NULL handle, a bad parameter value or params struct size */
+    SLIM_ERR_IO = 2,               /* a bundle file cannot be read */
+    SLIM_ERR_BUNDLE = 3,           /* manifest invalid, unknown format version, checksum mismatch */
+    SLIM_ERR_BACKEND = 4,          /* ONNX Runtime missing, failed to load a stage or to run it */
+    SLIM_ERR_SHAPE = 5,            /* a tensor has the wrong rank or shape */
+    SLIM_ERR_DTYPE = 6,            /* a tensor has the wrong dtype, device or layout */
+    SLIM_ERR_NUMERICS = 7,         /* NaN or Inf in an input or in the result */
+    SLIM_ERR_OUT_OF_MEMORY = 8,
+    SLIM_ERR_INTERNAL = 9
+} slim_status;
+
+/* Element types (the values of DLPack's (code, bits) pairs are not used: plain enum). */
+typedef enum slim_dtype {
+    SLIM_DTYPE_FLOAT32 = 0,
+    SLIM_DTYPE_FLOAT16 = 1,
+    SLIM_DTYPE_BFLOAT16 = 2,
+    SLIM_DTYPE_INT64 = 3,
+    SLIM_DTYPE_INT32 = 4
+} slim_dtype;
+
+/* Device types use DLPack's numbering. */
+typedef enum slim_device_type { SLIM_DEVICE_CPU = 1, SLIM_DEVICE_CUDA = 2 } slim_device_type;
+
+/* A DLTensor-like view of caller memory. strides are in elements; NULL means C-contiguous. */
+typedef struct slim_tensor {
+    void* data;
+    int32_t dtype;       /* slim_dtype */
+    int32_t device_type; /* slim_device_type */
+    int32_t device_id;
+    int32_t ndim;
+    const int64_t* shape;
+    const int64_t* strides;
+} slim_tensor;
+
+typedef struct slim_engine slim_engine;
+typedef struct slim_session slim_session;
+
+/* ---- version and errors ---- */
+
+/* "MAJOR.MINOR.PATCH" of the library; static storage. */
+SLIM_API const char* slim_version(void);
+/* ABI major version of the library, to compare with SLIM_ABI_VERSION_MAJOR. */
+SLIM_API int32_t slim_abi_version_major(void);
+/* Detail of the last error on this thread ("" if none); owned by the library. */
+SLIM_API const char* slim_last_error(void);
+/* Short name of a status code ("SLIM_ERR_SHAPE"); static storage. */
+SLIM_API const char* slim_status_name(slim_status status);
+
+/* ---- engine ---- */
+
+typedef struct slim_engine_params {
+    uint32_t struct_size;            /* sizeof(slim_engine_params) */
+    const char* onnxruntime_library; /* path of libonnxruntime.so; NULL: $SLIMENGINE_ORT_LIBRARY, then the loader's search */
+    int32_t verify_checksums;        /* 1 (default): check the sha256 of every bundle file against the manifest */
+    int32_t intra_op_threads;        /* ONNX Runtime threads per stage call; 0 (default): its own choice */
+} slim_engine_params;
+
+/* Defaults for slim_engine_open. */
+SLIM_API slim_engine_params slim_engine_default_params(void);
+
+/* Load the bundle directory at `path`. On success *out owns a new engine (free with slim_engine_close).
+ * params may be NULL (defaults). Status: INVALID_ARGUMENT, IO, BUNDLE, BACKEND, OUT_OF_MEMORY. */
+SLIM_API slim_status slim_engine_open(const char* path, const slim_engine_params* params, slim_engine** out);
+/* Free an engine. Every session of it must have been destroyed. NULL is accepted. */
+SLIM_API void slim_engine_close(slim_engine* engine);
+/* The bundle's manifest.json text (model config, stages, program); owned by the engine. */
+SLIM_API const char* slim_engine_manifest(const slim_engine* engine);
+/* Number of stages and the name of stage i (owned by the engine), for reading session stats. */
+SLIM_API int32_t slim_engine_stage_count(const slim_engine* engine);
+SLIM_API const char* slim_engine_stage_name(const slim_engine* engine, int32_t index);
+
+/* ---- session ---- */
+
+/* A new session on `engine` (which must outlive it). Status: INVALID_ARGUMENT, OUT_OF_MEMORY. */
+SLIM_API slim_status slim_session_create(slim_engine* engine, slim_session** out);
+/* Free a session. NULL is accepted. */
+SLIM_API void slim_session_destroy(slim_session* session);
+
+/* ---- SD3 generation ---- */
+
+typedef struct slim_generate_params {
+    uint32_t struct_size;                        /* sizeof(slim_generate_params) */
+    const slim_tensor* prompt_embeds;            /* float32 [B, L, joint_attention_dim], required */
+    const slim_tensor* pooled_embeds;            /* float32 [B, pooled_projection_dim], required */
+    const slim_tensor* negative_prompt_embeds;   /* float32 [B, L, joint_attention_dim]; required when guidance > 1 */
+    const slim_tensor* negative_pooled_embeds;   /* float32 [B, pooled_projection_dim]; required when guidance > 1 */
+    const slim_tensor* latents;                  /* float32 [B, C, H, W] initial noise; NULL: from `seed` */
+    uint64_t seed;                               /* noise seed when latents is NULL (Philox4x32-10, see noise.py) */
+    float guidance_scale;                        /* < 0 (default): the bundle's default */
+} slim_generate_params;
+
+/* Defaults for slim_generate: all tensors NULL, seed 0, guidance from the bundle. */
+SLIM_API slim_generate_params slim_generate_default_params(void);
+
+typedef struct slim_generate_stats {
+    uint32_t struct_size;  /* set by the caller: sizeof(slim_generate_stats) */
+    int32_t steps;         /* sampling steps run */
+    int32_t blocks_run;    /* joint-block evaluations, summed over steps (a CFG batch counts once) */
+    int32_t stage_calls;   /* backend calls, all stages */
+    double effective_nfe;  /* full-model evaluations equivalent (CFG counts 2 per step) */
+    double total_ms;       /* wall time of the generate call */
+    double backend_ms;     /* time inside ONNX Runtime's Run, all stages */
+} slim_generate_stats;
+
+/* Run the bundle's whole sampling program. `latents_out` is caller memory, float32 [B, C, H, W]
+ * CPU contiguous: its H and W choose the resolution (multiples of the patch size up to the position
+ * table's limit). stats may be NULL. The session's per-step and per-stage stats are replaced.
+ * Status: INVALID_ARGUMENT, SHAPE, DTYPE, NUMERICS, BACKEND, OUT_OF_MEMORY. */
+SLIM_API slim_status slim_generate(slim_session* session, const slim_generate_params* params, const slim_tensor* latents_out,
+                                   slim_generate_stats* stats);
+
+typedef struct slim_step_stats {
+    uint32_t struct_size; /* set by the caller */
+    double sigma;
+    double sigma_next;
+    int32_t blocks_run;
+    int32_t cached;       /* 1 when the step skipped the cached block range */
+    double ms;
+} slim_step_stats;
+
+/* Stats of step `index` of the session's last generate. Status: INVALID_ARGUMENT. */
+SLIM_API int32_t slim_session_step_count(const slim_session* session);
+SLIM_API slim_status slim_session_step_stats(const slim_session* session, int32_t index, slim_step_stats* out);
+
+typedef struct slim_stage_stats {
+    uint32_t struct_size; /* set by the caller */
+    int32_t calls;
+    double total_ms;      /* time inside ONNX Runtime's Run for this stage */
+} slim_stage_stats;
+
+/* Calls and time of stage `index` (see slim_engine_stage_name) in the session's last generate. */
+SLIM_API slim_status slim_session_stage_stats(const slim_session* session, int32_t index, slim_stage_stats* out);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SLIMENGINE_H */

@@ -1,0 +1,110 @@
+"""ctypes mirror of runtime/include/slimengine.h, and where the shared libraries are found."""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class SlimTensor(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("dtype", ctypes.c_int32), ("device_type", ctypes.c_int32),
+                ("device_id", ctypes.c_int32), ("ndim", ctypes.c_int32), ("shape", ctypes.POINTER(ctypes.c_int64)),
+                ("strides", ctypes.POINTER(ctypes.c_int64))]
+
+
+class EngineParams(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("onnxruntime_library", ctypes.c_char_p),
+                ("verify_checksums", ctypes.c_int32), ("intra_op_threads", ctypes.c_int32)]
+
+
+class GenerateParams(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("prompt_embeds", ctypes.POINTER(SlimTensor)),
+                ("pooled_embeds", ctypes.POINTER(SlimTensor)), ("negative_prompt_embeds", ctypes.POINTER(SlimTensor)),
+                ("negative_pooled_embeds", ctypes.POINTER(SlimTensor)), ("latents", ctypes.POINTER(SlimTensor)),
+                ("seed", ctypes.c_uint64), ("guidance_scale", ctypes.c_float)]
+
+
+class GenerateStats(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("steps", ctypes.c_int32), ("blocks_run", ctypes.c_int32),
+                ("stage_calls", ctypes.c_int32), ("effective_nfe", ctypes.c_double), ("total_ms", ctypes.c_double),
+                ("backend_ms", ctypes.c_double)]
+
+
+class StepStats(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("sigma", ctypes.c_double), ("sigma_next", ctypes.c_double),
+                ("blocks_run", ctypes.c_int32), ("cached", ctypes.c_int32), ("ms", ctypes.c_double)]
+
+
+class StageStats(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("calls", ctypes.c_int32), ("total_ms", ctypes.c_double)]
+
+
+def onnxruntime_library() -> str:
+    """Path of the C-API library shipped inside the `onnxruntime` wheel (capi/libonnxruntime.so.X.Y.Z)."""
+    explicit = os.environ.get("SLIMENGINE_ORT_LIBRARY")
+    if explicit:
+        return explicit
+    import importlib.util
+
+    spec = importlib.util.find_spec("onnxruntime")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the onnxruntime package is not installed (pip install onnxruntime)")
+    capi = Path(next(iter(spec.submodule_search_locations))) / "capi"
+    found = sorted(glob.glob(str(capi / "libonnxruntime.so*")))
+    if not found:
+        raise RuntimeError(f"no libonnxruntime.so in {capi}")
+    return found[-1]
+
+
+def library_path() -> Path:
+    """libslimengine.so: inside the installed package, or $SLIMENGINE_LIBRARY."""
+    return Path(os.environ.get("SLIMENGINE_LIBRARY", PACKAGE_DIR / "libslimengine.so"))
+
+
+def example_program() -> Path:
+    return PACKAGE_DIR / "bin" / "slimengine-example"
+
+
+def header_path() -> Path:
+    return PACKAGE_DIR / "include" / "slimengine.h"
+
+
+_lib = None
+
+
+def lib() -> ctypes.CDLL:
+    global _lib
+    if _lib is None:
+        path = library_path()
+        if not path.exists():
+            raise RuntimeError(f"{path} not found: install slimengine with pip so the C runtime is built")
+        handle = ctypes.CDLL(str(path))
+        p = ctypes.POINTER
+        sigs = {
+            "slim_version": ([], ctypes.c_char_p),
+            "slim_abi_version_major": ([], ctypes.c_int32),
+            "slim_last_error": ([], ctypes.c_char_p),
+            "slim_status_name": ([ctypes.c_int], ctypes.c_char_p),
+            "slim_engine_default_params": ([], EngineParams),
+            "slim_engine_open": ([ctypes.c_char_p, p(EngineParams), p(ctypes.c_void_p)], ctypes.c_int),
+            "slim_engine_close": ([ctypes.c_void_p], None),
+            "slim_engine_manifest": ([ctypes.c_void_p], ctypes.c_char_p),
+            "slim_engine_stage_count": ([ctypes.c_void_p], ctypes.c_int32),
+            "slim_engine_stage_name": ([ctypes.c_void_p, ctypes.c_int32], ctypes.c_char_p),
+            "slim_session_create": ([ctypes.c_void_p, p(ctypes.c_void_p)], ctypes.c_int),
+            "slim_session_destroy": ([ctypes.c_void_p], None),
+            "slim_generate_default_params": ([], GenerateParams),
+            "slim_generate": ([ctypes.c_void_p, p(GenerateParams), p(SlimTensor), p(GenerateStats)], ctypes.c_int),
+            "slim_session_step_count": ([ctypes.c_void_p], ctypes.c_int32),
+            "slim_session_step_stats": ([ctypes.c_void_p, ctypes.c_int32, p(StepStats)], ctypes.c_int),
+            "slim_session_stage_stats": ([ctypes.c_void_p, ctypes.c_int32, p(StageStats)], ctypes.c_int),
+        }
+        for name, (args, res) in sigs.items():
+            fn = getattr(handle, name)
+            fn.argtypes, fn.restype = args, res
+        _lib = handle
+    return _lib

@@ -1,0 +1,172 @@
+"""Python binding of the C runtime: Engine, Session, generate."""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import _native
+from ._native import GenerateParams, GenerateStats, SlimTensor, StageStats, StepStats
+
+
+class SlimError(RuntimeError):
+    """A runtime call failed; `status` is the C status name, the message is slim_last_error()."""
+
+    def __init__(self, status: str, message: str):
+        super().__init__(f"{message} [{status}]")
+        self.status = status
+
+
+def _check(code: int) -> None:
+    if code != 0:
+        lib = _native.lib()
+        raise SlimError(lib.slim_status_name(code).decode(), lib.slim_last_error().decode())
+
+
+def version() -> str:
+    return _native.lib().slim_version().decode()
+
+
+def _as_float32(x, name: str) -> np.ndarray:
+    """numpy array, DLPack producer (torch, cupy on host) or array-like -> C-contiguous float32 numpy."""
+    if x is None:
+        return None
+    if not isinstance(x, np.ndarray) and hasattr(x, "__dlpack__"):
+        x = np.from_dlpack(x)
+    arr = np.asarray(x)
+    if arr.dtype != np.float32:
+        raise TypeError(f"{name}: dtype must be float32, got {arr.dtype}")
+    return np.ascontiguousarray(arr)
+
+
+class _TensorArg:
+    """Keeps a numpy array and its shape buffer alive while the C struct points at them."""
+
+    def __init__(self, arr: np.ndarray):
+        self.arr = arr
+        self.shape = (ctypes.c_int64 * arr.ndim)(*arr.shape)
+        self.struct = SlimTensor(arr.ctypes.data, 0, 1, 0, arr.ndim, self.shape, None)
+
+    def pointer(self):
+        return ctypes.pointer(self.struct)
+
+
+@dataclasses.dataclass
+class GenerateResult:
+    latents: np.ndarray
+    stats: dict  # steps, blocks_run, stage_calls, effective_nfe, total_ms, backend_ms, per_step, per_stage
+
+
+class Engine:
+    """A loaded bundle; read-only and shareable between threads. Close it or use it as a context manager."""
+
+    _handle = None
+
+    def __init__(self, path: str | Path, onnxruntime_library: str | None = None, verify_checksums: bool = True,
+                 intra_op_threads: int = 0):
+        lib = _native.lib()
+        params = lib.slim_engine_default_params()
+        self._ort_path = (onnxruntime_library or _native.onnxruntime_library()).encode()
+        params.onnxruntime_library = self._ort_path
+        params.verify_checksums = int(verify_checksums)
+        params.intra_op_threads = intra_op_threads
+        handle = ctypes.c_void_p()
+        _check(lib.slim_engine_open(str(path).encode(), ctypes.byref(params), ctypes.byref(handle)))
+        self._handle = handle
+        self.path = Path(path)
+        self.manifest = json.loads(lib.slim_engine_manifest(handle).decode())
+        self.config = self.manifest["config"]
+        self.stage_names = [lib.slim_engine_stage_name(handle, i).decode() for i in range(lib.slim_engine_stage_count(handle))]
+
+    def session(self) -> Session:
+        return Session(self)
+
+    def close(self) -> None:
+        if self._handle:
+            _native.lib().slim_engine_close(self._handle)
+            self._handle = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+
+class Session:
+    """Buffers and caches of one generation at a time; use one session per thread."""
+
+    _handle = None
+
+    def __init__(self, engine: Engine):
+        handle = ctypes.c_void_p()
+        _check(_native.lib().slim_session_create(engine._handle, ctypes.byref(handle)))
+        self._engine = engine  # the engine must outlive the session
+        self._handle = handle
+
+    def generate(self, prompt_embeds, pooled_embeds, *, seed: int = 0, latents=None, negative_prompt_embeds=None,
+                 negative_pooled_embeds=None, guidance_scale: float | None = None, height: int | None = None,
+                 width: int | None = None) -> GenerateResult:
+        """Run the bundle's sampling program. `latents` (float32 [B,C,H,W]) replaces seeded noise; otherwise
+        height/width (latent pixels) default to the bundle's default size."""
+        lib = _native.lib()
+        cfg = self._engine.config
+        args = {name: _as_float32(x, name) for name, x in [("prompt_embeds", prompt_embeds), ("pooled_embeds", pooled_embeds),
+                ("negative_prompt_embeds", negative_prompt_embeds), ("negative_pooled_embeds", negative_pooled_embeds),
+                ("latents", latents)]}
+        if args["prompt_embeds"] is None or args["prompt_embeds"].ndim < 1:
+            raise ValueError("prompt_embeds must be a float32 array [B, L, joint_attention_dim]")
+        batch = args["prompt_embeds"].shape[0]
+        if args["latents"] is not None and args["latents"].ndim == 4:
+            shape = args["latents"].shape
+        else:
+            size = cfg["default_latent_size"]
+            shape = (batch, cfg["out_channels"], height or size, width or size)
+        out = np.empty(shape, dtype=np.float32)
+        tensors = {k: _TensorArg(v) for k, v in args.items() if v is not None}
+        params = lib.slim_generate_default_params()
+        for name, t in tensors.items():
+            setattr(params, name, t.pointer())
+        params.seed = seed
+        if guidance_scale is not None:
+            params.guidance_scale = guidance_scale
+        out_arg = _TensorArg(out)
+        stats = GenerateStats(struct_size=ctypes.sizeof(GenerateStats))
+        _check(lib.slim_generate(self._handle, ctypes.byref(params), out_arg.pointer(), ctypes.byref(stats)))
+        return GenerateResult(latents=out, stats=self._stats(stats))
+
+    def _stats(self, s: GenerateStats) -> dict:
+        lib = _native.lib()
+        per_step = []
+        for i in range(lib.slim_session_step_count(self._handle)):
+            st = StepStats(struct_size=ctypes.sizeof(StepStats))
+            _check(lib.slim_session_step_stats(self._handle, i, ctypes.byref(st)))
+            per_step.append({"sigma": st.sigma, "sigma_next": st.sigma_next, "blocks_run": st.blocks_run,
+                             "cached": bool(st.cached), "ms": st.ms})
+        per_stage = {}
+        for i, name in enumerate(self._engine.stage_names):
+            st = StageStats(struct_size=ctypes.sizeof(StageStats))
+            _check(lib.slim_session_stage_stats(self._handle, i, ctypes.byref(st)))
+            per_stage[name] = {"calls": st.calls, "ms": st.total_ms}
+        return {"steps": s.steps, "blocks_run": s.blocks_run, "stage_calls": s.stage_calls, "effective_nfe": s.effective_nfe,
+                "total_ms": s.total_ms, "backend_ms": s.backend_ms, "per_step": per_step, "per_stage": per_stage}
+
+    def close(self) -> None:
+        if self._handle:
+            _native.lib().slim_session_destroy(self._handle)
+            self._handle = None
+
+    def __del__(self):
+        self.close()
+
+
+def open_engine(path: str | Path, **options) -> Engine:
+    """Load an engine bundle (see Engine for options)."""
+    return Engine(path, **options)

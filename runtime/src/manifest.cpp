@@ -1,0 +1,196 @@
+#include "manifest.hpp"
+
+#include <cmath>
+#include <fstream>
+#include <sstream>
+
+#include "error.hpp"
+#include "json.hpp"
+
+namespace slim {
+namespace {
+
+using json::Value;
+
+[[noreturn]] void bad(const std::string& where, const std::string& what) {
+    throw Error(SLIM_ERR_BUNDLE, "manifest: " + where + " " + what);
+}
+
+const Value& field(const Value& obj, const std::string& key, const std::string& where) {
+    const Value* v = obj.find(key);
+    if (!v) bad(where + "." + key, "is missing");
+    return *v;
+}
+
+const Value& object_field(const Value& obj, const std::string& key, const std::string& where) {
+    const Value& v = field(obj, key, where);
+    if (v.kind != Value::Kind::Object) bad(where + "." + key, "must be an object");
+    return v;
+}
+
+const Value& array_field(const Value& obj, const std::string& key, const std::string& where) {
+    const Value& v = field(obj, key, where);
+    if (v.kind != Value::Kind::Array) bad(where + "." + key, "must be an array");
+    return v;
+}
+
+std::string string_field(const Value& obj, const std::string& key, const std::string& where) {
+    const Value& v = field(obj, key, where);
+    if (v.kind != Value::Kind::String) bad(where + "." + key, "must be a string");
+    return v.string;
+}
+
+double number_field(const Value& obj, const std::string& key, const std::string& where) {
+    const Value& v = field(obj, key, where);
+    if (v.kind != Value::Kind::Number || !std::isfinite(v.number)) bad(where + "." + key, "must be a finite number");
+    return v.number;
+}
+
+int int_field(const Value& obj, const std::string& key, const std::string& where, int min, int max) {
+    double d = number_field(obj, key, where);
+    if (d != std::floor(d) || d < min || d > max)
+        bad(where + "." + key, "must be an integer in [" + std::to_string(min) + ", " + std::to_string(max) + "], got " + std::to_string(d));
+    return static_cast<int>(d);
+}
+
+bool bool_field(const Value& obj, const std::string& key, const std::string& where) {
+    const Value& v = field(obj, key, where);
+    if (v.kind != Value::Kind::Bool) bad(where + "." + key, "must be true or false");
+    return v.boolean;
+}
+
+// A bundle-relative path that cannot escape the bundle.
+std::string relative_path(const Value& obj, const std::string& key, const std::string& where) {
+    std::string p = string_field(obj, key, where);
+    if (p.empty() || p[0] == '/' || p.find("..") != std::string::npos || p.find('\\') != std::string::npos)
+        bad(where + "." + key, "must be a path inside the bundle, got '" + p + "'");
+    return p;
+}
+
+Sd3Config parse_config(const Value& root) {
+    const Value& c = object_field(root, "config", "");
+    const std::string w = "config";
+    Sd3Config cfg{};
+    cfg.num_layers = int_field(c, "num_layers", w, 1, 1024);
+    cfg.num_attention_heads = int_field(c, "num_attention_heads", w, 1, 4096);
+    cfg.attention_head_dim = int_field(c, "attention_head_dim", w, 1, 4096);
+    cfg.inner_dim = int_field(c, "inner_dim", w, 1, 1 << 20);
+    cfg.in_channels = int_field(c, "in_channels", w, 1, 4096);
+    cfg.out_channels = int_field(c, "out_channels", w, 1, 4096);
+    cfg.patch_size = int_field(c, "patch_size", w, 1, 64);
+    cfg.joint_attention_dim = int_field(c, "joint_attention_dim", w, 1, 1 << 20);
+    cfg.caption_projection_dim = int_field(c, "caption_projection_dim", w, 1, 1 << 20);
+    cfg.pooled_projection_dim = int_field(c, "pooled_projection_dim", w, 1, 1 << 20);
+    cfg.max_latent_size = int_field(c, "max_latent_size", w, 1, 1 << 16);
+    if (cfg.inner_dim != cfg.num_attention_heads * cfg.attention_head_dim)
+        bad("config.inner_dim", "must equal num_attention_heads * attention_head_dim");
+    if (cfg.max_latent_size % cfg.patch_size) bad("config.max_latent_size", "must be a multiple of patch_size");
+    return cfg;
+}
+
+std::vector<std::string> names(const Value& list, const std::string& where) {
+    std::vector<std::string> out;
+    for (size_t i = 0; i < list.array.size(); ++i) {
+        const Value& t = list.array[i];
+        std::string w = where + "[" + std::to_string(i) + "]";
+        if (t.kind != Value::Kind::Object) bad(w, "must be an object");
+        out.push_back(string_field(t, "name", w));
+        if (string_field(t, "dtype", w) != "float32") bad(w + ".dtype", "must be float32 (stage boundaries are float32)");
+    }
+    return out;
+}
+
+Program parse_program(const Value& root, const Sd3Config& cfg) {
+    const Value& p = object_field(root, "program", "");
+    const std::string w = "program";
+    if (string_field(p, "sampler", w) != "flow_match_euler") bad("program.sampler", "must be flow_match_euler");
+    Program prog;
+    prog.guidance_scale = static_cast<float>(number_field(p, "guidance_scale", w));
+    if (prog.guidance_scale < 0) bad("program.guidance_scale", "must not be negative");
+    const Value& range = field(p, "cache_blocks", w);
+    if (!range.is_null()) {
+        if (range.kind != Value::Kind::Array || range.array.size() != 2) bad("program.cache_blocks", "must be null or [first, last]");
+        Value pair;
+        pair.kind = Value::Kind::Object;
+        pair.object = {{"first", range.array[0]}, {"last", range.array[1]}};
+        prog.cache_first = int_field(pair, "first", "program.cache_blocks", 0, cfg.num_layers - 2);
+        prog.cache_last = int_field(pair, "last", "program.cache_blocks", prog.cache_first, cfg.num_layers - 2);
+        const Value& comp = field(p, "compensation", w);
+        if (comp.kind == Value::Kind::String && comp.string == "mlp") prog.compensation = Compensation::Mlp;
+        else if (comp.kind == Value::Kind::String && comp.string == "identity") prog.compensation = Compensation::Identity;
+        else bad("program.compensation", "must be \"mlp\" or \"identity\" when cache_blocks is set");
+    }
+    const Value& steps = array_field(p, "steps", w);
+    if (steps.array.empty() || steps.array.size() > 10000) bad("program.steps", "must hold 1 to 10000 steps");
+    bool recorded = false;
+    for (size_t i = 0; i < steps.array.size(); ++i) {
+        const Value& s = steps.array[i];
+        std::string sw = "program.steps[" + std::to_string(i) + "]";
+        if (s.kind != Value::Kind::Object) bad(sw, "must be an object");
+        StepPlan step{number_field(s, "sigma", sw), number_field(s, "sigma_next", sw), number_field(s, "timestep", sw),
+                      bool_field(s, "record_delta", sw), bool_field(s, "skip_cached_blocks", sw)};
+        if ((step.record_delta || step.skip_cached_blocks) && prog.cache_first < 0)
+            bad(sw, "uses the cached range but program.cache_blocks is null");
+        if (step.record_delta && step.skip_cached_blocks) bad(sw, "cannot both record and skip the cached range");
+        if (step.skip_cached_blocks && !recorded) bad(sw, "skips the cached range before any step recorded it");
+        recorded = recorded || step.record_delta;
+        prog.steps.push_back(step);
+    }
+    return prog;
+}
+
+}  // namespace
+
+Manifest load_manifest(const std::string& bundle_dir) {
+    std::string path = bundle_dir + "/manifest.json";
+    std::ifstream in(path, std::ios::binary);
+    if (!in) throw Error(SLIM_ERR_IO, "cannot open " + path + " (is '" + bundle_dir + "' an engine bundle?)");
+    std::stringstream buffer;
+    buffer << in.rdbuf();
+    Manifest m;
+    m.text = buffer.str();
+    Value root;
+    try {
+        root = json::parse(m.text);
+    } catch (const std::exception& e) {
+        throw Error(SLIM_ERR_BUNDLE, path + ": " + e.what());
+    }
+    if (root.kind != Value::Kind::Object) bad("", "root must be an object");
+    if (string_field(root, "format", "") != "slimengine-bundle") bad(".format", "must be \"slimengine-bundle\"");
+    int version = int_field(root, "format_version", "", 0, 1 << 30);
+    if (version != kBundleFormatVersion)
+        throw Error(SLIM_ERR_BUNDLE, "manifest: unsupported bundle format version " + std::to_string(version) + " (this runtime reads version " +
+                                         std::to_string(kBundleFormatVersion) + "); re-export the bundle or update slimengine");
+    m.family = string_field(root, "family", "");
+    if (m.family != "sd3") bad(".family", "'" + m.family + "' is not supported by this runtime (expected sd3)");
+    m.precision = string_field(root, "precision", "");
+    if (m.precision != "fp32" && m.precision != "fp16" && m.precision != "bf16") bad(".precision", "must be fp32, fp16 or bf16");
+    m.config = parse_config(root);
+    m.program = parse_program(root, m.config);
+
+    const Value& files = object_field(root, "files", "");
+    for (const auto& [file, digest] : files.object) {
+        Value holder;
+        holder.kind = Value::Kind::Object;
+        holder.object = {{"path", Value{Value::Kind::String, false, 0, file, {}, {}}}};
+        relative_path(holder, "path", "files");
+        if (digest.kind != Value::Kind::String || digest.string.size() != 64) bad("files['" + file + "']", "must be a sha256 hex digest");
+        m.files.emplace_back(file, digest.string);
+    }
+
+    const Value& stages = array_field(root, "stages", "");
+    for (size_t i = 0; i < stages.array.size(); ++i) {
+        const Value& s = stages.array[i];
+        std::string w = "stages[" + std::to_string(i) + "]";
+        if (s.kind != Value::Kind::Object) bad(w, "must be an object");
+        StageDecl d{string_field(s, "name", w), relative_path(s, "file", w), names(array_field(s, "inputs", w), w + ".inputs"),
+                    names(array_field(s, "outputs", w), w + ".outputs")};
+        bool listed = false;
+        for (const auto& f : m.files) listed = listed || f.first == d.file;
+        if (!listed) bad(w + ".file", "'" + d.file + "' has no checksum in files");
+        m.stages.push_back(std::move(d));
+    }
+    return m;
+}
+
+}  // namespace slim

@@ -1,0 +1,54 @@
+// manifest.json of an engine bundle, parsed and validated: nothing downstream re-checks these fields.
+#pragma once
+
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace slim {
+
+constexpr int kBundleFormatVersion = 1;
+
+struct StageDecl {
+    std::string name;
+    std::string file;  // relative to the bundle, inside it
+    std::vector<std::string> inputs;
+    std::vector<std::string> outputs;
+};
+
+struct Sd3Config {
+    int num_layers, num_attention_heads, attention_head_dim, inner_dim;
+    int in_channels, out_channels, patch_size;
+    int joint_attention_dim, caption_projection_dim, pooled_projection_dim;
+    int max_latent_size;  // latent height/width limit from the position table
+};
+
+enum class Compensation { None, Mlp, Identity };
+
+struct StepPlan {
+    double sigma, sigma_next, timestep;
+    bool record_delta;        // record Δ over the cached range (1.x step 1)
+    bool skip_cached_blocks;  // skip the cached range and add the compensated Δ
+};
+
+struct Program {
+    float guidance_scale;
+    int cache_first = -1, cache_last = -1;  // inclusive range, -1 when the plan caches nothing
+    Compensation compensation = Compensation::None;
+    std::vector<StepPlan> steps;
+};
+
+struct Manifest {
+    std::string text;  // the file as read, for slim_engine_manifest
+    std::string family, precision;
+    Sd3Config config;
+    std::vector<StageDecl> stages;
+    Program program;
+    std::vector<std::pair<std::string, std::string>> files;  // relative path, sha256
+};
+
+// Reads and validates `bundle_dir`/manifest.json. Throws Error(SLIM_ERR_IO) if unreadable and
+// Error(SLIM_ERR_BUNDLE) naming the field for anything invalid or unsupported.
+Manifest load_manifest(const std::string& bundle_dir);
+
+}  // namespace slim

@@ -1,0 +1,74 @@
+// ONNX Runtime through its C API, loaded with dlopen from the `onnxruntime` wheel (or any
+// libonnxruntime.so of API version >= 21): the environment, one session per stage, and Run calls.
+#pragma once
+
+#include <onnxruntime_c_api.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace slim {
+
+// The loaded library, its API table and the process-wide environment (ONNX Runtime allows one).
+class OrtRuntime {
+  public:
+    // Loads the library once per process; later calls return the same runtime.
+    static std::shared_ptr<OrtRuntime> get(const char* library_path, int intra_op_threads);
+    ~OrtRuntime();
+
+    const OrtApi* api;
+    OrtEnv* env = nullptr;
+    OrtMemoryInfo* cpu_memory = nullptr;
+    std::string library;
+
+  private:
+    OrtRuntime() = default;
+    void* handle_ = nullptr;
+};
+
+// Throws Error(SLIM_ERR_BACKEND, context + ORT's message) when `status` is an error; releases it.
+void check(const OrtApi* api, OrtStatus* status, const std::string& context);
+
+// A float32 OrtValue viewing caller-owned memory; released on destruction.
+class TensorView {
+  public:
+    TensorView() = default;
+    TensorView(const OrtRuntime& ort, float* data, const std::vector<int64_t>& shape);
+    TensorView(TensorView&& other) noexcept : api_(other.api_), value_(other.value_) { other.value_ = nullptr; }
+    TensorView& operator=(TensorView&& other) noexcept;
+    ~TensorView();
+    OrtValue* get() const { return value_; }
+
+  private:
+    const OrtApi* api_ = nullptr;
+    OrtValue* value_ = nullptr;
+};
+
+// One compiled stage graph.
+class StageSession {
+  public:
+    StageSession(std::shared_ptr<OrtRuntime> ort, const std::string& model_path, const std::string& stage_name,
+                 const std::vector<std::string>& inputs, const std::vector<std::string>& outputs);
+    ~StageSession();
+    StageSession(const StageSession&) = delete;
+    StageSession& operator=(const StageSession&) = delete;
+
+    // Runs with caller-provided inputs and pre-allocated outputs (ONNX Runtime writes into them).
+    // Thread-safe: ONNX Runtime sessions allow concurrent Run calls.
+    void run(const OrtValue* const* inputs, OrtValue* const* outputs) const;
+
+    const std::string& name() const { return name_; }
+    size_t input_count() const { return input_names_.size(); }
+    size_t output_count() const { return output_names_.size(); }
+
+  private:
+    std::shared_ptr<OrtRuntime> ort_;
+    OrtSession* session_ = nullptr;
+    std::string name_;
+    std::vector<std::string> input_names_, output_names_;
+    std::vector<const char*> input_ptrs_, output_ptrs_;
+};
+
+}  // namespace slim
