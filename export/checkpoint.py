@@ -182,6 +182,8 @@ def infer_config(state_dict: dict, path: Path, num_attention_heads: int | None =
         qk_norm = None
         head_dim = inner // num_attention_heads if num_attention_heads else DEFAULT_HEAD_DIM
     if inner % head_dim:
+        if norm_q is None and not num_attention_heads:
+            raise CheckpointError(f"{path}: cannot tell the attention heads of width {inner} (no qk-norm weights, no metadata); pass --heads N")
         raise CheckpointError(f"{path}: width {inner} is not a multiple of the head size {head_dim}")
     caption_dim, joint_dim = shape("context_embedder.weight")
     return SD3Config(

@@ -201,41 +201,57 @@ def _block_kind(model: DistilledSD3, index: int) -> str:
 
 
 class BlockGraphs:
-    """One traced graph per block kind; `graph_for(i)` returns it carrying block i's weights."""
+    """One traced graph per block kind; `graph_for(i)` returns it carrying block i's weights.
+
+    The template is traced from a copy with distinct random weights, so every weight initializer of
+    the graph can be bound to the parameter it came from: by name, or by value when the optimiser
+    folded a transpose into a new constant (MatMul weights). A graph with any initializer that
+    cannot be bound is not reused."""
 
     def __init__(self, model: DistilledSD3, dtype: torch.dtype, spec_of, args_of):
         self.model, self.dtype, self.spec_of, self.args_of = model, dtype, spec_of, args_of
-        self.templates = {}
+        self.templates = {}  # kind -> (ONNXProgram, {initializer: (parameter, transposed)}) or None
+
+    def _trace_template(self, index: int):
+        scrambled = copy.deepcopy(self.model.transformer.transformer_blocks[index])
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(1234)
+            for p in scrambled.parameters():
+                p.copy_((torch.randn(p.shape, generator=g) * 0.02 + 1.0).to(p.dtype))
+        name = f"block_{index}"
+        program = trace_stage(BlockStage(scrambled, self.dtype), self.spec_of(name), self.args_of(name),
+                              self.model.config.patch_size, self.model.config.pos_embed_max_size)
+        params = {f"block.{k}": v.detach().cpu().float() for k, v in scrambled.state_dict().items()}
+        candidates = [(n, False, v) for n, v in params.items()] + [(n, True, v.t()) for n, v in params.items() if v.ndim == 2]
+        bindings = {}
+        for iname, init in program.model.graph.initializers.items():
+            if iname in params:
+                bindings[iname] = (iname, False)
+                continue
+            value = torch.from_numpy(np.asarray(init.const_value.numpy(), dtype=np.float32))
+            if value.numel() <= 64:  # shape constants and scalars, not weights
+                continue
+            match = next(((n, t) for n, t, c in candidates if c.shape == value.shape and torch.equal(c, value)), None)
+            if match is None:
+                return None
+            bindings[iname] = match
+        if {n for n, _ in bindings.values()} != set(params):
+            return None
+        return program, bindings
 
     def graph_for(self, index: int):
         kind = _block_kind(self.model, index)
-        block = self.model.transformer.transformer_blocks[index]
         if kind not in self.templates:
-            scrambled = copy.deepcopy(block)
-            with torch.no_grad():  # distinct values, so the optimiser cannot merge or fold weights
-                g = torch.Generator().manual_seed(1234)
-                for p in scrambled.parameters():
-                    p.copy_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.02 + 1.0)
-            name = f"block_{index}"
-            self.templates[kind] = trace_stage(BlockStage(scrambled, self.dtype), self.spec_of(name), self.args_of(name),
-                                               self.model.config.patch_size, self.model.config.pos_embed_max_size)
-        program = self.templates[kind]
-        params = {f"block.{k}": v for k, v in block.state_dict().items()}
-        initializers = program.model.graph.initializers
-        # Every weight must appear under its own name, and nothing else may be weight-sized: otherwise
-        # the optimiser folded a weight into a new constant and this block is traced by itself.
-        others = [v for n, v in initializers.items() if n not in params]
-        if set(params) - set(initializers) or any(v.const_value.size > 64 for v in others):
+            self.templates[kind] = self._trace_template(index)
+        if self.templates[kind] is None:
             return None
+        program, bindings = self.templates[kind]
         import onnx_ir as ir
 
-        for name, value in initializers.items():
-            if name not in params:
-                continue
-            tensor = params[name].detach().cpu()
-            if tuple(tensor.shape) != tuple(value.const_value.shape):
-                return None
-            value.const_value = ir.tensor(_to_numpy(tensor), name=name)
+        params = {f"block.{k}": v.detach().cpu() for k, v in self.model.transformer.transformer_blocks[index].state_dict().items()}
+        for iname, (pname, transposed) in bindings.items():
+            tensor = params[pname].t().contiguous() if transposed else params[pname]
+            program.model.graph.initializers[iname].const_value = ir.tensor(_to_numpy(tensor), name=iname)
         return program
 
 

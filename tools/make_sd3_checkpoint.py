@@ -23,6 +23,10 @@ PRESETS = {
                   caption_projection_dim=256, pooled_projection_dim=2048, pos_embed_max_size=96),
     "tiny": dict(num_layers=4, num_attention_heads=2, attention_head_dim=16, joint_attention_dim=48,
                  caption_projection_dim=32, pooled_projection_dim=24, pos_embed_max_size=16),
+    # SD3.5 features at toy size: qk-norm and dual attention.
+    "tiny-3.5": dict(num_layers=4, num_attention_heads=2, attention_head_dim=16, joint_attention_dim=48,
+                     caption_projection_dim=32, pooled_projection_dim=24, pos_embed_max_size=16, qk_norm="rms_norm",
+                     dual_attention_layers=(0, 1)),
     "sd3-medium": dict(num_layers=24, num_attention_heads=24, attention_head_dim=64, joint_attention_dim=4096,
                        caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=192),
     "sd3.5-medium": dict(num_layers=24, num_attention_heads=24, attention_head_dim=64, joint_attention_dim=4096,

@@ -45,12 +45,20 @@ int main(int argc, char** argv) {
     long batch = 1, text_len = 77, size = 0;
     const char* out_path = NULL;
     for (int i = 2; i + 1 < argc; i += 2) {
-        if (!strcmp(argv[i], "--seed")) seed = strtoull(argv[i + 1], NULL, 10);
-        else if (!strcmp(argv[i], "--batch")) batch = strtol(argv[i + 1], NULL, 10);
-        else if (!strcmp(argv[i], "--text-len")) text_len = strtol(argv[i + 1], NULL, 10);
-        else if (!strcmp(argv[i], "--size")) size = strtol(argv[i + 1], NULL, 10);
-        else if (!strcmp(argv[i], "--out")) out_path = argv[i + 1];
-        else { fprintf(stderr, "unknown option %s\n", argv[i]); return 2; }
+        if (!strcmp(argv[i], "--seed"))
+            seed = strtoull(argv[i + 1], NULL, 10);
+        else if (!strcmp(argv[i], "--batch"))
+            batch = strtol(argv[i + 1], NULL, 10);
+        else if (!strcmp(argv[i], "--text-len"))
+            text_len = strtol(argv[i + 1], NULL, 10);
+        else if (!strcmp(argv[i], "--size"))
+            size = strtol(argv[i + 1], NULL, 10);
+        else if (!strcmp(argv[i], "--out"))
+            out_path = argv[i + 1];
+        else {
+            fprintf(stderr, "unknown option %s\n", argv[i]);
+            return 2;
+        }
     }
 
     slim_engine* engine = NULL;
@@ -66,7 +74,8 @@ int main(int argc, char** argv) {
     if (size <= 0) size = config_int(manifest, "default_latent_size");
     double guidance = manifest_number(manifest, "guidance_scale");
 
-    size_t text_n = (size_t)(batch * text_len * joint), pooled_n = (size_t)(batch * pooled_dim), lat_n = (size_t)(batch * channels * size * size);
+    size_t text_n = (size_t)(batch * text_len * joint), pooled_n = (size_t)(batch * pooled_dim),
+           lat_n = (size_t)(batch * channels * size * size);
     uint32_t state = (uint32_t)seed + 1;
     float* text = filled(text_n, &state, 2.0f);
     float* pooled = filled(pooled_n, &state, 2.0f);
@@ -93,7 +102,10 @@ int main(int argc, char** argv) {
         goto done;
     }
     double sum = 0, sq = 0;
-    for (size_t i = 0; i < lat_n; ++i) { sum += latents[i]; sq += (double)latents[i] * latents[i]; }
+    for (size_t i = 0; i < lat_n; ++i) {
+        sum += latents[i];
+        sq += (double)latents[i] * latents[i];
+    }
     printf("slimengine %s: generated latents [%ld,%ld,%ld,%ld] (guidance %.1f), mean %.4f, std %.4f\n", slim_version(), batch, channels,
            size, size, guidance, sum / lat_n, sqrt(sq / lat_n - (sum / lat_n) * (sum / lat_n)));
     printf("steps %d, effective NFE %.3f, blocks run %d, stage calls %d, total %.2f ms (ONNX Runtime %.2f ms)\n", stats.steps,
@@ -101,11 +113,16 @@ int main(int argc, char** argv) {
     for (int32_t i = 0; i < slim_session_step_count(session); ++i) {
         slim_step_stats s = {sizeof(slim_step_stats)};
         slim_session_step_stats(session, i, &s);
-        printf("  step %d: sigma %.4f -> %.4f, %d blocks%s, %.2f ms\n", i, s.sigma, s.sigma_next, s.blocks_run, s.cached ? " (cached range skipped)" : "", s.ms);
+        printf("  step %d: sigma %.4f -> %.4f, %d blocks%s, %.2f ms\n", i, s.sigma, s.sigma_next, s.blocks_run,
+               s.cached ? " (cached range skipped)" : "", s.ms);
     }
     if (out_path) {
         FILE* f = fopen(out_path, "wb");
-        if (!f || fwrite(latents, sizeof(float), lat_n, f) != lat_n) { fprintf(stderr, "slimengine-example: cannot write %s\n", out_path); if (f) fclose(f); goto done; }
+        if (!f || fwrite(latents, sizeof(float), lat_n, f) != lat_n) {
+            fprintf(stderr, "slimengine-example: cannot write %s\n", out_path);
+            if (f) fclose(f);
+            goto done;
+        }
         fclose(f);
         printf("wrote %s (float32, [%ld,%ld,%ld,%ld])\n", out_path, batch, channels, size, size);
     }
@@ -113,6 +130,10 @@ int main(int argc, char** argv) {
 done:
     slim_session_destroy(session);
     slim_engine_close(engine);
-    free(text); free(pooled); free(zeros_text); free(zeros_pooled); free(latents);
+    free(text);
+    free(pooled);
+    free(zeros_text);
+    free(zeros_pooled);
+    free(latents);
     return rc;
 }

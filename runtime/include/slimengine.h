@@ -114,27 +114,27 @@ SLIM_API void slim_session_destroy(slim_session* session);
 /* ---- SD3 generation ---- */
 
 typedef struct slim_generate_params {
-    uint32_t struct_size;                        /* sizeof(slim_generate_params) */
-    const slim_tensor* prompt_embeds;            /* float32 [B, L, joint_attention_dim], required */
-    const slim_tensor* pooled_embeds;            /* float32 [B, pooled_projection_dim], required */
-    const slim_tensor* negative_prompt_embeds;   /* float32 [B, L, joint_attention_dim]; required when guidance > 1 */
-    const slim_tensor* negative_pooled_embeds;   /* float32 [B, pooled_projection_dim]; required when guidance > 1 */
-    const slim_tensor* latents;                  /* float32 [B, C, H, W] initial noise; NULL: from `seed` */
-    uint64_t seed;                               /* noise seed when latents is NULL (Philox4x32-10, see noise.py) */
-    float guidance_scale;                        /* < 0 (default): the bundle's default */
+    uint32_t struct_size;                      /* sizeof(slim_generate_params) */
+    const slim_tensor* prompt_embeds;          /* float32 [B, L, joint_attention_dim], required */
+    const slim_tensor* pooled_embeds;          /* float32 [B, pooled_projection_dim], required */
+    const slim_tensor* negative_prompt_embeds; /* float32 [B, L, joint_attention_dim]; required when guidance > 1 */
+    const slim_tensor* negative_pooled_embeds; /* float32 [B, pooled_projection_dim]; required when guidance > 1 */
+    const slim_tensor* latents;                /* float32 [B, C, H, W] initial noise; NULL: from `seed` */
+    uint64_t seed;                             /* noise seed when latents is NULL (Philox4x32-10, see noise.py) */
+    float guidance_scale;                      /* < 0 (default): the bundle's default */
 } slim_generate_params;
 
 /* Defaults for slim_generate: all tensors NULL, seed 0, guidance from the bundle. */
 SLIM_API slim_generate_params slim_generate_default_params(void);
 
 typedef struct slim_generate_stats {
-    uint32_t struct_size;  /* set by the caller: sizeof(slim_generate_stats) */
-    int32_t steps;         /* sampling steps run */
-    int32_t blocks_run;    /* joint-block evaluations, summed over steps (a CFG batch counts once) */
-    int32_t stage_calls;   /* backend calls, all stages */
-    double effective_nfe;  /* full-model evaluations equivalent (CFG counts 2 per step) */
-    double total_ms;       /* wall time of the generate call */
-    double backend_ms;     /* time inside ONNX Runtime's Run, all stages */
+    uint32_t struct_size; /* set by the caller: sizeof(slim_generate_stats) */
+    int32_t steps;        /* sampling steps run */
+    int32_t blocks_run;   /* joint-block evaluations, summed over steps (a CFG batch counts once) */
+    int32_t stage_calls;  /* backend calls, all stages */
+    double effective_nfe; /* full-model evaluations equivalent (CFG counts 2 per step) */
+    double total_ms;      /* wall time of the generate call */
+    double backend_ms;    /* time inside ONNX Runtime's Run, all stages */
 } slim_generate_stats;
 
 /* Run the bundle's whole sampling program. `latents_out` is caller memory, float32 [B, C, H, W]
@@ -149,7 +149,7 @@ typedef struct slim_step_stats {
     double sigma;
     double sigma_next;
     int32_t blocks_run;
-    int32_t cached;       /* 1 when the step skipped the cached block range */
+    int32_t cached; /* 1 when the step skipped the cached block range */
     double ms;
 } slim_step_stats;
 
@@ -160,7 +160,7 @@ SLIM_API slim_status slim_session_step_stats(const slim_session* session, int32_
 typedef struct slim_stage_stats {
     uint32_t struct_size; /* set by the caller */
     int32_t calls;
-    double total_ms;      /* time inside ONNX Runtime's Run for this stage */
+    double total_ms; /* time inside ONNX Runtime's Run for this stage */
 } slim_stage_stats;
 
 /* Calls and time of stage `index` (see slim_engine_stage_name) in the session's last generate. */

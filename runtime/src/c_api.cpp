@@ -39,13 +39,9 @@ slim_status guarded(F&& body) {
         last_error.clear();
         body();
         return SLIM_OK;
-    } catch (const slim::Error& e) {
-        return fail(e.status(), e.what());
-    } catch (const std::bad_alloc&) {
+    } catch (const slim::Error& e) { return fail(e.status(), e.what()); } catch (const std::bad_alloc&) {
         return fail(SLIM_ERR_OUT_OF_MEMORY, "out of memory");
-    } catch (const std::exception& e) {
-        return fail(SLIM_ERR_INTERNAL, std::string("internal error: ") + e.what());
-    } catch (...) {
+    } catch (const std::exception& e) { return fail(SLIM_ERR_INTERNAL, std::string("internal error: ") + e.what()); } catch (...) {
         return fail(SLIM_ERR_INTERNAL, "internal error");
     }
 }
@@ -56,8 +52,8 @@ template <typename T>
 T read_params(const T* given, T defaults, size_t required_size, const char* what) {
     if (!given) return defaults;
     if (given->struct_size < required_size || given->struct_size > 4096)
-        throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, std::string(what) + ".struct_size is " + std::to_string(given->struct_size) +
-                                                         "; set it to sizeof(" + what + ")");
+        throw slim::Error(SLIM_ERR_INVALID_ARGUMENT,
+                          std::string(what) + ".struct_size is " + std::to_string(given->struct_size) + "; set it to sizeof(" + what + ")");
     std::memcpy(&defaults, given, std::min<size_t>(given->struct_size, sizeof(T)));
     defaults.struct_size = sizeof(T);
     return defaults;
@@ -71,11 +67,13 @@ std::string shape_text(const slim_tensor& t) {
 
 // Checks dtype/device/layout and that the shape matches `expected` (-1: any positive size);
 // returns the shape.
-std::vector<int64_t> check_tensor(const slim_tensor* t, const char* name, const std::vector<int64_t>& expected, const std::string& expected_text) {
+std::vector<int64_t> check_tensor(const slim_tensor* t, const char* name, const std::vector<int64_t>& expected,
+                                  const std::string& expected_text) {
     using slim::Error;
     if (!t) throw Error(SLIM_ERR_INVALID_ARGUMENT, std::string(name) + " is required");
     if (!t->data) throw Error(SLIM_ERR_INVALID_ARGUMENT, std::string(name) + ".data is NULL");
-    if (t->dtype != SLIM_DTYPE_FLOAT32) throw Error(SLIM_ERR_DTYPE, std::string(name) + ": dtype must be float32 (SLIM_DTYPE_FLOAT32=0), got " + std::to_string(t->dtype));
+    if (t->dtype != SLIM_DTYPE_FLOAT32)
+        throw Error(SLIM_ERR_DTYPE, std::string(name) + ": dtype must be float32 (SLIM_DTYPE_FLOAT32=0), got " + std::to_string(t->dtype));
     if (t->device_type != SLIM_DEVICE_CPU) throw Error(SLIM_ERR_DTYPE, std::string(name) + ": must be in CPU memory for this build");
     if (!t->shape || t->ndim != static_cast<int32_t>(expected.size()))
         throw Error(SLIM_ERR_SHAPE, std::string(name) + ": rank " + std::to_string(t->ndim) + ", expected " + expected_text);
@@ -103,7 +101,8 @@ size_t element_count(const std::vector<int64_t>& shape) {
 void check_finite(const slim_tensor* t, const std::vector<int64_t>& shape, const char* name) {
     const float* data = static_cast<const float*>(t->data);
     for (size_t i = 0, n = element_count(shape); i < n; ++i)
-        if (!std::isfinite(data[i])) throw slim::Error(SLIM_ERR_NUMERICS, std::string(name) + " contains NaN or Inf (element " + std::to_string(i) + ")");
+        if (!std::isfinite(data[i]))
+            throw slim::Error(SLIM_ERR_NUMERICS, std::string(name) + " contains NaN or Inf (element " + std::to_string(i) + ")");
 }
 
 }  // namespace
@@ -116,16 +115,26 @@ const char* slim_last_error(void) { return last_error.c_str(); }
 
 const char* slim_status_name(slim_status status) {
     switch (status) {
-        case SLIM_OK: return "SLIM_OK";
-        case SLIM_ERR_INVALID_ARGUMENT: return "SLIM_ERR_INVALID_ARGUMENT";
-        case SLIM_ERR_IO: return "SLIM_ERR_IO";
-        case SLIM_ERR_BUNDLE: return "SLIM_ERR_BUNDLE";
-        case SLIM_ERR_BACKEND: return "SLIM_ERR_BACKEND";
-        case SLIM_ERR_SHAPE: return "SLIM_ERR_SHAPE";
-        case SLIM_ERR_DTYPE: return "SLIM_ERR_DTYPE";
-        case SLIM_ERR_NUMERICS: return "SLIM_ERR_NUMERICS";
-        case SLIM_ERR_OUT_OF_MEMORY: return "SLIM_ERR_OUT_OF_MEMORY";
-        case SLIM_ERR_INTERNAL: return "SLIM_ERR_INTERNAL";
+        case SLIM_OK:
+            return "SLIM_OK";
+        case SLIM_ERR_INVALID_ARGUMENT:
+            return "SLIM_ERR_INVALID_ARGUMENT";
+        case SLIM_ERR_IO:
+            return "SLIM_ERR_IO";
+        case SLIM_ERR_BUNDLE:
+            return "SLIM_ERR_BUNDLE";
+        case SLIM_ERR_BACKEND:
+            return "SLIM_ERR_BACKEND";
+        case SLIM_ERR_SHAPE:
+            return "SLIM_ERR_SHAPE";
+        case SLIM_ERR_DTYPE:
+            return "SLIM_ERR_DTYPE";
+        case SLIM_ERR_NUMERICS:
+            return "SLIM_ERR_NUMERICS";
+        case SLIM_ERR_OUT_OF_MEMORY:
+            return "SLIM_ERR_OUT_OF_MEMORY";
+        case SLIM_ERR_INTERNAL:
+            return "SLIM_ERR_INTERNAL";
     }
     return "SLIM_ERR_UNKNOWN";
 }
@@ -144,7 +153,8 @@ slim_status slim_engine_open(const char* path, const slim_engine_params* params,
     *out = nullptr;
     return guarded([&] {
         if (!path || !*path) throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, "slim_engine_open: path is empty");
-        slim_engine_params p = read_params(params, slim_engine_default_params(), offsetof(slim_engine_params, intra_op_threads) + sizeof(int32_t), "slim_engine_params");
+        slim_engine_params p = read_params(params, slim_engine_default_params(),
+                                           offsetof(slim_engine_params, intra_op_threads) + sizeof(int32_t), "slim_engine_params");
         if (p.intra_op_threads < 0) throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, "slim_engine_params.intra_op_threads must be >= 0");
         slim::EngineOptions options{p.onnxruntime_library, p.verify_checksums != 0, p.intra_op_threads};
         auto engine = std::make_unique<slim_engine>();
@@ -185,12 +195,14 @@ slim_generate_params slim_generate_default_params(void) {
     return p;
 }
 
-slim_status slim_generate(slim_session* session, const slim_generate_params* params, const slim_tensor* latents_out, slim_generate_stats* stats) {
+slim_status slim_generate(slim_session* session, const slim_generate_params* params, const slim_tensor* latents_out,
+                          slim_generate_stats* stats) {
     if (!session) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_generate: session is NULL");
     if (!params) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_generate: params is NULL (prompt and pooled embeddings are required)");
     return guarded([&] {
         using slim::Error;
-        slim_generate_params p = read_params(params, slim_generate_default_params(), offsetof(slim_generate_params, guidance_scale) + sizeof(float), "slim_generate_params");
+        slim_generate_params p = read_params(params, slim_generate_default_params(),
+                                             offsetof(slim_generate_params, guidance_scale) + sizeof(float), "slim_generate_params");
         if (stats && stats->struct_size < offsetof(slim_generate_stats, backend_ms) + sizeof(double))
             throw Error(SLIM_ERR_INVALID_ARGUMENT, "slim_generate_stats.struct_size must be sizeof(slim_generate_stats)");
         const slim::Manifest& m = session->owner->engine->manifest();
@@ -204,7 +216,8 @@ slim_status slim_generate(slim_session* session, const slim_generate_params* par
         const float guidance = p.guidance_scale < 0 ? m.program.guidance_scale : p.guidance_scale;
         const bool cfg = guidance > 1.0f;
         if (cfg && (!p.negative_prompt_embeds || !p.negative_pooled_embeds))
-            throw Error(SLIM_ERR_INVALID_ARGUMENT, "guidance scale " + std::to_string(guidance) + " > 1 needs negative_prompt_embeds and negative_pooled_embeds");
+            throw Error(SLIM_ERR_INVALID_ARGUMENT,
+                        "guidance scale " + std::to_string(guidance) + " > 1 needs negative_prompt_embeds and negative_pooled_embeds");
         const std::string C = std::to_string(c.out_channels), Bs = std::to_string(B);
         auto out = check_tensor(latents_out, "latents_out", {B, c.out_channels, -1, -1}, "[" + Bs + "," + C + ",H,W]");
         const int64_t H = out[2], W = out[3];
@@ -215,8 +228,10 @@ slim_status slim_generate(slim_session* session, const slim_generate_params* par
         check_finite(p.prompt_embeds, prompt, "prompt_embeds");
         check_finite(p.pooled_embeds, pooled, "pooled_embeds");
         if (cfg) {
-            auto neg = check_tensor(p.negative_prompt_embeds, "negative_prompt_embeds", prompt, shape_text(*p.prompt_embeds) + " (as prompt_embeds)");
-            auto neg_pooled = check_tensor(p.negative_pooled_embeds, "negative_pooled_embeds", pooled, shape_text(*p.pooled_embeds) + " (as pooled_embeds)");
+            auto neg = check_tensor(p.negative_prompt_embeds, "negative_prompt_embeds", prompt,
+                                    shape_text(*p.prompt_embeds) + " (as prompt_embeds)");
+            auto neg_pooled = check_tensor(p.negative_pooled_embeds, "negative_pooled_embeds", pooled,
+                                           shape_text(*p.pooled_embeds) + " (as pooled_embeds)");
             check_finite(p.negative_prompt_embeds, neg, "negative_prompt_embeds");
             check_finite(p.negative_pooled_embeds, neg_pooled, "negative_pooled_embeds");
         }
@@ -252,12 +267,15 @@ slim_status slim_generate(slim_session* session, const slim_generate_params* par
     });
 }
 
-int32_t slim_session_step_count(const slim_session* session) { return session ? static_cast<int32_t>(session->program->step_stats().size()) : 0; }
+int32_t slim_session_step_count(const slim_session* session) {
+    return session ? static_cast<int32_t>(session->program->step_stats().size()) : 0;
+}
 
 slim_status slim_session_step_stats(const slim_session* session, int32_t index, slim_step_stats* out) {
     if (!session || !out || index < 0 || index >= slim_session_step_count(session))
         return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_session_step_stats: NULL argument or step index out of range");
-    if (out->struct_size < sizeof(slim_step_stats)) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_step_stats.struct_size must be sizeof(slim_step_stats)");
+    if (out->struct_size < sizeof(slim_step_stats))
+        return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_step_stats.struct_size must be sizeof(slim_step_stats)");
     const slim::StepStats& s = session->program->step_stats()[index];
     out->sigma = s.sigma;
     out->sigma_next = s.sigma_next;
@@ -270,7 +288,8 @@ slim_status slim_session_step_stats(const slim_session* session, int32_t index, 
 slim_status slim_session_stage_stats(const slim_session* session, int32_t index, slim_stage_stats* out) {
     if (!session || !out || index < 0 || index >= static_cast<int32_t>(session->program->stage_stats().size()))
         return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_session_stage_stats: NULL argument or stage index out of range");
-    if (out->struct_size < sizeof(slim_stage_stats)) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_stage_stats.struct_size must be sizeof(slim_stage_stats)");
+    if (out->struct_size < sizeof(slim_stage_stats))
+        return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_stage_stats.struct_size must be sizeof(slim_stage_stats)");
     const slim::StageStats& s = session->program->stage_stats()[index];
     out->calls = s.calls;
     out->total_ms = s.ms;

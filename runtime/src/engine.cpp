@@ -21,7 +21,8 @@ Engine::Engine(const std::string& bundle_dir, const EngineOptions& options) : ma
         for (const auto& [file, digest] : manifest_.files) {
             std::string actual = sha256_file(bundle_dir + "/" + file);
             if (actual != digest)
-                throw Error(SLIM_ERR_BUNDLE, "checksum mismatch for " + bundle_dir + "/" + file + " (the file changed after export; re-export the bundle)");
+                throw Error(SLIM_ERR_BUNDLE,
+                            "checksum mismatch for " + bundle_dir + "/" + file + " (the file changed after export; re-export the bundle)");
         }
     }
     const Sd3Config& c = manifest_.config;
@@ -40,9 +41,12 @@ Engine::Engine(const std::string& bundle_dir, const EngineOptions& options) : ma
             compensate_stage = index;
         } else if (s.name.rfind("block_", 0) == 0) {
             int b = -1;
-            try { b = std::stoi(s.name.substr(6)); } catch (...) {}
+            try {
+                b = std::stoi(s.name.substr(6));
+            } catch (...) {}
             if (b < 0 || b >= c.num_layers || std::to_string(b) != s.name.substr(6) || block_stages[b] >= 0)
-                throw Error(SLIM_ERR_BUNDLE, "manifest: stage name '" + s.name + "' is not a block of this " + std::to_string(c.num_layers) + "-block model");
+                throw Error(SLIM_ERR_BUNDLE, "manifest: stage name '" + s.name + "' is not a block of this " +
+                                                 std::to_string(c.num_layers) + "-block model");
             bool last = b == c.num_layers - 1;
             expect_io(s, {"img", "txt", "temb"}, last ? Names{"img_out"} : Names{"img_out", "txt_out"});
             block_stages[b] = index;

@@ -53,7 +53,10 @@ class Parser {
             v.kind = Value::Kind::Object;
             ++pos_;
             skip_ws();
-            if (pos_ < s_.size() && s_[pos_] == '}') { ++pos_; return v; }
+            if (pos_ < s_.size() && s_[pos_] == '}') {
+                ++pos_;
+                return v;
+            }
             while (true) {
                 skip_ws();
                 if (pos_ >= s_.size() || s_[pos_] != '"') fail("expected a key");
@@ -63,8 +66,14 @@ class Parser {
                 ++pos_;
                 v.object.emplace_back(std::move(key), parse_value(depth + 1));
                 skip_ws();
-                if (pos_ < s_.size() && s_[pos_] == ',') { ++pos_; continue; }
-                if (pos_ < s_.size() && s_[pos_] == '}') { ++pos_; return v; }
+                if (pos_ < s_.size() && s_[pos_] == ',') {
+                    ++pos_;
+                    continue;
+                }
+                if (pos_ < s_.size() && s_[pos_] == '}') {
+                    ++pos_;
+                    return v;
+                }
                 fail("expected ',' or '}'");
             }
         }
@@ -72,12 +81,21 @@ class Parser {
             v.kind = Value::Kind::Array;
             ++pos_;
             skip_ws();
-            if (pos_ < s_.size() && s_[pos_] == ']') { ++pos_; return v; }
+            if (pos_ < s_.size() && s_[pos_] == ']') {
+                ++pos_;
+                return v;
+            }
             while (true) {
                 v.array.push_back(parse_value(depth + 1));
                 skip_ws();
-                if (pos_ < s_.size() && s_[pos_] == ',') { ++pos_; continue; }
-                if (pos_ < s_.size() && s_[pos_] == ']') { ++pos_; return v; }
+                if (pos_ < s_.size() && s_[pos_] == ',') {
+                    ++pos_;
+                    continue;
+                }
+                if (pos_ < s_.size() && s_[pos_] == ']') {
+                    ++pos_;
+                    return v;
+                }
                 fail("expected ',' or ']'");
             }
         }
@@ -86,8 +104,15 @@ class Parser {
             v.string = parse_string();
             return v;
         }
-        if (consume("true")) { v.kind = Value::Kind::Bool; v.boolean = true; return v; }
-        if (consume("false")) { v.kind = Value::Kind::Bool; return v; }
+        if (consume("true")) {
+            v.kind = Value::Kind::Bool;
+            v.boolean = true;
+            return v;
+        }
+        if (consume("false")) {
+            v.kind = Value::Kind::Bool;
+            return v;
+        }
         if (consume("null")) return v;
         if (c == '-' || (c >= '0' && c <= '9')) {
             const char* begin = s_.c_str() + pos_;
@@ -109,29 +134,56 @@ class Parser {
             char c = s_[pos_++];
             if (c == '"') return out;
             if (static_cast<unsigned char>(c) < 0x20) fail("control character in string");
-            if (c != '\\') { out += c; continue; }
+            if (c != '\\') {
+                out += c;
+                continue;
+            }
             if (pos_ >= s_.size()) break;
             char e = s_[pos_++];
             switch (e) {
-                case '"': out += '"'; break;
-                case '\\': out += '\\'; break;
-                case '/': out += '/'; break;
-                case 'b': out += '\b'; break;
-                case 'f': out += '\f'; break;
-                case 'n': out += '\n'; break;
-                case 'r': out += '\r'; break;
-                case 't': out += '\t'; break;
+                case '"':
+                    out += '"';
+                    break;
+                case '\\':
+                    out += '\\';
+                    break;
+                case '/':
+                    out += '/';
+                    break;
+                case 'b':
+                    out += '\b';
+                    break;
+                case 'f':
+                    out += '\f';
+                    break;
+                case 'n':
+                    out += '\n';
+                    break;
+                case 'r':
+                    out += '\r';
+                    break;
+                case 't':
+                    out += '\t';
+                    break;
                 case 'u': {
                     if (pos_ + 4 > s_.size()) fail("bad \\u escape");
                     unsigned code = std::stoul(s_.substr(pos_, 4), nullptr, 16);
                     pos_ += 4;
                     // Manifests are ASCII in practice; encode the BMP code point as UTF-8.
-                    if (code < 0x80) out += static_cast<char>(code);
-                    else if (code < 0x800) { out += static_cast<char>(0xC0 | (code >> 6)); out += static_cast<char>(0x80 | (code & 0x3F)); }
-                    else { out += static_cast<char>(0xE0 | (code >> 12)); out += static_cast<char>(0x80 | ((code >> 6) & 0x3F)); out += static_cast<char>(0x80 | (code & 0x3F)); }
+                    if (code < 0x80)
+                        out += static_cast<char>(code);
+                    else if (code < 0x800) {
+                        out += static_cast<char>(0xC0 | (code >> 6));
+                        out += static_cast<char>(0x80 | (code & 0x3F));
+                    } else {
+                        out += static_cast<char>(0xE0 | (code >> 12));
+                        out += static_cast<char>(0x80 | ((code >> 6) & 0x3F));
+                        out += static_cast<char>(0x80 | (code & 0x3F));
+                    }
                     break;
                 }
-                default: fail("bad escape");
+                default:
+                    fail("bad escape");
             }
         }
         fail("unterminated string");

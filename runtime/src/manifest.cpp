@@ -49,7 +49,8 @@ double number_field(const Value& obj, const std::string& key, const std::string&
 int int_field(const Value& obj, const std::string& key, const std::string& where, int min, int max) {
     double d = number_field(obj, key, where);
     if (d != std::floor(d) || d < min || d > max)
-        bad(where + "." + key, "must be an integer in [" + std::to_string(min) + ", " + std::to_string(max) + "], got " + std::to_string(d));
+        bad(where + "." + key,
+            "must be an integer in [" + std::to_string(min) + ", " + std::to_string(max) + "], got " + std::to_string(d));
     return static_cast<int>(d);
 }
 
@@ -116,9 +117,12 @@ Program parse_program(const Value& root, const Sd3Config& cfg) {
         prog.cache_first = int_field(pair, "first", "program.cache_blocks", 0, cfg.num_layers - 2);
         prog.cache_last = int_field(pair, "last", "program.cache_blocks", prog.cache_first, cfg.num_layers - 2);
         const Value& comp = field(p, "compensation", w);
-        if (comp.kind == Value::Kind::String && comp.string == "mlp") prog.compensation = Compensation::Mlp;
-        else if (comp.kind == Value::Kind::String && comp.string == "identity") prog.compensation = Compensation::Identity;
-        else bad("program.compensation", "must be \"mlp\" or \"identity\" when cache_blocks is set");
+        if (comp.kind == Value::Kind::String && comp.string == "mlp")
+            prog.compensation = Compensation::Mlp;
+        else if (comp.kind == Value::Kind::String && comp.string == "identity")
+            prog.compensation = Compensation::Identity;
+        else
+            bad("program.compensation", "must be \"mlp\" or \"identity\" when cache_blocks is set");
     }
     const Value& steps = array_field(p, "steps", w);
     if (steps.array.empty() || steps.array.size() > 10000) bad("program.steps", "must hold 1 to 10000 steps");
@@ -152,15 +156,14 @@ Manifest load_manifest(const std::string& bundle_dir) {
     Value root;
     try {
         root = json::parse(m.text);
-    } catch (const std::exception& e) {
-        throw Error(SLIM_ERR_BUNDLE, path + ": " + e.what());
-    }
+    } catch (const std::exception& e) { throw Error(SLIM_ERR_BUNDLE, path + ": " + e.what()); }
     if (root.kind != Value::Kind::Object) bad("", "root must be an object");
     if (string_field(root, "format", "") != "slimengine-bundle") bad(".format", "must be \"slimengine-bundle\"");
     int version = int_field(root, "format_version", "", 0, 1 << 30);
     if (version != kBundleFormatVersion)
-        throw Error(SLIM_ERR_BUNDLE, "manifest: unsupported bundle format version " + std::to_string(version) + " (this runtime reads version " +
-                                         std::to_string(kBundleFormatVersion) + "); re-export the bundle or update slimengine");
+        throw Error(SLIM_ERR_BUNDLE, "manifest: unsupported bundle format version " + std::to_string(version) +
+                                         " (this runtime reads version " + std::to_string(kBundleFormatVersion) +
+                                         "); re-export the bundle or update slimengine");
     m.family = string_field(root, "family", "");
     if (m.family != "sd3") bad(".family", "'" + m.family + "' is not supported by this runtime (expected sd3)");
     m.precision = string_field(root, "precision", "");

@@ -26,7 +26,8 @@ std::shared_ptr<OrtRuntime> OrtRuntime::get(const char* library_path, int intra_
     if (auto existing = current.lock()) return existing;
 
     std::vector<std::string> candidates;
-    if (library_path && *library_path) candidates.push_back(library_path);
+    if (library_path && *library_path)
+        candidates.push_back(library_path);
     else {
         if (const char* env = std::getenv("SLIMENGINE_ORT_LIBRARY"); env && *env) candidates.push_back(env);
         candidates.push_back("libonnxruntime.so");
@@ -36,18 +37,24 @@ std::shared_ptr<OrtRuntime> OrtRuntime::get(const char* library_path, int intra_
     std::string tried, used;
     for (const auto& c : candidates) {
         handle = dlopen(c.c_str(), RTLD_NOW | RTLD_LOCAL);
-        if (handle) { used = c; break; }
+        if (handle) {
+            used = c;
+            break;
+        }
         tried += "\n  " + c + ": " + dlerror();
     }
     if (!handle)
-        throw Error(SLIM_ERR_BACKEND, "ONNX Runtime library not found; pass slim_engine_params.onnxruntime_library or set "
-                                      "SLIMENGINE_ORT_LIBRARY to the onnxruntime wheel's capi/libonnxruntime.so.<version>. Tried:" + tried);
+        throw Error(SLIM_ERR_BACKEND,
+                    "ONNX Runtime library not found; pass slim_engine_params.onnxruntime_library or set "
+                    "SLIMENGINE_ORT_LIBRARY to the onnxruntime wheel's capi/libonnxruntime.so.<version>. Tried:" +
+                        tried);
     using GetApiBase = const OrtApiBase* (*)();
     auto get_base = reinterpret_cast<GetApiBase>(dlsym(handle, "OrtGetApiBase"));
     const OrtApi* api = get_base ? get_base()->GetApi(kOrtApiVersion) : nullptr;
     if (!api) {
         dlclose(handle);
-        throw Error(SLIM_ERR_BACKEND, used + " does not provide ONNX Runtime C API version " + std::to_string(kOrtApiVersion) + " or newer");
+        throw Error(SLIM_ERR_BACKEND,
+                    used + " does not provide ONNX Runtime C API version " + std::to_string(kOrtApiVersion) + " or newer");
     }
     std::shared_ptr<OrtRuntime> rt(new OrtRuntime());
     rt->api = api;
@@ -75,8 +82,9 @@ OrtRuntime::~OrtRuntime() {
 TensorView::TensorView(const OrtRuntime& ort, float* data, const std::vector<int64_t>& shape) : api_(ort.api) {
     size_t count = 1;
     for (int64_t d : shape) count *= static_cast<size_t>(d);
-    check(api_, api_->CreateTensorWithDataAsOrtValue(ort.cpu_memory, data, count * sizeof(float), shape.data(), shape.size(),
-                                                     ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &value_),
+    check(api_,
+          api_->CreateTensorWithDataAsOrtValue(ort.cpu_memory, data, count * sizeof(float), shape.data(), shape.size(),
+                                               ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &value_),
           "tensor view");
 }
 
@@ -115,7 +123,8 @@ StageSession::StageSession(std::shared_ptr<OrtRuntime> ort, const std::string& m
         std::vector<std::string> actual;
         for (size_t i = 0; i < count; ++i) {
             char* n = nullptr;
-            check(api, is_input ? api->SessionGetInputName(session_, i, allocator, &n) : api->SessionGetOutputName(session_, i, allocator, &n),
+            check(api,
+                  is_input ? api->SessionGetInputName(session_, i, allocator, &n) : api->SessionGetOutputName(session_, i, allocator, &n),
                   "stage " + name_);
             actual.emplace_back(n);
             allocator->Free(allocator, n);

@@ -55,8 +55,10 @@ GenerateStats Sd3Session::generate(const GenerateRequest& r) {
 
     // Inputs in model-batch layout: [negative; positive] under CFG.
     x_.resize(latent_count);
-    if (r.latents) std::memcpy(x_.data(), r.latents, latent_count * sizeof(float));
-    else gaussian_noise(x_.data(), latent_count, r.seed);
+    if (r.latents)
+        std::memcpy(x_.data(), r.latents, latent_count * sizeof(float));
+    else
+        gaussian_noise(x_.data(), latent_count, r.seed);
     auto stack = [&](std::vector<float>& dst, const float* negative, const float* positive, size_t per_batch) {
         dst.resize(Bm * per_batch);
         if (cfg) std::memcpy(dst.data(), negative, B * per_batch * sizeof(float));
@@ -97,9 +99,11 @@ GenerateStats Sd3Session::generate(const GenerateRequest& r) {
     for (size_t step = 0; step < program.steps.size(); ++step) {
         const StepPlan& plan = program.steps[step];
         auto step_start = Clock::now();
-        for (int64_t copy = 0; copy < Bm / B; ++copy) std::memcpy(model_in_.data() + copy * latent_count, x_.data(), latent_count * sizeof(float));
+        for (int64_t copy = 0; copy < Bm / B; ++copy)
+            std::memcpy(model_in_.data() + copy * latent_count, x_.data(), latent_count * sizeof(float));
         std::fill(timestep_.begin(), timestep_.end(), static_cast<float>(plan.timestep));
-        run(engine_.embed_stage, {v_model_in.get(), v_timestep.get(), v_pooled.get(), v_text.get()}, {v_img[0].get(), v_txt[0].get(), v_temb.get()});
+        run(engine_.embed_stage, {v_model_in.get(), v_timestep.get(), v_pooled.get(), v_text.get()},
+            {v_img[0].get(), v_txt[0].get(), v_temb.get()});
 
         int cur = 0, blocks_run = 0;
         for (int b = 0; b < c.num_layers; ++b) {
@@ -120,8 +124,11 @@ GenerateStats Sd3Session::generate(const GenerateRequest& r) {
                 std::memcpy(before_txt_.data(), txt_[cur].data(), txt_count * sizeof(float));
             }
             const bool last = b == c.num_layers - 1;
-            if (last) run(engine_.block_stages[b], {v_img[cur].get(), v_txt[cur].get(), v_temb.get()}, {v_img[1 - cur].get()});
-            else run(engine_.block_stages[b], {v_img[cur].get(), v_txt[cur].get(), v_temb.get()}, {v_img[1 - cur].get(), v_txt[1 - cur].get()});
+            if (last)
+                run(engine_.block_stages[b], {v_img[cur].get(), v_txt[cur].get(), v_temb.get()}, {v_img[1 - cur].get()});
+            else
+                run(engine_.block_stages[b], {v_img[cur].get(), v_txt[cur].get(), v_temb.get()},
+                    {v_img[1 - cur].get(), v_txt[1 - cur].get()});
             cur = 1 - cur;
             ++blocks_run;
             if (plan.record_delta && b == program.cache_last) {

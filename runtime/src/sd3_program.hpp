@@ -16,10 +16,10 @@ struct GenerateRequest {
     const float* pooled = nullptr;                       // [B, pooled_projection_dim]
     const float* negative_prompt = nullptr;              // used when guidance > 1
     const float* negative_pooled = nullptr;
-    const float* latents = nullptr;                      // [B, C, H, W] or nullptr for seeded noise
+    const float* latents = nullptr;  // [B, C, H, W] or nullptr for seeded noise
     uint64_t seed = 0;
     float guidance_scale = 1.0f;
-    float* out = nullptr;                                // [B, C, H, W]
+    float* out = nullptr;  // [B, C, H, W]
 };
 
 struct GenerateStats {

@@ -5,9 +5,8 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+import sys
 from pathlib import Path
-
-PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 class SlimTensor(ctypes.Structure):
@@ -60,17 +59,27 @@ def onnxruntime_library() -> str:
     return found[-1]
 
 
+def _installed(relative: str) -> Path:
+    """A file the CMake build installed into the package (an editable install spreads the package
+    over several folders, so every folder of its __path__ is searched)."""
+    folders = [Path(p) for p in sys.modules[__package__].__path__]
+    for folder in folders:
+        if (folder / relative).exists():
+            return folder / relative
+    return folders[0] / relative
+
+
 def library_path() -> Path:
     """libslimengine.so: inside the installed package, or $SLIMENGINE_LIBRARY."""
-    return Path(os.environ.get("SLIMENGINE_LIBRARY", PACKAGE_DIR / "libslimengine.so"))
+    return Path(os.environ.get("SLIMENGINE_LIBRARY", _installed("libslimengine.so")))
 
 
 def example_program() -> Path:
-    return PACKAGE_DIR / "bin" / "slimengine-example"
+    return _installed("bin/slimengine-example")
 
 
 def header_path() -> Path:
-    return PACKAGE_DIR / "include" / "slimengine.h"
+    return _installed("include/slimengine.h")
 
 
 _lib = None

@@ -1,0 +1,35 @@
+# make demo: set up, then the main job end to end on CPU. make test: what CI runs.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO := out/demo
+SOURCES := $(shell find runtime export tools kernels -type f -not -path '*/__pycache__/*' 2>/dev/null) pyproject.toml CMakeLists.txt
+
+.PHONY: demo test setup lint format
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: $(SOURCES)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: the CPU build from local disk, never the multi-GB CUDA one.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q ".[test]"
+	touch $@
+
+demo: setup
+	mkdir -p $(DEMO)
+	$(VENV)/bin/make-sd3-checkpoint --preset small -o $(DEMO)/sd3-small.pt
+	$(VENV)/bin/export-engine $(DEMO)/sd3-small.pt -o $(DEMO)/sd3-small.engine --force --verify
+	SLIMENGINE_ORT_LIBRARY=$$($(PY) -m slimengine.paths ort) $$($(PY) -m slimengine.paths example) \
+		$(DEMO)/sd3-small.engine --size 64 --text-len 77 --out $(DEMO)/latents.f32
+
+lint: setup
+	$(VENV)/bin/ruff check export tools runtime/python tests benchmarks
+	$(VENV)/bin/clang-format --dry-run --Werror runtime/include/*.h runtime/src/*.cpp runtime/src/*.hpp runtime/examples/*.c
+
+format: setup
+	$(VENV)/bin/ruff check --fix export tools runtime/python tests benchmarks
+	$(VENV)/bin/clang-format -i runtime/include/*.h runtime/src/*.cpp runtime/src/*.hpp runtime/examples/*.c
+
+test: lint
+	$(PY) -m pytest -q tests

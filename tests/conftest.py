@@ -1,0 +1,107 @@
+"""Shared fixtures: small seeded SD3 checkpoints and the bundles exported from them.
+
+Bundles are session-scoped because an export traces several graphs (seconds each); every test
+that changes a bundle works on its own copy.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from slimengine.export.checkpoint import load_checkpoint
+from slimengine.export.sampling_plan import make_plan
+from slimengine.tools.make_sd3_checkpoint import main as make_checkpoint_main
+
+
+def make_checkpoint(path: Path, *args: str) -> Path:
+    assert make_checkpoint_main(["-o", str(path), *args]) == 0
+    return path
+
+
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a console entry point (export-engine, make-sd3-checkpoint) as a user would."""
+    module = {"export-engine": "slimengine.export.cli", "make-sd3-checkpoint": "slimengine.tools.make_sd3_checkpoint"}[args[0]]
+    proc = subprocess.run([sys.executable, "-m", module, *args[1:]], capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+def export(checkpoint: Path, bundle: Path, *args: str) -> Path:
+    proc = run_cli("export-engine", str(checkpoint), "-o", str(bundle), "-q", *args)
+    bundle.with_suffix(".log").write_text(proc.stderr)
+    return bundle
+
+
+def reference_for(checkpoint: Path, bundle_args: dict | None = None):
+    """The PyTorch model and plan the runtime must reproduce."""
+    ck = load_checkpoint(checkpoint)
+    plan = make_plan(ck.config.num_layers, ck.has_compensation, ck.metadata, **(bundle_args or {}))
+    return ck.build_model(), plan
+
+
+def random_inputs(model, batch: int, text_len: int, seed: int):
+    rng = np.random.default_rng(seed)
+    c = model.config
+    text = rng.standard_normal((batch, text_len, c.joint_attention_dim), dtype=np.float32)
+    pooled = rng.standard_normal((batch, c.pooled_projection_dim), dtype=np.float32)
+    return text, pooled
+
+
+def relative_error(got, expected) -> float:
+    got, expected = np.asarray(got, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    return float(np.abs(got - expected).max() / np.abs(expected).max())
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def distilled_checkpoint(workdir) -> Path:
+    """1.x-Distill student with SD3.5 features (qk-norm, dual attention), cached blocks 1-2 of 4."""
+    return make_checkpoint(workdir / "distilled.pt", "--preset", "tiny-3.5", "--seed", "1")
+
+
+@pytest.fixture(scope="session")
+def distilled_bundle(workdir, distilled_checkpoint) -> Path:
+    return export(distilled_checkpoint, workdir / "distilled.engine", "--verify")
+
+
+@pytest.fixture(scope="session")
+def plain_checkpoint(workdir) -> Path:
+    """Plain SD3 (no compensation weights), original MMDiT key names behind a wrapper prefix."""
+    return make_checkpoint(workdir / "plain.safetensors", "--preset", "tiny", "--plain", "--seed", "2",
+                           "--key-format", "original", "--prefix", "module.")
+
+
+@pytest.fixture(scope="session")
+def identity_bundle(workdir, plain_checkpoint) -> Path:
+    """A plain model given a cached range: Δ reused as-is (identity compensation)."""
+    return export(plain_checkpoint, workdir / "identity.engine", "--cache-blocks", "1-2", "--steps", "3")
+
+
+@pytest.fixture(scope="session")
+def cfg_bundle(workdir, plain_checkpoint) -> Path:
+    """A plain multi-step plan with classifier-free guidance."""
+    return export(plain_checkpoint, workdir / "cfg.engine", "--steps", "3", "--guidance-scale", "4.5")
+
+
+@pytest.fixture()
+def bundle_copy(tmp_path, distilled_bundle) -> Path:
+    dest = tmp_path / "copy.engine"
+    shutil.copytree(distilled_bundle, dest)
+    return dest
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    torch.set_num_threads(2)

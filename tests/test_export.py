@@ -1,0 +1,105 @@
+"""Export: bundle layout, manifest, ONNX graphs, precisions, --verify, atomic writes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+
+import onnx
+import pytest
+
+from slimengine.export.checkpoint import load_checkpoint
+from slimengine.export.sampling_plan import make_plan
+from slimengine.export.sd3_export import export_sd3
+
+from .conftest import make_checkpoint, run_cli
+
+
+def test_bundle_has_a_complete_manifest_and_checksums(distilled_bundle, distilled_checkpoint):
+    manifest = json.loads((distilled_bundle / "manifest.json").read_text())
+    assert manifest["format"] == "slimengine-bundle" and manifest["format_version"] == 1
+    assert manifest["family"] == "sd3" and manifest["precision"] == "fp32"
+    assert manifest["source"]["sha256"] == hashlib.sha256(distilled_checkpoint.read_bytes()).hexdigest()
+    names = [s["name"] for s in manifest["stages"]]
+    assert names == ["embed", "block_0", "block_1", "block_2", "block_3", "compensate", "final"]
+    program = manifest["program"]
+    assert program["cache_blocks"] == [1, 2] and program["compensation"] == "mlp"
+    assert [s["record_delta"] for s in program["steps"]] == [True, False]
+    assert [s["skip_cached_blocks"] for s in program["steps"]] == [False, True]
+    assert program["effective_nfe"] == 1.5
+    on_disk = {str(p.relative_to(distilled_bundle)) for p in distilled_bundle.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(manifest["files"]) == on_disk
+    for name, digest in manifest["files"].items():
+        assert hashlib.sha256((distilled_bundle / name).read_bytes()).hexdigest() == digest, name
+    assert not list(distilled_bundle.parent.glob(".distilled.engine.tmp*"))
+
+
+def test_stage_graphs_use_opset_23_attention_and_dynamic_shapes(distilled_bundle):
+    block = onnx.load(str(distilled_bundle / "stages/block_1.onnx"))
+    assert {o.domain: o.version for o in block.opset_import}[""] == 23
+    assert "Attention" in {n.op_type for n in block.graph.node}
+    weights_outside = onnx.load(str(distilled_bundle / "stages/block_1.onnx"), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in weights_outside.graph.initializer)
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in block.graph.input}
+    assert dims["img"][:2] == ["batch", "tokens"] and dims["txt"][:2] == ["batch", "text"]
+    embed = onnx.load(str(distilled_bundle / "stages/embed.onnx"), load_external_data=False)
+    latents = [d.dim_param or d.dim_value for d in embed.graph.input[0].type.tensor_type.shape.dim]
+    assert latents[0] == "batch" and all(isinstance(d, str) for d in latents[2:])
+
+
+@pytest.mark.parametrize("precision,onnx_type", [("fp16", onnx.TensorProto.FLOAT16), ("bf16", onnx.TensorProto.BFLOAT16)])
+def test_reduced_precision_bundles_keep_float32_boundaries(tmp_path, distilled_checkpoint, precision, onnx_type):
+    bundle = tmp_path / f"{precision}.engine"
+    run_cli("export-engine", str(distilled_checkpoint), "-o", str(bundle), "-q", "--precision", precision)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["precision"] == precision
+    block = onnx.load(str(bundle / "stages/block_0.onnx"))
+    onnx.checker.check_model(block)
+    weights = [t for t in block.graph.initializer if len(t.dims) == 2 and t.dims[0] * t.dims[1] >= 32 * 32]
+    assert weights and all(t.data_type == onnx_type for t in weights)
+    assert all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for i in block.graph.input)
+
+
+def test_verify_runs_every_stage_in_onnx_runtime(distilled_bundle):
+    log = distilled_bundle.with_suffix(".log").read_text()  # the fixture exported with --verify
+    errors = dict(re.findall(r"verify\s+(\w+): max \|ORT - PyTorch\| = (\S+)", log))
+    assert set(errors) == {"embed", "block_0", "block_1", "block_2", "block_3", "compensate", "final"}, log
+    assert all(float(e) < 1e-4 for e in errors.values()), errors
+
+
+def test_a_failed_export_leaves_nothing_behind(tmp_path, distilled_checkpoint):
+    ck = load_checkpoint(distilled_checkpoint)
+    plan = make_plan(ck.config.num_layers, True, ck.metadata)
+    calls = []
+
+    def interrupt(stage):
+        calls.append(stage)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        export_sd3(ck, plan, tmp_path / "x.engine", progress=interrupt)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_bundle_is_replaced_only_with_force(tmp_path, distilled_checkpoint, distilled_bundle):
+    out = tmp_path / "b.engine"
+    shutil.copytree(distilled_bundle, out)
+    before = (out / "manifest.json").read_text()
+    proc = run_cli("export-engine", str(distilled_checkpoint), "-o", str(out), "-q", "--steps", "3", check=False)
+    assert proc.returncode == 2 and "--force" in proc.stderr
+    assert (out / "manifest.json").read_text() == before
+    run_cli("export-engine", str(distilled_checkpoint), "-o", str(out), "-q", "--steps", "3", "--force")
+    assert len(json.loads((out / "manifest.json").read_text())["program"]["steps"]) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.engine"]
+
+
+def test_cli_rejects_bad_flags_with_usage_errors(tmp_path):
+    ck = make_checkpoint(tmp_path / "c.pt", "--preset", "tiny")
+    for flags, message in [(["--cache-blocks", "1-3"], "must lie within"), (["--steps", "0"], "at least 1"),
+                           (["--cache-blocks", "x"], "form A-B"), (["--precision", "fp8"], "invalid choice")]:
+        proc = run_cli("export-engine", str(ck), "-o", str(tmp_path / "o.engine"), *flags, check=False)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, (flags, proc.stderr)
+        assert not (tmp_path / "o.engine").exists()
