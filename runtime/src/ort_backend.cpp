@@ -23,7 +23,13 @@ std::shared_ptr<OrtRuntime> OrtRuntime::get(const char* library_path, int intra_
     static std::mutex mutex;
     static std::weak_ptr<OrtRuntime> current;
     std::lock_guard<std::mutex> lock(mutex);
-    if (auto existing = current.lock()) return existing;
+    if (auto existing = current.lock()) {
+        // ONNX Runtime allows one environment per process, so every engine shares one library.
+        if (library_path && *library_path && existing->library != library_path)
+            throw Error(SLIM_ERR_BACKEND, std::string("ONNX Runtime is already loaded from ") + existing->library + "; cannot also load " +
+                                              library_path + " in this process");
+        return existing;
+    }
 
     std::vector<std::string> candidates;
     if (library_path && *library_path)

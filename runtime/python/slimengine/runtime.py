@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _native
-from ._native import GenerateParams, GenerateStats, SlimTensor, StageStats, StepStats
+from ._native import GenerateStats, SlimTensor, StageStats, StepStats
 
 
 class SlimError(RuntimeError):
