@@ -9,7 +9,7 @@ import torch
 
 from .bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, write_bundle
 from .checkpoint import Checkpoint
-from .onnx_export import OPSET, export_stages, verify_stages
+from .onnx_export import DTYPES, OPSET, export_stages, verify_stages
 from .sampling_plan import SamplingPlan
 
 EXPORTER_VERSION = "0.1.0"
@@ -26,7 +26,7 @@ def export_sd3(
     report=print,
 ) -> dict:
     """Write the bundle for `checkpoint` with `plan`; with `verify`, check every stage in ONNX Runtime."""
-    model = checkpoint.build_model()
+    model = checkpoint.build_model(DTYPES[precision])  # no float32 copy of a half-precision model
     plan.validate(model.num_layers, model.has_compensation)
 
     def fill(tmp: Path) -> dict:

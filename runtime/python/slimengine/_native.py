@@ -74,6 +74,11 @@ def library_path() -> Path:
     return Path(os.environ.get("SLIMENGINE_LIBRARY", _installed("libslimengine.so")))
 
 
+def ops_library_path() -> Path:
+    """libslimengine_ops.so: the "ai.slimengine" custom ops for ONNX Runtime."""
+    return _installed("libslimengine_ops.so")
+
+
 def example_program() -> Path:
     return _installed("bin/slimengine-example")
 

@@ -1,0 +1,72 @@
+"""The "ai.slimengine" custom ops in ONNX Runtime (CPU) against numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from slimengine import _native
+
+DOMAIN = "ai.slimengine"
+
+
+def run_op(op: str, inputs: dict[str, np.ndarray], outputs: list[tuple[str, int]]):
+    node = helper.make_node(op, list(inputs), [name for name, _ in outputs], domain=DOMAIN)
+    types = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.int64): TensorProto.INT64}
+    graph = helper.make_graph(
+        [node], op,
+        [helper.make_tensor_value_info(n, types[a.dtype], list(a.shape)) for n, a in inputs.items()],
+        [helper.make_tensor_value_info(n, t, None) for n, t in outputs])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(DOMAIN, 1)])
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(str(_native.ops_library_path()))
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, inputs)
+
+
+rng = np.random.default_rng(0)
+
+
+def test_l1_change_gives_mean_absolute_change_and_scale_per_sample():
+    a, b = rng.standard_normal((3, 5, 7), dtype=np.float32), rng.standard_normal((3, 5, 7), dtype=np.float32)
+    change, scale = run_op("L1Change", {"a": a, "b": b}, [("change", TensorProto.FLOAT), ("scale", TensorProto.FLOAT)])
+    np.testing.assert_allclose(change, np.abs(a - b).mean(axis=(1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(scale, np.abs(b).mean(axis=(1, 2)), rtol=1e-6)
+
+
+def test_token_scores_and_selection_pick_the_most_changed_tokens():
+    r_last, r_prev = rng.standard_normal((2, 50, 16), dtype=np.float32), rng.standard_normal((2, 50, 16), dtype=np.float32)
+    (score,) = run_op("TokenChangeScore", {"r_last": r_last, "r_prev": r_prev}, [("score", TensorProto.FLOAT)])
+    np.testing.assert_allclose(score, np.abs(r_last - r_prev).mean(axis=2), rtol=1e-6)
+    for ratio in (0.3, 0.7, 1.0):
+        (idx,) = run_op("SelectTokens", {"score": score, "ratio": np.array(ratio, np.float32)}, [("idx", TensorProto.INT64)])
+        keep = max(1, round(ratio * 50))
+        expected = np.sort(np.argsort(-score, axis=1, kind="stable")[:, :keep], axis=1)
+        np.testing.assert_array_equal(idx, expected)
+
+
+def test_gather_and_scatter_move_token_rows():
+    cache = rng.standard_normal((2, 10, 4), dtype=np.float32)
+    idx = np.array([[1, 4, 9], [0, 2, 3]], np.int64)
+    (gathered,) = run_op("GatherTokens", {"x": cache, "idx": idx}, [("out", TensorProto.FLOAT)])
+    np.testing.assert_array_equal(gathered, np.take_along_axis(cache, idx[:, :, None], axis=1))
+    values = rng.standard_normal((2, 3, 4), dtype=np.float32)
+    (scattered,) = run_op("ScatterTokens", {"cache": cache, "idx": idx, "values": values}, [("out", TensorProto.FLOAT)])
+    expected = cache.copy()
+    for b in range(2):
+        expected[b, idx[b]] = values[b]
+    np.testing.assert_array_equal(scattered, expected)
+
+
+@pytest.mark.parametrize("op,inputs,message", [
+    ("GatherTokens", {"x": np.zeros((1, 4, 2), np.float32), "idx": np.array([[4]], np.int64)}, "outside [0, N)"),
+    ("ScatterTokens", {"cache": np.zeros((1, 4, 2), np.float32), "idx": np.array([[-1]], np.int64),
+                       "values": np.zeros((1, 1, 2), np.float32)}, "outside [0, N)"),
+    ("SelectTokens", {"score": np.zeros((1, 4), np.float32), "ratio": np.array(1.5, np.float32)}, "ratio must be in (0, 1]"),
+    ("TokenChangeScore", {"r_last": np.zeros((1, 4, 2), np.float32), "r_prev": np.zeros((1, 4, 3), np.float32)}, "[B, N, C]"),
+])
+def test_bad_inputs_raise_clear_errors(op, inputs, message):
+    with pytest.raises(Exception, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        run_op(op, inputs, [("out", TensorProto.FLOAT if op != "SelectTokens" else TensorProto.INT64)])
