@@ -62,15 +62,19 @@ def main(argv=None) -> int:
                    progress=lambda name: (bar.set_postfix_str(name), bar.update()), report=lambda s: print(s, file=sys.stderr))
     except (ExportError, ValueError, FileExistsError) as e:
         return _fail(str(e))
+    except KeyboardInterrupt:
+        return _fail(f"interrupted; {output} was not written", code=130)
+    except Exception as e:  # anything unexpected: still one line, and nothing was written
+        return _fail(f"export of {args.checkpoint} failed ({type(e).__name__}: {e}); {output} was not written", code=1)
     finally:
         bar.close()
     print(f"wrote {output} ({args.precision}, {stages} stages) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, code: int = 2) -> int:
     print(f"export-engine: error: {message}", file=sys.stderr)
-    return 2
+    return code
 
 
 if __name__ == "__main__":

@@ -168,6 +168,8 @@ Manifest load_manifest(const std::string& bundle_dir) {
     if (m.family != "sd3") bad(".family", "'" + m.family + "' is not supported by this runtime (expected sd3)");
     m.precision = string_field(root, "precision", "");
     if (m.precision != "fp32" && m.precision != "fp16" && m.precision != "bf16") bad(".precision", "must be fp32, fp16 or bf16");
+    if (!field(root, "custom_op_library", "").is_null())
+        bad(".custom_op_library", "is set, but this runtime runs no custom-op stages yet; update slimengine");
     m.config = parse_config(root);
     m.program = parse_program(root, m.config);
 
