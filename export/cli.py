@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="compute precision (default fp32)")
     parser.add_argument("--steps", type=int, help="sampling steps (default: metadata, else 2 for 1.x-Distill, 28 for plain SD3)")
     parser.add_argument("--shift", type=float, help="sigma shift (default: metadata, else 3.0)")
-    parser.add_argument("--cache-blocks", help="joint blocks skipped after step 1, e.g. 2-7 (default: metadata)")
+    parser.add_argument("--cache-blocks", help="joint blocks skipped after step 1, e.g. 2-7, or 'none' for a plain plan (default: metadata)")
     parser.add_argument("--guidance-scale", type=float, help="default CFG scale (default: 1.0 for 1.x, 7.0 for plain SD3)")
     parser.add_argument("--heads", type=int, help="attention heads, when the weights cannot tell (no qk-norm, no metadata)")
     parser.add_argument("--verify", action="store_true", help="run every stage in ONNX Runtime against PyTorch")
@@ -52,7 +52,8 @@ def main(argv=None) -> int:
     except (CheckpointError, ValueError) as e:
         return _fail(str(e))
     c = checkpoint.config
-    kind = f"1.x-Distill, cached blocks {plan.cache_blocks[0]}-{plan.cache_blocks[1]}" if checkpoint.has_compensation else "plain SD3"
+    kind = f"cached blocks {plan.cache_blocks[0]}-{plan.cache_blocks[1]} ({plan.compensation} compensation)" if plan.cache_blocks else "full steps"
+    kind = ("1.x-Distill student, " if checkpoint.has_compensation else "plain SD3, ") + kind
     print(f"{args.checkpoint}: {c.num_layers} blocks, {c.num_attention_heads}x{c.attention_head_dim} heads, {kind}; "
           f"{plan.steps} steps, effective NFE {plan.effective_nfe(c.num_layers):.2f}", file=sys.stderr)
     stages = c.num_layers + 2 + checkpoint.has_compensation

@@ -140,9 +140,13 @@ def make_plan(
     A checkpoint with compensation weights is a 1.x-Distill student: 2 steps, shift 3, no CFG,
     cached range from metadata (blocks 2-7 by default when the model is deep enough). Without them it
     is a plain SD3 model: 28 steps, shift 3, CFG 7.0, unless --cache-blocks asks for Δ reuse.
+    cache_blocks="none" asks for that plain plan whatever the checkpoint.
     """
     meta = dict((metadata or {}).get("sampling", {}))
     distilled = has_compensation_mlp
+    if isinstance(cache_blocks, str) and cache_blocks.lower() == "none":
+        # A plain full-step plan, even for a 1.x student (the metadata describes its 1.x plan).
+        meta, distilled, cache_blocks = {}, False, None
     steps = steps or meta.get("steps") or (2 if distilled else 28)
     shift = shift or meta.get("shift") or 3.0
     teacher_shift = teacher_shift or meta.get("teacher_shift") or 3.0

@@ -108,3 +108,9 @@ def test_1x_reference_skips_the_range_and_adds_the_compensated_delta(tmp_path):
         v, _ = step_velocity(x1, s1, delta)
         expected = x1 + (s2 - s1) * v
     assert torch.allclose(result.latents, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+
+
+def test_cache_blocks_none_gives_a_plain_plan_for_a_student():
+    plan = make_plan(6, True, {"sampling": {"steps": 2, "cache_blocks": "1-3"}}, cache_blocks="none", steps=28, guidance_scale=4.0)
+    assert plan.cache_blocks is None and plan.compensation is None and plan.steps == 28
+    assert plan.effective_nfe(6) == 56 and plan.sigmas == make_plan(6, False, steps=28).sigmas

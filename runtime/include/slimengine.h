@@ -87,7 +87,7 @@ typedef struct slim_engine_params {
     uint32_t struct_size;            /* sizeof(slim_engine_params) */
     const char* onnxruntime_library; /* path of libonnxruntime.so; NULL: $SLIMENGINE_ORT_LIBRARY, then the loader's search */
     int32_t verify_checksums;        /* 1 (default): check the sha256 of every bundle file against the manifest */
-    int32_t intra_op_threads;        /* ONNX Runtime threads per stage call; 0 (default): its own choice */
+    int32_t intra_op_threads;        /* ONNX Runtime threads, one pool per process set by the first engine; 0: its choice */
 } slim_engine_params;
 
 /* Defaults for slim_engine_open. */
