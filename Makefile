@@ -22,6 +22,9 @@ demo: setup
 	$(VENV)/bin/export-engine $(DEMO)/sd3-small.pt -o $(DEMO)/sd3-small.engine --force --verify
 	SLIMENGINE_ORT_LIBRARY=$$($(PY) -m slimengine.paths ort) $$($(PY) -m slimengine.paths example) \
 		$(DEMO)/sd3-small.engine --size 64 --text-len 77 --out $(DEMO)/latents.f32
+	# The trained toy model (models/toy-sd3.safetensors, made by train-toy-sd3): a picture per class, 1.x plan.
+	$(VENV)/bin/export-engine models/toy-sd3.safetensors -o $(DEMO)/toy-sd3.engine --force -q
+	$(PY) -m slimengine.tools.toy_demo $(DEMO)/toy-sd3.engine -o $(DEMO)/toy-shapes.png
 
 lint: setup
 	$(VENV)/bin/ruff check export tools runtime/python tests benchmarks

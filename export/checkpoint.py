@@ -3,7 +3,7 @@
 Accepted: `.pt`/`.pth` (torch.load with weights_only=True), `.safetensors`, or a diffusers
 transformer folder (config.json + *.safetensors, sharded or not). Keys may be in diffusers naming or
 in the original MMDiT naming (`model.diffusion_model.joint_blocks.N...`), behind wrapper prefixes.
-Project metadata (attention heads, sampling plan) travels under the key `slimengine`: a top-level
+Project metadata (attention heads, default sample size, sampling plan) travels under the key `slimengine`: a top-level
 entry of a `.pt` dict, a JSON string in safetensors metadata, or `slimengine.json` in a folder.
 """
 
@@ -55,6 +55,8 @@ def load_checkpoint(path: str | Path, num_attention_heads: int | None = None) ->
     state_dict = _normalise_keys(raw, path)
     heads = num_attention_heads or metadata.get("num_attention_heads")
     config = infer_config(state_dict, path, heads)
+    if isinstance(metadata.get("sample_size"), int):  # the default resolution: not in the weights
+        config = dataclasses.replace(config, sample_size=metadata["sample_size"])
     _check_against_model(state_dict, config, path)
     return Checkpoint(path=path, config=config, state_dict=state_dict, metadata=metadata, sha256=_hash_source(path))
 
@@ -122,6 +124,7 @@ def _read_diffusers_folder(path: Path) -> tuple[dict, dict]:
     if (path / "slimengine.json").exists():
         metadata = json.loads((path / "slimengine.json").read_text())
     metadata.setdefault("num_attention_heads", config.get("num_attention_heads"))
+    metadata.setdefault("sample_size", config.get("sample_size"))
     return tensors, metadata
 
 

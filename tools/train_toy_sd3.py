@@ -129,7 +129,7 @@ def main(argv=None) -> int:
 
     from safetensors.torch import save_file
 
-    metadata = {"num_attention_heads": CONFIG.num_attention_heads, "toy_shapes": True,
+    metadata = {"num_attention_heads": CONFIG.num_attention_heads, "sample_size": CONFIG.sample_size, "toy_shapes": True,
                 "sampling": {"steps": 2, "shift": 3.0, "cache_blocks": f"{CACHE_BLOCKS[0]}-{CACHE_BLOCKS[1]}"},
                 "training": {"steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
                              "final_loss": float(np.mean(losses[-100:]))}}
