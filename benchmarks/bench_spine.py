@@ -22,27 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import cli, median_ms
 
 import slimengine as se
 from slimengine.export.checkpoint import load_checkpoint
 from slimengine.export.reference_sampler import reference_generate
 from slimengine.export.sampling_plan import make_plan
 from slimengine.noise import gaussian_noise
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], check=True, capture_output=True, text=True)
-
-
-def median_ms(fn, iters: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def bench_small(workdir: Path, iters: int) -> None:

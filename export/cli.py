@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="sampling steps (default: metadata, else 2 for 1.x-Distill, 28 for plain SD3)")
     parser.add_argument("--shift", type=float, help="sigma shift (default: metadata, else 3.0)")
     parser.add_argument("--cache-blocks", help="joint blocks skipped after step 1, e.g. 2-7, or 'none' for a plain plan (default: metadata)")
+    parser.add_argument("--cache", help="default X-Slim policy: none, or xslim:step=T[,warmup=K] for step-level reuse "
+                        "while the accumulated relative change of the stack residual stays under T (default none)")
     parser.add_argument("--guidance-scale", type=float, help="default CFG scale (default: 1.0 for 1.x, 7.0 for plain SD3)")
     parser.add_argument("--heads", type=int, help="attention heads, when the weights cannot tell (no qk-norm, no metadata)")
     parser.add_argument("--verify", action="store_true", help="run every stage in ONNX Runtime against PyTorch")
@@ -48,7 +50,8 @@ def main(argv=None) -> int:
     try:
         checkpoint = load_checkpoint(args.checkpoint, num_attention_heads=args.heads)
         plan = make_plan(checkpoint.config.num_layers, checkpoint.has_compensation, checkpoint.metadata,
-                         steps=args.steps, shift=args.shift, cache_blocks=args.cache_blocks, guidance_scale=args.guidance_scale)
+                         steps=args.steps, shift=args.shift, cache_blocks=args.cache_blocks, guidance_scale=args.guidance_scale,
+                         cache=args.cache)
     except (CheckpointError, ValueError) as e:
         return _fail(str(e))
     c = checkpoint.config

@@ -4,7 +4,8 @@
     for each step:  v = model(x, t) with the plan's blocks; x = x + (sigma_next - sigma) * v
 Step 0 of a 1.x plan records Δ = h_after_range - h_before_range for both streams; later steps skip
 the range and add MLP(Δ) (or Δ itself with identity compensation). With guidance > 1 the batch is
-[negative; positive] and v = v_neg + g * (v_pos - v_neg).
+[negative; positive] and v = v_neg + g * (v_pos - v_neg). With a step-cache policy (xslim.py) a
+step may reuse the whole stack as h_out = h_in + R.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import torch
 
 from .sampling_plan import SamplingPlan
 from .sd3_model import DistilledSD3
+from .xslim import StepCachePolicy, StepCacheState
+
+_DEFAULT = object()
 
 
 @dataclasses.dataclass
@@ -22,6 +26,7 @@ class ReferenceResult:
     latents: torch.Tensor
     effective_nfe: float
     blocks_run: list[int]  # per step
+    skipped_steps: list[int]  # steps that reused the whole stack
 
 
 @torch.no_grad()
@@ -34,8 +39,13 @@ def reference_generate(
     negative_prompt_embeds: torch.Tensor | None = None,
     negative_pooled_embeds: torch.Tensor | None = None,
     guidance_scale: float | None = None,
+    step_cache: StepCachePolicy | None = _DEFAULT,
 ) -> ReferenceResult:
+    """`step_cache` defaults to the plan's policy; None turns step reuse off."""
     guidance = plan.guidance_scale if guidance_scale is None else guidance_scale
+    policy = plan.step_cache if step_cache is _DEFAULT else step_cache
+    cache = StepCacheState(policy, plan.steps) if policy else None
+    skipped = []
     cfg = guidance > 1.0
     if cfg:
         if negative_prompt_embeds is None or negative_pooled_embeds is None:
@@ -53,8 +63,14 @@ def reference_generate(
         x_in = torch.cat([x, x]) if cfg else x
         t = torch.full((x_in.shape[0],), plan.timesteps[step], dtype=torch.float32)
         img, txt, temb = model.embed(x_in, t, pooled, text)
+        stack_in = img
         ran = 0
-        for i in range(model.num_layers):
+        reuse = cache is not None and cache.should_skip(step)
+        if reuse:  # X-Slim step level: the whole stack as its last residual
+            img = img + cache.residual
+            cache.skipped()
+            skipped.append(step)
+        for i in range(0 if reuse else model.num_layers):
             if plan.skips_block(step, i):
                 if i == plan.cache_blocks[1]:  # end of the skipped range: add the compensated delta
                     if compensated is None:
@@ -67,6 +83,8 @@ def reference_generate(
             ran += 1
             if plan.records_delta(step) and i == plan.cache_blocks[1]:
                 delta = (img - before[0], txt - before[1])
+        if cache is not None and not reuse:
+            cache.computed(step, img - stack_in)
         v = model.final(img, temb, x_in)
         if cfg:
             v_neg, v_pos = v.chunk(2)
@@ -74,4 +92,4 @@ def reference_generate(
         x = x + (sigma_next - sigma) * v
         blocks_run.append(ran)
     nfe = sum(blocks_run) / model.num_layers * (2 if cfg else 1)
-    return ReferenceResult(latents=x, effective_nfe=nfe, blocks_run=blocks_run)
+    return ReferenceResult(latents=x, effective_nfe=nfe, blocks_run=blocks_run, skipped_steps=skipped)

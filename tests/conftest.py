@@ -56,8 +56,9 @@ def random_inputs(model, batch: int, text_len: int, seed: int):
 
 
 def relative_error(got, expected) -> float:
+    """||got - expected|| / ||expected|| (L2 over the whole tensor)."""
     got, expected = np.asarray(got, dtype=np.float64), np.asarray(expected, dtype=np.float64)
-    return float(np.abs(got - expected).max() / np.abs(expected).max())
+    return float(np.linalg.norm(got - expected) / np.linalg.norm(expected))
 
 
 @pytest.fixture(scope="session")
@@ -93,6 +94,17 @@ def identity_bundle(workdir, plain_checkpoint) -> Path:
 def cfg_bundle(workdir, plain_checkpoint) -> Path:
     """A plain multi-step plan with classifier-free guidance."""
     return export(plain_checkpoint, workdir / "cfg.engine", "--steps", "3", "--guidance-scale", "4.5")
+
+
+TOY_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "toy-sd3.safetensors"
+
+
+@pytest.fixture(scope="session")
+def toy_bundles(workdir) -> dict[str, Path]:
+    """The trained toy model with its own 1.x plan, and as a 28-step CFG baseline."""
+    return {"1x": export(TOY_CHECKPOINT, workdir / "toy-1x.engine"),
+            "28-step CFG": export(TOY_CHECKPOINT, workdir / "toy-28.engine", "--cache-blocks", "none", "--steps", "28",
+                                  "--guidance-scale", "4")}
 
 
 @pytest.fixture()

@@ -37,7 +37,7 @@ def test_1x_program_with_mlp_compensation_matches_pytorch(distilled_bundle, dist
         assert err <= TOLERANCE
         assert result.stats["effective_nfe"] == ref.effective_nfe == 1.5
         assert [s["blocks_run"] for s in result.stats["per_step"]] == ref.blocks_run == [4, 2]
-        assert [s["cached"] for s in result.stats["per_step"]] == [False, True]
+        assert [s["level"] for s in result.stats["per_step"]] == ["full", "cached_range"]
         assert result.stats["per_stage"]["compensate"]["calls"] == 1
         assert result.stats["per_stage"]["block_1"]["calls"] == 1 and result.stats["per_stage"]["block_0"]["calls"] == 2
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -14,9 +12,7 @@ from slimengine.tools.toy_demo import class_grid, generate_classes
 from slimengine.tools.train_toy_sd3 import CONFIG
 from slimengine.tools.train_toy_sd3 import main as train_main
 
-from .conftest import export
-
-TOY = Path(__file__).resolve().parents[1] / "models" / "toy-sd3.safetensors"
+from .conftest import TOY_CHECKPOINT as TOY
 
 
 def test_the_procedural_images_carry_their_class_colour():
@@ -30,13 +26,6 @@ def test_shipped_checkpoint_is_a_1x_student_of_the_trainer_config():
     ck = load_checkpoint(TOY)
     assert ck.config == CONFIG and ck.has_compensation
     assert ck.metadata["toy_shapes"] and ck.metadata["sampling"]["cache_blocks"] == "1-3"
-
-
-@pytest.fixture(scope="module")
-def toy_bundles(tmp_path_factory):
-    d = tmp_path_factory.mktemp("toy")
-    return {"1x": export(TOY, d / "toy-1x.engine"),
-            "28-step CFG": export(TOY, d / "toy-28.engine", "--cache-blocks", "none", "--steps", "28", "--guidance-scale", "4")}
 
 
 @pytest.mark.parametrize("plan,guidance,min_correct", [("28-step CFG", None, 17), ("1x", None, 15), ("1x", 3.0, 16)])

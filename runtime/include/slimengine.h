@@ -122,9 +122,10 @@ typedef struct slim_generate_params {
     const slim_tensor* latents;                /* float32 [B, C, H, W] initial noise; NULL: from `seed` */
     uint64_t seed;                             /* noise seed when latents is NULL (Philox4x32-10, see noise.py) */
     float guidance_scale;                      /* < 0 (default): the bundle's default */
+    float step_cache_threshold; /* X-Slim step-level reuse: < 0 (default) the bundle's policy, 0 off, > 0 on with this line */
 } slim_generate_params;
 
-/* Defaults for slim_generate: all tensors NULL, seed 0, guidance from the bundle. */
+/* Defaults for slim_generate: all tensors NULL, seed 0, guidance and step cache from the bundle. */
 SLIM_API slim_generate_params slim_generate_default_params(void);
 
 typedef struct slim_generate_stats {
@@ -144,12 +145,19 @@ typedef struct slim_generate_stats {
 SLIM_API slim_status slim_generate(slim_session* session, const slim_generate_params* params, const slim_tensor* latents_out,
                                    slim_generate_stats* stats);
 
+/* How a step ran. */
+typedef enum slim_step_level {
+    SLIM_STEP_FULL = 0,         /* every joint block */
+    SLIM_STEP_CACHED_RANGE = 1, /* 1.x: the cached block range skipped, its compensated delta added */
+    SLIM_STEP_REUSED = 2        /* X-Slim step level: no block run, the last stack residual reused */
+} slim_step_level;
+
 typedef struct slim_step_stats {
     uint32_t struct_size; /* set by the caller */
     double sigma;
     double sigma_next;
     int32_t blocks_run;
-    int32_t cached; /* 1 when the step skipped the cached block range */
+    int32_t level; /* slim_step_level */
     double ms;
 } slim_step_stats;
 

@@ -192,6 +192,7 @@ slim_generate_params slim_generate_default_params(void) {
     slim_generate_params p{};
     p.struct_size = sizeof(p);
     p.guidance_scale = -1.0f;
+    p.step_cache_threshold = -1.0f;
     return p;
 }
 
@@ -213,6 +214,7 @@ slim_status slim_generate(slim_session* session, const slim_generate_params* par
         const int64_t B = prompt[0], L = prompt[1];
         auto pooled = check_tensor(p.pooled_embeds, "pooled_embeds", {B, c.pooled_projection_dim}, "[" + std::to_string(B) + "," + P + "]");
         if (!std::isfinite(p.guidance_scale)) throw Error(SLIM_ERR_INVALID_ARGUMENT, "guidance_scale must be finite");
+        if (!std::isfinite(p.step_cache_threshold)) throw Error(SLIM_ERR_INVALID_ARGUMENT, "step_cache_threshold must be finite");
         const float guidance = p.guidance_scale < 0 ? m.program.guidance_scale : p.guidance_scale;
         const bool cfg = guidance > 1.0f;
         if (cfg && (!p.negative_prompt_embeds || !p.negative_pooled_embeds))
@@ -254,6 +256,8 @@ slim_status slim_generate(slim_session* session, const slim_generate_params* par
         request.latents = p.latents ? static_cast<const float*>(p.latents->data) : nullptr;
         request.seed = p.seed;
         request.guidance_scale = guidance;
+        request.step_cache_threshold = p.step_cache_threshold < 0 ? m.program.step_cache_threshold : p.step_cache_threshold;
+        request.step_cache_warmup = m.program.step_cache_warmup;
         request.out = static_cast<float*>(latents_out->data);
         slim::GenerateStats s = session->program->generate(request);
         if (stats) {
@@ -280,7 +284,7 @@ slim_status slim_session_step_stats(const slim_session* session, int32_t index, 
     out->sigma = s.sigma;
     out->sigma_next = s.sigma_next;
     out->blocks_run = s.blocks_run;
-    out->cached = s.cached ? 1 : 0;
+    out->level = s.level;
     out->ms = s.ms;
     return SLIM_OK;
 }

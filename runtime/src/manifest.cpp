@@ -124,6 +124,12 @@ Program parse_program(const Value& root, const Sd3Config& cfg) {
         else
             bad("program.compensation", "must be \"mlp\" or \"identity\" when cache_blocks is set");
     }
+    if (const Value* cache = p.find("step_cache"); cache && !cache->is_null()) {  // optional: absent in early bundles
+        if (cache->kind != Value::Kind::Object) bad("program.step_cache", "must be null or an object");
+        prog.step_cache_threshold = number_field(*cache, "threshold", "program.step_cache");
+        if (prog.step_cache_threshold < 0) bad("program.step_cache.threshold", "must not be negative");
+        prog.step_cache_warmup = int_field(*cache, "warmup_steps", "program.step_cache", 2, 1 << 20);
+    }
     const Value& steps = array_field(p, "steps", w);
     if (steps.array.empty() || steps.array.size() > 10000) bad("program.steps", "must hold 1 to 10000 steps");
     bool recorded = false;

@@ -35,6 +35,8 @@ struct Program {
     float guidance_scale;
     int cache_first = -1, cache_last = -1;  // inclusive range, -1 when the plan caches nothing
     Compensation compensation = Compensation::None;
+    double step_cache_threshold = 0;  // X-Slim step-level default; 0: off
+    int step_cache_warmup = 2;
     std::vector<StepPlan> steps;
 };
 

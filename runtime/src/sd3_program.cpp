@@ -23,6 +23,16 @@ void subtract(std::vector<float>& dst, const std::vector<float>& a, const std::v
     for (size_t i = 0; i < n; ++i) dst[i] = a[i] - b[i];
 }
 
+// sum |a - b| / sum |b|: the relative L1 change of the stack residual (export/xslim.py).
+double relative_change(const std::vector<float>& a, const std::vector<float>& b, size_t n) {
+    double diff = 0, mag = 0;
+    for (size_t i = 0; i < n; ++i) {
+        diff += std::fabs(static_cast<double>(a[i]) - b[i]);
+        mag += std::fabs(static_cast<double>(b[i]));
+    }
+    return mag > 0 ? diff / mag : 0.0;
+}
+
 }  // namespace
 
 Sd3Session::Sd3Session(const Engine& engine) : engine_(engine), stages_(engine.stages().size()) {}
@@ -78,6 +88,9 @@ GenerateStats Sd3Session::generate(const GenerateRequest& r) {
         for (auto* v : {&before_img_, &delta_img_, &comp_img_}) v->resize(img_count);
         for (auto* v : {&before_txt_, &delta_txt_, &comp_txt_}) v->resize(txt_count);
     }
+    const bool step_cache = r.step_cache_threshold > 0;
+    if (step_cache)
+        for (auto* v : {&stack_in_, &residual_, &new_residual_}) v->resize(img_count);
 
     // OrtValue views over the buffers, made once per call.
     const std::vector<int64_t> lat_shape{Bm, c.in_channels, H, W}, img_shape{Bm, N, D}, txt_shape{Bm, L, Dc};
@@ -95,6 +108,10 @@ GenerateStats Sd3Session::generate(const GenerateRequest& r) {
     }
 
     bool compensated = false;
+    // X-Slim step level: the decision rule of export/xslim.py.
+    bool have_residual = false, have_rate = false;
+    double rate = 0, accumulated = 0;
+    size_t last_computed = 0;
     GenerateStats stats;
     for (size_t step = 0; step < program.steps.size(); ++step) {
         const StepPlan& plan = program.steps[step];
@@ -106,7 +123,15 @@ GenerateStats Sd3Session::generate(const GenerateRequest& r) {
             {v_img[0].get(), v_txt[0].get(), v_temb.get()});
 
         int cur = 0, blocks_run = 0;
-        for (int b = 0; b < c.num_layers; ++b) {
+        const bool reuse = step_cache && have_rate && static_cast<int>(step) >= r.step_cache_warmup && step + 1 != program.steps.size() &&
+                           accumulated + rate < r.step_cache_threshold;
+        if (reuse) {  // the whole stack as its last residual
+            add_into(img_[0], residual_, img_count);
+            accumulated += rate;
+        } else if (step_cache) {
+            std::memcpy(stack_in_.data(), img_[0].data(), img_count * sizeof(float));
+        }
+        for (int b = 0; b < (reuse ? 0 : c.num_layers); ++b) {
             const bool in_range = caches && b >= program.cache_first && b <= program.cache_last;
             if (plan.skip_cached_blocks && in_range) {
                 if (b == program.cache_last) {  // end of the skipped range: add the compensated Δ
@@ -137,6 +162,17 @@ GenerateStats Sd3Session::generate(const GenerateRequest& r) {
                 compensated = false;
             }
         }
+        if (step_cache && !reuse) {
+            subtract(new_residual_, img_[cur], stack_in_, img_count);
+            if (have_residual) {
+                rate = relative_change(new_residual_, residual_, img_count) / static_cast<double>(step - last_computed);
+                have_rate = true;
+            }
+            residual_.swap(new_residual_);
+            have_residual = true;
+            last_computed = step;
+            accumulated = 0;
+        }
         run(engine_.final_stage, {v_img[cur].get(), v_temb.get(), v_model_in.get()}, {v_velocity.get()});
 
         // Euler step, with classifier-free guidance v = v_neg + g (v_pos - v_neg).
@@ -152,7 +188,8 @@ GenerateStats Sd3Session::generate(const GenerateRequest& r) {
         }
         if (!finite) throw Error(SLIM_ERR_NUMERICS, "step " + std::to_string(step) + " produced NaN or Inf latents");
 
-        steps_.push_back(StepStats{plan.sigma, plan.sigma_next, ms_since(step_start), blocks_run, plan.skip_cached_blocks});
+        const int level = reuse ? SLIM_STEP_REUSED : plan.skip_cached_blocks ? SLIM_STEP_CACHED_RANGE : SLIM_STEP_FULL;
+        steps_.push_back(StepStats{plan.sigma, plan.sigma_next, ms_since(step_start), blocks_run, level});
         stats.blocks_run += blocks_run;
     }
     std::memcpy(r.out, x_.data(), latent_count * sizeof(float));

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "engine.hpp"
+#include "slimengine.h"
 
 namespace slim {
 
@@ -19,6 +20,8 @@ struct GenerateRequest {
     const float* latents = nullptr;  // [B, C, H, W] or nullptr for seeded noise
     uint64_t seed = 0;
     float guidance_scale = 1.0f;
+    double step_cache_threshold = 0;  // X-Slim step-level line; 0: off
+    int step_cache_warmup = 2;
     float* out = nullptr;  // [B, C, H, W]
 };
 
@@ -30,7 +33,7 @@ struct GenerateStats {
 struct StepStats {
     double sigma = 0, sigma_next = 0, ms = 0;
     int blocks_run = 0;
-    bool cached = false;
+    int level = SLIM_STEP_FULL;  // slim_step_level
 };
 
 struct StageStats {
@@ -61,6 +64,7 @@ class Sd3Session {
     std::vector<float> x_, model_in_, timestep_, pooled_, text_, temb_, velocity_;
     std::vector<float> img_[2], txt_[2];
     std::vector<float> before_img_, before_txt_, delta_img_, delta_txt_, comp_img_, comp_txt_;
+    std::vector<float> stack_in_, residual_, new_residual_;  // X-Slim step level
 };
 
 }  // namespace slim

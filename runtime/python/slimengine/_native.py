@@ -24,7 +24,7 @@ class GenerateParams(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("prompt_embeds", ctypes.POINTER(SlimTensor)),
                 ("pooled_embeds", ctypes.POINTER(SlimTensor)), ("negative_prompt_embeds", ctypes.POINTER(SlimTensor)),
                 ("negative_pooled_embeds", ctypes.POINTER(SlimTensor)), ("latents", ctypes.POINTER(SlimTensor)),
-                ("seed", ctypes.c_uint64), ("guidance_scale", ctypes.c_float)]
+                ("seed", ctypes.c_uint64), ("guidance_scale", ctypes.c_float), ("step_cache_threshold", ctypes.c_float)]
 
 
 class GenerateStats(ctypes.Structure):
@@ -35,7 +35,7 @@ class GenerateStats(ctypes.Structure):
 
 class StepStats(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("sigma", ctypes.c_double), ("sigma_next", ctypes.c_double),
-                ("blocks_run", ctypes.c_int32), ("cached", ctypes.c_int32), ("ms", ctypes.c_double)]
+                ("blocks_run", ctypes.c_int32), ("level", ctypes.c_int32), ("ms", ctypes.c_double)]
 
 
 class StageStats(ctypes.Structure):

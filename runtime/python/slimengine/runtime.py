@@ -12,6 +12,8 @@ import numpy as np
 from . import _native
 from ._native import GenerateStats, SlimTensor, StageStats, StepStats
 
+STEP_LEVELS = ("full", "cached_range", "reused")  # slim_step_level
+
 
 class SlimError(RuntimeError):
     """A runtime call failed; `status` is the C status name, the message is slim_last_error()."""
@@ -113,9 +115,10 @@ class Session:
 
     def generate(self, prompt_embeds, pooled_embeds, *, seed: int = 0, latents=None, negative_prompt_embeds=None,
                  negative_pooled_embeds=None, guidance_scale: float | None = None, height: int | None = None,
-                 width: int | None = None) -> GenerateResult:
+                 width: int | None = None, step_cache_threshold: float | None = None) -> GenerateResult:
         """Run the bundle's sampling program. `latents` (float32 [B,C,H,W]) replaces seeded noise; otherwise
-        height/width (latent pixels) default to the bundle's default size."""
+        height/width (latent pixels) default to the bundle's default size. `step_cache_threshold` overrides
+        the bundle's X-Slim step-level line (0 turns step reuse off)."""
         lib = _native.lib()
         cfg = self._engine.config
         args = {name: _as_float32(x, name) for name, x in [("prompt_embeds", prompt_embeds), ("pooled_embeds", pooled_embeds),
@@ -137,6 +140,8 @@ class Session:
         params.seed = seed
         if guidance_scale is not None:
             params.guidance_scale = guidance_scale
+        if step_cache_threshold is not None:
+            params.step_cache_threshold = step_cache_threshold
         out_arg = _TensorArg(out)
         stats = GenerateStats(struct_size=ctypes.sizeof(GenerateStats))
         _check(lib.slim_generate(self._handle, ctypes.byref(params), out_arg.pointer(), ctypes.byref(stats)))
@@ -149,7 +154,7 @@ class Session:
             st = StepStats(struct_size=ctypes.sizeof(StepStats))
             _check(lib.slim_session_step_stats(self._handle, i, ctypes.byref(st)))
             per_step.append({"sigma": st.sigma, "sigma_next": st.sigma_next, "blocks_run": st.blocks_run,
-                             "cached": bool(st.cached), "ms": st.ms})
+                             "level": STEP_LEVELS[st.level], "ms": st.ms})
         per_stage = {}
         for i, name in enumerate(self._engine.stage_names):
             st = StageStats(struct_size=ctypes.sizeof(StageStats))
