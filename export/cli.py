@@ -37,6 +37,8 @@ def main(argv=None) -> int:
     output = args.output or args.checkpoint.with_name(args.checkpoint.name.split(".")[0] + ".engine")
     if args.steps is not None and args.steps < 1:
         return _fail(f"--steps must be at least 1, got {args.steps}")
+    if args.shift is not None and not args.shift > 0:
+        return _fail(f"--shift must be positive, got {args.shift}")
     if output.exists() and not args.force:
         return _fail(f"{output} already exists (use --force to replace it)")
     # Heavy imports after argument checks, so --help and usage errors are instant.

@@ -99,7 +99,8 @@ def test_an_existing_bundle_is_replaced_only_with_force(tmp_path, distilled_chec
 def test_cli_rejects_bad_flags_with_usage_errors(tmp_path):
     ck = make_checkpoint(tmp_path / "c.pt", "--preset", "tiny")
     for flags, message in [(["--cache-blocks", "1-3"], "must lie within"), (["--steps", "0"], "at least 1"),
-                           (["--cache-blocks", "x"], "form A-B"), (["--precision", "fp8"], "invalid choice")]:
+                           (["--cache-blocks", "x"], "form A-B"), (["--precision", "fp8"], "invalid choice"),
+                           (["--shift", "0"], "must be positive"), (["--guidance-scale", "-1"], "negative")]:
         proc = run_cli("export-engine", str(ck), "-o", str(tmp_path / "o.engine"), *flags, check=False)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, (flags, proc.stderr)
         assert not (tmp_path / "o.engine").exists()
