@@ -108,7 +108,7 @@ def fit_compensation(model: DistilledSD3, pairs, steps: int, seed: int, progress
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="train-toy-sd3", description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--output", type=Path, required=True, help=".safetensors checkpoint to write")
-    parser.add_argument("--steps", type=int, default=2500, help="flow-matching steps (default 2500)")
+    parser.add_argument("--steps", type=int, default=4000, help="flow-matching steps (default 4000)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--compensation-steps", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
