@@ -23,7 +23,8 @@ TOY = Path(__file__).resolve().parents[1] / "models" / "toy-sd3.safetensors"
 
 
 def psnr(a, b) -> float:
-    return float(10 * np.log10(4.0 / np.mean((a - b) ** 2)))  # latents span [-1, 1]
+    mse = float(np.mean((a - b) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)  # latents span [-1, 1]
 
 
 def main() -> None:
