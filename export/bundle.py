@@ -43,8 +43,7 @@ def write_bundle(destination: Path, fill: Callable[[Path], dict], force: bool = 
         }
         with open(tmp / MANIFEST, "w") as handle:
             json.dump(manifest, handle, indent=1)
-            handle.flush()
-            os.fsync(handle.fileno())
+        _sync_tree(tmp)  # on disk before it becomes visible: a power loss cannot publish a torn bundle
         _publish(tmp, destination)
         return manifest
     except BaseException:
@@ -52,11 +51,31 @@ def write_bundle(destination: Path, fill: Callable[[Path], dict], force: bool = 
         raise
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(root: Path) -> None:
+    for path in [*root.rglob("*"), root]:
+        _fsync(path)
+
+
 def _publish(tmp: Path, destination: Path) -> None:
+    """Rename into place. Replacing an existing bundle takes two renames; if the second fails the old
+    bundle is put back, so the destination holds either the old or the new bundle."""
     if destination.exists():
         old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
         os.rename(destination, old)
-        os.rename(tmp, destination)
+        try:
+            os.rename(tmp, destination)
+        except BaseException:
+            os.rename(old, destination)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, destination)
+    _fsync(destination.parent)

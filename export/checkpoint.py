@@ -52,12 +52,21 @@ def load_checkpoint(path: str | Path, num_attention_heads: int | None = None) ->
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
     raw, metadata = _read_raw(path)
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: the slimengine metadata must be a JSON object, found {type(metadata).__name__}")
     state_dict = _normalise_keys(raw, path)
     heads = num_attention_heads or metadata.get("num_attention_heads")
-    config = infer_config(state_dict, path, heads)
-    if isinstance(metadata.get("sample_size"), int):  # the default resolution: not in the weights
-        config = dataclasses.replace(config, sample_size=metadata["sample_size"])
-    _check_against_model(state_dict, config, path)
+    if heads is not None and (not isinstance(heads, int) or heads < 1):
+        raise CheckpointError(f"{path}: the number of attention heads must be a positive integer, got {heads!r}")
+    try:
+        config = infer_config(state_dict, path, heads)
+        if isinstance(metadata.get("sample_size"), int):  # the default resolution: not in the weights
+            config = dataclasses.replace(config, sample_size=metadata["sample_size"])
+        _check_against_model(state_dict, config, path)
+    except CheckpointError:
+        raise
+    except Exception as e:  # weights of impossible shapes make diffusers or the inference fail: one line
+        raise CheckpointError(f"{path}: not a usable SD3 checkpoint ({type(e).__name__}: {_first_line(e)})") from None
     return Checkpoint(path=path, config=config, state_dict=state_dict, metadata=metadata, sha256=_hash_source(path))
 
 
@@ -184,10 +193,10 @@ def infer_config(state_dict: dict, path: Path, num_attention_heads: int | None =
     else:
         qk_norm = None
         head_dim = inner // num_attention_heads if num_attention_heads else DEFAULT_HEAD_DIM
-    if inner % head_dim:
+    if not head_dim or inner % head_dim:
         if norm_q is None and not num_attention_heads:
             raise CheckpointError(f"{path}: cannot tell the attention heads of width {inner} (no qk-norm weights, no metadata); pass --heads N")
-        raise CheckpointError(f"{path}: width {inner} is not a multiple of the head size {head_dim}")
+        raise CheckpointError(f"{path}: width {inner} cannot be split into {num_attention_heads or inner // head_dim} attention heads")
     caption_dim, joint_dim = shape("context_embedder.weight")
     return SD3Config(
         num_layers=len(block_ids),

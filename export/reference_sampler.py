@@ -65,7 +65,7 @@ def reference_generate(
         img, txt, temb = model.embed(x_in, t, pooled, text)
         stack_in = img
         ran = 0
-        reuse = cache is not None and cache.should_skip(step)
+        reuse = cache is not None and not plan.records_delta(step) and cache.should_skip(step)
         if reuse:  # X-Slim step level: the whole stack as its last residual
             img = img + cache.residual
             cache.skipped()

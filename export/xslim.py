@@ -4,7 +4,7 @@ When a step computes the whole block stack, its image-stream residual R = (stack
 input) is kept, and the relative L1 change of R against the previous computed step, divided by
 the steps between them, becomes the per-step change rate. A later step reuses the stack as
 h_out = h_in + R while the accumulated rate stays under the early-warning line `threshold`:
-    skip step s  <=>  s >= warmup_steps, s is not the last step, and acc + rate < threshold
+    skip step s  <=>  s >= warmup_steps, s is not the last step nor a 1.x record step, and acc + rate < threshold
 A skipped step adds the rate to acc; a computed step resets acc to 0. One decision covers the whole
 batch (CFG halves included); the change is measured in double precision over the batch. The C++
 runtime implements the same rule (runtime/src/sd3_program.cpp).

@@ -90,6 +90,10 @@ def _bad_files(tmp_path):
     cases["not-sd3.pt"] = "not an SD3 transformer checkpoint"
     torch.save([1, 2, 3], tmp_path / "a-list.pt")
     cases["a-list.pt"] = "expected a state dict"
+    save_file(state, str(tmp_path / "list-metadata.safetensors"), metadata={"slimengine": "[1, 2]"})
+    cases["list-metadata.safetensors"] = "must be a JSON object"
+    save_file(state, str(tmp_path / "too-many-heads.safetensors"), metadata={"slimengine": '{"num_attention_heads": 64}'})
+    cases["too-many-heads.safetensors"] = "cannot be split into 64 attention heads"
     (tmp_path / "weights.txt").write_text("hello")
     cases["weights.txt"] = "unknown checkpoint type"
     cases["does-not-exist.pt"] = "no such file"

@@ -163,6 +163,8 @@ def test_bad_tensors_at_the_c_boundary_get_clear_errors(distilled_bundle):
         (dict(struct_size=8), "SLIM_ERR_INVALID_ARGUMENT", "struct_size"),
         (dict(pooled_embeds=None), "SLIM_ERR_INVALID_ARGUMENT", "pooled_embeds is required"),
         (dict(latents=call.tensor(np.zeros((1, 16, 8, 10), np.float32))), "SLIM_ERR_SHAPE", "latents: shape [1,16,8,10]"),
+        (dict(prompt_embeds=call.tensor(text, shape=(1, 1 << 20, 48))), "SLIM_ERR_SHAPE", "text length <= 8192"),
+        (dict(prompt_embeds=call.tensor(text, shape=(1 << 31, 1 << 31, 48))), "SLIM_ERR_SHAPE", "too many elements"),
     ]
     for overrides, status, message in cases:
         got_status, got_message = call.generate(**overrides)
@@ -174,6 +176,18 @@ def test_bad_tensors_at_the_c_boundary_get_clear_errors(distilled_bundle):
     assert status == "SLIM_ERR_SHAPE" and "up to 32" in message
     # The session is untouched by rejected calls.
     assert call.generate() == ("SLIM_OK", "") and np.array_equal(call.out, good)
+
+
+def test_closing_an_engine_closes_its_sessions(distilled_bundle, distilled_checkpoint):
+    model, _ = reference_for(distilled_checkpoint)
+    text, pooled = random_inputs(model, batch=1, text_len=3, seed=0)
+    with se.open_engine(distilled_bundle) as engine:
+        session = engine.session()
+        session.generate(text, pooled)
+    with pytest.raises(se.SlimError, match="session is closed"):
+        session.generate(text, pooled)
+    with pytest.raises(se.SlimError, match="engine is closed"):
+        engine.session()
 
 
 def _open_error(path) -> se.SlimError:

@@ -42,7 +42,8 @@ void TokenChangeScore(const Tensor<float>& r_last, const Tensor<float>& r_prev, 
 
 void SelectTokens(const Tensor<float>& score, const Tensor<float>& ratio, Tensor<int64_t>& idx) {
     const auto shape = score.Shape();
-    if (shape.size() != 2 || ratio.NumberOfElement() != 1) fail("SelectTokens: score must be [B, N] and ratio a scalar");
+    if (shape.size() != 2 || shape[1] < 1 || ratio.NumberOfElement() != 1)
+        fail("SelectTokens: score must be [B, N] with N >= 1 and ratio a scalar");
     const float rho = ratio.Data()[0];
     if (!(rho > 0.0f && rho <= 1.0f)) fail("SelectTokens: ratio must be in (0, 1]");
     const int64_t keep = cpu::tokens_for_ratio(rho, shape[1]);

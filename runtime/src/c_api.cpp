@@ -28,6 +28,9 @@ namespace {
 
 thread_local std::string last_error;
 
+// Limits of the exported graphs' dynamic dimensions (export/onnx_export.py) and of one tensor.
+constexpr int64_t kMaxBatch = 4096, kMaxText = 8192, kMaxElements = int64_t(1) << 40;
+
 slim_status fail(slim_status status, const std::string& message) {
     last_error = message;
     return status;
@@ -81,6 +84,10 @@ std::vector<int64_t> check_tensor(const slim_tensor* t, const char* name, const 
     for (size_t i = 0; i < expected.size(); ++i)
         if (shape[i] <= 0 || (expected[i] >= 0 && shape[i] != expected[i]))
             throw Error(SLIM_ERR_SHAPE, std::string(name) + ": shape " + shape_text(*t) + ", expected " + expected_text);
+    int64_t total = 1;  // the element count must fit comfortably: no overflow in any size computed from it
+    for (int64_t d : shape)
+        if (__builtin_mul_overflow(total, d, &total) || total > kMaxElements)
+            throw Error(SLIM_ERR_SHAPE, std::string(name) + ": shape " + shape_text(*t) + " has too many elements");
     if (t->strides) {
         int64_t stride = 1;
         for (int i = t->ndim - 1; i >= 0; --i) {
@@ -212,6 +219,9 @@ slim_status slim_generate(slim_session* session, const slim_generate_params* par
 
         auto prompt = check_tensor(p.prompt_embeds, "prompt_embeds", {-1, -1, c.joint_attention_dim}, "[B,L," + J + "]");
         const int64_t B = prompt[0], L = prompt[1];
+        if (B > kMaxBatch || L > kMaxText)
+            throw Error(SLIM_ERR_SHAPE, "prompt_embeds: batch must be <= " + std::to_string(kMaxBatch) +
+                                            " and text length <= " + std::to_string(kMaxText) + ", got " + shape_text(*p.prompt_embeds));
         auto pooled = check_tensor(p.pooled_embeds, "pooled_embeds", {B, c.pooled_projection_dim}, "[" + std::to_string(B) + "," + P + "]");
         if (!std::isfinite(p.guidance_scale)) throw Error(SLIM_ERR_INVALID_ARGUMENT, "guidance_scale must be finite");
         if (!std::isfinite(p.step_cache_threshold)) throw Error(SLIM_ERR_INVALID_ARGUMENT, "step_cache_threshold must be finite");

@@ -1,5 +1,6 @@
 #include "json.hpp"
 
+#include <charconv>
 #include <cstdlib>
 #include <stdexcept>
 
@@ -115,11 +116,11 @@ class Parser {
         }
         if (consume("null")) return v;
         if (c == '-' || (c >= '0' && c <= '9')) {
-            const char* begin = s_.c_str() + pos_;
-            char* end = nullptr;
+            // from_chars, not strtod: a host application's LC_NUMERIC must not change what 0.5 means.
+            const char* begin = s_.data() + pos_;
             v.kind = Value::Kind::Number;
-            v.number = std::strtod(begin, &end);
-            if (end == begin) fail("bad number");
+            auto [end, ec] = std::from_chars(begin, s_.data() + s_.size(), v.number);
+            if (ec != std::errc() || end == begin) fail("bad number");
             pos_ += static_cast<size_t>(end - begin);
             return v;
         }

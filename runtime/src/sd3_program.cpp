@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <string>
 
 #include "error.hpp"
@@ -30,7 +31,8 @@ double relative_change(const std::vector<float>& a, const std::vector<float>& b,
         diff += std::fabs(static_cast<double>(a[i]) - b[i]);
         mag += std::fabs(static_cast<double>(b[i]));
     }
-    return mag > 0 ? diff / mag : 0.0;
+    // A zero residual has no relative change: infinity, so the step is computed (as 0/0 in xslim.py).
+    return mag > 0 ? diff / mag : std::numeric_limits<double>::infinity();
 }
 
 }  // namespace
@@ -123,8 +125,8 @@ GenerateStats Sd3Session::generate(const GenerateRequest& r) {
             {v_img[0].get(), v_txt[0].get(), v_temb.get()});
 
         int cur = 0, blocks_run = 0;
-        const bool reuse = step_cache && have_rate && static_cast<int>(step) >= r.step_cache_warmup && step + 1 != program.steps.size() &&
-                           accumulated + rate < r.step_cache_threshold;
+        const bool reuse = step_cache && have_rate && !plan.record_delta && static_cast<int>(step) >= r.step_cache_warmup &&
+                           step + 1 != program.steps.size() && accumulated + rate < r.step_cache_threshold;
         if (reuse) {  // the whole stack as its last residual
             add_into(img_[0], residual_, img_count);
             accumulated += rate;

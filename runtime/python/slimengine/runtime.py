@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import json
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -83,12 +84,20 @@ class Engine:
         self.manifest = json.loads(lib.slim_engine_manifest(handle).decode())
         self.config = self.manifest["config"]
         self.stage_names = [lib.slim_engine_stage_name(handle, i).decode() for i in range(lib.slim_engine_stage_count(handle))]
+        self._sessions = weakref.WeakSet()
 
     def session(self) -> Session:
-        return Session(self)
+        if not self._handle:
+            raise SlimError("SLIM_ERR_INVALID_ARGUMENT", "the engine is closed")
+        session = Session(self)
+        self._sessions.add(session)
+        return session
 
     def close(self) -> None:
+        """Free the engine; its sessions are closed first (the C engine must outlive them)."""
         if self._handle:
+            for session in list(self._sessions):
+                session.close()
             _native.lib().slim_engine_close(self._handle)
             self._handle = None
 
@@ -120,6 +129,8 @@ class Session:
         height/width (latent pixels) default to the bundle's default size. `step_cache_threshold` overrides
         the bundle's X-Slim step-level line (0 turns step reuse off)."""
         lib = _native.lib()
+        if not self._handle:
+            raise SlimError("SLIM_ERR_INVALID_ARGUMENT", "the session is closed (or its engine was closed)")
         cfg = self._engine.config
         args = {name: _as_float32(x, name) for name, x in [("prompt_embeds", prompt_embeds), ("pooled_embeds", pooled_embeds),
                 ("negative_prompt_embeds", negative_prompt_embeds), ("negative_pooled_embeds", negative_pooled_embeds),
