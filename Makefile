@@ -28,11 +28,11 @@ demo: setup
 
 lint: setup
 	$(VENV)/bin/ruff check export tools runtime/python tests benchmarks
-	$(VENV)/bin/clang-format --dry-run --Werror runtime/include/*.h runtime/src/*.cpp runtime/src/*.hpp runtime/examples/*.c kernels/*/*.cpp kernels/include/*.h
+	$(VENV)/bin/clang-format --dry-run --Werror runtime/include/*.h runtime/src/*.cpp runtime/src/*.hpp runtime/examples/*.c kernels/*/*.cpp kernels/cuda/*.cu kernels/include/*.h
 
 format: setup
 	$(VENV)/bin/ruff check --fix export tools runtime/python tests benchmarks
-	$(VENV)/bin/clang-format -i runtime/include/*.h runtime/src/*.cpp runtime/src/*.hpp runtime/examples/*.c kernels/*/*.cpp kernels/include/*.h
+	$(VENV)/bin/clang-format -i runtime/include/*.h runtime/src/*.cpp runtime/src/*.hpp runtime/examples/*.c kernels/*/*.cpp kernels/cuda/*.cu kernels/include/*.h
 
 test: lint
 	$(PY) -m pytest -q tests
