@@ -9,12 +9,16 @@ import shutil
 
 import onnx
 import pytest
+import torch
 
+import slimengine as se
 from slimengine.export.checkpoint import load_checkpoint
+from slimengine.export.reference_sampler import reference_generate
 from slimengine.export.sampling_plan import make_plan
 from slimengine.export.sd3_export import export_sd3
+from slimengine.noise import gaussian_noise
 
-from .conftest import make_checkpoint, run_cli
+from .conftest import make_checkpoint, random_inputs, reference_for, relative_error, run_cli
 
 
 def test_bundle_has_a_complete_manifest_and_checksums(distilled_bundle, distilled_checkpoint):
@@ -60,6 +64,14 @@ def test_reduced_precision_bundles_keep_float32_boundaries(tmp_path, distilled_c
     weights = [t for t in block.graph.initializer if len(t.dims) == 2 and t.dims[0] * t.dims[1] >= 32 * 32]
     assert weights and all(t.data_type == onnx_type for t in weights)
     assert all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for i in block.graph.input)
+    if precision == "fp16":  # ONNX Runtime's CPU provider runs fp16 graphs (not bf16 ones): check the result
+        model, plan = reference_for(distilled_checkpoint)
+        text, pooled = random_inputs(model, batch=1, text_len=4, seed=0)
+        got = se.open_engine(bundle).session().generate(text, pooled, seed=2, height=16, width=16).latents
+        ref = reference_generate(model, plan, torch.from_numpy(text), torch.from_numpy(pooled), torch.from_numpy(gaussian_noise(got.shape, 2)))
+        err = relative_error(got, ref.latents)
+        print(f"fp16 bundle vs fp32 PyTorch: relative error {err:.2e}")
+        assert err <= 1e-2
 
 
 def test_verify_runs_every_stage_in_onnx_runtime(distilled_bundle):
