@@ -1,6 +1,7 @@
 #include <cstdint>
 
 #include "slim_kernels_cuda.h"
+#include "slim_philox.h"
 
 namespace slim::kernels::cuda {
 namespace {
@@ -98,33 +99,14 @@ __global__ void subtract_kernel(float* dst, const float* a, const float* b, int6
     if (i < n) dst[i] = a[i] - b[i];
 }
 
-// runtime/src/noise.cpp, one Philox block (4 values) per thread.
+// One Philox block (4 values) per thread, as runtime/src/noise.cpp.
 __global__ void noise_kernel(float* out, int64_t count, uint64_t seed) {
     uint64_t block = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (static_cast<int64_t>(block * 4) >= count) return;
-    uint32_t c0 = static_cast<uint32_t>(block), c1 = static_cast<uint32_t>(block >> 32), c2 = 0, c3 = 0;
-    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-    for (int round = 0; round < 10; ++round) {
-        uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0, p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2;
-        uint32_t hi0 = static_cast<uint32_t>(p0 >> 32), lo0 = static_cast<uint32_t>(p0);
-        uint32_t hi1 = static_cast<uint32_t>(p1 >> 32), lo1 = static_cast<uint32_t>(p1);
-        c0 = hi1 ^ c1 ^ k0;
-        c1 = lo1;
-        c2 = hi0 ^ c3 ^ k1;
-        c3 = lo0;
-        k0 += 0x9E3779B9u;
-        k1 += 0xBB67AE85u;
-    }
-    const uint32_t w[4] = {c0, c1, c2, c3};
-    const double two_pi = 6.283185307179586476925286766559;
-    for (int pair = 0; pair < 2; ++pair) {
-        double u1 = (static_cast<double>(w[2 * pair]) + 1.0) / 4294967296.0;
-        double u2 = static_cast<double>(w[2 * pair + 1]) / 4294967296.0;
-        double radius = sqrt(-2.0 * log(u1));
-        int64_t i = static_cast<int64_t>(block * 4) + 2 * pair;
-        if (i < count) out[i] = static_cast<float>(radius * cos(two_pi * u2));
-        if (i + 1 < count) out[i + 1] = static_cast<float>(radius * sin(two_pi * u2));
-    }
+    double z[4];
+    philox_normal4(block, seed, z);
+    for (int lane = 0; lane < 4; ++lane)
+        if (static_cast<int64_t>(block * 4) + lane < count) out[block * 4 + lane] = static_cast<float>(z[lane]);
 }
 
 }  // namespace
