@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import CheckpointError, ExportError
+from .errors import CheckpointError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     try:
         export_sd3(checkpoint, plan, output, precision=args.precision, verify=args.verify, force=args.force,
                    progress=lambda name: (bar.set_postfix_str(name), bar.update()), report=lambda s: print(s, file=sys.stderr))
-    except (ExportError, ValueError, FileExistsError) as e:
+    except (ValueError, FileExistsError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
         return _fail(f"interrupted; {output} was not written", code=130)
