@@ -2,13 +2,15 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO := out/demo
-SOURCES := $(shell find runtime export tools kernels -type f -not -path '*/__pycache__/*' 2>/dev/null) pyproject.toml CMakeLists.txt
+C_SOURCES := runtime/include/*.h runtime/src/*.cpp runtime/src/*.hpp runtime/examples/*.c kernels/*/*.cpp kernels/cuda/*.cu kernels/include/*.h
+PY_SOURCES := export tools runtime/python tests benchmarks
+INSTALL_INPUTS := $(shell find runtime export tools kernels -type f -not -path '*/__pycache__/*' 2>/dev/null) pyproject.toml CMakeLists.txt
 
 .PHONY: demo test setup lint format
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: $(SOURCES)
+$(VENV)/.installed: $(INSTALL_INPUTS)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: the CPU build from local disk, never the multi-GB CUDA one.
@@ -27,12 +29,12 @@ demo: setup
 	$(PY) -m slimengine.tools.toy_demo $(DEMO)/toy-sd3.engine -o $(DEMO)/toy-shapes.png
 
 lint: setup
-	$(VENV)/bin/ruff check export tools runtime/python tests benchmarks
-	$(VENV)/bin/clang-format --dry-run --Werror runtime/include/*.h runtime/src/*.cpp runtime/src/*.hpp runtime/examples/*.c kernels/*/*.cpp kernels/cuda/*.cu kernels/include/*.h
+	$(VENV)/bin/ruff check $(PY_SOURCES)
+	$(VENV)/bin/clang-format --dry-run --Werror $(C_SOURCES)
 
 format: setup
-	$(VENV)/bin/ruff check --fix export tools runtime/python tests benchmarks
-	$(VENV)/bin/clang-format -i runtime/include/*.h runtime/src/*.cpp runtime/src/*.hpp runtime/examples/*.c kernels/*/*.cpp kernels/cuda/*.cu kernels/include/*.h
+	$(VENV)/bin/ruff check --fix $(PY_SOURCES)
+	$(VENV)/bin/clang-format -i $(C_SOURCES)
 
 test: lint
 	$(PY) -m pytest -q tests

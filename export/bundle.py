@@ -19,12 +19,18 @@ BUNDLE_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 
-def sha256_file(path: Path) -> str:
+def sha256_files(paths: list[Path]) -> str:
+    """One sha256 over the bytes of `paths`, in order."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
+    for path in paths:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 22):
+                digest.update(chunk)
     return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    return sha256_files([path])
 
 
 def write_bundle(destination: Path, fill: Callable[[Path], dict], force: bool = False) -> dict:

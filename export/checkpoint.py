@@ -10,13 +10,13 @@ entry of a `.pt` dict, a JSON string in safetensors metadata, or `slimengine.jso
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 from pathlib import Path
 
 import torch
 
+from .bundle import sha256_files
 from .errors import CheckpointError
 from .sd3_model import DistilledSD3, SD3Config
 
@@ -241,10 +241,5 @@ def _strip(keys):
 
 
 def _hash_source(path: Path) -> str:
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        with open(f, "rb") as handle:
-            while chunk := handle.read(1 << 22):
-                digest.update(chunk)
-    return digest.hexdigest()
+    """sha256 of the checkpoint file, or of every file of a folder in path order."""
+    return sha256_files(sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])

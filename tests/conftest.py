@@ -6,6 +6,7 @@ that changes a bundle works on its own copy.
 
 from __future__ import annotations
 
+import ctypes
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from slimengine import _native
 from slimengine.export.checkpoint import load_checkpoint
 from slimengine.export.sampling_plan import make_plan
 from slimengine.tools.make_sd3_checkpoint import main as make_checkpoint_main
@@ -117,3 +119,33 @@ def bundle_copy(tmp_path, distilled_bundle) -> Path:
 @pytest.fixture(autouse=True)
 def _torch_threads():
     torch.set_num_threads(2)
+
+
+class CApiCall:
+    """slim_generate called through raw ctypes, so that nothing in Python pre-validates its arguments."""
+
+    def __init__(self, engine):
+        self.lib = _native.lib()
+        self.session = engine.session()
+        c = engine.config
+        self.text = np.zeros((1, 4, c["joint_attention_dim"]), np.float32)
+        self.pooled = np.zeros((1, c["pooled_projection_dim"]), np.float32)
+        self.out = np.zeros((1, c["out_channels"], 8, 8), np.float32)
+        self.keep = []
+
+    def tensor(self, arr, dtype=0, device=1, shape=None):
+        shape = arr.shape if shape is None else shape
+        dims = (ctypes.c_int64 * len(shape))(*shape)
+        t = _native.SlimTensor(arr.ctypes.data, dtype, device, 0, len(shape), dims, None)
+        self.keep += [arr, dims, t]
+        return ctypes.pointer(t)
+
+    def generate(self, params=None, out=None, **overrides):
+        p = params or self.lib.slim_generate_default_params()
+        if params is None:
+            p.prompt_embeds = self.tensor(self.text)
+            p.pooled_embeds = self.tensor(self.pooled)
+        for k, v in overrides.items():
+            setattr(p, k, v)
+        code = self.lib.slim_generate(self.session._handle, ctypes.byref(p), out or self.tensor(self.out), None)
+        return self.lib.slim_status_name(code).decode(), self.lib.slim_last_error().decode()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import threading
 
@@ -11,11 +10,10 @@ import pytest
 import torch
 
 import slimengine as se
-from slimengine import _native
 from slimengine.export.reference_sampler import reference_generate
 from slimengine.noise import gaussian_noise
 
-from .conftest import export, make_checkpoint, random_inputs, reference_for, relative_error
+from .conftest import CApiCall, export, make_checkpoint, random_inputs, reference_for, relative_error
 
 TOLERANCE = 1e-4  # fp32 relative error, runtime vs PyTorch
 
@@ -115,38 +113,8 @@ def test_eight_threads_with_their_own_sessions_are_bit_identical(distilled_bundl
 # ---- the C boundary, called through raw ctypes so that nothing in Python pre-validates ----
 
 
-class _Call:
-    """Builds slim_generate arguments by hand."""
-
-    def __init__(self, engine):
-        self.lib = _native.lib()
-        self.session = engine.session()
-        c = engine.config
-        self.text = np.zeros((1, 4, c["joint_attention_dim"]), np.float32)
-        self.pooled = np.zeros((1, c["pooled_projection_dim"]), np.float32)
-        self.out = np.zeros((1, c["out_channels"], 8, 8), np.float32)
-        self.keep = []
-
-    def tensor(self, arr, dtype=0, device=1, shape=None):
-        shape = arr.shape if shape is None else shape
-        dims = (ctypes.c_int64 * len(shape))(*shape)
-        t = _native.SlimTensor(arr.ctypes.data, dtype, device, 0, len(shape), dims, None)
-        self.keep += [arr, dims, t]
-        return ctypes.pointer(t)
-
-    def generate(self, params=None, out=None, **overrides):
-        p = params or self.lib.slim_generate_default_params()
-        if params is None:
-            p.prompt_embeds = self.tensor(self.text)
-            p.pooled_embeds = self.tensor(self.pooled)
-        for k, v in overrides.items():
-            setattr(p, k, v)
-        code = self.lib.slim_generate(self.session._handle, ctypes.byref(p), out or self.tensor(self.out), None)
-        return self.lib.slim_status_name(code).decode(), self.lib.slim_last_error().decode()
-
-
 def test_bad_tensors_at_the_c_boundary_get_clear_errors(distilled_bundle):
-    call = _Call(se.open_engine(distilled_bundle))
+    call = CApiCall(se.open_engine(distilled_bundle))
     assert call.generate() == ("SLIM_OK", "")
     good = call.out.copy()
     text = call.text

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 
 import numpy as np
@@ -10,7 +9,6 @@ import pytest
 import torch
 
 import slimengine as se
-from slimengine import _native
 from slimengine.export.checkpoint import load_checkpoint
 from slimengine.export.reference_sampler import reference_generate
 from slimengine.export.sampling_plan import make_plan
@@ -19,7 +17,7 @@ from slimengine.noise import gaussian_noise
 from slimengine.tools import toy_shapes
 from slimengine.tools.toy_demo import class_grid
 
-from .conftest import TOY_CHECKPOINT, relative_error, run_cli
+from .conftest import TOY_CHECKPOINT, CApiCall, relative_error, run_cli
 
 
 def psnr(a, b) -> float:
@@ -82,21 +80,8 @@ def test_cache_specs_are_parsed_or_rejected_clearly(tmp_path):
 
 
 def test_bad_step_cache_values_are_refused(toy_bundles, bundle_copy):
-    engine = se.open_engine(toy_bundles["1x"])
-    lib, session = _native.lib(), engine.session()
-    text, pooled = (np.ascontiguousarray(a) for a in toy_shapes.prompt_embeds(0, 0))
-    out = np.zeros((1, 12, 16, 16), np.float32)
-    keep = []
-
-    def tensor(a):
-        dims = (ctypes.c_int64 * a.ndim)(*a.shape)
-        keep.append(dims)
-        return ctypes.pointer(_native.SlimTensor(a.ctypes.data, 0, 1, 0, a.ndim, dims, None))
-
-    params = lib.slim_generate_default_params()
-    params.prompt_embeds, params.pooled_embeds, params.step_cache_threshold = tensor(text), tensor(pooled), float("nan")
-    code = lib.slim_generate(session._handle, ctypes.byref(params), tensor(out), None)
-    assert lib.slim_status_name(code) == b"SLIM_ERR_INVALID_ARGUMENT" and b"step_cache_threshold" in lib.slim_last_error()
+    status, message = CApiCall(se.open_engine(toy_bundles["1x"])).generate(step_cache_threshold=float("nan"))
+    assert status == "SLIM_ERR_INVALID_ARGUMENT" and "step_cache_threshold" in message
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
     manifest["program"]["step_cache"] = {"threshold": -1, "warmup_steps": 2}
     (bundle_copy / "manifest.json").write_text(json.dumps(manifest))

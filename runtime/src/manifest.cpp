@@ -40,18 +40,24 @@ std::string string_field(const Value& obj, const std::string& key, const std::st
     return v.string;
 }
 
-double number_field(const Value& obj, const std::string& key, const std::string& where) {
-    const Value& v = field(obj, key, where);
-    if (v.kind != Value::Kind::Number || !std::isfinite(v.number)) bad(where + "." + key, "must be a finite number");
+double as_number(const Value& v, const std::string& where) {
+    if (v.kind != Value::Kind::Number || !std::isfinite(v.number)) bad(where, "must be a finite number");
     return v.number;
 }
 
-int int_field(const Value& obj, const std::string& key, const std::string& where, int min, int max) {
-    double d = number_field(obj, key, where);
+int as_int(const Value& v, const std::string& where, int min, int max) {
+    double d = as_number(v, where);
     if (d != std::floor(d) || d < min || d > max)
-        bad(where + "." + key,
-            "must be an integer in [" + std::to_string(min) + ", " + std::to_string(max) + "], got " + std::to_string(d));
+        bad(where, "must be an integer in [" + std::to_string(min) + ", " + std::to_string(max) + "], got " + std::to_string(d));
     return static_cast<int>(d);
+}
+
+double number_field(const Value& obj, const std::string& key, const std::string& where) {
+    return as_number(field(obj, key, where), where + "." + key);
+}
+
+int int_field(const Value& obj, const std::string& key, const std::string& where, int min, int max) {
+    return as_int(field(obj, key, where), where + "." + key, min, max);
 }
 
 bool bool_field(const Value& obj, const std::string& key, const std::string& where) {
@@ -61,11 +67,14 @@ bool bool_field(const Value& obj, const std::string& key, const std::string& whe
 }
 
 // A bundle-relative path that cannot escape the bundle.
-std::string relative_path(const Value& obj, const std::string& key, const std::string& where) {
-    std::string p = string_field(obj, key, where);
+const std::string& check_inside_bundle(const std::string& p, const std::string& where) {
     if (p.empty() || p[0] == '/' || p.find("..") != std::string::npos || p.find('\\') != std::string::npos)
-        bad(where + "." + key, "must be a path inside the bundle, got '" + p + "'");
+        bad(where, "must be a path inside the bundle, got '" + p + "'");
     return p;
+}
+
+std::string relative_path(const Value& obj, const std::string& key, const std::string& where) {
+    return check_inside_bundle(string_field(obj, key, where), where + "." + key);
 }
 
 Sd3Config parse_config(const Value& root) {
@@ -111,11 +120,8 @@ Program parse_program(const Value& root, const Sd3Config& cfg) {
     const Value& range = field(p, "cache_blocks", w);
     if (!range.is_null()) {
         if (range.kind != Value::Kind::Array || range.array.size() != 2) bad("program.cache_blocks", "must be null or [first, last]");
-        Value pair;
-        pair.kind = Value::Kind::Object;
-        pair.object = {{"first", range.array[0]}, {"last", range.array[1]}};
-        prog.cache_first = int_field(pair, "first", "program.cache_blocks", 0, cfg.num_layers - 2);
-        prog.cache_last = int_field(pair, "last", "program.cache_blocks", prog.cache_first, cfg.num_layers - 2);
+        prog.cache_first = as_int(range.array[0], "program.cache_blocks.first", 0, cfg.num_layers - 2);
+        prog.cache_last = as_int(range.array[1], "program.cache_blocks.last", prog.cache_first, cfg.num_layers - 2);
         const Value& comp = field(p, "compensation", w);
         if (comp.kind == Value::Kind::String && comp.string == "mlp")
             prog.compensation = Compensation::Mlp;
@@ -181,10 +187,7 @@ Manifest load_manifest(const std::string& bundle_dir) {
 
     const Value& files = object_field(root, "files", "");
     for (const auto& [file, digest] : files.object) {
-        Value holder;
-        holder.kind = Value::Kind::Object;
-        holder.object = {{"path", Value{Value::Kind::String, false, 0, file, {}, {}}}};
-        relative_path(holder, "path", "files");
+        check_inside_bundle(file, "files");
         if (digest.kind != Value::Kind::String || digest.string.size() != 64) bad("files['" + file + "']", "must be a sha256 hex digest");
         m.files.emplace_back(file, digest.string);
     }
