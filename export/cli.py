@@ -22,8 +22,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="sampling steps (default: metadata, else 2 for 1.x-Distill, 28 for plain SD3)")
     parser.add_argument("--shift", type=float, help="sigma shift (default: metadata, else 3.0)")
     parser.add_argument("--cache-blocks", help="joint blocks skipped after step 1, e.g. 2-7, or 'none' for a plain plan (default: metadata)")
-    parser.add_argument("--cache", help="default X-Slim policy: none, or xslim:step=T[,warmup=K] for step-level reuse "
-                        "while the accumulated relative change of the stack residual stays under T (default none)")
+    parser.add_argument("--cache", help="default X-Slim policy (docs/xslim.md): none (default); xslim:step=T[,critical=C]"
+                        "[,refresh=block|token][,ratio=R][,block=B][,first=F][,warmup=K] for the online dual-threshold "
+                        "controller (skip steps below T, refresh blocks or tokens below C, full step above); or "
+                        "xslim:schedule=FILE.json[,mode=NAME] for an offline schedule (X-Slim's strategy fields accepted)")
+    parser.add_argument("--token-stages", action="store_true",
+                        help="add the X-Slim token-level stages (block_N_tokens) so requests may use the token level; "
+                        "implied by a --cache that uses it")
     parser.add_argument("--guidance-scale", type=float, help="default CFG scale (default: 1.0 for 1.x, 7.0 for plain SD3)")
     parser.add_argument("--heads", type=int, help="attention heads, when the weights cannot tell (no qk-norm, no metadata)")
     parser.add_argument("--verify", action="store_true", help="run every stage in ONNX Runtime against PyTorch")
@@ -46,7 +51,7 @@ def main(argv=None) -> int:
 
     from .checkpoint import load_checkpoint
     from .sampling_plan import make_plan
-    from .sd3_export import export_sd3
+    from .sd3_export import export_sd3, needs_token_stages
 
     start = time.perf_counter()
     try:
@@ -61,10 +66,13 @@ def main(argv=None) -> int:
     kind = ("1.x-Distill student, " if checkpoint.has_compensation else "plain SD3, ") + kind
     print(f"{args.checkpoint}: {c.num_layers} blocks, {c.num_attention_heads}x{c.attention_head_dim} heads, {kind}; "
           f"{plan.steps} steps, effective NFE {plan.effective_nfe(c.num_layers):.2f}", file=sys.stderr)
+    token_stages = args.token_stages or needs_token_stages(plan)
     stages = c.num_layers + 2 + checkpoint.has_compensation
+    if token_stages:
+        stages += c.num_layers - len(c.dual_attention_layers)
     bar = tqdm(total=stages, desc="export", unit="stage", disable=args.quiet, file=sys.stderr)
     try:
-        export_sd3(checkpoint, plan, output, precision=args.precision, verify=args.verify, force=args.force,
+        export_sd3(checkpoint, plan, output, precision=args.precision, verify=args.verify, force=args.force, token_stages=token_stages,
                    progress=lambda name: (bar.set_postfix_str(name), bar.update()), report=lambda s: print(s, file=sys.stderr))
     except (ValueError, FileExistsError) as e:
         return _fail(str(e))

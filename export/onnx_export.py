@@ -31,9 +31,10 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 class TensorSpec:
     name: str
     shape: tuple  # ints, or strings for dynamic dimensions
+    dtype: str = "float32"  # or "int64" (token indices)
 
     def to_json(self) -> dict:
-        return {"name": self.name, "dtype": "float32", "shape": list(self.shape)}
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +52,11 @@ class StageSpec:
                 "outputs": [t.to_json() for t in self.outputs]}
 
 
-def stage_specs(model: DistilledSD3) -> list[StageSpec]:
+def stage_specs(model: DistilledSD3, token_stages: bool = False) -> list[StageSpec]:
+    """Every stage of the bundle. With `token_stages` (X-Slim token level), block_N also outputs its image
+    keys/values and each block without dual attention gets a block_N_tokens stage."""
+    from .token_block import kv_stage_spec, token_stage_spec
+
     c = model.config
     d, dc = c.inner_dim, c.caption_projection_dim
     img, txt, temb = TensorSpec("img", ("batch", "tokens", d)), TensorSpec("txt", ("batch", "text", dc)), TensorSpec("temb", ("batch", d))
@@ -61,7 +66,12 @@ def stage_specs(model: DistilledSD3) -> list[StageSpec]:
     for i in range(c.num_layers):
         last = i == c.num_layers - 1
         outs = (TensorSpec("img_out", img.shape),) if last else (TensorSpec("img_out", img.shape), TensorSpec("txt_out", txt.shape))
-        specs.append(StageSpec(f"block_{i}", (img, txt, temb), outs))
+        if token_stages:
+            specs.append(dataclasses.replace(kv_stage_spec(model, i), name=f"block_{i}"))
+        else:
+            specs.append(StageSpec(f"block_{i}", (img, txt, temb), outs))
+    if token_stages:
+        specs += [token_stage_spec(model, i) for i in range(c.num_layers) if i not in c.dual_attention_layers]
     if model.has_compensation:
         specs.append(StageSpec("compensate", (TensorSpec("delta_img", img.shape), TensorSpec("delta_txt", txt.shape)),
                                (TensorSpec("comp_img", img.shape), TensorSpec("comp_txt", txt.shape))))
@@ -148,14 +158,38 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def stage_module(model: DistilledSD3, name: str, dtype) -> nn.Module:
-    if name == "embed":
+def block_index(name: str) -> int:
+    """block_7 and block_7_tokens -> 7."""
+    return int(name.split("_")[1])
+
+
+def stage_module(model: DistilledSD3, spec: StageSpec, dtype, block: nn.Module | None = None) -> nn.Module:
+    """The module a stage traces; `block` replaces the model's joint block (BlockGraphs' templates)."""
+    from .token_block import KVBlockStage, TokenBlockStage
+
+    if spec.name == "embed":
         return EmbedStage(model, dtype)
-    if name == "compensate":
+    if spec.name == "compensate":
         return CompensateStage(model, dtype)
-    if name == "final":
+    if spec.name == "final":
         return FinalStage(model, dtype)
-    return BlockStage(model.transformer.transformer_blocks[int(name.split("_")[1])], dtype)
+    block = block if block is not None else model.transformer.transformer_blocks[block_index(spec.name)]
+    if spec.name.endswith("_tokens"):
+        return TokenBlockStage(block, dtype)
+    if any(t.name == "img_k" for t in spec.outputs):
+        return KVBlockStage(block, dtype)
+    return BlockStage(block, dtype)
+
+
+def stage_example_inputs(model: DistilledSD3, specs: list[StageSpec], **sizes) -> dict[str, tuple]:
+    """Float32 example inputs of every stage in `specs` (sizes as example_inputs takes them)."""
+    from .token_block import token_example_inputs
+
+    args = {k: tuple(t.float() for t in v) for k, v in example_inputs(model, **sizes).items()}
+    for spec in specs:
+        if spec.name.endswith("_tokens"):
+            args[spec.name] = token_example_inputs(model, block_index(spec.name), model_dtype(model), **sizes)
+    return args
 
 
 def _dynamic_shapes(spec: StageSpec, patch: int, max_patches: int):
@@ -163,6 +197,7 @@ def _dynamic_shapes(spec: StageSpec, patch: int, max_patches: int):
         "batch": torch.export.Dim("batch", min=1, max=4096),
         "text": torch.export.Dim("text", min=1, max=8192),
         "tokens": torch.export.Dim("tokens", min=1, max=max_patches * max_patches),
+        "selected": torch.export.Dim("selected", min=1, max=max_patches * max_patches),  # token stages' recomputed tokens
     }
     h = torch.export.Dim("height_patches", min=1, max=max_patches)
     w = torch.export.Dim("width_patches", min=1, max=max_patches)
@@ -171,12 +206,14 @@ def _dynamic_shapes(spec: StageSpec, patch: int, max_patches: int):
 
 
 def trace_stage(module: nn.Module, spec: StageSpec, args: tuple, patch: int, max_patches: int):
-    """torch.export + ONNX lowering of one stage; returns the ONNXProgram."""
+    """torch.export + ONNX lowering of one stage (the token ops lowered to ai.slimengine); returns the ONNXProgram."""
+    from .token_block import ONNX_TRANSLATIONS
+
     with warnings.catch_warnings(), _quiet_logs():
         warnings.simplefilter("ignore")
         return torch.onnx.export(
             module, args, dynamo=True, opset_version=OPSET, verbose=False,
-            dynamic_shapes=_dynamic_shapes(spec, patch, max_patches),
+            dynamic_shapes=_dynamic_shapes(spec, patch, max_patches), custom_translation_table=ONNX_TRANSLATIONS,
             input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
         )
 
@@ -208,18 +245,17 @@ class BlockGraphs:
     folded a transpose into a new constant (MatMul weights). A graph with any initializer that
     cannot be bound is not reused."""
 
-    def __init__(self, model: DistilledSD3, dtype: torch.dtype, spec_of, args_of):
-        self.model, self.dtype, self.spec_of, self.args_of = model, dtype, spec_of, args_of
-        self.templates = {}  # kind -> (ONNXProgram, {initializer: (parameter, transposed)}) or None
+    def __init__(self, model: DistilledSD3, dtype: torch.dtype, args_of):
+        self.model, self.dtype, self.args_of = model, dtype, args_of
+        self.templates = {}  # (block kind, stage kind) -> (ONNXProgram, {initializer: (parameter, transposed)}) or None
 
-    def _trace_template(self, index: int):
-        scrambled = copy.deepcopy(self.model.transformer.transformer_blocks[index])
+    def _trace_template(self, spec: StageSpec):
+        scrambled = copy.deepcopy(self.model.transformer.transformer_blocks[block_index(spec.name)])
         with torch.no_grad():
             g = torch.Generator().manual_seed(1234)
             for p in scrambled.parameters():
                 p.copy_((torch.randn(p.shape, generator=g) * 0.02 + 1.0).to(p.dtype))
-        name = f"block_{index}"
-        program = trace_stage(BlockStage(scrambled, self.dtype), self.spec_of(name), self.args_of(name),
+        program = trace_stage(stage_module(self.model, spec, self.dtype, block=scrambled), spec, self.args_of(spec.name),
                               self.model.config.patch_size, self.model.config.pos_embed_max_size)
         params = {f"block.{k}": v.detach().cpu().float() for k, v in scrambled.state_dict().items()}
         candidates = [(n, False, v) for n, v in params.items()] + [(n, True, v.t()) for n, v in params.items() if v.ndim == 2]
@@ -229,9 +265,10 @@ class BlockGraphs:
                 bindings[iname] = (iname, False)
                 continue
             value = torch.from_numpy(np.asarray(init.const_value.numpy(), dtype=np.float32))
-            if value.numel() <= 64:  # shape constants and scalars, not weights
-                continue
             match = next(((n, t) for n, t, c in candidates if c.shape == value.shape and torch.equal(c, value)), None)
+            # Shape constants, scalars and uniform fills (LayerNorm without affine): never a scrambled weight.
+            if match is None and (value.numel() <= 64 or bool((value == value.flatten()[0]).all())):
+                continue
             if match is None:
                 return None
             bindings[iname] = match
@@ -239,10 +276,11 @@ class BlockGraphs:
             return None
         return program, bindings
 
-    def graph_for(self, index: int):
-        kind = _block_kind(self.model, index)
+    def graph_for(self, spec: StageSpec):
+        index = block_index(spec.name)
+        kind = (_block_kind(self.model, index), spec.name.endswith("_tokens"), len(spec.outputs))
         if kind not in self.templates:
-            self.templates[kind] = self._trace_template(index)
+            self.templates[kind] = self._trace_template(spec)
         if self.templates[kind] is None:
             return None
         program, bindings = self.templates[kind]
@@ -263,21 +301,20 @@ def _to_numpy(tensor: torch.Tensor):
     return tensor.numpy()
 
 
-def export_stages(model: DistilledSD3, directory: Path, precision: str, progress=None) -> list[StageSpec]:
+def export_stages(model: DistilledSD3, directory: Path, precision: str, progress=None, token_stages: bool = False) -> list[StageSpec]:
     """Write every stage of `model` as stages/NAME.onnx (+ NAME.onnx.data) under `directory`."""
     dtype = DTYPES[precision]
     model = model.to(dtype)
-    specs = stage_specs(model)
-    by_name = {s.name: s for s in specs}
-    args = {k: tuple(t.float() for t in v) for k, v in example_inputs(model).items()}
-    blocks = BlockGraphs(model, dtype, by_name.__getitem__, args.__getitem__)
+    specs = stage_specs(model, token_stages)
+    args = stage_example_inputs(model, specs)
+    blocks = BlockGraphs(model, dtype, args.__getitem__)
     (directory / "stages").mkdir(parents=True, exist_ok=True)
     for spec in specs:
         program = None
         if spec.name.startswith("block_"):
-            program = blocks.graph_for(int(spec.name.split("_")[1]))
+            program = blocks.graph_for(spec)
         if program is None:
-            program = trace_stage(stage_module(model, spec.name, dtype), spec, args[spec.name],
+            program = trace_stage(stage_module(model, spec, dtype), spec, args[spec.name],
                                   model.config.patch_size, model.config.pos_embed_max_size)
         program.save(directory / spec.file, external_data=True)
         if progress is not None:
@@ -291,13 +328,17 @@ def verify_stages(model: DistilledSD3, directory: Path, specs: list[StageSpec], 
 
     dtype = DTYPES[precision]
     model = model.to(dtype)
-    args = example_inputs(model, batch=3, height=5, width=7, text=9, seed=1)
+    args = stage_example_inputs(model, specs, batch=3, height=5, width=7, text=9, seed=1)
     errors = {}
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if any(t.dtype == "int64" for s in specs for t in s.inputs):
+        from slimengine._native import ops_library_path
+
+        options.register_custom_ops_library(str(ops_library_path()))
     for spec in specs:
-        module = stage_module(model, spec.name, dtype)
-        inputs = tuple(t.float() for t in args[spec.name])
+        module = stage_module(model, spec, dtype)
+        inputs = args[spec.name]
         with torch.no_grad():
             expected = module(*inputs)
         session = ort.InferenceSession(str(directory / spec.file), options, providers=["CPUExecutionProvider"])

@@ -14,7 +14,7 @@ import dataclasses
 
 import numpy as np
 
-from .xslim import StepCachePolicy, parse_cache_spec
+from .xslim import XSlimPolicy, parse_cache_spec
 
 TEACHER_TRAIN_STEPS = 1000
 
@@ -25,7 +25,7 @@ class SamplingPlan:
     guidance_scale: float
     cache_blocks: tuple[int, int] | None = None  # inclusive range of joint blocks skipped after step 0
     compensation: str | None = None  # "mlp" | "identity" | None
-    step_cache: StepCachePolicy | None = None  # X-Slim step-level reuse, decided at run time
+    cache: XSlimPolicy | None = None  # X-Slim policy, decided at run time
 
     @property
     def steps(self) -> int:
@@ -65,8 +65,8 @@ class SamplingPlan:
                 raise ValueError("a cached range needs compensation 'mlp' or 'identity'")
             if self.compensation == "mlp" and not has_compensation_mlp:
                 raise ValueError("compensation 'mlp' needs delta_pred_* weights in the checkpoint")
-        if self.step_cache is not None:
-            self.step_cache.validate()
+        if self.cache is not None:
+            self.cache.validate(self.steps)
 
     def to_manifest(self, num_layers: int) -> dict:
         steps = []
@@ -86,8 +86,8 @@ class SamplingPlan:
             "guidance_scale": self.guidance_scale,
             "cache_blocks": list(self.cache_blocks) if self.cache_blocks else None,
             "compensation": self.compensation,
-            "effective_nfe": self.effective_nfe(num_layers),  # before any run-time step reuse
-            "step_cache": self.step_cache.to_manifest() if self.step_cache else None,
+            "effective_nfe": self.effective_nfe(num_layers),  # before any run-time X-Slim reuse
+            "cache": self.cache.to_manifest() if self.cache else None,
             "steps": steps,
         }
 
@@ -148,7 +148,7 @@ def make_plan(
     cached range from metadata (blocks 2-7 by default when the model is deep enough). Without them it
     is a plain SD3 model: 28 steps, shift 3, CFG 7.0, unless --cache-blocks asks for Δ reuse.
     cache_blocks="none" asks for that plain plan whatever the checkpoint. `cache` ("none" or
-    "xslim:step=T[,warmup=K]") sets the default X-Slim step-level policy.
+    "xslim:...", xslim.SPEC_HELP) sets the default X-Slim policy.
     """
     meta = dict((metadata or {}).get("sampling", {}))
     distilled = has_compensation_mlp
@@ -178,7 +178,7 @@ def make_plan(
         guidance_scale=float(guidance_scale),
         cache_blocks=cache_blocks,
         compensation=("mlp" if distilled else "identity") if cache_blocks else None,
-        step_cache=parse_cache_spec(cache or meta.get("cache") or "none"),
+        cache=parse_cache_spec(cache or meta.get("cache") or "none", steps),
     )
     plan.validate(num_layers, has_compensation_mlp)
     return plan

@@ -13,6 +13,11 @@ from .onnx_export import DTYPES, OPSET, export_stages, verify_stages
 from .sampling_plan import SamplingPlan
 
 EXPORTER_VERSION = "0.1.0"
+CUSTOM_OP_LIBRARY = "libslimengine_ops.so"  # the runtime's own "ai.slimengine" ops, found beside libslimengine.so
+
+
+def needs_token_stages(plan: SamplingPlan) -> bool:
+    return plan.cache is not None and "token" in plan.cache.uses
 
 
 def export_sd3(
@@ -24,13 +29,16 @@ def export_sd3(
     force: bool = False,
     progress=None,
     report=print,
+    token_stages: bool = False,
 ) -> dict:
-    """Write the bundle for `checkpoint` with `plan`; with `verify`, check every stage in ONNX Runtime."""
+    """Write the bundle for `checkpoint` with `plan`; with `verify`, check every stage in ONNX Runtime.
+    `token_stages` adds the X-Slim token-level stages (always when the plan's policy uses that level)."""
     model = checkpoint.build_model(DTYPES[precision])  # no float32 copy of a half-precision model
     plan.validate(model.num_layers, model.has_compensation)
+    token_stages = token_stages or needs_token_stages(plan)
 
     def fill(tmp: Path) -> dict:
-        specs = export_stages(model, tmp, precision, progress=progress)
+        specs = export_stages(model, tmp, precision, progress=progress, token_stages=token_stages)
         if verify:
             errors = verify_stages(model, tmp, specs, precision)
             for name, err in errors.items():
@@ -48,7 +56,7 @@ def export_sd3(
                        "default_latent_size": min(config.sample_size, config.pos_embed_max_size * config.patch_size)},
             "stages": [s.to_json() for s in specs],
             "program": plan.to_manifest(model.num_layers),
-            "custom_op_library": None,
+            "custom_op_library": CUSTOM_OP_LIBRARY if token_stages else None,
         }
 
     return write_bundle(destination, fill, force=force)

@@ -28,16 +28,13 @@ Dual-attention blocks (SD3.5's attn2) are not supported.
 
 from __future__ import annotations
 
-import dataclasses
-import warnings
-
 import onnxscript
 import torch
 import torch.nn.functional as F
 from onnx.defs import OpSchema
 from torch import nn
 
-from .onnx_export import OPSET, StageSpec, TensorSpec, _quiet_logs, _Stage, example_inputs, trace_stage
+from .onnx_export import StageSpec, TensorSpec, _Stage, example_inputs, trace_stage
 from .sd3_model import DistilledSD3
 
 DOMAIN = "ai.slimengine"
@@ -229,14 +226,6 @@ class TokenBlockStage(_JointBlockStage):
 # --- Specs, example inputs and tracing ----------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class IndexSpec(TensorSpec):
-    """An int64 stage input (onnx_export.TensorSpec describes float32 tensors only)."""
-
-    def to_json(self) -> dict:
-        return {**super().to_json(), "dtype": "int64"}
-
-
 def _block_io(model: DistilledSD3, index: int):
     c = model.config
     img = TensorSpec("img", ("batch", "tokens", c.inner_dim))
@@ -258,7 +247,7 @@ def token_stage_spec(model: DistilledSD3, index: int) -> StageSpec:
     """block_{index}_tokens: (img, txt, temb, token_index, k_cache, v_cache, residual_cache) -> (img_out, [txt_out])."""
     img, txt, temb, outs = _block_io(model, index)
     caches = tuple(TensorSpec(n, img.shape) for n in ("k_cache", "v_cache", "residual_cache"))
-    return StageSpec(f"block_{index}_tokens", (img, txt, temb, IndexSpec("token_index", ("batch", "selected")), *caches), outs)
+    return StageSpec(f"block_{index}_tokens", (img, txt, temb, TensorSpec("token_index", ("batch", "selected"), dtype="int64"), *caches), outs)
 
 
 def token_example_inputs(model: DistilledSD3, index: int, dtype: torch.dtype = torch.float32, batch: int = 2, height: int = 8,
@@ -281,28 +270,6 @@ def token_example_inputs(model: DistilledSD3, index: int, dtype: torch.dtype = t
     return img, txt, temb, token_index, k_cache, v_cache, residual_cache
 
 
-def token_dynamic_shapes(spec: StageSpec, max_patches: int):
-    """onnx_export._dynamic_shapes' dims for joint-block stages plus `selected`, the recomputed token count."""
-    dims = {
-        "batch": torch.export.Dim("batch", min=1, max=4096),
-        "text": torch.export.Dim("text", min=1, max=8192),
-        "tokens": torch.export.Dim("tokens", min=1, max=max_patches * max_patches),
-        "selected": torch.export.Dim("selected", min=1, max=max_patches * max_patches),
-    }
-    return tuple({axis: dims[d] for axis, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs)
-
-
-def trace_token_stage(module: nn.Module, spec: StageSpec, args: tuple, max_patches: int):
-    """onnx_export.trace_stage for a stage with the token custom ops; returns the ONNXProgram."""
-    with warnings.catch_warnings(), _quiet_logs():
-        warnings.simplefilter("ignore")
-        return torch.onnx.export(
-            module, args, dynamo=True, opset_version=OPSET, verbose=False,
-            dynamic_shapes=token_dynamic_shapes(spec, max_patches), custom_translation_table=ONNX_TRANSLATIONS,
-            input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
-        )
-
-
 def trace_kv_block(model: DistilledSD3, index: int, dtype: torch.dtype = torch.float32, args: tuple | None = None):
     """ONNXProgram of KVBlockStage for block `index` (dynamic batch, tokens, text)."""
     if args is None:
@@ -316,5 +283,6 @@ def trace_token_block(model: DistilledSD3, index: int, dtype: torch.dtype = torc
     """ONNXProgram of TokenBlockStage for block `index` (dynamic batch, tokens, text, selected)."""
     if args is None:
         args = token_example_inputs(model, index, dtype)
-    return trace_token_stage(TokenBlockStage(model.transformer.transformer_blocks[index], dtype), token_stage_spec(model, index), args,
-                             model.config.pos_embed_max_size)
+    c = model.config
+    return trace_stage(TokenBlockStage(model.transformer.transformer_blocks[index], dtype), token_stage_spec(model, index), args,
+                       c.patch_size, c.pos_embed_max_size)

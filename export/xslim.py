@@ -1,80 +1,261 @@
-"""X-Slim step-level reuse: the policy and its decisions, shared by the reference sampler.
+"""X-Slim (REFERENCE.md): the cache policy, its spec strings and schedule files, and the controller's
+decisions, shared by the PyTorch reference sampler. The C++ runtime implements the same rules
+(runtime/src/xslim.cpp); docs/xslim.md describes them for users.
 
-When a step computes the whole block stack, its image-stream residual R = (stack output - stack
-input) is kept, and the relative L1 change of R against the previous computed step, divided by
-the steps between them, becomes the per-step change rate. A later step reuses the stack as
-h_out = h_in + R while the accumulated rate stays under the early-warning line `threshold`:
-    skip step s  <=>  s >= warmup_steps, s is not the last step nor a 1.x record step, and acc + rate < threshold
-A skipped step adds the rate to acc; a computed step resets acc to 0. One decision covers the whole
-batch (CFG halves included); the change is measured in double precision over the batch. The C++
-runtime implements the same rule (runtime/src/sd3_program.cpp).
+Levels of a step: "full" (every block; every cache refreshed), "skip" (no block: the stack reuses its
+last residual R, h_out = h_in + R), "block" (blocks whose recorded score allows it add their cached
+residual instead of running), "token" (each block recomputes only the image tokens with the highest
+change score; the others add their cached residual).
+
+Online mode (dual threshold). After a full step, rate = relative L1 change of R against the previous
+full step's R, divided by the steps between them. For a later step, with x = accumulated + rate:
+    x < early_warning                    -> skip,    accumulated = x
+    x < critical (when a critical line)  -> refresh (the policy's block or token level), accumulated = x
+    otherwise                            -> full,    accumulated = 0
+The first `warmup_steps` steps, the last step and 1.x record steps are always full.
+Offline mode: a schedule names the level of every step (and optionally its ratio / block threshold).
+
+Block scores (recorded during full steps): s_i = mean|out_i - in_i| / mean|in_i| of block i's image
+stream; walking down the stack, acc += s_i; block i (i >= first_blocks) is skippable while
+acc < block_threshold, and acc resets to 0 at every block that is not (as X-Slim's released code).
+Token scores: mean over channels of |R_last - R_prev| (the last two full steps); the ratio * N tokens
+with the highest score are recomputed. Every decision covers the whole batch (CFG halves included)
+except token selection, which is per batch row.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+from pathlib import Path
 
-import torch
+LEVELS = ("full", "skip", "block", "token")
+SPEC_HELP = ("none, xslim:step=T[,critical=C][,refresh=block|token][,ratio=R][,block=B][,first=F][,warmup=K], "
+             "or xslim:schedule=FILE.json[,mode=NAME][,ratio=R][,block=B][,first=F]")
 
 
 @dataclasses.dataclass(frozen=True)
-class StepCachePolicy:
-    threshold: float  # early-warning line on the accumulated relative change
-    warmup_steps: int = 2  # steps always computed first (two are needed to measure a rate)
+class XSlimPolicy:
+    early_warning: float = 0.0  # online: step-level reuse below this accumulated change
+    critical: float | None = None  # online: refresh below it, full step at or above; None: no refresh level
+    refresh: str = "token"  # online: the level run between the two lines
+    sample_ratio: float = 0.5  # token level: fraction of image tokens recomputed
+    block_threshold: float = 0.1  # block level: line on the accumulated block score
+    first_blocks: int = 2  # block level: blocks never skipped
+    warmup_steps: int = 2  # online: steps always computed first (two are needed to measure a rate)
+    schedule: tuple[dict, ...] | None = None  # offline: per step {"level", optional "sample_ratio", "block_threshold"}
 
-    def validate(self) -> None:
-        if not self.threshold >= 0:
-            raise ValueError(f"step-cache threshold must be >= 0, got {self.threshold}")
+    def validate(self, steps: int | None = None) -> None:
+        """Raises ValueError naming the bad field; `steps` (the plan's) is checked against a schedule."""
+        if not self.early_warning >= 0:
+            raise ValueError(f"X-Slim early-warning line (step=) must be >= 0, got {self.early_warning}")
+        if self.critical is not None and not self.critical >= self.early_warning:
+            raise ValueError(f"X-Slim critical line {self.critical} must be >= the early-warning line {self.early_warning}")
+        if self.refresh not in ("block", "token"):
+            raise ValueError(f"X-Slim refresh level must be block or token, got {self.refresh!r}")
+        _check_ratio(self.sample_ratio, "sample_ratio")
+        _check_block_threshold(self.block_threshold, "block_threshold")
+        if not 0 <= self.first_blocks <= 1 << 16:
+            raise ValueError(f"X-Slim first_blocks must be >= 0, got {self.first_blocks}")
         if self.warmup_steps < 2:
-            raise ValueError(f"step-cache warmup must be at least 2 steps, got {self.warmup_steps}")
+            raise ValueError(f"X-Slim warmup must be at least 2 steps, got {self.warmup_steps}")
+        if self.schedule is None:
+            return
+        full_steps = 0
+        for i, entry in enumerate(self.schedule):
+            level = entry.get("level")
+            if level not in LEVELS:
+                raise ValueError(f"schedule step {i}: level must be one of {', '.join(LEVELS)}, got {level!r}")
+            if set(entry) - {"level", "sample_ratio", "block_threshold"}:
+                raise ValueError(f"schedule step {i}: unknown fields {sorted(set(entry) - {'level', 'sample_ratio', 'block_threshold'})}")
+            if "sample_ratio" in entry:
+                _check_ratio(entry["sample_ratio"], f"schedule step {i}: sample_ratio")
+            if "block_threshold" in entry:
+                _check_block_threshold(entry["block_threshold"], f"schedule step {i}: block_threshold")
+            if level != "full" and full_steps == 0:
+                raise ValueError(f"schedule step {i}: '{level}' before any full step (step 0 must be full)")
+            if level == "token" and full_steps < 2:
+                raise ValueError(f"schedule step {i}: a token step needs two full steps before it (token scores compare them)")
+            full_steps += level == "full"
+        if steps is not None and len(self.schedule) != steps:
+            raise ValueError(f"the schedule has {len(self.schedule)} steps but the plan has {steps}")
+
+    @property
+    def uses(self) -> set[str]:
+        """The levels this policy can run besides full."""
+        if self.schedule is not None:
+            return {e["level"] for e in self.schedule} - {"full"}
+        return ({"skip"} if self.early_warning > 0 else set()) | ({self.refresh} if self.critical is not None else set())
 
     def to_manifest(self) -> dict:
-        return {"threshold": self.threshold, "warmup_steps": self.warmup_steps}
+        d = {"kind": "xslim", "mode": "schedule" if self.schedule is not None else "online"}
+        d.update(dataclasses.asdict(self))
+        d["schedule"] = list(self.schedule) if self.schedule is not None else None
+        return d
+
+    @classmethod
+    def from_manifest(cls, d: dict) -> XSlimPolicy:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in d.items() if k in fields}
+        if values.get("schedule") is not None:
+            values["schedule"] = tuple(values["schedule"])
+        return cls(**values)
 
 
-def parse_cache_spec(text: str) -> StepCachePolicy | None:
-    """'none' -> None; 'xslim:step=0.3[,warmup=2]' -> StepCachePolicy."""
+def _check_ratio(value, what: str) -> None:
+    if not (isinstance(value, (int, float)) and 0 < value <= 1):
+        raise ValueError(f"X-Slim {what} must be in (0, 1], got {value}")
+
+
+def _check_block_threshold(value, what: str) -> None:
+    if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
+        raise ValueError(f"X-Slim {what} must be a finite number >= 0, got {value}")
+
+
+def load_schedule(path: str | Path, mode: str | None = None, steps: int | None = None) -> list[dict]:
+    """A schedule file: ours ({"steps": [{"level": ...}, ...]}) or X-Slim's strategy fields
+    ({"fully_infer_step": [...], "block_refresh_step": [...], "token_refresh_step": [...], "sample_ratio": r},
+    possibly one such object per mode name). In X-Slim's form every step not listed is a skip step and
+    the length is `steps` (or one past the highest step listed)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise ValueError(f"cannot read schedule {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"schedule {path} is not valid JSON: {e}") from None
+    if isinstance(data, dict) and mode is not None:
+        if mode not in data:
+            raise ValueError(f"schedule {path} has no mode '{mode}' (modes: {', '.join(data)})")
+        data = data[mode]
+    if not isinstance(data, dict):
+        raise ValueError(f"schedule {path} must hold a JSON object")
+    if "steps" in data:
+        if not isinstance(data["steps"], list) or not all(isinstance(e, dict) for e in data["steps"]):
+            raise ValueError(f"schedule {path}: 'steps' must be a list of objects")
+        return [dict(e) for e in data["steps"]]
+    keys = ("fully_infer_step", "block_refresh_step", "token_refresh_step")
+    if not any(k in data for k in keys):
+        modes = [k for k, v in data.items() if isinstance(v, dict)]
+        hint = f" (it looks like one entry per mode: pass mode=, one of {', '.join(modes)})" if modes else ""
+        raise ValueError(f"schedule {path} has neither 'steps' nor X-Slim's {', '.join(keys)}{hint}")
+    listed = {}
+    for key, level in zip(keys, ("full", "block", "token")):
+        for s in data.get(key, []):
+            if not isinstance(s, int) or s < 0:
+                raise ValueError(f"schedule {path}: {key} holds {s!r}, not a step index >= 0")
+            if steps is not None and s >= steps:
+                raise ValueError(f"schedule {path}: {key} names step {s}, out of range for a {steps}-step plan")
+            if s in listed:
+                raise ValueError(f"schedule {path}: step {s} is in both {listed[s][1]} and {key}")
+            listed[s] = (level, key)
+    count = steps if steps is not None else max(listed, default=-1) + 1
+    ratio = data.get("sample_ratio")
+    schedule = []
+    for s in range(count):
+        level = listed.get(s, ("skip", None))[0]
+        entry = {"level": level}
+        if level == "token" and ratio is not None:
+            entry["sample_ratio"] = ratio
+        schedule.append(entry)
+    return schedule
+
+
+def parse_cache_spec(text: str, steps: int | None = None) -> XSlimPolicy | None:
+    """'none' -> None; 'xslim:...' (see SPEC_HELP) -> a validated XSlimPolicy."""
     if text == "none":
         return None
     kind, _, options = text.partition(":")
     if kind != "xslim":
-        raise ValueError(f"unknown cache policy '{kind}' (expected none or xslim:step=T[,warmup=K])")
-    values = {}
+        raise ValueError(f"unknown cache policy '{kind}' (expected {SPEC_HELP})")
+    numbers = {"step": ("early_warning", float), "critical": ("critical", float), "ratio": ("sample_ratio", float),
+               "block": ("block_threshold", float), "first": ("first_blocks", int), "warmup": ("warmup_steps", int)}
+    values, schedule_file, mode = {}, None, None
     for item in filter(None, options.split(",")):
         key, _, value = item.partition("=")
-        if key not in ("step", "warmup"):
-            raise ValueError(f"cache option '{key}' is not supported (this version offers step=T and warmup=K)")
-        try:
-            values[key] = float(value) if key == "step" else int(value)
-        except ValueError:
-            raise ValueError(f"cache option {key}={value!r} is not a number") from None
-    if "step" not in values:
-        raise ValueError("xslim needs step=THRESHOLD, e.g. --cache xslim:step=0.3")
-    policy = StepCachePolicy(values["step"], values.get("warmup", 2))
-    policy.validate()
+        if key == "schedule":
+            schedule_file = value
+        elif key == "mode":
+            mode = value
+        elif key == "refresh":
+            values["refresh"] = value
+        elif key in numbers:
+            name, convert = numbers[key]
+            try:
+                values[name] = convert(value)
+            except ValueError:
+                raise ValueError(f"cache option {key}={value!r} is not a number") from None
+        else:
+            raise ValueError(f"cache option '{key}' is not supported (expected {SPEC_HELP})")
+    if schedule_file is not None:
+        online = {"early_warning", "critical", "refresh", "warmup_steps"} & set(values)
+        if online:
+            raise ValueError(f"a schedule replaces the online lines: drop {', '.join(sorted(online))}")
+        values["schedule"] = tuple(load_schedule(schedule_file, mode, steps))
+    elif mode is not None:
+        raise ValueError("mode= selects an entry of a schedule file: pass schedule=FILE too")
+    elif "early_warning" not in values and "critical" not in values:
+        raise ValueError("xslim needs step=T (the early-warning line) or schedule=FILE, e.g. --cache xslim:step=0.1,critical=0.3")
+    policy = XSlimPolicy(**values)
+    policy.validate(steps if schedule_file is not None else None)
     return policy
 
 
-class StepCacheState:
-    """The running state of one generation's step-level decisions."""
+class Controller:
+    """The running decisions of one generation: which level each step runs."""
 
-    def __init__(self, policy: StepCachePolicy, steps: int):
+    def __init__(self, policy: XSlimPolicy, steps: int):
         self.policy, self.steps = policy, steps
-        self.residual: torch.Tensor | None = None
         self.rate: float | None = None
         self.accumulated = 0.0
-        self.last_computed = -1
+        self.last_full = -1
+        self.full_steps = 0
 
-    def should_skip(self, step: int) -> bool:
-        if step < self.policy.warmup_steps or step == self.steps - 1 or self.rate is None:
-            return False
-        return self.accumulated + self.rate < self.policy.threshold
+    def level(self, step: int, records_delta: bool) -> str:
+        p = self.policy
+        if records_delta or self.full_steps == 0:
+            return "full"
+        if p.schedule is not None:
+            return p.schedule[step]["level"]
+        if step < p.warmup_steps or step == self.steps - 1 or self.rate is None:
+            return "full"
+        x = self.accumulated + self.rate
+        if x < p.early_warning:
+            self.accumulated = x
+            return "skip"
+        if p.critical is not None and x < p.critical and (p.refresh == "block" or self.full_steps >= 2):
+            self.accumulated = x
+            return p.refresh
+        return "full"
 
-    def skipped(self) -> None:
-        self.accumulated += self.rate
+    def full_step_done(self, step: int, change: float | None) -> None:
+        """`change`: relative L1 change of the stack residual against the previous full step's."""
+        if change is not None:
+            self.rate = change / (step - self.last_full)
+        self.last_full, self.accumulated = step, 0.0
+        self.full_steps += 1
 
-    def computed(self, step: int, residual: torch.Tensor) -> None:
-        if self.residual is not None:
-            change = (residual.double() - self.residual.double()).abs().mean() / self.residual.double().abs().mean()
-            self.rate = float(change) / (step - self.last_computed)
-        self.residual, self.last_computed, self.accumulated = residual, step, 0.0
+    def ratio(self, step: int) -> float:
+        entry = self.policy.schedule[step] if self.policy.schedule is not None else {}
+        return entry.get("sample_ratio", self.policy.sample_ratio)
+
+    def block_threshold(self, step: int) -> float:
+        entry = self.policy.schedule[step] if self.policy.schedule is not None else {}
+        return entry.get("block_threshold", self.policy.block_threshold)
+
+
+def skippable_blocks(scores: dict[int, float], threshold: float, first_blocks: int) -> set[int]:
+    """Blocks a block-level step may skip, from the scores of the last full step (in block order)."""
+    skip, acc = set(), 0.0
+    for i in sorted(scores):
+        acc += scores[i]
+        if i >= first_blocks and acc < threshold:
+            skip.add(i)
+        else:
+            acc = 0.0
+    return skip
+
+
+def tokens_for_ratio(ratio: float, tokens: int) -> int:
+    """Image tokens recomputed for a sample ratio: round(ratio * tokens), at least 1 (kernels/cpu)."""
+    return max(1, min(tokens, int(math.floor(ratio * tokens + 0.5))))

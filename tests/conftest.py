@@ -106,7 +106,7 @@ def toy_bundles(workdir) -> dict[str, Path]:
     """The trained toy model with its own 1.x plan, and as a 28-step CFG baseline."""
     return {"1x": export(TOY_CHECKPOINT, workdir / "toy-1x.engine"),
             "28-step CFG": export(TOY_CHECKPOINT, workdir / "toy-28.engine", "--cache-blocks", "none", "--steps", "28",
-                                  "--guidance-scale", "4")}
+                                  "--guidance-scale", "4", "--token-stages")}
 
 
 @pytest.fixture()

@@ -29,7 +29,7 @@ extern "C" {
 
 /* ABI version of this header; slim_version() gives the library's at run time. */
 #define SLIM_ABI_VERSION_MAJOR 0
-#define SLIM_ABI_VERSION_MINOR 1
+#define SLIM_ABI_VERSION_MINOR 2
 
 typedef enum slim_status {
     SLIM_OK = 0,
@@ -123,9 +123,12 @@ typedef struct slim_generate_params {
     uint64_t seed;                             /* noise seed when latents is NULL (Philox4x32-10, see noise.py) */
     float guidance_scale;                      /* < 0 (default): the bundle's default */
     float step_cache_threshold; /* X-Slim step-level reuse: < 0 (default) the bundle's policy, 0 off, > 0 on with this line */
+    /* X-Slim policy for this request as JSON text (docs/xslim.md: the manifest's program.cache object, or
+     * "null" for none); NULL (default): step_cache_threshold, then the bundle's policy. Added in ABI 0.2. */
+    const char* cache_policy;
 } slim_generate_params;
 
-/* Defaults for slim_generate: all tensors NULL, seed 0, guidance and step cache from the bundle. */
+/* Defaults for slim_generate: all tensors NULL, seed 0, guidance and X-Slim policy from the bundle. */
 SLIM_API slim_generate_params slim_generate_default_params(void);
 
 typedef struct slim_generate_stats {
@@ -133,9 +136,10 @@ typedef struct slim_generate_stats {
     int32_t steps;        /* sampling steps run */
     int32_t blocks_run;   /* joint-block evaluations, summed over steps (a CFG batch counts once) */
     int32_t stage_calls;  /* backend calls, all stages */
-    double effective_nfe; /* full-model evaluations equivalent (CFG counts 2 per step) */
+    double effective_nfe; /* full-model evaluations equivalent (CFG counts 2 per step; token blocks by their FLOP share) */
     double total_ms;      /* wall time of the generate call */
     double backend_ms;    /* time inside ONNX Runtime's Run, all stages */
+    double flop_fraction; /* joint-block FLOPs run / those of every block on every token every step (ABI 0.2) */
 } slim_generate_stats;
 
 /* Run the bundle's whole sampling program. `latents_out` is caller memory, float32 [B, C, H, W]
@@ -147,18 +151,24 @@ SLIM_API slim_status slim_generate(slim_session* session, const slim_generate_pa
 
 /* How a step ran. */
 typedef enum slim_step_level {
-    SLIM_STEP_FULL = 0,         /* every joint block */
-    SLIM_STEP_CACHED_RANGE = 1, /* 1.x: the cached block range skipped, its compensated delta added */
-    SLIM_STEP_REUSED = 2        /* X-Slim step level: no block run, the last stack residual reused */
+    SLIM_STEP_FULL = 0,          /* every joint block */
+    SLIM_STEP_CACHED_RANGE = 1,  /* 1.x: the cached block range skipped, its compensated delta added */
+    SLIM_STEP_REUSED = 2,        /* X-Slim step level: no block run, the last stack residual reused */
+    SLIM_STEP_BLOCK_REFRESH = 3, /* X-Slim block level: low-score blocks add their cached residual */
+    SLIM_STEP_TOKEN_REFRESH = 4  /* X-Slim token level: blocks recompute only the most-changed image tokens */
 } slim_step_level;
 
 typedef struct slim_step_stats {
     uint32_t struct_size; /* set by the caller */
     double sigma;
     double sigma_next;
-    int32_t blocks_run;
-    int32_t level; /* slim_step_level */
+    int32_t blocks_run; /* blocks evaluated (on all or on a subset of the image tokens) */
+    int32_t level;      /* slim_step_level */
     double ms;
+    /* ABI 0.2: */
+    int32_t blocks_reused;   /* X-Slim block level: blocks that added their cached residual instead */
+    int32_t tokens_computed; /* image tokens each evaluated block computed (all of them except in token steps) */
+    double flop_fraction;    /* this step's joint-block FLOPs / those of a step running every block on every token */
 } slim_step_stats;
 
 /* Stats of step `index` of the session's last generate. Status: INVALID_ARGUMENT. */

@@ -8,6 +8,7 @@
 
 #include "engine.hpp"
 #include "error.hpp"
+#include "json.hpp"
 #include "sd3_program.hpp"
 #include "slimengine.h"
 
@@ -110,6 +111,34 @@ void check_finite(const slim_tensor* t, const std::vector<int64_t>& shape, const
     for (size_t i = 0, n = element_count(shape); i < n; ++i)
         if (!std::isfinite(data[i]))
             throw slim::Error(SLIM_ERR_NUMERICS, std::string(name) + " contains NaN or Inf (element " + std::to_string(i) + ")");
+}
+
+// The X-Slim policy of a request: cache_policy JSON, else a step-only policy from step_cache_threshold
+// >= 0, else the bundle's default.
+slim::XSlimPolicy request_policy(const slim_generate_params& p, const slim::Engine& engine) {
+    using slim::Error;
+    const slim::Program& program = engine.manifest().program;
+    slim::XSlimPolicy policy = program.cache;
+    if (p.cache_policy) {
+        constexpr size_t kMaxPolicy = 1 << 20;
+        const size_t length = strnlen(p.cache_policy, kMaxPolicy + 1);
+        if (length > kMaxPolicy) throw Error(SLIM_ERR_INVALID_ARGUMENT, "cache_policy: longer than 1 MiB");
+        try {
+            policy = slim::parse_policy(slim::json::parse(std::string(p.cache_policy, length)), program.steps.size(), "cache_policy");
+        } catch (const slim::json::FieldError& e) {
+            throw Error(SLIM_ERR_INVALID_ARGUMENT, e.what());
+        } catch (const std::runtime_error& e) { throw Error(SLIM_ERR_INVALID_ARGUMENT, std::string("cache_policy: ") + e.what()); }
+    } else if (p.step_cache_threshold >= 0) {
+        policy = slim::XSlimPolicy{};
+        policy.enabled = p.step_cache_threshold > 0;
+        policy.early_warning = p.step_cache_threshold;
+        policy.warmup_steps = program.cache.enabled ? program.cache.warmup_steps : 2;
+    }
+    if (policy.uses(slim::Level::Token) && !engine.has_token_stages)
+        throw Error(
+            SLIM_ERR_INVALID_ARGUMENT,
+            "cache_policy uses the X-Slim token level but this bundle has no block_N_tokens stages; re-export it with --token-stages");
+    return policy;
 }
 
 }  // namespace
@@ -225,6 +254,7 @@ slim_status slim_generate(slim_session* session, const slim_generate_params* par
         auto pooled = check_tensor(p.pooled_embeds, "pooled_embeds", {B, c.pooled_projection_dim}, "[" + std::to_string(B) + "," + P + "]");
         if (!std::isfinite(p.guidance_scale)) throw Error(SLIM_ERR_INVALID_ARGUMENT, "guidance_scale must be finite");
         if (!std::isfinite(p.step_cache_threshold)) throw Error(SLIM_ERR_INVALID_ARGUMENT, "step_cache_threshold must be finite");
+        const slim::XSlimPolicy cache = request_policy(p, *session->owner->engine);
         const float guidance = p.guidance_scale < 0 ? m.program.guidance_scale : p.guidance_scale;
         const bool cfg = guidance > 1.0f;
         if (cfg && (!p.negative_prompt_embeds || !p.negative_pooled_embeds))
@@ -266,8 +296,7 @@ slim_status slim_generate(slim_session* session, const slim_generate_params* par
         request.latents = p.latents ? static_cast<const float*>(p.latents->data) : nullptr;
         request.seed = p.seed;
         request.guidance_scale = guidance;
-        request.step_cache_threshold = p.step_cache_threshold < 0 ? m.program.step_cache_threshold : p.step_cache_threshold;
-        request.step_cache_warmup = m.program.step_cache_warmup;
+        request.cache = &cache;
         request.out = static_cast<float*>(latents_out->data);
         slim::GenerateStats s = session->program->generate(request);
         if (stats) {
@@ -277,6 +306,7 @@ slim_status slim_generate(slim_session* session, const slim_generate_params* par
             stats->effective_nfe = s.effective_nfe;
             stats->total_ms = s.total_ms;
             stats->backend_ms = s.backend_ms;
+            if (stats->struct_size >= offsetof(slim_generate_stats, flop_fraction) + sizeof(double)) stats->flop_fraction = s.flop_fraction;
         }
     });
 }
@@ -288,7 +318,7 @@ int32_t slim_session_step_count(const slim_session* session) {
 slim_status slim_session_step_stats(const slim_session* session, int32_t index, slim_step_stats* out) {
     if (!session || !out || index < 0 || index >= slim_session_step_count(session))
         return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_session_step_stats: NULL argument or step index out of range");
-    if (out->struct_size < sizeof(slim_step_stats))
+    if (out->struct_size < offsetof(slim_step_stats, ms) + sizeof(double))
         return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_step_stats.struct_size must be sizeof(slim_step_stats)");
     const slim::StepStats& s = session->program->step_stats()[index];
     out->sigma = s.sigma;
@@ -296,6 +326,11 @@ slim_status slim_session_step_stats(const slim_session* session, int32_t index, 
     out->blocks_run = s.blocks_run;
     out->level = s.level;
     out->ms = s.ms;
+    if (out->struct_size >= sizeof(slim_step_stats)) {  // ABI 0.2 fields
+        out->blocks_reused = s.blocks_reused;
+        out->tokens_computed = s.tokens_computed;
+        out->flop_fraction = s.flop_fraction;
+    }
     return SLIM_OK;
 }
 

@@ -1,5 +1,7 @@
 #include "engine.hpp"
 
+#include <dlfcn.h>
+
 #include "error.hpp"
 #include "sha256.hpp"
 
@@ -12,6 +14,16 @@ using Names = std::vector<std::string>;
 void expect_io(const StageDecl& s, const Names& inputs, const Names& outputs) {
     if (s.inputs != inputs || s.outputs != outputs)
         throw Error(SLIM_ERR_BUNDLE, "manifest: stage " + s.name + " does not have the inputs/outputs the SD3 program expects");
+}
+
+// kCustomOpLibrary beside this library (they are built and installed together).
+std::string custom_op_library_path() {
+    Dl_info info{};
+    if (!dladdr(reinterpret_cast<void*>(&custom_op_library_path), &info) || !info.dli_fname)
+        throw Error(SLIM_ERR_BACKEND, "cannot locate libslimengine.so to find its custom-op library");
+    std::string self = info.dli_fname;
+    size_t slash = self.rfind('/');
+    return (slash == std::string::npos ? std::string(".") : self.substr(0, slash)) + "/" + kCustomOpLibrary;
 }
 
 }  // namespace
@@ -27,6 +39,8 @@ Engine::Engine(const std::string& bundle_dir, const EngineOptions& options) : ma
     }
     const Sd3Config& c = manifest_.config;
     block_stages.assign(c.num_layers, -1);
+    token_stages.assign(c.num_layers, -1);
+    block_kv.assign(c.num_layers, false);
     for (size_t i = 0; i < manifest_.stages.size(); ++i) {
         const StageDecl& s = manifest_.stages[i];
         int index = static_cast<int>(i);
@@ -40,16 +54,27 @@ Engine::Engine(const std::string& bundle_dir, const EngineOptions& options) : ma
             expect_io(s, {"delta_img", "delta_txt"}, {"comp_img", "comp_txt"});
             compensate_stage = index;
         } else if (s.name.rfind("block_", 0) == 0) {
+            const bool tokens = s.name.size() > 7 && s.name.compare(s.name.size() - 7, 7, "_tokens") == 0;
+            const std::string number = s.name.substr(6, s.name.size() - 6 - (tokens ? 7 : 0));
             int b = -1;
             try {
-                b = std::stoi(s.name.substr(6));
+                b = std::stoi(number);
             } catch (...) {}
-            if (b < 0 || b >= c.num_layers || std::to_string(b) != s.name.substr(6) || block_stages[b] >= 0)
+            std::vector<int>& slot = tokens ? token_stages : block_stages;
+            if (b < 0 || b >= c.num_layers || std::to_string(b) != number || slot[b] >= 0)
                 throw Error(SLIM_ERR_BUNDLE, "manifest: stage name '" + s.name + "' is not a block of this " +
                                                  std::to_string(c.num_layers) + "-block model");
-            bool last = b == c.num_layers - 1;
-            expect_io(s, {"img", "txt", "temb"}, last ? Names{"img_out"} : Names{"img_out", "txt_out"});
-            block_stages[b] = index;
+            const bool last = b == c.num_layers - 1;
+            const Names outputs = last ? Names{"img_out"} : Names{"img_out", "txt_out"};
+            if (tokens) {
+                expect_io(s, {"img", "txt", "temb", "token_index", "k_cache", "v_cache", "residual_cache"}, outputs);
+            } else {
+                Names with_kv = outputs;
+                with_kv.insert(with_kv.end(), {"img_k", "img_v"});
+                block_kv[b] = s.outputs == with_kv;
+                expect_io(s, {"img", "txt", "temb"}, block_kv[b] ? with_kv : outputs);
+            }
+            slot[b] = index;
         } else {
             throw Error(SLIM_ERR_BUNDLE, "manifest: unknown stage '" + s.name + "'");
         }
@@ -57,12 +82,24 @@ Engine::Engine(const std::string& bundle_dir, const EngineOptions& options) : ma
     if (embed_stage < 0 || final_stage < 0) throw Error(SLIM_ERR_BUNDLE, "manifest: the embed and final stages are required");
     for (int b = 0; b < c.num_layers; ++b)
         if (block_stages[b] < 0) throw Error(SLIM_ERR_BUNDLE, "manifest: stage block_" + std::to_string(b) + " is missing");
+    for (int b = 0; b < c.num_layers; ++b) {
+        if (token_stages[b] >= 0 && !block_kv[b])
+            throw Error(SLIM_ERR_BUNDLE, "manifest: stage block_" + std::to_string(b) + "_tokens needs block_" + std::to_string(b) +
+                                             " to output img_k and img_v");
+        has_token_stages = has_token_stages || token_stages[b] >= 0;
+    }
+    if (has_token_stages && !manifest_.uses_custom_ops)
+        throw Error(SLIM_ERR_BUNDLE, "manifest: token stages need custom_op_library (the ai.slimengine ops)");
+    if (manifest_.program.cache.uses(Level::Token) && !has_token_stages)
+        throw Error(SLIM_ERR_BUNDLE,
+                    "manifest: the default X-Slim policy uses the token level but the bundle has no block_N_tokens stages");
     if (manifest_.program.compensation == Compensation::Mlp && compensate_stage < 0)
         throw Error(SLIM_ERR_BUNDLE, "manifest: the program uses MLP compensation but there is no compensate stage");
 
     ort_ = OrtRuntime::get(options.onnxruntime_library, options.intra_op_threads);
+    const std::string ops = manifest_.uses_custom_ops ? custom_op_library_path() : "";
     for (const StageDecl& s : manifest_.stages)
-        stages_.push_back(std::make_unique<StageSession>(ort_, bundle_dir + "/" + s.file, s.name, s.inputs, s.outputs));
+        stages_.push_back(std::make_unique<StageSession>(ort_, bundle_dir + "/" + s.file, s.name, s.inputs, s.outputs, ops));
 }
 
 }  // namespace slim

@@ -28,6 +28,11 @@ class Engine {
     // Indices into stages() of the stages the SD3 program calls; compensate is -1 without MLPs.
     int embed_stage = -1, final_stage = -1, compensate_stage = -1;
     std::vector<int> block_stages;
+    // X-Slim token level: block_N_tokens stage per block (-1: none, the block then runs whole), and
+    // whether block_N also outputs its image keys/values (img_k, img_v) for the token stage's caches.
+    std::vector<int> token_stages;
+    std::vector<bool> block_kv;
+    bool has_token_stages = false;
 
   private:
     Manifest manifest_;

@@ -1,6 +1,7 @@
 #include "json.hpp"
 
 #include <charconv>
+#include <cmath>
 #include <cstdlib>
 #include <stdexcept>
 
@@ -194,5 +195,57 @@ class Parser {
 }  // namespace
 
 Value parse(const std::string& text) { return Parser(text).parse_document(); }
+
+[[noreturn]] static void bad(const std::string& where, const std::string& what) { throw FieldError(where, what); }
+
+const Value& field(const Value& obj, const std::string& key, const std::string& where) {
+    const Value* v = obj.find(key);
+    if (!v) bad(where + "." + key, "is missing");
+    return *v;
+}
+
+const Value& object_field(const Value& obj, const std::string& key, const std::string& where) {
+    const Value& v = field(obj, key, where);
+    if (v.kind != Value::Kind::Object) bad(where + "." + key, "must be an object");
+    return v;
+}
+
+const Value& array_field(const Value& obj, const std::string& key, const std::string& where) {
+    const Value& v = field(obj, key, where);
+    if (v.kind != Value::Kind::Array) bad(where + "." + key, "must be an array");
+    return v;
+}
+
+std::string string_field(const Value& obj, const std::string& key, const std::string& where) {
+    const Value& v = field(obj, key, where);
+    if (v.kind != Value::Kind::String) bad(where + "." + key, "must be a string");
+    return v.string;
+}
+
+double as_number(const Value& v, const std::string& where) {
+    if (v.kind != Value::Kind::Number || !std::isfinite(v.number)) bad(where, "must be a finite number");
+    return v.number;
+}
+
+int as_int(const Value& v, const std::string& where, int min, int max) {
+    double d = as_number(v, where);
+    if (d != std::floor(d) || d < min || d > max)
+        bad(where, "must be an integer in [" + std::to_string(min) + ", " + std::to_string(max) + "], got " + std::to_string(d));
+    return static_cast<int>(d);
+}
+
+double number_field(const Value& obj, const std::string& key, const std::string& where) {
+    return as_number(field(obj, key, where), where + "." + key);
+}
+
+int int_field(const Value& obj, const std::string& key, const std::string& where, int min, int max) {
+    return as_int(field(obj, key, where), where + "." + key, min, max);
+}
+
+bool bool_field(const Value& obj, const std::string& key, const std::string& where) {
+    const Value& v = field(obj, key, where);
+    if (v.kind != Value::Kind::Bool) bad(where + "." + key, "must be true or false");
+    return v.boolean;
+}
 
 }  // namespace slim::json

@@ -6,65 +6,14 @@
 
 #include "error.hpp"
 #include "json.hpp"
+#include "xslim.hpp"
 
 namespace slim {
 namespace {
 
-using json::Value;
+using namespace json;
 
-[[noreturn]] void bad(const std::string& where, const std::string& what) {
-    throw Error(SLIM_ERR_BUNDLE, "manifest: " + where + " " + what);
-}
-
-const Value& field(const Value& obj, const std::string& key, const std::string& where) {
-    const Value* v = obj.find(key);
-    if (!v) bad(where + "." + key, "is missing");
-    return *v;
-}
-
-const Value& object_field(const Value& obj, const std::string& key, const std::string& where) {
-    const Value& v = field(obj, key, where);
-    if (v.kind != Value::Kind::Object) bad(where + "." + key, "must be an object");
-    return v;
-}
-
-const Value& array_field(const Value& obj, const std::string& key, const std::string& where) {
-    const Value& v = field(obj, key, where);
-    if (v.kind != Value::Kind::Array) bad(where + "." + key, "must be an array");
-    return v;
-}
-
-std::string string_field(const Value& obj, const std::string& key, const std::string& where) {
-    const Value& v = field(obj, key, where);
-    if (v.kind != Value::Kind::String) bad(where + "." + key, "must be a string");
-    return v.string;
-}
-
-double as_number(const Value& v, const std::string& where) {
-    if (v.kind != Value::Kind::Number || !std::isfinite(v.number)) bad(where, "must be a finite number");
-    return v.number;
-}
-
-int as_int(const Value& v, const std::string& where, int min, int max) {
-    double d = as_number(v, where);
-    if (d != std::floor(d) || d < min || d > max)
-        bad(where, "must be an integer in [" + std::to_string(min) + ", " + std::to_string(max) + "], got " + std::to_string(d));
-    return static_cast<int>(d);
-}
-
-double number_field(const Value& obj, const std::string& key, const std::string& where) {
-    return as_number(field(obj, key, where), where + "." + key);
-}
-
-int int_field(const Value& obj, const std::string& key, const std::string& where, int min, int max) {
-    return as_int(field(obj, key, where), where + "." + key, min, max);
-}
-
-bool bool_field(const Value& obj, const std::string& key, const std::string& where) {
-    const Value& v = field(obj, key, where);
-    if (v.kind != Value::Kind::Bool) bad(where + "." + key, "must be true or false");
-    return v.boolean;
-}
+[[noreturn]] void bad(const std::string& where, const std::string& what) { throw json::FieldError(where, what); }
 
 // A bundle-relative path that cannot escape the bundle.
 const std::string& check_inside_bundle(const std::string& p, const std::string& where) {
@@ -105,7 +54,8 @@ std::vector<std::string> names(const Value& list, const std::string& where) {
         std::string w = where + "[" + std::to_string(i) + "]";
         if (t.kind != Value::Kind::Object) bad(w, "must be an object");
         out.push_back(string_field(t, "name", w));
-        if (string_field(t, "dtype", w) != "float32") bad(w + ".dtype", "must be float32 (stage boundaries are float32)");
+        const std::string dtype = string_field(t, "dtype", w);
+        if (dtype != "float32" && dtype != "int64") bad(w + ".dtype", "must be float32 or int64 (token indices)");
     }
     return out;
 }
@@ -130,12 +80,6 @@ Program parse_program(const Value& root, const Sd3Config& cfg) {
         else
             bad("program.compensation", "must be \"mlp\" or \"identity\" when cache_blocks is set");
     }
-    if (const Value* cache = p.find("step_cache"); cache && !cache->is_null()) {  // optional: absent in early bundles
-        if (cache->kind != Value::Kind::Object) bad("program.step_cache", "must be null or an object");
-        prog.step_cache_threshold = number_field(*cache, "threshold", "program.step_cache");
-        if (prog.step_cache_threshold < 0) bad("program.step_cache.threshold", "must not be negative");
-        prog.step_cache_warmup = int_field(*cache, "warmup_steps", "program.step_cache", 2, 1 << 20);
-    }
     const Value& steps = array_field(p, "steps", w);
     if (steps.array.empty() || steps.array.size() > 10000) bad("program.steps", "must hold 1 to 10000 steps");
     bool recorded = false;
@@ -152,36 +96,33 @@ Program parse_program(const Value& root, const Sd3Config& cfg) {
         recorded = recorded || step.record_delta;
         prog.steps.push_back(step);
     }
+    if (const Value* cache = p.find("cache")) {
+        prog.cache = parse_policy(*cache, prog.steps.size(), "program.cache");
+    } else if (const Value* legacy = p.find("step_cache"); legacy && !legacy->is_null()) {  // bundles before the block/token levels
+        if (legacy->kind != Value::Kind::Object) bad("program.step_cache", "must be null or an object");
+        prog.cache.enabled = true;
+        prog.cache.early_warning = number_field(*legacy, "threshold", "program.step_cache");
+        if (prog.cache.early_warning < 0) bad("program.step_cache.threshold", "must not be negative");
+        prog.cache.warmup_steps = int_field(*legacy, "warmup_steps", "program.step_cache", 2, 1 << 20);
+    }
     return prog;
 }
 
-}  // namespace
-
-Manifest load_manifest(const std::string& bundle_dir) {
-    std::string path = bundle_dir + "/manifest.json";
-    std::ifstream in(path, std::ios::binary);
-    if (!in) throw Error(SLIM_ERR_IO, "cannot open " + path + " (is '" + bundle_dir + "' an engine bundle?)");
-    std::stringstream buffer;
-    buffer << in.rdbuf();
-    Manifest m;
-    m.text = buffer.str();
-    Value root;
-    try {
-        root = json::parse(m.text);
-    } catch (const std::exception& e) { throw Error(SLIM_ERR_BUNDLE, path + ": " + e.what()); }
+void parse_fields(const Value& root, Manifest& m) {
     if (root.kind != Value::Kind::Object) bad("", "root must be an object");
     if (string_field(root, "format", "") != "slimengine-bundle") bad(".format", "must be \"slimengine-bundle\"");
     int version = int_field(root, "format_version", "", 0, 1 << 30);
     if (version != kBundleFormatVersion)
-        throw Error(SLIM_ERR_BUNDLE, "manifest: unsupported bundle format version " + std::to_string(version) +
-                                         " (this runtime reads version " + std::to_string(kBundleFormatVersion) +
-                                         "); re-export the bundle or update slimengine");
+        bad("unsupported bundle format version " + std::to_string(version),
+            "(this runtime reads version " + std::to_string(kBundleFormatVersion) + "); re-export the bundle or update slimengine");
     m.family = string_field(root, "family", "");
     if (m.family != "sd3") bad(".family", "'" + m.family + "' is not supported by this runtime (expected sd3)");
     m.precision = string_field(root, "precision", "");
     if (m.precision != "fp32" && m.precision != "fp16" && m.precision != "bf16") bad(".precision", "must be fp32, fp16 or bf16");
-    if (!field(root, "custom_op_library", "").is_null())
-        bad(".custom_op_library", "is set, but this runtime runs no custom-op stages yet; update slimengine");
+    const Value& ops = field(root, "custom_op_library", "");
+    if (!ops.is_null() && !(ops.kind == Value::Kind::String && ops.string == kCustomOpLibrary))
+        bad(".custom_op_library", std::string("must be null or \"") + kCustomOpLibrary + "\" (the runtime's own custom ops)");
+    m.uses_custom_ops = !ops.is_null();
     m.config = parse_config(root);
     m.program = parse_program(root, m.config);
 
@@ -204,6 +145,25 @@ Manifest load_manifest(const std::string& bundle_dir) {
         if (!listed) bad(w + ".file", "'" + d.file + "' has no checksum in files");
         m.stages.push_back(std::move(d));
     }
+}
+
+}  // namespace
+
+Manifest load_manifest(const std::string& bundle_dir) {
+    std::string path = bundle_dir + "/manifest.json";
+    std::ifstream in(path, std::ios::binary);
+    if (!in) throw Error(SLIM_ERR_IO, "cannot open " + path + " (is '" + bundle_dir + "' an engine bundle?)");
+    std::stringstream buffer;
+    buffer << in.rdbuf();
+    Manifest m;
+    m.text = buffer.str();
+    Value root;
+    try {
+        root = json::parse(m.text);
+    } catch (const std::exception& e) { throw Error(SLIM_ERR_BUNDLE, path + ": " + e.what()); }
+    try {
+        parse_fields(root, m);
+    } catch (const FieldError& e) { throw Error(SLIM_ERR_BUNDLE, std::string("manifest: ") + e.what()); }
     return m;
 }
 

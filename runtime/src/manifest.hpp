@@ -5,9 +5,13 @@
 #include <utility>
 #include <vector>
 
+#include "xslim.hpp"
+
 namespace slim {
 
 constexpr int kBundleFormatVersion = 1;
+// The custom-op library a bundle may name: the runtime's own, found beside libslimengine.so.
+constexpr const char* kCustomOpLibrary = "libslimengine_ops.so";
 
 struct StageDecl {
     std::string name;
@@ -35,8 +39,7 @@ struct Program {
     float guidance_scale;
     int cache_first = -1, cache_last = -1;  // inclusive range, -1 when the plan caches nothing
     Compensation compensation = Compensation::None;
-    double step_cache_threshold = 0;  // X-Slim step-level default; 0: off
-    int step_cache_warmup = 2;
+    XSlimPolicy cache;  // the default X-Slim policy; disabled when the bundle sets none
     std::vector<StepPlan> steps;
 };
 
@@ -45,6 +48,7 @@ struct Manifest {
     std::string family, precision;
     Sd3Config config;
     std::vector<StageDecl> stages;
+    bool uses_custom_ops = false;  // some stage needs kCustomOpLibrary
     Program program;
     std::vector<std::pair<std::string, std::string>> files;  // relative path, sha256
 };

@@ -85,12 +85,18 @@ OrtRuntime::~OrtRuntime() {
     // The library stays loaded: ONNX Runtime keeps thread-local state that outlives ReleaseEnv.
 }
 
-TensorView::TensorView(const OrtRuntime& ort, float* data, const std::vector<int64_t>& shape) : api_(ort.api) {
+TensorView::TensorView(const OrtRuntime& ort, float* data, const std::vector<int64_t>& shape)
+    : TensorView(ort, data, sizeof(float), ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, shape) {}
+
+TensorView::TensorView(const OrtRuntime& ort, int64_t* data, const std::vector<int64_t>& shape)
+    : TensorView(ort, data, sizeof(int64_t), ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, shape) {}
+
+TensorView::TensorView(const OrtRuntime& ort, void* data, size_t element_size, ONNXTensorElementDataType type,
+                       const std::vector<int64_t>& shape)
+    : api_(ort.api) {
     size_t count = 1;
     for (int64_t d : shape) count *= static_cast<size_t>(d);
-    check(api_,
-          api_->CreateTensorWithDataAsOrtValue(ort.cpu_memory, data, count * sizeof(float), shape.data(), shape.size(),
-                                               ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, &value_),
+    check(api_, api_->CreateTensorWithDataAsOrtValue(ort.cpu_memory, data, count * element_size, shape.data(), shape.size(), type, &value_),
           "tensor view");
 }
 
@@ -109,13 +115,14 @@ TensorView::~TensorView() {
 }
 
 StageSession::StageSession(std::shared_ptr<OrtRuntime> ort, const std::string& model_path, const std::string& stage_name,
-                           const std::vector<std::string>& inputs, const std::vector<std::string>& outputs)
+                           const std::vector<std::string>& inputs, const std::vector<std::string>& outputs, const std::string& custom_ops)
     : ort_(std::move(ort)), name_(stage_name), input_names_(inputs), output_names_(outputs) {
     const OrtApi* api = ort_->api;
     OrtSessionOptions* options = nullptr;
     check(api, api->CreateSessionOptions(&options), "stage " + name_);
     OrtStatus* status = api->DisablePerSessionThreads(options);
     if (!status) status = api->SetSessionGraphOptimizationLevel(options, ORT_ENABLE_ALL);
+    if (!status && !custom_ops.empty()) status = api->RegisterCustomOpsLibrary_V2(options, custom_ops.c_str());
     if (!status) status = api->CreateSession(ort_->env, model_path.c_str(), options, &session_);
     api->ReleaseSessionOptions(options);
     check(api, status, "stage " + name_ + " (" + model_path + ")");

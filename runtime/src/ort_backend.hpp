@@ -36,12 +36,14 @@ class TensorView {
   public:
     TensorView() = default;
     TensorView(const OrtRuntime& ort, float* data, const std::vector<int64_t>& shape);
+    TensorView(const OrtRuntime& ort, int64_t* data, const std::vector<int64_t>& shape);
     TensorView(TensorView&& other) noexcept : api_(other.api_), value_(other.value_) { other.value_ = nullptr; }
     TensorView& operator=(TensorView&& other) noexcept;
     ~TensorView();
     OrtValue* get() const { return value_; }
 
   private:
+    TensorView(const OrtRuntime& ort, void* data, size_t element_size, ONNXTensorElementDataType type, const std::vector<int64_t>& shape);
     const OrtApi* api_ = nullptr;
     OrtValue* value_ = nullptr;
 };
@@ -49,8 +51,9 @@ class TensorView {
 // One compiled stage graph.
 class StageSession {
   public:
+    // `custom_ops`: path of a custom-op library to register for this stage, or "" for none.
     StageSession(std::shared_ptr<OrtRuntime> ort, const std::string& model_path, const std::string& stage_name,
-                 const std::vector<std::string>& inputs, const std::vector<std::string>& outputs);
+                 const std::vector<std::string>& inputs, const std::vector<std::string>& outputs, const std::string& custom_ops);
     ~StageSession();
     StageSession(const StageSession&) = delete;
     StageSession& operator=(const StageSession&) = delete;

@@ -8,6 +8,7 @@
 
 #include "error.hpp"
 #include "noise.hpp"
+#include "slim_kernels.h"
 
 namespace slim {
 namespace {
@@ -24,15 +25,17 @@ void subtract(std::vector<float>& dst, const std::vector<float>& a, const std::v
     for (size_t i = 0; i < n; ++i) dst[i] = a[i] - b[i];
 }
 
-// sum |a - b| / sum |b|: the relative L1 change of the stack residual (export/xslim.py).
-double relative_change(const std::vector<float>& a, const std::vector<float>& b, size_t n) {
-    double diff = 0, mag = 0;
-    for (size_t i = 0; i < n; ++i) {
-        diff += std::fabs(static_cast<double>(a[i]) - b[i]);
-        mag += std::fabs(static_cast<double>(b[i]));
+int step_level(Level level, bool cached_range) {
+    switch (level) {
+        case Level::Skip:
+            return SLIM_STEP_REUSED;
+        case Level::Block:
+            return SLIM_STEP_BLOCK_REFRESH;
+        case Level::Token:
+            return SLIM_STEP_TOKEN_REFRESH;
+        default:
+            return cached_range ? SLIM_STEP_CACHED_RANGE : SLIM_STEP_FULL;
     }
-    // A zero residual has no relative change: infinity, so the step is computed (as 0/0 in xslim.py).
-    return mag > 0 ? diff / mag : std::numeric_limits<double>::infinity();
 }
 
 }  // namespace
@@ -58,6 +61,7 @@ GenerateStats Sd3Session::generate(const GenerateRequest& r) {
     const int64_t B = r.batch, Bm = cfg ? 2 * B : B, L = r.text_len, H = r.height, W = r.width;
     const int64_t N = (H / c.patch_size) * (W / c.patch_size), D = c.inner_dim, Dc = c.caption_projection_dim;
     const size_t latent_count = static_cast<size_t>(B * c.in_channels * H * W);
+    const int layers = c.num_layers;
 
     steps_.clear();
     steps_.reserve(program.steps.size());
@@ -90,9 +94,31 @@ GenerateStats Sd3Session::generate(const GenerateRequest& r) {
         for (auto* v : {&before_img_, &delta_img_, &comp_img_}) v->resize(img_count);
         for (auto* v : {&before_txt_, &delta_txt_, &comp_txt_}) v->resize(txt_count);
     }
-    const bool step_cache = r.step_cache_threshold > 0;
-    if (step_cache)
-        for (auto* v : {&stack_in_, &residual_, &new_residual_}) v->resize(img_count);
+
+    // X-Slim: which caches full steps record, sized for this request.
+    static const XSlimPolicy kOff;
+    const XSlimPolicy& policy = r.cache ? *r.cache : kOff;
+    Controller controller(policy, program.steps.size());
+    const bool block_level = policy.uses(Level::Block), token_level = policy.uses(Level::Token);
+    if (policy.enabled)
+        for (auto* v : {&stack_in_, &residual_last_, &residual_prev_}) v->resize(img_count);
+    block_scores_.assign(layers, std::numeric_limits<double>::quiet_NaN());
+    block_res_img_.resize(layers);
+    block_res_txt_.resize(layers);
+    block_k_.resize(layers);
+    block_v_.resize(layers);
+    for (int b = 0; b < layers; ++b) {
+        const bool token_block = token_level && engine_.token_stages[b] >= 0;
+        if (block_level || token_block) block_res_img_[b].resize(img_count);
+        if (block_level && b + 1 < layers) block_res_txt_[b].resize(txt_count);
+        if (token_block) {
+            block_k_[b].resize(img_count);
+            block_v_[b].resize(img_count);
+        }
+        if (engine_.block_kv[b] && !token_block)
+            for (auto& v : kv_scratch_) v.resize(img_count);
+    }
+    if (token_level) token_scores_.resize(Bm * N);
 
     // OrtValue views over the buffers, made once per call.
     const std::vector<int64_t> lat_shape{Bm, c.in_channels, H, W}, img_shape{Bm, N, D}, txt_shape{Bm, L, Dc};
@@ -101,39 +127,58 @@ GenerateStats Sd3Session::generate(const GenerateRequest& r) {
     TensorView v_temb(ort, temb_.data(), {Bm, D}), v_velocity(ort, velocity_.data(), {Bm, c.out_channels, H, W});
     TensorView v_img[2] = {TensorView(ort, img_[0].data(), img_shape), TensorView(ort, img_[1].data(), img_shape)};
     TensorView v_txt[2] = {TensorView(ort, txt_[0].data(), txt_shape), TensorView(ort, txt_[1].data(), txt_shape)};
-    TensorView v_delta_img, v_delta_txt, v_comp_img, v_comp_txt;
+    TensorView v_delta_img, v_delta_txt, v_comp_img, v_comp_txt, v_scratch[2];
     if (caches) {
         v_delta_img = TensorView(ort, delta_img_.data(), img_shape);
         v_delta_txt = TensorView(ort, delta_txt_.data(), txt_shape);
         v_comp_img = TensorView(ort, comp_img_.data(), img_shape);
         v_comp_txt = TensorView(ort, comp_txt_.data(), txt_shape);
     }
+    if (!kv_scratch_[0].empty())
+        for (int i = 0; i < 2; ++i) v_scratch[i] = TensorView(ort, kv_scratch_[i].data(), img_shape);
+    std::vector<TensorView> v_k(layers), v_v(layers), v_res(layers);
+    for (int b = 0; b < layers; ++b)
+        if (!block_k_[b].empty()) {
+            v_k[b] = TensorView(ort, block_k_[b].data(), img_shape);
+            v_v[b] = TensorView(ort, block_v_[b].data(), img_shape);
+            v_res[b] = TensorView(ort, block_res_img_[b].data(), img_shape);
+        }
 
     bool compensated = false;
-    // X-Slim step level: the decision rule of export/xslim.py.
-    bool have_residual = false, have_rate = false;
-    double rate = 0, accumulated = 0;
-    size_t last_computed = 0;
+    const double full_block_flops = block_flops(N, N, L, D);
+    double flops = 0;
     GenerateStats stats;
     for (size_t step = 0; step < program.steps.size(); ++step) {
         const StepPlan& plan = program.steps[step];
         auto step_start = Clock::now();
+        const double flops_before = flops;
         for (int64_t copy = 0; copy < Bm / B; ++copy)
             std::memcpy(model_in_.data() + copy * latent_count, x_.data(), latent_count * sizeof(float));
         std::fill(timestep_.begin(), timestep_.end(), static_cast<float>(plan.timestep));
         run(engine_.embed_stage, {v_model_in.get(), v_timestep.get(), v_pooled.get(), v_text.get()},
             {v_img[0].get(), v_txt[0].get(), v_temb.get()});
 
-        int cur = 0, blocks_run = 0;
-        const bool reuse = step_cache && have_rate && !plan.record_delta && static_cast<int>(step) >= r.step_cache_warmup &&
-                           step + 1 != program.steps.size() && accumulated + rate < r.step_cache_threshold;
-        if (reuse) {  // the whole stack as its last residual
-            add_into(img_[0], residual_, img_count);
-            accumulated += rate;
-        } else if (step_cache) {
-            std::memcpy(stack_in_.data(), img_[0].data(), img_count * sizeof(float));
+        const Level level = controller.level(step, plan.record_delta);
+        const bool full = level == Level::Full;
+        const bool record = full && policy.enabled;
+        int cur = 0;
+        StepStats st{plan.sigma, plan.sigma_next, 0, 0, 0, static_cast<int>(N), 0, step_level(level, plan.skip_cached_blocks)};
+        if (record) std::memcpy(stack_in_.data(), img_[0].data(), img_count * sizeof(float));
+        if (level == Level::Skip) add_into(img_[0], residual_last_, img_count);  // the whole stack as its last residual
+        std::vector<bool> skip_block(layers, false);
+        if (level == Level::Block) skip_block = skippable_blocks(block_scores_, controller.block_threshold(step), policy.first_blocks);
+        TensorView v_index;
+        int64_t keep = N;
+        if (level == Level::Token) {  // the tokens whose residual changed most between the last two full steps
+            keep = kernels::cpu::tokens_for_ratio(static_cast<float>(controller.ratio(step)), N);
+            token_index_.resize(Bm * keep);
+            kernels::cpu::token_change_score(residual_last_.data(), residual_prev_.data(), Bm, N, D, token_scores_.data());
+            kernels::cpu::select_tokens(token_scores_.data(), Bm, N, keep, token_index_.data());
+            v_index = TensorView(ort, token_index_.data(), {Bm, keep});
+            st.tokens_computed = static_cast<int>(keep);
         }
-        for (int b = 0; b < (reuse ? 0 : c.num_layers); ++b) {
+
+        for (int b = 0; b < (level == Level::Skip ? 0 : layers); ++b) {
             const bool in_range = caches && b >= program.cache_first && b <= program.cache_last;
             if (plan.skip_cached_blocks && in_range) {
                 if (b == program.cache_last) {  // end of the skipped range: add the compensated Δ
@@ -150,30 +195,58 @@ GenerateStats Sd3Session::generate(const GenerateRequest& r) {
                 std::memcpy(before_img_.data(), img_[cur].data(), img_count * sizeof(float));
                 std::memcpy(before_txt_.data(), txt_[cur].data(), txt_count * sizeof(float));
             }
-            const bool last = b == c.num_layers - 1;
-            if (last)
-                run(engine_.block_stages[b], {v_img[cur].get(), v_txt[cur].get(), v_temb.get()}, {v_img[1 - cur].get()});
-            else
-                run(engine_.block_stages[b], {v_img[cur].get(), v_txt[cur].get(), v_temb.get()},
-                    {v_img[1 - cur].get(), v_txt[1 - cur].get()});
+            const bool last = b == layers - 1;
+            if (skip_block[b]) {  // X-Slim block level: the block's residual from the last full step
+                add_into(img_[cur], block_res_img_[b], img_count);
+                if (!last) add_into(txt_[cur], block_res_txt_[b], txt_count);
+                st.blocks_reused += 1;
+                continue;
+            }
+            if (level == Level::Token && engine_.token_stages[b] >= 0) {
+                std::initializer_list<const OrtValue*> in = {v_img[cur].get(), v_txt[cur].get(), v_temb.get(),  v_index.get(),
+                                                             v_k[b].get(),     v_v[b].get(),     v_res[b].get()};
+                if (last)
+                    run(engine_.token_stages[b], in, {v_img[1 - cur].get()});
+                else
+                    run(engine_.token_stages[b], in, {v_img[1 - cur].get(), v_txt[1 - cur].get()});
+                flops += block_flops(N, keep, L, D);
+            } else {
+                std::initializer_list<const OrtValue*> in = {v_img[cur].get(), v_txt[cur].get(), v_temb.get()};
+                OrtValue* k = nullptr;
+                OrtValue* v = nullptr;
+                if (engine_.block_kv[b]) {  // keys/values into the token cache, or into scratch when not needed
+                    const bool keep_kv = record && !block_k_[b].empty();
+                    k = keep_kv ? v_k[b].get() : v_scratch[0].get();
+                    v = keep_kv ? v_v[b].get() : v_scratch[1].get();
+                }
+                if (last && k)
+                    run(engine_.block_stages[b], in, {v_img[1 - cur].get(), k, v});
+                else if (last)
+                    run(engine_.block_stages[b], in, {v_img[1 - cur].get()});
+                else if (k)
+                    run(engine_.block_stages[b], in, {v_img[1 - cur].get(), v_txt[1 - cur].get(), k, v});
+                else
+                    run(engine_.block_stages[b], in, {v_img[1 - cur].get(), v_txt[1 - cur].get()});
+                flops += full_block_flops;
+                if (record && (block_level || token_level)) {
+                    if (!block_res_img_[b].empty()) subtract(block_res_img_[b], img_[1 - cur], img_[cur], img_count);
+                    if (!block_res_txt_[b].empty()) subtract(block_res_txt_[b], txt_[1 - cur], txt_[cur], txt_count);
+                    block_scores_[b] = relative_change(img_[1 - cur].data(), img_[cur].data(), img_count);
+                }
+            }
             cur = 1 - cur;
-            ++blocks_run;
+            ++st.blocks_run;
             if (plan.record_delta && b == program.cache_last) {
                 subtract(delta_img_, img_[cur], before_img_, img_count);
                 subtract(delta_txt_, txt_[cur], before_txt_, txt_count);
                 compensated = false;
             }
         }
-        if (step_cache && !reuse) {
-            subtract(new_residual_, img_[cur], stack_in_, img_count);
-            if (have_residual) {
-                rate = relative_change(new_residual_, residual_, img_count) / static_cast<double>(step - last_computed);
-                have_rate = true;
-            }
-            residual_.swap(new_residual_);
-            have_residual = true;
-            last_computed = step;
-            accumulated = 0;
+        if (record) {
+            residual_prev_.swap(residual_last_);
+            subtract(residual_last_, img_[cur], stack_in_, img_count);
+            const bool two = controller.full_steps() >= 1;
+            controller.full_step_done(step, two ? relative_change(residual_last_.data(), residual_prev_.data(), img_count) : -1);
         }
         run(engine_.final_stage, {v_img[cur].get(), v_temb.get(), v_model_in.get()}, {v_velocity.get()});
 
@@ -190,14 +263,16 @@ GenerateStats Sd3Session::generate(const GenerateRequest& r) {
         }
         if (!finite) throw Error(SLIM_ERR_NUMERICS, "step " + std::to_string(step) + " produced NaN or Inf latents");
 
-        const int level = reuse ? SLIM_STEP_REUSED : plan.skip_cached_blocks ? SLIM_STEP_CACHED_RANGE : SLIM_STEP_FULL;
-        steps_.push_back(StepStats{plan.sigma, plan.sigma_next, ms_since(step_start), blocks_run, level});
-        stats.blocks_run += blocks_run;
+        st.ms = ms_since(step_start);
+        st.flop_fraction = (flops - flops_before) / (full_block_flops * layers);
+        steps_.push_back(st);
+        stats.blocks_run += st.blocks_run;
     }
     std::memcpy(r.out, x_.data(), latent_count * sizeof(float));
     stats.steps = static_cast<int>(program.steps.size());
     stats.stage_calls = stage_calls_;
-    stats.effective_nfe = static_cast<double>(stats.blocks_run) / c.num_layers * (cfg ? 2 : 1);
+    stats.effective_nfe = flops / (full_block_flops * layers) * (cfg ? 2 : 1);
+    stats.flop_fraction = flops / (full_block_flops * layers * static_cast<double>(program.steps.size()));
     stats.backend_ms = backend_ms_;
     stats.total_ms = ms_since(start);
     return stats;

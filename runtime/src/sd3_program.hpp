@@ -7,6 +7,7 @@
 
 #include "engine.hpp"
 #include "slimengine.h"
+#include "xslim.hpp"
 
 namespace slim {
 
@@ -20,19 +21,21 @@ struct GenerateRequest {
     const float* latents = nullptr;  // [B, C, H, W] or nullptr for seeded noise
     uint64_t seed = 0;
     float guidance_scale = 1.0f;
-    double step_cache_threshold = 0;  // X-Slim step-level line; 0: off
-    int step_cache_warmup = 2;
-    float* out = nullptr;  // [B, C, H, W]
+    const XSlimPolicy* cache = nullptr;  // X-Slim policy (validated for this program); nullptr or disabled: off
+    float* out = nullptr;                // [B, C, H, W]
 };
 
 struct GenerateStats {
     int steps = 0, blocks_run = 0, stage_calls = 0;
-    double effective_nfe = 0, total_ms = 0, backend_ms = 0;
+    double effective_nfe = 0, flop_fraction = 0, total_ms = 0, backend_ms = 0;
 };
 
 struct StepStats {
     double sigma = 0, sigma_next = 0, ms = 0;
-    int blocks_run = 0;
+    int blocks_run = 0;          // blocks evaluated, on all or on a subset of the image tokens
+    int blocks_reused = 0;       // X-Slim block level: blocks that added their cached residual
+    int tokens_computed = 0;     // image tokens each evaluated block computed (all of them unless a token step)
+    double flop_fraction = 0;    // of a step running every block on every token
     int level = SLIM_STEP_FULL;  // slim_step_level
 };
 
@@ -64,7 +67,13 @@ class Sd3Session {
     std::vector<float> x_, model_in_, timestep_, pooled_, text_, temb_, velocity_;
     std::vector<float> img_[2], txt_[2];
     std::vector<float> before_img_, before_txt_, delta_img_, delta_txt_, comp_img_, comp_txt_;
-    std::vector<float> stack_in_, residual_, new_residual_;  // X-Slim step level
+    // X-Slim: stack input and the stack residuals of the last two full steps; per block, recorded at
+    // full steps: image/text residuals, scores, image keys/values; token selection.
+    std::vector<float> stack_in_, residual_last_, residual_prev_;
+    std::vector<std::vector<float>> block_res_img_, block_res_txt_, block_k_, block_v_;
+    std::vector<double> block_scores_;
+    std::vector<float> kv_scratch_[2], token_scores_;
+    std::vector<int64_t> token_index_;
 };
 
 }  // namespace slim

@@ -24,18 +24,20 @@ class GenerateParams(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("prompt_embeds", ctypes.POINTER(SlimTensor)),
                 ("pooled_embeds", ctypes.POINTER(SlimTensor)), ("negative_prompt_embeds", ctypes.POINTER(SlimTensor)),
                 ("negative_pooled_embeds", ctypes.POINTER(SlimTensor)), ("latents", ctypes.POINTER(SlimTensor)),
-                ("seed", ctypes.c_uint64), ("guidance_scale", ctypes.c_float), ("step_cache_threshold", ctypes.c_float)]
+                ("seed", ctypes.c_uint64), ("guidance_scale", ctypes.c_float), ("step_cache_threshold", ctypes.c_float),
+                ("cache_policy", ctypes.c_char_p)]
 
 
 class GenerateStats(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("steps", ctypes.c_int32), ("blocks_run", ctypes.c_int32),
                 ("stage_calls", ctypes.c_int32), ("effective_nfe", ctypes.c_double), ("total_ms", ctypes.c_double),
-                ("backend_ms", ctypes.c_double)]
+                ("backend_ms", ctypes.c_double), ("flop_fraction", ctypes.c_double)]
 
 
 class StepStats(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("sigma", ctypes.c_double), ("sigma_next", ctypes.c_double),
-                ("blocks_run", ctypes.c_int32), ("level", ctypes.c_int32), ("ms", ctypes.c_double)]
+                ("blocks_run", ctypes.c_int32), ("level", ctypes.c_int32), ("ms", ctypes.c_double),
+                ("blocks_reused", ctypes.c_int32), ("tokens_computed", ctypes.c_int32), ("flop_fraction", ctypes.c_double)]
 
 
 class StageStats(ctypes.Structure):

@@ -13,7 +13,7 @@ import numpy as np
 from . import _native
 from ._native import GenerateStats, SlimTensor, StageStats, StepStats
 
-STEP_LEVELS = ("full", "cached_range", "reused")  # slim_step_level
+STEP_LEVELS = ("full", "cached_range", "reused", "block_refresh", "token_refresh")  # slim_step_level
 
 
 class SlimError(RuntimeError):
@@ -61,7 +61,7 @@ class _TensorArg:
 @dataclasses.dataclass
 class GenerateResult:
     latents: np.ndarray
-    stats: dict  # steps, blocks_run, stage_calls, effective_nfe, total_ms, backend_ms, per_step, per_stage
+    stats: dict  # steps, blocks_run, stage_calls, effective_nfe, flop_fraction, total_ms, backend_ms, per_step, per_stage
 
 
 class Engine:
@@ -85,6 +85,16 @@ class Engine:
         self.config = self.manifest["config"]
         self.stage_names = [lib.slim_engine_stage_name(handle, i).decode() for i in range(lib.slim_engine_stage_count(handle))]
         self._sessions = weakref.WeakSet()
+
+    def policy_json(self, cache) -> str:
+        """An X-Slim policy for slim_generate's cache_policy: "none", a spec string, an XSlimPolicy or its dict."""
+        from .export.xslim import XSlimPolicy, parse_cache_spec
+
+        if isinstance(cache, str):
+            cache = parse_cache_spec(cache, steps=len(self.manifest["program"]["steps"]))
+        if isinstance(cache, XSlimPolicy):
+            cache = cache.to_manifest()
+        return json.dumps(cache)
 
     def session(self) -> Session:
         if not self._handle:
@@ -124,10 +134,11 @@ class Session:
 
     def generate(self, prompt_embeds, pooled_embeds, *, seed: int = 0, latents=None, negative_prompt_embeds=None,
                  negative_pooled_embeds=None, guidance_scale: float | None = None, height: int | None = None,
-                 width: int | None = None, step_cache_threshold: float | None = None) -> GenerateResult:
+                 width: int | None = None, step_cache_threshold: float | None = None, cache=None) -> GenerateResult:
         """Run the bundle's sampling program. `latents` (float32 [B,C,H,W]) replaces seeded noise; otherwise
-        height/width (latent pixels) default to the bundle's default size. `step_cache_threshold` overrides
-        the bundle's X-Slim step-level line (0 turns step reuse off)."""
+        height/width (latent pixels) default to the bundle's default size. `cache` overrides the bundle's
+        X-Slim policy: "none", a spec ("xslim:step=0.1,critical=0.3", see export-engine --help) or an
+        XSlimPolicy; `step_cache_threshold` alone asks for step-level reuse with that line (0: off)."""
         lib = _native.lib()
         if not self._handle:
             raise SlimError("SLIM_ERR_INVALID_ARGUMENT", "the session is closed (or its engine was closed)")
@@ -153,6 +164,8 @@ class Session:
             params.guidance_scale = guidance_scale
         if step_cache_threshold is not None:
             params.step_cache_threshold = step_cache_threshold
+        if cache is not None:
+            params.cache_policy = self._engine.policy_json(cache).encode()
         out_arg = _TensorArg(out)
         stats = GenerateStats(struct_size=ctypes.sizeof(GenerateStats))
         _check(lib.slim_generate(self._handle, ctypes.byref(params), out_arg.pointer(), ctypes.byref(stats)))
@@ -165,14 +178,15 @@ class Session:
             st = StepStats(struct_size=ctypes.sizeof(StepStats))
             _check(lib.slim_session_step_stats(self._handle, i, ctypes.byref(st)))
             per_step.append({"sigma": st.sigma, "sigma_next": st.sigma_next, "blocks_run": st.blocks_run,
-                             "level": STEP_LEVELS[st.level], "ms": st.ms})
+                             "blocks_reused": st.blocks_reused, "tokens_computed": st.tokens_computed,
+                             "flop_fraction": st.flop_fraction, "level": STEP_LEVELS[st.level], "ms": st.ms})
         per_stage = {}
         for i, name in enumerate(self._engine.stage_names):
             st = StageStats(struct_size=ctypes.sizeof(StageStats))
             _check(lib.slim_session_stage_stats(self._handle, i, ctypes.byref(st)))
             per_stage[name] = {"calls": st.calls, "ms": st.total_ms}
         return {"steps": s.steps, "blocks_run": s.blocks_run, "stage_calls": s.stage_calls, "effective_nfe": s.effective_nfe,
-                "total_ms": s.total_ms, "backend_ms": s.backend_ms, "per_step": per_step, "per_stage": per_stage}
+                "flop_fraction": s.flop_fraction, "total_ms": s.total_ms, "backend_ms": s.backend_ms, "per_step": per_step, "per_stage": per_stage}
 
     def close(self) -> None:
         if self._handle:
