@@ -8,6 +8,7 @@
 
 #include "engine.hpp"
 #include "error.hpp"
+#include "sampling_plan.hpp"
 #include "sd3_program.hpp"
 #include "slimengine.h"
 
@@ -200,6 +201,8 @@ slim_generate_params slim_generate_default_params(void) {
     p.struct_size = sizeof(p);
     p.guidance_scale = -1.0f;
     p.step_cache_threshold = -1.0f;
+    p.num_steps = 0;
+    p.shift = 3.0f;
     return p;
 }
 
@@ -225,6 +228,11 @@ slim_status slim_generate(slim_session* session, const slim_generate_params* par
         auto pooled = check_tensor(p.pooled_embeds, "pooled_embeds", {B, c.pooled_projection_dim}, "[" + std::to_string(B) + "," + P + "]");
         if (!std::isfinite(p.guidance_scale)) throw Error(SLIM_ERR_INVALID_ARGUMENT, "guidance_scale must be finite");
         if (!std::isfinite(p.step_cache_threshold)) throw Error(SLIM_ERR_INVALID_ARGUMENT, "step_cache_threshold must be finite");
+        if (p.num_steps < 0 || p.num_steps > 10000)
+            throw Error(SLIM_ERR_INVALID_ARGUMENT,
+                        "num_steps must be 0 (the bundle's program) or 1 to 10000, got " + std::to_string(p.num_steps));
+        if (p.num_steps > 0 && !(std::isfinite(p.shift) && p.shift > 0))
+            throw Error(SLIM_ERR_INVALID_ARGUMENT, "shift must be a positive number, got " + std::to_string(p.shift));
         const float guidance = p.guidance_scale < 0 ? m.program.guidance_scale : p.guidance_scale;
         const bool cfg = guidance > 1.0f;
         if (cfg && (!p.negative_prompt_embeds || !p.negative_pooled_embeds))
@@ -268,6 +276,11 @@ slim_status slim_generate(slim_session* session, const slim_generate_params* par
         request.guidance_scale = guidance;
         request.step_cache_threshold = p.step_cache_threshold < 0 ? m.program.step_cache_threshold : p.step_cache_threshold;
         request.step_cache_warmup = m.program.step_cache_warmup;
+        slim::Program plan;
+        if (p.num_steps > 0) {
+            plan = slim::plain_program(m.program, p.num_steps, p.shift);
+            request.program = &plan;
+        }
         request.out = static_cast<float*>(latents_out->data);
         slim::GenerateStats s = session->program->generate(request);
         if (stats) {
@@ -307,6 +320,32 @@ slim_status slim_session_stage_stats(const slim_session* session, int32_t index,
     const slim::StageStats& s = session->program->stage_stats()[index];
     out->calls = s.calls;
     out->total_ms = s.ms;
+    return SLIM_OK;
+}
+
+slim_status slim_session_set_profiling(slim_session* session, int32_t enabled) {
+    if (!session) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_session_set_profiling: session is NULL");
+    session->program->profiler().set_enabled(enabled != 0);
+    return SLIM_OK;
+}
+
+int32_t slim_session_event_count(const slim_session* session) {
+    return session ? static_cast<int32_t>(session->program->profiler().events().size()) : 0;
+}
+
+slim_status slim_session_event(const slim_session* session, int32_t index, slim_event* out) {
+    if (!session || !out || index < 0 || index >= slim_session_event_count(session))
+        return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_session_event: NULL argument or event index out of range");
+    if (out->struct_size < sizeof(slim_event)) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_event.struct_size must be sizeof(slim_event)");
+    const slim::ProfileEvent& e = session->program->profiler().events()[index];
+    out->kind = e.kind;
+    out->step = e.step;
+    out->block = e.block;
+    out->stage = e.stage;
+    out->level = e.level;
+    out->start_ns = e.start_ns;
+    out->end_ns = e.end_ns;
+    out->device_ns = e.device_ns;
     return SLIM_OK;
 }
 

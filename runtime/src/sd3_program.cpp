@@ -14,7 +14,13 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-double ms_since(Clock::time_point start) { return std::chrono::duration<double, std::milli>(Clock::now() - start).count(); }
+double ms_between(Clock::time_point start, Clock::time_point end) { return std::chrono::duration<double, std::milli>(end - start).count(); }
+
+std::vector<std::string> stage_names(const Engine& engine) {
+    std::vector<std::string> names;
+    for (const auto& stage : engine.stages()) names.push_back(stage->name());
+    return names;
+}
 
 void add_into(std::vector<float>& dst, const std::vector<float>& src, size_t n) {
     for (size_t i = 0; i < n; ++i) dst[i] += src[i];
@@ -37,12 +43,14 @@ double relative_change(const std::vector<float>& a, const std::vector<float>& b,
 
 }  // namespace
 
-Sd3Session::Sd3Session(const Engine& engine) : engine_(engine), stages_(engine.stages().size()) {}
+Sd3Session::Sd3Session(const Engine& engine) : engine_(engine), stages_(engine.stages().size()), profiler_(stage_names(engine)) {}
 
 void Sd3Session::run(int stage, std::initializer_list<const OrtValue*> inputs, std::initializer_list<OrtValue*> outputs) {
     auto start = Clock::now();
     engine_.stages()[stage]->run(inputs.begin(), outputs.begin());
-    double ms = ms_since(start);
+    auto end = Clock::now();
+    profiler_.stage(stage, start, end);
+    double ms = ms_between(start, end);
     stages_[stage].calls += 1;
     stages_[stage].ms += ms;
     backend_ms_ += ms;
@@ -52,7 +60,7 @@ void Sd3Session::run(int stage, std::initializer_list<const OrtValue*> inputs, s
 GenerateStats Sd3Session::generate(const GenerateRequest& r) {
     auto start = Clock::now();
     const Sd3Config& c = engine_.manifest().config;
-    const Program& program = engine_.manifest().program;
+    const Program& program = r.program ? *r.program : engine_.manifest().program;
     const OrtRuntime& ort = engine_.ort();
     const bool cfg = r.guidance_scale > 1.0f;
     const int64_t B = r.batch, Bm = cfg ? 2 * B : B, L = r.text_len, H = r.height, W = r.width;
@@ -64,6 +72,7 @@ GenerateStats Sd3Session::generate(const GenerateRequest& r) {
     for (auto& s : stages_) s = StageStats{};
     backend_ms_ = 0;
     stage_calls_ = 0;
+    profiler_.begin_generation(1 + program.steps.size() * (1 + stages_.size()));  // each stage at most once a step
 
     // Inputs in model-batch layout: [negative; positive] under CFG.
     x_.resize(latent_count);
@@ -118,6 +127,7 @@ GenerateStats Sd3Session::generate(const GenerateRequest& r) {
     for (size_t step = 0; step < program.steps.size(); ++step) {
         const StepPlan& plan = program.steps[step];
         auto step_start = Clock::now();
+        profiler_.set_step(static_cast<int>(step));
         for (int64_t copy = 0; copy < Bm / B; ++copy)
             std::memcpy(model_in_.data() + copy * latent_count, x_.data(), latent_count * sizeof(float));
         std::fill(timestep_.begin(), timestep_.end(), static_cast<float>(plan.timestep));
@@ -191,7 +201,9 @@ GenerateStats Sd3Session::generate(const GenerateRequest& r) {
         if (!finite) throw Error(SLIM_ERR_NUMERICS, "step " + std::to_string(step) + " produced NaN or Inf latents");
 
         const int level = reuse ? SLIM_STEP_REUSED : plan.skip_cached_blocks ? SLIM_STEP_CACHED_RANGE : SLIM_STEP_FULL;
-        steps_.push_back(StepStats{plan.sigma, plan.sigma_next, ms_since(step_start), blocks_run, level});
+        const auto step_end = Clock::now();
+        profiler_.step(level, step_start, step_end);
+        steps_.push_back(StepStats{plan.sigma, plan.sigma_next, ms_between(step_start, step_end), blocks_run, level});
         stats.blocks_run += blocks_run;
     }
     std::memcpy(r.out, x_.data(), latent_count * sizeof(float));
@@ -199,7 +211,9 @@ GenerateStats Sd3Session::generate(const GenerateRequest& r) {
     stats.stage_calls = stage_calls_;
     stats.effective_nfe = static_cast<double>(stats.blocks_run) / c.num_layers * (cfg ? 2 : 1);
     stats.backend_ms = backend_ms_;
-    stats.total_ms = ms_since(start);
+    const auto end = Clock::now();
+    profiler_.generation(start, end);
+    stats.total_ms = ms_between(start, end);
     return stats;
 }
 
