@@ -274,7 +274,8 @@ def summarize(results: list, num_layers: int, batch: int) -> dict:
         if e["block"] >= 0:
             row = heatmap[e["step"]]
             row[e["block"]] = (row[e["block"]] or 0.0) + _ms(e) / iters
-    outside = [_ms(g) - sum(_ms(e) for e in r.events if e["kind"] == "stage") for g, r in zip(generations, results)]
+    prepares = [next(e for e in r.events if e["kind"] == "prepare") for r in results]
+    other = [_ms(g) - _ms(p) - sum(_ms(e) for e in r.events if e["kind"] == "stage") for g, p, r in zip(generations, prepares, results)]
     return {
         "generation": gen,
         "effective_nfe": float(np.mean([r.stats["effective_nfe"] for r in results])),
@@ -282,7 +283,8 @@ def summarize(results: list, num_layers: int, batch: int) -> dict:
         "stages": {name: calls(events) for name, events in by_stage.items()},
         "blocks": [{"index": b, **calls(by_block[b])} for b in sorted(by_block)],
         "block_heatmap_ms": heatmap,
-        "outside_stages": dict(latency_stats(outside), share=float(np.mean(outside)) / gen_mean),
+        "prepare": dict(latency_stats([_ms(p) for p in prepares]), share=float(np.mean([_ms(p) for p in prepares])) / gen_mean),
+        "other_host": dict(latency_stats(other), share=float(np.mean(other)) / gen_mean),
     }
 
 
@@ -301,6 +303,8 @@ def chrome_trace(runs: dict, stage_names: list[str], title: str) -> dict:
             for e in r.events:
                 if e["kind"] == "generation":
                     name, args = "generate", {"iteration": iteration, "plan": plan, "effective_nfe": r.stats["effective_nfe"]}
+                elif e["kind"] == "prepare":
+                    name, args = "prepare", {}
                 elif e["kind"] == "step":
                     name, args = f"step {e['step']} ({e['level']})", {"step": e["step"], "level": e["level"]}
                 else:
@@ -338,7 +342,8 @@ def report_table(report: dict) -> str:
             lines.append(row(f"stage {name}", st, st["share"]))
     for st in report["blocks"]:
         lines.append(row(f"block {st['index']}", st, st["share"]))
-    lines.append(row("outside stages", report["outside_stages"], report["outside_stages"]["share"]))
+    lines.append(row("prepare", report["prepare"], report["prepare"]["share"]))
+    lines.append(row("other host work", report["other_host"], report["other_host"]["share"]))
     lines.append("")
     lines.append(f"effective NFE {report['effective_nfe']:.2f}; {report['generation']['images_per_s']:.2f} images/s")
     if report["baseline"]:
@@ -364,10 +369,10 @@ def write_plot(report: dict, trace: dict, path: Path) -> None:
     fig.suptitle(f"profile-engine {report['engine']['path']}: mean {report['generation']['mean']:.2f} ms per generation, "
                  f"effective NFE {report['effective_nfe']:.2f}")
 
-    # Time per generation by stage, and what ran outside any stage call.
-    names = list(report["stages"]) + ["(outside stages)"]
-    values = [st["per_generation_ms"] for st in report["stages"].values()] + [report["outside_stages"]["mean"]]
-    ax_stages.barh(names, values, color=["tab:blue"] * (len(names) - 1) + ["tab:gray"])
+    # Time per generation by stage, and the host work outside any stage call.
+    names = list(report["stages"]) + ["(prepare)", "(other host work)"]
+    values = [st["per_generation_ms"] for st in report["stages"].values()] + [report["prepare"]["mean"], report["other_host"]["mean"]]
+    ax_stages.barh(names, values, color=["tab:blue"] * (len(names) - 2) + ["tab:gray"] * 2)
     ax_stages.invert_yaxis()
     ax_stages.set_xlabel("ms per generation (mean)")
     ax_stages.set_title("latency breakdown by stage")
@@ -383,13 +388,16 @@ def write_plot(report: dict, trace: dict, path: Path) -> None:
         if e["cat"] == "step":
             ax_steps.broken_barh([(start, dur)], (1.1, 0.8), color=LEVEL_COLOURS.get(e["args"]["level"], "tab:purple"), edgecolor="white")
             ax_steps.text(start + dur / 2, 1.5, str(e["args"]["step"]), ha="center", va="center", fontsize=7)
+        elif e["cat"] == "prepare":
+            ax_steps.broken_barh([(start, dur)], (1.1, 0.8), color="tab:gray", edgecolor="white")
         elif e["cat"] == "stage":
             colour = "tab:blue" if e["args"]["block"] >= 0 else "tab:cyan"
             ax_steps.broken_barh([(start, dur)], (0.1, 0.8), color=colour, edgecolor="white", linewidth=0.3)
     ax_steps.set_yticks([0.5, 1.5], ["stage calls", "steps"])
     ax_steps.set_xlabel("ms since the start of the generation (median run)")
     ax_steps.set_title("per-step timeline (colour: cache level)")
-    legend = {**{f"step: {level}": c for level, c in LEVEL_COLOURS.items()}, "stage: a block": "tab:blue", "stage: other": "tab:cyan"}
+    legend = {"prepare": "tab:gray", **{f"step: {level}": c for level, c in LEVEL_COLOURS.items()}, "stage: a block": "tab:blue",
+              "stage: other": "tab:cyan"}
     ax_steps.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for c in legend.values()], labels=list(legend), loc="upper right",
                     fontsize=8, ncols=len(legend))
     ax_steps.set_ylim(0, 2.4)
@@ -435,7 +443,8 @@ def comparison_rows(report: dict) -> dict:
     rows.update({f"step {s['index']} mean ms": s["mean"] for s in report["steps"]})
     rows.update({f"stage {name} ms/generation": st["per_generation_ms"] for name, st in report["stages"].items()})
     rows.update({f"block {b['index']} ms/generation": b["per_generation_ms"] for b in report["blocks"]})
-    rows["outside stages ms/generation"] = report["outside_stages"]["mean"]
+    rows["prepare ms"] = report["prepare"]["mean"]
+    rows["other host work ms/generation"] = report["other_host"]["mean"]
     return rows
 
 

@@ -179,20 +179,21 @@ typedef struct slim_stage_stats {
 SLIM_API slim_status slim_session_stage_stats(const slim_session* session, int32_t index, slim_stage_stats* out);
 
 /* ---- profiling (ABI 0.2) ----
- * With profiling on, each generate records a timed event per stage call, per step and for the whole
- * generation. Host times are the library's own clock reads around each backend call (steady clock,
+ * With profiling on, each generate records a timed event per stage call, per step, for its prepare
+ * phase and for the whole generation. Host times are the library's own clock reads around each backend call (steady clock,
  * CLOCK_MONOTONIC on Linux, in ns). Off (the default) nothing is recorded and nothing is allocated. */
 
 typedef enum slim_event_kind {
-    SLIM_EVENT_GENERATION = 0, /* one slim_generate call: the program from its first buffer to the result */
-    SLIM_EVENT_STEP = 1,       /* one sampling step; `level` says how it ran */
-    SLIM_EVENT_STAGE = 2       /* one backend call of stage `stage` (a CFG batch is one call) */
+    SLIM_EVENT_GENERATION = 0, /* one slim_generate call, after argument checks: prepare, the steps, the result copied out */
+    SLIM_EVENT_PREPARE = 1,    /* its first part: inputs laid out in the model batch, seeded noise drawn, buffers sized */
+    SLIM_EVENT_STEP = 2,       /* one sampling step; `level` says how it ran */
+    SLIM_EVENT_STAGE = 3       /* one backend call of stage `stage` (a CFG batch is one call) */
 } slim_event_kind;             /* later versions may add kinds: skip the ones you do not know */
 
 typedef struct slim_event {
     uint32_t struct_size; /* set by the caller: sizeof(slim_event) */
     int32_t kind;         /* slim_event_kind */
-    int32_t step;         /* the step the event belongs to; -1 for the generation */
+    int32_t step;         /* the step the event belongs to; -1 for the generation and prepare events */
     int32_t block;        /* stage events: the joint block the stage computes (block_i, block_i_*), else -1 */
     int32_t stage;        /* stage events: stage index (slim_engine_stage_name), else -1 */
     int32_t level;        /* step events: slim_step_level, else -1 */
@@ -206,8 +207,8 @@ typedef struct slim_event {
 SLIM_API slim_status slim_session_set_profiling(slim_session* session, int32_t enabled);
 /* Number of events of the session's last generate (0 when profiling was off; partial if it failed). */
 SLIM_API int32_t slim_session_event_count(const slim_session* session);
-/* Event `index`, in the order the events ended: the stage calls of a step, then that step; the
- * generation last. Status: INVALID_ARGUMENT (NULL argument, index out of range, struct_size). */
+/* Event `index`, in the order the events ended: prepare; the stage calls of a step, then that step;
+ * the generation last. Status: INVALID_ARGUMENT (NULL argument, index out of range, struct_size). */
 SLIM_API slim_status slim_session_event(const slim_session* session, int32_t index, slim_event* out);
 
 #ifdef __cplusplus

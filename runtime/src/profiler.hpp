@@ -1,4 +1,4 @@
-// Event recording for profiling: one timed event per stage call, per step and per generation.
+// Event recording for profiling: one timed event per stage call, per step, per generation and its prepare phase.
 // Off by default, and then it costs one branch per record site: the clock reads it records are
 // the ones the program already makes for its stats. On, each generation preallocates its buffer.
 #pragma once
@@ -36,6 +36,10 @@ class Profiler {
     // Starts a generation's record: clears the last one; when enabled, reserves `capacity` events so
     // the step loop does not allocate (a program making more calls than that grows the buffer).
     void begin_generation(size_t capacity);
+    // The generation's inputs, noise and buffers are ready (from `start` to now): its prepare event.
+    void prepared(TimePoint start) {
+        if (enabled_) record(SLIM_EVENT_PREPARE, -1, -1, -1, -1, start, std::chrono::steady_clock::now());
+    }
     // The step the following stage calls belong to (-1: outside any step).
     void set_step(int step) { step_ = step; }
 
@@ -50,7 +54,7 @@ class Profiler {
         if (enabled_) record(SLIM_EVENT_GENERATION, -1, -1, -1, -1, start, end);
     }
 
-    // The last generation's events, in the order they ended (stages, then their step; the generation last).
+    // The last generation's events, in the order they ended (prepare; stages, then their step; the generation last).
     const std::vector<ProfileEvent>& events() const { return events_; }
 
   private:

@@ -124,6 +124,7 @@ GenerateStats Sd3Session::generate(const GenerateRequest& r) {
     double rate = 0, accumulated = 0;
     size_t last_computed = 0;
     GenerateStats stats;
+    profiler_.prepared(start);
     for (size_t step = 0; step < program.steps.size(); ++step) {
         const StepPlan& plan = program.steps[step];
         auto step_start = Clock::now();

@@ -14,7 +14,7 @@ from . import _native
 from ._native import Event, GenerateStats, SlimTensor, StageStats, StepStats
 
 STEP_LEVELS = ("full", "cached_range", "reused")  # slim_step_level
-EVENT_KINDS = ("generation", "step", "stage")  # slim_event_kind
+EVENT_KINDS = ("generation", "prepare", "step", "stage")  # slim_event_kind
 
 
 class SlimError(RuntimeError):
@@ -64,7 +64,7 @@ class GenerateResult:
     latents: np.ndarray
     stats: dict  # steps, blocks_run, stage_calls, effective_nfe, total_ms, backend_ms, per_step, per_stage
     # With Session.profiling on: the runtime's timed events, in the order they ended (slim_event), each
-    # {kind: generation|step|stage, step, block, stage (name or None), level (step level name or None),
+    # {kind: generation|prepare|step|stage, step, block, stage (name or None), level (step level name or None),
     #  start_ns, end_ns (host steady clock), device_ns (None: not measured)}. Empty when profiling is off.
     events: list[dict] = dataclasses.field(default_factory=list)
 
