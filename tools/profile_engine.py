@@ -280,10 +280,11 @@ def summarize(results: list, num_layers: int, batch: int) -> dict:
         "generation": gen,
         "effective_nfe": float(np.mean([r.stats["effective_nfe"] for r in results])),
         "steps": steps,
-        "stages": {name: calls(events) for name, events in by_stage.items()},
+        "stages": {name: {"block": events[0]["block"], **calls(events)} for name, events in by_stage.items()},
         "blocks": [{"index": b, **calls(by_block[b])} for b in sorted(by_block)],
         "block_heatmap_ms": heatmap,
-        "prepare": dict(latency_stats([_ms(p) for p in prepares]), share=float(np.mean([_ms(p) for p in prepares])) / gen_mean),
+        "prepare": dict(latency_stats([_ms(p) for p in prepares]), share=float(np.mean([_ms(p) for p in prepares])) / gen_mean,
+                        device=device_stats(prepares)),
         "other_host": dict(latency_stats(other), share=float(np.mean(other)) / gen_mean),
     }
 
@@ -319,6 +320,12 @@ def chrome_trace(runs: dict, stage_names: list[str], title: str) -> dict:
 STAT_COLUMNS = ("min", "mean", "median", "p90", "p95", "p99", "max")
 
 
+def _stages_outside_blocks(report: dict) -> list:
+    """The tables list the stages that compute no block (embed, compensate, final) by stage, and the
+    stages of a block (block_i, block_i_*) together as that block."""
+    return [(name, st) for name, st in report["stages"].items() if st["block"] < 0]
+
+
 def report_table(report: dict) -> str:
     e, s = report["engine"], report["settings"]
     h, w = s["latent_size"]
@@ -337,9 +344,8 @@ def report_table(report: dict) -> str:
     lines.append(row("generation", report["generation"], 1.0))
     for st in report["steps"]:
         lines.append(row(f"step {st['index']} ({st['level']})", st, st["mean"] / report["generation"]["mean"]))
-    for name, st in report["stages"].items():
-        if not name.startswith("block_"):
-            lines.append(row(f"stage {name}", st, st["share"]))
+    for name, st in _stages_outside_blocks(report):
+        lines.append(row(f"stage {name}", st, st["share"]))
     for st in report["blocks"]:
         lines.append(row(f"block {st['index']}", st, st["share"]))
     lines.append(row("prepare", report["prepare"], report["prepare"]["share"]))
@@ -441,7 +447,7 @@ def comparison_rows(report: dict) -> dict:
     if report["speedup"]:
         rows["speedup vs baseline (mean)"] = report["speedup"]["mean"]
     rows.update({f"step {s['index']} mean ms": s["mean"] for s in report["steps"]})
-    rows.update({f"stage {name} ms/generation": st["per_generation_ms"] for name, st in report["stages"].items()})
+    rows.update({f"stage {name} ms/generation": st["per_generation_ms"] for name, st in _stages_outside_blocks(report)})
     rows.update({f"block {b['index']} ms/generation": b["per_generation_ms"] for b in report["blocks"]})
     rows["prepare ms"] = report["prepare"]["mean"]
     rows["other host work ms/generation"] = report["other_host"]["mean"]
