@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+import slimengine as se
+
 SCHEMA = "slimengine-profile"
 SCHEMA_VERSION = 1
 BASELINE_STEPS, BASELINE_SHIFT, BASELINE_GUIDANCE = 28, 3.0, 7.0  # plain SD3 (export/sampling_plan.py make_plan)
@@ -71,21 +73,22 @@ def main(argv=None) -> int:
         manifest = read_manifest(args.engine)
         family = manifest.get("family")
         if family == "sd3":
-            report, trace = profile_sd3(args, manifest)
+            report, trace = profile_sd3(args)
         elif family == "lemur":
             raise UsageError(f"{args.engine} is a lemur engine; profiling lemur (embed, score) is not supported by this build")
         else:
             raise UsageError(f"{args.engine}: model family {family!r} is not supported (expected sd3)")
-    except UsageError as e:
-        return _fail(str(e))
-    print(report_table(report))
-    try:
+        print(report_table(report))
         if args.json:
             args.json.write_text(json.dumps(report, indent=1) + "\n")
         if args.trace:
             args.trace.write_text(json.dumps(trace) + "\n")
         if args.plot:
             write_plot(report, trace, args.plot)
+    except UsageError as e:
+        return _fail(str(e))
+    except se.SlimError as e:  # the engine loaded but a generation failed
+        return _fail(f"{args.engine}: {e}", code=1)
     except OSError as e:
         return _fail(f"cannot write {e.filename}: {e.strerror}", code=1)
     return 0
@@ -112,14 +115,18 @@ def check_arguments(args) -> None:
 
 
 def read_manifest(path: Path) -> dict:
+    """The bundle's manifest.json, read only to pick the model family's profiler (the runtime validates it)."""
     if not path.exists():
         raise UsageError(f"no such engine: {path}")
     try:
-        return json.loads((path / "manifest.json").read_text())
+        manifest = json.loads((path / "manifest.json").read_text())
     except FileNotFoundError:
         raise UsageError(f"{path} is not an engine bundle (no manifest.json)") from None
     except (OSError, ValueError) as e:
         raise UsageError(f"{path}/manifest.json cannot be read: {e}") from None
+    if not isinstance(manifest, dict):
+        raise UsageError(f"{path}/manifest.json is not a bundle manifest (not a JSON object)")
+    return manifest
 
 
 def latent_size(text: str | None, config: dict) -> tuple[int, int]:
@@ -159,17 +166,15 @@ def cache_request(spec: str | None, program: dict) -> dict:
 # ---- measuring ----
 
 
-def profile_sd3(args, manifest: dict) -> tuple[dict, dict]:
+def profile_sd3(args) -> tuple[dict, dict]:
     """Time the bundle's program (and the baseline plan) and summarise; returns (report, trace)."""
-    import slimengine as se
-
-    config, program = manifest["config"], manifest["program"]
-    height, width = latent_size(args.resolution, config)
-    cache = cache_request(args.cache, program)
     try:
-        engine = se.open_engine(args.engine)
+        engine = se.open_engine(args.engine)  # validates the manifest
     except se.SlimError as e:
         raise UsageError(f"{args.engine}: {e}") from None
+    config, program = engine.config, engine.manifest["program"]
+    height, width = latent_size(args.resolution, config)
+    cache = cache_request(args.cache, program)
     rng = np.random.default_rng(0)
     text, neg_text = rng.standard_normal((2, args.batch, args.text_len, config["joint_attention_dim"]), dtype=np.float32)
     pooled, neg_pooled = rng.standard_normal((2, args.batch, config["pooled_projection_dim"]), dtype=np.float32)
@@ -189,10 +194,7 @@ def profile_sd3(args, manifest: dict) -> tuple[dict, dict]:
     with tqdm(total=(args.warmup + args.iters) * len(plans), desc="profile", unit="gen", disable=args.quiet, file=sys.stderr) as bar:
         for i in range(args.warmup + args.iters):
             for name, kwargs in plans.items():  # interleaved, so drift on a shared machine hits both alike
-                try:
-                    result = sessions[name].generate(text, pooled, **kwargs)
-                except se.SlimError as e:
-                    raise UsageError(f"{args.engine}: {e}") from None
+                result = sessions[name].generate(text, pooled, **kwargs)
                 if i >= args.warmup:
                     runs[name].append(result)
                 bar.update()
@@ -200,7 +202,7 @@ def profile_sd3(args, manifest: dict) -> tuple[dict, dict]:
     report = {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
-        "engine": {"path": str(args.engine), "family": manifest["family"], "precision": manifest["precision"],
+        "engine": {"path": str(args.engine), "family": engine.manifest["family"], "precision": engine.manifest["precision"],
                    "num_layers": config["num_layers"], "stages": stage_names, "runtime_version": se.version()},
         "settings": {"warmup": args.warmup, "iters": args.iters, "batch": args.batch, "latent_size": [height, width],
                      "text_len": args.text_len, "cache": args.cache or "bundle", "guidance_scale": guidance, "seed": 0,
