@@ -1,6 +1,7 @@
 // Event recording for profiling: one timed event per stage call, per step, per generation and its prepare phase.
-// Off by default, and then it costs one branch per record site: the clock reads it records are
-// the ones the program already makes for its stats. On, each generation preallocates its buffer.
+// Off by default, and then it costs one branch per record site and reads no clock: the times it
+// records are the clock reads the program makes for its stats anyway (the end of the prepare phase is
+// read only when profiling). On, each generation preallocates its buffer before the step loop.
 #pragma once
 
 #include <chrono>
@@ -15,7 +16,7 @@ namespace slim {
 // The C ABI's slim_event without its struct_size; the same fields, the same meanings.
 struct ProfileEvent {
     int kind;                  // slim_event_kind
-    int step;                  // step index, -1 for the generation event
+    int step;                  // step index, -1 for the generation and prepare events
     int block;                 // stage events: the joint block the stage computes (block_i, block_i_*), else -1
     int stage;                 // stage events: index into the engine's stages, else -1
     int level;                 // step events: slim_step_level, else -1
