@@ -28,8 +28,9 @@ def make_checkpoint(path: Path, *args: str) -> Path:
 
 
 def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run a console entry point (export-engine, make-sd3-checkpoint) as a user would."""
-    module = {"export-engine": "slimengine.export.cli", "make-sd3-checkpoint": "slimengine.tools.make_sd3_checkpoint"}[args[0]]
+    """Run a console entry point (export-engine, make-sd3-checkpoint, profile-engine) as a user would."""
+    module = {"export-engine": "slimengine.export.cli", "make-sd3-checkpoint": "slimengine.tools.make_sd3_checkpoint",
+              "profile-engine": "slimengine.tools.profile_engine"}[args[0]]
     proc = subprocess.run([sys.executable, "-m", module, *args[1:]], capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stderr}")

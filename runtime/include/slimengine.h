@@ -29,7 +29,7 @@ extern "C" {
 
 /* ABI version of this header; slim_version() gives the library's at run time. */
 #define SLIM_ABI_VERSION_MAJOR 0
-#define SLIM_ABI_VERSION_MINOR 2
+#define SLIM_ABI_VERSION_MINOR 2 /* 2: X-Slim policies and stats, plan override (num_steps, shift), profiling events */
 
 typedef enum slim_status {
     SLIM_OK = 0,
@@ -123,12 +123,17 @@ typedef struct slim_generate_params {
     uint64_t seed;                             /* noise seed when latents is NULL (Philox4x32-10, see noise.py) */
     float guidance_scale;                      /* < 0 (default): the bundle's default */
     float step_cache_threshold; /* X-Slim step-level reuse: < 0 (default) the bundle's policy, 0 off, > 0 on with this line */
+    /* ABI 0.2: */
     /* X-Slim policy for this request as JSON text (docs/xslim.md: the manifest's program.cache object, or
-     * "null" for none); NULL (default): step_cache_threshold, then the bundle's policy. Added in ABI 0.2. */
+     * "null" for none); NULL (default): step_cache_threshold, then the bundle's policy. */
     const char* cache_policy;
+    /* A plain plan instead of the bundle's program, on the same stages (e.g. the 28-step CFG baseline). */
+    int32_t num_steps; /* > 0: that many flow-matching Euler steps with diffusers' FlowMatchEulerDiscreteScheduler sigmas
+                          for `shift`, every joint block every step (no cached range); 0 (default): the bundle's program */
+    float shift;       /* sigma shift of that plan, > 0 (default 3.0, SD3's) */
 } slim_generate_params;
 
-/* Defaults for slim_generate: all tensors NULL, seed 0, guidance and X-Slim policy from the bundle. */
+/* Defaults for slim_generate: all tensors NULL, seed 0, guidance, X-Slim policy and program from the bundle. */
 SLIM_API slim_generate_params slim_generate_default_params(void);
 
 typedef struct slim_generate_stats {
@@ -183,6 +188,39 @@ typedef struct slim_stage_stats {
 
 /* Calls and time of stage `index` (see slim_engine_stage_name) in the session's last generate. */
 SLIM_API slim_status slim_session_stage_stats(const slim_session* session, int32_t index, slim_stage_stats* out);
+
+/* ---- profiling (ABI 0.2) ----
+ * With profiling on, each generate records a timed event per stage call, per step, for its prepare
+ * phase and for the whole generation. Host times are the library's own clock reads around each backend call (steady clock,
+ * CLOCK_MONOTONIC on Linux, in ns). Off (the default) nothing is recorded and nothing is allocated. */
+
+typedef enum slim_event_kind {
+    SLIM_EVENT_GENERATION = 0, /* one slim_generate call, after argument checks: prepare, the steps, the result copied out */
+    SLIM_EVENT_PREPARE = 1,    /* its first part: inputs laid out in the model batch, seeded noise drawn, buffers sized */
+    SLIM_EVENT_STEP = 2,       /* one sampling step; `level` says how it ran */
+    SLIM_EVENT_STAGE = 3       /* one backend call of stage `stage` (a CFG batch is one call) */
+} slim_event_kind;             /* later versions may add kinds: skip the ones you do not know */
+
+typedef struct slim_event {
+    uint32_t struct_size; /* set by the caller: sizeof(slim_event) */
+    int32_t kind;         /* slim_event_kind */
+    int32_t step;         /* the step the event belongs to; -1 for the generation and prepare events */
+    int32_t block;        /* stage events: the joint block the stage computes (block_i, block_i_*), else -1 */
+    int32_t stage;        /* stage events: stage index (slim_engine_stage_name), else -1 */
+    int32_t level;        /* step events: slim_step_level, else -1 */
+    int64_t start_ns;     /* host time the event began */
+    int64_t end_ns;       /* host time it ended */
+    int64_t device_ns;    /* device time from CUDA events; -1 when not measured (always, in this CPU-only build) */
+} slim_event;
+
+/* Turn event recording on (nonzero) or off (0) for the session's following generate calls.
+ * Status: INVALID_ARGUMENT (NULL session). */
+SLIM_API slim_status slim_session_set_profiling(slim_session* session, int32_t enabled);
+/* Number of events of the session's last generate (0 when profiling was off; partial if it failed). */
+SLIM_API int32_t slim_session_event_count(const slim_session* session);
+/* Event `index`, in the order the events ended: prepare; the stage calls of a step, then that step;
+ * the generation last. Status: INVALID_ARGUMENT (NULL argument, index out of range, struct_size). */
+SLIM_API slim_status slim_session_event(const slim_session* session, int32_t index, slim_event* out);
 
 #ifdef __cplusplus
 }

@@ -9,6 +9,7 @@
 #include "engine.hpp"
 #include "error.hpp"
 #include "json.hpp"
+#include "sampling_plan.hpp"
 #include "sd3_program.hpp"
 #include "slimengine.h"
 
@@ -115,7 +116,7 @@ void check_finite(const slim_tensor* t, const std::vector<int64_t>& shape, const
 
 // The X-Slim policy of a request: cache_policy JSON, else a step-only policy from step_cache_threshold
 // >= 0, else the bundle's default.
-slim::XSlimPolicy request_policy(const slim_generate_params& p, const slim::Engine& engine) {
+slim::XSlimPolicy request_policy(const slim_generate_params& p, const slim::Engine& engine, size_t steps) {
     using slim::Error;
     const slim::Program& program = engine.manifest().program;
     slim::XSlimPolicy policy = program.cache;
@@ -124,7 +125,7 @@ slim::XSlimPolicy request_policy(const slim_generate_params& p, const slim::Engi
         const size_t length = strnlen(p.cache_policy, kMaxPolicy + 1);
         if (length > kMaxPolicy) throw Error(SLIM_ERR_INVALID_ARGUMENT, "cache_policy: longer than 1 MiB");
         try {
-            policy = slim::parse_policy(slim::json::parse(std::string(p.cache_policy, length)), program.steps.size(), "cache_policy");
+            policy = slim::parse_policy(slim::json::parse(std::string(p.cache_policy, length)), steps, "cache_policy");
         } catch (const slim::json::FieldError& e) {
             throw Error(SLIM_ERR_INVALID_ARGUMENT, e.what());
         } catch (const std::runtime_error& e) { throw Error(SLIM_ERR_INVALID_ARGUMENT, std::string("cache_policy: ") + e.what()); }
@@ -134,6 +135,9 @@ slim::XSlimPolicy request_policy(const slim_generate_params& p, const slim::Engi
         policy.early_warning = p.step_cache_threshold;
         policy.warmup_steps = program.cache.enabled ? program.cache.warmup_steps : 2;
     }
+    if (!policy.schedule.empty() && policy.schedule.size() != steps)
+        throw Error(SLIM_ERR_INVALID_ARGUMENT, "the bundle's X-Slim schedule has " + std::to_string(policy.schedule.size()) +
+                                                   " steps but this request runs " + std::to_string(steps) + "; pass a cache_policy");
     if (policy.uses(slim::Level::Token) && !engine.has_token_stages)
         throw Error(
             SLIM_ERR_INVALID_ARGUMENT,
@@ -229,6 +233,8 @@ slim_generate_params slim_generate_default_params(void) {
     p.struct_size = sizeof(p);
     p.guidance_scale = -1.0f;
     p.step_cache_threshold = -1.0f;
+    p.num_steps = 0;
+    p.shift = 3.0f;
     return p;
 }
 
@@ -254,7 +260,15 @@ slim_status slim_generate(slim_session* session, const slim_generate_params* par
         auto pooled = check_tensor(p.pooled_embeds, "pooled_embeds", {B, c.pooled_projection_dim}, "[" + std::to_string(B) + "," + P + "]");
         if (!std::isfinite(p.guidance_scale)) throw Error(SLIM_ERR_INVALID_ARGUMENT, "guidance_scale must be finite");
         if (!std::isfinite(p.step_cache_threshold)) throw Error(SLIM_ERR_INVALID_ARGUMENT, "step_cache_threshold must be finite");
-        const slim::XSlimPolicy cache = request_policy(p, *session->owner->engine);
+        if (p.num_steps < 0 || p.num_steps > 10000)
+            throw Error(SLIM_ERR_INVALID_ARGUMENT,
+                        "num_steps must be 0 (the bundle's program) or 1 to 10000, got " + std::to_string(p.num_steps));
+        if (p.num_steps > 0 && !(std::isfinite(p.shift) && p.shift > 0))
+            throw Error(SLIM_ERR_INVALID_ARGUMENT, "shift must be a positive number, got " + std::to_string(p.shift));
+        slim::Program plan;
+        if (p.num_steps > 0) plan = slim::plain_program(m.program, p.num_steps, p.shift);
+        const slim::Program& program = p.num_steps > 0 ? plan : m.program;
+        const slim::XSlimPolicy cache = request_policy(p, *session->owner->engine, program.steps.size());
         const float guidance = p.guidance_scale < 0 ? m.program.guidance_scale : p.guidance_scale;
         const bool cfg = guidance > 1.0f;
         if (cfg && (!p.negative_prompt_embeds || !p.negative_pooled_embeds))
@@ -297,6 +311,7 @@ slim_status slim_generate(slim_session* session, const slim_generate_params* par
         request.seed = p.seed;
         request.guidance_scale = guidance;
         request.cache = &cache;
+        request.program = &program;
         request.out = static_cast<float*>(latents_out->data);
         slim::GenerateStats s = session->program->generate(request);
         if (stats) {
@@ -342,6 +357,32 @@ slim_status slim_session_stage_stats(const slim_session* session, int32_t index,
     const slim::StageStats& s = session->program->stage_stats()[index];
     out->calls = s.calls;
     out->total_ms = s.ms;
+    return SLIM_OK;
+}
+
+slim_status slim_session_set_profiling(slim_session* session, int32_t enabled) {
+    if (!session) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_session_set_profiling: session is NULL");
+    session->program->profiler().set_enabled(enabled != 0);
+    return SLIM_OK;
+}
+
+int32_t slim_session_event_count(const slim_session* session) {
+    return session ? static_cast<int32_t>(session->program->profiler().events().size()) : 0;
+}
+
+slim_status slim_session_event(const slim_session* session, int32_t index, slim_event* out) {
+    if (!session || !out || index < 0 || index >= slim_session_event_count(session))
+        return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_session_event: NULL argument or event index out of range");
+    if (out->struct_size < sizeof(slim_event)) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_event.struct_size must be sizeof(slim_event)");
+    const slim::ProfileEvent& e = session->program->profiler().events()[index];
+    out->kind = e.kind;
+    out->step = e.step;
+    out->block = e.block;
+    out->stage = e.stage;
+    out->level = e.level;
+    out->start_ns = e.start_ns;
+    out->end_ns = e.end_ns;
+    out->device_ns = e.device_ns;
     return SLIM_OK;
 }
 

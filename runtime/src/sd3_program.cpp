@@ -15,7 +15,13 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-double ms_since(Clock::time_point start) { return std::chrono::duration<double, std::milli>(Clock::now() - start).count(); }
+double ms_between(Clock::time_point start, Clock::time_point end) { return std::chrono::duration<double, std::milli>(end - start).count(); }
+
+std::vector<std::string> stage_names(const Engine& engine) {
+    std::vector<std::string> names;
+    for (const auto& stage : engine.stages()) names.push_back(stage->name());
+    return names;
+}
 
 void add_into(std::vector<float>& dst, const std::vector<float>& src, size_t n) {
     for (size_t i = 0; i < n; ++i) dst[i] += src[i];
@@ -40,12 +46,14 @@ int step_level(Level level, bool cached_range) {
 
 }  // namespace
 
-Sd3Session::Sd3Session(const Engine& engine) : engine_(engine), stages_(engine.stages().size()) {}
+Sd3Session::Sd3Session(const Engine& engine) : engine_(engine), stages_(engine.stages().size()), profiler_(stage_names(engine)) {}
 
 void Sd3Session::run(int stage, std::initializer_list<const OrtValue*> inputs, std::initializer_list<OrtValue*> outputs) {
     auto start = Clock::now();
     engine_.stages()[stage]->run(inputs.begin(), outputs.begin());
-    double ms = ms_since(start);
+    auto end = Clock::now();
+    profiler_.stage(stage, start, end);
+    double ms = ms_between(start, end);
     stages_[stage].calls += 1;
     stages_[stage].ms += ms;
     backend_ms_ += ms;
@@ -55,7 +63,7 @@ void Sd3Session::run(int stage, std::initializer_list<const OrtValue*> inputs, s
 GenerateStats Sd3Session::generate(const GenerateRequest& r) {
     auto start = Clock::now();
     const Sd3Config& c = engine_.manifest().config;
-    const Program& program = engine_.manifest().program;
+    const Program& program = r.program ? *r.program : engine_.manifest().program;
     const OrtRuntime& ort = engine_.ort();
     const bool cfg = r.guidance_scale > 1.0f;
     const int64_t B = r.batch, Bm = cfg ? 2 * B : B, L = r.text_len, H = r.height, W = r.width;
@@ -68,6 +76,7 @@ GenerateStats Sd3Session::generate(const GenerateRequest& r) {
     for (auto& s : stages_) s = StageStats{};
     backend_ms_ = 0;
     stage_calls_ = 0;
+    profiler_.begin_generation(1 + program.steps.size() * (1 + stages_.size()));  // each stage at most once a step
 
     // Inputs in model-batch layout: [negative; positive] under CFG.
     x_.resize(latent_count);
@@ -148,10 +157,12 @@ GenerateStats Sd3Session::generate(const GenerateRequest& r) {
     const double full_block_flops = block_flops(N, N, L, D);
     double flops = 0;
     GenerateStats stats;
+    profiler_.prepared(start);
     for (size_t step = 0; step < program.steps.size(); ++step) {
         const StepPlan& plan = program.steps[step];
         auto step_start = Clock::now();
         const double flops_before = flops;
+        profiler_.set_step(static_cast<int>(step));
         for (int64_t copy = 0; copy < Bm / B; ++copy)
             std::memcpy(model_in_.data() + copy * latent_count, x_.data(), latent_count * sizeof(float));
         std::fill(timestep_.begin(), timestep_.end(), static_cast<float>(plan.timestep));
@@ -263,7 +274,9 @@ GenerateStats Sd3Session::generate(const GenerateRequest& r) {
         }
         if (!finite) throw Error(SLIM_ERR_NUMERICS, "step " + std::to_string(step) + " produced NaN or Inf latents");
 
-        st.ms = ms_since(step_start);
+        const auto step_end = Clock::now();
+        profiler_.step(st.level, step_start, step_end);
+        st.ms = ms_between(step_start, step_end);
         st.flop_fraction = (flops - flops_before) / (full_block_flops * layers);
         steps_.push_back(st);
         stats.blocks_run += st.blocks_run;
@@ -274,7 +287,9 @@ GenerateStats Sd3Session::generate(const GenerateRequest& r) {
     stats.effective_nfe = flops / (full_block_flops * layers) * (cfg ? 2 : 1);
     stats.flop_fraction = flops / (full_block_flops * layers * static_cast<double>(program.steps.size()));
     stats.backend_ms = backend_ms_;
-    stats.total_ms = ms_since(start);
+    const auto end = Clock::now();
+    profiler_.generation(start, end);
+    stats.total_ms = ms_between(start, end);
     return stats;
 }
 

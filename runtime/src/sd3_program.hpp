@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "engine.hpp"
+#include "profiler.hpp"
 #include "slimengine.h"
 #include "xslim.hpp"
 
@@ -22,6 +23,7 @@ struct GenerateRequest {
     uint64_t seed = 0;
     float guidance_scale = 1.0f;
     const XSlimPolicy* cache = nullptr;  // X-Slim policy (validated for this program); nullptr or disabled: off
+    const Program* program = nullptr;    // a plan replacing the bundle's (sampling_plan.hpp); nullptr: the bundle's
     float* out = nullptr;                // [B, C, H, W]
 };
 
@@ -53,6 +55,8 @@ class Sd3Session {
 
     const std::vector<StepStats>& step_stats() const { return steps_; }
     const std::vector<StageStats>& stage_stats() const { return stages_; }
+    Profiler& profiler() { return profiler_; }
+    const Profiler& profiler() const { return profiler_; }
 
   private:
     void run(int stage, std::initializer_list<const OrtValue*> inputs, std::initializer_list<OrtValue*> outputs);
@@ -62,6 +66,7 @@ class Sd3Session {
     std::vector<StageStats> stages_;
     double backend_ms_ = 0;
     int stage_calls_ = 0;
+    Profiler profiler_;
 
     // Buffers, grown on demand and reused across generate calls.
     std::vector<float> x_, model_in_, timestep_, pooled_, text_, temb_, velocity_;

@@ -25,7 +25,7 @@ class GenerateParams(ctypes.Structure):
                 ("pooled_embeds", ctypes.POINTER(SlimTensor)), ("negative_prompt_embeds", ctypes.POINTER(SlimTensor)),
                 ("negative_pooled_embeds", ctypes.POINTER(SlimTensor)), ("latents", ctypes.POINTER(SlimTensor)),
                 ("seed", ctypes.c_uint64), ("guidance_scale", ctypes.c_float), ("step_cache_threshold", ctypes.c_float),
-                ("cache_policy", ctypes.c_char_p)]
+                ("cache_policy", ctypes.c_char_p), ("num_steps", ctypes.c_int32), ("shift", ctypes.c_float)]
 
 
 class GenerateStats(ctypes.Structure):
@@ -42,6 +42,12 @@ class StepStats(ctypes.Structure):
 
 class StageStats(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("calls", ctypes.c_int32), ("total_ms", ctypes.c_double)]
+
+
+class Event(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("kind", ctypes.c_int32), ("step", ctypes.c_int32), ("block", ctypes.c_int32),
+                ("stage", ctypes.c_int32), ("level", ctypes.c_int32), ("start_ns", ctypes.c_int64), ("end_ns", ctypes.c_int64),
+                ("device_ns", ctypes.c_int64)]
 
 
 def onnxruntime_library() -> str:
@@ -118,6 +124,9 @@ def lib() -> ctypes.CDLL:
             "slim_session_step_count": ([ctypes.c_void_p], ctypes.c_int32),
             "slim_session_step_stats": ([ctypes.c_void_p, ctypes.c_int32, p(StepStats)], ctypes.c_int),
             "slim_session_stage_stats": ([ctypes.c_void_p, ctypes.c_int32, p(StageStats)], ctypes.c_int),
+            "slim_session_set_profiling": ([ctypes.c_void_p, ctypes.c_int32], ctypes.c_int),
+            "slim_session_event_count": ([ctypes.c_void_p], ctypes.c_int32),
+            "slim_session_event": ([ctypes.c_void_p, ctypes.c_int32, p(Event)], ctypes.c_int),
         }
         for name, (args, res) in sigs.items():
             fn = getattr(handle, name)

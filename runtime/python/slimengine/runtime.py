@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from . import _native
-from ._native import GenerateStats, SlimTensor, StageStats, StepStats
+from ._native import Event, GenerateStats, SlimTensor, StageStats, StepStats
 
 STEP_LEVELS = ("full", "cached_range", "reused", "block_refresh", "token_refresh")  # slim_step_level
+EVENT_KINDS = ("generation", "prepare", "step", "stage")  # slim_event_kind
 
 
 class SlimError(RuntimeError):
@@ -62,6 +63,10 @@ class _TensorArg:
 class GenerateResult:
     latents: np.ndarray
     stats: dict  # steps, blocks_run, stage_calls, effective_nfe, flop_fraction, total_ms, backend_ms, per_step, per_stage
+    # With Session.profiling on: the runtime's timed events, in the order they ended (slim_event), each
+    # {kind: generation|prepare|step|stage, step, block, stage (name or None), level (step level name or None),
+    #  start_ns, end_ns (host steady clock), device_ns (None: not measured)}. Empty when profiling is off.
+    events: list[dict] = dataclasses.field(default_factory=list)
 
 
 class Engine:
@@ -86,12 +91,13 @@ class Engine:
         self.stage_names = [lib.slim_engine_stage_name(handle, i).decode() for i in range(lib.slim_engine_stage_count(handle))]
         self._sessions = weakref.WeakSet()
 
-    def policy_json(self, cache) -> str:
-        """An X-Slim policy for slim_generate's cache_policy: "none", a spec string, an XSlimPolicy or its dict."""
+    def policy_json(self, cache, num_steps: int | None = None) -> str:
+        """An X-Slim policy for slim_generate's cache_policy: "none", a spec string, an XSlimPolicy or its dict;
+        a schedule is checked against the program's steps (or `num_steps`, a plan override's)."""
         from .export.xslim import XSlimPolicy, parse_cache_spec
 
         if isinstance(cache, str):
-            cache = parse_cache_spec(cache, steps=len(self.manifest["program"]["steps"]))
+            cache = parse_cache_spec(cache, steps=num_steps or len(self.manifest["program"]["steps"]))
         if isinstance(cache, XSlimPolicy):
             cache = cache.to_manifest()
         return json.dumps(cache)
@@ -131,14 +137,30 @@ class Session:
         _check(_native.lib().slim_session_create(engine._handle, ctypes.byref(handle)))
         self._engine = engine  # the engine must outlive the session
         self._handle = handle
+        self._profiling = False
+
+    @property
+    def profiling(self) -> bool:
+        """Record timed events (per stage call, step and generation) in the runtime; off by default."""
+        return self._profiling
+
+    @profiling.setter
+    def profiling(self, enabled: bool) -> None:
+        if not self._handle:
+            raise SlimError("SLIM_ERR_INVALID_ARGUMENT", "the session is closed (or its engine was closed)")
+        _check(_native.lib().slim_session_set_profiling(self._handle, int(bool(enabled))))
+        self._profiling = bool(enabled)
 
     def generate(self, prompt_embeds, pooled_embeds, *, seed: int = 0, latents=None, negative_prompt_embeds=None,
                  negative_pooled_embeds=None, guidance_scale: float | None = None, height: int | None = None,
-                 width: int | None = None, step_cache_threshold: float | None = None, cache=None) -> GenerateResult:
+                 width: int | None = None, step_cache_threshold: float | None = None, cache=None, num_steps: int | None = None,
+                 shift: float | None = None) -> GenerateResult:
         """Run the bundle's sampling program. `latents` (float32 [B,C,H,W]) replaces seeded noise; otherwise
         height/width (latent pixels) default to the bundle's default size. `cache` overrides the bundle's
         X-Slim policy: "none", a spec ("xslim:step=0.1,critical=0.3", see export-engine --help) or an
-        XSlimPolicy; `step_cache_threshold` alone asks for step-level reuse with that line (0: off)."""
+        XSlimPolicy; `step_cache_threshold` alone asks for step-level reuse with that line (0: off).
+        `num_steps` replaces the program by a plain plan on the same stages: that many steps with
+        diffusers' scheduler sigmas for `shift` (default 3.0), every block every step."""
         lib = _native.lib()
         if not self._handle:
             raise SlimError("SLIM_ERR_INVALID_ARGUMENT", "the session is closed (or its engine was closed)")
@@ -164,12 +186,16 @@ class Session:
             params.guidance_scale = guidance_scale
         if step_cache_threshold is not None:
             params.step_cache_threshold = step_cache_threshold
+        if num_steps is not None:
+            params.num_steps = num_steps
+        if shift is not None:
+            params.shift = shift
         if cache is not None:
-            params.cache_policy = self._engine.policy_json(cache).encode()
+            params.cache_policy = self._engine.policy_json(cache, num_steps).encode()
         out_arg = _TensorArg(out)
         stats = GenerateStats(struct_size=ctypes.sizeof(GenerateStats))
         _check(lib.slim_generate(self._handle, ctypes.byref(params), out_arg.pointer(), ctypes.byref(stats)))
-        return GenerateResult(latents=out, stats=self._stats(stats))
+        return GenerateResult(latents=out, stats=self._stats(stats), events=self._events())
 
     def _stats(self, s: GenerateStats) -> dict:
         lib = _native.lib()
@@ -187,6 +213,20 @@ class Session:
             per_stage[name] = {"calls": st.calls, "ms": st.total_ms}
         return {"steps": s.steps, "blocks_run": s.blocks_run, "stage_calls": s.stage_calls, "effective_nfe": s.effective_nfe,
                 "flop_fraction": s.flop_fraction, "total_ms": s.total_ms, "backend_ms": s.backend_ms, "per_step": per_step, "per_stage": per_stage}
+
+    def _events(self) -> list[dict]:
+        lib = _native.lib()
+        events = []
+        for i in range(lib.slim_session_event_count(self._handle)):
+            e = Event(struct_size=ctypes.sizeof(Event))
+            _check(lib.slim_session_event(self._handle, i, ctypes.byref(e)))
+            if e.kind >= len(EVENT_KINDS):
+                continue  # a kind newer than this binding
+            events.append({"kind": EVENT_KINDS[e.kind], "step": e.step, "block": e.block,
+                           "stage": self._engine.stage_names[e.stage] if e.stage >= 0 else None,
+                           "level": STEP_LEVELS[e.level] if e.level >= 0 else None, "start_ns": e.start_ns, "end_ns": e.end_ns,
+                           "device_ns": e.device_ns if e.device_ns >= 0 else None})
+        return events
 
     def close(self) -> None:
         if self._handle:

@@ -1,0 +1,70 @@
+// Event recording for profiling: one timed event per stage call, per step, per generation and its prepare phase.
+// Off by default, and then it costs one branch per record site and reads no clock: the times it
+// records are the clock reads the program makes for its stats anyway (the end of the prepare phase is
+// read only when profiling). On, each generation preallocates its buffer before the step loop.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "slimengine.h"
+
+namespace slim {
+
+// The C ABI's slim_event without its struct_size; the same fields, the same meanings.
+struct ProfileEvent {
+    int kind;                  // slim_event_kind
+    int step;                  // step index, -1 for the generation and prepare events
+    int block;                 // stage events: the joint block the stage computes (block_i, block_i_*), else -1
+    int stage;                 // stage events: index into the engine's stages, else -1
+    int level;                 // step events: slim_step_level, else -1
+    int64_t start_ns, end_ns;  // host steady clock (CLOCK_MONOTONIC on Linux)
+    int64_t device_ns;         // device time from CUDA events; -1 when not measured
+};
+
+class Profiler {
+  public:
+    using TimePoint = std::chrono::steady_clock::time_point;
+
+    // `stage_names` are the engine's stages; a stage named block_<i>[_...] computes block i.
+    explicit Profiler(const std::vector<std::string>& stage_names);
+
+    void set_enabled(bool enabled) { enabled_ = enabled; }
+    bool enabled() const { return enabled_; }
+
+    // Starts a generation's record: clears the last one; when enabled, reserves `capacity` events so
+    // the step loop does not allocate (a program making more calls than that grows the buffer).
+    void begin_generation(size_t capacity);
+    // The generation's inputs, noise and buffers are ready (from `start` to now): its prepare event.
+    void prepared(TimePoint start) {
+        if (enabled_) record(SLIM_EVENT_PREPARE, -1, -1, -1, -1, start, std::chrono::steady_clock::now());
+    }
+    // The step the following stage calls belong to (-1: outside any step).
+    void set_step(int step) { step_ = step; }
+
+    void stage(int stage, TimePoint start, TimePoint end) {
+        if (enabled_) record(SLIM_EVENT_STAGE, step_, block_of_stage_[stage], stage, -1, start, end);
+    }
+    void step(int level, TimePoint start, TimePoint end) {
+        if (enabled_) record(SLIM_EVENT_STEP, step_, -1, -1, level, start, end);
+        step_ = -1;
+    }
+    void generation(TimePoint start, TimePoint end) {
+        if (enabled_) record(SLIM_EVENT_GENERATION, -1, -1, -1, -1, start, end);
+    }
+
+    // The last generation's events, in the order they ended (prepare; stages, then their step; the generation last).
+    const std::vector<ProfileEvent>& events() const { return events_; }
+
+  private:
+    void record(int kind, int step, int block, int stage, int level, TimePoint start, TimePoint end);
+
+    bool enabled_ = false;
+    int step_ = -1;
+    std::vector<int> block_of_stage_;
+    std::vector<ProfileEvent> events_;
+};
+
+}  // namespace slim
