@@ -183,7 +183,7 @@ def test_a_file_modified_after_export_fails_the_checksum(bundle_copy):
     (lambda m: m["stages"].pop(2), "stage block_1 is missing"),
     (lambda m: m["stages"][0]["inputs"].reverse(), "does not have the inputs/outputs"),
     (lambda m: m["program"]["steps"][1].update(sigma="high"), "steps[1].sigma must be a finite number"),
-    (lambda m: m.update(custom_op_library="libslimengine_ops.so"), "custom_op_library is set"),
+    (lambda m: m.update(custom_op_library="/tmp/evil.so"), "custom_op_library must be null or \"libslimengine_ops.so\""),
     (lambda m: m.pop("files"), ".files is missing"),
 ])
 def test_invalid_manifests_are_rejected_with_the_field_named(bundle_copy, edit, message):
