@@ -66,7 +66,7 @@ def stage_specs(model: DistilledSD3, token_stages: bool = False) -> list[StageSp
     for i in range(c.num_layers):
         last = i == c.num_layers - 1
         outs = (TensorSpec("img_out", img.shape),) if last else (TensorSpec("img_out", img.shape), TensorSpec("txt_out", txt.shape))
-        if token_stages:
+        if token_stages and i not in c.dual_attention_layers:  # dual-attention blocks run whole in token steps
             specs.append(dataclasses.replace(kv_stage_spec(model, i), name=f"block_{i}"))
         else:
             specs.append(StageSpec(f"block_{i}", (img, txt, temb), outs))

@@ -99,7 +99,7 @@ def reference_generate(
         img, txt, temb = model.embed(x_in, t, pooled, text)
         N, L = img.shape[1], txt.shape[1]
         level = controller.level(step, plan.records_delta(step)) if controller else "full"
-        stack_in, ran, computed, skip_set = img, 0, N, set()
+        stack_in, ran, computed, skip_set, reused_blocks = img, 0, N, set(), []
         if level == "skip":  # the whole stack as its last residual
             img = img + residuals[-1]
         if level == "token":
@@ -118,6 +118,7 @@ def reference_generate(
                 before = (img, txt)
             block_in = (img, txt)
             if i in skip_set:  # block level: the block's residual from the last full step
+                reused_blocks.append(i)
                 img = img + block_res[i][0]
                 txt = txt + block_res[i][1] if block_res[i][1] is not None else None
             elif level == "token" and i in kv:
@@ -156,7 +157,7 @@ def reference_generate(
         levels.append(level)
         blocks_run.append(ran)
         tokens_computed.append(computed)
-        skipped_blocks.append(sorted(skip_set))
+        skipped_blocks.append(reused_blocks)
     full_block = block_flops(N, N, L, c.inner_dim)
     nfe = flops / full_block / model.num_layers * (2 if cfg else 1)
     return ReferenceResult(latents=x, effective_nfe=nfe, blocks_run=blocks_run, levels=levels, tokens_computed=tokens_computed,

@@ -176,3 +176,33 @@ def test_xslim_strategy_files_load_with_skips_in_between(tmp_path):
     path.write_text(json.dumps({"fully_infer_step": [0, 1, 4], "block_refresh_step": [2], "token_refresh_step": [5], "sample_ratio": 0.7}))
     assert load_schedule(path, steps=7) == [{"level": "full"}, {"level": "full"}, {"level": "block"}, {"level": "skip"},
                                             {"level": "full"}, {"level": "token", "sample_ratio": 0.7}, {"level": "skip"}]
+
+
+def test_xslim_composes_with_the_1x_program_cfg_and_dual_attention(workdir, distilled_checkpoint, tmp_path):
+    """A 1.x student (cached range 1-2, SD3.5 dual-attention block 0) on 6 steps with CFG under a schedule
+    that runs every level: the cached range stays skipped in every level, dual-attention blocks run whole
+    in token steps, and the runtime still matches the reference."""
+    from .conftest import export, random_inputs, reference_for
+
+    schedule = tmp_path / "schedule.json"
+    schedule.write_text(json.dumps({"steps": [{"level": "full"}, {"level": "full"}, {"level": "token", "sample_ratio": 0.4},
+                                              {"level": "skip"}, {"level": "block", "block_threshold": 10.0}, {"level": "full"}]}))
+    spec = f"xslim:schedule={schedule},first=0"
+    bundle = export(distilled_checkpoint, workdir / "distilled-xslim.engine", "--steps", "6", "--guidance-scale", "3", "--cache", spec)
+    model, plan = reference_for(distilled_checkpoint, {"steps": 6, "guidance_scale": 3.0, "cache": spec})
+    assert plan.cache_blocks is not None and model.config.dual_attention_layers
+    text, pooled = random_inputs(model, 2, 7, seed=3)
+    negative, negative_pooled = random_inputs(model, 2, 7, seed=4)
+    noise = np.random.default_rng(5).standard_normal((2, model.config.in_channels, 16, 12), dtype=np.float32)
+    got = se.open_engine(bundle).session().generate(text, pooled, latents=noise, negative_prompt_embeds=negative,
+                                                    negative_pooled_embeds=negative_pooled)
+    ref = reference_generate(model, plan, *(torch.from_numpy(a) for a in (text, pooled, noise, negative, negative_pooled)))
+    steps = got.stats["per_step"]
+    assert [s["level"] for s in steps] == ["full", "cached_range", "token_refresh", "reused", "block_refresh", "cached_range"]
+    assert ref.levels == ["full", "full", "token", "skip", "block", "full"]
+    cached = plan.cache_blocks[1] - plan.cache_blocks[0] + 1
+    assert steps[2]["blocks_run"] == model.num_layers - cached  # token step: the cached range still skipped
+    assert steps[4]["blocks_reused"] == len(ref.blocks_skipped[4]) > 0 and not set(ref.blocks_skipped[4]) & set(range(1, 3))
+    assert [s["tokens_computed"] for s in steps] == ref.tokens_computed
+    assert got.stats["effective_nfe"] == pytest.approx(ref.effective_nfe, rel=1e-9)
+    assert relative_error(got.latents, ref.latents) <= 1e-4
