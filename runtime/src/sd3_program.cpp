@@ -124,7 +124,7 @@ GenerateStats Sd3Session::generate(const GenerateRequest& r) {
             block_k_[b].resize(img_count);
             block_v_[b].resize(img_count);
         }
-        if (engine_.block_kv[b] && !token_block)
+        if (engine_.block_kv[b])  // keys/values a step does not keep (every step but a recording full one)
             for (auto& v : kv_scratch_) v.resize(img_count);
     }
     if (token_level) token_scores_.resize(Bm * N);
@@ -170,8 +170,7 @@ GenerateStats Sd3Session::generate(const GenerateRequest& r) {
             {v_img[0].get(), v_txt[0].get(), v_temb.get()});
 
         const Level level = controller.level(step, plan.record_delta);
-        const bool full = level == Level::Full;
-        const bool record = full && policy.enabled;
+        const bool record = level == Level::Full && policy.enabled;
         int cur = 0;
         StepStats st{plan.sigma, plan.sigma_next, 0, 0, 0, static_cast<int>(N), 0, step_level(level, plan.skip_cached_blocks)};
         if (record) std::memcpy(stack_in_.data(), img_[0].data(), img_count * sizeof(float));
