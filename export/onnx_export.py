@@ -31,9 +31,10 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 class TensorSpec:
     name: str
     shape: tuple  # ints, or strings for dynamic dimensions
+    dtype: str = "float32"  # SD3 stage boundaries are all float32; LEMUR's token ids are int64
 
     def to_json(self) -> dict:
-        return {"name": self.name, "dtype": "float32", "shape": list(self.shape)}
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,13 +171,14 @@ def _dynamic_shapes(spec: StageSpec, patch: int, max_patches: int):
     return tuple({axis: dims[d] for axis, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs)
 
 
-def trace_stage(module: nn.Module, spec: StageSpec, args: tuple, patch: int, max_patches: int):
-    """torch.export + ONNX lowering of one stage; returns the ONNXProgram."""
+def trace_stage(module: nn.Module, spec: StageSpec, args: tuple, patch: int = 1, max_patches: int = 1, dynamic_shapes=None):
+    """torch.export + ONNX lowering of one stage; returns the ONNXProgram. `dynamic_shapes` defaults
+    to the SD3 stages' dimensions."""
     with warnings.catch_warnings(), _quiet_logs():
         warnings.simplefilter("ignore")
         return torch.onnx.export(
             module, args, dynamo=True, opset_version=OPSET, verbose=False,
-            dynamic_shapes=_dynamic_shapes(spec, patch, max_patches),
+            dynamic_shapes=dynamic_shapes if dynamic_shapes is not None else _dynamic_shapes(spec, patch, max_patches),
             input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
         )
 
