@@ -77,12 +77,13 @@ void Engine::bind_lemur_stages() {
         if (s.name == "embed") {
             expect_io(s, {"text_ids", "segment_ids", "frames"}, {"doc_embedding"}, "LEMUR embed");
             if (s.input_dtypes != Names{"int64", "int64", "float32"})
-                throw Error(SLIM_ERR_BUNDLE, "manifest: stage embed has wrong dtypes");
+                throw Error(SLIM_ERR_BUNDLE, "manifest: stage embed inputs (text_ids, segment_ids, frames) must be int64, int64, float32");
             lemur_embed_stage = static_cast<int>(i);
         } else if (s.name == "score") {
             expect_io(s, {"history", "history_mask", "query_ids"}, {"score"}, "LEMUR score");
             if (s.input_dtypes != Names{"float32", "float32", "int64"})
-                throw Error(SLIM_ERR_BUNDLE, "manifest: stage score has wrong dtypes");
+                throw Error(SLIM_ERR_BUNDLE,
+                            "manifest: stage score inputs (history, history_mask, query_ids) must be float32, float32, int64");
             lemur_score_stage = static_cast<int>(i);
         } else {
             throw Error(SLIM_ERR_BUNDLE, "manifest: unknown stage '" + s.name + "' in a lemur bundle");
