@@ -165,7 +165,7 @@ MemoryBank::MemoryBank(const std::string& path, const BankOptions& options)
         record_bytes_ = h.record_bytes;
         // The whole address range is reserved once, so the mapping never moves while readers use it;
         // pages past the end of the file are never touched (the index only names complete records).
-        void* map = ::mmap(nullptr, kMaxFileBytes, PROT_READ, MAP_SHARED, fd_, 0);
+        void* map = ::mmap(nullptr, kMaxFileBytes, PROT_READ | (read_only_ ? 0 : PROT_WRITE), MAP_SHARED, fd_, 0);
         if (map == MAP_FAILED) io_error(path, "cannot map", errno);
         map_ = static_cast<uint8_t*>(map);
         slots_.assign(1024, Slot{kEmpty, 0});
@@ -173,9 +173,11 @@ MemoryBank::MemoryBank(const std::string& path, const BankOptions& options)
         uint64_t size = std::min<uint64_t>(st.st_size, kMaxFileBytes);
         uint64_t end = scan(kHeaderBytes, size);
         dropped_bytes_ = size - end;
-        if (!read_only_ && end < static_cast<uint64_t>(st.st_size)) {  // a torn tail from a crash: cut it off
+        // A writer cuts off what follows the log: a torn record from a crash, or space reserved but never written.
+        if (!read_only_ && end < static_cast<uint64_t>(st.st_size)) {
             if (::ftruncate(fd_, static_cast<off_t>(end)) != 0 || ::fsync(fd_) != 0) io_error(path, "cannot truncate a torn tail", errno);
         }
+        capacity_ = end;
     } catch (...) {
         if (map_) ::munmap(map_, kMaxFileBytes);
         ::close(fd_);
@@ -184,6 +186,8 @@ MemoryBank::MemoryBank(const std::string& path, const BankOptions& options)
 }
 
 MemoryBank::~MemoryBank() {
+    if (!read_only_ && ::ftruncate(fd_, static_cast<off_t>(kHeaderBytes + records_ * record_bytes_)) != 0) {
+    }  // best effort: return the reserved space; the next writer's open would cut it off anyway
     if (map_) ::munmap(map_, kMaxFileBytes);
     if (fd_ >= 0) ::close(fd_);  // also releases the writer's lock
 }
@@ -265,41 +269,57 @@ uint64_t MemoryBank::scan(uint64_t from, uint64_t size) {
     return offset;
 }
 
-void MemoryBank::append(const std::vector<uint8_t>& records) {
-    const uint64_t offset = kHeaderBytes + records_ * record_bytes_;
-    if (offset + records.size() > kMaxFileBytes) io_error(path_, "would grow past its 256 GiB limit; nothing was written");
-    for (size_t done = 0; done < records.size();) {
-        ssize_t n = ::pwrite(fd_, records.data() + done, records.size() - done, static_cast<off_t>(offset + done));
-        if (n < 0 && errno == EINTR) continue;
-        if (n <= 0) {
-            int err = n < 0 ? errno : ENOSPC;
-            if (::ftruncate(fd_, static_cast<off_t>(offset)) != 0) {}  // best effort: a partial record is dropped at the next open anyway
-            io_error(path_, "write failed; nothing was written", err);
-        }
-        done += static_cast<size_t>(n);
+uint8_t* MemoryBank::reserve(uint64_t bytes) {
+    const uint64_t offset = kHeaderBytes + records_ * record_bytes_, end = offset + bytes;
+    if (end > kMaxFileBytes) io_error(path_, "would grow past its 256 GiB limit; nothing was written");
+    if (end > capacity_) {
+        const uint64_t step = std::max<uint64_t>(uint64_t(4) << 20, capacity_ / 4);
+        const uint64_t grown = std::min(kMaxFileBytes, std::max(end, capacity_ + step));
+        // Real blocks, not a sparse hole: a store into the mapping can then never fault on a full disk.
+        if (int err = ::posix_fallocate(fd_, 0, static_cast<off_t>(grown)))
+            io_error(path_, "cannot grow the file; nothing was written", err);
+#ifdef MADV_POPULATE_WRITE
+        // Fault the new pages in with one call instead of one trap per page (Linux >= 5.14; a hint only).
+        const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE)), from = capacity_ / page * page;
+        ::madvise(map_ + from, static_cast<size_t>(grown - from), MADV_POPULATE_WRITE);
+#endif
+        capacity_ = grown;
     }
-    if (sync_writes_ && ::fdatasync(fd_) != 0) {
+    return map_ + offset;
+}
+
+void MemoryBank::write_record(uint8_t* r, uint64_t seq, uint32_t kind, int64_t id, int64_t write_time_us, uint32_t model_version,
+                              const float* embedding) {
+    const size_t row = 4 * static_cast<size_t>(dim_), payload = kRecordHead + row;
+    RecordHead h{kRecordMagic, kind, seq, id, write_time_us, model_version, static_cast<uint32_t>(dim_)};
+    std::memcpy(r, &h, sizeof(h));
+    if (embedding)
+        std::memcpy(r + kRecordHead, embedding, row);
+    else
+        std::memset(r + kRecordHead, 0, row);
+    const uint32_t crc = crc32c(r, payload);  // computed over the bytes as stored
+    std::memcpy(r + payload, &crc, 4);
+}
+
+void MemoryBank::sync_written(uint8_t* first, uint64_t bytes) {
+    if (!sync_writes_) return;
+    const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+    uint8_t* start = reinterpret_cast<uint8_t*>(reinterpret_cast<uintptr_t>(first) & ~(page - 1));
+    if (::msync(start, static_cast<size_t>(first + bytes - start), MS_SYNC) != 0 || ::fdatasync(fd_) != 0) {
         int err = errno;
-        if (::ftruncate(fd_, static_cast<off_t>(offset)) != 0) {}
-        io_error(path_, "fdatasync failed; nothing was written", err);
+        std::memset(first, 0, 4);  // unmake the first new record: the log ends before these writes
+        io_error(path_, "cannot sync the file; nothing was written", err);
     }
 }
 
 void MemoryBank::upsert(const int64_t* ids, const float* embeddings, size_t n, uint32_t model_version, int64_t write_time_us) {
     if (read_only_) throw Error(SLIM_ERR_INVALID_ARGUMENT, "memory bank " + path_ + " is open read-only");
     std::lock_guard<std::mutex> writer(write_mutex_);
-    const size_t payload = kRecordHead + 4 * static_cast<size_t>(dim_);
-    std::vector<uint8_t> buffer(n * record_bytes_, 0);
-    for (size_t i = 0; i < n; ++i) {
-        uint8_t* r = buffer.data() + i * record_bytes_;
-        RecordHead h{kRecordMagic, kUpsert, records_ + i, ids[i], write_time_us, model_version, static_cast<uint32_t>(dim_)};
-        std::memcpy(r, &h, sizeof(h));
-        std::memcpy(r + kRecordHead, embeddings + i * dim_, 4 * static_cast<size_t>(dim_));
-        uint32_t crc = crc32c(r, payload);
-        std::memcpy(r + payload, &crc, 4);
-    }
-    append(buffer);
-    std::unique_lock lock(index_mutex_);
+    uint8_t* first = reserve(n * record_bytes_);
+    for (size_t i = 0; i < n; ++i)
+        write_record(first + i * record_bytes_, records_ + i, kUpsert, ids[i], write_time_us, model_version, embeddings + i * dim_);
+    sync_written(first, n * record_bytes_);
+    std::unique_lock lock(index_mutex_);  // the records are complete: now readers may find them
     for (size_t i = 0; i < n; ++i) insert(ids[i], records_ + i);
     records_ += n;
 }
@@ -307,23 +327,16 @@ void MemoryBank::upsert(const int64_t* ids, const float* embeddings, size_t n, u
 size_t MemoryBank::remove(const int64_t* ids, size_t n) {
     if (read_only_) throw Error(SLIM_ERR_INVALID_ARGUMENT, "memory bank " + path_ + " is open read-only");
     std::lock_guard<std::mutex> writer(write_mutex_);
-    const size_t payload = kRecordHead + 4 * static_cast<size_t>(dim_);
     const int64_t now = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::system_clock::now().time_since_epoch()).count();
     std::vector<int64_t> present(ids, ids + n);
     std::sort(present.begin(), present.end());
     present.erase(std::unique(present.begin(), present.end()), present.end());
     // Only the writer changes the index, so it can be read without the lock here.
     present.erase(std::remove_if(present.begin(), present.end(), [&](int64_t id) { return !find(id); }), present.end());
-    std::vector<uint8_t> buffer(present.size() * record_bytes_, 0);
-    for (size_t i = 0; i < present.size(); ++i) {
-        uint8_t* r = buffer.data() + i * record_bytes_;
-        RecordHead h{kRecordMagic, kDelete, records_ + i, present[i], now, 0, static_cast<uint32_t>(dim_)};
-        std::memcpy(r, &h, sizeof(h));
-        uint32_t crc = crc32c(r, payload);
-        std::memcpy(r + payload, &crc, 4);
-    }
     if (present.empty()) return 0;
-    append(buffer);
+    uint8_t* first = reserve(present.size() * record_bytes_);
+    for (size_t i = 0; i < present.size(); ++i) write_record(first + i * record_bytes_, records_ + i, kDelete, present[i], now, 0, nullptr);
+    sync_written(first, present.size() * record_bytes_);
     std::unique_lock lock(index_mutex_);
     for (int64_t id : present) erase(id);
     records_ += present.size();
@@ -333,10 +346,16 @@ size_t MemoryBank::remove(const int64_t* ids, size_t n) {
 size_t MemoryBank::lookup(const int64_t* ids, size_t n, float* out, int64_t* write_times, int64_t* model_versions) const {
     std::shared_lock lock(index_mutex_);
     const size_t mask = slots_.size() - 1, row = 4 * static_cast<size_t>(dim_);
-    constexpr size_t kAhead = 8;  // prefetch the index slot of a later id: the table is far bigger than the caches
+    // Random ids miss every cache: a two-stage prefetch keeps many misses in flight, first the index
+    // slot of a later id, then (once that slot is cached) the record it points to.
+    constexpr size_t kSlotAhead = 16, kRecordAhead = 8;
+    const size_t record_span = kRecordHead + row;
     size_t found = 0;
     for (size_t i = 0; i < n; ++i) {
-        if (i + kAhead < n && ids[i + kAhead] >= 0) __builtin_prefetch(&slots_[mix(ids[i + kAhead]) & mask]);
+        if (i + kSlotAhead < n && ids[i + kSlotAhead] >= 0) __builtin_prefetch(&slots_[mix(ids[i + kSlotAhead]) & mask]);
+        if (i + kRecordAhead < n)
+            if (const Slot* ahead = find(ids[i + kRecordAhead]))
+                for (size_t line = 0; line < record_span; line += 64) __builtin_prefetch(record_at(ahead->record) + line);
         const Slot* s = find(ids[i]);
         if (!s) {
             if (out) std::memset(out + i * dim_, 0, row);

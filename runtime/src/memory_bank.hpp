@@ -3,9 +3,9 @@
 // The file is an append-only log of fixed-size, checksummed records after a checksummed header
 // (docs/memory-bank.md). Opening scans the log and stops at the first torn or invalid record, so a
 // crash (kill -9) loses at most the records whose write had not returned; a writer truncates that
-// torn tail. The id -> record index lives in memory; embeddings are read from a read-only shared
-// mapping of the file. One writer per file (an exclusive flock); any number of read-only handles,
-// in this process or others, pick up the writer's appends with refresh().
+// torn tail. The id -> record index lives in memory; records are written into, and embeddings read
+// from, a shared mapping of the file (the page cache: a killed process's completed stores stay). One writer per file (an exclusive flock);
+// any number of read-only handles, in this process or others, pick up the writer's appends with refresh().
 #pragma once
 
 #include <cstddef>
@@ -66,7 +66,13 @@ class MemoryBank {
     void grow();
     // Validates and indexes whole records from byte offset `from` up to `size`; returns the end of the valid prefix.
     uint64_t scan(uint64_t from, uint64_t size);
-    void append(const std::vector<uint8_t>& records);  // whole records at the end of the log, or nothing
+    // Room for `bytes` of records after the log (the file grows with posix_fallocate in large steps);
+    // returns where they go in the mapping. Throws Error(SLIM_ERR_IO) with nothing written.
+    uint8_t* reserve(uint64_t bytes);
+    void write_record(uint8_t* at, uint64_t seq, uint32_t kind, int64_t id, int64_t write_time_us, uint32_t model_version,
+                      const float* embedding);
+    // With sync_writes: msync + fdatasync of new records; on failure they are unmade and Error(IO) thrown.
+    void sync_written(uint8_t* first, uint64_t bytes);
     const uint8_t* record_at(uint64_t index) const { return map_ + kHeaderBytes + index * record_bytes_; }
 
     static constexpr uint64_t kHeaderBytes = 64;
@@ -76,7 +82,8 @@ class MemoryBank {
     int dim_ = 0;
     uint64_t record_bytes_ = 0;
     uint8_t* map_ = nullptr;
-    uint64_t records_ = 0;  // records in the valid log prefix
+    uint64_t records_ = 0;   // records in the valid log prefix
+    uint64_t capacity_ = 0;  // writer: file size, the log plus space reserved for the next records
     uint64_t dropped_bytes_ = 0;
 
     mutable std::shared_mutex index_mutex_;  // readers share; the index update of a write is exclusive
