@@ -97,6 +97,10 @@ def bench_bank(path: Path, ids: int, dim: int) -> se.MemoryBank:
         cpu_rates.append(lookup_batch / max(time.thread_time() - cpu_start, 1e-9))
     print(f"  lookups, one thread       {statistics.median(rates) / 1e6:10.2f} M/s  [{statistics.median(cpu_rates) / 1e6:.2f} M/s on-CPU]  "
           f"(goal >= 5 M/s; median of {calls} calls of {lookup_batch:,} random ids)")
+    bank.close()
+    start = time.perf_counter()
+    bank = se.MemoryBank(path)  # reopening scans and checks every record and rebuilds the index
+    print(f"  reopen (scan + index)     {time.perf_counter() - start:10.2f} s for {len(bank):,} ids")
     return bank
 
 

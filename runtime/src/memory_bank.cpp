@@ -273,16 +273,11 @@ uint8_t* MemoryBank::reserve(uint64_t bytes) {
     const uint64_t offset = kHeaderBytes + records_ * record_bytes_, end = offset + bytes;
     if (end > kMaxFileBytes) io_error(path_, "would grow past its 256 GiB limit; nothing was written");
     if (end > capacity_) {
-        const uint64_t step = std::max<uint64_t>(uint64_t(4) << 20, capacity_ / 4);
+        const uint64_t step = std::clamp<uint64_t>(capacity_ / 4, uint64_t(4) << 20, uint64_t(64) << 20);
         const uint64_t grown = std::min(kMaxFileBytes, std::max(end, capacity_ + step));
         // Real blocks, not a sparse hole: a store into the mapping can then never fault on a full disk.
         if (int err = ::posix_fallocate(fd_, 0, static_cast<off_t>(grown)))
             io_error(path_, "cannot grow the file; nothing was written", err);
-#ifdef MADV_POPULATE_WRITE
-        // Fault the new pages in with one call instead of one trap per page (Linux >= 5.14; a hint only).
-        const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE)), from = capacity_ / page * page;
-        ::madvise(map_ + from, static_cast<size_t>(grown - from), MADV_POPULATE_WRITE);
-#endif
         capacity_ = grown;
     }
     return map_ + offset;
