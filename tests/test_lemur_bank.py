@@ -60,16 +60,19 @@ WRITER = textwrap.dedent("""
     import slimengine as se
     from tests.test_lemur_bank import values
     path, dim, batch, first = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    rounds = range(first, first + 16)
+    data = {r: (np.arange(r * batch, (r + 1) * batch), values(np.arange(r * batch, (r + 1) * batch), dim, r % 7)) for r in rounds}
     bank = se.MemoryBank(path, dim)
-    for r in range(first, first + 100000):
-        ids = np.arange(r * batch, (r + 1) * batch)
-        bank.upsert(ids, values(ids, dim, r % 7), model_version=r)
+    for r in rounds:  # the loop is nearly all upsert, so the kill lands inside one
+        bank.upsert(*data[r], model_version=r)
         print(r, flush=True)  # acknowledged: the upsert call returned
+    raise SystemExit("not killed in time")
 """)
 
 
-def _run_writer_and_kill(path, dim, batch, first, rounds_before_kill):
-    """Start a writer process, let it acknowledge some rounds, SIGKILL it mid-stream; return the acknowledged rounds."""
+def _run_writer_and_kill(path, dim, batch, first, rounds_before_kill, delay_s):
+    """Start a writer process, let it acknowledge some rounds, SIGKILL it `delay_s` later (mid-stream); return
+    the acknowledged rounds."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(dim), str(batch), str(first)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=root)
@@ -78,6 +81,7 @@ def _run_writer_and_kill(path, dim, batch, first, rounds_before_kill):
         for line in proc.stdout:
             acknowledged.append(int(line))
             if len(acknowledged) >= rounds_before_kill:
+                time.sleep(delay_s)  # into the next upsert
                 break
     finally:
         proc.send_signal(signal.SIGKILL)  # while it is in the middle of its next upsert
@@ -95,28 +99,32 @@ def _check_after_crash(path, dim, batch, acknowledged, last_round):
             got = bank.lookup(ids)
             assert got.found.all() and (got.model_versions == r).all(), f"round {r} lost"
             assert np.array_equal(got.embeddings, values(ids, dim, r % 7)), f"round {r} corrupted"
-        present = 0
+        present, partial = 0, 0
         for r in range(last_round + 3):  # anything else that survived is whole, never garbage
             ids = np.arange(r * batch, (r + 1) * batch)
             got = bank.lookup(ids)
             present += int(got.found.sum())
+            partial += int(0 < got.found.sum() < batch)  # a round the kill interrupted: a prefix of it was kept
             assert (got.model_versions[got.found] == r).all()
             assert np.array_equal(got.embeddings[got.found], values(ids, dim, r % 7)[got.found])
         assert len(bank) == present
         size = path.stat().st_size
-        assert (size - HEADER_BYTES) % record_bytes(dim) == 0  # no torn record left behind
-    return present
+        assert size == HEADER_BYTES + (bank_records := size - HEADER_BYTES) // record_bytes(dim) * record_bytes(dim)
+        assert bank_records // record_bytes(dim) >= present  # the writer cut the file at the end of the log
+    return present, partial
 
 
 def test_kill9_of_a_writer_mid_stream_loses_no_acknowledged_write(tmp_path):
-    path, dim, batch = tmp_path / "crash.bank", 64, 4096  # 1.2 MB per upsert: the kill usually lands inside a write
-    first = _run_writer_and_kill(path, dim, batch, first=0, rounds_before_kill=12)
-    _check_after_crash(path, dim, batch, first, max(first))
-    # a second writer continues the same file after the crash, and is killed too
-    second = _run_writer_and_kill(path, dim, batch, first=max(first) + 1, rounds_before_kill=8)
-    present = _check_after_crash(path, dim, batch, first + second, max(second))
-    print(f"acknowledged rounds {len(first)} + {len(second)}, ids present after two kill -9: {present}")
-    assert present >= (len(first) + len(second)) * batch
+    path, dim, batch = tmp_path / "crash.bank", 32, 16384  # 2.9 MB per upsert, a few ms: the kill lands inside one
+    acknowledged, next_round, partial = [], 0, []
+    for delay_s in (0.0, 0.001, 0.002, 0.003):  # four writers in turn on the same file, each killed with SIGKILL
+        acknowledged += _run_writer_and_kill(path, dim, batch, first=next_round, rounds_before_kill=3, delay_s=delay_s)
+        next_round = max(acknowledged) + 2
+        present, cut = _check_after_crash(path, dim, batch, acknowledged, next_round)
+        partial.append(cut)
+    print(f"acknowledged rounds {len(acknowledged)}, ids present after four kill -9: {present}; "
+          f"upserts cut in the middle by a kill (a prefix kept): {partial}")
+    assert present >= len(acknowledged) * batch
 
 
 def test_a_torn_or_corrupt_tail_is_dropped_and_reopening_succeeds(tmp_path):

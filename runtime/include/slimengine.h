@@ -223,9 +223,10 @@ SLIM_API int32_t slim_bank_dim(const slim_bank* bank);
 SLIM_API int64_t slim_bank_count(const slim_bank* bank);
 
 /* Insert or replace the embeddings of `ids` (int64 [N], each >= 0; the last of a repeated id wins),
- * `embeddings` float32 [N, dim] finite, recording `model_version` and the current time. All N are
- * appended with one write; on any error none is. Status: INVALID_ARGUMENT (read-only bank, negative
- * id), SHAPE, DTYPE, NUMERICS, IO. */
+ * `embeddings` float32 [N, dim] finite, recording `model_version` and the current time. Readers see
+ * all N at once when the call returns; on an error none is written (a crash inside the call may keep
+ * a prefix of them, never a torn one). Status: INVALID_ARGUMENT (read-only bank, negative id),
+ * SHAPE, DTYPE, NUMERICS, IO. */
 SLIM_API slim_status slim_bank_upsert(slim_bank* bank, const slim_tensor* ids, const slim_tensor* embeddings, uint32_t model_version);
 /* Delete `ids` (int64 [N]); absent ids are ignored. *deleted (may be NULL): how many were present.
  * Status: INVALID_ARGUMENT, SHAPE, DTYPE, IO. */

@@ -42,7 +42,7 @@ class MemoryBank {
     uint64_t dropped_bytes() const { return dropped_bytes_; }
 
     // Arguments are validated by the caller (ids >= 0, n * dim finite floats). Appends one record
-    // per id with a single write; the index changes only once the write has fully succeeded.
+    // per id; the index changes only once every record is complete.
     void upsert(const int64_t* ids, const float* embeddings, size_t n, uint32_t model_version, int64_t write_time_us);
     // Appends a deletion record for each present id; returns how many were present.
     size_t remove(const int64_t* ids, size_t n);

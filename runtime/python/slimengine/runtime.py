@@ -314,7 +314,7 @@ class MemoryBank:
         return _native.lib().slim_bank_count(self._live())
 
     def upsert(self, ids, embeddings, model_version: int = 0) -> None:
-        """Insert or replace embeddings [N, dim] (float32, finite) under ids [N] (>= 0): all or nothing."""
+        """Insert or replace embeddings [N, dim] (float32, finite) under ids [N] (>= 0); a rejected call writes nothing."""
         ids_arg, emb_arg = _TensorArg(_as_int64(ids, "ids")), _TensorArg(_as_float32(embeddings, "embeddings"))
         _check(_native.lib().slim_bank_upsert(self._live(), ids_arg.pointer(), emb_arg.pointer(), model_version))
 
