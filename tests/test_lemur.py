@@ -237,6 +237,31 @@ def test_lemur_manifests_are_validated_by_family(lemur_bundle, tmp_path, edit, m
     assert err.value.status == "SLIM_ERR_BUNDLE" and message in str(err.value), str(err.value)
 
 
+def test_pt_and_safetensors_checkpoints_load_the_same_model_without_running_code(tmp_path, lemur_checkpoint, model):
+    from slimengine.export.checkpoint import checkpoint_family
+    from slimengine.export.errors import CheckpointError
+    from slimengine.tools.make_lemur_checkpoint import main as make_lemur_main
+
+    pt = tmp_path / "same.pt"
+    assert make_lemur_main(["-o", str(pt), "--preset", "tiny", "--seed", "3"]) == 0
+    assert checkpoint_family(pt) == checkpoint_family(lemur_checkpoint) == "lemur"
+    wrapped = tmp_path / "wrapped.pt"  # a training wrapper's prefix on every key
+    saved = torch.load(pt, weights_only=True)
+    torch.save({"state_dict": {"module." + k: v for k, v in saved["state_dict"].items()}, "slimengine": saved["slimengine"]}, wrapped)
+    for path in (pt, wrapped):
+        other = load_lemur_checkpoint(path).build_model()
+        for (name, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
+            assert torch.equal(a, b), name
+    no_config = tmp_path / "no-config.pt"
+    torch.save({"state_dict": saved["state_dict"], "slimengine": {"family": "lemur"}}, no_config)
+    with pytest.raises(CheckpointError, match="not a LEMUR checkpoint"):
+        load_lemur_checkpoint(no_config)
+    bad_config = tmp_path / "bad-config.pt"
+    torch.save({"state_dict": saved["state_dict"], "slimengine": {"family": "lemur", "lemur_config": {"num_heads": 0}}}, bad_config)
+    with pytest.raises(CheckpointError, match="invalid lemur_config .*num_heads must be a positive integer"):
+        load_lemur_checkpoint(bad_config)
+
+
 def test_export_cli_rejects_bad_lemur_requests_with_one_line(lemur_checkpoint, tmp_path):
     proc = run_cli("export-engine", str(lemur_checkpoint), "-o", str(tmp_path / "x.engine"), "--precision", "fp16", check=False)
     assert proc.returncode == 2 and "LEMUR bundles are fp32 only" in proc.stderr and not (tmp_path / "x.engine").exists()

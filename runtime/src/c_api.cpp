@@ -549,6 +549,7 @@ slim_status slim_bank_lookup(const slim_bank* bank, const slim_tensor* ids, cons
     return guarded([&] {
         const int64_t D = bank->bank->dim();
         const int64_t N = check_tensor(ids, "ids", {-1}, "[N]", SLIM_DTYPE_INT64)[0];
+        if (N > kMaxBankBatch) throw slim::Error(SLIM_ERR_SHAPE, "ids: at most " + std::to_string(kMaxBankBatch) + " per call");
         const std::string Ns = std::to_string(N);
         check_tensor(embeddings_out, "embeddings_out", {N, D}, "[" + Ns + "," + std::to_string(D) + "] (ids, bank dim)");
         if (write_times_out) check_tensor(write_times_out, "write_times_out", {N}, "[" + Ns + "]", SLIM_DTYPE_INT64);

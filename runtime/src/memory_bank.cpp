@@ -249,22 +249,34 @@ void MemoryBank::grow() {
 }
 
 uint64_t MemoryBank::scan(uint64_t from, uint64_t size) {
+    // Read with pread, not through the mapping: past the log, a writer may be truncating the file
+    // (its open or close), and a read there must come back short instead of faulting.
     const size_t payload = kRecordHead + 4 * static_cast<size_t>(dim_);
+    std::vector<uint8_t> chunk(std::max<uint64_t>(1, (uint64_t(4) << 20) / record_bytes_) * record_bytes_);
     uint64_t offset = from;
-    for (; offset + record_bytes_ <= size; offset += record_bytes_) {
-        const uint8_t* r = map_ + offset;
-        RecordHead h;
-        std::memcpy(&h, r, sizeof(h));
-        uint32_t crc;
-        std::memcpy(&crc, r + payload, 4);
-        if (h.magic != kRecordMagic || (h.kind != kUpsert && h.kind != kDelete) || h.seq != records_ ||
-            h.dim != static_cast<uint32_t>(dim_) || h.id < 0 || crc != crc32c(r, payload))
-            break;  // the first torn or foreign record ends the log
-        if (h.kind == kUpsert)
-            insert(h.id, records_);
-        else
-            erase(h.id);
-        ++records_;
+    while (offset + record_bytes_ <= size) {
+        const size_t want = static_cast<size_t>(std::min<uint64_t>(chunk.size(), (size - offset) / record_bytes_ * record_bytes_));
+        ssize_t got;
+        do got = ::pread(fd_, chunk.data(), want, static_cast<off_t>(offset));
+        while (got < 0 && errno == EINTR);
+        const size_t whole = got > 0 ? static_cast<size_t>(got) / record_bytes_ * record_bytes_ : 0;
+        for (size_t at = 0; at < whole; at += record_bytes_) {
+            const uint8_t* r = chunk.data() + at;
+            RecordHead h;
+            std::memcpy(&h, r, sizeof(h));
+            uint32_t crc;
+            std::memcpy(&crc, r + payload, 4);
+            if (h.magic != kRecordMagic || (h.kind != kUpsert && h.kind != kDelete) || h.seq != records_ ||
+                h.dim != static_cast<uint32_t>(dim_) || h.id < 0 || crc != crc32c(r, payload))
+                return offset + at;  // the first torn or foreign record ends the log
+            if (h.kind == kUpsert)
+                insert(h.id, records_);
+            else
+                erase(h.id);
+            ++records_;
+        }
+        offset += whole;
+        if (whole < want) break;  // the file ended early (truncated while we read)
     }
     return offset;
 }
