@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <functional>
 
 #include "error.hpp"
 
@@ -165,7 +166,7 @@ MemoryBank::MemoryBank(const std::string& path, const BankOptions& options)
         record_bytes_ = h.record_bytes;
         // The whole address range is reserved once, so the mapping never moves while readers use it;
         // pages past the end of the file are never touched (the index only names complete records).
-        void* map = ::mmap(nullptr, kMaxFileBytes, PROT_READ | (read_only_ ? 0 : PROT_WRITE), MAP_SHARED, fd_, 0);
+        void* map = ::mmap(nullptr, kMaxFileBytes, PROT_READ, MAP_SHARED, fd_, 0);
         if (map == MAP_FAILED) io_error(path, "cannot map", errno);
         map_ = static_cast<uint8_t*>(map);
         slots_.assign(1024, Slot{kEmpty, 0});
@@ -173,11 +174,10 @@ MemoryBank::MemoryBank(const std::string& path, const BankOptions& options)
         uint64_t size = std::min<uint64_t>(st.st_size, kMaxFileBytes);
         uint64_t end = scan(kHeaderBytes, size);
         dropped_bytes_ = size - end;
-        // A writer cuts off what follows the log: a torn record from a crash, or space reserved but never written.
+        // A writer cuts off a torn record left by a crash, and appends after the last whole one.
         if (!read_only_ && end < static_cast<uint64_t>(st.st_size)) {
             if (::ftruncate(fd_, static_cast<off_t>(end)) != 0 || ::fsync(fd_) != 0) io_error(path, "cannot truncate a torn tail", errno);
         }
-        capacity_ = end;
     } catch (...) {
         if (map_) ::munmap(map_, kMaxFileBytes);
         ::close(fd_);
@@ -186,8 +186,6 @@ MemoryBank::MemoryBank(const std::string& path, const BankOptions& options)
 }
 
 MemoryBank::~MemoryBank() {
-    if (!read_only_ && ::ftruncate(fd_, static_cast<off_t>(kHeaderBytes + records_ * record_bytes_)) != 0) {
-    }  // best effort: return the reserved space; the next writer's open would cut it off anyway
     if (map_) ::munmap(map_, kMaxFileBytes);
     if (fd_ >= 0) ::close(fd_);  // also releases the writer's lock
 }
@@ -281,18 +279,31 @@ uint64_t MemoryBank::scan(uint64_t from, uint64_t size) {
     return offset;
 }
 
-uint8_t* MemoryBank::reserve(uint64_t bytes) {
-    const uint64_t offset = kHeaderBytes + records_ * record_bytes_, end = offset + bytes;
-    if (end > kMaxFileBytes) io_error(path_, "would grow past its 256 GiB limit; nothing was written");
-    if (end > capacity_) {
-        const uint64_t step = std::clamp<uint64_t>(capacity_ / 4, uint64_t(4) << 20, uint64_t(64) << 20);
-        const uint64_t grown = std::min(kMaxFileBytes, std::max(end, capacity_ + step));
-        // Real blocks, not a sparse hole: a store into the mapping can then never fault on a full disk.
-        if (int err = ::posix_fallocate(fd_, 0, static_cast<off_t>(grown)))
-            io_error(path_, "cannot grow the file; nothing was written", err);
-        capacity_ = grown;
+void MemoryBank::append(size_t count, const std::function<void(uint8_t*, size_t)>& fill) {
+    const uint64_t start = kHeaderBytes + records_ * record_bytes_, bytes = count * record_bytes_;
+    if (start + bytes > kMaxFileBytes) io_error(path_, "would grow past its 256 GiB limit; nothing was written");
+    // Records are built in a reused staging buffer and written with pwrite: whole new page-cache
+    // pages are filled by the copy, which costs far less than faulting zeroed pages into a mapping.
+    const size_t per_chunk = std::max<size_t>(1, (size_t(8) << 20) / record_bytes_);
+    staging_.resize(std::min(count, per_chunk) * record_bytes_);
+    auto undo = [&](int err, const char* what) {
+        if (::ftruncate(fd_, static_cast<off_t>(start)) != 0) {
+        }  // best effort: whole records past the log would otherwise be kept, torn ones are dropped at the next open
+        io_error(path_, std::string(what) + "; nothing was written", err);
+    };
+    for (size_t first = 0; first < count; first += per_chunk) {
+        const size_t n = std::min(per_chunk, count - first);
+        for (size_t i = 0; i < n; ++i) fill(staging_.data() + i * record_bytes_, first + i);
+        const size_t len = n * record_bytes_;
+        const uint64_t at = start + first * record_bytes_;
+        for (size_t done = 0; done < len;) {
+            ssize_t w = ::pwrite(fd_, staging_.data() + done, len - done, static_cast<off_t>(at + done));
+            if (w < 0 && errno == EINTR) continue;
+            if (w <= 0) undo(w < 0 ? errno : ENOSPC, "write failed");
+            done += static_cast<size_t>(w);
+        }
     }
-    return map_ + offset;
+    if (sync_writes_ && ::fdatasync(fd_) != 0) undo(errno, "fdatasync failed");
 }
 
 void MemoryBank::write_record(uint8_t* r, uint64_t seq, uint32_t kind, int64_t id, int64_t write_time_us, uint32_t model_version,
@@ -308,24 +319,12 @@ void MemoryBank::write_record(uint8_t* r, uint64_t seq, uint32_t kind, int64_t i
     std::memcpy(r + payload, &crc, 4);
 }
 
-void MemoryBank::sync_written(uint8_t* first, uint64_t bytes) {
-    if (!sync_writes_) return;
-    const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
-    uint8_t* start = reinterpret_cast<uint8_t*>(reinterpret_cast<uintptr_t>(first) & ~(page - 1));
-    if (::msync(start, static_cast<size_t>(first + bytes - start), MS_SYNC) != 0 || ::fdatasync(fd_) != 0) {
-        int err = errno;
-        std::memset(first, 0, 4);  // unmake the first new record: the log ends before these writes
-        io_error(path_, "cannot sync the file; nothing was written", err);
-    }
-}
-
 void MemoryBank::upsert(const int64_t* ids, const float* embeddings, size_t n, uint32_t model_version, int64_t write_time_us) {
     if (read_only_) throw Error(SLIM_ERR_INVALID_ARGUMENT, "memory bank " + path_ + " is open read-only");
     std::lock_guard<std::mutex> writer(write_mutex_);
-    uint8_t* first = reserve(n * record_bytes_);
-    for (size_t i = 0; i < n; ++i)
-        write_record(first + i * record_bytes_, records_ + i, kUpsert, ids[i], write_time_us, model_version, embeddings + i * dim_);
-    sync_written(first, n * record_bytes_);
+    append(n, [&](uint8_t* r, size_t i) {
+        write_record(r, records_ + i, kUpsert, ids[i], write_time_us, model_version, embeddings + i * static_cast<size_t>(dim_));
+    });
     std::unique_lock lock(index_mutex_);  // the records are complete: now readers may find them
     for (size_t i = 0; i < n; ++i) insert(ids[i], records_ + i);
     records_ += n;
@@ -341,9 +340,7 @@ size_t MemoryBank::remove(const int64_t* ids, size_t n) {
     // Only the writer changes the index, so it can be read without the lock here.
     present.erase(std::remove_if(present.begin(), present.end(), [&](int64_t id) { return !find(id); }), present.end());
     if (present.empty()) return 0;
-    uint8_t* first = reserve(present.size() * record_bytes_);
-    for (size_t i = 0; i < present.size(); ++i) write_record(first + i * record_bytes_, records_ + i, kDelete, present[i], now, 0, nullptr);
-    sync_written(first, present.size() * record_bytes_);
+    append(present.size(), [&](uint8_t* r, size_t i) { write_record(r, records_ + i, kDelete, present[i], now, 0, nullptr); });
     std::unique_lock lock(index_mutex_);
     for (int64_t id : present) erase(id);
     records_ += present.size();

@@ -3,13 +3,15 @@
 // The file is an append-only log of fixed-size, checksummed records after a checksummed header
 // (docs/memory-bank.md). Opening scans the log and stops at the first torn or invalid record, so a
 // crash (kill -9) loses at most the records whose write had not returned; a writer truncates that
-// torn tail. The id -> record index lives in memory; records are written into, and embeddings read
-// from, a shared mapping of the file (the page cache: a killed process's completed stores stay). One writer per file (an exclusive flock);
+// torn tail. The id -> record index lives in memory; records are appended with pwrite (in the page
+// cache once it returns: a killed process loses nothing it completed) and embeddings are read from a
+// read-only shared mapping of the file. One writer per file (an exclusive flock);
 // any number of read-only handles, in this process or others, pick up the writer's appends with refresh().
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <mutex>
 #include <shared_mutex>
 #include <string>
@@ -66,13 +68,11 @@ class MemoryBank {
     void grow();
     // Validates and indexes whole records from byte offset `from` up to `size`; returns the end of the valid prefix.
     uint64_t scan(uint64_t from, uint64_t size);
-    // Room for `bytes` of records after the log (the file grows with posix_fallocate in large steps);
-    // returns where they go in the mapping. Throws Error(SLIM_ERR_IO) with nothing written.
-    uint8_t* reserve(uint64_t bytes);
+    // Appends `count` records, fill(record, i) building each, after the log; throws Error(SLIM_ERR_IO)
+    // with the file cut back (nothing written) on failure.
+    void append(size_t count, const std::function<void(uint8_t*, size_t)>& fill);
     void write_record(uint8_t* at, uint64_t seq, uint32_t kind, int64_t id, int64_t write_time_us, uint32_t model_version,
                       const float* embedding);
-    // With sync_writes: msync + fdatasync of new records; on failure they are unmade and Error(IO) thrown.
-    void sync_written(uint8_t* first, uint64_t bytes);
     const uint8_t* record_at(uint64_t index) const { return map_ + kHeaderBytes + index * record_bytes_; }
 
     static constexpr uint64_t kHeaderBytes = 64;
@@ -82,8 +82,8 @@ class MemoryBank {
     int dim_ = 0;
     uint64_t record_bytes_ = 0;
     uint8_t* map_ = nullptr;
-    uint64_t records_ = 0;   // records in the valid log prefix
-    uint64_t capacity_ = 0;  // writer: file size, the log plus space reserved for the next records
+    uint64_t records_ = 0;          // records in the valid log prefix
+    std::vector<uint8_t> staging_;  // writer: records on their way into the file
     uint64_t dropped_bytes_ = 0;
 
     mutable std::shared_mutex index_mutex_;  // readers share; the index update of a write is exclusive
