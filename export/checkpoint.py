@@ -1,4 +1,4 @@
-"""Load an SD3 / 1.x-Distill checkpoint without executing code and infer its configuration.
+"""Load an SD3 / 1.x-Distill or LEMUR checkpoint without executing code and infer its configuration.
 
 Accepted: `.pt`/`.pth` (torch.load with weights_only=True), `.safetensors`, or a diffusers
 transformer folder (config.json + *.safetensors, sharded or not). Keys may be in diffusers naming or
@@ -18,6 +18,7 @@ import torch
 
 from .bundle import sha256_files
 from .errors import CheckpointError
+from .lemur_model import LemurConfig, LemurModel
 from .sd3_model import DistilledSD3, SD3Config
 
 WRAPPER_PREFIXES = ("module.", "_fsdp_wrapped_module.", "transformer.")
@@ -243,3 +244,71 @@ def _strip(keys):
 def _hash_source(path: Path) -> str:
     """sha256 of the checkpoint file, or of every file of a folder in path order."""
     return sha256_files(sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])
+
+
+# ---- family detection and LEMUR checkpoints ----
+# A LEMUR checkpoint carries its whole configuration in the metadata: {"family": "lemur", "lemur_config": {...}}.
+
+
+def checkpoint_family(path: str | Path) -> str:
+    """"sd3" or "lemur", from the metadata alone where the format allows (no tensor is read)."""
+    path = Path(path)
+    if path.is_dir() or not path.exists():
+        return "sd3"
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = json.loads((handle.metadata() or {}).get("slimengine", "{}"))
+        else:
+            metadata = _read_raw(path)[1]
+    except Exception:  # unreadable here: the family's own loader gives the precise error
+        return "sd3"
+    return "lemur" if isinstance(metadata, dict) and metadata.get("family") == "lemur" else "sd3"
+
+
+@dataclasses.dataclass
+class LemurCheckpoint:
+    path: Path
+    config: LemurConfig
+    state_dict: dict[str, torch.Tensor]
+    metadata: dict
+    sha256: str
+
+    def build_model(self) -> LemurModel:
+        model = LemurModel(self.config)
+        model.load_state_dict(self.state_dict, strict=True)
+        return model.float().eval()
+
+
+def load_lemur_checkpoint(path: str | Path) -> LemurCheckpoint:
+    """Read and validate a LEMUR checkpoint (config in its metadata); raise CheckpointError with one clear line."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    raw, metadata = _read_raw(path)
+    if not isinstance(metadata, dict) or metadata.get("family") != "lemur" or not isinstance(metadata.get("lemur_config"), dict):
+        raise CheckpointError(f"{path}: not a LEMUR checkpoint (no slimengine metadata with family 'lemur' and a lemur_config)")
+    try:
+        config = LemurConfig.from_json(metadata["lemur_config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: invalid lemur_config ({e})") from None
+    state_dict = dict(raw)
+    for prefix in WRAPPER_PREFIXES:
+        if state_dict and all(k.startswith(prefix) for k in state_dict):
+            state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
+    expected = LemurModel(config).state_dict()
+    missing, unexpected = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
+    if missing:
+        raise CheckpointError(f"{path}: missing {len(missing)} keys, e.g. {', '.join(missing[:3])}")
+    if unexpected:
+        raise CheckpointError(f"{path}: {len(unexpected)} unexpected keys, e.g. {', '.join(unexpected[:3])}")
+    for key, value in state_dict.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise CheckpointError(f"{path}: '{key}' has shape {list(value.shape)}, expected {list(expected[key].shape)} for its lemur_config")
+        if not value.dtype.is_floating_point:
+            raise CheckpointError(f"{path}: '{key}' has dtype {value.dtype}, expected a floating-point type")
+        if not torch.isfinite(value).all():
+            raise CheckpointError(f"{path}: '{key}' contains NaN or Inf")
+    return LemurCheckpoint(path=path, config=config, state_dict=state_dict, metadata=metadata, sha256=_hash_source(path))

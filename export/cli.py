@@ -1,4 +1,4 @@
-"""export-engine: turn a PyTorch SD3 / 1.x-Distill checkpoint into an engine bundle."""
+"""export-engine: turn a PyTorch SD3 / 1.x-Distill or LEMUR checkpoint into an engine bundle."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from .errors import CheckpointError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="export-engine",
-        description="Export a PyTorch SD3 / 1.x-Distill checkpoint (.pt, .safetensors or diffusers folder) "
-        "into an engine bundle (ONNX stages + manifest) that the slimengine runtime executes.",
+        description="Export a PyTorch SD3 / 1.x-Distill checkpoint (.pt, .safetensors or diffusers folder) or a LEMUR "
+        "recommender checkpoint (.pt/.safetensors with its config inside) into an engine bundle (ONNX stages + manifest) "
+        "that the slimengine runtime executes. The family is detected from the checkpoint.",
     )
     parser.add_argument("checkpoint", type=Path, help="checkpoint file or diffusers transformer folder")
     parser.add_argument("-o", "--output", type=Path, help="bundle directory to write (default: CHECKPOINT.engine)")
@@ -31,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "implied by a --cache that uses it")
     parser.add_argument("--guidance-scale", type=float, help="default CFG scale (default: 1.0 for 1.x, 7.0 for plain SD3)")
     parser.add_argument("--heads", type=int, help="attention heads, when the weights cannot tell (no qk-norm, no metadata)")
+    parser.add_argument("--model-version", type=int, default=1,
+                        help="LEMUR: the model version the runtime records with every embedding it writes to a memory bank (default 1)")
     parser.add_argument("--verify", action="store_true", help="run every stage in ONNX Runtime against PyTorch")
     parser.add_argument("--force", action="store_true", help="replace an existing bundle")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -49,11 +52,13 @@ def main(argv=None) -> int:
     # Heavy imports after argument checks, so --help and usage errors are instant.
     from tqdm import tqdm
 
-    from .checkpoint import load_checkpoint
+    from .checkpoint import checkpoint_family, load_checkpoint
     from .sampling_plan import make_plan
     from .sd3_export import export_sd3, needs_token_stages
 
     start = time.perf_counter()
+    if checkpoint_family(args.checkpoint) == "lemur":
+        return _export_lemur(args, output, start)
     try:
         checkpoint = load_checkpoint(args.checkpoint, num_attention_heads=args.heads)
         plan = make_plan(checkpoint.config.num_layers, checkpoint.has_compensation, checkpoint.metadata,
@@ -83,6 +88,38 @@ def main(argv=None) -> int:
     finally:
         bar.close()
     print(f"wrote {output} ({args.precision}, {stages} stages) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return 0
+
+
+def _export_lemur(args, output: Path, start: float) -> int:
+    from tqdm import tqdm
+
+    from .checkpoint import load_lemur_checkpoint
+    from .lemur_export import export_lemur, stage_specs
+
+    if args.precision != "fp32":
+        return _fail(f"LEMUR bundles are fp32 only, got --precision {args.precision}")
+    try:
+        checkpoint = load_lemur_checkpoint(args.checkpoint)
+    except (CheckpointError, ValueError) as e:
+        return _fail(str(e))
+    c = checkpoint.config
+    print(f"{args.checkpoint}: LEMUR recommender, {c.embed_dim}-d document embeddings, text {c.text_layers}x{c.text_dim}, "
+          f"image {c.image_layers}x{c.image_dim}, model version {args.model_version}", file=sys.stderr)
+    stages = len(stage_specs(c))
+    bar = tqdm(total=stages, desc="export", unit="stage", disable=args.quiet, file=sys.stderr)
+    try:
+        export_lemur(checkpoint, output, model_version=args.model_version, verify=args.verify, force=args.force,
+                     progress=lambda name: (bar.set_postfix_str(name), bar.update()), report=lambda s: print(s, file=sys.stderr))
+    except (ValueError, FileExistsError) as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return _fail(f"interrupted; {output} was not written", code=130)
+    except Exception as e:  # anything unexpected: still one line, and nothing was written
+        return _fail(f"export of {args.checkpoint} failed ({type(e).__name__}: {e}); {output} was not written", code=1)
+    finally:
+        bar.close()
+    print(f"wrote {output} (lemur, fp32, {stages} stages) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0
 
 

@@ -31,7 +31,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 class TensorSpec:
     name: str
     shape: tuple  # ints, or strings for dynamic dimensions
-    dtype: str = "float32"  # or "int64" (token indices)
+    dtype: str = "float32"  # or "int64" (SD3 token indices, LEMUR token ids)
 
     def to_json(self) -> dict:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
@@ -205,15 +205,17 @@ def _dynamic_shapes(spec: StageSpec, patch: int, max_patches: int):
     return tuple({axis: dims[d] for axis, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs)
 
 
-def trace_stage(module: nn.Module, spec: StageSpec, args: tuple, patch: int, max_patches: int):
-    """torch.export + ONNX lowering of one stage (the token ops lowered to ai.slimengine); returns the ONNXProgram."""
+def trace_stage(module: nn.Module, spec: StageSpec, args: tuple, patch: int = 1, max_patches: int = 1, dynamic_shapes=None):
+    """torch.export + ONNX lowering of one stage (the token ops lowered to ai.slimengine); returns the
+    ONNXProgram. `dynamic_shapes` defaults to the SD3 stages' dimensions."""
     from .token_block import ONNX_TRANSLATIONS
 
     with warnings.catch_warnings(), _quiet_logs():
         warnings.simplefilter("ignore")
         return torch.onnx.export(
             module, args, dynamo=True, opset_version=OPSET, verbose=False,
-            dynamic_shapes=_dynamic_shapes(spec, patch, max_patches), custom_translation_table=ONNX_TRANSLATIONS,
+            dynamic_shapes=dynamic_shapes if dynamic_shapes is not None else _dynamic_shapes(spec, patch, max_patches),
+            custom_translation_table=ONNX_TRANSLATIONS,
             input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
         )
 

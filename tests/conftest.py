@@ -150,3 +150,20 @@ class CApiCall:
             setattr(p, k, v)
         code = self.lib.slim_generate(self.session._handle, ctypes.byref(p), out or self.tensor(self.out), None)
         return self.lib.slim_status_name(code).decode(), self.lib.slim_last_error().decode()
+
+
+# ---- LEMUR: a tiny seeded recommender and its bundle (tests/test_lemur*.py) ----
+
+
+@pytest.fixture(scope="session")
+def lemur_checkpoint(workdir) -> Path:
+    from slimengine.tools.make_lemur_checkpoint import main as make_lemur_main
+
+    path = workdir / "lemur-tiny.safetensors"
+    assert make_lemur_main(["-o", str(path), "--preset", "tiny", "--seed", "3"]) == 0
+    return path
+
+
+@pytest.fixture(scope="session")
+def lemur_bundle(workdir, lemur_checkpoint) -> Path:
+    return export(lemur_checkpoint, workdir / "lemur-tiny.engine", "--verify", "--model-version", "7")

@@ -2,9 +2,11 @@
  *
  * An engine (slim_engine) is a loaded bundle: manifest, compiled ONNX Runtime sessions, weights.
  * A session (slim_session) holds the buffers and caches of one generation at a time.
+ * A memory bank (slim_bank) is a durable file of document embeddings for the LEMUR programs.
  *
  * Thread safety: an engine is read-only after slim_engine_open and may be shared by any number of
- * threads; a session must be used by one thread at a time (create one session per thread).
+ * threads; a session must be used by one thread at a time (create one session per thread); a bank
+ * may be used by any number of threads (lookups run concurrently with one write at a time).
  *
  * Errors: every call that can fail returns a slim_status; the detail is in slim_last_error(), a
  * thread-local string valid until the next slimengine call on the same thread. No C++ exception
@@ -29,7 +31,7 @@ extern "C" {
 
 /* ABI version of this header; slim_version() gives the library's at run time. */
 #define SLIM_ABI_VERSION_MAJOR 0
-#define SLIM_ABI_VERSION_MINOR 2 /* 2: X-Slim policies and stats, plan override (num_steps, shift), profiling events */
+#define SLIM_ABI_VERSION_MINOR 2 /* 2: X-Slim policies and stats, plan override, profiling events, LEMUR, generic stage call */
 
 typedef enum slim_status {
     SLIM_OK = 0,
@@ -41,7 +43,8 @@ typedef enum slim_status {
     SLIM_ERR_DTYPE = 6,            /* a tensor has the wrong dtype, device or layout */
     SLIM_ERR_NUMERICS = 7,         /* NaN or Inf in an input or in the result */
     SLIM_ERR_OUT_OF_MEMORY = 8,
-    SLIM_ERR_INTERNAL = 9
+    SLIM_ERR_INTERNAL = 9,
+    SLIM_ERR_NOT_FOUND = 10 /* a document id is not in the memory bank (or is stale); ABI 0.2 */
 } slim_status;
 
 /* Element types (the values of DLPack's (code, bits) pairs are not used: plain enum). */
@@ -93,8 +96,10 @@ typedef struct slim_engine_params {
 /* Defaults for slim_engine_open. */
 SLIM_API slim_engine_params slim_engine_default_params(void);
 
-/* Load the bundle directory at `path`. On success *out owns a new engine (free with slim_engine_close).
- * params may be NULL (defaults). Status: INVALID_ARGUMENT, IO, BUNDLE, BACKEND, OUT_OF_MEMORY. */
+/* Load the bundle directory at `path`, or a plain ONNX model (a path ending in .onnx: a one-stage
+ * engine whose stage "model" runs through slim_stage_run). On success *out owns a new engine (free
+ * with slim_engine_close). params may be NULL (defaults). Status: INVALID_ARGUMENT, IO, BUNDLE,
+ * BACKEND, OUT_OF_MEMORY. */
 SLIM_API slim_status slim_engine_open(const char* path, const slim_engine_params* params, slim_engine** out);
 /* Free an engine. Every session of it must have been destroyed. NULL is accepted. */
 SLIM_API void slim_engine_close(slim_engine* engine);
@@ -221,6 +226,124 @@ SLIM_API int32_t slim_session_event_count(const slim_session* session);
 /* Event `index`, in the order the events ended: prepare; the stage calls of a step, then that step;
  * the generation last. Status: INVALID_ARGUMENT (NULL argument, index out of range, struct_size). */
 SLIM_API slim_status slim_session_event(const slim_session* session, int32_t index, slim_event* out);
+
+/* ---- generic stage call (any family, and plain ONNX models) ---- */
+
+/* A tensor with the name of the graph input or output it binds to. */
+typedef struct slim_named_tensor {
+    const char* name;
+    slim_tensor tensor;
+} slim_named_tensor;
+
+/* Run stage `stage` (see slim_engine_stage_name; "model" for a plain ONNX file) once. `inputs` must
+ * bind every graph input exactly once, by name, with the graph's dtype (float32, int64 or int32) and
+ * rank, and its fixed dimensions. `outputs` binds any subset of the graph outputs to caller memory
+ * whose shape must equal the computed one. Nothing is written to an output unless every check passes.
+ * Status: INVALID_ARGUMENT (unknown stage or name, missing input), SHAPE, DTYPE, BACKEND. */
+SLIM_API slim_status slim_stage_run(slim_session* session, const char* stage, const slim_named_tensor* inputs, int32_t input_count,
+                                    const slim_named_tensor* outputs, int32_t output_count);
+
+/* ---- LEMUR: memory bank ---- */
+
+typedef struct slim_bank slim_bank;
+
+typedef struct slim_bank_params {
+    uint32_t struct_size; /* sizeof(slim_bank_params) */
+    int32_t dim;          /* embedding width: required to create a bank; checked against an existing one when > 0 */
+    int32_t read_only;    /* 1: a reader (no lock, no writes; slim_bank_refresh picks up a writer's appends); 0 (default): the writer */
+    int32_t create;       /* 1 (default): a writer creates the file when it does not exist */
+    int32_t sync_writes;  /* 1: fdatasync in every upsert/delete (power-loss durable); 0 (default): durable against a process crash
+                             (kill -9) as soon as the call returns, against power loss after slim_bank_flush */
+} slim_bank_params;
+
+/* Defaults for slim_bank_open: dim 0 (take the file's), writer, create, no per-call sync. */
+SLIM_API slim_bank_params slim_bank_default_params(void);
+
+/* Open (or create) the bank file at `path` (format: docs/memory-bank.md). A torn tail left by a
+ * crash is dropped (a writer truncates it); opening never fails because of one. One writer per file
+ * at a time, across processes. On success *out owns the bank (free with slim_bank_close).
+ * Status: INVALID_ARGUMENT, IO (missing, locked by another writer, not a bank file), SHAPE (dim mismatch). */
+SLIM_API slim_status slim_bank_open(const char* path, const slim_bank_params* params, slim_bank** out);
+/* Close a bank (releasing the writer lock). NULL is accepted. */
+SLIM_API void slim_bank_close(slim_bank* bank);
+/* Embedding width, and the number of document ids present. */
+SLIM_API int32_t slim_bank_dim(const slim_bank* bank);
+SLIM_API int64_t slim_bank_count(const slim_bank* bank);
+
+/* Insert or replace the embeddings of `ids` (int64 [N], each >= 0; the last of a repeated id wins),
+ * `embeddings` float32 [N, dim] finite, recording `model_version` and the current time. Readers see
+ * all N at once when the call returns; on an error none is written (a crash inside the call may keep
+ * a prefix of them, never a torn one). Status: INVALID_ARGUMENT (read-only bank, negative id),
+ * SHAPE, DTYPE, NUMERICS, IO. */
+SLIM_API slim_status slim_bank_upsert(slim_bank* bank, const slim_tensor* ids, const slim_tensor* embeddings, uint32_t model_version);
+/* Delete `ids` (int64 [N]); absent ids are ignored. *deleted (may be NULL): how many were present.
+ * Status: INVALID_ARGUMENT, SHAPE, DTYPE, IO. */
+SLIM_API slim_status slim_bank_delete(slim_bank* bank, const slim_tensor* ids, int64_t* deleted);
+/* Bulk lookup of `ids` (int64 [N]): embeddings_out float32 [N, dim] (a missing id's row is zeros),
+ * write_times_out int64 [N] (microseconds since the Unix epoch, -1 when missing) and
+ * model_versions_out int64 [N] (-1 when missing); either of the last two may be NULL. *found (may
+ * be NULL): how many ids were present. Status: INVALID_ARGUMENT, SHAPE, DTYPE. */
+SLIM_API slim_status slim_bank_lookup(const slim_bank* bank, const slim_tensor* ids, const slim_tensor* embeddings_out,
+                                      const slim_tensor* write_times_out, const slim_tensor* model_versions_out, int64_t* found);
+/* fdatasync the file: every earlier write then survives a power loss. Status: IO. */
+SLIM_API slim_status slim_bank_flush(slim_bank* bank);
+/* Read-only banks: index the records a writer appended since open or the last refresh. *added (may
+ * be NULL): how many records. Status: INVALID_ARGUMENT, IO. */
+SLIM_API slim_status slim_bank_refresh(slim_bank* bank, int64_t* added);
+
+/* ---- LEMUR: embed and score ---- */
+
+typedef struct slim_lemur_stats {
+    uint32_t struct_size;    /* set by the caller: sizeof(slim_lemur_stats) */
+    int32_t batch;           /* documents embedded, or histories scored */
+    int64_t history_found;   /* score: history slots filled from the bank */
+    int64_t history_missing; /* score: ids missing or stale (skipped under SLIM_MISSING_SKIP) */
+    double total_ms;         /* wall time of the call */
+    double backend_ms;       /* time inside ONNX Runtime's Run */
+    double bank_ms;          /* time in the bank: history assembly, or the upsert of embed */
+} slim_lemur_stats;
+
+typedef struct slim_embed_params {
+    uint32_t struct_size;            /* sizeof(slim_embed_params) */
+    const slim_tensor* text_ids;     /* int64 [B, L] token ids in [0, vocab_size), 0 pads; title, OCR and ASR concatenated; required */
+    const slim_tensor* segment_ids;  /* int64 [B, L] in [0, num_segments) (0 title, 1 OCR, 2 ASR); NULL: all 0 */
+    const slim_tensor* frames;       /* float32 [B, F, 3, image_size, image_size], 1 <= F <= max_frames; required */
+    slim_bank* bank;                 /* optional: upsert the embeddings into this (writer) bank */
+    const slim_tensor* document_ids; /* int64 [B], ids >= 0; required with bank */
+    int64_t model_version;           /* recorded in the bank; < 0 (default): the bundle's program.model_version */
+} slim_embed_params;
+
+/* Defaults for slim_embed: all tensors NULL, no bank, the bundle's model version. */
+SLIM_API slim_embed_params slim_embed_default_params(void);
+
+/* Document embeddings (L2-normalised) of a batch into `embeddings_out` (float32 [B, embed_dim], CPU
+ * contiguous, caller memory); with a bank, also upserted under document_ids. stats may be NULL.
+ * Status: INVALID_ARGUMENT (not a lemur engine, id out of range), SHAPE, DTYPE, NUMERICS, BACKEND, IO. */
+SLIM_API slim_status slim_embed(slim_session* session, const slim_embed_params* params, const slim_tensor* embeddings_out,
+                                slim_lemur_stats* stats);
+
+/* What slim_score does with a history id that is not in the bank (or is older than min_model_version). */
+typedef enum slim_missing_policy {
+    SLIM_MISSING_ERROR = 0, /* default: fail with SLIM_ERR_NOT_FOUND naming the first such id */
+    SLIM_MISSING_SKIP = 1   /* leave it out of the history, as padding is */
+} slim_missing_policy;
+
+typedef struct slim_score_params {
+    uint32_t struct_size;           /* sizeof(slim_score_params) */
+    const slim_bank* bank;          /* the history embeddings' source; required, dim must be embed_dim */
+    const slim_tensor* history_ids; /* int64 [B, H] document ids, most recent last; -1 pads; required */
+    const slim_tensor* query_ids;   /* int64 [B, Lq] query token ids in [0, vocab_size), 0 pads; required */
+    int32_t missing_policy;         /* slim_missing_policy */
+    int64_t min_model_version;      /* bank entries written by an older model version count as missing; 0 (default): all */
+} slim_score_params;
+
+/* Defaults for slim_score: all NULL, SLIM_MISSING_ERROR, min_model_version 0. */
+SLIM_API slim_score_params slim_score_default_params(void);
+
+/* Click probabilities of each (history, query) row into `scores_out` (float32 [B], caller memory).
+ * stats may be NULL. Status: INVALID_ARGUMENT, SHAPE, DTYPE, NOT_FOUND, NUMERICS, BACKEND. */
+SLIM_API slim_status slim_score(slim_session* session, const slim_score_params* params, const slim_tensor* scores_out,
+                                slim_lemur_stats* stats);
 
 #ifdef __cplusplus
 }

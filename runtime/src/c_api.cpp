@@ -1,4 +1,5 @@
 // The C ABI: argument validation at the boundary, exceptions turned into status codes.
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -9,6 +10,8 @@
 #include "engine.hpp"
 #include "error.hpp"
 #include "json.hpp"
+#include "lemur_program.hpp"
+#include "memory_bank.hpp"
 #include "sampling_plan.hpp"
 #include "sd3_program.hpp"
 #include "slimengine.h"
@@ -22,8 +25,13 @@ struct slim_engine {
 };
 
 struct slim_session {
-    std::unique_ptr<slim::Sd3Session> program;
+    std::unique_ptr<slim::Sd3Session> program;  // family sd3
+    std::unique_ptr<slim::LemurSession> lemur;  // family lemur
     const slim_engine* owner;
+};
+
+struct slim_bank {
+    std::unique_ptr<slim::MemoryBank> bank;
 };
 
 namespace {
@@ -70,15 +78,28 @@ std::string shape_text(const slim_tensor& t) {
     return s + "]";
 }
 
+const char* dtype_text(int32_t dtype) {
+    switch (dtype) {
+        case SLIM_DTYPE_FLOAT32:
+            return "float32 (SLIM_DTYPE_FLOAT32=0)";
+        case SLIM_DTYPE_INT64:
+            return "int64 (SLIM_DTYPE_INT64=3)";
+        case SLIM_DTYPE_INT32:
+            return "int32 (SLIM_DTYPE_INT32=4)";
+        default:
+            return "a type this call does not take";
+    }
+}
+
 // Checks dtype/device/layout and that the shape matches `expected` (-1: any positive size);
 // returns the shape.
 std::vector<int64_t> check_tensor(const slim_tensor* t, const char* name, const std::vector<int64_t>& expected,
-                                  const std::string& expected_text) {
+                                  const std::string& expected_text, int32_t dtype = SLIM_DTYPE_FLOAT32) {
     using slim::Error;
     if (!t) throw Error(SLIM_ERR_INVALID_ARGUMENT, std::string(name) + " is required");
     if (!t->data) throw Error(SLIM_ERR_INVALID_ARGUMENT, std::string(name) + ".data is NULL");
-    if (t->dtype != SLIM_DTYPE_FLOAT32)
-        throw Error(SLIM_ERR_DTYPE, std::string(name) + ": dtype must be float32 (SLIM_DTYPE_FLOAT32=0), got " + std::to_string(t->dtype));
+    if (t->dtype != dtype)
+        throw Error(SLIM_ERR_DTYPE, std::string(name) + ": dtype must be " + dtype_text(dtype) + ", got " + std::to_string(t->dtype));
     if (t->device_type != SLIM_DEVICE_CPU) throw Error(SLIM_ERR_DTYPE, std::string(name) + ": must be in CPU memory for this build");
     if (!t->shape || t->ndim != static_cast<int32_t>(expected.size()))
         throw Error(SLIM_ERR_SHAPE, std::string(name) + ": rank " + std::to_string(t->ndim) + ", expected " + expected_text);
@@ -145,6 +166,65 @@ slim::XSlimPolicy request_policy(const slim_generate_params& p, const slim::Engi
     return policy;
 }
 
+// Every int64 element in [low, high): token ids, segment ids, document ids.
+void check_range(const slim_tensor* t, const std::vector<int64_t>& shape, const char* name, int64_t low, int64_t high) {
+    const int64_t* data = static_cast<const int64_t*>(t->data);
+    for (size_t i = 0, n = element_count(shape); i < n; ++i)
+        if (data[i] < low || data[i] >= high)
+            throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, std::string(name) + ": element " + std::to_string(i) + " is " +
+                                                             std::to_string(data[i]) + ", outside [" + std::to_string(low) + ", " +
+                                                             std::to_string(high) + ")");
+}
+
+constexpr int64_t kMaxBankBatch = int64_t(1) << 24;  // ids per bank call
+constexpr int64_t kMaxId = INT64_MAX;
+
+slim::LemurSession& lemur_of(slim_session* session, const char* call) {
+    if (!session->lemur)
+        throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, std::string(call) + ": the engine's family is '" +
+                                                         session->owner->engine->manifest().family + "'; this call runs lemur bundles");
+    return *session->lemur;
+}
+
+void fill_stats(slim_lemur_stats* out, const slim::LemurStats& s) {
+    if (!out) return;
+    out->batch = static_cast<int32_t>(s.batch);
+    out->history_found = s.history_found;
+    out->history_missing = s.history_missing;
+    out->total_ms = s.total_ms;
+    out->backend_ms = s.backend_ms;
+    out->bank_ms = s.bank_ms;
+}
+
+void check_stats_size(const slim_lemur_stats* stats) {
+    if (stats && stats->struct_size < sizeof(slim_lemur_stats))
+        throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, "slim_lemur_stats.struct_size must be sizeof(slim_lemur_stats)");
+}
+
+int32_t slim_dtype_of(ONNXTensorElementDataType type) {
+    switch (type) {
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT:
+            return SLIM_DTYPE_FLOAT32;
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64:
+            return SLIM_DTYPE_INT64;
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32:
+            return SLIM_DTYPE_INT32;
+        default:
+            return -1;
+    }
+}
+
+// A graph tensor's expected shape for check_tensor: fixed dims as they are, dynamic ones any size.
+std::string dims_text(const std::vector<int64_t>& dims) {
+    std::string s = "[";
+    for (size_t i = 0; i < dims.size(); ++i) s += (i ? "," : "") + (dims[i] >= 0 ? std::to_string(dims[i]) : std::string("?"));
+    return s + "]";
+}
+
+int64_t now_us() {
+    return std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
 }  // namespace
 
 extern "C" {
@@ -175,6 +255,8 @@ const char* slim_status_name(slim_status status) {
             return "SLIM_ERR_OUT_OF_MEMORY";
         case SLIM_ERR_INTERNAL:
             return "SLIM_ERR_INTERNAL";
+        case SLIM_ERR_NOT_FOUND:
+            return "SLIM_ERR_NOT_FOUND";
     }
     return "SLIM_ERR_UNKNOWN";
 }
@@ -220,7 +302,9 @@ slim_status slim_session_create(slim_engine* engine, slim_session** out) {
     if (!engine) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_session_create: engine is NULL");
     return guarded([&] {
         auto session = std::make_unique<slim_session>();
-        session->program = std::make_unique<slim::Sd3Session>(*engine->engine);
+        const slim::Family family = engine->engine->manifest().kind;
+        if (family == slim::Family::Sd3) session->program = std::make_unique<slim::Sd3Session>(*engine->engine);
+        if (family == slim::Family::Lemur) session->lemur = std::make_unique<slim::LemurSession>(*engine->engine);
         session->owner = engine;
         *out = session.release();
     });
@@ -244,6 +328,9 @@ slim_status slim_generate(slim_session* session, const slim_generate_params* par
     if (!params) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_generate: params is NULL (prompt and pooled embeddings are required)");
     return guarded([&] {
         using slim::Error;
+        if (!session->program)
+            throw Error(SLIM_ERR_INVALID_ARGUMENT, "slim_generate: the engine's family is '" + session->owner->engine->manifest().family +
+                                                       "'; slim_generate runs sd3 bundles");
         slim_generate_params p = read_params(params, slim_generate_default_params(),
                                              offsetof(slim_generate_params, guidance_scale) + sizeof(float), "slim_generate_params");
         if (stats && stats->struct_size < offsetof(slim_generate_stats, backend_ms) + sizeof(double))
@@ -327,7 +414,7 @@ slim_status slim_generate(slim_session* session, const slim_generate_params* par
 }
 
 int32_t slim_session_step_count(const slim_session* session) {
-    return session ? static_cast<int32_t>(session->program->step_stats().size()) : 0;
+    return session && session->program ? static_cast<int32_t>(session->program->step_stats().size()) : 0;
 }
 
 slim_status slim_session_step_stats(const slim_session* session, int32_t index, slim_step_stats* out) {
@@ -350,11 +437,16 @@ slim_status slim_session_step_stats(const slim_session* session, int32_t index, 
 }
 
 slim_status slim_session_stage_stats(const slim_session* session, int32_t index, slim_stage_stats* out) {
-    if (!session || !out || index < 0 || index >= static_cast<int32_t>(session->program->stage_stats().size()))
+    static const std::vector<slim::StageStats> none;  // plain ONNX engines: slim_stage_run keeps no stats
+    const std::vector<slim::StageStats>& all = !session           ? none
+                                               : session->program ? session->program->stage_stats()
+                                               : session->lemur   ? session->lemur->stage_stats()
+                                                                  : none;
+    if (!session || !out || index < 0 || index >= static_cast<int32_t>(all.size()))
         return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_session_stage_stats: NULL argument or stage index out of range");
     if (out->struct_size < sizeof(slim_stage_stats))
         return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_stage_stats.struct_size must be sizeof(slim_stage_stats)");
-    const slim::StageStats& s = session->program->stage_stats()[index];
+    const slim::StageStats& s = all[index];
     out->calls = s.calls;
     out->total_ms = s.ms;
     return SLIM_OK;
@@ -362,12 +454,15 @@ slim_status slim_session_stage_stats(const slim_session* session, int32_t index,
 
 slim_status slim_session_set_profiling(slim_session* session, int32_t enabled) {
     if (!session) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_session_set_profiling: session is NULL");
+    if (!session->program)
+        return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_session_set_profiling: profiling records SD3 generations; this engine's family is '" +
+                                                   session->owner->engine->manifest().family + "'");
     session->program->profiler().set_enabled(enabled != 0);
     return SLIM_OK;
 }
 
 int32_t slim_session_event_count(const slim_session* session) {
-    return session ? static_cast<int32_t>(session->program->profiler().events().size()) : 0;
+    return session && session->program ? static_cast<int32_t>(session->program->profiler().events().size()) : 0;
 }
 
 slim_status slim_session_event(const slim_session* session, int32_t index, slim_event* out) {
@@ -384,6 +479,288 @@ slim_status slim_session_event(const slim_session* session, int32_t index, slim_
     out->end_ns = e.end_ns;
     out->device_ns = e.device_ns;
     return SLIM_OK;
+}
+
+// ---- generic stage call ----
+
+slim_status slim_stage_run(slim_session* session, const char* stage, const slim_named_tensor* inputs, int32_t input_count,
+                           const slim_named_tensor* outputs, int32_t output_count) {
+    if (!session) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_stage_run: session is NULL");
+    return guarded([&] {
+        using slim::Error;
+        const slim::Engine& engine = *session->owner->engine;
+        const int index = stage ? engine.stage_index(stage) : -1;
+        if (index < 0)
+            throw Error(SLIM_ERR_INVALID_ARGUMENT, std::string("slim_stage_run: no stage named '") + (stage ? stage : "(null)") + "'");
+        const slim::StageSession& s = *engine.stages()[index];
+        const std::string where = std::string("stage ") + stage + ": ";
+        if (input_count != static_cast<int32_t>(s.inputs().size()) || (input_count > 0 && !inputs))
+            throw Error(SLIM_ERR_INVALID_ARGUMENT,
+                        where + "takes " + std::to_string(s.inputs().size()) + " inputs, got " + std::to_string(input_count));
+        if (output_count < 1 || output_count > static_cast<int32_t>(s.outputs().size()) || !outputs)
+            throw Error(SLIM_ERR_INVALID_ARGUMENT, where + "bind 1 to " + std::to_string(s.outputs().size()) + " outputs");
+        // Binds caller tensors to graph tensors by name; each name at most once.
+        auto bind = [&](const slim_named_tensor* given, int32_t count, const std::vector<slim::IoSpec>& specs, bool is_input) {
+            std::vector<int> order(count, -1);
+            std::vector<bool> used(specs.size(), false);
+            for (int32_t i = 0; i < count; ++i) {
+                const char* name = given[i].name;
+                for (size_t k = 0; name && k < specs.size(); ++k)
+                    if (specs[k].name == name) order[i] = static_cast<int>(k);
+                const std::string tname = where + (is_input ? "input '" : "output '") + (name ? name : "(null)") + "'";
+                if (order[i] < 0) throw Error(SLIM_ERR_INVALID_ARGUMENT, tname + " is not a graph " + (is_input ? "input" : "output"));
+                if (used[order[i]]) throw Error(SLIM_ERR_INVALID_ARGUMENT, tname + " is bound twice");
+                used[order[i]] = true;
+                const slim::IoSpec& spec = specs[order[i]];
+                const int32_t dtype = slim_dtype_of(spec.type);
+                if (dtype < 0) throw Error(SLIM_ERR_DTYPE, tname + " has an element type this runtime does not bind");
+                auto shape = check_tensor(&given[i].tensor, tname.c_str(), spec.dims, dims_text(spec.dims), dtype);
+                if (is_input && dtype == SLIM_DTYPE_FLOAT32) check_finite(&given[i].tensor, shape, tname.c_str());
+            }
+            return order;
+        };
+        bind(inputs, input_count, s.inputs(), true);  // every input bound: the count matched and no name twice
+        std::vector<int> out_order = bind(outputs, output_count, s.outputs(), false);
+
+        std::vector<slim::TensorView> views(s.inputs().size());
+        for (int32_t i = 0; i < input_count; ++i) {
+            size_t k = 0;
+            while (s.inputs()[k].name != inputs[i].name) ++k;
+            const slim_tensor& t = inputs[i].tensor;
+            views[k] = slim::TensorView(engine.ort(), t.data, s.inputs()[k].type, std::vector<int64_t>(t.shape, t.shape + t.ndim));
+        }
+        std::vector<const OrtValue*> values;
+        for (auto& v : views) values.push_back(v.get());
+        std::vector<size_t> selected(out_order.begin(), out_order.end());
+        std::vector<slim::TensorView> results = s.run_selected(values.data(), selected);
+
+        // Check every output's computed shape before copying any.
+        const OrtApi* api = engine.ort().api;
+        std::vector<void*> sources(results.size());
+        for (size_t i = 0; i < results.size(); ++i) {
+            OrtTensorTypeAndShapeInfo* info = nullptr;
+            slim::check(api, api->GetTensorTypeAndShape(results[i].get(), &info), where + "output shape");
+            size_t rank = 0;
+            OrtStatus* st = api->GetDimensionsCount(info, &rank);
+            std::vector<int64_t> dims(rank);
+            if (!st && rank) st = api->GetDimensions(info, dims.data(), rank);
+            api->ReleaseTensorTypeAndShapeInfo(info);
+            slim::check(api, st, where + "output shape");
+            const slim_tensor& t = outputs[i].tensor;
+            if (dims != std::vector<int64_t>(t.shape, t.shape + t.ndim))
+                throw Error(SLIM_ERR_SHAPE, where + "output '" + outputs[i].name + "' has shape " + dims_text(dims) +
+                                                ", but the caller's tensor is " + shape_text(t));
+            slim::check(api, api->GetTensorMutableData(results[i].get(), &sources[i]), where + "output data");
+        }
+        for (size_t i = 0; i < results.size(); ++i) {
+            const slim_tensor& t = outputs[i].tensor;
+            std::memcpy(
+                t.data, sources[i],
+                element_count(std::vector<int64_t>(t.shape, t.shape + t.ndim)) * slim::element_size(s.outputs()[out_order[i]].type));
+        }
+    });
+}
+
+// ---- memory bank ----
+
+slim_bank_params slim_bank_default_params(void) {
+    slim_bank_params p{};
+    p.struct_size = sizeof(p);
+    p.dim = 0;
+    p.read_only = 0;
+    p.create = 1;
+    p.sync_writes = 0;
+    return p;
+}
+
+slim_status slim_bank_open(const char* path, const slim_bank_params* params, slim_bank** out) {
+    if (!out) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_bank_open: out is NULL");
+    *out = nullptr;
+    return guarded([&] {
+        if (!path || !*path) throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, "slim_bank_open: path is empty");
+        slim_bank_params p = read_params(params, slim_bank_default_params(), sizeof(slim_bank_params), "slim_bank_params");
+        slim::BankOptions options;
+        options.dim = p.dim;
+        options.read_only = p.read_only != 0;
+        options.create = p.create != 0;
+        options.sync_writes = p.sync_writes != 0;
+        auto bank = std::make_unique<slim_bank>();
+        bank->bank = std::make_unique<slim::MemoryBank>(path, options);
+        *out = bank.release();
+    });
+}
+
+void slim_bank_close(slim_bank* bank) { delete bank; }
+
+int32_t slim_bank_dim(const slim_bank* bank) { return bank ? bank->bank->dim() : 0; }
+
+int64_t slim_bank_count(const slim_bank* bank) { return bank ? bank->bank->count() : 0; }
+
+slim_status slim_bank_upsert(slim_bank* bank, const slim_tensor* ids, const slim_tensor* embeddings, uint32_t model_version) {
+    if (!bank) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_bank_upsert: bank is NULL");
+    return guarded([&] {
+        const int64_t D = bank->bank->dim();
+        auto id_shape = check_tensor(ids, "ids", {-1}, "[N]", SLIM_DTYPE_INT64);
+        const int64_t N = id_shape[0];
+        if (N > kMaxBankBatch) throw slim::Error(SLIM_ERR_SHAPE, "ids: at most " + std::to_string(kMaxBankBatch) + " per call");
+        auto emb_shape =
+            check_tensor(embeddings, "embeddings", {N, D}, "[" + std::to_string(N) + "," + std::to_string(D) + "] (ids, bank dim)");
+        check_range(ids, id_shape, "ids", 0, kMaxId);
+        check_finite(embeddings, emb_shape, "embeddings");
+        bank->bank->upsert(static_cast<const int64_t*>(ids->data), static_cast<const float*>(embeddings->data), static_cast<size_t>(N),
+                           model_version, now_us());
+    });
+}
+
+slim_status slim_bank_delete(slim_bank* bank, const slim_tensor* ids, int64_t* deleted) {
+    if (!bank) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_bank_delete: bank is NULL");
+    return guarded([&] {
+        auto id_shape = check_tensor(ids, "ids", {-1}, "[N]", SLIM_DTYPE_INT64);
+        if (id_shape[0] > kMaxBankBatch) throw slim::Error(SLIM_ERR_SHAPE, "ids: at most " + std::to_string(kMaxBankBatch) + " per call");
+        size_t n = bank->bank->remove(static_cast<const int64_t*>(ids->data), static_cast<size_t>(id_shape[0]));
+        if (deleted) *deleted = static_cast<int64_t>(n);
+    });
+}
+
+slim_status slim_bank_lookup(const slim_bank* bank, const slim_tensor* ids, const slim_tensor* embeddings_out,
+                             const slim_tensor* write_times_out, const slim_tensor* model_versions_out, int64_t* found) {
+    if (!bank) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_bank_lookup: bank is NULL");
+    return guarded([&] {
+        const int64_t D = bank->bank->dim();
+        const int64_t N = check_tensor(ids, "ids", {-1}, "[N]", SLIM_DTYPE_INT64)[0];
+        if (N > kMaxBankBatch) throw slim::Error(SLIM_ERR_SHAPE, "ids: at most " + std::to_string(kMaxBankBatch) + " per call");
+        const std::string Ns = std::to_string(N);
+        check_tensor(embeddings_out, "embeddings_out", {N, D}, "[" + Ns + "," + std::to_string(D) + "] (ids, bank dim)");
+        if (write_times_out) check_tensor(write_times_out, "write_times_out", {N}, "[" + Ns + "]", SLIM_DTYPE_INT64);
+        if (model_versions_out) check_tensor(model_versions_out, "model_versions_out", {N}, "[" + Ns + "]", SLIM_DTYPE_INT64);
+        size_t n =
+            bank->bank->lookup(static_cast<const int64_t*>(ids->data), static_cast<size_t>(N), static_cast<float*>(embeddings_out->data),
+                               write_times_out ? static_cast<int64_t*>(write_times_out->data) : nullptr,
+                               model_versions_out ? static_cast<int64_t*>(model_versions_out->data) : nullptr);
+        if (found) *found = static_cast<int64_t>(n);
+    });
+}
+
+slim_status slim_bank_flush(slim_bank* bank) {
+    if (!bank) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_bank_flush: bank is NULL");
+    return guarded([&] { bank->bank->flush(); });
+}
+
+slim_status slim_bank_refresh(slim_bank* bank, int64_t* added) {
+    if (!bank) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_bank_refresh: bank is NULL");
+    return guarded([&] {
+        size_t n = bank->bank->refresh();
+        if (added) *added = static_cast<int64_t>(n);
+    });
+}
+
+// ---- LEMUR programs ----
+
+slim_embed_params slim_embed_default_params(void) {
+    slim_embed_params p{};
+    p.struct_size = sizeof(p);
+    p.model_version = -1;
+    return p;
+}
+
+slim_status slim_embed(slim_session* session, const slim_embed_params* params, const slim_tensor* embeddings_out, slim_lemur_stats* stats) {
+    if (!session) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_embed: session is NULL");
+    if (!params) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_embed: params is NULL (text_ids and frames are required)");
+    return guarded([&] {
+        using slim::Error;
+        slim::LemurSession& lemur = lemur_of(session, "slim_embed");
+        slim_embed_params p = read_params(params, slim_embed_default_params(), sizeof(slim_embed_params), "slim_embed_params");
+        check_stats_size(stats);
+        const slim::LemurConfig& c = session->owner->engine->manifest().lemur;
+        auto text = check_tensor(p.text_ids, "text_ids", {-1, -1}, "[B,L]", SLIM_DTYPE_INT64);
+        const int64_t B = text[0], L = text[1];
+        if (B > c.max_batch || L > c.max_text_len)
+            throw Error(SLIM_ERR_SHAPE, "text_ids: batch must be <= " + std::to_string(c.max_batch) +
+                                            " and text length <= " + std::to_string(c.max_text_len) + ", got " + shape_text(*p.text_ids));
+        const std::string Bs = std::to_string(B), S = std::to_string(c.image_size);
+        check_range(p.text_ids, text, "text_ids", 0, c.vocab_size);
+        if (p.segment_ids) {
+            auto seg = check_tensor(p.segment_ids, "segment_ids", text, shape_text(*p.text_ids) + " (as text_ids)", SLIM_DTYPE_INT64);
+            check_range(p.segment_ids, seg, "segment_ids", 0, c.num_segments);
+        }
+        auto frames = check_tensor(p.frames, "frames", {B, -1, 3, c.image_size, c.image_size}, "[" + Bs + ",F,3," + S + "," + S + "]");
+        if (frames[1] > c.max_frames)
+            throw Error(SLIM_ERR_SHAPE, "frames: at most " + std::to_string(c.max_frames) + " frames, got " + shape_text(*p.frames));
+        check_finite(p.frames, frames, "frames");
+        check_tensor(embeddings_out, "embeddings_out", {B, c.embed_dim}, "[" + Bs + "," + std::to_string(c.embed_dim) + "]");
+        slim::EmbedRequest request;
+        if (p.bank) {
+            if (p.bank->bank->read_only()) throw Error(SLIM_ERR_INVALID_ARGUMENT, "slim_embed: the bank is open read-only");
+            if (p.bank->bank->dim() != c.embed_dim)
+                throw Error(SLIM_ERR_SHAPE, "slim_embed: the bank holds " + std::to_string(p.bank->bank->dim()) +
+                                                "-d embeddings but this model makes " + std::to_string(c.embed_dim) + "-d ones");
+            auto ids = check_tensor(p.document_ids, "document_ids", {B}, "[" + Bs + "]", SLIM_DTYPE_INT64);
+            check_range(p.document_ids, ids, "document_ids", 0, kMaxId);
+            if (p.model_version > int64_t(UINT32_MAX))
+                throw Error(SLIM_ERR_INVALID_ARGUMENT, "slim_embed_params.model_version must be < 2^32");
+            request.bank = p.bank->bank.get();
+            request.document_ids = static_cast<const int64_t*>(p.document_ids->data);
+            request.model_version = static_cast<uint32_t>(p.model_version < 0 ? c.model_version : p.model_version);
+        }
+        request.batch = B;
+        request.text_len = L;
+        request.frames = frames[1];
+        request.text_ids = static_cast<const int64_t*>(p.text_ids->data);
+        request.segment_ids = p.segment_ids ? static_cast<const int64_t*>(p.segment_ids->data) : nullptr;
+        request.frames_data = static_cast<const float*>(p.frames->data);
+        request.out = static_cast<float*>(embeddings_out->data);
+        fill_stats(stats, lemur.embed(request));
+    });
+}
+
+slim_score_params slim_score_default_params(void) {
+    slim_score_params p{};
+    p.struct_size = sizeof(p);
+    p.missing_policy = SLIM_MISSING_ERROR;
+    p.min_model_version = 0;
+    return p;
+}
+
+slim_status slim_score(slim_session* session, const slim_score_params* params, const slim_tensor* scores_out, slim_lemur_stats* stats) {
+    if (!session) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_score: session is NULL");
+    if (!params) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_score: params is NULL (bank, history_ids and query_ids are required)");
+    return guarded([&] {
+        using slim::Error;
+        slim::LemurSession& lemur = lemur_of(session, "slim_score");
+        slim_score_params p = read_params(params, slim_score_default_params(), sizeof(slim_score_params), "slim_score_params");
+        check_stats_size(stats);
+        const slim::LemurConfig& c = session->owner->engine->manifest().lemur;
+        if (!p.bank) throw Error(SLIM_ERR_INVALID_ARGUMENT, "slim_score: bank is required (history embeddings come from it)");
+        if (p.bank->bank->dim() != c.embed_dim)
+            throw Error(SLIM_ERR_SHAPE, "slim_score: the bank holds " + std::to_string(p.bank->bank->dim()) +
+                                            "-d embeddings but this model takes " + std::to_string(c.embed_dim) + "-d ones");
+        if (p.missing_policy != SLIM_MISSING_ERROR && p.missing_policy != SLIM_MISSING_SKIP)
+            throw Error(SLIM_ERR_INVALID_ARGUMENT,
+                        "slim_score_params.missing_policy must be SLIM_MISSING_ERROR (0) or SLIM_MISSING_SKIP (1)");
+        auto history = check_tensor(p.history_ids, "history_ids", {-1, -1}, "[B,H]", SLIM_DTYPE_INT64);
+        const int64_t B = history[0], H = history[1];
+        if (B > c.max_batch || H > c.max_history)
+            throw Error(SLIM_ERR_SHAPE, "history_ids: batch must be <= " + std::to_string(c.max_batch) + " and history length <= " +
+                                            std::to_string(c.max_history) + ", got " + shape_text(*p.history_ids));
+        check_range(p.history_ids, history, "history_ids (-1 pads)", -1, kMaxId);
+        auto query = check_tensor(p.query_ids, "query_ids", {B, -1}, "[" + std::to_string(B) + ",Lq]", SLIM_DTYPE_INT64);
+        if (query[1] > c.max_query_len)
+            throw Error(SLIM_ERR_SHAPE,
+                        "query_ids: at most " + std::to_string(c.max_query_len) + " tokens, got " + shape_text(*p.query_ids));
+        check_range(p.query_ids, query, "query_ids", 0, c.vocab_size);
+        check_tensor(scores_out, "scores_out", {B}, "[" + std::to_string(B) + "]");
+        slim::ScoreRequest request;
+        request.batch = B;
+        request.history_len = H;
+        request.query_len = query[1];
+        request.bank = p.bank->bank.get();
+        request.history_ids = static_cast<const int64_t*>(p.history_ids->data);
+        request.query_ids = static_cast<const int64_t*>(p.query_ids->data);
+        request.skip_missing = p.missing_policy == SLIM_MISSING_SKIP;
+        request.min_model_version = p.min_model_version;
+        request.out = static_cast<float*>(scores_out->data);
+        fill_stats(stats, lemur.score(request));
+    });
 }
 
 }  // extern "C"

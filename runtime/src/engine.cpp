@@ -1,6 +1,7 @@
 #include "engine.hpp"
 
 #include <dlfcn.h>
+#include <sys/stat.h>
 
 #include "error.hpp"
 #include "sha256.hpp"
@@ -10,10 +11,26 @@ namespace {
 
 using Names = std::vector<std::string>;
 
-// The stage interface the SD3 program relies on (stage name -> inputs, outputs).
-void expect_io(const StageDecl& s, const Names& inputs, const Names& outputs) {
+// The stage interface a program relies on (stage name -> inputs, outputs).
+void expect_io(const StageDecl& s, const Names& inputs, const Names& outputs, const char* program = "SD3") {
     if (s.inputs != inputs || s.outputs != outputs)
-        throw Error(SLIM_ERR_BUNDLE, "manifest: stage " + s.name + " does not have the inputs/outputs the SD3 program expects");
+        throw Error(SLIM_ERR_BUNDLE, "manifest: stage " + s.name + " does not have the inputs/outputs the " + program + " program expects");
+}
+
+bool is_plain_onnx(const std::string& path) {
+    struct stat st{};
+    return path.size() > 5 && path.compare(path.size() - 5, 5, ".onnx") == 0 && ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+}
+
+const char* dtype_name(ONNXTensorElementDataType type) {
+    switch (type) {
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT:
+            return "float32";
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64:
+            return "int64";
+        default:
+            return "other";
+    }
 }
 
 // kCustomOpLibrary beside this library (they are built and installed together).
@@ -28,7 +45,9 @@ std::string custom_op_library_path() {
 
 }  // namespace
 
-Engine::Engine(const std::string& bundle_dir, const EngineOptions& options) : manifest_(load_manifest(bundle_dir)) {
+Engine::Engine(const std::string& path, const EngineOptions& options)
+    : manifest_(is_plain_onnx(path) ? plain_onnx_manifest(path) : load_manifest(path)) {
+    const std::string& bundle_dir = path;
     if (options.verify_checksums) {
         for (const auto& [file, digest] : manifest_.files) {
             std::string actual = sha256_file(bundle_dir + "/" + file);
@@ -37,6 +56,56 @@ Engine::Engine(const std::string& bundle_dir, const EngineOptions& options) : ma
                             "checksum mismatch for " + bundle_dir + "/" + file + " (the file changed after export; re-export the bundle)");
         }
     }
+    if (manifest_.kind == Family::Sd3) bind_sd3_stages();
+    if (manifest_.kind == Family::Lemur) bind_lemur_stages();
+
+    ort_ = OrtRuntime::get(options.onnxruntime_library, options.intra_op_threads);
+    const std::string ops = manifest_.uses_custom_ops ? custom_op_library_path() : "";
+    for (const StageDecl& s : manifest_.stages) {
+        std::string file = manifest_.kind == Family::PlainOnnx ? s.file : bundle_dir + "/" + s.file;
+        stages_.push_back(std::make_unique<StageSession>(ort_, file, s.name, s.inputs, s.outputs, ops));
+        const StageSession& stage = *stages_.back();
+        for (size_t i = 0; i < s.input_dtypes.size(); ++i)  // the manifest's dtypes must be the graph's
+            if (s.input_dtypes[i] != dtype_name(stage.inputs()[i].type))
+                throw Error(SLIM_ERR_BUNDLE, "stage " + s.name + ": input '" + s.inputs[i] + "' is " + dtype_name(stage.inputs()[i].type) +
+                                                 " in the graph but " + s.input_dtypes[i] + " in the manifest");
+        for (size_t i = 0; i < s.output_dtypes.size(); ++i)
+            if (s.output_dtypes[i] != dtype_name(stage.outputs()[i].type))
+                throw Error(SLIM_ERR_BUNDLE, "stage " + s.name + ": output '" + s.outputs[i] + "' is " +
+                                                 dtype_name(stage.outputs()[i].type) + " in the graph but " + s.output_dtypes[i] +
+                                                 " in the manifest");
+    }
+}
+
+int Engine::stage_index(const std::string& name) const {
+    for (size_t i = 0; i < manifest_.stages.size(); ++i)
+        if (manifest_.stages[i].name == name) return static_cast<int>(i);
+    return -1;
+}
+
+void Engine::bind_lemur_stages() {
+    for (size_t i = 0; i < manifest_.stages.size(); ++i) {
+        const StageDecl& s = manifest_.stages[i];
+        if (s.name == "embed") {
+            expect_io(s, {"text_ids", "segment_ids", "frames"}, {"doc_embedding"}, "LEMUR embed");
+            if (s.input_dtypes != Names{"int64", "int64", "float32"})
+                throw Error(SLIM_ERR_BUNDLE, "manifest: stage embed inputs (text_ids, segment_ids, frames) must be int64, int64, float32");
+            lemur_embed_stage = static_cast<int>(i);
+        } else if (s.name == "score") {
+            expect_io(s, {"history", "history_mask", "query_ids"}, {"score"}, "LEMUR score");
+            if (s.input_dtypes != Names{"float32", "float32", "int64"})
+                throw Error(SLIM_ERR_BUNDLE,
+                            "manifest: stage score inputs (history, history_mask, query_ids) must be float32, float32, int64");
+            lemur_score_stage = static_cast<int>(i);
+        } else {
+            throw Error(SLIM_ERR_BUNDLE, "manifest: unknown stage '" + s.name + "' in a lemur bundle");
+        }
+    }
+    if (lemur_embed_stage < 0 || lemur_score_stage < 0)
+        throw Error(SLIM_ERR_BUNDLE, "manifest: a lemur bundle needs the embed and score stages");
+}
+
+void Engine::bind_sd3_stages() {
     const Sd3Config& c = manifest_.config;
     block_stages.assign(c.num_layers, -1);
     token_stages.assign(c.num_layers, -1);
@@ -95,11 +164,6 @@ Engine::Engine(const std::string& bundle_dir, const EngineOptions& options) : ma
                     "manifest: the default X-Slim policy uses the token level but the bundle has no block_N_tokens stages");
     if (manifest_.program.compensation == Compensation::Mlp && compensate_stage < 0)
         throw Error(SLIM_ERR_BUNDLE, "manifest: the program uses MLP compensation but there is no compensate stage");
-
-    ort_ = OrtRuntime::get(options.onnxruntime_library, options.intra_op_threads);
-    const std::string ops = manifest_.uses_custom_ops ? custom_op_library_path() : "";
-    for (const StageDecl& s : manifest_.stages)
-        stages_.push_back(std::make_unique<StageSession>(ort_, bundle_dir + "/" + s.file, s.name, s.inputs, s.outputs, ops));
 }
 
 }  // namespace slim

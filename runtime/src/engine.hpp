@@ -16,14 +16,24 @@ struct EngineOptions {
     int intra_op_threads = 0;
 };
 
+// Calls and backend time of one stage in a session's last program run.
+struct StageStats {
+    int calls = 0;
+    double ms = 0;
+};
+
 class Engine {
   public:
+    // `path` is a bundle directory, or a plain .onnx file (a one-stage engine, family PlainOnnx).
     // Throws Error: IO, BUNDLE (manifest, checksum, stage I/O mismatch), BACKEND.
-    Engine(const std::string& bundle_dir, const EngineOptions& options);
+    Engine(const std::string& path, const EngineOptions& options);
 
     const Manifest& manifest() const { return manifest_; }
     const OrtRuntime& ort() const { return *ort_; }
     const std::vector<std::unique_ptr<StageSession>>& stages() const { return stages_; }
+
+    // Index of the stage called `name`, or -1.
+    int stage_index(const std::string& name) const;
 
     // Indices into stages() of the stages the SD3 program calls; compensate is -1 without MLPs.
     int embed_stage = -1, final_stage = -1, compensate_stage = -1;
@@ -33,8 +43,13 @@ class Engine {
     std::vector<int> token_stages;
     std::vector<bool> block_kv;
     bool has_token_stages = false;
+    // The LEMUR programs' stages.
+    int lemur_embed_stage = -1, lemur_score_stage = -1;
 
   private:
+    void bind_sd3_stages();
+    void bind_lemur_stages();
+
     Manifest manifest_;
     std::shared_ptr<OrtRuntime> ort_;
     std::vector<std::unique_ptr<StageSession>> stages_;

@@ -47,17 +47,43 @@ Sd3Config parse_config(const Value& root) {
     return cfg;
 }
 
-std::vector<std::string> names(const Value& list, const std::string& where) {
-    std::vector<std::string> out;
+// Tensor names and dtypes of a stage's input or output list.
+void tensors(const Value& list, const std::string& where, std::vector<std::string>& names, std::vector<std::string>& dtypes) {
+    if (list.array.empty() || list.array.size() > 64) bad(where, "must list 1 to 64 tensors");
     for (size_t i = 0; i < list.array.size(); ++i) {
         const Value& t = list.array[i];
         std::string w = where + "[" + std::to_string(i) + "]";
         if (t.kind != Value::Kind::Object) bad(w, "must be an object");
-        out.push_back(string_field(t, "name", w));
-        const std::string dtype = string_field(t, "dtype", w);
-        if (dtype != "float32" && dtype != "int64") bad(w + ".dtype", "must be float32 or int64 (token indices)");
+        names.push_back(string_field(t, "name", w));
+        dtypes.push_back(string_field(t, "dtype", w));
+        if (dtypes.back() != "float32" && dtypes.back() != "int64") bad(w + ".dtype", "must be float32 or int64");
     }
-    return out;
+}
+
+LemurConfig parse_lemur_config(const Value& root) {
+    const Value& c = object_field(root, "config", "");
+    const std::string w = "config";
+    LemurConfig cfg{};
+    cfg.vocab_size = int_field(c, "vocab_size", w, 1, 1 << 24);
+    cfg.num_segments = int_field(c, "num_segments", w, 1, 64);
+    cfg.max_text_len = int_field(c, "max_text_len", w, 1, 1 << 16);
+    cfg.max_query_len = int_field(c, "max_query_len", w, 1, 1 << 16);
+    cfg.image_size = int_field(c, "image_size", w, 1, 4096);
+    cfg.max_frames = int_field(c, "max_frames", w, 1, 1024);
+    cfg.embed_dim = int_field(c, "embed_dim", w, 1, 65536);
+    cfg.max_batch = int_field(c, "max_batch", w, 1, 1 << 16);
+    cfg.max_history = int_field(c, "max_history", w, 1, 1 << 16);
+    const Value& p = object_field(root, "program", "");
+    const Value& programs = array_field(p, "programs", "program");
+    bool embed = false, score = false;
+    for (const Value& v : programs.array) {
+        embed = embed || (v.kind == Value::Kind::String && v.string == "embed");
+        score = score || (v.kind == Value::Kind::String && v.string == "score");
+    }
+    if (!embed || !score) bad("program.programs", "must offer \"embed\" and \"score\"");
+    cfg.model_version = int_field(p, "model_version", "program", 0, 2147483647);
+    if (int_field(p, "padding_token", "program", 0, 0) != 0) bad("program.padding_token", "must be 0");
+    return cfg;
 }
 
 Program parse_program(const Value& root, const Sd3Config& cfg) {
@@ -116,15 +142,24 @@ void parse_fields(const Value& root, Manifest& m) {
         bad("unsupported bundle format version " + std::to_string(version),
             "(this runtime reads version " + std::to_string(kBundleFormatVersion) + "); re-export the bundle or update slimengine");
     m.family = string_field(root, "family", "");
-    if (m.family != "sd3") bad(".family", "'" + m.family + "' is not supported by this runtime (expected sd3)");
     m.precision = string_field(root, "precision", "");
     if (m.precision != "fp32" && m.precision != "fp16" && m.precision != "bf16") bad(".precision", "must be fp32, fp16 or bf16");
     const Value& ops = field(root, "custom_op_library", "");
     if (!ops.is_null() && !(ops.kind == Value::Kind::String && ops.string == kCustomOpLibrary))
         bad(".custom_op_library", std::string("must be null or \"") + kCustomOpLibrary + "\" (the runtime's own custom ops)");
     m.uses_custom_ops = !ops.is_null();
-    m.config = parse_config(root);
-    m.program = parse_program(root, m.config);
+    // The family decides what config and program mean; each has its own parser.
+    if (m.family == "sd3") {
+        m.kind = Family::Sd3;
+        m.config = parse_config(root);
+        m.program = parse_program(root, m.config);
+    } else if (m.family == "lemur") {
+        m.kind = Family::Lemur;
+        if (m.precision != "fp32") bad(".precision", "must be fp32 for a lemur bundle");
+        m.lemur = parse_lemur_config(root);
+    } else {
+        bad(".family", "'" + m.family + "' is not supported by this runtime (expected sd3 or lemur)");
+    }
 
     const Value& files = object_field(root, "files", "");
     for (const auto& [file, digest] : files.object) {
@@ -138,8 +173,14 @@ void parse_fields(const Value& root, Manifest& m) {
         const Value& s = stages.array[i];
         std::string w = "stages[" + std::to_string(i) + "]";
         if (s.kind != Value::Kind::Object) bad(w, "must be an object");
-        StageDecl d{string_field(s, "name", w), relative_path(s, "file", w), names(array_field(s, "inputs", w), w + ".inputs"),
-                    names(array_field(s, "outputs", w), w + ".outputs")};
+        StageDecl d{string_field(s, "name", w), relative_path(s, "file", w), {}, {}, {}, {}};
+        tensors(array_field(s, "inputs", w), w + ".inputs", d.inputs, d.input_dtypes);
+        tensors(array_field(s, "outputs", w), w + ".outputs", d.outputs, d.output_dtypes);
+        for (size_t k = 0; m.kind == Family::Sd3 && k < d.inputs.size() + d.outputs.size(); ++k)
+            if ((k < d.inputs.size() ? d.input_dtypes[k] : d.output_dtypes[k - d.inputs.size()]) != "float32")
+                bad(w, "has a tensor that is not float32 (SD3 stage boundaries are float32)");
+        for (const auto& other : m.stages)
+            if (other.name == d.name) bad(w + ".name", "'" + d.name + "' is not unique");
         bool listed = false;
         for (const auto& f : m.files) listed = listed || f.first == d.file;
         if (!listed) bad(w + ".file", "'" + d.file + "' has no checksum in files");
@@ -164,6 +205,16 @@ Manifest load_manifest(const std::string& bundle_dir) {
     try {
         parse_fields(root, m);
     } catch (const FieldError& e) { throw Error(SLIM_ERR_BUNDLE, std::string("manifest: ") + e.what()); }
+    return m;
+}
+
+Manifest plain_onnx_manifest(const std::string& onnx_path) {
+    Manifest m;
+    m.family = "onnx";
+    m.kind = Family::PlainOnnx;
+    m.precision = "fp32";
+    m.text = "{\"family\": \"onnx\", \"stages\": [{\"name\": \"model\"}]}";
+    m.stages.push_back(StageDecl{"model", onnx_path, {}, {}, {}, {}});
     return m;
 }
 

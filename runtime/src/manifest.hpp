@@ -1,6 +1,7 @@
 // manifest.json of an engine bundle, parsed and validated: nothing downstream re-checks these fields.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <utility>
 #include <vector>
@@ -13,11 +14,15 @@ constexpr int kBundleFormatVersion = 1;
 // The custom-op library a bundle may name: the runtime's own, found beside libslimengine.so.
 constexpr const char* kCustomOpLibrary = "libslimengine_ops.so";
 
+// The model family a bundle holds: it decides which config, program and stages the manifest has.
+enum class Family { Sd3, Lemur, PlainOnnx };
+
 struct StageDecl {
     std::string name;
-    std::string file;  // relative to the bundle, inside it
+    std::string file;  // relative to the bundle, inside it (for a plain ONNX model: its path)
     std::vector<std::string> inputs;
     std::vector<std::string> outputs;
+    std::vector<std::string> input_dtypes, output_dtypes;  // "float32" or "int64"
 };
 
 struct Sd3Config {
@@ -43,18 +48,31 @@ struct Program {
     std::vector<StepPlan> steps;
 };
 
+// LEMUR: the limits the runtime checks requests against (export/lemur_model.py, lemur_export.py).
+struct LemurConfig {
+    int vocab_size, num_segments, max_text_len, max_query_len, image_size, max_frames, embed_dim;
+    int max_batch, max_history;
+    int64_t model_version;  // recorded with every embedding the embed program writes to a bank
+};
+
 struct Manifest {
     std::string text;  // the file as read, for slim_engine_manifest
     std::string family, precision;
-    Sd3Config config;
+    Family kind = Family::Sd3;
+    Sd3Config config{};   // family sd3
+    LemurConfig lemur{};  // family lemur
     std::vector<StageDecl> stages;
-    bool uses_custom_ops = false;  // some stage needs kCustomOpLibrary
-    Program program;
+    bool uses_custom_ops = false;                            // some stage needs kCustomOpLibrary
+    Program program;                                         // family sd3
     std::vector<std::pair<std::string, std::string>> files;  // relative path, sha256
 };
 
 // Reads and validates `bundle_dir`/manifest.json. Throws Error(SLIM_ERR_IO) if unreadable and
 // Error(SLIM_ERR_BUNDLE) naming the field for anything invalid or unsupported.
 Manifest load_manifest(const std::string& bundle_dir);
+
+// A plain ONNX model as a one-stage engine (family PlainOnnx, stage "model"); its inputs and
+// outputs are taken from the graph when the stage is loaded.
+Manifest plain_onnx_manifest(const std::string& onnx_path);
 
 }  // namespace slim

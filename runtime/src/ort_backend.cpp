@@ -85,19 +85,35 @@ OrtRuntime::~OrtRuntime() {
     // The library stays loaded: ONNX Runtime keeps thread-local state that outlives ReleaseEnv.
 }
 
+size_t element_size(ONNXTensorElementDataType type) {
+    switch (type) {
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT:
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32:
+            return 4;
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64:
+            return 8;
+        default:
+            return 0;
+    }
+}
+
 TensorView::TensorView(const OrtRuntime& ort, float* data, const std::vector<int64_t>& shape)
-    : TensorView(ort, data, sizeof(float), ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, shape) {}
+    : TensorView(ort, data, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, shape) {}
 
-TensorView::TensorView(const OrtRuntime& ort, int64_t* data, const std::vector<int64_t>& shape)
-    : TensorView(ort, data, sizeof(int64_t), ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, shape) {}
-
-TensorView::TensorView(const OrtRuntime& ort, void* data, size_t element_size, ONNXTensorElementDataType type,
-                       const std::vector<int64_t>& shape)
+TensorView::TensorView(const OrtRuntime& ort, void* data, ONNXTensorElementDataType type, const std::vector<int64_t>& shape)
     : api_(ort.api) {
     size_t count = 1;
     for (int64_t d : shape) count *= static_cast<size_t>(d);
-    check(api_, api_->CreateTensorWithDataAsOrtValue(ort.cpu_memory, data, count * element_size, shape.data(), shape.size(), type, &value_),
+    check(api_,
+          api_->CreateTensorWithDataAsOrtValue(ort.cpu_memory, data, count * element_size(type), shape.data(), shape.size(), type, &value_),
           "tensor view");
+}
+
+TensorView TensorView::adopt(const OrtApi* api, OrtValue* value) {
+    TensorView view;
+    view.api_ = api;
+    view.value_ = value;
+    return view;
 }
 
 TensorView& TensorView::operator=(TensorView&& other) noexcept {
@@ -130,7 +146,8 @@ StageSession::StageSession(std::shared_ptr<OrtRuntime> ort, const std::string& m
     // The graph's own I/O names must be exactly the manifest's.
     OrtAllocator* allocator = nullptr;
     check(api, api->GetAllocatorWithDefaultOptions(&allocator), "allocator");
-    auto check_names = [&](bool is_input, const std::vector<std::string>& expected) {
+    const bool discover = inputs.empty() && outputs.empty();
+    auto check_names = [&](bool is_input, std::vector<std::string>& expected) {
         size_t count = 0;
         check(api, is_input ? api->SessionGetInputCount(session_, &count) : api->SessionGetOutputCount(session_, &count), "stage " + name_);
         std::vector<std::string> actual;
@@ -142,6 +159,7 @@ StageSession::StageSession(std::shared_ptr<OrtRuntime> ort, const std::string& m
             actual.emplace_back(n);
             allocator->Free(allocator, n);
         }
+        if (discover) expected = actual;
         if (actual != expected) {
             std::string got, want;
             for (auto& a : actual) got += (got.empty() ? "" : ",") + a;
@@ -154,6 +172,33 @@ StageSession::StageSession(std::shared_ptr<OrtRuntime> ort, const std::string& m
     };
     check_names(true, input_names_);
     check_names(false, output_names_);
+    // Element type and dims of every input and output, for checking a caller's tensors by name.
+    auto read_specs = [&](bool is_input, const std::vector<std::string>& names, std::vector<IoSpec>& specs) {
+        for (size_t i = 0; i < names.size(); ++i) {
+            OrtTypeInfo* info = nullptr;
+            check(api, is_input ? api->SessionGetInputTypeInfo(session_, i, &info) : api->SessionGetOutputTypeInfo(session_, i, &info),
+                  "stage " + name_);
+            const OrtTensorTypeAndShapeInfo* tensor = nullptr;
+            OrtStatus* st = api->CastTypeInfoToTensorInfo(info, &tensor);
+            IoSpec spec{names[i], ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, {}};
+            size_t rank = 0;
+            if (!st && tensor) st = api->GetTensorElementType(tensor, &spec.type);
+            if (!st && tensor) st = api->GetDimensionsCount(tensor, &rank);
+            spec.dims.assign(rank, -1);
+            if (!st && tensor && rank) st = api->GetDimensions(tensor, spec.dims.data(), rank);
+            api->ReleaseTypeInfo(info);
+            check(api, st, "stage " + name_);
+            specs.push_back(std::move(spec));
+        }
+    };
+    try {
+        read_specs(true, input_names_, inputs_);
+        read_specs(false, output_names_, outputs_);
+    } catch (...) {
+        api->ReleaseSession(session_);
+        session_ = nullptr;
+        throw;
+    }
     for (auto& n : input_names_) input_ptrs_.push_back(n.c_str());
     for (auto& n : output_names_) output_ptrs_.push_back(n.c_str());
 }
@@ -167,6 +212,19 @@ void StageSession::run(const OrtValue* const* inputs, OrtValue* const* outputs) 
     OrtStatus* status = ort_->api->Run(session_, nullptr, input_ptrs_.data(), inputs, input_ptrs_.size(), output_ptrs_.data(),
                                        output_ptrs_.size(), const_cast<OrtValue**>(outputs));
     if (status) check(ort_->api, status, "stage " + name_);  // message built only on failure
+}
+
+std::vector<TensorView> StageSession::run_selected(const OrtValue* const* inputs, const std::vector<size_t>& output_indices) const {
+    std::vector<const char*> names;
+    for (size_t i : output_indices) names.push_back(output_ptrs_.at(i));
+    std::vector<OrtValue*> values(names.size(), nullptr);
+    OrtStatus* status =
+        ort_->api->Run(session_, nullptr, input_ptrs_.data(), inputs, input_ptrs_.size(), names.data(), names.size(), values.data());
+    std::vector<TensorView> owned;
+    for (OrtValue* v : values)
+        if (v) owned.push_back(TensorView::adopt(ort_->api, v));
+    if (status) check(ort_->api, status, "stage " + name_);
+    return owned;
 }
 
 }  // namespace slim

@@ -184,7 +184,7 @@ GenerateStats Sd3Session::generate(const GenerateRequest& r) {
             token_index_.resize(Bm * keep);
             kernels::cpu::token_change_score(residual_last_.data(), residual_prev_.data(), Bm, N, D, token_scores_.data());
             kernels::cpu::select_tokens(token_scores_.data(), Bm, N, keep, token_index_.data());
-            v_index = TensorView(ort, token_index_.data(), {Bm, keep});
+            v_index = TensorView(ort, token_index_.data(), ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, {Bm, keep});
             st.tokens_computed = static_cast<int>(keep);
         }
 

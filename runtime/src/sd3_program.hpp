@@ -41,11 +41,6 @@ struct StepStats {
     int level = SLIM_STEP_FULL;  // slim_step_level
 };
 
-struct StageStats {
-    int calls = 0;
-    double ms = 0;
-};
-
 class Sd3Session {
   public:
     explicit Sd3Session(const Engine& engine);

@@ -5,11 +5,14 @@
     result = session.generate(prompt_embeds, pooled_embeds, seed=0)
     result.latents, result.stats
 
+LEMUR recommender bundles: `session.embed(text_ids, frames, bank=bank, document_ids=ids)` and
+`session.score(bank, history_ids, query_ids)` with a durable `MemoryBank(path, dim)`.
+
 The runtime is the C library libslimengine.so (C ABI in slimengine.h); this module wraps it with
 numpy in and out (anything with __dlpack__ or __array__ is accepted as input). The exporter lives
 in `slimengine.export`, the command-line tools in `slimengine.tools`.
 """
 
-from .runtime import Engine, GenerateResult, Session, SlimError, open_engine, version
+from .runtime import Engine, GenerateResult, MemoryBank, Session, SlimError, open_engine, version
 
-__all__ = ["Engine", "GenerateResult", "Session", "SlimError", "open_engine", "version"]
+__all__ = ["Engine", "GenerateResult", "MemoryBank", "Session", "SlimError", "open_engine", "version"]

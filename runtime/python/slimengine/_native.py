@@ -50,6 +50,32 @@ class Event(ctypes.Structure):
                 ("device_ns", ctypes.c_int64)]
 
 
+class NamedTensor(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char_p), ("tensor", SlimTensor)]
+
+
+class BankParams(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("dim", ctypes.c_int32), ("read_only", ctypes.c_int32), ("create", ctypes.c_int32),
+                ("sync_writes", ctypes.c_int32)]
+
+
+class LemurStats(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("batch", ctypes.c_int32), ("history_found", ctypes.c_int64),
+                ("history_missing", ctypes.c_int64), ("total_ms", ctypes.c_double), ("backend_ms", ctypes.c_double),
+                ("bank_ms", ctypes.c_double)]
+
+
+class EmbedParams(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("text_ids", ctypes.POINTER(SlimTensor)), ("segment_ids", ctypes.POINTER(SlimTensor)),
+                ("frames", ctypes.POINTER(SlimTensor)), ("bank", ctypes.c_void_p), ("document_ids", ctypes.POINTER(SlimTensor)),
+                ("model_version", ctypes.c_int64)]
+
+
+class ScoreParams(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("bank", ctypes.c_void_p), ("history_ids", ctypes.POINTER(SlimTensor)),
+                ("query_ids", ctypes.POINTER(SlimTensor)), ("missing_policy", ctypes.c_int32), ("min_model_version", ctypes.c_int64)]
+
+
 def onnxruntime_library() -> str:
     """Path of the C-API library shipped inside the `onnxruntime` wheel (capi/libonnxruntime.so.X.Y.Z)."""
     explicit = os.environ.get("SLIMENGINE_ORT_LIBRARY")
@@ -127,6 +153,23 @@ def lib() -> ctypes.CDLL:
             "slim_session_set_profiling": ([ctypes.c_void_p, ctypes.c_int32], ctypes.c_int),
             "slim_session_event_count": ([ctypes.c_void_p], ctypes.c_int32),
             "slim_session_event": ([ctypes.c_void_p, ctypes.c_int32, p(Event)], ctypes.c_int),
+            "slim_stage_run": ([ctypes.c_void_p, ctypes.c_char_p, p(NamedTensor), ctypes.c_int32, p(NamedTensor), ctypes.c_int32],
+                               ctypes.c_int),
+            "slim_bank_default_params": ([], BankParams),
+            "slim_bank_open": ([ctypes.c_char_p, p(BankParams), p(ctypes.c_void_p)], ctypes.c_int),
+            "slim_bank_close": ([ctypes.c_void_p], None),
+            "slim_bank_dim": ([ctypes.c_void_p], ctypes.c_int32),
+            "slim_bank_count": ([ctypes.c_void_p], ctypes.c_int64),
+            "slim_bank_upsert": ([ctypes.c_void_p, p(SlimTensor), p(SlimTensor), ctypes.c_uint32], ctypes.c_int),
+            "slim_bank_delete": ([ctypes.c_void_p, p(SlimTensor), p(ctypes.c_int64)], ctypes.c_int),
+            "slim_bank_lookup": ([ctypes.c_void_p, p(SlimTensor), p(SlimTensor), p(SlimTensor), p(SlimTensor), p(ctypes.c_int64)],
+                                 ctypes.c_int),
+            "slim_bank_flush": ([ctypes.c_void_p], ctypes.c_int),
+            "slim_bank_refresh": ([ctypes.c_void_p, p(ctypes.c_int64)], ctypes.c_int),
+            "slim_embed_default_params": ([], EmbedParams),
+            "slim_embed": ([ctypes.c_void_p, p(EmbedParams), p(SlimTensor), p(LemurStats)], ctypes.c_int),
+            "slim_score_default_params": ([], ScoreParams),
+            "slim_score": ([ctypes.c_void_p, p(ScoreParams), p(SlimTensor), p(LemurStats)], ctypes.c_int),
         }
         for name, (args, res) in sigs.items():
             fn = getattr(handle, name)

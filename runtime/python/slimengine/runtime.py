@@ -1,4 +1,4 @@
-"""Python binding of the C runtime: Engine, Session, generate."""
+"""Python binding of the C runtime: Engine, Session (generate, embed, score, run_stage), MemoryBank."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _native
-from ._native import Event, GenerateStats, SlimTensor, StageStats, StepStats
+from ._native import Event, GenerateStats, LemurStats, NamedTensor, SlimTensor, StageStats, StepStats
 
 STEP_LEVELS = ("full", "cached_range", "reused", "block_refresh", "token_refresh")  # slim_step_level
 EVENT_KINDS = ("generation", "prepare", "step", "stage")  # slim_event_kind
@@ -47,13 +47,28 @@ def _as_float32(x, name: str) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def _as_int64(x, name: str) -> np.ndarray:
+    """Integer ids -> C-contiguous int64 numpy (other integer types are widened; floats are refused)."""
+    if not isinstance(x, np.ndarray) and hasattr(x, "__dlpack__"):
+        x = np.from_dlpack(x)
+    arr = np.asarray(x)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{name}: dtype must be an integer type (ids), got {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+_DTYPES = {np.dtype(np.float32): 0, np.dtype(np.int64): 3, np.dtype(np.int32): 4}  # slim_dtype
+
+
 class _TensorArg:
     """Keeps a numpy array and its shape buffer alive while the C struct points at them."""
 
     def __init__(self, arr: np.ndarray):
+        if arr.dtype not in _DTYPES:
+            raise TypeError(f"dtype {arr.dtype} is not a slim_dtype (float32, int64, int32)")
         self.arr = arr
         self.shape = (ctypes.c_int64 * arr.ndim)(*arr.shape)
-        self.struct = SlimTensor(arr.ctypes.data, 0, 1, 0, arr.ndim, self.shape, None)
+        self.struct = SlimTensor(arr.ctypes.data, _DTYPES[arr.dtype], 1, 0, arr.ndim, self.shape, None)
 
     def pointer(self):
         return ctypes.pointer(self.struct)
@@ -87,7 +102,7 @@ class Engine:
         self._handle = handle
         self.path = Path(path)
         self.manifest = json.loads(lib.slim_engine_manifest(handle).decode())
-        self.config = self.manifest["config"]
+        self.config = self.manifest.get("config", {})  # a plain ONNX engine has none
         self.stage_names = [lib.slim_engine_stage_name(handle, i).decode() for i in range(lib.slim_engine_stage_count(handle))]
         self._sessions = weakref.WeakSet()
 
@@ -228,10 +243,168 @@ class Session:
                            "device_ns": e.device_ns if e.device_ns >= 0 else None})
         return events
 
+    def _live(self):
+        if not self._handle:
+            raise SlimError("SLIM_ERR_INVALID_ARGUMENT", "the session is closed (or its engine was closed)")
+        return _native.lib()
+
+    def embed(self, text_ids, frames, *, segment_ids=None, bank: MemoryBank | None = None, document_ids=None,
+              model_version: int | None = None) -> EmbedResult:
+        """LEMUR document embeddings [B, embed_dim] of token ids [B, L] (0 pads) and frames [B, F, 3, S, S];
+        with `bank` and `document_ids`, also upserted into the bank (tagged with the bundle's model version)."""
+        lib = self._live()
+        args = {"text_ids": _TensorArg(_as_int64(text_ids, "text_ids")), "frames": _TensorArg(_as_float32(frames, "frames"))}
+        if segment_ids is not None:
+            args["segment_ids"] = _TensorArg(_as_int64(segment_ids, "segment_ids"))
+        if document_ids is not None:
+            args["document_ids"] = _TensorArg(_as_int64(document_ids, "document_ids"))
+        params = lib.slim_embed_default_params()
+        for name, t in args.items():
+            setattr(params, name, t.pointer())
+        if bank is not None:
+            params.bank = bank._live()
+        if model_version is not None:
+            params.model_version = model_version
+        batch = args["text_ids"].arr.shape[0] if args["text_ids"].arr.ndim else 0
+        out = np.empty((batch, self._engine.config.get("embed_dim", 0)), dtype=np.float32)
+        stats = LemurStats(struct_size=ctypes.sizeof(LemurStats))
+        _check(lib.slim_embed(self._handle, ctypes.byref(params), _TensorArg(out).pointer(), ctypes.byref(stats)))
+        return EmbedResult(embeddings=out, stats=_lemur_stats(stats))
+
+    def score(self, bank: MemoryBank, history_ids, query_ids, *, skip_missing: bool = False, min_model_version: int = 0) -> ScoreResult:
+        """LEMUR click probabilities [B]: each row's history (document ids [B, H], -1 pads) is assembled from
+        `bank`; an id that is missing (or older than min_model_version) is an error unless skip_missing."""
+        lib = self._live()
+        history = _TensorArg(_as_int64(history_ids, "history_ids"))
+        query = _TensorArg(_as_int64(query_ids, "query_ids"))
+        params = lib.slim_score_default_params()
+        params.bank = bank._live()
+        params.history_ids, params.query_ids = history.pointer(), query.pointer()
+        params.missing_policy = 1 if skip_missing else 0
+        params.min_model_version = min_model_version
+        out = np.empty((history.arr.shape[0] if history.arr.ndim else 0,), dtype=np.float32)
+        stats = LemurStats(struct_size=ctypes.sizeof(LemurStats))
+        _check(lib.slim_score(self._handle, ctypes.byref(params), _TensorArg(out).pointer(), ctypes.byref(stats)))
+        return ScoreResult(scores=out, stats=_lemur_stats(stats))
+
+    def run_stage(self, stage: str, inputs: dict, outputs: dict) -> dict:
+        """Run one stage (any family; "model" for a plain .onnx engine) with numpy inputs by name; `outputs`
+        maps output names to preallocated arrays of the expected shape, which are filled and returned."""
+        lib = self._live()
+        keep = []
+
+        def named(items):
+            array = (NamedTensor * max(len(items), 1))()
+            for i, (name, arr) in enumerate(items.items()):
+                t = _TensorArg(np.ascontiguousarray(arr) if isinstance(arr, np.ndarray) else np.asarray(arr))
+                keep.append(t)
+                array[i] = NamedTensor(name.encode(), t.struct)
+            return array
+
+        out_arrays = {}
+        for name, arr in outputs.items():
+            if not isinstance(arr, np.ndarray) or not arr.flags.c_contiguous:
+                raise TypeError(f"output {name}: pass a C-contiguous numpy array to fill")
+            out_arrays[name] = arr
+        _check(lib.slim_stage_run(self._handle, stage.encode(), named(inputs), len(inputs), named(out_arrays), len(out_arrays)))
+        return out_arrays
+
     def close(self) -> None:
         if self._handle:
             _native.lib().slim_session_destroy(self._handle)
             self._handle = None
+
+    def __del__(self):
+        self.close()
+
+
+@dataclasses.dataclass
+class EmbedResult:
+    embeddings: np.ndarray
+    stats: dict  # batch, total_ms, backend_ms, bank_ms
+
+
+@dataclasses.dataclass
+class ScoreResult:
+    scores: np.ndarray
+    stats: dict  # batch, history_found, history_missing, total_ms, backend_ms, bank_ms
+
+
+def _lemur_stats(s: LemurStats) -> dict:
+    return {"batch": s.batch, "history_found": s.history_found, "history_missing": s.history_missing, "total_ms": s.total_ms,
+            "backend_ms": s.backend_ms, "bank_ms": s.bank_ms}
+
+
+@dataclasses.dataclass
+class LookupResult:
+    embeddings: np.ndarray  # [N, dim], zeros where missing
+    found: np.ndarray  # [N] bool
+    write_times_us: np.ndarray  # [N] int64, microseconds since the epoch; -1 where missing
+    model_versions: np.ndarray  # [N] int64; -1 where missing
+
+
+class MemoryBank:
+    """The durable document-id -> embedding store (docs/memory-bank.md). One writer per file; readers
+    open with read_only=True and call refresh() to see the writer's appends. Thread-safe."""
+
+    _handle = None
+
+    def __init__(self, path: str | Path, dim: int = 0, *, read_only: bool = False, create: bool = True, sync_writes: bool = False):
+        lib = _native.lib()
+        params = lib.slim_bank_default_params()
+        params.dim, params.read_only, params.create, params.sync_writes = dim, int(read_only), int(create), int(sync_writes)
+        handle = ctypes.c_void_p()
+        _check(lib.slim_bank_open(str(path).encode(), ctypes.byref(params), ctypes.byref(handle)))
+        self._handle = handle
+        self.path = Path(path)
+        self.dim = lib.slim_bank_dim(handle)
+
+    def _live(self):
+        if not self._handle:
+            raise SlimError("SLIM_ERR_INVALID_ARGUMENT", "the memory bank is closed")
+        return self._handle
+
+    def __len__(self) -> int:
+        return _native.lib().slim_bank_count(self._live())
+
+    def upsert(self, ids, embeddings, model_version: int = 0) -> None:
+        """Insert or replace embeddings [N, dim] (float32, finite) under ids [N] (>= 0); a rejected call writes nothing."""
+        ids_arg, emb_arg = _TensorArg(_as_int64(ids, "ids")), _TensorArg(_as_float32(embeddings, "embeddings"))
+        _check(_native.lib().slim_bank_upsert(self._live(), ids_arg.pointer(), emb_arg.pointer(), model_version))
+
+    def delete(self, ids) -> int:
+        ids_arg, deleted = _TensorArg(_as_int64(ids, "ids")), ctypes.c_int64()
+        _check(_native.lib().slim_bank_delete(self._live(), ids_arg.pointer(), ctypes.byref(deleted)))
+        return deleted.value
+
+    def lookup(self, ids) -> LookupResult:
+        ids = _as_int64(ids, "ids")
+        n = ids.shape[0] if ids.ndim else 0
+        result = LookupResult(np.empty((n, self.dim), np.float32), np.empty(n, bool), np.empty(n, np.int64), np.empty(n, np.int64))
+        args = [_TensorArg(a) for a in (ids, result.embeddings, result.write_times_us, result.model_versions)]
+        found = ctypes.c_int64()
+        _check(_native.lib().slim_bank_lookup(self._live(), *(a.pointer() for a in args), ctypes.byref(found)))
+        result.found[:] = result.write_times_us >= 0
+        return result
+
+    def flush(self) -> None:
+        _check(_native.lib().slim_bank_flush(self._live()))
+
+    def refresh(self) -> int:
+        added = ctypes.c_int64()
+        _check(_native.lib().slim_bank_refresh(self._live(), ctypes.byref(added)))
+        return added.value
+
+    def close(self) -> None:
+        if self._handle:
+            _native.lib().slim_bank_close(self._handle)
+            self._handle = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def __del__(self):
         self.close()

@@ -1,0 +1,108 @@
+#include "lemur_program.hpp"
+
+#include <chrono>
+#include <cmath>
+#include <string>
+
+#include "error.hpp"
+
+namespace slim {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double ms_since(Clock::time_point start) { return std::chrono::duration<double, std::milli>(Clock::now() - start).count(); }
+
+}  // namespace
+
+LemurSession::LemurSession(const Engine& engine) : engine_(engine), stages_(engine.stages().size()) {}
+
+double LemurSession::run(int stage, std::initializer_list<const OrtValue*> inputs, std::initializer_list<OrtValue*> outputs) {
+    auto start = Clock::now();
+    engine_.stages()[stage]->run(inputs.begin(), outputs.begin());
+    double ms = ms_since(start);
+    stages_[stage].calls += 1;
+    stages_[stage].ms += ms;
+    return ms;
+}
+
+LemurStats LemurSession::embed(const EmbedRequest& r) {
+    auto start = Clock::now();
+    const LemurConfig& c = engine_.manifest().lemur;
+    const OrtRuntime& ort = engine_.ort();
+    for (auto& s : stages_) s = StageStats{};
+    const int64_t B = r.batch, L = r.text_len, E = c.embed_dim;
+    const int64_t* segments = r.segment_ids;
+    if (!segments) {
+        zero_segments_.assign(static_cast<size_t>(B * L), 0);
+        segments = zero_segments_.data();
+    }
+    // ONNX Runtime only reads inputs; its API takes non-const pointers.
+    TensorView text(ort, const_cast<int64_t*>(r.text_ids), ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, {B, L});
+    TensorView segment(ort, const_cast<int64_t*>(segments), ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, {B, L});
+    TensorView frames(ort, const_cast<float*>(r.frames_data), {B, r.frames, 3, c.image_size, c.image_size});
+    TensorView out(ort, r.out, {B, E});
+    LemurStats stats;
+    stats.batch = B;
+    stats.backend_ms = run(engine_.lemur_embed_stage, {text.get(), segment.get(), frames.get()}, {out.get()});
+    for (int64_t i = 0; i < B * E; ++i)
+        if (!std::isfinite(r.out[i]))
+            throw Error(SLIM_ERR_NUMERICS, "embed: the model produced NaN or Inf for document " + std::to_string(i / E));
+    if (r.bank) {
+        auto bank_start = Clock::now();
+        const int64_t now =
+            std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+        r.bank->upsert(r.document_ids, r.out, static_cast<size_t>(B), r.model_version, now);
+        stats.bank_ms = ms_since(bank_start);
+    }
+    stats.total_ms = ms_since(start);
+    return stats;
+}
+
+LemurStats LemurSession::score(const ScoreRequest& r) {
+    auto start = Clock::now();
+    const LemurConfig& c = engine_.manifest().lemur;
+    const OrtRuntime& ort = engine_.ort();
+    for (auto& s : stages_) s = StageStats{};
+    const int64_t B = r.batch, H = r.history_len, E = c.embed_dim;
+    const size_t slots = static_cast<size_t>(B * H);
+    history_.resize(slots * E);
+    mask_.resize(slots);
+    versions_.resize(slots);
+
+    // History assembly: one bulk lookup, then the missing-id policy (docs/memory-bank.md).
+    LemurStats stats;
+    stats.batch = B;
+    auto bank_start = Clock::now();
+    r.bank->lookup(r.history_ids, slots, history_.data(), nullptr, versions_.data());
+    for (size_t i = 0; i < slots; ++i) {
+        const int64_t id = r.history_ids[i];
+        const bool usable = versions_[i] >= 0 && versions_[i] >= r.min_model_version;
+        mask_[i] = usable ? 1.0f : 0.0f;
+        if (id < 0 || usable) {
+            stats.history_found += usable;
+            continue;
+        }
+        stats.history_missing += 1;
+        if (!r.skip_missing) {
+            std::string where = "history_ids[" + std::to_string(i / H) + "," + std::to_string(i % H) + "] = " + std::to_string(id);
+            if (versions_[i] < 0)
+                throw Error(SLIM_ERR_NOT_FOUND, where + " is not in the memory bank (embed it first, or score with missing_policy SKIP)");
+            throw Error(SLIM_ERR_NOT_FOUND, where + " was written by model version " + std::to_string(versions_[i]) + ", older than " +
+                                                "min_model_version " + std::to_string(r.min_model_version));
+        }
+    }
+    stats.bank_ms = ms_since(bank_start);
+
+    TensorView history(ort, history_.data(), {B, H, E});
+    TensorView mask(ort, mask_.data(), {B, H});
+    TensorView query(ort, const_cast<int64_t*>(r.query_ids), ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, {B, r.query_len});
+    TensorView out(ort, r.out, {B});
+    stats.backend_ms = run(engine_.lemur_score_stage, {history.get(), mask.get(), query.get()}, {out.get()});
+    for (int64_t i = 0; i < B; ++i)
+        if (!std::isfinite(r.out[i])) throw Error(SLIM_ERR_NUMERICS, "score: the model produced NaN or Inf for row " + std::to_string(i));
+    stats.total_ms = ms_since(start);
+    return stats;
+}
+
+}  // namespace slim

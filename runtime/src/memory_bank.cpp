@@ -1,0 +1,397 @@
+#include "memory_bank.hpp"
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <functional>
+
+#include "error.hpp"
+
+#if defined(__x86_64__)
+#include <nmmintrin.h>
+#endif
+
+namespace slim {
+namespace {
+
+// Layout (docs/memory-bank.md). Little-endian, every record at header + seq * record_bytes.
+constexpr char kFileMagic[8] = {'S', 'L', 'I', 'M', 'B', 'A', 'N', 'K'};
+constexpr uint32_t kFileVersion = 1;
+constexpr uint32_t kRecordMagic = 0x52424C53;  // "SLBR"
+constexpr uint32_t kUpsert = 1, kDelete = 2;
+constexpr size_t kRecordHead = 40;  // magic, kind, seq, id, write_time, model_version, dim
+
+struct RecordHead {
+    uint32_t magic, kind;
+    uint64_t seq;
+    int64_t id, write_time_us;
+    uint32_t model_version, dim;
+};
+static_assert(sizeof(RecordHead) == kRecordHead, "record head is 40 bytes");
+
+struct FileHeader {
+    char magic[8];
+    uint32_t version, dim, record_bytes, header_bytes;
+    int64_t created_us;
+    uint8_t reserved[28];
+    uint32_t crc;  // CRC-32C of the 60 bytes before it
+};
+static_assert(sizeof(FileHeader) == 64, "header is 64 bytes");
+
+uint32_t crc32c_software(const uint8_t* p, size_t n) {
+    static const auto table = [] {
+        std::vector<uint32_t> t(256);
+        for (uint32_t i = 0; i < 256; ++i) {
+            uint32_t c = i;
+            for (int k = 0; k < 8; ++k) c = (c & 1) ? (c >> 1) ^ 0x82F63B78u : c >> 1;
+            t[i] = c;
+        }
+        return t;
+    }();
+    uint32_t c = 0xFFFFFFFFu;
+    while (n--) c = table[(c ^ *p++) & 0xFF] ^ (c >> 8);
+    return c ^ 0xFFFFFFFFu;
+}
+
+#if defined(__x86_64__)
+__attribute__((target("sse4.2"))) uint32_t crc32c_sse42(const uint8_t* p, size_t n) {
+    uint64_t c = 0xFFFFFFFFu;
+    for (; n >= 8; p += 8, n -= 8) {
+        uint64_t v;
+        std::memcpy(&v, p, 8);
+        c = _mm_crc32_u64(c, v);
+    }
+    uint32_t c32 = static_cast<uint32_t>(c);
+    while (n--) c32 = _mm_crc32_u8(c32, *p++);
+    return c32 ^ 0xFFFFFFFFu;
+}
+#endif
+
+// CRC-32C (Castagnoli): the instruction where the CPU has it, the table otherwise; same values.
+uint32_t crc32c(const uint8_t* p, size_t n) {
+#if defined(__x86_64__)
+    static const bool hardware = __builtin_cpu_supports("sse4.2");
+    if (hardware) return crc32c_sse42(p, n);
+#endif
+    return crc32c_software(p, n);
+}
+
+uint64_t record_bytes_for(int dim) { return (kRecordHead + 4 * uint64_t(dim) + 4 + 7) / 8 * 8; }
+
+uint64_t mix(int64_t id) {  // splitmix64's finaliser: ids are often sequential
+    uint64_t x = static_cast<uint64_t>(id) + 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+[[noreturn]] void io_error(const std::string& path, const std::string& what, int err = 0) {
+    throw Error(SLIM_ERR_IO, "memory bank " + path + ": " + what + (err ? std::string(" (") + std::strerror(err) + ")" : ""));
+}
+
+void fsync_parent(const std::string& path) {
+    std::string dir = path.find('/') == std::string::npos ? "." : path.substr(0, path.rfind('/'));
+    int fd = ::open(dir.empty() ? "/" : dir.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        ::fsync(fd);
+        ::close(fd);
+    }
+}
+
+// A new bank file appears complete or not at all: the header goes to a temporary file, is synced, then renamed.
+void create_file(const std::string& path, int dim) {
+    FileHeader h{};
+    std::memcpy(h.magic, kFileMagic, 8);
+    h.version = kFileVersion;
+    h.dim = static_cast<uint32_t>(dim);
+    h.record_bytes = static_cast<uint32_t>(record_bytes_for(dim));
+    h.header_bytes = sizeof(FileHeader);
+    h.created_us = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+    h.crc = crc32c(reinterpret_cast<const uint8_t*>(&h), offsetof(FileHeader, crc));
+    std::string tmp = path + ".tmp-" + std::to_string(::getpid());
+    int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) io_error(path, "cannot create", errno);
+    bool ok = ::write(fd, &h, sizeof(h)) == static_cast<ssize_t>(sizeof(h)) && ::fsync(fd) == 0;
+    int err = errno;
+    ::close(fd);
+    if (!ok || ::rename(tmp.c_str(), path.c_str()) != 0) {
+        err = ok ? errno : err;
+        ::unlink(tmp.c_str());
+        io_error(path, "cannot create", err);
+    }
+    fsync_parent(path);
+}
+
+}  // namespace
+
+MemoryBank::MemoryBank(const std::string& path, const BankOptions& options)
+    : path_(path), read_only_(options.read_only), sync_writes_(options.sync_writes) {
+    if (options.dim < 0 || options.dim > kMaxDim)
+        throw Error(SLIM_ERR_INVALID_ARGUMENT, "memory bank: dim must be in [1, " + std::to_string(kMaxDim) + "]");
+    struct stat st{};
+    if (::stat(path.c_str(), &st) != 0) {
+        if (errno != ENOENT) io_error(path, "cannot open", errno);
+        if (read_only_ || !options.create) io_error(path, "does not exist", ENOENT);
+        if (options.dim <= 0) throw Error(SLIM_ERR_INVALID_ARGUMENT, "memory bank " + path + ": dim is required to create a new bank");
+        create_file(path, options.dim);
+    }
+    fd_ = ::open(path.c_str(), (read_only_ ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+    if (fd_ < 0) io_error(path, "cannot open", errno);
+    try {
+        if (!read_only_ && ::flock(fd_, LOCK_EX | LOCK_NB) != 0)
+            io_error(
+                path,
+                errno == EWOULDBLOCK ? "is already open for writing (one writer per bank; open readers with read_only)" : "cannot lock",
+                errno == EWOULDBLOCK ? 0 : errno);
+        FileHeader h{};
+        if (::pread(fd_, &h, sizeof(h), 0) != static_cast<ssize_t>(sizeof(h)) || std::memcmp(h.magic, kFileMagic, 8) != 0)
+            io_error(path, "is not a slimengine memory bank (bad magic)");
+        if (h.crc != crc32c(reinterpret_cast<const uint8_t*>(&h), offsetof(FileHeader, crc))) io_error(path, "header checksum mismatch");
+        if (h.version != kFileVersion)
+            io_error(path, "format version " + std::to_string(h.version) + " is not supported (this runtime reads version 1)");
+        if (h.dim < 1 || h.dim > static_cast<uint32_t>(kMaxDim) || h.record_bytes != record_bytes_for(h.dim) ||
+            h.header_bytes != kHeaderBytes)
+            io_error(path, "header has an invalid dim or record size");
+        if (options.dim > 0 && static_cast<uint32_t>(options.dim) != h.dim)
+            throw Error(SLIM_ERR_SHAPE, "memory bank " + path + " holds " + std::to_string(h.dim) + "-d embeddings, not " +
+                                            std::to_string(options.dim) + "-d");
+        dim_ = static_cast<int>(h.dim);
+        record_bytes_ = h.record_bytes;
+        // The whole address range is reserved once, so the mapping never moves while readers use it;
+        // pages past the end of the file are never touched (the index only names complete records).
+        void* map = ::mmap(nullptr, kMaxFileBytes, PROT_READ, MAP_SHARED, fd_, 0);
+        if (map == MAP_FAILED) io_error(path, "cannot map", errno);
+        map_ = static_cast<uint8_t*>(map);
+        slots_.assign(1024, Slot{kEmpty, 0});
+        if (::fstat(fd_, &st) != 0) io_error(path, "cannot stat", errno);
+        uint64_t size = std::min<uint64_t>(st.st_size, kMaxFileBytes);
+        uint64_t end = scan(kHeaderBytes, size);
+        dropped_bytes_ = size - end;
+        // A writer cuts off a torn record left by a crash, and appends after the last whole one.
+        if (!read_only_ && end < static_cast<uint64_t>(st.st_size)) {
+            if (::ftruncate(fd_, static_cast<off_t>(end)) != 0 || ::fsync(fd_) != 0) io_error(path, "cannot truncate a torn tail", errno);
+        }
+    } catch (...) {
+        if (map_) ::munmap(map_, kMaxFileBytes);
+        ::close(fd_);
+        throw;
+    }
+}
+
+MemoryBank::~MemoryBank() {
+    if (map_) ::munmap(map_, kMaxFileBytes);
+    if (fd_ >= 0) ::close(fd_);  // also releases the writer's lock
+}
+
+int64_t MemoryBank::count() const {
+    std::shared_lock lock(index_mutex_);
+    return static_cast<int64_t>(live_);
+}
+
+const MemoryBank::Slot* MemoryBank::find(int64_t id) const {
+    if (id < 0) return nullptr;
+    const size_t mask = slots_.size() - 1;
+    for (size_t i = mix(id) & mask;; i = (i + 1) & mask) {
+        const Slot& s = slots_[i];
+        if (s.id == id) return &s;
+        if (s.id == kEmpty) return nullptr;
+    }
+}
+
+void MemoryBank::insert(int64_t id, uint64_t record) {
+    if ((used_ + 1) * 10 > slots_.size() * 7) grow();
+    const size_t mask = slots_.size() - 1;
+    size_t reuse = SIZE_MAX;
+    for (size_t i = mix(id) & mask;; i = (i + 1) & mask) {
+        Slot& s = slots_[i];
+        if (s.id == id) {
+            s.record = record;
+            return;
+        }
+        if (s.id == kDeleted && reuse == SIZE_MAX) reuse = i;
+        if (s.id == kEmpty) {
+            if (reuse == SIZE_MAX) {
+                reuse = i;
+                ++used_;
+            }
+            slots_[reuse] = Slot{id, record};
+            ++live_;
+            return;
+        }
+    }
+}
+
+bool MemoryBank::erase(int64_t id) {
+    Slot* s = const_cast<Slot*>(find(id));
+    if (!s) return false;
+    s->id = kDeleted;
+    --live_;
+    return true;
+}
+
+void MemoryBank::grow() {
+    size_t capacity = 1024;
+    while (capacity < (live_ + 1) * 4) capacity *= 2;
+    std::vector<Slot> old(capacity, Slot{kEmpty, 0});
+    old.swap(slots_);
+    used_ = live_ = 0;
+    for (const Slot& s : old)
+        if (s.id >= 0) insert(s.id, s.record);
+}
+
+uint64_t MemoryBank::scan(uint64_t from, uint64_t size) {
+    // Read with pread, not through the mapping: past the log, a writer may be truncating the file
+    // (its open or close), and a read there must come back short instead of faulting.
+    const size_t payload = kRecordHead + 4 * static_cast<size_t>(dim_);
+    std::vector<uint8_t> chunk(std::max<uint64_t>(1, (uint64_t(4) << 20) / record_bytes_) * record_bytes_);
+    uint64_t offset = from;
+    while (offset + record_bytes_ <= size) {
+        const size_t want = static_cast<size_t>(std::min<uint64_t>(chunk.size(), (size - offset) / record_bytes_ * record_bytes_));
+        ssize_t got;
+        do got = ::pread(fd_, chunk.data(), want, static_cast<off_t>(offset));
+        while (got < 0 && errno == EINTR);
+        const size_t whole = got > 0 ? static_cast<size_t>(got) / record_bytes_ * record_bytes_ : 0;
+        for (size_t at = 0; at < whole; at += record_bytes_) {
+            const uint8_t* r = chunk.data() + at;
+            RecordHead h;
+            std::memcpy(&h, r, sizeof(h));
+            uint32_t crc;
+            std::memcpy(&crc, r + payload, 4);
+            if (h.magic != kRecordMagic || (h.kind != kUpsert && h.kind != kDelete) || h.seq != records_ ||
+                h.dim != static_cast<uint32_t>(dim_) || h.id < 0 || crc != crc32c(r, payload))
+                return offset + at;  // the first torn or foreign record ends the log
+            if (h.kind == kUpsert)
+                insert(h.id, records_);
+            else
+                erase(h.id);
+            ++records_;
+        }
+        offset += whole;
+        if (whole < want) break;  // the file ended early (truncated while we read)
+    }
+    return offset;
+}
+
+void MemoryBank::append(size_t count, const std::function<void(uint8_t*, size_t)>& fill) {
+    const uint64_t start = kHeaderBytes + records_ * record_bytes_, bytes = count * record_bytes_;
+    if (start + bytes > kMaxFileBytes) io_error(path_, "would grow past its 256 GiB limit; nothing was written");
+    // Records are built in a reused staging buffer and written with pwrite: whole new page-cache
+    // pages are filled by the copy, which costs far less than faulting zeroed pages into a mapping.
+    const size_t per_chunk = std::max<size_t>(1, (size_t(8) << 20) / record_bytes_);
+    staging_.resize(std::min(count, per_chunk) * record_bytes_);
+    auto undo = [&](int err, const char* what) {
+        if (::ftruncate(fd_, static_cast<off_t>(start)) != 0) {
+        }  // best effort: whole records past the log would otherwise be kept, torn ones are dropped at the next open
+        io_error(path_, std::string(what) + "; nothing was written", err);
+    };
+    for (size_t first = 0; first < count; first += per_chunk) {
+        const size_t n = std::min(per_chunk, count - first);
+        for (size_t i = 0; i < n; ++i) fill(staging_.data() + i * record_bytes_, first + i);
+        const size_t len = n * record_bytes_;
+        const uint64_t at = start + first * record_bytes_;
+        for (size_t done = 0; done < len;) {
+            ssize_t w = ::pwrite(fd_, staging_.data() + done, len - done, static_cast<off_t>(at + done));
+            if (w < 0 && errno == EINTR) continue;
+            if (w <= 0) undo(w < 0 ? errno : ENOSPC, "write failed");
+            done += static_cast<size_t>(w);
+        }
+    }
+    if (sync_writes_ && ::fdatasync(fd_) != 0) undo(errno, "fdatasync failed");
+}
+
+void MemoryBank::write_record(uint8_t* r, uint64_t seq, uint32_t kind, int64_t id, int64_t write_time_us, uint32_t model_version,
+                              const float* embedding) {
+    const size_t row = 4 * static_cast<size_t>(dim_), payload = kRecordHead + row;
+    RecordHead h{kRecordMagic, kind, seq, id, write_time_us, model_version, static_cast<uint32_t>(dim_)};
+    std::memcpy(r, &h, sizeof(h));
+    if (embedding)
+        std::memcpy(r + kRecordHead, embedding, row);
+    else
+        std::memset(r + kRecordHead, 0, row);
+    const uint32_t crc = crc32c(r, payload);  // computed over the bytes as stored
+    std::memcpy(r + payload, &crc, 4);
+}
+
+void MemoryBank::upsert(const int64_t* ids, const float* embeddings, size_t n, uint32_t model_version, int64_t write_time_us) {
+    if (read_only_) throw Error(SLIM_ERR_INVALID_ARGUMENT, "memory bank " + path_ + " is open read-only");
+    std::lock_guard<std::mutex> writer(write_mutex_);
+    append(n, [&](uint8_t* r, size_t i) {
+        write_record(r, records_ + i, kUpsert, ids[i], write_time_us, model_version, embeddings + i * static_cast<size_t>(dim_));
+    });
+    std::unique_lock lock(index_mutex_);  // the records are complete: now readers may find them
+    for (size_t i = 0; i < n; ++i) insert(ids[i], records_ + i);
+    records_ += n;
+}
+
+size_t MemoryBank::remove(const int64_t* ids, size_t n) {
+    if (read_only_) throw Error(SLIM_ERR_INVALID_ARGUMENT, "memory bank " + path_ + " is open read-only");
+    std::lock_guard<std::mutex> writer(write_mutex_);
+    const int64_t now = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+    std::vector<int64_t> present(ids, ids + n);
+    std::sort(present.begin(), present.end());
+    present.erase(std::unique(present.begin(), present.end()), present.end());
+    // Only the writer changes the index, so it can be read without the lock here.
+    present.erase(std::remove_if(present.begin(), present.end(), [&](int64_t id) { return !find(id); }), present.end());
+    if (present.empty()) return 0;
+    append(present.size(), [&](uint8_t* r, size_t i) { write_record(r, records_ + i, kDelete, present[i], now, 0, nullptr); });
+    std::unique_lock lock(index_mutex_);
+    for (int64_t id : present) erase(id);
+    records_ += present.size();
+    return present.size();
+}
+
+size_t MemoryBank::lookup(const int64_t* ids, size_t n, float* out, int64_t* write_times, int64_t* model_versions) const {
+    std::shared_lock lock(index_mutex_);
+    const size_t mask = slots_.size() - 1, row = 4 * static_cast<size_t>(dim_);
+    // Random ids miss every cache: a two-stage prefetch keeps many misses in flight, first the index
+    // slot of a later id, then (once that slot is cached) the record it points to.
+    constexpr size_t kSlotAhead = 16, kRecordAhead = 8;
+    const size_t record_span = kRecordHead + row;
+    size_t found = 0;
+    for (size_t i = 0; i < n; ++i) {
+        if (i + kSlotAhead < n && ids[i + kSlotAhead] >= 0) __builtin_prefetch(&slots_[mix(ids[i + kSlotAhead]) & mask]);
+        if (i + kRecordAhead < n)
+            if (const Slot* ahead = find(ids[i + kRecordAhead]))
+                for (size_t line = 0; line < record_span; line += 64) __builtin_prefetch(record_at(ahead->record) + line);
+        const Slot* s = find(ids[i]);
+        if (!s) {
+            if (out) std::memset(out + i * dim_, 0, row);
+            if (write_times) write_times[i] = -1;
+            if (model_versions) model_versions[i] = -1;
+            continue;
+        }
+        const uint8_t* r = record_at(s->record);
+        if (out) std::memcpy(out + i * dim_, r + kRecordHead, row);
+        RecordHead h;
+        std::memcpy(&h, r, sizeof(h));
+        if (write_times) write_times[i] = h.write_time_us;
+        if (model_versions) model_versions[i] = h.model_version;
+        ++found;
+    }
+    return found;
+}
+
+void MemoryBank::flush() {
+    if (read_only_) return;
+    std::lock_guard<std::mutex> writer(write_mutex_);
+    if (::fdatasync(fd_) != 0) io_error(path_, "fdatasync failed", errno);
+}
+
+size_t MemoryBank::refresh() {
+    std::lock_guard<std::mutex> writer(write_mutex_);
+    struct stat st{};
+    if (::fstat(fd_, &st) != 0) io_error(path_, "cannot stat", errno);
+    const uint64_t before = records_;
+    std::unique_lock lock(index_mutex_);
+    scan(kHeaderBytes + records_ * record_bytes_, std::min<uint64_t>(st.st_size, kMaxFileBytes));
+    return records_ - before;
+}
+
+}  // namespace slim

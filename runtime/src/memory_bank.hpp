@@ -1,0 +1,95 @@
+// The LEMUR memory bank: document id -> (embedding, model version, write time), durable in one file.
+//
+// The file is an append-only log of fixed-size, checksummed records after a checksummed header
+// (docs/memory-bank.md). Opening scans the log and stops at the first torn or invalid record, so a
+// crash (kill -9) loses at most the records whose write had not returned; a writer truncates that
+// torn tail. The id -> record index lives in memory; records are appended with pwrite (in the page
+// cache once it returns: a killed process loses nothing it completed) and embeddings are read from a
+// read-only shared mapping of the file. One writer per file (an exclusive flock);
+// any number of read-only handles, in this process or others, pick up the writer's appends with refresh().
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <shared_mutex>
+#include <string>
+#include <vector>
+
+namespace slim {
+
+struct BankOptions {
+    int dim = 0;  // required to create a bank; checked against an existing one when > 0
+    bool read_only = false;
+    bool create = true;
+    bool sync_writes = false;  // fdatasync after every write call (power-loss durability)
+};
+
+class MemoryBank {
+  public:
+    static constexpr int kMaxDim = 65536;
+    static constexpr uint64_t kMaxFileBytes = uint64_t(1) << 38;  // 256 GiB: the reserved mapping
+
+    // Throws Error: IO (cannot create/open/lock, not a bank file), SHAPE (dim mismatch), INVALID_ARGUMENT.
+    MemoryBank(const std::string& path, const BankOptions& options);
+    ~MemoryBank();
+    MemoryBank(const MemoryBank&) = delete;
+    MemoryBank& operator=(const MemoryBank&) = delete;
+
+    int dim() const { return dim_; }
+    bool read_only() const { return read_only_; }
+    int64_t count() const;
+    // Bytes of a torn tail found (and, for a writer, truncated) when the file was opened.
+    uint64_t dropped_bytes() const { return dropped_bytes_; }
+
+    // Arguments are validated by the caller (ids >= 0, n * dim finite floats). Appends one record
+    // per id; the index changes only once every record is complete.
+    void upsert(const int64_t* ids, const float* embeddings, size_t n, uint32_t model_version, int64_t write_time_us);
+    // Appends a deletion record for each present id; returns how many were present.
+    size_t remove(const int64_t* ids, size_t n);
+    // For each id: its embedding into out[i * dim] (zeros when missing), its write time (-1 when
+    // missing) and model version (-1 when missing); either array may be null. Returns the found count.
+    size_t lookup(const int64_t* ids, size_t n, float* out, int64_t* write_times, int64_t* model_versions) const;
+    void flush();
+    // Read-only handles: index the records appended since the last scan; returns how many.
+    size_t refresh();
+
+  private:
+    struct Slot {
+        int64_t id;  // kEmpty, kDeleted or a document id (>= 0)
+        uint64_t record;
+    };
+    static constexpr int64_t kEmpty = -1, kDeleted = -2;
+
+    const Slot* find(int64_t id) const;
+    void insert(int64_t id, uint64_t record);
+    bool erase(int64_t id);
+    void grow();
+    // Validates and indexes whole records from byte offset `from` up to `size`; returns the end of the valid prefix.
+    uint64_t scan(uint64_t from, uint64_t size);
+    // Appends `count` records, fill(record, i) building each, after the log; throws Error(SLIM_ERR_IO)
+    // with the file cut back (nothing written) on failure.
+    void append(size_t count, const std::function<void(uint8_t*, size_t)>& fill);
+    void write_record(uint8_t* at, uint64_t seq, uint32_t kind, int64_t id, int64_t write_time_us, uint32_t model_version,
+                      const float* embedding);
+    const uint8_t* record_at(uint64_t index) const { return map_ + kHeaderBytes + index * record_bytes_; }
+
+    static constexpr uint64_t kHeaderBytes = 64;
+    std::string path_;
+    int fd_ = -1;
+    bool read_only_, sync_writes_;
+    int dim_ = 0;
+    uint64_t record_bytes_ = 0;
+    uint8_t* map_ = nullptr;
+    uint64_t records_ = 0;          // records in the valid log prefix
+    std::vector<uint8_t> staging_;  // writer: records on their way into the file
+    uint64_t dropped_bytes_ = 0;
+
+    mutable std::shared_mutex index_mutex_;  // readers share; the index update of a write is exclusive
+    std::mutex write_mutex_;                 // one write (or refresh) at a time
+    std::vector<Slot> slots_;
+    size_t live_ = 0, used_ = 0;  // live ids; live + deleted slots
+};
+
+}  // namespace slim
