@@ -176,9 +176,12 @@ void parse_fields(const Value& root, Manifest& m) {
         StageDecl d{string_field(s, "name", w), relative_path(s, "file", w), {}, {}, {}, {}};
         tensors(array_field(s, "inputs", w), w + ".inputs", d.inputs, d.input_dtypes);
         tensors(array_field(s, "outputs", w), w + ".outputs", d.outputs, d.output_dtypes);
-        for (size_t k = 0; m.kind == Family::Sd3 && k < d.inputs.size() + d.outputs.size(); ++k)
-            if ((k < d.inputs.size() ? d.input_dtypes[k] : d.output_dtypes[k - d.inputs.size()]) != "float32")
-                bad(w, "has a tensor that is not float32 (SD3 stage boundaries are float32)");
+        for (size_t k = 0; m.kind == Family::Sd3 && k < d.inputs.size() + d.outputs.size(); ++k) {
+            const bool input = k < d.inputs.size();
+            const std::string& dtype = input ? d.input_dtypes[k] : d.output_dtypes[k - d.inputs.size()];
+            if (dtype != "float32" && !(input && d.inputs[k] == "token_index"))
+                bad(w, "has a tensor that is not float32 (SD3 stage boundaries are float32 but for token indices)");
+        }
         for (const auto& other : m.stages)
             if (other.name == d.name) bad(w + ".name", "'" + d.name + "' is not unique");
         bool listed = false;
