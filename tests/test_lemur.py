@@ -211,6 +211,8 @@ def test_bad_embed_and_score_input_gets_clear_errors_and_changes_nothing(engine,
         session.score(bank, [[5.0]], [[1]])
     with pytest.raises(se.SlimError, match="the engine's family is 'lemur'; slim_generate runs sd3 bundles"):
         session.generate(np.zeros((1, 2, 3), np.float32), np.zeros((1, 3), np.float32), latents=np.zeros((1, 4, 8, 8), np.float32))
+    with pytest.raises(se.SlimError, match="the engine's family is 'lemur'; slim_generate runs sd3 bundles"):
+        session.generate(np.zeros((1, 2, 3), np.float32), np.zeros((1, 3), np.float32))  # no KeyError from the SD3 config
 
 
 def _edit_manifest(bundle, edit):

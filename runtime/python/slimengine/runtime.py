@@ -179,6 +179,9 @@ class Session:
         lib = _native.lib()
         if not self._handle:
             raise SlimError("SLIM_ERR_INVALID_ARGUMENT", "the session is closed (or its engine was closed)")
+        if self._engine.manifest.get("family") != "sd3":
+            raise SlimError("SLIM_ERR_INVALID_ARGUMENT", f"generate: the engine's family is '{self._engine.manifest.get('family')}'; "
+                            "slim_generate runs sd3 bundles (use embed, score or run_stage)")
         cfg = self._engine.config
         args = {name: _as_float32(x, name) for name, x in [("prompt_embeds", prompt_embeds), ("pooled_embeds", pooled_embeds),
                 ("negative_prompt_embeds", negative_prompt_embeds), ("negative_pooled_embeds", negative_pooled_embeds),
