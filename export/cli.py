@@ -50,7 +50,6 @@ def main(argv=None) -> int:
     if output.exists() and not args.force:
         return _fail(f"{output} already exists (use --force to replace it)")
     # Heavy imports after argument checks, so --help and usage errors are instant.
-    from tqdm import tqdm
 
     from .checkpoint import checkpoint_family, load_checkpoint
     from .sampling_plan import make_plan
@@ -75,24 +74,16 @@ def main(argv=None) -> int:
     stages = c.num_layers + 2 + checkpoint.has_compensation
     if token_stages:
         stages += c.num_layers - len(c.dual_attention_layers)
-    bar = tqdm(total=stages, desc="export", unit="stage", disable=args.quiet, file=sys.stderr)
-    try:
-        export_sd3(checkpoint, plan, output, precision=args.precision, verify=args.verify, force=args.force, token_stages=token_stages,
-                   progress=lambda name: (bar.set_postfix_str(name), bar.update()), report=lambda s: print(s, file=sys.stderr))
-    except (ValueError, FileExistsError) as e:
-        return _fail(str(e))
-    except KeyboardInterrupt:
-        return _fail(f"interrupted; {output} was not written", code=130)
-    except Exception as e:  # anything unexpected: still one line, and nothing was written
-        return _fail(f"export of {args.checkpoint} failed ({type(e).__name__}: {e}); {output} was not written", code=1)
-    finally:
-        bar.close()
+    failed = _run_export(args, output, stages, lambda progress, report: export_sd3(
+        checkpoint, plan, output, precision=args.precision, verify=args.verify, force=args.force, token_stages=token_stages,
+        progress=progress, report=report))
+    if failed is not None:
+        return failed
     print(f"wrote {output} ({args.precision}, {stages} stages) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0
 
 
 def _export_lemur(args, output: Path, start: float) -> int:
-    from tqdm import tqdm
 
     from .checkpoint import load_lemur_checkpoint
     from .lemur_export import export_lemur, stage_specs
@@ -107,10 +98,22 @@ def _export_lemur(args, output: Path, start: float) -> int:
     print(f"{args.checkpoint}: LEMUR recommender, {c.embed_dim}-d document embeddings, text {c.text_layers}x{c.text_dim}, "
           f"image {c.image_layers}x{c.image_dim}, model version {args.model_version}", file=sys.stderr)
     stages = len(stage_specs(c))
+    failed = _run_export(args, output, stages, lambda progress, report: export_lemur(
+        checkpoint, output, model_version=args.model_version, verify=args.verify, force=args.force, progress=progress, report=report))
+    if failed is not None:
+        return failed
+    print(f"wrote {output} (lemur, fp32, {stages} stages) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return 0
+
+
+def _run_export(args, output: Path, stages: int, export) -> int | None:
+    """Run export(progress, report) under a progress bar; on failure one line and the exit code (nothing
+    is written then: the bundle writer is atomic), else None."""
+    from tqdm import tqdm
+
     bar = tqdm(total=stages, desc="export", unit="stage", disable=args.quiet, file=sys.stderr)
     try:
-        export_lemur(checkpoint, output, model_version=args.model_version, verify=args.verify, force=args.force,
-                     progress=lambda name: (bar.set_postfix_str(name), bar.update()), report=lambda s: print(s, file=sys.stderr))
+        export(lambda name: (bar.set_postfix_str(name), bar.update()), lambda line: print(line, file=sys.stderr))
     except (ValueError, FileExistsError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
@@ -119,8 +122,7 @@ def _export_lemur(args, output: Path, start: float) -> int:
         return _fail(f"export of {args.checkpoint} failed ({type(e).__name__}: {e}); {output} was not written", code=1)
     finally:
         bar.close()
-    print(f"wrote {output} (lemur, fp32, {stages} stages) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    return 0
+    return None
 
 
 def _fail(message: str, code: int = 2) -> int:
