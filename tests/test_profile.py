@@ -149,7 +149,7 @@ def test_profile_engine_prints_a_table_with_the_measured_baseline_speedup(profil
 
 def test_the_json_report_follows_its_schema(profiled):
     report = json.loads(profiled[1]["json"].read_text())
-    assert report["schema"] == "slimengine-profile" and report["schema_version"] == 1
+    assert report["schema"] == "slimengine-profile" and report["schema_version"] == 1 and report["family"] == "sd3"
     assert report["settings"]["iters"] == ITERS and report["settings"]["device_time"] is False
     stats_keys = ["count", "min", "mean", "median", "p90", "p95", "p99", "max", "throughput_per_s"]
     g = report["generation"]
@@ -230,10 +230,10 @@ def test_compare_prints_ratios_of_two_reports(profiled, cfg_bundle, tmp_path):
 
 
 def test_bad_arguments_get_one_line_errors(tmp_path, identity_bundle, profiled):
-    lemur = tmp_path / "lemur.engine"
-    lemur.mkdir()
+    unknown = tmp_path / "flux.engine"
+    unknown.mkdir()
     manifest = json.loads((identity_bundle / "manifest.json").read_text())
-    (lemur / "manifest.json").write_text(json.dumps(dict(manifest, family="lemur")))
+    (unknown / "manifest.json").write_text(json.dumps(dict(manifest, family="flux")))
     not_a_report = tmp_path / "x.json"
     shutil.copy(identity_bundle / "manifest.json", not_a_report)
     report = str(profiled[1]["json"])
@@ -244,7 +244,8 @@ def test_bad_arguments_get_one_line_errors(tmp_path, identity_bundle, profiled):
         ([str(identity_bundle), "--cache", "teacache:0.1"], "unknown cache policy 'teacache'"),
         ([str(identity_bundle), "--resolution", "7"], "--resolution 7: give a latent size"),
         ([str(tmp_path)], "is not an engine bundle"),
-        ([str(lemur)], "profiling lemur (embed, score) is not supported by this build"),
+        ([str(unknown)], "model family 'flux' is not supported (expected sd3 or lemur)"),
+        ([str(identity_bundle), "--program", "embed"], "--program applies to lemur engines"),
         (["--compare", report, str(tmp_path / "missing.json")], "no such report"),
         (["--compare", report, str(not_a_report)], "is not a profile-engine report"),
         ([], "an engine bundle is required"),

@@ -1,14 +1,17 @@
-"""profile-engine: where the milliseconds of an engine go, by stage, step and block.
+"""profile-engine: where the milliseconds of an engine go: SD3 by stage, step and block; LEMUR by call, stage and bank work.
 
-    profile-engine NAME.engine [--warmup N] [--iters N] [--batch B] [--resolution R] [--cache POLICY]
-                               [--json F] [--trace F] [--plot F]
+    profile-engine SD3.engine [--warmup N] [--iters N] [--batch B] [--resolution R] [--cache POLICY]
+                              [--json F] [--trace F] [--plot F]
+    profile-engine LEMUR.engine [--program embed|score|both] [--batch B] [--history H] [--warmup N] [--iters N]
+                                [--json F] [--trace F] [--plot F]
     profile-engine --compare A.json B.json
 
 Every time comes from the runtime's own event records (Session.profiling, slim_session_event): one
-per stage call, step and generation, read with the host's steady clock around each backend call.
-The baseline plan of the same weights (28 steps x 2 CFG, every block every step) is timed in the same
-run, iterations interleaved with the engine's own, through the runtime's plan override
-(slim_generate_params.num_steps). The JSON schema is documented in docs/profile-engine.md.
+per stage call, step and generation (SD3), per embed/score call, stage call and bank work (LEMUR),
+read with the host's steady clock around each backend call. For SD3 the baseline plan of the same
+weights (28 steps x 2 CFG, every block every step) is timed in the same run, iterations interleaved
+with the engine's own, through the runtime's plan override (slim_generate_params.num_steps); LEMUR
+has no such plan. The JSON schema is documented in docs/profile-engine.md.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -30,6 +34,14 @@ BASELINE_STEPS, BASELINE_SHIFT, BASELINE_GUIDANCE = 28, 3.0, 7.0  # plain SD3 (e
 DEFAULT_TEXT_LEN = 333  # SD3: 77 CLIP + 256 T5 tokens
 PERCENTILES = (90, 95, 99)
 PLOT_SIZE_PX = (1200, 1400)  # width, height of the --plot PNG
+LEMUR_PROGRAMS = ("embed", "score")
+DEFAULT_HISTORY = 256
+FILL_BATCH = 256  # documents per untimed embed call that fills the bank for the score histories
+BANK_WORK = {"embed": "bank upsert", "score": "bank history assembly"}  # what a program's SLIM_EVENT_BANK times
+ITEMS_PER_S = {"embed": "documents_per_s", "score": "scores_per_s"}  # a call's throughput x batch
+LEMUR_BASELINE_NOTE = ("a LEMUR bundle has no reference plan of the same weights to time against (SD3's baseline is its "
+                       "28-step CFG plan); compare two reports with --compare")
+SD3_ONLY, LEMUR_ONLY = ("text_len", "resolution", "cache"), ("program", "history")
 LEVEL_COLOURS = {"full": "tab:red", "cached_range": "tab:orange", "reused": "tab:green", "block_refresh": "tab:cyan",
                  "token_refresh": "tab:olive"}
 
@@ -41,20 +53,23 @@ class UsageError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="profile-engine",
-        description="Profile an engine bundle in the slimengine runtime: latency statistics per generation, step, stage and "
-        "block from the runtime's own event records, the speedup over the 28-step CFG baseline of the same weights, "
-        "a Chrome trace and plots.",
+        description="Profile an engine bundle in the slimengine runtime from the runtime's own event records: SD3, latency "
+        "statistics per generation, step, stage and block and the speedup over the 28-step CFG baseline of the same weights; "
+        "LEMUR, per embed/score call, stage and bank work with documents/s and scores/s. A Chrome trace and plots.",
     )
     parser.add_argument("engine", nargs="?", type=Path, help="engine bundle directory (NAME.engine)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed generations first (default 2)")
-    parser.add_argument("--iters", type=int, default=10, help="timed generations (default 10)")
-    parser.add_argument("--batch", type=int, default=1, help="prompts per generation (default 1)")
-    parser.add_argument("--resolution", help="latent size R or HxW, as slim_generate takes it (SD3's VAE: 128 for 1024 px); "
+    parser.add_argument("--warmup", type=int, default=2, help="untimed generations (LEMUR: calls of each program) first (default 2)")
+    parser.add_argument("--iters", type=int, default=10, help="timed generations (LEMUR: calls of each program) (default 10)")
+    parser.add_argument("--batch", type=int, default=1, help="prompts per generation; LEMUR: documents per embed, histories per "
+                        "score (default 1)")
+    parser.add_argument("--resolution", help="SD3: latent size R or HxW, as slim_generate takes it (SD3's VAE: 128 for 1024 px); "
                         "default: the bundle's default_latent_size")
-    parser.add_argument("--text-len", type=int, default=DEFAULT_TEXT_LEN, help=f"text tokens (default {DEFAULT_TEXT_LEN}, SD3's)")
-    parser.add_argument("--cache", help="X-Slim policy (docs/xslim.md): none, xslim:step=T[,critical=C,refresh=block|token,...] "
+    parser.add_argument("--text-len", type=int, help=f"SD3: text tokens (default {DEFAULT_TEXT_LEN}, SD3's)")
+    parser.add_argument("--cache", help="SD3: X-Slim policy (docs/xslim.md): none, xslim:step=T[,critical=C,refresh=block|token,...] "
                         "or xslim:schedule=FILE.json (default: the bundle's own policy)")
-    parser.add_argument("--no-baseline", action="store_true", help="skip the 28-step CFG baseline (no speedup figure)")
+    parser.add_argument("--no-baseline", action="store_true", help="SD3: skip the 28-step CFG baseline (no speedup figure)")
+    parser.add_argument("--program", choices=(*LEMUR_PROGRAMS, "both"), help="LEMUR: the program(s) to time (default both)")
+    parser.add_argument("--history", type=int, help=f"LEMUR: history length of each score row (default {DEFAULT_HISTORY})")
     parser.add_argument("--json", type=Path, help="write the report as JSON (schema: docs/profile-engine.md)")
     parser.add_argument("--trace", type=Path, help="write a Chrome-trace JSON (open it in ui.perfetto.dev or chrome://tracing)")
     parser.add_argument("--plot", type=Path, help="write a PNG: time per stage, per-step timeline by cache level, per-block heatmap")
@@ -74,12 +89,13 @@ def main(argv=None) -> int:
         check_arguments(args)
         manifest = read_manifest(args.engine)
         family = manifest.get("family")
-        if family == "sd3":
-            report, trace = profile_sd3(args)
-        elif family == "lemur":
-            raise UsageError(f"{args.engine} is a lemur engine; profiling lemur (embed, score) is not supported by this build")
-        else:
-            raise UsageError(f"{args.engine}: model family {family!r} is not supported (expected sd3)")
+        if family not in ("sd3", "lemur"):
+            raise UsageError(f"{args.engine}: model family {family!r} is not supported (expected sd3 or lemur)")
+        for name in SD3_ONLY if family == "lemur" else LEMUR_ONLY:
+            if getattr(args, name) is not None:
+                raise UsageError(f"--{name.replace('_', '-')} applies to {'sd3' if family == 'lemur' else 'lemur'} engines; "
+                                 f"{args.engine} is a {family} engine")
+        report, trace = profile_sd3(args) if family == "sd3" else profile_lemur(args)
         print(report_table(report))
         if args.json:
             args.json.write_text(json.dumps(report, indent=1) + "\n")
@@ -107,8 +123,8 @@ def _fail(message: str, code: int = 2) -> int:
 def check_arguments(args) -> None:
     if args.engine is None:
         raise UsageError("an engine bundle is required (or --compare A.json B.json)")
-    for name in ("iters", "batch", "text_len"):
-        if getattr(args, name) < 1:
+    for name in ("iters", "batch", "text_len", "history"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.warmup < 0:
         raise UsageError(f"--warmup must be 0 or more, got {args.warmup}")
@@ -170,10 +186,11 @@ def profile_sd3(args) -> tuple[dict, dict]:
     except se.SlimError as e:
         raise UsageError(f"{args.engine}: {e}") from None
     config, program = engine.config, engine.manifest["program"]
+    text_len = args.text_len or DEFAULT_TEXT_LEN
     height, width = latent_size(args.resolution, config)
     cache = cache_request(args.cache, program)
     rng = np.random.default_rng(0)
-    text, neg_text = rng.standard_normal((2, args.batch, args.text_len, config["joint_attention_dim"]), dtype=np.float32)
+    text, neg_text = rng.standard_normal((2, args.batch, text_len, config["joint_attention_dim"]), dtype=np.float32)
     pooled, neg_pooled = rng.standard_normal((2, args.batch, config["pooled_projection_dim"]), dtype=np.float32)
     inputs = dict(negative_prompt_embeds=neg_text, negative_pooled_embeds=neg_pooled, seed=0, height=height, width=width)
     guidance = program["guidance_scale"]
@@ -199,10 +216,11 @@ def profile_sd3(args) -> tuple[dict, dict]:
     report = {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
+        "family": "sd3",
         "engine": {"path": str(args.engine), "family": engine.manifest["family"], "precision": engine.manifest["precision"],
                    "num_layers": config["num_layers"], "stages": stage_names, "runtime_version": se.version()},
         "settings": {"warmup": args.warmup, "iters": args.iters, "batch": args.batch, "latent_size": [height, width],
-                     "text_len": args.text_len, "cache": args.cache or "bundle", "guidance_scale": guidance, "seed": 0,
+                     "text_len": text_len, "cache": args.cache or "bundle", "guidance_scale": guidance, "seed": 0,
                      "device": "cpu", "device_time": False},
         **summarize(runs["engine"], config["num_layers"], args.batch),
         "baseline": None,
@@ -215,6 +233,73 @@ def profile_sd3(args) -> tuple[dict, dict]:
                               "generation": base["generation"]}
         report["speedup"] = {stat: base["generation"][stat] / report["generation"][stat] for stat in ("mean", "median")}
     return report, chrome_trace(runs, stage_names, args.engine.name)
+
+
+def profile_lemur(args) -> tuple[dict, dict]:
+    """Time the LEMUR programs (embed, score) on random documents and a temporary bank; returns (report, trace).
+
+    Untimed first: the bank is filled with batch x history documents, so every score row is a full
+    history of distinct ids. Timed: embed calls of `batch` new documents at the config's text length
+    and frame count, upserted into the bank; score calls of `batch` histories of `history` ids drawn
+    from the filled documents, with queries of the config's query length. Programs are interleaved
+    call by call."""
+    try:
+        engine = se.open_engine(args.engine)  # validates the manifest
+    except se.SlimError as e:
+        raise UsageError(f"{args.engine}: {e}") from None
+    c = engine.config
+    programs = LEMUR_PROGRAMS if args.program in (None, "both") else (args.program,)
+    batch, history = args.batch, args.history or DEFAULT_HISTORY
+    if batch > c["max_batch"]:
+        raise UsageError(f"--batch {batch}: this engine takes at most {c['max_batch']} per call")
+    if history > c["max_history"]:
+        raise UsageError(f"--history {history}: this engine takes histories of at most {c['max_history']} documents")
+    text_len, frames, query_len, size = c["max_text_len"], c["max_frames"], c["max_query_len"], c["image_size"]
+    rng = np.random.default_rng(0)
+
+    def documents(n: int) -> dict:
+        return dict(text_ids=rng.integers(1, c["vocab_size"], (n, text_len)), segment_ids=rng.integers(0, c["num_segments"], (n, text_len)),
+                    frames=rng.standard_normal((n, frames, 3, size, size), dtype=np.float32))
+
+    filled = batch * history if "score" in programs else 0
+    session = engine.session()
+    runs = {name: [] for name in programs}
+    from tqdm import tqdm
+
+    fill_batch = min(FILL_BATCH, c["max_batch"])
+    with tempfile.TemporaryDirectory(prefix="profile-engine-") as tmp, se.MemoryBank(Path(tmp) / "profile.bank", c["embed_dim"]) as bank:
+        calls = -(-filled // fill_batch) + (args.warmup + args.iters) * len(programs)
+        with tqdm(total=calls, desc="profile", unit="call", disable=args.quiet, file=sys.stderr) as bar:
+            for start in range(0, filled, fill_batch):  # untimed: the documents the histories refer to
+                ids = np.arange(start, min(start + fill_batch, filled))
+                session.embed(**documents(ids.size), bank=bank, document_ids=ids)
+                bar.update()
+            session.profiling = True
+            for i in range(args.warmup + args.iters):
+                for name in programs:  # interleaved, so drift on a shared machine hits both alike
+                    if name == "embed":
+                        ids = filled + i * batch + np.arange(batch)  # new documents: each upsert is an insert
+                        result = session.embed(**documents(batch), bank=bank, document_ids=ids)
+                    else:
+                        history_ids = rng.permutation(filled).reshape(batch, history)
+                        result = session.score(bank, history_ids, rng.integers(1, c["vocab_size"], (batch, query_len)))
+                    if i >= args.warmup:
+                        runs[name].append(result)
+                    bar.update()
+    report = {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "family": "lemur",
+        "engine": {"path": str(args.engine), "family": "lemur", "precision": engine.manifest["precision"], "embed_dim": c["embed_dim"],
+                   "stages": engine.stage_names, "runtime_version": se.version()},
+        "settings": {"warmup": args.warmup, "iters": args.iters, "programs": list(programs), "batch": batch, "history": history,
+                     "text_len": text_len, "frames": frames, "query_len": query_len, "bank_documents": filled, "seed": 0,
+                     "device": "cpu", "device_time": False},
+        "programs": {name: summarize_lemur(results, name, batch) for name, results in runs.items()},
+        "baseline": None,
+        "baseline_note": LEMUR_BASELINE_NOTE,
+    }
+    return report, lemur_trace(runs, engine.stage_names, args.engine.name)
 
 
 def _ms(event: dict) -> float:
@@ -238,6 +323,14 @@ def device_stats(events: list[dict]):
     return latency_stats([e["device_ns"] / 1e6 for e in events])
 
 
+def call_stats(events: list[dict], iters: int, parent_mean_ms: float, per: str = "generation") -> dict:
+    """Per-call statistics of events, and their time per parent (`per`: a generation, or a LEMUR call) as a
+    share of the parent's mean time."""
+    per_parent = sum(_ms(e) for e in events) / iters
+    return {f"calls_per_{per}": len(events) / iters, f"per_{per}_ms": per_parent, "share": per_parent / parent_mean_ms,
+            **latency_stats([_ms(e) for e in events]), "device": device_stats(events)}
+
+
 def summarize(results: list, num_layers: int, batch: int) -> dict:
     """The report's measurement sections for one plan's timed generations (GenerateResult with events)."""
     iters = len(results)
@@ -257,11 +350,6 @@ def summarize(results: list, num_layers: int, batch: int) -> dict:
                       "blocks_run": float(np.mean([r.stats["per_step"][index]["blocks_run"] for r in results])),
                       **latency_stats([_ms(e) for e in events]), "device": device_stats(events)})
 
-    def calls(events: list[dict]) -> dict:  # per-call statistics, and the share of a generation they take
-        per_generation = sum(_ms(e) for e in events) / iters
-        return {"calls_per_generation": len(events) / iters, "per_generation_ms": per_generation, "share": per_generation / gen_mean,
-                **latency_stats([_ms(e) for e in events]), "device": device_stats(events)}
-
     by_stage, by_block = {}, {}
     for e in stage_events:
         by_stage.setdefault(e["stage"], []).append(e)
@@ -279,8 +367,8 @@ def summarize(results: list, num_layers: int, batch: int) -> dict:
         "generation": gen,
         "effective_nfe": float(np.mean([r.stats["effective_nfe"] for r in results])),
         "steps": steps,
-        "stages": {name: {"block": events[0]["block"], **calls(events)} for name, events in by_stage.items()},
-        "blocks": [{"index": b, **calls(by_block[b])} for b in sorted(by_block)],
+        "stages": {name: {"block": events[0]["block"], **call_stats(events, iters, gen_mean)} for name, events in by_stage.items()},
+        "blocks": [{"index": b, **call_stats(by_block[b], iters, gen_mean)} for b in sorted(by_block)],
         "block_heatmap_ms": heatmap,
         "prepare": dict(latency_stats([_ms(p) for p in prepares]), share=float(np.mean([_ms(p) for p in prepares])) / gen_mean,
                         device=device_stats(prepares)),
@@ -288,17 +376,50 @@ def summarize(results: list, num_layers: int, batch: int) -> dict:
     }
 
 
+def summarize_lemur(results: list, program: str, batch: int) -> dict:
+    """The report's section for one LEMUR program's timed calls (EmbedResult / ScoreResult with events)."""
+    iters = len(results)
+    calls = [next(e for e in r.events if e["kind"] == "generation") for r in results]
+    call = dict(latency_stats([_ms(e) for e in calls]), device=device_stats(calls))
+    call[ITEMS_PER_S[program]] = call["throughput_per_s"] * batch
+    by_stage = {}
+    for e in (e for r in results for e in r.events if e["kind"] == "stage"):
+        by_stage.setdefault(e["stage"], []).append(e)
+    bank = [e for r in results for e in r.events if e["kind"] == "bank"]
+    other = [_ms(g) - sum(_ms(e) for e in r.events if e["kind"] in ("stage", "bank")) for g, r in zip(calls, results)]
+    return {
+        "batch": batch,
+        "call": call,
+        "stages": {name: call_stats(events, iters, call["mean"], per="call") for name, events in by_stage.items()},
+        "bank": dict(call_stats(bank, iters, call["mean"], per="call"), work=BANK_WORK[program]),
+        "other_host": dict(latency_stats(other), share=float(np.mean(other)) / call["mean"]),
+    }
+
+
 # ---- outputs ----
+
+
+def _trace_event(name: str, cat: str, event: dict, tid: int, origin: int, args: dict) -> dict:
+    """One runtime event as a Chrome complete ("X") event, in microseconds since `origin` (ns)."""
+    if event["device_ns"] is not None:
+        args["device_us"] = event["device_ns"] / 1e3
+    return {"name": name, "cat": cat, "ph": "X", "pid": 1, "tid": tid, "ts": (event["start_ns"] - origin) / 1e3,
+            "dur": (event["end_ns"] - event["start_ns"]) / 1e3, "args": args}
+
+
+def _trace_header(runs: dict, title: str) -> tuple[list, int]:
+    """The process and thread names (one thread per plan or program, from 1) and the time origin (ns)."""
+    origin = min(e["start_ns"] for results in runs.values() for r in results for e in r.events)
+    trace = [{"ph": "M", "pid": 1, "tid": 0, "name": "process_name", "args": {"name": f"profile-engine {title}"}}]
+    trace += [{"ph": "M", "pid": 1, "tid": tid, "name": "thread_name", "args": {"name": name}} for tid, name in enumerate(runs, start=1)]
+    return trace, origin
 
 
 def chrome_trace(runs: dict, stage_names: list[str], title: str) -> dict:
     """Chrome trace-event JSON: complete ("X") events in microseconds, stages nested in steps nested in
     their generation; the engine's plan on thread 1, the baseline on thread 2."""
-    all_events = [e for results in runs.values() for r in results for e in r.events]
-    origin = min(e["start_ns"] for e in all_events)
-    trace = [{"ph": "M", "pid": 1, "tid": 0, "name": "process_name", "args": {"name": f"profile-engine {title}"}}]
+    trace, origin = _trace_header(runs, title)
     for tid, (plan, results) in enumerate(runs.items(), start=1):
-        trace.append({"ph": "M", "pid": 1, "tid": tid, "name": "thread_name", "args": {"name": plan}})
         for iteration, r in enumerate(results):
             for e in r.events:
                 if e["kind"] == "generation":
@@ -309,11 +430,25 @@ def chrome_trace(runs: dict, stage_names: list[str], title: str) -> dict:
                     name, args = f"step {e['step']} ({e['level']})", {"step": e["step"], "level": e["level"]}
                 else:
                     name, args = e["stage"], {"step": e["step"], "block": e["block"]}
-                if e["device_ns"] is not None:
-                    args["device_us"] = e["device_ns"] / 1e3
-                trace.append({"name": name, "cat": e["kind"], "ph": "X", "pid": 1, "tid": tid, "ts": (e["start_ns"] - origin) / 1e3,
-                              "dur": (e["end_ns"] - e["start_ns"]) / 1e3, "args": args})
+                trace.append(_trace_event(name, e["kind"], e, tid, origin, args))
     return {"traceEvents": trace, "displayTimeUnit": "ms", "otherData": {"generator": "profile-engine", "stages": stage_names}}
+
+
+def lemur_trace(runs: dict, stage_names: list[str], title: str) -> dict:
+    """Chrome trace-event JSON of LEMUR calls: each call ("embed call", "score call"; cat "call") holding its
+    stage call (named by stage; cat "stage") and its bank work (cat "bank"); one thread per program."""
+    trace, origin = _trace_header(runs, title)
+    for tid, (program, results) in enumerate(runs.items(), start=1):
+        for iteration, r in enumerate(results):
+            for e in r.events:
+                if e["kind"] == "generation":
+                    trace.append(_trace_event(f"{program} call", "call", e, tid, origin, {"iteration": iteration, "batch": r.stats["batch"]}))
+                elif e["kind"] == "stage":
+                    trace.append(_trace_event(e["stage"], "stage", e, tid, origin, {}))
+                elif e["kind"] == "bank":
+                    trace.append(_trace_event(BANK_WORK[program], "bank", e, tid, origin, {}))
+    return {"traceEvents": trace, "displayTimeUnit": "ms", "otherData": {"generator": "profile-engine", "family": "lemur",
+                                                                          "stages": stage_names}}
 
 
 STAT_COLUMNS = ("min", "mean", "median", "p90", "p95", "p99", "max")
@@ -325,20 +460,33 @@ def _stages_outside_blocks(report: dict) -> list:
     return [(name, st) for name, st in report["stages"].items() if st["block"] < 0]
 
 
+TABLE_HEADER = f"{'':24} {'count':>6} " + " ".join(f"{c:>8}" for c in STAT_COLUMNS) + f" {'share':>6} {'per s':>8}"
+
+
+def _table_row(label: str, st: dict, share: float | None = None) -> str:
+    cells = " ".join(f"{st[c]:8.3f}" for c in STAT_COLUMNS)
+    share_text = f"{100 * share:5.1f}%" if share is not None else ""
+    return f"{label:24} {st['count']:6d} {cells} {share_text:>6} {st['throughput_per_s']:8.1f}"
+
+
+def _per_s_label(program: str) -> str:
+    return ITEMS_PER_S[program].replace("_per_s", "/s")  # documents/s, scores/s
+
+
+def _family(report: dict) -> str:
+    return report.get("family", "sd3")  # reports written before LEMUR profiling have no "family": SD3
+
+
 def report_table(report: dict) -> str:
+    if _family(report) == "lemur":
+        return lemur_table(report)
     e, s = report["engine"], report["settings"]
     h, w = s["latent_size"]
     lines = [f"{e['path']}: {e['family']} {e['precision']}, {e['num_layers']} blocks, {len(report['steps'])} steps; "
              f"batch {s['batch']}, latent {h}x{w}, text {s['text_len']}, cache {s['cache']}",
              f"{s['iters']} timed generations after {s['warmup']} warm-up; host time from the runtime's events (ms); "
-             "device time: not measured (CPU)", ""]
-    header = f"{'':24} {'count':>6} " + " ".join(f"{c:>8}" for c in STAT_COLUMNS) + f" {'share':>6} {'per s':>8}"
-    lines.append(header)
-
-    def row(label, st, share=None):
-        cells = " ".join(f"{st[c]:8.3f}" for c in STAT_COLUMNS)
-        share_text = f"{100 * share:5.1f}%" if share is not None else ""
-        return f"{label:24} {st['count']:6d} {cells} {share_text:>6} {st['throughput_per_s']:8.1f}"
+             "device time: not measured (CPU)", "", TABLE_HEADER]
+    row = _table_row
 
     lines.append(row("generation", report["generation"], 1.0))
     for st in report["steps"]:
@@ -359,13 +507,39 @@ def report_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_plot(report: dict, trace: dict, path: Path) -> None:
+def lemur_table(report: dict) -> str:
+    e, s = report["engine"], report["settings"]
+    lines = [f"{e['path']}: lemur {e['precision']}, {e['embed_dim']}-d embeddings; batch {s['batch']}, history {s['history']}, "
+             f"text {s['text_len']}, frames {s['frames']}, query {s['query_len']}",
+             f"{s['iters']} timed calls of each program after {s['warmup']} warm-up, bank of {s['bank_documents']} documents; "
+             "host time from the runtime's events (ms); device time: not measured (CPU)", "", TABLE_HEADER]
+    for program, p in report["programs"].items():
+        lines.append(_table_row(f"{program} call", p["call"], 1.0))
+        lines += [_table_row(f"  stage {name}", st, st["share"]) for name, st in p["stages"].items()]
+        lines.append(_table_row(f"  {p['bank']['work']}", p["bank"], p["bank"]["share"]))
+        lines.append(_table_row("  other host work", p["other_host"], p["other_host"]["share"]))
+    lines.append("")
+    lines.append("; ".join(f"{program}: {p['call'][ITEMS_PER_S[program]]:.1f} {_per_s_label(program)}"
+                           for program, p in report["programs"].items()))
+    lines.append(f"no baseline: {report['baseline_note']}")
+    return "\n".join(lines)
+
+
+def _pyplot():
     try:
         import matplotlib
     except ImportError:
         raise UsageError("--plot needs matplotlib: pip install 'slimengine[profile]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_plot(report: dict, trace: dict, path: Path) -> None:
+    if _family(report) == "lemur":
+        return write_lemur_plot(report, trace, path)
+    plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
     dpi = 100
@@ -422,6 +596,61 @@ def write_plot(report: dict, trace: dict, path: Path) -> None:
     plt.close(fig)
 
 
+LEMUR_PLOT_SIZE_PX = (1200, 800)
+LEMUR_COLOURS = {"stage": "tab:blue", "bank": "tab:orange", "other": "tab:gray", "call": "tab:purple"}
+
+
+def write_lemur_plot(report: dict, trace: dict, path: Path) -> None:
+    """Two panels: each program's mean call split into stage, bank work and other host work; the median call
+    of each program as a timeline (the call above its stage and bank events)."""
+    plt = _pyplot()
+    dpi = 100
+    fig, (ax_parts, ax_time) = plt.subplots(2, 1, figsize=(LEMUR_PLOT_SIZE_PX[0] / dpi, LEMUR_PLOT_SIZE_PX[1] / dpi), dpi=dpi)
+    programs = report["programs"]
+    fig.suptitle(f"profile-engine {report['engine']['path']}: batch {report['settings']['batch']}, history {report['settings']['history']}; "
+                 + ", ".join(f"{name} {p['call']['mean']:.3f} ms per call" for name, p in programs.items()))
+
+    names, values, colours, shares = [], [], [], []
+    for name, p in programs.items():
+        parts = [(f"stage {stage}", "stage", st["per_call_ms"]) for stage, st in p["stages"].items()]
+        parts += [(p["bank"]["work"], "bank", p["bank"]["per_call_ms"]), ("other host work", "other", p["other_host"]["mean"])]
+        for label, kind, ms in parts:
+            names.append(f"{name}: {label}")
+            values.append(ms)
+            colours.append(LEMUR_COLOURS[kind])
+            shares.append(ms / p["call"]["mean"])
+    ax_parts.barh(names, values, color=colours)
+    ax_parts.invert_yaxis()
+    ax_parts.set_xlabel("ms per call (mean)")
+    ax_parts.set_title("latency breakdown per call: stage, bank work, other host work")
+    for y, (v, share) in enumerate(zip(values, shares)):
+        ax_parts.text(v, y, f" {v:.3f} ms ({100 * share:.1f}% of the call)", va="center", fontsize=8)
+    ax_parts.set_xlim(0, max(values) * 1.3)
+
+    ticks = []
+    for row, (tid, name) in enumerate(enumerate(programs, start=1)):
+        events = [e for e in trace["traceEvents"] if e.get("ph") == "X" and e["tid"] == tid]
+        calls = sorted((e for e in events if e["cat"] == "call"), key=lambda e: e["dur"])
+        median = calls[len(calls) // 2]
+        y = 2 * row
+        for e in events:
+            if median["ts"] <= e["ts"] <= median["ts"] + median["dur"]:
+                lane = y + 0.1 if e["cat"] == "call" else y + 1.1  # the call above its events (the axis is inverted)
+                ax_time.broken_barh([((e["ts"] - median["ts"]) / 1e3, e["dur"] / 1e3)], (lane, 0.8), color=LEMUR_COLOURS[e["cat"]],
+                                    edgecolor="white")
+        ticks += [(y + 0.5, f"{name}: call"), (y + 1.5, f"{name}: stage, bank")]
+    ax_time.set_yticks([t for t, _ in ticks], [label for _, label in ticks])
+    ax_time.set_xlabel("ms since the start of the call (median call of each program)")
+    ax_time.set_title("per-call timeline")
+    legend = {kind: LEMUR_COLOURS[kind] for kind in ("call", "stage", "bank")}
+    ax_time.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for c in legend.values()], labels=list(legend), loc="upper right",
+                   fontsize=8, ncols=len(legend))
+    ax_time.set_ylim(2 * len(programs) + 0.1, -0.9)  # inverted, with room for the legend above the first call
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 # ---- --compare ----
 
 
@@ -441,6 +670,16 @@ def load_report(path: Path) -> dict:
 
 def comparison_rows(report: dict) -> dict:
     """Label -> value (mean ms, or a figure) for every row --compare can match."""
+    if _family(report) == "lemur":
+        rows = {}
+        for name, p in report["programs"].items():
+            rows.update({f"{name} call mean ms": p["call"]["mean"], f"{name} call median ms": p["call"]["median"],
+                         f"{name} call p99 ms": p["call"]["p99"]})
+            rows.update({f"{name} stage {stage} ms/call": st["per_call_ms"] for stage, st in p["stages"].items()})
+            rows[f"{name} bank ms/call"] = p["bank"]["per_call_ms"]
+            rows[f"{name} other host ms/call"] = p["other_host"]["mean"]
+            rows[f"{name} {_per_s_label(name)}"] = p["call"][ITEMS_PER_S[name]]
+        return rows
     rows = {"generation mean ms": report["generation"]["mean"], "generation median ms": report["generation"]["median"],
             "effective NFE": report["effective_nfe"]}
     if report["speedup"]:
@@ -453,10 +692,17 @@ def comparison_rows(report: dict) -> dict:
     return rows
 
 
+def _settings_text(report: dict) -> str:
+    s = report["settings"]
+    return f"batch {s['batch']}, history {s['history']}" if _family(report) == "lemur" else f"cache {s['cache']}"
+
+
 def compare_table(a: dict, b: dict, path_a: Path, path_b: Path) -> str:
+    if _family(a) != _family(b):
+        raise UsageError(f"cannot compare a {_family(a)} report ({path_a}) with a {_family(b)} report ({path_b})")
     rows_a, rows_b = comparison_rows(a), comparison_rows(b)
-    lines = [f"A: {path_a} ({a['engine']['path']}, cache {a['settings']['cache']})",
-             f"B: {path_b} ({b['engine']['path']}, cache {b['settings']['cache']})", "",
+    lines = [f"A: {path_a} ({a['engine']['path']}, {_settings_text(a)})",
+             f"B: {path_b} ({b['engine']['path']}, {_settings_text(b)})", "",
              f"{'':34} {'A':>10} {'B':>10} {'B/A':>8}"]
     for label in list(rows_a) + [k for k in rows_b if k not in rows_a]:
         va, vb = rows_a.get(label), rows_b.get(label)

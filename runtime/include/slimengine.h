@@ -196,20 +196,22 @@ SLIM_API slim_status slim_session_stage_stats(const slim_session* session, int32
 
 /* ---- profiling (ABI 0.2) ----
  * With profiling on, each generate records a timed event per stage call, per step, for its prepare
- * phase and for the whole generation. Host times are the library's own clock reads around each backend call (steady clock,
+ * phase and for the whole generation; each LEMUR embed or score records one for the call, its stage
+ * call and its memory-bank work. Host times are the library's own clock reads around each backend call (steady clock,
  * CLOCK_MONOTONIC on Linux, in ns). Off (the default) nothing is recorded and nothing is allocated. */
 
 typedef enum slim_event_kind {
-    SLIM_EVENT_GENERATION = 0, /* one slim_generate call, after argument checks: prepare, the steps, the result copied out */
-    SLIM_EVENT_PREPARE = 1,    /* its first part: inputs laid out in the model batch, seeded noise drawn, buffers sized */
-    SLIM_EVENT_STEP = 2,       /* one sampling step; `level` says how it ran */
-    SLIM_EVENT_STAGE = 3       /* one backend call of stage `stage` (a CFG batch is one call) */
+    SLIM_EVENT_GENERATION = 0, /* one slim_generate, slim_embed or slim_score call, after argument checks: all of it */
+    SLIM_EVENT_PREPARE = 1,    /* generate: its first part: inputs laid out in the model batch, seeded noise drawn, buffers sized */
+    SLIM_EVENT_STEP = 2,       /* generate: one sampling step; `level` says how it ran */
+    SLIM_EVENT_STAGE = 3,      /* one backend call of stage `stage` (a CFG batch is one call) */
+    SLIM_EVENT_BANK = 4        /* embed, score: the memory-bank work (score: history assembly; embed with a bank: the upsert) */
 } slim_event_kind;             /* later versions may add kinds: skip the ones you do not know */
 
 typedef struct slim_event {
     uint32_t struct_size; /* set by the caller: sizeof(slim_event) */
     int32_t kind;         /* slim_event_kind */
-    int32_t step;         /* the step the event belongs to; -1 for the generation and prepare events */
+    int32_t step;         /* the step the event belongs to; -1 for the generation and prepare events and every LEMUR event */
     int32_t block;        /* stage events: the joint block the stage computes (block_i, block_i_*), else -1 */
     int32_t stage;        /* stage events: stage index (slim_engine_stage_name), else -1 */
     int32_t level;        /* step events: slim_step_level, else -1 */
@@ -218,13 +220,14 @@ typedef struct slim_event {
     int64_t device_ns;    /* device time from CUDA events; -1 when not measured (always, in this CPU-only build) */
 } slim_event;
 
-/* Turn event recording on (nonzero) or off (0) for the session's following generate calls.
- * Status: INVALID_ARGUMENT (NULL session). */
+/* Turn event recording on (nonzero) or off (0) for the session's following generate, embed and score calls.
+ * Status: INVALID_ARGUMENT (NULL session, a plain ONNX engine's session). */
 SLIM_API slim_status slim_session_set_profiling(slim_session* session, int32_t enabled);
-/* Number of events of the session's last generate (0 when profiling was off; partial if it failed). */
+/* Number of events of the session's last generate, embed or score (0 when profiling was off; partial if it failed). */
 SLIM_API int32_t slim_session_event_count(const slim_session* session);
-/* Event `index`, in the order the events ended: prepare; the stage calls of a step, then that step;
- * the generation last. Status: INVALID_ARGUMENT (NULL argument, index out of range, struct_size). */
+/* Event `index`, in the order the events ended: generate: prepare; the stage calls of a step, then that
+ * step; the generation last. embed: the stage, the bank upsert; score: the bank history assembly, the
+ * stage; the call (SLIM_EVENT_GENERATION) last. Status: INVALID_ARGUMENT (NULL argument, index out of range, struct_size). */
 SLIM_API slim_status slim_session_event(const slim_session* session, int32_t index, slim_event* out);
 
 /* ---- generic stage call (any family, and plain ONNX models) ---- */

@@ -186,6 +186,13 @@ slim::LemurSession& lemur_of(slim_session* session, const char* call) {
     return *session->lemur;
 }
 
+// The event recorder of the session's program (SD3 generate, LEMUR embed/score), or nullptr (a plain ONNX engine).
+slim::Profiler* profiler_of(const slim_session* session) {
+    if (session->program) return &session->program->profiler();
+    if (session->lemur) return &session->lemur->profiler();
+    return nullptr;
+}
+
 void fill_stats(slim_lemur_stats* out, const slim::LemurStats& s) {
     if (!out) return;
     out->batch = static_cast<int32_t>(s.batch);
@@ -454,22 +461,25 @@ slim_status slim_session_stage_stats(const slim_session* session, int32_t index,
 
 slim_status slim_session_set_profiling(slim_session* session, int32_t enabled) {
     if (!session) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_session_set_profiling: session is NULL");
-    if (!session->program)
-        return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_session_set_profiling: profiling records SD3 generations; this engine's family is '" +
-                                                   session->owner->engine->manifest().family + "'");
-    session->program->profiler().set_enabled(enabled != 0);
+    slim::Profiler* profiler = profiler_of(session);
+    if (!profiler)
+        return fail(SLIM_ERR_INVALID_ARGUMENT,
+                    "slim_session_set_profiling: profiling records sd3 generations and lemur embed/score calls; this engine's family is '" +
+                        session->owner->engine->manifest().family + "'");
+    profiler->set_enabled(enabled != 0);
     return SLIM_OK;
 }
 
 int32_t slim_session_event_count(const slim_session* session) {
-    return session && session->program ? static_cast<int32_t>(session->program->profiler().events().size()) : 0;
+    const slim::Profiler* profiler = session ? profiler_of(session) : nullptr;
+    return profiler ? static_cast<int32_t>(profiler->events().size()) : 0;
 }
 
 slim_status slim_session_event(const slim_session* session, int32_t index, slim_event* out) {
     if (!session || !out || index < 0 || index >= slim_session_event_count(session))
         return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_session_event: NULL argument or event index out of range");
     if (out->struct_size < sizeof(slim_event)) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_event.struct_size must be sizeof(slim_event)");
-    const slim::ProfileEvent& e = session->program->profiler().events()[index];
+    const slim::ProfileEvent& e = profiler_of(session)->events()[index];
     out->kind = e.kind;
     out->step = e.step;
     out->block = e.block;

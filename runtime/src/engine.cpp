@@ -83,6 +83,12 @@ int Engine::stage_index(const std::string& name) const {
     return -1;
 }
 
+std::vector<std::string> Engine::stage_names() const {
+    std::vector<std::string> names;
+    for (const auto& stage : stages_) names.push_back(stage->name());
+    return names;
+}
+
 void Engine::bind_lemur_stages() {
     for (size_t i = 0; i < manifest_.stages.size(); ++i) {
         const StageDecl& s = manifest_.stages[i];

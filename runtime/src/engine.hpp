@@ -34,6 +34,8 @@ class Engine {
 
     // Index of the stage called `name`, or -1.
     int stage_index(const std::string& name) const;
+    // The stages' names, in stages() order.
+    std::vector<std::string> stage_names() const;
 
     // Indices into stages() of the stages the SD3 program calls; compensate is -1 without MLPs.
     int embed_stage = -1, final_stage = -1, compensate_stage = -1;

@@ -11,16 +11,21 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-double ms_since(Clock::time_point start) { return std::chrono::duration<double, std::milli>(Clock::now() - start).count(); }
+double ms_between(Clock::time_point start, Clock::time_point end) { return std::chrono::duration<double, std::milli>(end - start).count(); }
+
+// Events of one embed/score: the call, its stage call and its bank work (at most one of each).
+constexpr size_t kEventsPerCall = 3;
 
 }  // namespace
 
-LemurSession::LemurSession(const Engine& engine) : engine_(engine), stages_(engine.stages().size()) {}
+LemurSession::LemurSession(const Engine& engine) : engine_(engine), stages_(engine.stages().size()), profiler_(engine.stage_names()) {}
 
 double LemurSession::run(int stage, std::initializer_list<const OrtValue*> inputs, std::initializer_list<OrtValue*> outputs) {
     auto start = Clock::now();
     engine_.stages()[stage]->run(inputs.begin(), outputs.begin());
-    double ms = ms_since(start);
+    auto end = Clock::now();
+    profiler_.stage(stage, start, end);
+    double ms = ms_between(start, end);
     stages_[stage].calls += 1;
     stages_[stage].ms += ms;
     return ms;
@@ -28,6 +33,7 @@ double LemurSession::run(int stage, std::initializer_list<const OrtValue*> input
 
 LemurStats LemurSession::embed(const EmbedRequest& r) {
     auto start = Clock::now();
+    profiler_.begin_generation(kEventsPerCall);
     const LemurConfig& c = engine_.manifest().lemur;
     const OrtRuntime& ort = engine_.ort();
     for (auto& s : stages_) s = StageStats{};
@@ -53,14 +59,19 @@ LemurStats LemurSession::embed(const EmbedRequest& r) {
         const int64_t now =
             std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::system_clock::now().time_since_epoch()).count();
         r.bank->upsert(r.document_ids, r.out, static_cast<size_t>(B), r.model_version, now);
-        stats.bank_ms = ms_since(bank_start);
+        auto bank_end = Clock::now();
+        profiler_.bank(bank_start, bank_end);
+        stats.bank_ms = ms_between(bank_start, bank_end);
     }
-    stats.total_ms = ms_since(start);
+    auto end = Clock::now();
+    profiler_.generation(start, end);
+    stats.total_ms = ms_between(start, end);
     return stats;
 }
 
 LemurStats LemurSession::score(const ScoreRequest& r) {
     auto start = Clock::now();
+    profiler_.begin_generation(kEventsPerCall);
     const LemurConfig& c = engine_.manifest().lemur;
     const OrtRuntime& ort = engine_.ort();
     for (auto& s : stages_) s = StageStats{};
@@ -92,7 +103,9 @@ LemurStats LemurSession::score(const ScoreRequest& r) {
                                                 "min_model_version " + std::to_string(r.min_model_version));
         }
     }
-    stats.bank_ms = ms_since(bank_start);
+    auto bank_end = Clock::now();
+    profiler_.bank(bank_start, bank_end);
+    stats.bank_ms = ms_between(bank_start, bank_end);
 
     TensorView history(ort, history_.data(), {B, H, E});
     TensorView mask(ort, mask_.data(), {B, H});
@@ -101,7 +114,9 @@ LemurStats LemurSession::score(const ScoreRequest& r) {
     stats.backend_ms = run(engine_.lemur_score_stage, {history.get(), mask.get(), query.get()}, {out.get()});
     for (int64_t i = 0; i < B; ++i)
         if (!std::isfinite(r.out[i])) throw Error(SLIM_ERR_NUMERICS, "score: the model produced NaN or Inf for row " + std::to_string(i));
-    stats.total_ms = ms_since(start);
+    auto end = Clock::now();
+    profiler_.generation(start, end);
+    stats.total_ms = ms_between(start, end);
     return stats;
 }
 

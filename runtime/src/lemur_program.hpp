@@ -7,6 +7,7 @@
 
 #include "engine.hpp"
 #include "memory_bank.hpp"
+#include "profiler.hpp"
 
 namespace slim {
 
@@ -47,12 +48,17 @@ class LemurSession {
     LemurStats score(const ScoreRequest& request);
 
     const std::vector<StageStats>& stage_stats() const { return stages_; }
+    // Events of the last embed/score call when profiling is on: the call (SLIM_EVENT_GENERATION), its
+    // stage call and its bank work (SLIM_EVENT_BANK), with the clock reads of LemurStats.
+    Profiler& profiler() { return profiler_; }
+    const Profiler& profiler() const { return profiler_; }
 
   private:
     double run(int stage, std::initializer_list<const OrtValue*> inputs, std::initializer_list<OrtValue*> outputs);
 
     const Engine& engine_;
     std::vector<StageStats> stages_;
+    Profiler profiler_;
     // Buffers, grown on demand and reused across calls.
     std::vector<int64_t> zero_segments_, versions_;
     std::vector<float> history_, mask_;

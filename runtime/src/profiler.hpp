@@ -1,7 +1,8 @@
-// Event recording for profiling: one timed event per stage call, per step, per generation and its prepare phase.
-// Off by default, and then it costs one branch per record site and reads no clock: the times it
-// records are the clock reads the program makes for its stats anyway (the end of the prepare phase is
-// read only when profiling). On, each generation preallocates its buffer before the step loop.
+// Event recording for profiling: one timed event per stage call, per step, per generation and its prepare phase
+// (SD3), and per embed/score call, its stage call and its memory-bank work (LEMUR, where a "generation"
+// event is the whole call). Off by default, and then it costs one branch per record site and reads no
+// clock: the times it records are the clock reads the program makes for its stats anyway (the end of the
+// prepare phase is read only when profiling). On, each call preallocates its buffer before its work.
 #pragma once
 
 #include <chrono>
@@ -16,7 +17,7 @@ namespace slim {
 // The C ABI's slim_event without its struct_size; the same fields, the same meanings.
 struct ProfileEvent {
     int kind;                  // slim_event_kind
-    int step;                  // step index, -1 for the generation and prepare events
+    int step;                  // step index, -1 for the generation and prepare events (and every LEMUR event)
     int block;                 // stage events: the joint block the stage computes (block_i, block_i_*), else -1
     int stage;                 // stage events: index into the engine's stages, else -1
     int level;                 // step events: slim_step_level, else -1
@@ -34,7 +35,7 @@ class Profiler {
     void set_enabled(bool enabled) { enabled_ = enabled; }
     bool enabled() const { return enabled_; }
 
-    // Starts a generation's record: clears the last one; when enabled, reserves `capacity` events so
+    // Starts a generation's (or LEMUR call's) record: clears the last one; when enabled, reserves `capacity` events so
     // the step loop does not allocate (a program making more calls than that grows the buffer).
     void begin_generation(size_t capacity);
     // The generation's inputs, noise and buffers are ready (from `start` to now): its prepare event.
@@ -51,11 +52,16 @@ class Profiler {
         if (enabled_) record(SLIM_EVENT_STEP, step_, -1, -1, level, start, end);
         step_ = -1;
     }
+    // LEMUR: the memory-bank work of an embed (upsert) or score (history assembly) call.
+    void bank(TimePoint start, TimePoint end) {
+        if (enabled_) record(SLIM_EVENT_BANK, -1, -1, -1, -1, start, end);
+    }
     void generation(TimePoint start, TimePoint end) {
         if (enabled_) record(SLIM_EVENT_GENERATION, -1, -1, -1, -1, start, end);
     }
 
-    // The last generation's events, in the order they ended (prepare; stages, then their step; the generation last).
+    // The last call's events, in the order they ended (SD3: prepare; stages, then their step; the generation
+    // last. LEMUR: the stage and bank events in the order they ran; the call last).
     const std::vector<ProfileEvent>& events() const { return events_; }
 
   private:

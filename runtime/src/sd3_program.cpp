@@ -17,12 +17,6 @@ using Clock = std::chrono::steady_clock;
 
 double ms_between(Clock::time_point start, Clock::time_point end) { return std::chrono::duration<double, std::milli>(end - start).count(); }
 
-std::vector<std::string> stage_names(const Engine& engine) {
-    std::vector<std::string> names;
-    for (const auto& stage : engine.stages()) names.push_back(stage->name());
-    return names;
-}
-
 void add_into(std::vector<float>& dst, const std::vector<float>& src, size_t n) {
     for (size_t i = 0; i < n; ++i) dst[i] += src[i];
 }
@@ -46,7 +40,7 @@ int step_level(Level level, bool cached_range) {
 
 }  // namespace
 
-Sd3Session::Sd3Session(const Engine& engine) : engine_(engine), stages_(engine.stages().size()), profiler_(stage_names(engine)) {}
+Sd3Session::Sd3Session(const Engine& engine) : engine_(engine), stages_(engine.stages().size()), profiler_(engine.stage_names()) {}
 
 void Sd3Session::run(int stage, std::initializer_list<const OrtValue*> inputs, std::initializer_list<OrtValue*> outputs) {
     auto start = Clock::now();

@@ -14,7 +14,7 @@ from . import _native
 from ._native import Event, GenerateStats, LemurStats, NamedTensor, SlimTensor, StageStats, StepStats
 
 STEP_LEVELS = ("full", "cached_range", "reused", "block_refresh", "token_refresh")  # slim_step_level
-EVENT_KINDS = ("generation", "prepare", "step", "stage")  # slim_event_kind
+EVENT_KINDS = ("generation", "prepare", "step", "stage", "bank")  # slim_event_kind
 
 
 class SlimError(RuntimeError):
@@ -79,8 +79,9 @@ class GenerateResult:
     latents: np.ndarray
     stats: dict  # steps, blocks_run, stage_calls, effective_nfe, flop_fraction, total_ms, backend_ms, per_step, per_stage
     # With Session.profiling on: the runtime's timed events, in the order they ended (slim_event), each
-    # {kind: generation|prepare|step|stage, step, block, stage (name or None), level (step level name or None),
+    # {kind: generation|prepare|step|stage|bank, step, block, stage (name or None), level (step level name or None),
     #  start_ns, end_ns (host steady clock), device_ns (None: not measured)}. Empty when profiling is off.
+    # EmbedResult and ScoreResult carry the same list: the call ("generation"), its stage call and its "bank" work.
     events: list[dict] = dataclasses.field(default_factory=list)
 
 
@@ -156,7 +157,8 @@ class Session:
 
     @property
     def profiling(self) -> bool:
-        """Record timed events (per stage call, step and generation) in the runtime; off by default."""
+        """Record timed events in the runtime (generate: per stage call, step and generation; embed and score: per
+        call, its stage call and its bank work), returned as the results' `events`; off by default."""
         return self._profiling
 
     @profiling.setter
@@ -272,7 +274,7 @@ class Session:
         out = np.empty((batch, self._engine.config.get("embed_dim", 0)), dtype=np.float32)
         stats = LemurStats(struct_size=ctypes.sizeof(LemurStats))
         _check(lib.slim_embed(self._handle, ctypes.byref(params), _TensorArg(out).pointer(), ctypes.byref(stats)))
-        return EmbedResult(embeddings=out, stats=_lemur_stats(stats))
+        return EmbedResult(embeddings=out, stats=_lemur_stats(stats), events=self._events())
 
     def score(self, bank: MemoryBank, history_ids, query_ids, *, skip_missing: bool = False, min_model_version: int = 0) -> ScoreResult:
         """LEMUR click probabilities [B]: each row's history (document ids [B, H], -1 pads) is assembled from
@@ -288,7 +290,7 @@ class Session:
         out = np.empty((history.arr.shape[0] if history.arr.ndim else 0,), dtype=np.float32)
         stats = LemurStats(struct_size=ctypes.sizeof(LemurStats))
         _check(lib.slim_score(self._handle, ctypes.byref(params), _TensorArg(out).pointer(), ctypes.byref(stats)))
-        return ScoreResult(scores=out, stats=_lemur_stats(stats))
+        return ScoreResult(scores=out, stats=_lemur_stats(stats), events=self._events())
 
     def run_stage(self, stage: str, inputs: dict, outputs: dict) -> dict:
         """Run one stage (any family; "model" for a plain .onnx engine) with numpy inputs by name; `outputs`
@@ -325,12 +327,14 @@ class Session:
 class EmbedResult:
     embeddings: np.ndarray
     stats: dict  # batch, total_ms, backend_ms, bank_ms
+    events: list[dict] = dataclasses.field(default_factory=list)  # with Session.profiling: as GenerateResult.events
 
 
 @dataclasses.dataclass
 class ScoreResult:
     scores: np.ndarray
     stats: dict  # batch, history_found, history_missing, total_ms, backend_ms, bank_ms
+    events: list[dict] = dataclasses.field(default_factory=list)  # with Session.profiling: as GenerateResult.events
 
 
 def _lemur_stats(s: LemurStats) -> dict:
