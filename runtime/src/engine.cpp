@@ -1,6 +1,7 @@
 #include "engine.hpp"
 
 #include <dlfcn.h>
+#include <unistd.h>
 
 #include "error.hpp"
 #include "sha256.hpp"
@@ -16,14 +17,14 @@ void expect_io(const StageDecl& s, const Names& inputs, const Names& outputs) {
         throw Error(SLIM_ERR_BUNDLE, "manifest: stage " + s.name + " does not have the inputs/outputs the SD3 program expects");
 }
 
-// kCustomOpLibrary beside this library (they are built and installed together).
-std::string custom_op_library_path() {
+// `name` (kCustomOpLibrary or its CUDA build) beside this library (they are built and installed together).
+std::string custom_op_library_path(const char* name) {
     Dl_info info{};
     if (!dladdr(reinterpret_cast<void*>(&custom_op_library_path), &info) || !info.dli_fname)
         throw Error(SLIM_ERR_BACKEND, "cannot locate libslimengine.so to find its custom-op library");
     std::string self = info.dli_fname;
     size_t slash = self.rfind('/');
-    return (slash == std::string::npos ? std::string(".") : self.substr(0, slash)) + "/" + kCustomOpLibrary;
+    return (slash == std::string::npos ? std::string(".") : self.substr(0, slash)) + "/" + name;
 }
 
 }  // namespace
@@ -97,9 +98,17 @@ Engine::Engine(const std::string& bundle_dir, const EngineOptions& options) : ma
         throw Error(SLIM_ERR_BUNDLE, "manifest: the program uses MLP compensation but there is no compensate stage");
 
     ort_ = OrtRuntime::get(options.onnxruntime_library, options.intra_op_threads);
-    const std::string ops = manifest_.uses_custom_ops ? custom_op_library_path() : "";
+    std::string ops;
+    if (manifest_.uses_custom_ops) {
+        // On CUDA the ops library built with nvcc: the same CPU kernels plus CUDA kernels for the CUDA EP.
+        ops = custom_op_library_path(options.cuda_device >= 0 ? kCustomOpLibraryCuda : kCustomOpLibrary);
+        if (options.cuda_device >= 0 && access(ops.c_str(), R_OK) != 0)
+            throw Error(SLIM_ERR_BACKEND, "this bundle's token stages need " + ops +
+                                              " on CUDA, which is built only where nvcc exists; rebuild slimengine with the CUDA toolkit");
+    }
     for (const StageDecl& s : manifest_.stages)
-        stages_.push_back(std::make_unique<StageSession>(ort_, bundle_dir + "/" + s.file, s.name, s.inputs, s.outputs, ops));
+        stages_.push_back(
+            std::make_unique<StageSession>(ort_, bundle_dir + "/" + s.file, s.name, s.inputs, s.outputs, ops, options.cuda_device));
 }
 
 }  // namespace slim
