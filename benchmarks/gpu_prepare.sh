@@ -54,8 +54,10 @@ if [ ! -f "$deps/.complete" ]; then
   done
   "$PY" -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$deps" "${pins[@]}"
+  # torch's own dependencies stay the image's (a newer filelock or typing_extensions could break torch.compile).
   rm -f "$deps"/numpy-* "$deps"/torch-* "$deps"/nvidia_* "$deps"/triton-* "$deps"/sympy-* "$deps"/mpmath-* \
-    "$deps"/networkx-* "$deps"/jinja2-* "$deps"/MarkupSafe-* "$deps"/markupsafe-* "$deps"/setuptools-*
+    "$deps"/networkx-* "$deps"/jinja2-* "$deps"/MarkupSafe-* "$deps"/markupsafe-* "$deps"/setuptools-* \
+    "$deps"/filelock-* "$deps"/fsspec-* "$deps"/typing_extensions-*
   touch "$deps/.complete"
 fi
 du -sh "$dest" "$deps"
