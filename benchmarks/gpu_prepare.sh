@@ -22,7 +22,7 @@ ort_headers=third_party/onnxruntime-headers/onnxruntime
 [ -f "$ort_headers/onnxruntime_c_api.h" ] || bash tools/fetch_ort_headers.sh third_party/onnxruntime-headers
 cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DSLIM_CUDA=ON "-DCMAKE_CUDA_ARCHITECTURES=80;90" \
   -DORT_INCLUDE_DIR="$root/$ort_headers" > build/gpu-cmake.log
-nice ninja -C build/gpu -j2 > build/gpu-ninja.log
+nice ninja -C build/gpu -j2 all slim-cuda-kernel-check > build/gpu-ninja.log
 
 echo "== stage the slimengine package"
 cp -r runtime/python/slimengine/. "$dest/site/slimengine/"

@@ -80,7 +80,7 @@ void report(const std::string& name, const std::vector<float>& got, const std::v
     bool same_size = got.size() == want.size();
     for (size_t i = 0; same_size && i < want.size(); ++i) {
         double err = std::fabs(static_cast<double>(got[i]) - want[i]);
-        double r = std::isnan(err) ? INFINITY : err / (atol + rtol * std::fabs(want[i]));
+        double r = std::isnan(err) ? INFINITY : err == 0 ? 0.0 : err / (atol + rtol * std::fabs(want[i]));  // x/0: inf
         if (r > worst || std::isnan(got[i])) worst = r, at = i;
         max_abs = std::max(max_abs, std::isnan(err) ? INFINITY : err);
     }
