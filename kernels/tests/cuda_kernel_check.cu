@@ -293,7 +293,7 @@ void bandwidth_sd3_medium() {
     bandwidth("add_into img", 3 * img * f, [&] { gpu::add_into(out.ptr, a.ptr, img, nullptr); });
     bandwidth("subtract img", 3 * img * f, [&] { gpu::subtract(out.ptr, a.ptr, b.ptr, img, nullptr); });
     bandwidth("euler_step(cfg) latents", 4 * latent * f, [&] { gpu::euler_step(lat.ptr, v_neg.ptr, v_pos.ptr, 4.5f, -0.03f, latent, 0); });
-    bandwidth("gaussian_noise latents", latent * f, [&] { gpu::gaussian_noise(lat.ptr, latent, 42, nullptr); }, false);
+    bandwidth("gaussian_noise latents", latent * f, [&] { gpu::gaussian_noise(lat.ptr, latent, 42, nullptr); });
 }
 
 }  // namespace
