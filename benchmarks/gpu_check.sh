@@ -32,6 +32,8 @@ BUDGET_S="${GPU_CHECK_BUDGET_S:-500}"
 # Dry run of the script's logic without a GPU (figures meaningless): SLIM_GPU_DEVICE=cpu SD3M_PRESET=tiny SD3M_LATENT=32
 DEVICE="${SLIM_GPU_DEVICE:-cuda:0}"
 PY="${PY:-python3}"
+# The image's torch environment, if python3 on PATH is not it (shared/device/README.md).
+if ! "$PY" -c 'import torch' 2> /dev/null && [ -x /opt/torch/.venv/bin/python ]; then PY=/opt/torch/.venv/bin/python; fi
 carry=.gpu-carry/gpu_check
 pydeps_wheels=.gpu-carry/gpu_pydeps
 pydeps=/tmp/slim_pydeps
