@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -12,7 +16,7 @@ from slimengine import _native
 DOMAIN = "ai.slimengine"
 
 
-def run_op(op: str, inputs: dict[str, np.ndarray], outputs: list[tuple[str, int]]):
+def run_op(op: str, inputs: dict[str, np.ndarray], outputs: list[tuple[str, int]], library: Path | None = None):
     node = helper.make_node(op, list(inputs), [name for name, _ in outputs], domain=DOMAIN)
     types = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.int64): TensorProto.INT64}
     graph = helper.make_graph(
@@ -21,7 +25,7 @@ def run_op(op: str, inputs: dict[str, np.ndarray], outputs: list[tuple[str, int]
         [helper.make_tensor_value_info(n, t, None) for n, t in outputs])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(DOMAIN, 1)])
     options = ort.SessionOptions()
-    options.register_custom_ops_library(str(_native.ops_library_path()))
+    options.register_custom_ops_library(str(library or _native.ops_library_path()))
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, inputs)
 
@@ -72,19 +76,50 @@ def test_bad_inputs_raise_clear_errors(op, inputs, message):
         run_op(op, inputs, [("out", TensorProto.FLOAT if op != "SelectTokens" else TensorProto.INT64)])
 
 
-def test_cuda_kernels_compile_for_sm80_and_sm90(tmp_path):
-    """CI has nvcc but no GPU: the CUDA sources must compile; running them is the GPU machine's job."""
-    import shutil
-    import subprocess
-    from pathlib import Path
+ROOT = Path(__file__).resolve().parents[1]
+CUDA_ARCHS = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90"]
 
+
+def nvcc(*args: str) -> subprocess.CompletedProcess:
     if not shutil.which("nvcc"):
         pytest.skip("nvcc not installed")
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(["nvcc", "-std=c++17", "-O2", f"-I{root / 'kernels/include'}", "-gencode", "arch=compute_80,code=sm_80",
-                           "-gencode", "arch=compute_90,code=sm_90", "-c", str(root / "kernels/cuda/token_ops.cu"),
-                           "-o", str(tmp_path / "token_ops.o")], capture_output=True, text=True)
+    return subprocess.run(["nvcc", "-std=c++17", "-O2", *CUDA_ARCHS, *args], capture_output=True, text=True)
+
+
+def test_cuda_kernels_compile_for_sm80_and_sm90(tmp_path):
+    """CI has nvcc but no GPU: the CUDA sources must compile; running them is the GPU machine's job."""
+    proc = nvcc(f"-I{ROOT / 'kernels/include'}", "-c", str(ROOT / "kernels/cuda/token_ops.cu"), "-o", str(tmp_path / "token_ops.o"))
     assert proc.returncode == 0, proc.stderr
     symbols = subprocess.run(["nm", "-C", str(tmp_path / "token_ops.o")], capture_output=True, text=True).stdout
-    for name in ("l1_change", "token_change_score", "select_tokens", "gather_tokens", "scatter_tokens", "euler_step", "gaussian_noise"):
+    for name in ("l1_change", "token_change_score", "select_tokens", "gather_tokens", "scatter_tokens", "euler_step", "add_into",
+                 "subtract", "gaussian_noise"):
         assert f"slim::kernels::cuda::{name}(" in symbols, name
+
+
+def test_cuda_kernel_check_program_links_with_static_cudart(tmp_path):
+    """The GPU machine's kernel check (benchmarks/gpu_check.sh runs it) builds here; it needs only the driver there."""
+    exe = tmp_path / "slim-cuda-kernel-check"
+    proc = nvcc(f"-I{ROOT / 'kernels/include'}", f"-I{ROOT / 'runtime/src'}", "-cudart", "static",
+                str(ROOT / "kernels/tests/cuda_kernel_check.cu"), str(ROOT / "kernels/cuda/token_ops.cu"),
+                str(ROOT / "kernels/cpu/token_ops.cpp"), str(ROOT / "runtime/src/noise.cpp"), "-o", str(exe))
+    assert proc.returncode == 0, proc.stderr
+    assert "libcudart" not in subprocess.run(["ldd", str(exe)], capture_output=True, text=True).stdout
+    # Without a GPU it must fail loudly (exit 2, the CUDA error named), never report a pass.
+    run = subprocess.run([str(exe), "--no-bandwidth"], capture_output=True, text=True, timeout=60)
+    if run.returncode == 0:
+        pytest.skip("a CUDA device is present: the check ran (see benchmarks/gpu_check.sh for the real run)")
+    assert run.returncode == 2 and "CUDA ERROR" in run.stderr and "PASS" not in run.stdout, (run.returncode, run.stdout, run.stderr)
+
+
+def test_cuda_custom_op_library_keeps_the_cpu_kernels():
+    """libslimengine_ops_cuda.so (built where nvcc exists) loads into a CPU-only ONNX Runtime and its CPU kernels work;
+    its CUDA kernels run only under the CUDA execution provider (benchmarks/gpu_check.sh)."""
+    path = _native.ops_cuda_library_path()
+    if not path.exists():
+        pytest.skip(f"{path.name} not built (no nvcc when slimengine was installed)")
+    cache = rng.standard_normal((2, 10, 4), dtype=np.float32)
+    idx = np.array([[1, 4, 9], [0, 2, 3]], np.int64)
+    (gathered,) = run_op("GatherTokens", {"x": cache, "idx": idx}, [("out", TensorProto.FLOAT)], library=path)
+    np.testing.assert_array_equal(gathered, np.take_along_axis(cache, idx[:, :, None], axis=1))
+    with pytest.raises(Exception, match=r"outside \[0, N\)"):
+        run_op("GatherTokens", {"x": cache, "idx": idx + 7}, [("out", TensorProto.FLOAT)], library=path)

@@ -1,7 +1,10 @@
 // CUDA versions of the slimengine kernels: the same arguments as slim_kernels.h (device pointers)
-// plus the stream they run on. Each returns the launch's cudaError_t; preconditions checked by the
-// CPU entry points (indices in range, keep <= tokens) are the caller's duty here.
-// Built wherever nvcc exists (CMake option SLIM_CUDA); not yet called by the runtime.
+// plus the stream they run on, and device scratch where a kernel needs it. Each returns the launch's
+// cudaError_t. Preconditions the CPU entry points check are the caller's duty here, except token
+// indices: gather_tokens writes NaN rows and scatter_tokens skips rows for an index outside
+// [0, tokens) (no out-of-bounds access; the CPU versions return false instead).
+// Built wherever nvcc exists (CMake option SLIM_CUDA); checked against the CPU versions on a GPU by
+// kernels/tests/cuda_kernel_check.cu; the runtime does not call them yet (see README, "GPU").
 #pragma once
 
 #include <cuda_runtime.h>
@@ -10,18 +13,25 @@
 
 namespace slim::kernels::cuda {
 
-cudaError_t l1_change(const float* a, const float* b, int64_t batch, int64_t per_batch, float* change, float* scale, cudaStream_t stream);
+// Blocks per batch element of l1_change's first pass; its scratch holds two doubles per block.
+constexpr int64_t kL1BlocksPerSample = 64;
+inline int64_t l1_change_scratch_count(int64_t batch) { return batch * kL1BlocksPerSample * 2; }
+
+// `partial`: device scratch of l1_change_scratch_count(batch) doubles.
+cudaError_t l1_change(const float* a, const float* b, int64_t batch, int64_t per_batch, float* change, float* scale, double* partial,
+                      cudaStream_t stream);
 cudaError_t token_change_score(const float* r_last, const float* r_prev, int64_t batch, int64_t tokens, int64_t channels, float* score,
                                cudaStream_t stream);
-// `flags` is device scratch of batch * tokens ints.
+// `flags` is device scratch of batch * tokens ints; requires 1 <= keep <= tokens.
 cudaError_t select_tokens(const float* score, int64_t batch, int64_t tokens, int64_t keep, int32_t* flags, int64_t* idx,
                           cudaStream_t stream);
 cudaError_t gather_tokens(const float* x, const int64_t* idx, int64_t batch, int64_t tokens, int64_t count, int64_t channels, float* out,
                           cudaStream_t stream);
+// Indices within a batch element must be distinct (as select_tokens gives them): duplicates race.
 cudaError_t scatter_tokens(float* cache, const int64_t* idx, const float* values, int64_t batch, int64_t tokens, int64_t count,
                            int64_t channels, cudaStream_t stream);
 
-// The runtime's work between stages.
+// The runtime's work between stages (runtime/src/sd3_program.cpp does the same on the CPU).
 // x[i] += dt * (v_neg[i] + g * (v_pos[i] - v_neg[i])), or dt * v_pos[i] when v_neg is null.
 cudaError_t euler_step(float* x, const float* v_neg, const float* v_pos, float guidance, float dt, int64_t count, cudaStream_t stream);
 cudaError_t add_into(float* dst, const float* src, int64_t count, cudaStream_t stream);

@@ -1,16 +1,24 @@
 // libslimengine_ops.so: the "ai.slimengine" custom-op domain for ONNX Runtime's CPU provider.
 // Load it with SessionOptions.register_custom_ops_library (Python) or RegisterCustomOpsLibrary_V2.
+// Built with SLIM_OPS_CUDA (libslimengine_ops_cuda.so, wherever nvcc exists) the same domain also
+// holds CUDA kernels of TokenChangeScore, GatherTokens and ScatterTokens for the CUDA execution
+// provider, launched on the provider's compute stream; L1Change and SelectTokens stay CPU-only there
+// (they need device scratch; no exported graph uses them).
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
 #include <onnxruntime_lite_custom_op.h>
 #undef ORT_API_MANUAL_INIT
 
+#include <algorithm>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
 
 #include "slim_kernels.h"
+#ifdef SLIM_OPS_CUDA
+#include "slim_kernels_cuda.h"
+#endif
 
 namespace {
 
@@ -34,9 +42,15 @@ void L1Change(const Tensor<float>& a, const Tensor<float>& b, Tensor<float>& cha
     cpu::l1_change(a.Data(), b.Data(), batch, rows_after_batch(shape), change.Allocate({batch}), scale.Allocate({batch}));
 }
 
-void TokenChangeScore(const Tensor<float>& r_last, const Tensor<float>& r_prev, Tensor<float>& score) {
+// [B, N, C] of TokenChangeScore's inputs.
+std::vector<int64_t> score_shape(const Tensor<float>& r_last, const Tensor<float>& r_prev) {
     const auto shape = r_last.Shape();
     if (shape.size() != 3 || shape != r_prev.Shape()) fail("TokenChangeScore: inputs must both be [B, N, C]");
+    return shape;
+}
+
+void TokenChangeScore(const Tensor<float>& r_last, const Tensor<float>& r_prev, Tensor<float>& score) {
+    const auto shape = score_shape(r_last, r_prev);
     cpu::token_change_score(r_last.Data(), r_prev.Data(), shape[0], shape[1], shape[2], score.Allocate({shape[0], shape[1]}));
 }
 
@@ -50,21 +64,73 @@ void SelectTokens(const Tensor<float>& score, const Tensor<float>& ratio, Tensor
     cpu::select_tokens(score.Data(), shape[0], shape[1], keep, idx.Allocate({shape[0], keep}));
 }
 
-void GatherTokens(const Tensor<float>& x, const Tensor<int64_t>& idx, Tensor<float>& out) {
+// Sizes of a gather or scatter: x or cache [B, N, C], idx [B, K], values [B, K, C].
+struct MoveShape {
+    int64_t batch, tokens, count, channels;
+};
+
+MoveShape gather_shape(const Tensor<float>& x, const Tensor<int64_t>& idx) {
     const auto xs = x.Shape(), is = idx.Shape();
     if (xs.size() != 3 || is.size() != 2 || is[0] != xs[0]) fail("GatherTokens: x must be [B, N, C] and idx [B, K]");
-    if (!cpu::gather_tokens(x.Data(), idx.Data(), xs[0], xs[1], is[1], xs[2], out.Allocate({xs[0], is[1], xs[2]})))
+    return {xs[0], xs[1], is[1], xs[2]};
+}
+
+MoveShape scatter_shape(const Tensor<float>& cache, const Tensor<int64_t>& idx, const Tensor<float>& values) {
+    const auto cs = cache.Shape(), is = idx.Shape(), vs = values.Shape();
+    if (cs.size() != 3 || is.size() != 2 || vs.size() != 3 || is[0] != cs[0] || vs[0] != cs[0] || vs[1] != is[1] || vs[2] != cs[2])
+        fail("ScatterTokens: cache must be [B, N, C], idx [B, K] and values [B, K, C]");
+    return {cs[0], cs[1], is[1], cs[2]};
+}
+
+void GatherTokens(const Tensor<float>& x, const Tensor<int64_t>& idx, Tensor<float>& out) {
+    const MoveShape s = gather_shape(x, idx);
+    if (!cpu::gather_tokens(x.Data(), idx.Data(), s.batch, s.tokens, s.count, s.channels, out.Allocate({s.batch, s.count, s.channels})))
         fail("GatherTokens: an index is outside [0, N)");
 }
 
 void ScatterTokens(const Tensor<float>& cache, const Tensor<int64_t>& idx, const Tensor<float>& values, Tensor<float>& out) {
-    const auto cs = cache.Shape(), is = idx.Shape(), vs = values.Shape();
-    if (cs.size() != 3 || is.size() != 2 || vs.size() != 3 || is[0] != cs[0] || vs[0] != cs[0] || vs[1] != is[1] || vs[2] != cs[2])
-        fail("ScatterTokens: cache must be [B, N, C], idx [B, K] and values [B, K, C]");
-    float* o = out.Allocate(cs);
+    const MoveShape s = scatter_shape(cache, idx, values);
+    float* o = out.Allocate(cache.Shape());
     std::copy(cache.Data(), cache.Data() + cache.NumberOfElement(), o);
-    if (!cpu::scatter_tokens(o, idx.Data(), values.Data(), cs[0], cs[1], is[1], cs[2])) fail("ScatterTokens: an index is outside [0, N)");
+    if (!cpu::scatter_tokens(o, idx.Data(), values.Data(), s.batch, s.tokens, s.count, s.channels))
+        fail("ScatterTokens: an index is outside [0, N)");
 }
+
+#ifdef SLIM_OPS_CUDA
+// The CUDA execution provider's versions: device tensors, launched on the provider's compute stream.
+// Indices are not range-checked on the host (that would need a copy back): an index outside [0, N)
+// gives a NaN row in GatherTokens and is skipped by ScatterTokens (slim_kernels_cuda.h).
+namespace gpu = slim::kernels::cuda;
+
+cudaStream_t stream_of(OrtKernelContext& context) { return static_cast<cudaStream_t>(Ort::KernelContext(&context).GetGPUComputeStream()); }
+
+void check_cuda(cudaError_t status, const char* op) {
+    if (status != cudaSuccess) throw Ort::Exception(std::string(op) + ": CUDA error: " + cudaGetErrorString(status), ORT_RUNTIME_EXCEPTION);
+}
+
+void TokenChangeScoreCuda(OrtKernelContext& context, const Tensor<float>& r_last, const Tensor<float>& r_prev, Tensor<float>& score) {
+    const auto shape = score_shape(r_last, r_prev);
+    float* out = score.Allocate({shape[0], shape[1]});
+    check_cuda(gpu::token_change_score(r_last.Data(), r_prev.Data(), shape[0], shape[1], shape[2], out, stream_of(context)),
+               "TokenChangeScore");
+}
+
+void GatherTokensCuda(OrtKernelContext& context, const Tensor<float>& x, const Tensor<int64_t>& idx, Tensor<float>& out) {
+    const MoveShape s = gather_shape(x, idx);
+    float* o = out.Allocate({s.batch, s.count, s.channels});
+    check_cuda(gpu::gather_tokens(x.Data(), idx.Data(), s.batch, s.tokens, s.count, s.channels, o, stream_of(context)), "GatherTokens");
+}
+
+void ScatterTokensCuda(OrtKernelContext& context, const Tensor<float>& cache, const Tensor<int64_t>& idx, const Tensor<float>& values,
+                       Tensor<float>& out) {
+    const MoveShape s = scatter_shape(cache, idx, values);
+    const cudaStream_t stream = stream_of(context);
+    float* o = out.Allocate(cache.Shape());
+    check_cuda(cudaMemcpyAsync(o, cache.Data(), cache.NumberOfElement() * sizeof(float), cudaMemcpyDeviceToDevice, stream),
+               "ScatterTokens");
+    check_cuda(gpu::scatter_tokens(o, idx.Data(), values.Data(), s.batch, s.tokens, s.count, s.channels, stream), "ScatterTokens");
+}
+#endif
 
 struct Registry {
     Ort::CustomOpDomain domain{kDomain};
@@ -89,6 +155,12 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL Regist
             r->ops.emplace_back(Ort::Custom::CreateLiteCustomOp("SelectTokens", ep, SelectTokens));
             r->ops.emplace_back(Ort::Custom::CreateLiteCustomOp("GatherTokens", ep, GatherTokens));
             r->ops.emplace_back(Ort::Custom::CreateLiteCustomOp("ScatterTokens", ep, ScatterTokens));
+#ifdef SLIM_OPS_CUDA
+            const char* cuda = "CUDAExecutionProvider";
+            r->ops.emplace_back(Ort::Custom::CreateLiteCustomOp("TokenChangeScore", cuda, TokenChangeScoreCuda));
+            r->ops.emplace_back(Ort::Custom::CreateLiteCustomOp("GatherTokens", cuda, GatherTokensCuda));
+            r->ops.emplace_back(Ort::Custom::CreateLiteCustomOp("ScatterTokens", cuda, ScatterTokensCuda));
+#endif
             for (auto& op : r->ops) r->domain.Add(op.get());
             registry = std::move(r);
         });

@@ -31,7 +31,7 @@ extern "C" {
 
 /* ABI version of this header; slim_version() gives the library's at run time. */
 #define SLIM_ABI_VERSION_MAJOR 0
-#define SLIM_ABI_VERSION_MINOR 2 /* 2: X-Slim policies and stats, plan override, profiling events, LEMUR, generic stage call */
+#define SLIM_ABI_VERSION_MINOR 2 /* 2: X-Slim policies and stats, plan override, profiling events, LEMUR, generic stage call, device */
 
 typedef enum slim_status {
     SLIM_OK = 0,
@@ -91,6 +91,11 @@ typedef struct slim_engine_params {
     const char* onnxruntime_library; /* path of libonnxruntime.so; NULL: $SLIMENGINE_ORT_LIBRARY, then the loader's search */
     int32_t verify_checksums;        /* 1 (default): check the sha256 of every bundle file against the manifest */
     int32_t intra_op_threads;        /* ONNX Runtime threads, one pool per process set by the first engine; 0: its choice */
+    /* ABI 0.2: */
+    int32_t device_type; /* slim_device_type: SLIM_DEVICE_CPU (default), or SLIM_DEVICE_CUDA: every stage on ONNX Runtime's
+                            CUDA execution provider (onnxruntime-gpu's library; BACKEND error naming the missing provider
+                            otherwise). Buffers between stages still live in host memory in this version. */
+    int32_t device_id;   /* CUDA device ordinal (default 0); must be 0 for the CPU */
 } slim_engine_params;
 
 /* Defaults for slim_engine_open. */

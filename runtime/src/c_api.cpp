@@ -274,6 +274,8 @@ slim_engine_params slim_engine_default_params(void) {
     p.onnxruntime_library = nullptr;
     p.verify_checksums = 1;
     p.intra_op_threads = 0;
+    p.device_type = SLIM_DEVICE_CPU;
+    p.device_id = 0;
     return p;
 }
 
@@ -285,7 +287,15 @@ slim_status slim_engine_open(const char* path, const slim_engine_params* params,
         slim_engine_params p = read_params(params, slim_engine_default_params(),
                                            offsetof(slim_engine_params, intra_op_threads) + sizeof(int32_t), "slim_engine_params");
         if (p.intra_op_threads < 0) throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, "slim_engine_params.intra_op_threads must be >= 0");
-        slim::EngineOptions options{p.onnxruntime_library, p.verify_checksums != 0, p.intra_op_threads};
+        if (p.device_type != SLIM_DEVICE_CPU && p.device_type != SLIM_DEVICE_CUDA)
+            throw slim::Error(
+                SLIM_ERR_INVALID_ARGUMENT,
+                "slim_engine_params.device_type must be SLIM_DEVICE_CPU (1) or SLIM_DEVICE_CUDA (2), got " + std::to_string(p.device_type));
+        if (p.device_id < 0 || (p.device_type == SLIM_DEVICE_CPU && p.device_id != 0))
+            throw slim::Error(SLIM_ERR_INVALID_ARGUMENT,
+                              "slim_engine_params.device_id must be >= 0 (and 0 for the CPU), got " + std::to_string(p.device_id));
+        slim::EngineOptions options{p.onnxruntime_library, p.verify_checksums != 0, p.intra_op_threads,
+                                    p.device_type == SLIM_DEVICE_CUDA ? p.device_id : -1};
         auto engine = std::make_unique<slim_engine>();
         engine->engine = std::make_unique<slim::Engine>(path, options);
         *out = engine.release();

@@ -2,6 +2,7 @@
 
 #include <dlfcn.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "error.hpp"
 #include "sha256.hpp"
@@ -33,14 +34,14 @@ const char* dtype_name(ONNXTensorElementDataType type) {
     }
 }
 
-// kCustomOpLibrary beside this library (they are built and installed together).
-std::string custom_op_library_path() {
+// `name` (kCustomOpLibrary or its CUDA build) beside this library (they are built and installed together).
+std::string custom_op_library_path(const char* name) {
     Dl_info info{};
     if (!dladdr(reinterpret_cast<void*>(&custom_op_library_path), &info) || !info.dli_fname)
         throw Error(SLIM_ERR_BACKEND, "cannot locate libslimengine.so to find its custom-op library");
     std::string self = info.dli_fname;
     size_t slash = self.rfind('/');
-    return (slash == std::string::npos ? std::string(".") : self.substr(0, slash)) + "/" + kCustomOpLibrary;
+    return (slash == std::string::npos ? std::string(".") : self.substr(0, slash)) + "/" + name;
 }
 
 }  // namespace
@@ -60,10 +61,17 @@ Engine::Engine(const std::string& path, const EngineOptions& options)
     if (manifest_.kind == Family::Lemur) bind_lemur_stages();
 
     ort_ = OrtRuntime::get(options.onnxruntime_library, options.intra_op_threads);
-    const std::string ops = manifest_.uses_custom_ops ? custom_op_library_path() : "";
+    std::string ops;
+    if (manifest_.uses_custom_ops) {
+        // On CUDA the ops library built with nvcc: the same CPU kernels plus CUDA kernels for the CUDA EP.
+        ops = custom_op_library_path(options.cuda_device >= 0 ? kCustomOpLibraryCuda : kCustomOpLibrary);
+        if (options.cuda_device >= 0 && access(ops.c_str(), R_OK) != 0)
+            throw Error(SLIM_ERR_BACKEND, "this bundle's token stages need " + ops +
+                                              " on CUDA, which is built only where nvcc exists; rebuild slimengine with the CUDA toolkit");
+    }
     for (const StageDecl& s : manifest_.stages) {
         std::string file = manifest_.kind == Family::PlainOnnx ? s.file : bundle_dir + "/" + s.file;
-        stages_.push_back(std::make_unique<StageSession>(ort_, file, s.name, s.inputs, s.outputs, ops));
+        stages_.push_back(std::make_unique<StageSession>(ort_, file, s.name, s.inputs, s.outputs, ops, options.cuda_device));
         const StageSession& stage = *stages_.back();
         for (size_t i = 0; i < s.input_dtypes.size(); ++i)  // the manifest's dtypes must be the graph's
             if (s.input_dtypes[i] != dtype_name(stage.inputs()[i].type))

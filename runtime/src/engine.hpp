@@ -14,6 +14,7 @@ struct EngineOptions {
     const char* onnxruntime_library = nullptr;
     bool verify_checksums = true;
     int intra_op_threads = 0;
+    int cuda_device = -1;  // >= 0: every stage on ONNX Runtime's CUDA execution provider, this device
 };
 
 // Calls and backend time of one stage in a session's last program run.

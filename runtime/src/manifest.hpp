@@ -13,6 +13,7 @@ namespace slim {
 constexpr int kBundleFormatVersion = 1;
 // The custom-op library a bundle may name: the runtime's own, found beside libslimengine.so.
 constexpr const char* kCustomOpLibrary = "libslimengine_ops.so";
+constexpr const char* kCustomOpLibraryCuda = "libslimengine_ops_cuda.so";  // the runtime's stand-in for it on CUDA
 
 // The model family a bundle holds: it decides which config, program and stages the manifest has.
 enum class Family { Sd3, Lemur, PlainOnnx };

@@ -130,14 +130,44 @@ TensorView::~TensorView() {
     if (value_) api_->ReleaseValue(value_);
 }
 
+namespace {
+
+// Appends ONNX Runtime's CUDA execution provider on `device` to `options`; nullptr or ORT's error.
+OrtStatus* append_cuda_provider(const OrtApi* api, OrtSessionOptions* options, int device) {
+    OrtCUDAProviderOptionsV2* cuda = nullptr;
+    OrtStatus* status = api->CreateCUDAProviderOptions(&cuda);
+    if (status) return status;
+    const std::string id = std::to_string(device);
+    const char* keys[] = {"device_id"};
+    const char* values[] = {id.c_str()};
+    status = api->UpdateCUDAProviderOptions(cuda, keys, values, 1);
+    if (!status) status = api->SessionOptionsAppendExecutionProvider_CUDA_V2(options, cuda);
+    api->ReleaseCUDAProviderOptions(cuda);
+    return status;
+}
+
+}  // namespace
+
 StageSession::StageSession(std::shared_ptr<OrtRuntime> ort, const std::string& model_path, const std::string& stage_name,
-                           const std::vector<std::string>& inputs, const std::vector<std::string>& outputs, const std::string& custom_ops)
+                           const std::vector<std::string>& inputs, const std::vector<std::string>& outputs, const std::string& custom_ops,
+                           int cuda_device)
     : ort_(std::move(ort)), name_(stage_name), input_names_(inputs), output_names_(outputs) {
     const OrtApi* api = ort_->api;
     OrtSessionOptions* options = nullptr;
     check(api, api->CreateSessionOptions(&options), "stage " + name_);
     OrtStatus* status = api->DisablePerSessionThreads(options);
     if (!status) status = api->SetSessionGraphOptimizationLevel(options, ORT_ENABLE_ALL);
+    if (!status && cuda_device >= 0) {
+        status = append_cuda_provider(api, options, cuda_device);
+        if (status) {
+            const std::string message = api->GetErrorMessage(status);
+            api->ReleaseStatus(status);
+            api->ReleaseSessionOptions(options);
+            throw Error(SLIM_ERR_BACKEND, "CUDAExecutionProvider (device " + std::to_string(cuda_device) + ") is not available in " +
+                                              ort_->library + ": " + message +
+                                              " Use onnxruntime-gpu's library (pip install 'slimengine[gpu]') or the CPU device.");
+        }
+    }
     if (!status && !custom_ops.empty()) status = api->RegisterCustomOpsLibrary_V2(options, custom_ops.c_str());
     if (!status) status = api->CreateSession(ort_->env, model_path.c_str(), options, &session_);
     api->ReleaseSessionOptions(options);

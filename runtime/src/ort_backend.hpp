@@ -65,8 +65,11 @@ class StageSession {
     // The graph's input/output names must equal `inputs`/`outputs`; both empty: take the graph's own
     // (a plain ONNX model). Throws Error(SLIM_ERR_BUNDLE) on a mismatch, Error(SLIM_ERR_BACKEND).
     // `custom_ops`: path of a custom-op library to register for this stage, or "" for none.
+    // `cuda_device` >= 0: run on ONNX Runtime's CUDA execution provider on that device (nodes it
+    // cannot take fall back to the CPU); Error(BACKEND) naming the provider when the library lacks it.
     StageSession(std::shared_ptr<OrtRuntime> ort, const std::string& model_path, const std::string& stage_name,
-                 const std::vector<std::string>& inputs, const std::vector<std::string>& outputs, const std::string& custom_ops);
+                 const std::vector<std::string>& inputs, const std::vector<std::string>& outputs, const std::string& custom_ops,
+                 int cuda_device = -1);
     ~StageSession();
     StageSession(const StageSession&) = delete;
     StageSession& operator=(const StageSession&) = delete;

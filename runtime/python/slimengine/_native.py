@@ -17,7 +17,10 @@ class SlimTensor(ctypes.Structure):
 
 class EngineParams(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("onnxruntime_library", ctypes.c_char_p),
-                ("verify_checksums", ctypes.c_int32), ("intra_op_threads", ctypes.c_int32)]
+                ("verify_checksums", ctypes.c_int32), ("intra_op_threads", ctypes.c_int32), ("device_type", ctypes.c_int32),
+                ("device_id", ctypes.c_int32)]
+
+DEVICE_CPU, DEVICE_CUDA = 1, 2  # slim_device_type
 
 
 class GenerateParams(ctypes.Structure):
@@ -111,6 +114,11 @@ def library_path() -> Path:
 def ops_library_path() -> Path:
     """libslimengine_ops.so: the "ai.slimengine" custom ops for ONNX Runtime."""
     return _installed("libslimengine_ops.so")
+
+
+def ops_cuda_library_path() -> Path:
+    """libslimengine_ops_cuda.so: the same ops plus CUDA kernels for the CUDA execution provider (built where nvcc exists)."""
+    return _installed("libslimengine_ops_cuda.so")
 
 
 def example_program() -> Path:

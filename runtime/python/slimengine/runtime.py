@@ -85,19 +85,39 @@ class GenerateResult:
     events: list[dict] = dataclasses.field(default_factory=list)
 
 
+def parse_device(device: str) -> tuple[int, int]:
+    """"cpu", "cuda" or "cuda:N" -> (slim_device_type, device_id)."""
+    kind, sep, index = device.partition(":")
+    if kind == "cpu" and not sep:
+        return _native.DEVICE_CPU, 0
+    if kind == "cuda" and (not sep or index.isdigit()):
+        return _native.DEVICE_CUDA, int(index or 0)
+    raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
 class Engine:
-    """A loaded bundle; read-only and shareable between threads. Close it or use it as a context manager."""
+    """A loaded bundle; read-only and shareable between threads. Close it or use it as a context manager.
+
+    device: "cpu" (default) or "cuda[:N]": every stage on ONNX Runtime's CUDA execution provider, which needs
+    onnxruntime-gpu (slimengine[gpu]); the runtime's buffers between stages stay in host memory for now."""
 
     _handle = None
 
     def __init__(self, path: str | Path, onnxruntime_library: str | None = None, verify_checksums: bool = True,
-                 intra_op_threads: int = 0):
+                 intra_op_threads: int = 0, device: str = "cpu"):
         lib = _native.lib()
         params = lib.slim_engine_default_params()
+        params.device_type, params.device_id = parse_device(device)
+        if params.device_type == _native.DEVICE_CUDA:
+            import onnxruntime
+
+            if hasattr(onnxruntime, "preload_dlls"):  # onnxruntime-gpu >= 1.21: CUDA, cuDNN from pip packages or torch
+                onnxruntime.preload_dlls()
         self._ort_path = (onnxruntime_library or _native.onnxruntime_library()).encode()
         params.onnxruntime_library = self._ort_path
         params.verify_checksums = int(verify_checksums)
         params.intra_op_threads = intra_op_threads
+        self.device = device
         handle = ctypes.c_void_p()
         _check(lib.slim_engine_open(str(path).encode(), ctypes.byref(params), ctypes.byref(handle)))
         self._handle = handle
