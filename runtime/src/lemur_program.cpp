@@ -9,10 +9,6 @@
 namespace slim {
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
-double ms_between(Clock::time_point start, Clock::time_point end) { return std::chrono::duration<double, std::milli>(end - start).count(); }
-
 // Events of one embed/score: the call, its stage call and its bank work (at most one of each).
 constexpr size_t kEventsPerCall = 3;
 
@@ -21,14 +17,7 @@ constexpr size_t kEventsPerCall = 3;
 LemurSession::LemurSession(const Engine& engine) : engine_(engine), stages_(engine.stages().size()), profiler_(engine.stage_names()) {}
 
 double LemurSession::run(int stage, std::initializer_list<const OrtValue*> inputs, std::initializer_list<OrtValue*> outputs) {
-    auto start = Clock::now();
-    engine_.stages()[stage]->run(inputs.begin(), outputs.begin());
-    auto end = Clock::now();
-    profiler_.stage(stage, start, end);
-    double ms = ms_between(start, end);
-    stages_[stage].calls += 1;
-    stages_[stage].ms += ms;
-    return ms;
+    return run_stage(engine_, stage, inputs.begin(), outputs.begin(), stages_, profiler_);
 }
 
 LemurStats LemurSession::embed(const EmbedRequest& r) {

@@ -33,4 +33,16 @@ void Profiler::record(int kind, int step, int block, int stage, int level, TimeP
     events_.push_back(ProfileEvent{kind, step, block, stage, level, ns(start), ns(end), -1});
 }
 
+double run_stage(const Engine& engine, int stage, const OrtValue* const* inputs, OrtValue* const* outputs, std::vector<StageStats>& stats,
+                 Profiler& profiler) {
+    const auto start = Clock::now();
+    engine.stages()[stage]->run(inputs, outputs);
+    const auto end = Clock::now();
+    profiler.stage(stage, start, end);
+    const double ms = ms_between(start, end);
+    stats[stage].calls += 1;
+    stats[stage].ms += ms;
+    return ms;
+}
+
 }  // namespace slim

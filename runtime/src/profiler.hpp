@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "engine.hpp"
 #include "slimengine.h"
 
 namespace slim {
@@ -72,5 +73,16 @@ class Profiler {
     std::vector<int> block_of_stage_;
     std::vector<ProfileEvent> events_;
 };
+
+using Clock = std::chrono::steady_clock;
+
+inline double ms_between(Clock::time_point start, Clock::time_point end) {
+    return std::chrono::duration<double, std::milli>(end - start).count();
+}
+
+// One timed backend call of `engine`'s stage `stage`: its time is added to stats[stage] and recorded
+// in `profiler`. Returns the milliseconds it took.
+double run_stage(const Engine& engine, int stage, const OrtValue* const* inputs, OrtValue* const* outputs, std::vector<StageStats>& stats,
+                 Profiler& profiler);
 
 }  // namespace slim

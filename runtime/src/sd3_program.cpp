@@ -13,10 +13,6 @@
 namespace slim {
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
-double ms_between(Clock::time_point start, Clock::time_point end) { return std::chrono::duration<double, std::milli>(end - start).count(); }
-
 void add_into(std::vector<float>& dst, const std::vector<float>& src, size_t n) {
     for (size_t i = 0; i < n; ++i) dst[i] += src[i];
 }
@@ -43,14 +39,7 @@ int step_level(Level level, bool cached_range) {
 Sd3Session::Sd3Session(const Engine& engine) : engine_(engine), stages_(engine.stages().size()), profiler_(engine.stage_names()) {}
 
 void Sd3Session::run(int stage, std::initializer_list<const OrtValue*> inputs, std::initializer_list<OrtValue*> outputs) {
-    auto start = Clock::now();
-    engine_.stages()[stage]->run(inputs.begin(), outputs.begin());
-    auto end = Clock::now();
-    profiler_.stage(stage, start, end);
-    double ms = ms_between(start, end);
-    stages_[stage].calls += 1;
-    stages_[stage].ms += ms;
-    backend_ms_ += ms;
+    backend_ms_ += run_stage(engine_, stage, inputs.begin(), outputs.begin(), stages_, profiler_);
     stage_calls_ += 1;
 }
 
