@@ -223,22 +223,24 @@ def _check_against_model(state_dict: dict, config: SD3Config, path: Path) -> Non
     has_comp = any(k.startswith(COMPENSATION_PREFIXES) for k in state_dict)
     with torch.device("meta"):
         expected = DistilledSD3(config, with_compensation=has_comp).state_dict()
-    given = _model_keys(state_dict)
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
+    _check_tensors(path, _model_keys(state_dict), expected, shown=lambda key: key.removeprefix("transformer."), finite=True)
+
+
+def _check_tensors(path: Path, given: dict, expected: dict, shown=lambda key: key, finite: bool = False, context: str = "") -> None:
+    """The checkpoint's tensors against the model's: the same keys (`shown` as the user wrote them), shapes
+    and floating-point dtypes; with `finite`, no NaN or Inf."""
+    missing, unexpected = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
     if missing:
-        raise CheckpointError(f"{path}: missing {len(missing)} keys, e.g. {', '.join(_strip(missing[:3]))}")
+        raise CheckpointError(f"{path}: missing {len(missing)} keys, e.g. {', '.join(map(shown, missing[:3]))}")
     if unexpected:
-        raise CheckpointError(f"{path}: {len(unexpected)} unexpected keys, e.g. {', '.join(_strip(unexpected[:3]))}")
+        raise CheckpointError(f"{path}: {len(unexpected)} unexpected keys, e.g. {', '.join(map(shown, unexpected[:3]))}")
     for key, value in given.items():
         if tuple(value.shape) != tuple(expected[key].shape):
-            raise CheckpointError(f"{path}: '{_strip([key])[0]}' has shape {list(value.shape)}, expected {list(expected[key].shape)}")
+            raise CheckpointError(f"{path}: '{shown(key)}' has shape {list(value.shape)}, expected {list(expected[key].shape)}{context}")
         if not value.dtype.is_floating_point:
-            raise CheckpointError(f"{path}: '{_strip([key])[0]}' has dtype {value.dtype}, expected a floating-point type")
-
-
-def _strip(keys):
-    return [k.removeprefix("transformer.") for k in keys]
+            raise CheckpointError(f"{path}: '{shown(key)}' has dtype {value.dtype}, expected a floating-point type")
+        if finite and not torch.isfinite(value).all():
+            raise CheckpointError(f"{path}: '{shown(key)}' contains NaN or Inf")
 
 
 def _hash_source(path: Path) -> str:
@@ -298,17 +300,5 @@ def load_lemur_checkpoint(path: str | Path) -> LemurCheckpoint:
     for prefix in WRAPPER_PREFIXES:
         if state_dict and all(k.startswith(prefix) for k in state_dict):
             state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
-    expected = LemurModel(config).state_dict()
-    missing, unexpected = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
-    if missing:
-        raise CheckpointError(f"{path}: missing {len(missing)} keys, e.g. {', '.join(missing[:3])}")
-    if unexpected:
-        raise CheckpointError(f"{path}: {len(unexpected)} unexpected keys, e.g. {', '.join(unexpected[:3])}")
-    for key, value in state_dict.items():
-        if tuple(value.shape) != tuple(expected[key].shape):
-            raise CheckpointError(f"{path}: '{key}' has shape {list(value.shape)}, expected {list(expected[key].shape)} for its lemur_config")
-        if not value.dtype.is_floating_point:
-            raise CheckpointError(f"{path}: '{key}' has dtype {value.dtype}, expected a floating-point type")
-        if not torch.isfinite(value).all():
-            raise CheckpointError(f"{path}: '{key}' contains NaN or Inf")
+    _check_tensors(path, state_dict, LemurModel(config).state_dict(), finite=True, context=" for its lemur_config")
     return LemurCheckpoint(path=path, config=config, state_dict=state_dict, metadata=metadata, sha256=_hash_source(path))

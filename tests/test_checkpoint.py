@@ -86,6 +86,9 @@ def _bad_files(tmp_path):
     wrong_dtype = dict(state, **{"proj_out.bias": state["proj_out.bias"].to(torch.int32)})
     save_file(wrong_dtype, str(tmp_path / "int-weights.safetensors"), metadata={"slimengine": '{"num_attention_heads": 2}'})
     cases["int-weights.safetensors"] = "floating-point"
+    nan_weights = dict(state, **{"proj_out.bias": torch.full_like(state["proj_out.bias"], float("nan"))})
+    save_file(nan_weights, str(tmp_path / "nan-weights.safetensors"), metadata={"slimengine": '{"num_attention_heads": 2}'})
+    cases["nan-weights.safetensors"] = "'proj_out.bias' contains NaN or Inf"
     torch.save(torch.nn.Linear(4, 4).state_dict(), tmp_path / "not-sd3.pt")
     cases["not-sd3.pt"] = "not an SD3 transformer checkpoint"
     torch.save([1, 2, 3], tmp_path / "a-list.pt")
