@@ -207,3 +207,35 @@ def test_xslim_composes_with_the_1x_program_cfg_and_dual_attention(workdir, dist
     assert [s["tokens_computed"] for s in steps] == ref.tokens_computed
     assert got.stats["effective_nfe"] == pytest.approx(ref.effective_nfe, rel=1e-9)
     assert relative_error(got.latents, ref.latents) <= 1e-4
+
+
+def test_a_session_reused_across_policies_and_sizes_matches_a_fresh_one(toy_bundles, toy_case):
+    """Caches sized by an earlier request (token level, small) must not be written by a later one
+    (step level with CFG, larger): the result equals a fresh session's, bit for bit."""
+    _, _, text, pooled, _, _, _ = toy_case
+    engine = se.open_engine(toy_bundles["28-step CFG"])
+    reused = engine.session()
+    reused.generate(text[:1], pooled[:1], guidance_scale=1.0, seed=1, height=16, width=16,
+                    cache="xslim:step=0.05,critical=0.4,refresh=token,ratio=0.5")
+    reused.generate(text[:1], pooled[:1], guidance_scale=1.0, seed=1, height=16, width=16,
+                    cache="xslim:step=0.05,critical=0.4,refresh=block,block=0.5,first=1")
+    kwargs = dict(negative_prompt_embeds=np.zeros_like(text), negative_pooled_embeds=np.zeros_like(pooled), seed=2, height=32, width=32,
+                  cache="xslim:step=0.05,critical=0.4,refresh=token,ratio=0.3")
+    again = reused.generate(text, pooled, **kwargs)
+    fresh = engine.session().generate(text, pooled, **kwargs)
+    assert np.array_equal(again.latents, fresh.latents)
+    assert [s["level"] for s in again.stats["per_step"]] == [s["level"] for s in fresh.stats["per_step"]]
+
+
+def test_token_counts_round_as_the_reference_does(toy_case):
+    """0.7 x 15 tokens = 10.5 rounds to 11 in the reference (double precision) and in the runtime."""
+    model, plan, text, pooled, session, _, _ = toy_case
+    noise = gaussian_noise((1, 12, 6, 10), 3)
+    policy = XSlimPolicy(early_warning=0.05, critical=0.4, refresh="token", sample_ratio=0.7)
+    got = session.generate(text[:1], pooled[:1], latents=noise, negative_prompt_embeds=np.zeros_like(text[:1]),
+                           negative_pooled_embeds=np.zeros_like(pooled[:1]), cache=policy)
+    ref = reference_generate(model, plan, torch.from_numpy(text[:1]), torch.from_numpy(pooled[:1]), torch.from_numpy(noise),
+                             torch.zeros(text[:1].shape), torch.zeros(pooled[:1].shape), cache=policy)
+    counts = [s["tokens_computed"] for s in got.stats["per_step"]]
+    assert counts == ref.tokens_computed and 11 in counts
+    assert relative_error(got.latents, ref.latents) <= 1e-4

@@ -64,8 +64,8 @@ bool scatter_tokens(float* cache, const int64_t* idx, const float* values, int64
     return true;
 }
 
-int64_t tokens_for_ratio(float ratio, int64_t tokens) {
-    return std::clamp<int64_t>(static_cast<int64_t>(std::llround(static_cast<double>(ratio) * tokens)), 1, tokens);
+int64_t tokens_for_ratio(double ratio, int64_t tokens) {
+    return std::clamp<int64_t>(static_cast<int64_t>(std::floor(ratio * static_cast<double>(tokens) + 0.5)), 1, tokens);
 }
 
 }  // namespace slim::kernels::cpu

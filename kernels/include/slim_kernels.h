@@ -27,6 +27,6 @@ bool gather_tokens(const float* x, const int64_t* idx, int64_t batch, int64_t to
 bool scatter_tokens(float* cache, const int64_t* idx, const float* values, int64_t batch, int64_t tokens, int64_t count, int64_t channels);
 
 // Number of tokens recomputed for a sample ratio rho in (0, 1]: round(rho * tokens), at least 1.
-int64_t tokens_for_ratio(float ratio, int64_t tokens);
+int64_t tokens_for_ratio(double ratio, int64_t tokens);
 
 }  // namespace slim::kernels::cpu

@@ -99,17 +99,19 @@ GenerateStats Sd3Session::generate(const GenerateRequest& r) {
     block_res_txt_.resize(layers);
     block_k_.resize(layers);
     block_v_.resize(layers);
+    // Every cache is sized for this request exactly, or emptied: code below takes "not empty" to mean
+    // "kept by this request" (a buffer left from an earlier, smaller request must not be written).
+    auto size = [](std::vector<float>& v, bool needed, size_t count) { needed ? v.resize(count) : v.clear(); };
+    bool any_kv = false;
     for (int b = 0; b < layers; ++b) {
         const bool token_block = token_level && engine_.token_stages[b] >= 0;
-        if (block_level || token_block) block_res_img_[b].resize(img_count);
-        if (block_level && b + 1 < layers) block_res_txt_[b].resize(txt_count);
-        if (token_block) {
-            block_k_[b].resize(img_count);
-            block_v_[b].resize(img_count);
-        }
-        if (engine_.block_kv[b])  // keys/values a step does not keep (every step but a recording full one)
-            for (auto& v : kv_scratch_) v.resize(img_count);
+        size(block_res_img_[b], block_level || token_block, img_count);
+        size(block_res_txt_[b], block_level && b + 1 < layers, txt_count);
+        size(block_k_[b], token_block, img_count);
+        size(block_v_[b], token_block, img_count);
+        any_kv = any_kv || engine_.block_kv[b];
     }
+    for (auto& v : kv_scratch_) size(v, any_kv, img_count);  // keys/values a step does not keep
     if (token_level) token_scores_.resize(Bm * N);
 
     // OrtValue views over the buffers, made once per call.
@@ -163,7 +165,7 @@ GenerateStats Sd3Session::generate(const GenerateRequest& r) {
         TensorView v_index;
         int64_t keep = N;
         if (level == Level::Token) {  // the tokens whose residual changed most between the last two full steps
-            keep = kernels::cpu::tokens_for_ratio(static_cast<float>(controller.ratio(step)), N);
+            keep = kernels::cpu::tokens_for_ratio(controller.ratio(step), N);
             token_index_.resize(Bm * keep);
             kernels::cpu::token_change_score(residual_last_.data(), residual_prev_.data(), Bm, N, D, token_scores_.data());
             kernels::cpu::select_tokens(token_scores_.data(), Bm, N, keep, token_index_.data());
