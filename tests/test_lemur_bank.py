@@ -281,3 +281,33 @@ def test_bad_input_gets_clear_errors_and_changes_nothing(tmp_path):
     with pytest.raises(se.SlimError, match="dim is required to create a new bank"):
         se.MemoryBank(tmp_path / "new.bank")
     assert not (tmp_path / "new.bank").exists()
+
+
+def test_a_reader_indexes_again_when_the_log_was_cut_back(tmp_path):
+    """A writer takes back the records of a failed write (ftruncate); a reader that had indexed them
+    must not keep serving them after its next refresh."""
+    path, dim = tmp_path / "cut.bank", 8
+    ids = np.arange(10, dtype=np.int64)
+    with se.MemoryBank(path, dim) as writer:
+        writer.upsert(ids, values(ids, dim))
+    reader = se.MemoryBank(path, read_only=True)
+    assert reader.lookup(ids).found.all()
+    os.truncate(path, 64 + 6 * record_bytes(dim))  # what the writer's undo of records 6..9 leaves
+    assert reader.refresh() == 6 and len(reader) == 6
+    found = reader.lookup(ids).found
+    assert found[:6].all() and not found[6:].any()
+    np.testing.assert_array_equal(reader.lookup(ids[:6]).embeddings, values(ids[:6], dim))
+
+
+def test_a_second_writer_is_refused_and_creation_leaves_no_temporary_file(tmp_path):
+    """A new bank is published with link() from a uniquely named temporary file (so two creators
+    racing cannot replace each other's file; the race itself is not staged here)."""
+    path, dim = tmp_path / "race.bank", 4
+    first = se.MemoryBank(path, dim)
+    first.upsert(np.array([1], np.int64), values(np.array([1]), dim))
+    with pytest.raises(se.SlimError, match="already open for writing"):
+        se.MemoryBank(path, dim)
+    first.close()
+    with se.MemoryBank(path, read_only=True) as reader:
+        assert reader.lookup(np.array([1], np.int64)).found.all()
+    assert not list(tmp_path.glob("race.bank.tmp-*"))

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -115,17 +116,21 @@ void create_file(const std::string& path, int dim) {
     h.header_bytes = sizeof(FileHeader);
     h.created_us = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::system_clock::now().time_since_epoch()).count();
     h.crc = crc32c(reinterpret_cast<const uint8_t*>(&h), offsetof(FileHeader, crc));
-    std::string tmp = path + ".tmp-" + std::to_string(::getpid());
-    int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    static std::atomic<uint64_t> serial{0};  // distinct temporary names for threads of one process too
+    std::string tmp = path + ".tmp-" + std::to_string(::getpid()) + "-" + std::to_string(serial++);
+    int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     if (fd < 0) io_error(path, "cannot create", errno);
     bool ok = ::write(fd, &h, sizeof(h)) == static_cast<ssize_t>(sizeof(h)) && ::fsync(fd) == 0;
     int err = errno;
     ::close(fd);
-    if (!ok || ::rename(tmp.c_str(), path.c_str()) != 0) {
-        err = ok ? errno : err;
-        ::unlink(tmp.c_str());
-        io_error(path, "cannot create", err);
+    // link, not rename: when two writers create the same bank at once, the second finds the first's
+    // file (EEXIST) and opens it, instead of replacing a file the first has already written to.
+    if (ok && ::link(tmp.c_str(), path.c_str()) != 0 && errno != EEXIST) {
+        ok = false;
+        err = errno;
     }
+    ::unlink(tmp.c_str());
+    if (!ok) io_error(path, "cannot create", err);
     fsync_parent(path);
 }
 
@@ -390,6 +395,14 @@ size_t MemoryBank::refresh() {
     if (::fstat(fd_, &st) != 0) io_error(path_, "cannot stat", errno);
     const uint64_t before = records_;
     std::unique_lock lock(index_mutex_);
+    if (static_cast<uint64_t>(st.st_size) < kHeaderBytes + records_ * record_bytes_) {
+        // The writer took back records of a failed write that this reader had indexed: index again from the start.
+        slots_.assign(1024, Slot{kEmpty, 0});
+        live_ = used_ = 0;
+        records_ = 0;
+        scan(kHeaderBytes, static_cast<uint64_t>(st.st_size));
+        return records_;
+    }
     scan(kHeaderBytes + records_ * record_bytes_, std::min<uint64_t>(st.st_size, kMaxFileBytes));
     return records_ - before;
 }
