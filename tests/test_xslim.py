@@ -159,6 +159,8 @@ def test_bad_policies_are_refused_at_the_c_boundary(toy_bundles, bundle_copy):
                              ({"mode": "schedule", "schedule": [{"level": "full"}] * 5}, "has 5 steps but the program has 2"),
                              ({"mode": "schedule", "schedule": [{"level": "full"}, {"level": "token"}]}, "before two full steps"),
                              ({"critical": 0.3}, "uses the X-Slim token level but this bundle has no block_N_tokens stages"),
+                             ({"mode": "schedule", "schedule": [{"level": "full", "ratio": 0.5}, {"level": "full"}]},
+                              "cache_policy.schedule[0].ratio is not a schedule field"),
                              ({"kind": "teacache"}, 'cache_policy.kind must be "xslim"')]:
         status, message = call.generate(cache_policy=json.dumps({**good, **change}).encode())
         assert status == "SLIM_ERR_INVALID_ARGUMENT" and expected in message, message

@@ -134,7 +134,7 @@ void ScatterTokensCuda(OrtKernelContext& context, const Tensor<float>& cache, co
 
 struct Registry {
     Ort::CustomOpDomain domain{kDomain};
-    std::vector<std::unique_ptr<OrtCustomOp>> ops;
+    std::vector<std::unique_ptr<Ort::Custom::OrtLiteCustomOp>> ops;  // released as the lite type (its header says: never as OrtCustomOp)
 };
 
 }  // namespace

@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <string>
 
 #include "error.hpp"
@@ -36,22 +37,25 @@ LemurStats LemurSession::embed(const EmbedRequest& r) {
     TensorView text(ort, const_cast<int64_t*>(r.text_ids), ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, {B, L});
     TensorView segment(ort, const_cast<int64_t*>(segments), ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, {B, L});
     TensorView frames(ort, const_cast<float*>(r.frames_data), {B, r.frames, 3, c.image_size, c.image_size});
-    TensorView out(ort, r.out, {B, E});
+    // Into our buffer first: a call that fails (NaN, bank error) leaves the caller's output untouched.
+    result_.resize(static_cast<size_t>(B * E));
+    TensorView out(ort, result_.data(), {B, E});
     LemurStats stats;
     stats.batch = B;
     stats.backend_ms = run(engine_.lemur_embed_stage, {text.get(), segment.get(), frames.get()}, {out.get()});
     for (int64_t i = 0; i < B * E; ++i)
-        if (!std::isfinite(r.out[i]))
+        if (!std::isfinite(result_[i]))
             throw Error(SLIM_ERR_NUMERICS, "embed: the model produced NaN or Inf for document " + std::to_string(i / E));
     if (r.bank) {
         auto bank_start = Clock::now();
         const int64_t now =
             std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::system_clock::now().time_since_epoch()).count();
-        r.bank->upsert(r.document_ids, r.out, static_cast<size_t>(B), r.model_version, now);
+        r.bank->upsert(r.document_ids, result_.data(), static_cast<size_t>(B), r.model_version, now);
         auto bank_end = Clock::now();
         profiler_.bank(bank_start, bank_end);
         stats.bank_ms = ms_between(bank_start, bank_end);
     }
+    std::memcpy(r.out, result_.data(), result_.size() * sizeof(float));
     auto end = Clock::now();
     profiler_.generation(start, end);
     stats.total_ms = ms_between(start, end);
@@ -99,10 +103,12 @@ LemurStats LemurSession::score(const ScoreRequest& r) {
     TensorView history(ort, history_.data(), {B, H, E});
     TensorView mask(ort, mask_.data(), {B, H});
     TensorView query(ort, const_cast<int64_t*>(r.query_ids), ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, {B, r.query_len});
-    TensorView out(ort, r.out, {B});
+    result_.resize(static_cast<size_t>(B));
+    TensorView out(ort, result_.data(), {B});
     stats.backend_ms = run(engine_.lemur_score_stage, {history.get(), mask.get(), query.get()}, {out.get()});
     for (int64_t i = 0; i < B; ++i)
-        if (!std::isfinite(r.out[i])) throw Error(SLIM_ERR_NUMERICS, "score: the model produced NaN or Inf for row " + std::to_string(i));
+        if (!std::isfinite(result_[i])) throw Error(SLIM_ERR_NUMERICS, "score: the model produced NaN or Inf for row " + std::to_string(i));
+    std::memcpy(r.out, result_.data(), result_.size() * sizeof(float));
     auto end = Clock::now();
     profiler_.generation(start, end);
     stats.total_ms = ms_between(start, end);

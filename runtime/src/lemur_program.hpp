@@ -62,6 +62,7 @@ class LemurSession {
     // Buffers, grown on demand and reused across calls.
     std::vector<int64_t> zero_segments_, versions_;
     std::vector<float> history_, mask_;
+    std::vector<float> result_;  // embeddings or scores, copied out once the call has succeeded
 };
 
 }  // namespace slim

@@ -78,6 +78,9 @@ XSlimPolicy parse_policy(const Value& v, size_t steps, const std::string& w) {
         const Value& s = schedule.array[i];
         const std::string sw = w + ".schedule[" + std::to_string(i) + "]";
         if (s.kind != Value::Kind::Object) bad(sw, "must be an object");
+        for (const auto& [key, value] : s.object)
+            if (key != "level" && key != "sample_ratio" && key != "block_threshold")
+                bad(sw + "." + key, "is not a schedule field (level, sample_ratio, block_threshold)");
         ScheduleStep step;
         step.level = parse_level(field(s, "level", sw), sw + ".level");
         if (const Value* r = s.find("sample_ratio")) step.sample_ratio = ratio_value(*r, sw + ".sample_ratio");
