@@ -296,6 +296,9 @@ void MemoryBank::append(size_t count, const std::function<void(uint8_t*, size_t)
         }  // best effort: whole records past the log would otherwise be kept, torn ones are dropped at the next open
         io_error(path_, std::string(what) + "; nothing was written", err);
     };
+    // Reserve the blocks of the whole call at once (size unchanged): the filesystem then allocates one
+    // extent instead of one per page, which dominated upserts on ext4. Best effort.
+    (void)::fallocate(fd_, FALLOC_FL_KEEP_SIZE, static_cast<off_t>(start), static_cast<off_t>(count * record_bytes_));
     for (size_t first = 0; first < count; first += per_chunk) {
         const size_t n = std::min(per_chunk, count - first);
         for (size_t i = 0; i < n; ++i) fill(staging_.data() + i * record_bytes_, first + i);
