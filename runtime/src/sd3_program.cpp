@@ -167,7 +167,6 @@ GenerateStats Sd3Session::generate(const GenerateRequest& r) {
         if (level == Level::Token) {  // the tokens whose residual changed most between the last two full steps
             keep = kernels::cpu::tokens_for_ratio(controller.ratio(step), N);
             token_index_.resize(Bm * keep);
-            kernels::cpu::token_change_score(residual_last_.data(), residual_prev_.data(), Bm, N, D, token_scores_.data());
             kernels::cpu::select_tokens(token_scores_.data(), Bm, N, keep, token_index_.data());
             v_index = TensorView(ort, token_index_.data(), ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, {Bm, keep});
             st.tokens_computed = static_cast<int>(keep);
@@ -242,6 +241,9 @@ GenerateStats Sd3Session::generate(const GenerateRequest& r) {
             subtract(residual_last_, img_[cur], stack_in_, img_count);
             const bool two = controller.full_steps() >= 1;
             controller.full_step_done(step, two ? relative_change(residual_last_.data(), residual_prev_.data(), img_count) : -1);
+            // Token scores change only here: every token step until the next full step selects from them.
+            if (token_level && two)
+                kernels::cpu::token_change_score(residual_last_.data(), residual_prev_.data(), Bm, N, D, token_scores_.data());
         }
         run(engine_.final_stage, {v_img[cur].get(), v_temb.get(), v_model_in.get()}, {v_velocity.get()});
 

@@ -95,7 +95,20 @@ def parse_device(device: str) -> tuple[int, int]:
     raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
-class Engine:
+class _Closable:
+    """A C handle freed by close(); also a context manager, and closed when collected."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+
+class Engine(_Closable):
     """A loaded bundle; read-only and shareable between threads. Close it or use it as a context manager.
 
     device: "cpu" (default) or "cuda[:N]": every stage on ONNX Runtime's CUDA execution provider, which needs
@@ -153,17 +166,8 @@ class Engine:
             _native.lib().slim_engine_close(self._handle)
             self._handle = None
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        self.close()
-
-
-class Session:
+class Session(_Closable):
     """Buffers and caches of one generation at a time; use one session per thread."""
 
     _handle = None
@@ -339,9 +343,6 @@ class Session:
             _native.lib().slim_session_destroy(self._handle)
             self._handle = None
 
-    def __del__(self):
-        self.close()
-
 
 @dataclasses.dataclass
 class EmbedResult:
@@ -370,7 +371,7 @@ class LookupResult:
     model_versions: np.ndarray  # [N] int64; -1 where missing
 
 
-class MemoryBank:
+class MemoryBank(_Closable):
     """The durable document-id -> embedding store (docs/memory-bank.md). One writer per file; readers
     open with read_only=True and call refresh() to see the writer's appends. Thread-safe."""
 
@@ -426,15 +427,6 @@ class MemoryBank:
         if self._handle:
             _native.lib().slim_bank_close(self._handle)
             self._handle = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        self.close()
 
 
 def open_engine(path: str | Path, **options) -> Engine:
