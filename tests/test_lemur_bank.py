@@ -150,6 +150,77 @@ def test_a_torn_or_corrupt_tail_is_dropped_and_reopening_succeeds(tmp_path):
         assert np.array_equal(bank.lookup(np.arange(7)).embeddings, values(np.arange(7), dim))
 
 
+def test_a_write_call_cut_short_is_indexed_not_at_all_never_in_part(tmp_path):
+    """The last record of every write call is marked (format 2). A call of several staging chunks cut
+    anywhere (a crash, or a reader scanning while the writer is still writing it) is left out whole;
+    a reader's refresh takes all of it once its last record is there."""
+    path, dim = tmp_path / "calls.bank", 256
+    ids = np.arange(10_000, dtype=np.int64)  # past the writer's 8 MiB staging chunk of 1072-byte records
+    with se.MemoryBank(path, dim) as bank:
+        bank.upsert(ids[:10], values(ids[:10], dim), model_version=1)
+        before = path.stat().st_size
+        bank.upsert(ids, values(ids, dim, 2), model_version=2)
+    data, rb = path.read_bytes(), record_bytes(dim)
+    assert len(data) == before + len(ids) * rb
+    cut = tmp_path / "cut.bank"
+    for records in (1, (8 << 20) // rb + 3, len(ids) - 1):  # in the first chunk, past it, all but the last record
+        cut.write_bytes(data[: before + records * rb])
+        with se.MemoryBank(cut, read_only=True) as reader:
+            got = reader.lookup(ids[:20])
+            assert len(reader) == 10 and got.found.tolist() == [True] * 10 + [False] * 10
+            assert (got.model_versions[:10] == 1).all()
+        with se.MemoryBank(cut) as writer:  # a writer cuts the unfinished call off and appends after the first
+            assert len(writer) == 10 and cut.stat().st_size == before
+    cut.write_bytes(data[: before + (len(ids) - 1) * rb])
+    with se.MemoryBank(cut, read_only=True) as reader:
+        assert len(reader) == 10
+        with open(cut, "ab") as f:  # the writer's last record lands
+            f.write(data[before + (len(ids) - 1) * rb :])
+        assert reader.refresh() == len(ids) and len(reader) == len(ids)
+        got = reader.lookup(ids)
+        assert (got.model_versions == 2).all() and np.array_equal(got.embeddings, values(ids, dim, 2))
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli), bitwise: the checksum of the bank format, independent of the C library's."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+def test_format_1_banks_without_call_marks_are_still_read_and_written(tmp_path):
+    """A bank written before call marks existed (format 1: every record stands alone) is rebuilt here
+    from a format-2 file by rewriting its version and kinds with the checksums recomputed; the runtime
+    reads it, and appends to it without marks, so that an older runtime could still read it."""
+    path, dim = tmp_path / "v1.bank", 4
+    ids = np.arange(6, dtype=np.int64)
+    with se.MemoryBank(path, dim) as bank:
+        bank.upsert(ids[:4], values(ids[:4], dim))
+        bank.upsert(ids[4:], values(ids[4:], dim))
+        assert bank.delete([1]) == 1
+    data, rb, payload = bytearray(path.read_bytes()), record_bytes(dim), 40 + 4 * dim
+    assert int.from_bytes(data[8:12], "little") == 2
+    data[8:12] = (1).to_bytes(4, "little")
+    data[60:64] = crc32c(bytes(data[:60])).to_bytes(4, "little")
+    kinds = []
+    for at in range(HEADER_BYTES, len(data), rb):
+        kinds.append(int.from_bytes(data[at + 4 : at + 8], "little"))
+        data[at + 4 : at + 8] = (kinds[-1] & 0xFF).to_bytes(4, "little")
+        data[at + payload : at + payload + 4] = crc32c(bytes(data[at : at + payload])).to_bytes(4, "little")
+    assert kinds == [1, 1, 1, 0x101, 1, 0x101, 0x102]  # what format 2 wrote: the last record of each call marked
+    path.write_bytes(bytes(data))
+    with se.MemoryBank(path) as bank:
+        assert len(bank) == 5 and bank.lookup(ids).found.tolist() == [True, False, True, True, True, True]
+        bank.upsert([9, 10], values([9, 10], dim))
+    data = path.read_bytes()
+    assert [int.from_bytes(data[at + 4 : at + 8], "little") for at in range(HEADER_BYTES + 7 * rb, len(data), rb)] == [1, 1]
+    with se.MemoryBank(path, read_only=True) as bank:
+        assert len(bank) == 7 and np.array_equal(bank.lookup([9, 10]).embeddings, values([9, 10], dim))
+
+
 READER = textwrap.dedent("""
     import sys, time
     import numpy as np
@@ -289,10 +360,11 @@ def test_a_reader_indexes_again_when_the_log_was_cut_back(tmp_path):
     path, dim = tmp_path / "cut.bank", 8
     ids = np.arange(10, dtype=np.int64)
     with se.MemoryBank(path, dim) as writer:
-        writer.upsert(ids, values(ids, dim))
+        writer.upsert(ids[:6], values(ids[:6], dim))
+        writer.upsert(ids[6:], values(ids[6:], dim))
     reader = se.MemoryBank(path, read_only=True)
     assert reader.lookup(ids).found.all()
-    os.truncate(path, 64 + 6 * record_bytes(dim))  # what the writer's undo of records 6..9 leaves
+    os.truncate(path, 64 + 6 * record_bytes(dim))  # what the writer's undo of the second call leaves
     assert reader.refresh() == 6 and len(reader) == 6
     found = reader.lookup(ids).found
     assert found[:6].all() and not found[6:].any()

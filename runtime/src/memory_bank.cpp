@@ -24,7 +24,7 @@ namespace {
 
 // Layout (docs/memory-bank.md). Little-endian, every record at header + seq * record_bytes.
 constexpr char kFileMagic[8] = {'S', 'L', 'I', 'M', 'B', 'A', 'N', 'K'};
-constexpr uint32_t kFileVersion = 1;
+constexpr uint32_t kFileVersion = 2;           // 2: write calls end at a record marked kEndOfCall; 1 (still read and written): no marks
 constexpr uint32_t kRecordMagic = 0x52424C53;  // "SLBR"
 constexpr uint32_t kUpsert = 1, kDelete = 2;
 constexpr size_t kRecordHead = 40;  // magic, kind, seq, id, write_time, model_version, dim
@@ -159,8 +159,9 @@ MemoryBank::MemoryBank(const std::string& path, const BankOptions& options)
         if (::pread(fd_, &h, sizeof(h), 0) != static_cast<ssize_t>(sizeof(h)) || std::memcmp(h.magic, kFileMagic, 8) != 0)
             io_error(path, "is not a slimengine memory bank (bad magic)");
         if (h.crc != crc32c(reinterpret_cast<const uint8_t*>(&h), offsetof(FileHeader, crc))) io_error(path, "header checksum mismatch");
-        if (h.version != kFileVersion)
-            io_error(path, "format version " + std::to_string(h.version) + " is not supported (this runtime reads version 1)");
+        if (h.version != 1 && h.version != kFileVersion)
+            io_error(path, "format version " + std::to_string(h.version) + " is not supported (this runtime reads versions 1 and 2)");
+        marked_calls_ = h.version >= 2;
         if (h.dim < 1 || h.dim > static_cast<uint32_t>(kMaxDim) || h.record_bytes != record_bytes_for(h.dim) ||
             h.header_bytes != kHeaderBytes)
             io_error(path, "header has an invalid dim or record size");
@@ -256,6 +257,10 @@ uint64_t MemoryBank::scan(uint64_t from, uint64_t size) {
     // (its open or close), and a read there must come back short instead of faulting.
     const size_t payload = kRecordHead + 4 * static_cast<size_t>(dim_);
     std::vector<uint8_t> chunk(std::max<uint64_t>(1, (uint64_t(4) << 20) / record_bytes_) * record_bytes_);
+    // A call's records are indexed together once its marked last record is found: a call cut short by
+    // a crash, or still being written by another process, is not indexed at all.
+    std::vector<int64_t> call;  // the current call's records so far: id for an upsert, -1 - id for a delete
+    auto end_of_calls = [&] { return kHeaderBytes + records_ * record_bytes_; };
     uint64_t offset = from;
     while (offset + record_bytes_ <= size) {
         const size_t want = static_cast<size_t>(std::min<uint64_t>(chunk.size(), (size - offset) / record_bytes_ * record_bytes_));
@@ -269,19 +274,25 @@ uint64_t MemoryBank::scan(uint64_t from, uint64_t size) {
             std::memcpy(&h, r, sizeof(h));
             uint32_t crc;
             std::memcpy(&crc, r + payload, 4);
-            if (h.magic != kRecordMagic || (h.kind != kUpsert && h.kind != kDelete) || h.seq != records_ ||
+            const uint32_t kind = h.kind & ~(marked_calls_ ? kEndOfCall : 0);
+            if (h.magic != kRecordMagic || (kind != kUpsert && kind != kDelete) || h.seq != records_ + call.size() ||
                 h.dim != static_cast<uint32_t>(dim_) || h.id < 0 || crc != crc32c(r, payload))
-                return offset + at;  // the first torn or foreign record ends the log
-            if (h.kind == kUpsert)
-                insert(h.id, records_);
-            else
-                erase(h.id);
-            ++records_;
+                return end_of_calls();  // the first torn or foreign record ends the log, with the call it is part of
+            call.push_back(kind == kUpsert ? h.id : -1 - h.id);
+            if (marked_calls_ && !(h.kind & kEndOfCall)) continue;
+            for (int64_t entry : call) {
+                if (entry >= 0)
+                    insert(entry, records_);
+                else
+                    erase(-1 - entry);
+                ++records_;
+            }
+            call.clear();
         }
         offset += whole;
         if (whole < want) break;  // the file ended early (truncated while we read)
     }
-    return offset;
+    return end_of_calls();
 }
 
 void MemoryBank::append(size_t count, const std::function<void(uint8_t*, size_t)>& fill) {
@@ -331,7 +342,8 @@ void MemoryBank::upsert(const int64_t* ids, const float* embeddings, size_t n, u
     if (read_only_) throw Error(SLIM_ERR_INVALID_ARGUMENT, "memory bank " + path_ + " is open read-only");
     std::lock_guard<std::mutex> writer(write_mutex_);
     append(n, [&](uint8_t* r, size_t i) {
-        write_record(r, records_ + i, kUpsert, ids[i], write_time_us, model_version, embeddings + i * static_cast<size_t>(dim_));
+        write_record(r, records_ + i, kUpsert | end_mark(i, n), ids[i], write_time_us, model_version,
+                     embeddings + i * static_cast<size_t>(dim_));
     });
     std::unique_lock lock(index_mutex_);  // the records are complete: now readers may find them
     for (size_t i = 0; i < n; ++i) insert(ids[i], records_ + i);
@@ -348,7 +360,9 @@ size_t MemoryBank::remove(const int64_t* ids, size_t n) {
     // Only the writer changes the index, so it can be read without the lock here.
     present.erase(std::remove_if(present.begin(), present.end(), [&](int64_t id) { return !find(id); }), present.end());
     if (present.empty()) return 0;
-    append(present.size(), [&](uint8_t* r, size_t i) { write_record(r, records_ + i, kDelete, present[i], now, 0, nullptr); });
+    append(present.size(), [&](uint8_t* r, size_t i) {
+        write_record(r, records_ + i, kDelete | end_mark(i, present.size()), present[i], now, 0, nullptr);
+    });
     std::unique_lock lock(index_mutex_);
     for (int64_t id : present) erase(id);
     records_ += present.size();

@@ -1,12 +1,12 @@
 // The LEMUR memory bank: document id -> (embedding, model version, write time), durable in one file.
 //
 // The file is an append-only log of fixed-size, checksummed records after a checksummed header
-// (docs/memory-bank.md). Opening scans the log and stops at the first torn or invalid record, so a
-// crash (kill -9) loses at most the records whose write had not returned; a writer truncates that
-// torn tail. The id -> record index lives in memory; records are appended with pwrite (in the page
-// cache once it returns: a killed process loses nothing it completed) and embeddings are read from a
-// read-only shared mapping of the file. One writer per file (an exclusive flock);
-// any number of read-only handles, in this process or others, pick up the writer's appends with refresh().
+// (docs/memory-bank.md). The last record of each write call is marked, and a scan indexes a call's
+// records only once it has found that mark: a crash (kill -9) loses at most the calls that had not
+// returned, never part of one; a writer truncates that torn tail. The id -> record index lives in memory; records are appended with pwrite
+// (in the page cache once it returns: a killed process loses nothing it completed) and embeddings are read from a read-only shared mapping
+// of the file. One writer per file (an exclusive flock); any number of read-only handles, in this process or others, pick up the writer's
+// appends with refresh().
 #pragma once
 
 #include <cstddef>
@@ -66,23 +66,27 @@ class MemoryBank {
     void insert(int64_t id, uint64_t record);
     bool erase(int64_t id);
     void grow();
-    // Validates and indexes whole records from byte offset `from` up to `size`; returns the end of the valid prefix.
+    // Validates and indexes the whole calls from byte offset `from` up to `size`; returns the end of the valid prefix.
     uint64_t scan(uint64_t from, uint64_t size);
     // Appends `count` records, fill(record, i) building each, after the log; throws Error(SLIM_ERR_IO)
     // with the file cut back (nothing written) on failure.
     void append(size_t count, const std::function<void(uint8_t*, size_t)>& fill);
     void write_record(uint8_t* at, uint64_t seq, uint32_t kind, int64_t id, int64_t write_time_us, uint32_t model_version,
                       const float* embedding);
+    // The kind bits that mark record i of a call of n as its last (none in format 1).
+    uint32_t end_mark(size_t i, size_t n) const { return marked_calls_ && i + 1 == n ? kEndOfCall : 0; }
     const uint8_t* record_at(uint64_t index) const { return map_ + kHeaderBytes + index * record_bytes_; }
 
     static constexpr uint64_t kHeaderBytes = 64;
+    static constexpr uint32_t kEndOfCall = 0x100;  // or-ed into the kind of a write call's last record (format 2)
     std::string path_;
     int fd_ = -1;
     bool read_only_, sync_writes_;
     int dim_ = 0;
     uint64_t record_bytes_ = 0;
     uint8_t* map_ = nullptr;
-    uint64_t records_ = 0;          // records in the valid log prefix
+    uint64_t records_ = 0;          // records in the valid log prefix (whole calls)
+    bool marked_calls_ = true;      // format 2: calls end at a marked record; format 1: every record stands alone
     std::vector<uint8_t> staging_;  // writer: records on their way into the file
     uint64_t dropped_bytes_ = 0;
 
