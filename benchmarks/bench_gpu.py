@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import timings_ms
 
 TOLERANCE = {"fp32": 1e-3, "fp16": 1e-2, "bf16": 1e-2}  # relative L2 error, CUDA vs CPU generate
 TEXT_LEN = 333  # SD3: 77 CLIP + 256 T5 tokens
@@ -173,17 +174,6 @@ def sd3m_export(workdir: str, preset: str, layers: int | None) -> int:
     return 0
 
 
-def median_ms(fn, iters: int, warmup: int) -> tuple[float, list[float]]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), times
-
-
 def sd3m_engine(workdir: str, device: str, out: str, iters: int, latent: int) -> int:
     import slimengine as se
 
@@ -207,7 +197,8 @@ def sd3m_engine(workdir: str, device: str, out: str, iters: int, latent: int) ->
                 raise SystemExit(f"{name}: non-finite latents")
             stats.update(r.stats)
 
-        ms, times = median_ms(run, iters, warmup=2)
+        times = timings_ms(run, iters, warmup=2)
+        ms = statistics.median(times)
         per_stage = sorted(stats["per_stage"].items(), key=lambda kv: -kv[1]["ms"])[:4]
         result[name] = {"median_ms": ms, "times_ms": times, "effective_nfe": stats["effective_nfe"], "backend_ms": stats["backend_ms"],
                         "runtime_total_ms": stats["total_ms"], "slowest_stages": dict(per_stage)}
@@ -242,7 +233,8 @@ def sd3m_torch(mode: str, out: str, iters: int, dtype_name: str) -> int:
     start = time.perf_counter()
     forward()  # for compile: the compilation
     first_s = time.perf_counter() - start
-    ms, times = median_ms(forward, iters, warmup=3)
+    times = timings_ms(forward, iters, warmup=3)
+    ms = statistics.median(times)
     result = {"part": f"sd3m-torch-{mode}", "dtype": dtype_name, "median_ms": ms, "times_ms": times, "first_call_s": first_s,
               "torch": torch.__version__, "device": torch.cuda.get_device_name()}
     print(f"torch {mode} SD3-Medium {dtype_name} 1024x1024 batch 1: {ms:.2f} ms median (first call {first_s:.1f} s)")

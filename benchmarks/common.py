@@ -13,7 +13,8 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], check=True, capture_output=True, text=True)
 
 
-def median_ms(fn, iters: int, warmup: int = 3) -> float:
+def timings_ms(fn, iters: int, warmup: int = 3) -> list[float]:
+    """Wall-clock milliseconds of `iters` calls of fn, after `warmup` untimed ones."""
     for _ in range(warmup):
         fn()
     times = []
@@ -21,4 +22,8 @@ def median_ms(fn, iters: int, warmup: int = 3) -> float:
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return times
+
+
+def median_ms(fn, iters: int, warmup: int = 3) -> float:
+    return statistics.median(timings_ms(fn, iters, warmup))
