@@ -371,6 +371,54 @@ def test_a_reader_indexes_again_when_the_log_was_cut_back(tmp_path):
     np.testing.assert_array_equal(reader.lookup(ids[:6]).embeddings, values(ids[:6], dim))
 
 
+def test_a_reader_notices_records_taken_back_and_written_over(tmp_path):
+    """After a failed write the writer takes its records back and may write other calls in their
+    place, before a reader refreshes: the reader must drop what it had (an indexed call, or an
+    unfinished one) and index what is there, never a mix."""
+    dim = 8
+    rb = record_bytes(dim)
+
+    def bank_file(name, *calls):  # the bytes a writer leaves after these upsert calls
+        path = tmp_path / name
+        with se.MemoryBank(path, dim) as writer:
+            for ids in calls:
+                writer.upsert(ids, values(ids, dim, int(ids[0]) // 100))
+        return path.read_bytes()
+
+    a, b = np.arange(6, dtype=np.int64), np.arange(6, 10, dtype=np.int64)
+    for q in (np.arange(100, 106), np.arange(100, 104)):  # the new call's last record past, or exactly on, b's last
+        written = bank_file(f"ab{len(q)}.bank", a, b)
+        over = bank_file(f"aq{len(q)}.bank", a, q)
+        path = tmp_path / f"live{len(q)}.bank"
+        path.write_bytes(written)
+        reader = se.MemoryBank(path, read_only=True)
+        assert len(reader) == 10
+        with open(path, "r+b") as f:  # the same file (inode) the reader maps: b taken back, q written in its place
+            f.truncate(HEADER_BYTES + 6 * rb)
+            f.seek(0, os.SEEK_END)
+            f.write(over[HEADER_BYTES + 6 * rb :])
+        reader.refresh()
+        got = reader.lookup(np.concatenate([a, b, q]))
+        assert got.found.tolist() == [True] * 6 + [False] * 4 + [True] * len(q)
+        assert np.array_equal(got.embeddings[10:], values(q, dim, 1)) and len(reader) == 6 + len(q)
+        reader.close()
+
+    # an unfinished call seen by a reader, then taken back and replaced by another call
+    unfinished = bank_file("ap.bank", a, np.arange(200, 205))
+    done = bank_file("aq2.bank", a, np.arange(100, 104))
+    path = tmp_path / "live2.bank"
+    path.write_bytes(unfinished[: HEADER_BYTES + 9 * rb])  # a, then 3 of the 5 records of the next call
+    with se.MemoryBank(path, read_only=True) as reader:
+        assert len(reader) == 6 and reader.refresh() == 0
+        with open(path, "r+b") as f:
+            f.truncate(HEADER_BYTES + 6 * rb)
+            f.seek(0, os.SEEK_END)
+            f.write(done[HEADER_BYTES + 6 * rb :])
+        assert reader.refresh() == 4 and len(reader) == 10
+        assert not reader.lookup(np.arange(200, 205)).found.any()
+        assert np.array_equal(reader.lookup(np.arange(100, 104)).embeddings, values(np.arange(100, 104), dim, 1))
+
+
 def test_a_second_writer_is_refused_and_creation_leaves_no_temporary_file(tmp_path):
     """A new bank is published with link() from a uniquely named temporary file (so two creators
     racing cannot replace each other's file; the race itself is not staged here)."""

@@ -280,9 +280,9 @@ SLIM_API int64_t slim_bank_count(const slim_bank* bank);
 
 /* Insert or replace the embeddings of `ids` (int64 [N], each >= 0; the last of a repeated id wins),
  * `embeddings` float32 [N, dim] finite, recording `model_version` and the current time. Readers see
- * all N at once when the call returns; on an error none is written (a crash inside the call may keep
- * a prefix of them, never a torn one). Status: INVALID_ARGUMENT (read-only bank, negative id),
- * SHAPE, DTYPE, NUMERICS, IO. */
+ * all N at once when the call returns; on an error none is written, and a crash inside the call loses
+ * all N (a version-1 bank file may keep a prefix of them, never a torn one). Status: INVALID_ARGUMENT
+ * (read-only bank, negative id), SHAPE, DTYPE, NUMERICS, IO. */
 SLIM_API slim_status slim_bank_upsert(slim_bank* bank, const slim_tensor* ids, const slim_tensor* embeddings, uint32_t model_version);
 /* Delete `ids` (int64 [N]); absent ids are ignored. *deleted (may be NULL): how many were present.
  * Status: INVALID_ARGUMENT, SHAPE, DTYPE, IO. */
@@ -295,8 +295,9 @@ SLIM_API slim_status slim_bank_lookup(const slim_bank* bank, const slim_tensor* 
                                       const slim_tensor* write_times_out, const slim_tensor* model_versions_out, int64_t* found);
 /* fdatasync the file: every earlier write then survives a power loss. Status: IO. */
 SLIM_API slim_status slim_bank_flush(slim_bank* bank);
-/* Read-only banks: index the records a writer appended since open or the last refresh. *added (may
- * be NULL): how many records. Status: INVALID_ARGUMENT, IO. */
+/* Read-only banks: index the write calls a writer completed since open or the last refresh (a call
+ * still being written comes whole at a later refresh). *added (may be NULL): how many records; 0 on
+ * the writer's own handle, which is always current. Status: INVALID_ARGUMENT, IO. */
 SLIM_API slim_status slim_bank_refresh(slim_bank* bank, int64_t* added);
 
 /* ---- LEMUR: embed and score ---- */

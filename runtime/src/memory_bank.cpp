@@ -180,7 +180,9 @@ MemoryBank::MemoryBank(const std::string& path, const BankOptions& options)
         uint64_t size = std::min<uint64_t>(st.st_size, kMaxFileBytes);
         uint64_t end = scan(kHeaderBytes, size);
         dropped_bytes_ = size - end;
-        // A writer cuts off a torn record left by a crash, and appends after the last whole one.
+        // A writer cuts off what a crash left after the last whole call (an unfinished call, a torn
+        // record), and appends after it. A reader keeps an unfinished call's records for its next refresh.
+        if (!read_only_) pending_.clear();
         if (!read_only_ && end < static_cast<uint64_t>(st.st_size)) {
             if (::ftruncate(fd_, static_cast<off_t>(end)) != 0 || ::fsync(fd_) != 0) io_error(path, "cannot truncate a torn tail", errno);
         }
@@ -259,7 +261,6 @@ uint64_t MemoryBank::scan(uint64_t from, uint64_t size) {
     std::vector<uint8_t> chunk(std::max<uint64_t>(1, (uint64_t(4) << 20) / record_bytes_) * record_bytes_);
     // A call's records are indexed together once its marked last record is found: a call cut short by
     // a crash, or still being written by another process, is not indexed at all.
-    std::vector<int64_t> call;  // the current call's records so far: id for an upsert, -1 - id for a delete
     auto end_of_calls = [&] { return kHeaderBytes + records_ * record_bytes_; };
     uint64_t offset = from;
     while (offset + record_bytes_ <= size) {
@@ -275,19 +276,21 @@ uint64_t MemoryBank::scan(uint64_t from, uint64_t size) {
             uint32_t crc;
             std::memcpy(&crc, r + payload, 4);
             const uint32_t kind = h.kind & ~(marked_calls_ ? kEndOfCall : 0);
-            if (h.magic != kRecordMagic || (kind != kUpsert && kind != kDelete) || h.seq != records_ + call.size() ||
+            if (h.magic != kRecordMagic || (kind != kUpsert && kind != kDelete) || h.seq != records_ + pending_.size() ||
                 h.dim != static_cast<uint32_t>(dim_) || h.id < 0 || crc != crc32c(r, payload))
                 return end_of_calls();  // the first torn or foreign record ends the log, with the call it is part of
-            call.push_back(kind == kUpsert ? h.id : -1 - h.id);
+            pending_.push_back(kind == kUpsert ? h.id : -1 - h.id);
+            pending_crc_ = crc;
             if (marked_calls_ && !(h.kind & kEndOfCall)) continue;
-            for (int64_t entry : call) {
+            for (int64_t entry : pending_) {
                 if (entry >= 0)
                     insert(entry, records_);
                 else
                     erase(-1 - entry);
                 ++records_;
             }
-            call.clear();
+            pending_.clear();
+            last_crc_ = crc;
         }
         offset += whole;
         if (whole < want) break;  // the file ended early (truncated while we read)
@@ -406,21 +409,32 @@ void MemoryBank::flush() {
     if (::fdatasync(fd_) != 0) io_error(path_, "fdatasync failed", errno);
 }
 
+bool MemoryBank::record_unchanged(uint64_t index, uint32_t crc, uint64_t size) const {
+    const uint64_t at = kHeaderBytes + index * record_bytes_, crc_at = at + kRecordHead + 4 * static_cast<uint64_t>(dim_);
+    uint32_t now = 0;
+    return at + record_bytes_ <= size && ::pread(fd_, &now, 4, static_cast<off_t>(crc_at)) == 4 && now == crc;
+}
+
 size_t MemoryBank::refresh() {
+    if (!read_only_) return 0;  // the one writer's index is always current
     std::lock_guard<std::mutex> writer(write_mutex_);
     struct stat st{};
     if (::fstat(fd_, &st) != 0) io_error(path_, "cannot stat", errno);
-    const uint64_t before = records_;
+    const uint64_t size = std::min<uint64_t>(st.st_size, kMaxFileBytes), before = records_;
     std::unique_lock lock(index_mutex_);
-    if (static_cast<uint64_t>(st.st_size) < kHeaderBytes + records_ * record_bytes_) {
-        // The writer took back records of a failed write that this reader had indexed: index again from the start.
+    // A writer takes records back only after a failed write, and may then write others in their place.
+    // The checksum of the last record indexed (it holds its seq and write time) tells whether it is still there.
+    if (records_ > 0 && !record_unchanged(records_ - 1, last_crc_, size)) {  // index again from the start
         slots_.assign(1024, Slot{kEmpty, 0});
         live_ = used_ = 0;
         records_ = 0;
-        scan(kHeaderBytes, static_cast<uint64_t>(st.st_size));
+        pending_.clear();
+        scan(kHeaderBytes, size);
         return records_;
     }
-    scan(kHeaderBytes + records_ * record_bytes_, std::min<uint64_t>(st.st_size, kMaxFileBytes));
+    if (!pending_.empty() && !record_unchanged(records_ + pending_.size() - 1, pending_crc_, size))
+        pending_.clear();  // the unfinished call seen last time was taken back
+    scan(kHeaderBytes + (records_ + pending_.size()) * record_bytes_, size);
     return records_ - before;
 }
 

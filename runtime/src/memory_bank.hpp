@@ -40,7 +40,8 @@ class MemoryBank {
     int dim() const { return dim_; }
     bool read_only() const { return read_only_; }
     int64_t count() const;
-    // Bytes of a torn tail found (and, for a writer, truncated) when the file was opened.
+    // Bytes after the last whole call (an unfinished call, a torn record) found when the file was
+    // opened; a writer truncated them.
     uint64_t dropped_bytes() const { return dropped_bytes_; }
 
     // Arguments are validated by the caller (ids >= 0, n * dim finite floats). Appends one record
@@ -52,7 +53,8 @@ class MemoryBank {
     // missing) and model version (-1 when missing); either array may be null. Returns the found count.
     size_t lookup(const int64_t* ids, size_t n, float* out, int64_t* write_times, int64_t* model_versions) const;
     void flush();
-    // Read-only handles: index the records appended since the last scan; returns how many.
+    // Read-only handles: index the calls appended since the last scan (all again from the start when
+    // the writer took back records this handle had indexed); returns how many records.
     size_t refresh();
 
   private:
@@ -66,7 +68,10 @@ class MemoryBank {
     void insert(int64_t id, uint64_t record);
     bool erase(int64_t id);
     void grow();
-    // Validates and indexes the whole calls from byte offset `from` up to `size`; returns the end of the valid prefix.
+    // Whether record `index` is still in the file (of `size` bytes) with checksum `crc`.
+    bool record_unchanged(uint64_t index, uint32_t crc, uint64_t size) const;
+    // Validates records from byte offset `from` (the end of the indexed and pending records) up to
+    // `size` and indexes each call whose last record it finds; returns the end of the last whole call.
     uint64_t scan(uint64_t from, uint64_t size);
     // Appends `count` records, fill(record, i) building each, after the log; throws Error(SLIM_ERR_IO)
     // with the file cut back (nothing written) on failure.
@@ -85,9 +90,11 @@ class MemoryBank {
     int dim_ = 0;
     uint64_t record_bytes_ = 0;
     uint8_t* map_ = nullptr;
-    uint64_t records_ = 0;          // records in the valid log prefix (whole calls)
-    bool marked_calls_ = true;      // format 2: calls end at a marked record; format 1: every record stands alone
-    std::vector<uint8_t> staging_;  // writer: records on their way into the file
+    uint64_t records_ = 0;                     // records in the valid log prefix (whole calls)
+    std::vector<int64_t> pending_;             // reader: an unfinished call's records so far (id; -1 - id for a delete)
+    uint32_t last_crc_ = 0, pending_crc_ = 0;  // checksums of the last indexed and the last pending record
+    bool marked_calls_ = true;                 // format 2: calls end at a marked record; format 1: every record stands alone
+    std::vector<uint8_t> staging_;             // writer: records on their way into the file
     uint64_t dropped_bytes_ = 0;
 
     mutable std::shared_mutex index_mutex_;  // readers share; the index update of a write is exclusive
