@@ -15,7 +15,7 @@ from slimengine.export.reference_sampler import reference_generate
 from slimengine.export.sampling_plan import make_plan
 from slimengine.export.xslim import XSlimPolicy, load_schedule, parse_cache_spec
 from slimengine.noise import gaussian_noise
-from slimengine.tools import toy_shapes
+from slimengine.tools import calibrate_xslim, toy_shapes
 from slimengine.tools.toy_demo import class_grid
 
 from .conftest import TOY_CHECKPOINT, CApiCall, relative_error, run_cli
@@ -241,3 +241,43 @@ def test_token_counts_round_as_the_reference_does(toy_case):
     counts = [s["tokens_computed"] for s in got.stats["per_step"]]
     assert counts == ref.tokens_computed and 11 in counts
     assert relative_error(got.latents, ref.latents) <= 1e-4
+
+
+def test_calibrate_xslim_writes_the_cheapest_schedule_of_its_family_that_keeps_the_target(toy_bundles, toy_case, tmp_path):
+    """calibrate-xslim's schedule, run by the PyTorch reference, stays within the target PSNR of full
+    computation on the calibration seed, and every schedule of its family with fewer full steps does not."""
+    model, _, text, pooled, _, _, _ = toy_case
+    ck = load_checkpoint(TOY_CHECKPOINT)
+    steps, target = 12, 30.0
+    out = tmp_path / "schedule.json"
+    args = [str(toy_bundles["28-step CFG"]), "--embeds", "toy", "-o", str(out), "--steps", str(steps), "--seeds", "1",
+            "--target-db", str(target), "--peak", "2", "--size", "16", "-q"]
+    assert calibrate_xslim.main(args) == 0
+    schedule = load_schedule(out, "fast", steps)
+    chosen = [s for s, e in enumerate(schedule) if e["level"] == "full"]
+
+    plan = make_plan(ck.config.num_layers, True, ck.metadata, cache_blocks="none", steps=steps, guidance_scale=4.0)
+    noise = torch.from_numpy(gaussian_noise((len(text), 12, 16, 16), 1))
+
+    def reference(full_steps):
+        policy = None if full_steps is None else XSlimPolicy(schedule=tuple(
+            {"level": "full" if s in full_steps else "skip"} for s in range(steps)))
+        return reference_generate(model, plan, torch.from_numpy(text), torch.from_numpy(pooled), noise, torch.zeros(text.shape),
+                                  torch.zeros(pooled.shape), cache=policy).latents.numpy()
+
+    full = reference(None)
+    assert psnr(reference(chosen), full) >= target
+    fewer = {tuple(calibrate_xslim.full_steps(steps, w, k)) for w in calibrate_xslim.WARMUPS for k in calibrate_xslim.SPACINGS}
+    fewer = [f for f in fewer if len(f) < len(chosen)]
+    assert fewer and len(chosen) < steps  # the target is neither free nor out of reach: the check below means something
+    for f in fewer:
+        assert psnr(reference(f), full) < target, f
+
+    # refusals: an existing file, embeddings without the pooled ones, a target no schedule reaches
+    assert calibrate_xslim.main(args) == 2
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, prompt_embeds=text)
+    assert calibrate_xslim.main([*args[:2], str(bad), "-o", str(tmp_path / "x.json"), "-q"]) == 2
+    unreachable = tmp_path / "never.json"
+    assert calibrate_xslim.main([*args[:3], "-o", str(unreachable), *args[5:9], "--target-db", "500", "-q"]) == 1
+    assert not unreachable.exists() and not list(tmp_path.glob(".*tmp*"))
