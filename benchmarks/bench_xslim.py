@@ -21,7 +21,7 @@ from common import cli, median_ms
 
 import slimengine as se
 from slimengine.tools import toy_shapes
-from slimengine.tools.calibrate_xslim import calibrate, load_embeds, psnr_db
+from slimengine.tools.calibrate_xslim import calibrate, load_embeds, psnr_db, write_schedule
 from slimengine.tools.toy_demo import class_grid
 
 TOY = Path(__file__).resolve().parents[1] / "models" / "toy-sd3.safetensors"
@@ -59,7 +59,7 @@ def calibrated(session, steps: int, work: Path) -> list[str]:
         print(f"calibrate-xslim found no schedule reaching {GOAL_DB} dB at {steps} steps")
         return []
     path = work / f"calibrated-{steps}.json"
-    path.write_text(json.dumps({"fast": {"fully_infer_step": best.full}}))
+    write_schedule(path, best.full, "fast")
     return [f"xslim:schedule={path},mode=fast"]
 
 

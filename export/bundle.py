@@ -33,6 +33,19 @@ def sha256_file(path: Path) -> str:
     return sha256_files([path])
 
 
+def write_file_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` writes a temporary sibling file, which then replaces `path` whole; on any failure it
+    is removed and `path` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_bundle(destination: Path, fill: Callable[[Path], dict], force: bool = False) -> dict:
     """Create the bundle at `destination`: `fill(tmpdir)` writes the files and returns the manifest
     (without `files`); this function adds the sha256 of every file and publishes atomically."""

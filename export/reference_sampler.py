@@ -36,7 +36,7 @@ class ReferenceResult:
 
 
 def relative_change(a: torch.Tensor, b: torch.Tensor) -> float:
-    """sum |a - b| / sum |b| in double precision; inf for b == 0 (runtime/src/xslim.cpp)."""
+    """sum |a - b| / sum |b| in double precision; inf for b == 0 (the runtime: kernels/cpu l1_change)."""
     mag = b.double().abs().sum()
     return float((a.double() - b.double()).abs().sum() / mag) if mag > 0 else float("inf")
 

@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
 import slimengine as se
+from slimengine.export.bundle import write_file_atomically
 
 WARMUPS = (2, 3, 4)
 SPACINGS = (1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0)
@@ -49,6 +49,11 @@ def schedule_policy(steps: int, full: list[int]) -> dict:
     """The runtime's JSON policy for a step-level schedule (full listed, skip otherwise)."""
     levels = [{"level": "full" if s in full else "skip"} for s in range(steps)]
     return {"kind": "xslim", "mode": "schedule", "sample_ratio": 0.5, "block_threshold": 0.1, "first_blocks": 2, "schedule": levels}
+
+
+def write_schedule(path: Path, full: list[int], mode: str) -> None:
+    """The schedule in X-Slim's format: `full` steps under `mode`, every other step a skip."""
+    write_file_atomically(path, lambda tmp: tmp.write_text(json.dumps({mode: {"fully_infer_step": full}}, indent=1) + "\n"))
 
 
 @dataclasses.dataclass
@@ -147,9 +152,7 @@ def main(argv=None) -> int:
         print(f"calibrate-xslim: no schedule of the family reaches {args.target_db:g} dB (best {top.psnr_db:.1f} dB with "
               f"{len(top.full)} full steps); nothing written", file=sys.stderr)
         return 1
-    tmp = args.output.with_name(f".{args.output.name}.tmp-{os.getpid()}")  # written whole, then renamed
-    tmp.write_text(json.dumps({args.mode: {"fully_infer_step": best.full}}, indent=1) + "\n")
-    os.replace(tmp, args.output)
+    write_schedule(args.output, best.full, args.mode)
     print(f"{args.output}: mode '{args.mode}', {len(best.full)} of {args.steps} steps full (warm-up {best.warmup}, every "
           f"{best.spacing:g}), {best.psnr_db:.1f} dB on seeds {' '.join(map(str, args.seeds))}; use --cache "
           f"xslim:schedule={args.output},mode={args.mode}")

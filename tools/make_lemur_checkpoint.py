@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
+from slimengine.export.bundle import write_file_atomically
 from slimengine.export.lemur_model import LemurConfig, LemurModel
 
 PRESETS = {
@@ -49,18 +49,16 @@ def random_state_dict(config: LemurConfig, seed: int) -> dict:
 
 def write_checkpoint(state: dict, config: LemurConfig, path: Path, fmt: str) -> None:
     metadata = {"family": "lemur", "lemur_config": config.to_json()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
+
+    def write(tmp: Path) -> None:
         if fmt == "pt":
             torch.save({"state_dict": state, "slimengine": metadata}, tmp)
         else:
             from safetensors.torch import save_file
 
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"slimengine": json.dumps(metadata)})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_file_atomically(path, write)
 
 
 def main(argv=None) -> int:

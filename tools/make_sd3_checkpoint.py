@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
+from slimengine.export.bundle import write_file_atomically
 from slimengine.export.sd3_model import DistilledSD3, SD3Config
 
 PRESETS = {
@@ -168,9 +168,7 @@ def main(argv=None) -> int:
     elif not args.plain and config.num_layers < 9:  # 2-7 does not fit: cache blocks 1..L-2
         sampling["cache_blocks"] = f"1-{config.num_layers - 2}"
     metadata = {"num_attention_heads": config.num_attention_heads, "sampling": sampling}
-    tmp = args.output.with_name(args.output.name + f".tmp{os.getpid()}")
-    write_checkpoint(state, config, metadata, tmp, fmt)
-    os.replace(tmp, args.output)
+    write_file_atomically(args.output, lambda tmp: write_checkpoint(state, config, metadata, tmp, fmt))
     params = sum(v.numel() for v in state.values())
     print(f"wrote {args.output} ({args.preset}, {config.num_layers} layers, {params / 1e6:.1f} M params, {fmt}, "
           f"{'plain' if args.plain else '1.x-distill'})")

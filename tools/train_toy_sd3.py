@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from slimengine.export.bundle import write_file_atomically
 from slimengine.export.sampling_plan import make_plan
 from slimengine.export.sd3_model import DistilledSD3, SD3Config
 from slimengine.tools import toy_shapes
@@ -134,10 +135,7 @@ def main(argv=None) -> int:
                 "training": {"steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
                              "final_loss": float(np.mean(losses[-100:]))}}
     state = {k.removeprefix("transformer."): v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_name(args.output.name + f".tmp{os.getpid()}")
-    save_file(state, str(tmp), metadata={"slimengine": json.dumps(metadata)})
-    os.replace(tmp, args.output)
+    write_file_atomically(args.output, lambda tmp: save_file(state, str(tmp), metadata={"slimengine": json.dumps(metadata)}))
     print(f"wrote {args.output} ({sum(v.numel() for v in state.values()) / 1e6:.2f} M params, final loss "
           f"{metadata['training']['final_loss']:.4f}) in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     if args.samples:

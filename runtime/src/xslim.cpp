@@ -3,6 +3,8 @@
 #include <cmath>
 #include <limits>
 
+#include "slim_kernels.h"
+
 namespace slim {
 
 using namespace json;
@@ -131,12 +133,9 @@ double Controller::block_threshold(size_t step) const {
 }
 
 double relative_change(const float* a, const float* b, size_t n) {
-    double diff = 0, mag = 0;
-    for (size_t i = 0; i < n; ++i) {
-        diff += std::fabs(static_cast<double>(a[i]) - b[i]);
-        mag += std::fabs(static_cast<double>(b[i]));
-    }
-    return mag > 0 ? diff / mag : std::numeric_limits<double>::infinity();
+    float change = 0, scale = 0;
+    kernels::cpu::l1_change(a, b, 1, static_cast<int64_t>(n), &change, &scale);
+    return scale > 0 ? static_cast<double>(change) / scale : std::numeric_limits<double>::infinity();
 }
 
 std::vector<bool> skippable_blocks(const std::vector<double>& scores, double threshold, int first_blocks) {

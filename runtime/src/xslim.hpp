@@ -56,7 +56,7 @@ class Controller {
     int full_steps_ = 0;
 };
 
-// sum |a - b| / sum |b| in double precision; infinity when b is all zero.
+// sum |a - b| / sum |b| (the kernels' L1 change, summed in double); infinity when b is all zero.
 double relative_change(const float* a, const float* b, size_t n);
 
 // Blocks a block-level step skips, from the scores of the last full step (NaN: not recorded).
