@@ -5,8 +5,13 @@
  * A memory bank (slim_bank) is a durable file of document embeddings for the LEMUR programs.
  *
  * Thread safety: an engine is read-only after slim_engine_open and may be shared by any number of
- * threads; a session must be used by one thread at a time (create one session per thread); a bank
+ * threads; a session runs one call at a time (create one session per thread): a call made while
+ * another thread's call runs on the same session returns SLIM_ERR_BUSY and changes nothing; a bank
  * may be used by any number of threads (lookups run concurrently with one write at a time).
+ * Closing: slim_session_destroy, slim_engine_close and slim_bank_close wait for calls already
+ * running on that handle to return, then free it (a call that starts after the close began fails
+ * cleanly until then; using a handle after its close returned is undefined). An engine closed while
+ * its sessions exist stays loaded until the last of them is destroyed.
  *
  * Errors: every call that can fail returns a slim_status; the detail is in slim_last_error(), a
  * thread-local string valid until the next slimengine call on the same thread. No C++ exception
@@ -31,7 +36,8 @@ extern "C" {
 
 /* ABI version of this header; slim_version() gives the library's at run time. */
 #define SLIM_ABI_VERSION_MAJOR 0
-#define SLIM_ABI_VERSION_MINOR 2 /* 2: X-Slim policies and stats, plan override, profiling events, LEMUR, generic stage call, device */
+#define SLIM_ABI_VERSION_MINOR \
+    3 /* 2: X-Slim policies and stats, plan override, profiling events, LEMUR, generic stage call, device; 3: SLIM_ERR_BUSY */
 
 typedef enum slim_status {
     SLIM_OK = 0,
@@ -44,7 +50,8 @@ typedef enum slim_status {
     SLIM_ERR_NUMERICS = 7,         /* NaN or Inf in an input or in the result */
     SLIM_ERR_OUT_OF_MEMORY = 8,
     SLIM_ERR_INTERNAL = 9,
-    SLIM_ERR_NOT_FOUND = 10 /* a document id is not in the memory bank (or is stale); ABI 0.2 */
+    SLIM_ERR_NOT_FOUND = 10, /* a document id is not in the memory bank (or is stale); ABI 0.2 */
+    SLIM_ERR_BUSY = 11       /* the session is running another thread's call; ABI 0.3 */
 } slim_status;
 
 /* Element types (the values of DLPack's (code, bits) pairs are not used: plain enum). */
@@ -106,7 +113,8 @@ SLIM_API slim_engine_params slim_engine_default_params(void);
  * with slim_engine_close). params may be NULL (defaults). Status: INVALID_ARGUMENT, IO, BUNDLE,
  * BACKEND, OUT_OF_MEMORY. */
 SLIM_API slim_status slim_engine_open(const char* path, const slim_engine_params* params, slim_engine** out);
-/* Free an engine. Every session of it must have been destroyed. NULL is accepted. */
+/* Close an engine: waits for its calls in flight; its live sessions keep the loaded model until they
+ * are destroyed. NULL is accepted. */
 SLIM_API void slim_engine_close(slim_engine* engine);
 /* The bundle's manifest.json text (model config, stages, program); owned by the engine. */
 SLIM_API const char* slim_engine_manifest(const slim_engine* engine);
@@ -116,9 +124,9 @@ SLIM_API const char* slim_engine_stage_name(const slim_engine* engine, int32_t i
 
 /* ---- session ---- */
 
-/* A new session on `engine` (which must outlive it). Status: INVALID_ARGUMENT, OUT_OF_MEMORY. */
+/* A new session on `engine` (it keeps the engine's model alive). Status: INVALID_ARGUMENT, OUT_OF_MEMORY. */
 SLIM_API slim_status slim_session_create(slim_engine* engine, slim_session** out);
-/* Free a session. NULL is accepted. */
+/* Free a session, after waiting for a call running on it in another thread. NULL is accepted. */
 SLIM_API void slim_session_destroy(slim_session* session);
 
 /* ---- SD3 generation ---- */
@@ -160,7 +168,7 @@ typedef struct slim_generate_stats {
 /* Run the bundle's whole sampling program. `latents_out` is caller memory, float32 [B, C, H, W]
  * CPU contiguous: its H and W choose the resolution (multiples of the patch size up to the position
  * table's limit). stats may be NULL. The session's per-step and per-stage stats are replaced.
- * Status: INVALID_ARGUMENT, SHAPE, DTYPE, NUMERICS, BACKEND, OUT_OF_MEMORY. */
+ * Status: INVALID_ARGUMENT, SHAPE, DTYPE, NUMERICS, BACKEND, OUT_OF_MEMORY, BUSY. */
 SLIM_API slim_status slim_generate(slim_session* session, const slim_generate_params* params, const slim_tensor* latents_out,
                                    slim_generate_stats* stats);
 
@@ -186,7 +194,8 @@ typedef struct slim_step_stats {
     double flop_fraction;    /* this step's joint-block FLOPs / those of a step running every block on every token */
 } slim_step_stats;
 
-/* Stats of step `index` of the session's last generate. Status: INVALID_ARGUMENT. */
+/* Stats of step `index` of the session's last generate (the count is 0 while a call runs on the session).
+ * Status: INVALID_ARGUMENT, BUSY. */
 SLIM_API int32_t slim_session_step_count(const slim_session* session);
 SLIM_API slim_status slim_session_step_stats(const slim_session* session, int32_t index, slim_step_stats* out);
 
@@ -247,7 +256,7 @@ typedef struct slim_named_tensor {
  * bind every graph input exactly once, by name, with the graph's dtype (float32, int64 or int32) and
  * rank, and its fixed dimensions. `outputs` binds any subset of the graph outputs to caller memory
  * whose shape must equal the computed one. Nothing is written to an output unless every check passes.
- * Status: INVALID_ARGUMENT (unknown stage or name, missing input), SHAPE, DTYPE, BACKEND. */
+ * Status: INVALID_ARGUMENT (unknown stage or name, missing input), SHAPE, DTYPE, BACKEND, BUSY. */
 SLIM_API slim_status slim_stage_run(slim_session* session, const char* stage, const slim_named_tensor* inputs, int32_t input_count,
                                     const slim_named_tensor* outputs, int32_t output_count);
 
@@ -272,7 +281,8 @@ SLIM_API slim_bank_params slim_bank_default_params(void);
  * at a time, across processes. On success *out owns the bank (free with slim_bank_close).
  * Status: INVALID_ARGUMENT, IO (missing, locked by another writer, not a bank file), SHAPE (dim mismatch). */
 SLIM_API slim_status slim_bank_open(const char* path, const slim_bank_params* params, slim_bank** out);
-/* Close a bank (releasing the writer lock). NULL is accepted. */
+/* Close a bank (releasing the writer lock), after waiting for calls running on it in other threads
+ * (lookups, an embed or score reading it). NULL is accepted. */
 SLIM_API void slim_bank_close(slim_bank* bank);
 /* Embedding width, and the number of document ids present. */
 SLIM_API int32_t slim_bank_dim(const slim_bank* bank);
@@ -327,7 +337,7 @@ SLIM_API slim_embed_params slim_embed_default_params(void);
 
 /* Document embeddings (L2-normalised) of a batch into `embeddings_out` (float32 [B, embed_dim], CPU
  * contiguous, caller memory); with a bank, also upserted under document_ids. stats may be NULL.
- * Status: INVALID_ARGUMENT (not a lemur engine, id out of range), SHAPE, DTYPE, NUMERICS, BACKEND, IO. */
+ * Status: INVALID_ARGUMENT (not a lemur engine, id out of range), SHAPE, DTYPE, NUMERICS, BACKEND, IO, BUSY. */
 SLIM_API slim_status slim_embed(slim_session* session, const slim_embed_params* params, const slim_tensor* embeddings_out,
                                 slim_lemur_stats* stats);
 
@@ -350,7 +360,7 @@ typedef struct slim_score_params {
 SLIM_API slim_score_params slim_score_default_params(void);
 
 /* Click probabilities of each (history, query) row into `scores_out` (float32 [B], caller memory).
- * stats may be NULL. Status: INVALID_ARGUMENT, SHAPE, DTYPE, NOT_FOUND, NUMERICS, BACKEND. */
+ * stats may be NULL. Status: INVALID_ARGUMENT, SHAPE, DTYPE, NOT_FOUND, NUMERICS, BACKEND, BUSY. */
 SLIM_API slim_status slim_score(slim_session* session, const slim_score_params* params, const slim_tensor* scores_out,
                                 slim_lemur_stats* stats);
 

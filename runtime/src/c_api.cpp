@@ -6,9 +6,11 @@
 #include <cstring>
 #include <memory>
 #include <new>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "call_gate.hpp"
 #include "engine.hpp"
 #include "error.hpp"
 #include "json.hpp"
@@ -22,18 +24,23 @@
 #define SLIMENGINE_VERSION "0.0.0"
 #endif
 
+// Each handle counts its calls in flight (call_gate.hpp): closing it waits for them instead of
+// freeing what they use.
 struct slim_engine {
-    std::unique_ptr<slim::Engine> engine;
+    std::shared_ptr<const slim::Engine> engine;  // shared with its sessions: closed while they run, it lives until the last is destroyed
+    mutable slim::CallGate gate;
 };
 
 struct slim_session {
-    std::unique_ptr<slim::Sd3Session> program;  // family sd3
-    std::unique_ptr<slim::LemurSession> lemur;  // family lemur
-    const slim_engine* owner;
+    std::shared_ptr<const slim::Engine> engine;  // declared first: destroyed after the programs that use it
+    std::unique_ptr<slim::Sd3Session> program;   // family sd3
+    std::unique_ptr<slim::LemurSession> lemur;   // family lemur
+    mutable slim::CallGate gate;                 // one call at a time
 };
 
 struct slim_bank {
     std::unique_ptr<slim::MemoryBank> bank;
+    mutable slim::CallGate gate;
 };
 
 namespace {
@@ -192,8 +199,8 @@ constexpr int64_t kMaxId = INT64_MAX;
 
 slim::LemurSession& lemur_of(slim_session* session, const char* call) {
     if (!session->lemur)
-        throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, std::string(call) + ": the engine's family is '" +
-                                                         session->owner->engine->manifest().family + "'; this call runs lemur bundles");
+        throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, std::string(call) + ": the engine's family is '" + session->engine->manifest().family +
+                                                         "'; this call runs lemur bundles");
     return *session->lemur;
 }
 
@@ -243,6 +250,35 @@ int64_t now_us() {
     return std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
 
+// The session's results of its last call are read under its gate too: while another thread's call
+// runs, a count is 0 and a read gives SLIM_ERR_BUSY.
+template <typename F>
+int32_t count_when_idle(const slim_session* session, F&& count) {
+    if (!session || !session->gate.try_enter_exclusive()) return 0;
+    const int32_t n = count();
+    session->gate.leave();
+    return n;
+}
+const std::vector<slim::StepStats>& step_stats_of(const slim_session* session) {
+    static const std::vector<slim::StepStats> none;
+    return session->program ? session->program->step_stats() : none;
+}
+const std::vector<slim::StageStats>& stage_stats_of(const slim_session* session) {
+    static const std::vector<slim::StageStats> none;  // plain ONNX engines: slim_stage_run keeps no stats
+    return session->program ? session->program->stage_stats() : session->lemur ? session->lemur->stage_stats() : none;
+}
+const std::vector<slim::ProfileEvent>& events_of(const slim_session* session) {
+    static const std::vector<slim::ProfileEvent> none;
+    const slim::Profiler* profiler = profiler_of(session);
+    return profiler ? profiler->events() : none;
+}
+template <typename T>
+const T& item(const std::vector<T>& all, int32_t index, const void* out, const char* call) {
+    if (!out || index < 0 || index >= static_cast<int32_t>(all.size()))
+        throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, std::string(call) + ": NULL argument or index out of range");
+    return all[index];
+}
+
 }  // namespace
 
 extern "C" {
@@ -275,6 +311,8 @@ const char* slim_status_name(slim_status status) {
             return "SLIM_ERR_INTERNAL";
         case SLIM_ERR_NOT_FOUND:
             return "SLIM_ERR_NOT_FOUND";
+        case SLIM_ERR_BUSY:
+            return "SLIM_ERR_BUSY";
     }
     return "SLIM_ERR_UNKNOWN";
 }
@@ -313,7 +351,11 @@ slim_status slim_engine_open(const char* path, const slim_engine_params* params,
     });
 }
 
-void slim_engine_close(slim_engine* engine) { delete engine; }
+void slim_engine_close(slim_engine* engine) {
+    if (!engine) return;
+    engine->gate.close();
+    delete engine;
+}
 
 const char* slim_engine_manifest(const slim_engine* engine) { return engine ? engine->engine->manifest().text.c_str() : ""; }
 
@@ -329,16 +371,21 @@ slim_status slim_session_create(slim_engine* engine, slim_session** out) {
     *out = nullptr;
     if (!engine) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_session_create: engine is NULL");
     return guarded([&] {
+        slim::GateEntry use(engine->gate, "slim_session_create: the engine", false);
         auto session = std::make_unique<slim_session>();
         const slim::Family family = engine->engine->manifest().kind;
         if (family == slim::Family::Sd3) session->program = std::make_unique<slim::Sd3Session>(*engine->engine);
         if (family == slim::Family::Lemur) session->lemur = std::make_unique<slim::LemurSession>(*engine->engine);
-        session->owner = engine;
+        session->engine = engine->engine;
         *out = session.release();
     });
 }
 
-void slim_session_destroy(slim_session* session) { delete session; }
+void slim_session_destroy(slim_session* session) {
+    if (!session) return;
+    session->gate.close();
+    delete session;
+}
 
 slim_generate_params slim_generate_default_params(void) {
     slim_generate_params p{};
@@ -355,15 +402,16 @@ slim_status slim_generate(slim_session* session, const slim_generate_params* par
     if (!session) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_generate: session is NULL");
     if (!params) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_generate: params is NULL (prompt and pooled embeddings are required)");
     return guarded([&] {
+        slim::GateEntry use(session->gate, "slim_generate: the session", true);
         using slim::Error;
         if (!session->program)
-            throw Error(SLIM_ERR_INVALID_ARGUMENT, "slim_generate: the engine's family is '" + session->owner->engine->manifest().family +
+            throw Error(SLIM_ERR_INVALID_ARGUMENT, "slim_generate: the engine's family is '" + session->engine->manifest().family +
                                                        "'; slim_generate runs sd3 bundles");
         slim_generate_params p = read_params(params, slim_generate_default_params(),
                                              offsetof(slim_generate_params, guidance_scale) + sizeof(float), "slim_generate_params");
         if (stats && stats->struct_size < offsetof(slim_generate_stats, backend_ms) + sizeof(double))
             throw Error(SLIM_ERR_INVALID_ARGUMENT, "slim_generate_stats.struct_size must be sizeof(slim_generate_stats)");
-        const slim::Manifest& m = session->owner->engine->manifest();
+        const slim::Manifest& m = session->engine->manifest();
         const slim::Sd3Config& c = m.config;
         const std::string J = std::to_string(c.joint_attention_dim), P = std::to_string(c.pooled_projection_dim);
 
@@ -383,7 +431,7 @@ slim_status slim_generate(slim_session* session, const slim_generate_params* par
         slim::Program plan;
         if (p.num_steps > 0) plan = slim::plain_program(m.program, p.num_steps, p.shift);
         const slim::Program& program = p.num_steps > 0 ? plan : m.program;
-        const slim::XSlimPolicy cache = request_policy(p, *session->owner->engine, program.steps.size());
+        const slim::XSlimPolicy cache = request_policy(p, *session->engine, program.steps.size());
         const float guidance = p.guidance_scale < 0 ? m.program.guidance_scale : p.guidance_scale;
         const bool cfg = guidance > 1.0f;
         if (cfg && (!p.negative_prompt_embeds || !p.negative_pooled_embeds))
@@ -442,74 +490,75 @@ slim_status slim_generate(slim_session* session, const slim_generate_params* par
 }
 
 int32_t slim_session_step_count(const slim_session* session) {
-    return session && session->program ? static_cast<int32_t>(session->program->step_stats().size()) : 0;
+    return count_when_idle(session, [&] { return static_cast<int32_t>(step_stats_of(session).size()); });
 }
 
 slim_status slim_session_step_stats(const slim_session* session, int32_t index, slim_step_stats* out) {
-    if (!session || !out || index < 0 || index >= slim_session_step_count(session))
-        return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_session_step_stats: NULL argument or step index out of range");
-    if (out->struct_size < offsetof(slim_step_stats, ms) + sizeof(double))
-        return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_step_stats.struct_size must be sizeof(slim_step_stats)");
-    const slim::StepStats& s = session->program->step_stats()[index];
-    out->sigma = s.sigma;
-    out->sigma_next = s.sigma_next;
-    out->blocks_run = s.blocks_run;
-    out->level = s.level;
-    out->ms = s.ms;
-    if (out->struct_size >= sizeof(slim_step_stats)) {  // ABI 0.2 fields
-        out->blocks_reused = s.blocks_reused;
-        out->tokens_computed = s.tokens_computed;
-        out->flop_fraction = s.flop_fraction;
-    }
-    return SLIM_OK;
+    if (!session) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_session_step_stats: session is NULL");
+    return guarded([&] {
+        slim::GateEntry use(session->gate, "slim_session_step_stats: the session", true);
+        const slim::StepStats& s = item(step_stats_of(session), index, out, "slim_session_step_stats");
+        if (out->struct_size < offsetof(slim_step_stats, ms) + sizeof(double))
+            throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, "slim_step_stats.struct_size must be sizeof(slim_step_stats)");
+        out->sigma = s.sigma;
+        out->sigma_next = s.sigma_next;
+        out->blocks_run = s.blocks_run;
+        out->level = s.level;
+        out->ms = s.ms;
+        if (out->struct_size >= sizeof(slim_step_stats)) {  // ABI 0.2 fields
+            out->blocks_reused = s.blocks_reused;
+            out->tokens_computed = s.tokens_computed;
+            out->flop_fraction = s.flop_fraction;
+        }
+    });
 }
 
 slim_status slim_session_stage_stats(const slim_session* session, int32_t index, slim_stage_stats* out) {
-    static const std::vector<slim::StageStats> none;  // plain ONNX engines: slim_stage_run keeps no stats
-    const std::vector<slim::StageStats>& all = !session           ? none
-                                               : session->program ? session->program->stage_stats()
-                                               : session->lemur   ? session->lemur->stage_stats()
-                                                                  : none;
-    if (!session || !out || index < 0 || index >= static_cast<int32_t>(all.size()))
-        return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_session_stage_stats: NULL argument or stage index out of range");
-    if (out->struct_size < sizeof(slim_stage_stats))
-        return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_stage_stats.struct_size must be sizeof(slim_stage_stats)");
-    const slim::StageStats& s = all[index];
-    out->calls = s.calls;
-    out->total_ms = s.ms;
-    return SLIM_OK;
+    if (!session) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_session_stage_stats: session is NULL");
+    return guarded([&] {
+        slim::GateEntry use(session->gate, "slim_session_stage_stats: the session", true);
+        const slim::StageStats& s = item(stage_stats_of(session), index, out, "slim_session_stage_stats");
+        if (out->struct_size < sizeof(slim_stage_stats))
+            throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, "slim_stage_stats.struct_size must be sizeof(slim_stage_stats)");
+        out->calls = s.calls;
+        out->total_ms = s.ms;
+    });
 }
 
 slim_status slim_session_set_profiling(slim_session* session, int32_t enabled) {
     if (!session) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_session_set_profiling: session is NULL");
-    slim::Profiler* profiler = profiler_of(session);
-    if (!profiler)
-        return fail(SLIM_ERR_INVALID_ARGUMENT,
-                    "slim_session_set_profiling: profiling records sd3 generations and lemur embed/score calls; this engine's family is '" +
-                        session->owner->engine->manifest().family + "'");
-    profiler->set_enabled(enabled != 0);
-    return SLIM_OK;
+    return guarded([&] {
+        slim::GateEntry use(session->gate, "slim_session_set_profiling: the session", true);
+        slim::Profiler* profiler = profiler_of(session);
+        if (!profiler)
+            throw slim::Error(SLIM_ERR_INVALID_ARGUMENT,
+                              "slim_session_set_profiling: profiling records sd3 generations and lemur embed/score calls; this engine's "
+                              "family is '" +
+                                  session->engine->manifest().family + "'");
+        profiler->set_enabled(enabled != 0);
+    });
 }
 
 int32_t slim_session_event_count(const slim_session* session) {
-    const slim::Profiler* profiler = session ? profiler_of(session) : nullptr;
-    return profiler ? static_cast<int32_t>(profiler->events().size()) : 0;
+    return count_when_idle(session, [&] { return static_cast<int32_t>(events_of(session).size()); });
 }
 
 slim_status slim_session_event(const slim_session* session, int32_t index, slim_event* out) {
-    if (!session || !out || index < 0 || index >= slim_session_event_count(session))
-        return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_session_event: NULL argument or event index out of range");
-    if (out->struct_size < sizeof(slim_event)) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_event.struct_size must be sizeof(slim_event)");
-    const slim::ProfileEvent& e = profiler_of(session)->events()[index];
-    out->kind = e.kind;
-    out->step = e.step;
-    out->block = e.block;
-    out->stage = e.stage;
-    out->level = e.level;
-    out->start_ns = e.start_ns;
-    out->end_ns = e.end_ns;
-    out->device_ns = e.device_ns;
-    return SLIM_OK;
+    if (!session) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_session_event: session is NULL");
+    return guarded([&] {
+        slim::GateEntry use(session->gate, "slim_session_event: the session", true);
+        const slim::ProfileEvent& e = item(events_of(session), index, out, "slim_session_event");
+        if (out->struct_size < sizeof(slim_event))
+            throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, "slim_event.struct_size must be sizeof(slim_event)");
+        out->kind = e.kind;
+        out->step = e.step;
+        out->block = e.block;
+        out->stage = e.stage;
+        out->level = e.level;
+        out->start_ns = e.start_ns;
+        out->end_ns = e.end_ns;
+        out->device_ns = e.device_ns;
+    });
 }
 
 // ---- generic stage call ----
@@ -518,8 +567,9 @@ slim_status slim_stage_run(slim_session* session, const char* stage, const slim_
                            const slim_named_tensor* outputs, int32_t output_count) {
     if (!session) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_stage_run: session is NULL");
     return guarded([&] {
+        slim::GateEntry use(session->gate, "slim_stage_run: the session", true);
         using slim::Error;
-        const slim::Engine& engine = *session->owner->engine;
+        const slim::Engine& engine = *session->engine;
         const int index = stage ? engine.stage_index(stage) : -1;
         if (index < 0)
             throw Error(SLIM_ERR_INVALID_ARGUMENT, std::string("slim_stage_run: no stage named '") + (stage ? stage : "(null)") + "'");
@@ -621,15 +671,26 @@ slim_status slim_bank_open(const char* path, const slim_bank_params* params, sli
     });
 }
 
-void slim_bank_close(slim_bank* bank) { delete bank; }
+void slim_bank_close(slim_bank* bank) {
+    if (!bank) return;
+    bank->gate.close();
+    delete bank;
+}
 
-int32_t slim_bank_dim(const slim_bank* bank) { return bank ? bank->bank->dim() : 0; }
+int32_t slim_bank_dim(const slim_bank* bank) { return bank ? bank->bank->dim() : 0; }  // fixed at open: no gate needed
 
-int64_t slim_bank_count(const slim_bank* bank) { return bank ? bank->bank->count() : 0; }
+int64_t slim_bank_count(const slim_bank* bank) {
+    if (!bank) return 0;
+    try {
+        slim::GateEntry use(bank->gate, "slim_bank_count: the bank", false);
+        return bank->bank->count();
+    } catch (const slim::Error&) { return 0; }  // the bank is being closed
+}
 
 slim_status slim_bank_upsert(slim_bank* bank, const slim_tensor* ids, const slim_tensor* embeddings, uint32_t model_version) {
     if (!bank) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_bank_upsert: bank is NULL");
     return guarded([&] {
+        slim::GateEntry use(bank->gate, "slim_bank_upsert: the bank", false);
         const int64_t D = bank->bank->dim();
         auto id_shape = check_tensor(ids, "ids", {-1}, "[N]", SLIM_DTYPE_INT64);
         const int64_t N = id_shape[0];
@@ -646,6 +707,7 @@ slim_status slim_bank_upsert(slim_bank* bank, const slim_tensor* ids, const slim
 slim_status slim_bank_delete(slim_bank* bank, const slim_tensor* ids, int64_t* deleted) {
     if (!bank) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_bank_delete: bank is NULL");
     return guarded([&] {
+        slim::GateEntry use(bank->gate, "slim_bank_delete: the bank", false);
         auto id_shape = check_tensor(ids, "ids", {-1}, "[N]", SLIM_DTYPE_INT64);
         if (id_shape[0] > kMaxBankBatch) throw slim::Error(SLIM_ERR_SHAPE, "ids: at most " + std::to_string(kMaxBankBatch) + " per call");
         size_t n = bank->bank->remove(static_cast<const int64_t*>(ids->data), static_cast<size_t>(id_shape[0]));
@@ -657,6 +719,7 @@ slim_status slim_bank_lookup(const slim_bank* bank, const slim_tensor* ids, cons
                              const slim_tensor* write_times_out, const slim_tensor* model_versions_out, int64_t* found) {
     if (!bank) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_bank_lookup: bank is NULL");
     return guarded([&] {
+        slim::GateEntry use(bank->gate, "slim_bank_lookup: the bank", false);
         const int64_t D = bank->bank->dim();
         const int64_t N = check_tensor(ids, "ids", {-1}, "[N]", SLIM_DTYPE_INT64)[0];
         if (N > kMaxBankBatch) throw slim::Error(SLIM_ERR_SHAPE, "ids: at most " + std::to_string(kMaxBankBatch) + " per call");
@@ -674,12 +737,16 @@ slim_status slim_bank_lookup(const slim_bank* bank, const slim_tensor* ids, cons
 
 slim_status slim_bank_flush(slim_bank* bank) {
     if (!bank) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_bank_flush: bank is NULL");
-    return guarded([&] { bank->bank->flush(); });
+    return guarded([&] {
+        slim::GateEntry use(bank->gate, "slim_bank_flush: the bank", false);
+        bank->bank->flush();
+    });
 }
 
 slim_status slim_bank_refresh(slim_bank* bank, int64_t* added) {
     if (!bank) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_bank_refresh: bank is NULL");
     return guarded([&] {
+        slim::GateEntry use(bank->gate, "slim_bank_refresh: the bank", false);
         size_t n = bank->bank->refresh();
         if (added) *added = static_cast<int64_t>(n);
     });
@@ -698,11 +765,12 @@ slim_status slim_embed(slim_session* session, const slim_embed_params* params, c
     if (!session) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_embed: session is NULL");
     if (!params) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_embed: params is NULL (text_ids and frames are required)");
     return guarded([&] {
+        slim::GateEntry use(session->gate, "slim_embed: the session", true);
         using slim::Error;
         slim::LemurSession& lemur = lemur_of(session, "slim_embed");
         slim_embed_params p = read_params(params, slim_embed_default_params(), sizeof(slim_embed_params), "slim_embed_params");
         check_stats_size(stats);
-        const slim::LemurConfig& c = session->owner->engine->manifest().lemur;
+        const slim::LemurConfig& c = session->engine->manifest().lemur;
         auto text = check_tensor(p.text_ids, "text_ids", {-1, -1}, "[B,L]", SLIM_DTYPE_INT64);
         const int64_t B = text[0], L = text[1];
         if (B > c.max_batch || L > c.max_text_len)
@@ -720,15 +788,18 @@ slim_status slim_embed(slim_session* session, const slim_embed_params* params, c
         check_finite(p.frames, frames, "frames");
         check_tensor(embeddings_out, "embeddings_out", {B, c.embed_dim}, "[" + Bs + "," + std::to_string(c.embed_dim) + "]");
         slim::EmbedRequest request;
+        std::optional<slim::GateEntry> bank_use;
         if (p.bank) {
+            bank_use.emplace(p.bank->gate, "slim_embed: the bank", false);
             if (p.bank->bank->read_only()) throw Error(SLIM_ERR_INVALID_ARGUMENT, "slim_embed: the bank is open read-only");
             if (p.bank->bank->dim() != c.embed_dim)
                 throw Error(SLIM_ERR_SHAPE, "slim_embed: the bank holds " + std::to_string(p.bank->bank->dim()) +
                                                 "-d embeddings but this model makes " + std::to_string(c.embed_dim) + "-d ones");
             auto ids = check_tensor(p.document_ids, "document_ids", {B}, "[" + Bs + "]", SLIM_DTYPE_INT64);
             check_range(p.document_ids, ids, "document_ids", 0, kMaxId);
-            if (p.model_version > int64_t(UINT32_MAX))
-                throw Error(SLIM_ERR_INVALID_ARGUMENT, "slim_embed_params.model_version must be < 2^32");
+            if (p.model_version < -1 || p.model_version > int64_t(UINT32_MAX))
+                throw Error(SLIM_ERR_INVALID_ARGUMENT, "slim_embed_params.model_version must be -1 (the bundle's) or in [0, 2^32), got " +
+                                                           std::to_string(p.model_version));
             request.bank = p.bank->bank.get();
             request.document_ids = static_cast<const int64_t*>(p.document_ids->data);
             request.model_version = static_cast<uint32_t>(p.model_version < 0 ? c.model_version : p.model_version);
@@ -756,12 +827,14 @@ slim_status slim_score(slim_session* session, const slim_score_params* params, c
     if (!session) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_score: session is NULL");
     if (!params) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_score: params is NULL (bank, history_ids and query_ids are required)");
     return guarded([&] {
+        slim::GateEntry use(session->gate, "slim_score: the session", true);
         using slim::Error;
         slim::LemurSession& lemur = lemur_of(session, "slim_score");
         slim_score_params p = read_params(params, slim_score_default_params(), sizeof(slim_score_params), "slim_score_params");
         check_stats_size(stats);
-        const slim::LemurConfig& c = session->owner->engine->manifest().lemur;
+        const slim::LemurConfig& c = session->engine->manifest().lemur;
         if (!p.bank) throw Error(SLIM_ERR_INVALID_ARGUMENT, "slim_score: bank is required (history embeddings come from it)");
+        slim::GateEntry bank_use(p.bank->gate, "slim_score: the bank", false);
         if (p.bank->bank->dim() != c.embed_dim)
             throw Error(SLIM_ERR_SHAPE, "slim_score: the bank holds " + std::to_string(p.bank->bank->dim()) +
                                             "-d embeddings but this model takes " + std::to_string(c.embed_dim) + "-d ones");

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import json
+import threading
 import weakref
 from pathlib import Path
 
@@ -48,15 +50,32 @@ def _as_float32(x, name: str) -> np.ndarray:
 
 
 def _as_int64(x, name: str) -> np.ndarray:
-    """Integer ids -> C-contiguous int64 numpy (other integer types are widened; floats are refused)."""
+    """Integer ids -> C-contiguous int64 numpy (other integer types are widened; floats are refused, and
+    unsigned values past int64's range are refused rather than wrapped to negative ids)."""
     if not isinstance(x, np.ndarray) and hasattr(x, "__dlpack__"):
         x = np.from_dlpack(x)
     arr = np.asarray(x)
     if not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(f"{name}: dtype must be an integer type (ids), got {arr.dtype}")
+        raise TypeError(f"{name}: dtype must be an integer type (ids) within int64's range, got {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.dtype.itemsize >= 8 and arr.size and arr.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{name}: {int(arr.max())} is outside int64's range")
     return np.ascontiguousarray(arr, dtype=np.int64)
 
 
+INT32_MAX, UINT32_MAX, INT64_MAX, UINT64_MAX = 2**31 - 1, 2**32 - 1, 2**63 - 1, 2**64 - 1
+
+
+def _integer(value, name: str, low: int, high: int) -> int:
+    """A Python or numpy integer in [low, high], checked before ctypes would silently truncate it."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    value = int(value)
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return value
+
+
+MAX_BATCH, MAX_BANK_IDS = 4096, 2**24  # the C runtime's limits (c_api.cpp): checked here before outputs are allocated
 _DTYPES = {np.dtype(np.float32): 0, np.dtype(np.int64): 3, np.dtype(np.int32): 4}  # slim_dtype
 
 
@@ -91,12 +110,49 @@ def parse_device(device: str) -> tuple[int, int]:
     if kind == "cpu" and not sep:
         return _native.DEVICE_CPU, 0
     if kind == "cuda" and (not sep or index.isdigit()):
-        return _native.DEVICE_CUDA, int(index or 0)
+        return _native.DEVICE_CUDA, _integer(int(index or 0), "the CUDA device index", 0, INT32_MAX)
     raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
+class _CallGate:
+    """The calls running on a handle: close() refuses new ones and waits for these before the C handle is
+    freed. An exclusive gate (a session) refuses a second concurrent call with SLIM_ERR_BUSY."""
+
+    def __init__(self, what: str, exclusive: bool):
+        self._what, self._exclusive = what, exclusive
+        self._cond = threading.Condition()
+        self._calls, self._closed = 0, False
+
+    @contextlib.contextmanager
+    def call(self):
+        with self._cond:
+            if self._closed:
+                raise SlimError("SLIM_ERR_INVALID_ARGUMENT", f"the {self._what} is closed")
+            if self._exclusive and self._calls:
+                raise SlimError("SLIM_ERR_BUSY", f"the {self._what} is in use by another thread (a session runs one call at a "
+                                                 "time: create one session per thread)")
+            self._calls += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._calls -= 1
+                self._cond.notify_all()
+
+    def close(self) -> bool:
+        """True for the one caller that must now free the handle (no call runs, none can start)."""
+        with self._cond:
+            if self._closed:
+                return False
+            self._closed = True
+            while self._calls:
+                self._cond.wait()
+            return True
+
+
 class _Closable:
-    """A C handle freed by close(); also a context manager, and closed when collected."""
+    """A C handle freed by close(), which waits for calls running on it in other threads; also a context
+    manager, and closed when collected."""
 
     def __enter__(self):
         return self
@@ -105,7 +161,8 @@ class _Closable:
         self.close()
 
     def __del__(self):
-        self.close()
+        if getattr(self, "_gate", None) is not None:  # a constructor that failed has nothing to free
+            self.close()
 
 
 class Engine(_Closable):
@@ -121,6 +178,7 @@ class Engine(_Closable):
         lib = _native.lib()
         params = lib.slim_engine_default_params()
         params.device_type, params.device_id = parse_device(device)
+        params.intra_op_threads = _integer(intra_op_threads, "intra_op_threads", 0, INT32_MAX)
         if params.device_type == _native.DEVICE_CUDA:
             import onnxruntime
 
@@ -129,16 +187,20 @@ class Engine(_Closable):
         self._ort_path = (onnxruntime_library or _native.onnxruntime_library()).encode()
         params.onnxruntime_library = self._ort_path
         params.verify_checksums = int(verify_checksums)
-        params.intra_op_threads = intra_op_threads
         self.device = device
         handle = ctypes.c_void_p()
         _check(lib.slim_engine_open(str(path).encode(), ctypes.byref(params), ctypes.byref(handle)))
         self._handle = handle
-        self.path = Path(path)
-        self.manifest = json.loads(lib.slim_engine_manifest(handle).decode())
-        self.config = self.manifest.get("config", {})  # a plain ONNX engine has none
-        self.stage_names = [lib.slim_engine_stage_name(handle, i).decode() for i in range(lib.slim_engine_stage_count(handle))]
         self._sessions = weakref.WeakSet()
+        self._gate = _CallGate("engine", exclusive=False)  # from here on, close() frees the handle
+        self.path = Path(path)
+        try:
+            self.manifest = json.loads(lib.slim_engine_manifest(handle).decode())
+            self.stage_names = [lib.slim_engine_stage_name(handle, i).decode() for i in range(lib.slim_engine_stage_count(handle))]
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            self.close()
+            raise SlimError("SLIM_ERR_BUNDLE", f"{path}: manifest is not valid UTF-8 JSON ({e})") from None
+        self.config = self.manifest.get("config", {})  # a plain ONNX engine has none
 
     def policy_json(self, cache, num_steps: int | None = None) -> str:
         """An X-Slim policy for slim_generate's cache_policy: "none", a spec string, an XSlimPolicy or its dict;
@@ -152,15 +214,14 @@ class Engine(_Closable):
         return json.dumps(cache)
 
     def session(self) -> Session:
-        if not self._handle:
-            raise SlimError("SLIM_ERR_INVALID_ARGUMENT", "the engine is closed")
-        session = Session(self)
-        self._sessions.add(session)
-        return session
+        with self._gate.call():
+            session = Session(self)
+            self._sessions.add(session)
+            return session
 
     def close(self) -> None:
-        """Free the engine; its sessions are closed first (the C engine must outlive them)."""
-        if self._handle:
+        """Free the engine; its sessions are closed first, each after the call it is running returns."""
+        if self._gate.close():
             for session in list(self._sessions):
                 session.close()
             _native.lib().slim_engine_close(self._handle)
@@ -175,9 +236,10 @@ class Session(_Closable):
     def __init__(self, engine: Engine):
         handle = ctypes.c_void_p()
         _check(_native.lib().slim_session_create(engine._handle, ctypes.byref(handle)))
-        self._engine = engine  # the engine must outlive the session
+        self._engine = engine
         self._handle = handle
         self._profiling = False
+        self._gate = _CallGate("session", exclusive=True)
 
     @property
     def profiling(self) -> bool:
@@ -187,10 +249,9 @@ class Session(_Closable):
 
     @profiling.setter
     def profiling(self, enabled: bool) -> None:
-        if not self._handle:
-            raise SlimError("SLIM_ERR_INVALID_ARGUMENT", "the session is closed (or its engine was closed)")
-        _check(_native.lib().slim_session_set_profiling(self._handle, int(bool(enabled))))
-        self._profiling = bool(enabled)
+        with self._gate.call():
+            _check(_native.lib().slim_session_set_profiling(self._handle, int(bool(enabled))))
+            self._profiling = bool(enabled)
 
     def generate(self, prompt_embeds, pooled_embeds, *, seed: int = 0, latents=None, negative_prompt_embeds=None,
                  negative_pooled_embeds=None, guidance_scale: float | None = None, height: int | None = None,
@@ -203,8 +264,6 @@ class Session(_Closable):
         `num_steps` replaces the program by a plain plan on the same stages: that many steps with
         diffusers' scheduler sigmas for `shift` (default 3.0), every block every step."""
         lib = _native.lib()
-        if not self._handle:
-            raise SlimError("SLIM_ERR_INVALID_ARGUMENT", "the session is closed (or its engine was closed)")
         if self._engine.manifest.get("family") != "sd3":
             raise SlimError("SLIM_ERR_INVALID_ARGUMENT", f"generate: the engine's family is '{self._engine.manifest.get('family')}'; "
                             "slim_generate runs sd3 bundles (use embed, score or run_stage)")
@@ -218,28 +277,40 @@ class Session(_Closable):
         if args["latents"] is not None and args["latents"].ndim == 4:
             shape = args["latents"].shape
         else:
-            size = cfg["default_latent_size"]
-            shape = (batch, cfg["out_channels"], height or size, width or size)
-        out = np.empty(shape, dtype=np.float32)
-        tensors = {k: _TensorArg(v) for k, v in args.items() if v is not None}
+            shape = (batch, cfg["out_channels"], self._latent_side(height, "height"), self._latent_side(width, "width"))
+        if batch > MAX_BATCH:  # checked before the output is allocated
+            raise ValueError(f"prompt_embeds: batch {batch} is over the runtime's limit of {MAX_BATCH}")
         params = lib.slim_generate_default_params()
-        for name, t in tensors.items():
-            setattr(params, name, t.pointer())
-        params.seed = seed
+        params.seed = _integer(seed, "seed", 0, UINT64_MAX)
         if guidance_scale is not None:
             params.guidance_scale = guidance_scale
         if step_cache_threshold is not None:
             params.step_cache_threshold = step_cache_threshold
         if num_steps is not None:
-            params.num_steps = num_steps
+            params.num_steps = _integer(num_steps, "num_steps", 1, INT32_MAX)
         if shift is not None:
             params.shift = shift
         if cache is not None:
             params.cache_policy = self._engine.policy_json(cache, num_steps).encode()
+        out = np.empty(shape, dtype=np.float32)
+        tensors = {k: _TensorArg(v) for k, v in args.items() if v is not None}
+        for name, t in tensors.items():
+            setattr(params, name, t.pointer())
         out_arg = _TensorArg(out)
         stats = GenerateStats(struct_size=ctypes.sizeof(GenerateStats))
-        _check(lib.slim_generate(self._handle, ctypes.byref(params), out_arg.pointer(), ctypes.byref(stats)))
-        return GenerateResult(latents=out, stats=self._stats(stats), events=self._events())
+        with self._gate.call():
+            _check(lib.slim_generate(self._handle, ctypes.byref(params), out_arg.pointer(), ctypes.byref(stats)))
+            return GenerateResult(latents=out, stats=self._stats(stats), events=self._events())
+
+    def _latent_side(self, size, name: str) -> int:
+        """A requested latent height or width, checked against the model before anything is allocated."""
+        cfg = self._engine.config
+        if size is None:
+            return cfg["default_latent_size"]
+        size, patch, limit = _integer(size, name, 1, INT32_MAX), cfg["patch_size"], cfg["max_latent_size"]
+        if size % patch or size > limit:
+            raise ValueError(f"{name} must be a multiple of {patch} up to {limit} (latent pixels), got {size}")
+        return size
 
     def _stats(self, s: GenerateStats) -> dict:
         lib = _native.lib()
@@ -272,16 +343,11 @@ class Session(_Closable):
                            "device_ns": e.device_ns if e.device_ns >= 0 else None})
         return events
 
-    def _live(self):
-        if not self._handle:
-            raise SlimError("SLIM_ERR_INVALID_ARGUMENT", "the session is closed (or its engine was closed)")
-        return _native.lib()
-
     def embed(self, text_ids, frames, *, segment_ids=None, bank: MemoryBank | None = None, document_ids=None,
               model_version: int | None = None) -> EmbedResult:
         """LEMUR document embeddings [B, embed_dim] of token ids [B, L] (0 pads) and frames [B, F, 3, S, S];
         with `bank` and `document_ids`, also upserted into the bank (tagged with the bundle's model version)."""
-        lib = self._live()
+        lib = _native.lib()
         args = {"text_ids": _TensorArg(_as_int64(text_ids, "text_ids")), "frames": _TensorArg(_as_float32(frames, "frames"))}
         if segment_ids is not None:
             args["segment_ids"] = _TensorArg(_as_int64(segment_ids, "segment_ids"))
@@ -290,36 +356,37 @@ class Session(_Closable):
         params = lib.slim_embed_default_params()
         for name, t in args.items():
             setattr(params, name, t.pointer())
-        if bank is not None:
-            params.bank = bank._live()
         if model_version is not None:
-            params.model_version = model_version
+            params.model_version = _integer(model_version, "model_version", 0, UINT32_MAX)
         batch = args["text_ids"].arr.shape[0] if args["text_ids"].arr.ndim else 0
         out = np.empty((batch, self._engine.config.get("embed_dim", 0)), dtype=np.float32)
         stats = LemurStats(struct_size=ctypes.sizeof(LemurStats))
-        _check(lib.slim_embed(self._handle, ctypes.byref(params), _TensorArg(out).pointer(), ctypes.byref(stats)))
-        return EmbedResult(embeddings=out, stats=_lemur_stats(stats), events=self._events())
+        with self._gate.call(), bank._gate.call() if bank is not None else contextlib.nullcontext():
+            params.bank = bank._handle if bank is not None else None
+            _check(lib.slim_embed(self._handle, ctypes.byref(params), _TensorArg(out).pointer(), ctypes.byref(stats)))
+            return EmbedResult(embeddings=out, stats=_lemur_stats(stats), events=self._events())
 
     def score(self, bank: MemoryBank, history_ids, query_ids, *, skip_missing: bool = False, min_model_version: int = 0) -> ScoreResult:
         """LEMUR click probabilities [B]: each row's history (document ids [B, H], -1 pads) is assembled from
         `bank`; an id that is missing (or older than min_model_version) is an error unless skip_missing."""
-        lib = self._live()
+        lib = _native.lib()
         history = _TensorArg(_as_int64(history_ids, "history_ids"))
         query = _TensorArg(_as_int64(query_ids, "query_ids"))
         params = lib.slim_score_default_params()
-        params.bank = bank._live()
         params.history_ids, params.query_ids = history.pointer(), query.pointer()
         params.missing_policy = 1 if skip_missing else 0
-        params.min_model_version = min_model_version
+        params.min_model_version = _integer(min_model_version, "min_model_version", -INT64_MAX - 1, INT64_MAX)
         out = np.empty((history.arr.shape[0] if history.arr.ndim else 0,), dtype=np.float32)
         stats = LemurStats(struct_size=ctypes.sizeof(LemurStats))
-        _check(lib.slim_score(self._handle, ctypes.byref(params), _TensorArg(out).pointer(), ctypes.byref(stats)))
-        return ScoreResult(scores=out, stats=_lemur_stats(stats), events=self._events())
+        with self._gate.call(), bank._gate.call():
+            params.bank = bank._handle
+            _check(lib.slim_score(self._handle, ctypes.byref(params), _TensorArg(out).pointer(), ctypes.byref(stats)))
+            return ScoreResult(scores=out, stats=_lemur_stats(stats), events=self._events())
 
     def run_stage(self, stage: str, inputs: dict, outputs: dict) -> dict:
         """Run one stage (any family; "model" for a plain .onnx engine) with numpy inputs by name; `outputs`
         maps output names to preallocated arrays of the expected shape, which are filled and returned."""
-        lib = self._live()
+        lib = _native.lib()
         keep = []
 
         def named(items):
@@ -335,11 +402,13 @@ class Session(_Closable):
             if not isinstance(arr, np.ndarray) or not arr.flags.c_contiguous:
                 raise TypeError(f"output {name}: pass a C-contiguous numpy array to fill")
             out_arrays[name] = arr
-        _check(lib.slim_stage_run(self._handle, stage.encode(), named(inputs), len(inputs), named(out_arrays), len(out_arrays)))
+        with self._gate.call():
+            _check(lib.slim_stage_run(self._handle, stage.encode(), named(inputs), len(inputs), named(out_arrays), len(out_arrays)))
         return out_arrays
 
     def close(self) -> None:
-        if self._handle:
+        """Free the session, after the call another thread may be running on it returns."""
+        if self._gate.close():
             _native.lib().slim_session_destroy(self._handle)
             self._handle = None
 
@@ -380,51 +449,58 @@ class MemoryBank(_Closable):
     def __init__(self, path: str | Path, dim: int = 0, *, read_only: bool = False, create: bool = True, sync_writes: bool = False):
         lib = _native.lib()
         params = lib.slim_bank_default_params()
-        params.dim, params.read_only, params.create, params.sync_writes = dim, int(read_only), int(create), int(sync_writes)
+        params.dim = _integer(dim, "dim", 0, INT32_MAX)
+        params.read_only, params.create, params.sync_writes = int(read_only), int(create), int(sync_writes)
         handle = ctypes.c_void_p()
         _check(lib.slim_bank_open(str(path).encode(), ctypes.byref(params), ctypes.byref(handle)))
         self._handle = handle
         self.path = Path(path)
         self.dim = lib.slim_bank_dim(handle)
-
-    def _live(self):
-        if not self._handle:
-            raise SlimError("SLIM_ERR_INVALID_ARGUMENT", "the memory bank is closed")
-        return self._handle
+        self._gate = _CallGate("memory bank", exclusive=False)
 
     def __len__(self) -> int:
-        return _native.lib().slim_bank_count(self._live())
+        with self._gate.call():
+            return _native.lib().slim_bank_count(self._handle)
 
     def upsert(self, ids, embeddings, model_version: int = 0) -> None:
         """Insert or replace embeddings [N, dim] (float32, finite) under ids [N] (>= 0); a rejected call writes nothing."""
         ids_arg, emb_arg = _TensorArg(_as_int64(ids, "ids")), _TensorArg(_as_float32(embeddings, "embeddings"))
-        _check(_native.lib().slim_bank_upsert(self._live(), ids_arg.pointer(), emb_arg.pointer(), model_version))
+        model_version = _integer(model_version, "model_version", 0, UINT32_MAX)
+        with self._gate.call():
+            _check(_native.lib().slim_bank_upsert(self._handle, ids_arg.pointer(), emb_arg.pointer(), model_version))
 
     def delete(self, ids) -> int:
         ids_arg, deleted = _TensorArg(_as_int64(ids, "ids")), ctypes.c_int64()
-        _check(_native.lib().slim_bank_delete(self._live(), ids_arg.pointer(), ctypes.byref(deleted)))
+        with self._gate.call():
+            _check(_native.lib().slim_bank_delete(self._handle, ids_arg.pointer(), ctypes.byref(deleted)))
         return deleted.value
 
     def lookup(self, ids) -> LookupResult:
         ids = _as_int64(ids, "ids")
         n = ids.shape[0] if ids.ndim else 0
+        if n > MAX_BANK_IDS:  # checked before the result is allocated
+            raise ValueError(f"ids: at most {MAX_BANK_IDS} per call, got {n}")
         result = LookupResult(np.empty((n, self.dim), np.float32), np.empty(n, bool), np.empty(n, np.int64), np.empty(n, np.int64))
         args = [_TensorArg(a) for a in (ids, result.embeddings, result.write_times_us, result.model_versions)]
         found = ctypes.c_int64()
-        _check(_native.lib().slim_bank_lookup(self._live(), *(a.pointer() for a in args), ctypes.byref(found)))
+        with self._gate.call():
+            _check(_native.lib().slim_bank_lookup(self._handle, *(a.pointer() for a in args), ctypes.byref(found)))
         result.found[:] = result.write_times_us >= 0
         return result
 
     def flush(self) -> None:
-        _check(_native.lib().slim_bank_flush(self._live()))
+        with self._gate.call():
+            _check(_native.lib().slim_bank_flush(self._handle))
 
     def refresh(self) -> int:
         added = ctypes.c_int64()
-        _check(_native.lib().slim_bank_refresh(self._live(), ctypes.byref(added)))
+        with self._gate.call():
+            _check(_native.lib().slim_bank_refresh(self._handle, ctypes.byref(added)))
         return added.value
 
     def close(self) -> None:
-        if self._handle:
+        """Close the bank, after the calls other threads are running on it return."""
+        if self._gate.close():
             _native.lib().slim_bank_close(self._handle)
             self._handle = None
 
