@@ -33,14 +33,6 @@ constexpr uint32_t kRecordMagic = 0x52424C53;  // "SLBR"
 constexpr uint32_t kUpsert = 1, kDelete = 2;
 constexpr size_t kRecordHead = 40;  // magic, kind, seq, id, write_time, model_version, dim
 
-struct RecordHead {
-    uint32_t magic, kind;
-    uint64_t seq;
-    int64_t id, write_time_us;
-    uint32_t model_version, dim;
-};
-static_assert(sizeof(RecordHead) == kRecordHead, "record head is 40 bytes");
-
 struct FileHeader {
     char magic[8];
     uint32_t version, dim, record_bytes, header_bytes;
@@ -116,7 +108,7 @@ uint64_t random_key() {
 // SIGBUS goes on to the handler installed before this one. (initial-exec: the handler must not
 // allocate the thread-local.)
 __attribute__((tls_model("initial-exec"))) thread_local sigjmp_buf* copy_guard = nullptr;
-struct sigaction previous_sigbus {};
+struct sigaction previous_sigbus{};
 
 void on_sigbus(int sig, siginfo_t* info, void* context) {
     if (sigjmp_buf* guard = copy_guard) {
@@ -136,7 +128,7 @@ void on_sigbus(int sig, siginfo_t* info, void* context) {
 void install_sigbus_guard() {
     static std::once_flag once;
     std::call_once(once, [] {
-        struct sigaction action {};
+        struct sigaction action{};
         action.sa_sigaction = on_sigbus;
         action.sa_flags = SA_SIGINFO | SA_NODEFER;  // NODEFER: SIGBUS is not left blocked after the jump out
         sigemptyset(&action.sa_mask);
@@ -186,6 +178,14 @@ void create_file(const std::string& path, int dim) {
 }
 
 }  // namespace
+
+struct MemoryBank::RecordHead {
+    uint32_t magic, kind;
+    uint64_t seq;
+    int64_t id, write_time_us;
+    uint32_t model_version, dim;
+};
+static_assert(sizeof(MemoryBank::RecordHead) == kRecordHead, "record head is 40 bytes");
 
 MemoryBank::MemoryBank(const std::string& path, const BankOptions& options)
     : path_(path), read_only_(options.read_only), sync_writes_(options.sync_writes), owner_pid_(::getpid()), hash_key_(random_key()) {
@@ -274,7 +274,7 @@ void MemoryBank::map_at_least(uint64_t bytes) {
 
 void MemoryBank::map_records(uint64_t records) {
     const uint64_t end = kHeaderBytes + records * record_bytes_;
-    if (end <= map_bytes_) return;  // map_bytes_ changes only under write_mutex_, which the caller holds
+    if (end <= map_bytes_) return;        // map_bytes_ changes only under write_mutex_, which the caller holds
     std::unique_lock lock(index_mutex_);  // lookups read through the mapping: none runs while it moves
     map_at_least(end);
 }
@@ -351,7 +351,6 @@ void MemoryBank::grow() {
 uint64_t MemoryBank::scan(uint64_t size) {
     // Read with pread, not through the mapping: past the log, a writer may be truncating the file
     // (its open or close), and a read there must come back short instead of faulting.
-    const size_t payload = kRecordHead + 4 * static_cast<size_t>(dim_);
     std::vector<uint8_t> chunk(std::max<uint64_t>(1, (uint64_t(4) << 20) / record_bytes_) * record_bytes_);
     // A call's records are indexed together once its marked last record is found: a call cut short by
     // a crash, or still being written by another process, is not indexed at all. A record that fails
@@ -368,19 +367,20 @@ uint64_t MemoryBank::scan(uint64_t size) {
             const uint8_t* r = chunk.data() + at;
             const uint64_t position = records_ + span_;
             RecordHead h;
-            std::memcpy(&h, r, sizeof(h));
             uint32_t crc;
-            std::memcpy(&crc, r + payload, 4);
-            const uint32_t kind = h.kind & ~(marked_calls_ ? kEndOfCall : 0);
             ++span_;
-            if (h.magic != kRecordMagic || (kind != kUpsert && kind != kDelete) || h.seq != position ||
-                h.dim != static_cast<uint32_t>(dim_) || h.id < 0 || crc != crc32c(r, payload)) {
+            if (!valid_record(r, position, &h, &crc)) {
                 if (span_damaged_++ == 0) span_first_damaged_ = position;  // torn, or damaged: the next records tell which
                 continue;
             }
-            pending_.push_back(kind == kUpsert ? h.id : -1 - h.id);
+            pending_.push_back((h.kind & 0xFF) == kUpsert ? h.id : -1 - h.id);
             pending_crc_ = crc;
             if (marked_calls_ && !(h.kind & kEndOfCall)) continue;
+            if (span_damaged_ && !damage_persists()) {  // read while a writer rewrote those records: not damage, read again later
+                pending_.clear();
+                span_ = span_damaged_ = 0;
+                return kHeaderBytes + records_ * record_bytes_;
+            }
             end_span(crc);
         }
         offset += whole;
@@ -393,6 +393,36 @@ uint64_t MemoryBank::scan(uint64_t size) {
         span_ = span_damaged_ = 0;
     }
     return kHeaderBytes + records_ * record_bytes_;
+}
+
+bool MemoryBank::valid_record(const uint8_t* r, uint64_t position, RecordHead* h, uint32_t* crc) const {
+    const size_t payload = kRecordHead + 4 * static_cast<size_t>(dim_);
+    std::memcpy(h, r, sizeof(*h));
+    std::memcpy(crc, r + payload, 4);
+    const uint32_t kind = h->kind & ~(marked_calls_ ? kEndOfCall : 0);
+    return h->magic == kRecordMagic && (kind == kUpsert || kind == kDelete) && h->seq == position &&
+           h->dim == static_cast<uint32_t>(dim_) && h->id >= 0 && *crc == crc32c(r, payload);
+}
+
+bool MemoryBank::damage_persists() const {
+    // A scan can read a record half before and half after a writer took its failed call back and wrote
+    // another in its place (a read is not atomic against writes). Real damage is still there when read again.
+    const uint64_t end = records_ + span_;
+    std::vector<uint8_t> chunk(std::min<uint64_t>(end - span_first_damaged_, std::max<uint64_t>(1, (uint64_t(4) << 20) / record_bytes_)) *
+                               record_bytes_);
+    uint64_t damaged = 0;
+    for (uint64_t position = span_first_damaged_; position < end;) {
+        const uint64_t n = std::min<uint64_t>(end - position, chunk.size() / record_bytes_);
+        const ssize_t want = static_cast<ssize_t>(n * record_bytes_);
+        if (::pread(fd_, chunk.data(), static_cast<size_t>(want), static_cast<off_t>(kHeaderBytes + position * record_bytes_)) != want)
+            return false;  // the file was cut back meanwhile
+        for (uint64_t i = 0; i < n; ++i, ++position) {
+            RecordHead h;
+            uint32_t crc;
+            damaged += !valid_record(chunk.data() + i * record_bytes_, position, &h, &crc);
+        }
+    }
+    return damaged == span_damaged_;
 }
 
 void MemoryBank::end_span(uint32_t crc) {

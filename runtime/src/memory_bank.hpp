@@ -73,6 +73,8 @@ class MemoryBank {
     // the writer took back records this handle had indexed); returns how many records.
     size_t refresh();
 
+    struct RecordHead;  // a record's first 40 bytes (memory_bank.cpp)
+
   private:
     struct Slot {
         int64_t id;  // kEmpty, kDeleted or a document id (>= 0)
@@ -101,6 +103,10 @@ class MemoryBank {
     // The span of checked records ends at a valid record that ends its call: index it, or drop it whole
     // when it holds damaged records.
     void end_span(uint32_t crc);
+    // Whether the record `r` read at `position` passes every check (fills its head and checksum).
+    bool valid_record(const uint8_t* r, uint64_t position, RecordHead* h, uint32_t* crc) const;
+    // Whether the span's damaged records are still damaged when read again.
+    bool damage_persists() const;
     // Appends `count` records, fill(record, i) building each, after the log; throws Error(SLIM_ERR_IO)
     // with the file cut back (nothing written) on failure.
     void append(size_t count, const std::function<void(uint8_t*, size_t)>& fill);
@@ -117,15 +123,15 @@ class MemoryBank {
     bool read_only_, sync_writes_;
     int dim_ = 0;
     uint64_t record_bytes_ = 0;
-    pid_t owner_pid_ = 0;   // the process that opened the bank: the only one that may write through it
+    pid_t owner_pid_ = 0;    // the process that opened the bank: the only one that may write through it
     uint64_t hash_key_ = 0;  // random per bank: ids cannot be chosen to collide in the index
     uint8_t* map_ = nullptr;
     uint64_t map_bytes_ = 0;
-    uint64_t records_ = 0;          // record positions up to the end of the last whole call (dropped damaged spans included)
-    uint64_t span_ = 0;             // positions checked after records_: an unfinished call's, or a damaged span's
-    uint64_t span_damaged_ = 0;     // damaged records among them
+    uint64_t records_ = 0;       // record positions up to the end of the last whole call (dropped damaged spans included)
+    uint64_t span_ = 0;          // positions checked after records_: an unfinished call's, or a damaged span's
+    uint64_t span_damaged_ = 0;  // damaged records among them
     uint64_t span_first_damaged_ = 0;
-    std::vector<int64_t> pending_;  // the span's valid records (id; -1 - id for a delete)
+    std::vector<int64_t> pending_;             // the span's valid records (id; -1 - id for a delete)
     uint32_t last_crc_ = 0, pending_crc_ = 0;  // checksums of the last indexed record and of the span's last record
     bool marked_calls_ = true;                 // format 2: calls end at a marked record; format 1: every record stands alone
     std::vector<uint8_t> staging_;             // writer: records on their way into the file
