@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -468,7 +470,8 @@ def test_a_damaged_record_inside_the_log_costs_only_its_own_write_call(tmp_path)
 
     _flip_bit(path, 3, dim)  # inside the first call (ids 0-9), not its last record
     for read_only in (False, True):
-        with pytest.warns(RuntimeWarning, match=r"1 damaged record.* 9 intact records of the same write calls"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             bank = se.MemoryBank(path, read_only=read_only)
         with bank:
             assert len(bank) == len(ids) - per_call
@@ -476,6 +479,8 @@ def test_a_damaged_record_inside_the_log_costs_only_its_own_write_call(tmp_path)
             assert not got.found[:per_call].any() and got.found[per_call:].all()
             assert np.array_equal(got.embeddings[per_call:], values(ids[per_call:], dim))
             assert _recovery(bank) == (1, 9, HEADER_BYTES + 3 * rb, 0)
+        assert [w.category for w in caught] == [RuntimeWarning]
+        assert re.search(r"1 damaged record.* 9 intact records of the same write calls", str(caught[0].message))
     assert path.stat().st_size == size  # the writer cut nothing: the damage is not a tail
     with pytest.warns(RuntimeWarning), se.MemoryBank(path) as bank:  # a writer appends after the log, damage and all
         bank.upsert([7], values([7], dim, 2), model_version=2)
@@ -508,6 +513,9 @@ def test_a_damaged_record_inside_the_log_costs_only_its_own_write_call(tmp_path)
     path.write_bytes(clean)
     with se.MemoryBank(path) as bank:  # nothing to report on an intact file
         assert _recovery(bank) == (0, 0, -1, 0)
+        lib, info = _native.lib(), _native.BankRecovery(struct_size=8)  # a caller's struct too small: refused, not overrun
+        assert lib.slim_status_name(lib.slim_bank_recovery_info(bank._handle, ctypes.byref(info))) == b"SLIM_ERR_INVALID_ARGUMENT"
+        assert b"struct_size must be sizeof(slim_bank_recovery)" in lib.slim_last_error()
 
 
 def test_a_damaged_record_in_a_format_1_bank_costs_only_itself(tmp_path):

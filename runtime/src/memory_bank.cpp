@@ -120,7 +120,9 @@ void on_sigbus(int sig, siginfo_t* info, void* context) {
     } else if (previous_sigbus.sa_handler != SIG_DFL && previous_sigbus.sa_handler != SIG_IGN) {
         previous_sigbus.sa_handler(sig);
     } else if (previous_sigbus.sa_handler == SIG_DFL || info->si_code > 0) {  // a fault cannot be ignored: the default, the process ends
-        ::signal(SIGBUS, SIG_DFL);
+        struct sigaction fallback{};
+        fallback.sa_handler = SIG_DFL;
+        ::sigaction(SIGBUS, &fallback, nullptr);
         ::raise(SIGBUS);
     }
 }
@@ -362,6 +364,7 @@ uint64_t MemoryBank::scan(uint64_t size) {
         ssize_t got;
         do got = ::pread(fd_, chunk.data(), want, static_cast<off_t>(offset));
         while (got < 0 && errno == EINTR);
+        if (got < 0) io_error(path_, "cannot read", errno);  // not the end of the log: a writer must not truncate there
         const size_t whole = got > 0 ? static_cast<size_t>(got) / record_bytes_ * record_bytes_ : 0;
         for (size_t at = 0; at < whole; at += record_bytes_) {
             const uint8_t* r = chunk.data() + at;
@@ -373,7 +376,7 @@ uint64_t MemoryBank::scan(uint64_t size) {
                 if (span_damaged_++ == 0) span_first_damaged_ = position;  // torn, or damaged: the next records tell which
                 continue;
             }
-            pending_.push_back((h.kind & 0xFF) == kUpsert ? h.id : -1 - h.id);
+            pending_.push_back((h.kind & ~kEndOfCall) == kUpsert ? h.id : -1 - h.id);
             pending_crc_ = crc;
             if (marked_calls_ && !(h.kind & kEndOfCall)) continue;
             if (span_damaged_ && !damage_persists()) {  // read while a writer rewrote those records: not damage, read again later
@@ -414,8 +417,11 @@ bool MemoryBank::damage_persists() const {
     for (uint64_t position = span_first_damaged_; position < end;) {
         const uint64_t n = std::min<uint64_t>(end - position, chunk.size() / record_bytes_);
         const ssize_t want = static_cast<ssize_t>(n * record_bytes_);
-        if (::pread(fd_, chunk.data(), static_cast<size_t>(want), static_cast<off_t>(kHeaderBytes + position * record_bytes_)) != want)
-            return false;  // the file was cut back meanwhile
+        ssize_t got;
+        do got = ::pread(fd_, chunk.data(), static_cast<size_t>(want), static_cast<off_t>(kHeaderBytes + position * record_bytes_));
+        while (got < 0 && errno == EINTR);
+        if (got < 0) io_error(path_, "cannot read", errno);
+        if (got != want) return false;  // the file was cut back meanwhile
         for (uint64_t i = 0; i < n; ++i, ++position) {
             RecordHead h;
             uint32_t crc;
