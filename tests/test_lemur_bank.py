@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -141,9 +143,12 @@ def test_a_torn_or_corrupt_tail_is_dropped_and_reopening_succeeds(tmp_path):
     with se.MemoryBank(path) as bank:  # the writer cuts it off and appends after the last whole record
         assert len(bank) == 10 and path.stat().st_size == whole
         bank.upsert([10], values([10], dim), model_version=1)
-    # a record whose checksum no longer matches ends the log there: the records from it on are dropped
+    # records whose checksums no longer match, with no valid record after them (a damaged tail), end the
+    # log there: the records from the first of them on are dropped. (One damaged record with valid ones
+    # after it is not a tail: test_a_damaged_record_inside_the_log_costs_only_its_own_write_call.)
     data = bytearray(path.read_bytes())
-    data[HEADER_BYTES + 7 * record_bytes(dim) + 45] ^= 0x40
+    for record in range(7, 11):
+        data[HEADER_BYTES + record * record_bytes(dim) + 45] ^= 0x40
     path.write_bytes(bytes(data))
     with se.MemoryBank(path) as bank:
         assert len(bank) == 7 and bank.lookup([6, 7, 10]).found.tolist() == [True, False, False]
@@ -191,6 +196,21 @@ def crc32c(data: bytes) -> int:
     return crc ^ 0xFFFFFFFF
 
 
+def _to_format_1(path, dim: int) -> list[int]:
+    """Rewrites a format-2 bank as format 1 (version 1, no call marks, checksums recomputed); returns the kinds it had."""
+    data, rb, payload = bytearray(path.read_bytes()), record_bytes(dim), 40 + 4 * dim
+    assert int.from_bytes(data[8:12], "little") == 2
+    data[8:12] = (1).to_bytes(4, "little")
+    data[60:64] = crc32c(bytes(data[:60])).to_bytes(4, "little")
+    kinds = []
+    for at in range(HEADER_BYTES, len(data), rb):
+        kinds.append(int.from_bytes(data[at + 4 : at + 8], "little"))
+        data[at + 4 : at + 8] = (kinds[-1] & 0xFF).to_bytes(4, "little")
+        data[at + payload : at + payload + 4] = crc32c(bytes(data[at : at + payload])).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    return kinds
+
+
 def test_format_1_banks_without_call_marks_are_still_read_and_written(tmp_path):
     """A bank written before call marks existed (format 1: every record stands alone) is rebuilt here
     from a format-2 file by rewriting its version and kinds with the checksums recomputed; the runtime
@@ -201,17 +221,8 @@ def test_format_1_banks_without_call_marks_are_still_read_and_written(tmp_path):
         bank.upsert(ids[:4], values(ids[:4], dim))
         bank.upsert(ids[4:], values(ids[4:], dim))
         assert bank.delete([1]) == 1
-    data, rb, payload = bytearray(path.read_bytes()), record_bytes(dim), 40 + 4 * dim
-    assert int.from_bytes(data[8:12], "little") == 2
-    data[8:12] = (1).to_bytes(4, "little")
-    data[60:64] = crc32c(bytes(data[:60])).to_bytes(4, "little")
-    kinds = []
-    for at in range(HEADER_BYTES, len(data), rb):
-        kinds.append(int.from_bytes(data[at + 4 : at + 8], "little"))
-        data[at + 4 : at + 8] = (kinds[-1] & 0xFF).to_bytes(4, "little")
-        data[at + payload : at + payload + 4] = crc32c(bytes(data[at : at + payload])).to_bytes(4, "little")
+    kinds, rb = _to_format_1(path, dim), record_bytes(dim)
     assert kinds == [1, 1, 1, 0x101, 1, 0x101, 0x102]  # what format 2 wrote: the last record of each call marked
-    path.write_bytes(bytes(data))
     with se.MemoryBank(path) as bank:
         assert len(bank) == 5 and bank.lookup(ids).found.tolist() == [True, False, True, True, True, True]
         bank.upsert([9, 10], values([9, 10], dim))
@@ -431,3 +442,309 @@ def test_a_second_writer_is_refused_and_creation_leaves_no_temporary_file(tmp_pa
     with se.MemoryBank(path, read_only=True) as reader:
         assert reader.lookup(np.array([1], np.int64)).found.all()
     assert not list(tmp_path.glob("race.bank.tmp-*"))
+
+
+def _flip_bit(path, record: int, dim: int, byte: int = 45) -> None:
+    """One bit flipped inside a record's embedding: what bit rot does to a record in the middle of the file."""
+    data = bytearray(path.read_bytes())
+    data[HEADER_BYTES + record * record_bytes(dim) + byte] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def _recovery(bank) -> tuple:
+    r = bank.recovery
+    return r.damaged_records, r.dropped_records, r.first_damaged_offset, r.tail_bytes
+
+
+def test_a_damaged_record_inside_the_log_costs_only_its_own_write_call(tmp_path):
+    """One flipped bit in an early record (5,000 ids in calls of 10): the records after it are intact,
+    checksummed and at their own seq, so opening skips the damaged record together with the rest of its
+    write call (calls are atomic) and keeps every later call; the file is not cut, and what was dropped is
+    reported (C: slim_bank_recovery_info; Python: bank.recovery and a RuntimeWarning), never silently."""
+    path, dim, per_call = tmp_path / "rot.bank", 256, 10
+    ids, rb = np.arange(5000, dtype=np.int64), record_bytes(dim)
+    with se.MemoryBank(path, dim) as bank:
+        for first in range(0, len(ids), per_call):
+            bank.upsert(ids[first : first + per_call], values(ids[first : first + per_call], dim), model_version=1)
+    clean, size = path.read_bytes(), path.stat().st_size
+
+    _flip_bit(path, 3, dim)  # inside the first call (ids 0-9), not its last record
+    for read_only in (False, True):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            bank = se.MemoryBank(path, read_only=read_only)
+        with bank:
+            assert len(bank) == len(ids) - per_call
+            got = bank.lookup(ids)
+            assert not got.found[:per_call].any() and got.found[per_call:].all()
+            assert np.array_equal(got.embeddings[per_call:], values(ids[per_call:], dim))
+            assert _recovery(bank) == (1, 9, HEADER_BYTES + 3 * rb, 0)
+        assert [w.category for w in caught] == [RuntimeWarning]
+        assert re.search(r"1 damaged record.* 9 intact records of the same write calls", str(caught[0].message))
+    assert path.stat().st_size == size  # the writer cut nothing: the damage is not a tail
+    with pytest.warns(RuntimeWarning), se.MemoryBank(path) as bank:  # a writer appends after the log, damage and all
+        bank.upsert([7], values([7], dim, 2), model_version=2)
+    with pytest.warns(RuntimeWarning), se.MemoryBank(path, read_only=True) as reader:
+        assert len(reader) == len(ids) - per_call + 1 and _recovery(reader) == (1, 9, HEADER_BYTES + 3 * rb, 0)
+        assert np.array_equal(reader.lookup([7]).embeddings, values([7], dim, 2))
+
+    # the damaged record is the last of its call: whether the next record starts a new call cannot be
+    # known, so the next call goes too (never part of a call); the rest is kept
+    path.write_bytes(clean)
+    _flip_bit(path, 19, dim)
+    with pytest.warns(RuntimeWarning), se.MemoryBank(path) as bank:
+        found = bank.lookup(ids).found
+        assert found[:10].all() and not found[10:30].any() and found[30:].all()
+        assert _recovery(bank) == (1, 19, HEADER_BYTES + 19 * rb, 0)
+
+    # a reader's refresh: damage in records a writer appended after the reader opened
+    path.write_bytes(clean[: HEADER_BYTES + 100 * rb])
+    with se.MemoryBank(path, read_only=True) as reader:
+        assert len(reader) == 100
+        with open(path, "ab") as f:
+            rest = bytearray(clean[HEADER_BYTES + 100 * rb :])
+            rest[50 * rb + 45] ^= 0x40  # record 150 (ids 150-159)
+            f.write(bytes(rest))
+        with pytest.warns(RuntimeWarning, match="1 damaged record"):
+            reader.refresh()
+        found = reader.lookup(ids).found
+        assert len(reader) == len(ids) - per_call and not found[150:160].any() and found[160:].all()
+        assert _recovery(reader) == (1, 9, HEADER_BYTES + 150 * rb, 0)
+    path.write_bytes(clean)
+    with se.MemoryBank(path) as bank:  # nothing to report on an intact file
+        assert _recovery(bank) == (0, 0, -1, 0)
+        lib, info = _native.lib(), _native.BankRecovery(struct_size=8)  # a caller's struct too small: refused, not overrun
+        assert lib.slim_status_name(lib.slim_bank_recovery_info(bank._handle, ctypes.byref(info))) == b"SLIM_ERR_INVALID_ARGUMENT"
+        assert b"struct_size must be sizeof(slim_bank_recovery)" in lib.slim_last_error()
+
+
+def test_a_damaged_record_in_a_format_1_bank_costs_only_itself(tmp_path):
+    path, dim = tmp_path / "v1rot.bank", 4
+    ids = np.arange(8, dtype=np.int64)
+    with se.MemoryBank(path, dim) as bank:
+        bank.upsert(ids, values(ids, dim))
+    _to_format_1(path, dim)
+    _flip_bit(path, 2, dim, byte=41)
+    with pytest.warns(RuntimeWarning), se.MemoryBank(path) as bank:  # format 1: every record stands alone
+        assert bank.lookup(ids).found.tolist() == [True, True, False, True, True, True, True, True]
+        assert _recovery(bank) == (1, 0, HEADER_BYTES + 2 * record_bytes(dim), 0)
+
+
+def test_a_forked_child_cannot_write_through_the_writer_it_inherited(tmp_path):
+    """After os.fork() parent and child would append at the same offsets (half the child's or the
+    parent's acknowledged upserts lost). Writes through a handle opened by another process fail clearly;
+    lookups through it keep working (they read the index as it was at the fork)."""
+    path, dim = tmp_path / "fork.bank", 8
+    bank = se.MemoryBank(path, dim)
+    bank.upsert([1, 2], values([1, 2], dim), model_version=1)
+    size = path.stat().st_size
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what each call did, then leave at once (no cleanup of the parent's objects)
+        report = []
+        try:
+            for name, call in (("upsert", lambda: bank.upsert([3], values([3], dim))), ("delete", lambda: bank.delete([1])),
+                               ("flush", bank.flush)):
+                try:
+                    call()
+                    report.append(f"{name}: ok")
+                except se.SlimError as e:
+                    report.append(f"{name}: {e.status} {e}")
+            got = bank.lookup([1, 2, 3])
+            report.append(f"lookup: {got.found.tolist()} {np.array_equal(got.embeddings[:2], values([1, 2], dim))}")
+        except BaseException as e:  # noqa: B036 (anything, reported to the parent)
+            report.append(f"child failed: {e!r}")
+        finally:
+            os.write(write_end, "\n".join(report).encode())
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as f:
+        report = f.read().splitlines()
+    assert os.waitpid(pid, 0)[1] == 0
+    assert len(report) == 4, report
+    for line, name in zip(report, ("upsert", "delete", "flush")):
+        assert line.startswith(f"{name}: SLIM_ERR_INVALID_ARGUMENT") and f"opened by pid {os.getpid()}" in line, line
+        assert "open the bank again" in line, line
+    assert report[3] == "lookup: [True, True, False] True"
+    assert path.stat().st_size == size and len(bank) == 2
+    bank.upsert([3], values([3], dim))  # the parent's handle is unaffected
+    assert bank.lookup([1, 2, 3]).found.all()
+    bank.close()
+
+
+TRUNCATED_READER = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    import slimengine as se
+    path, n, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    bank = se.MemoryBank(path, read_only=True)
+    ids = np.arange(n)
+    assert bank.lookup(ids).found.all()
+    print("ready", flush=True)
+    errors, message, end = 0, "", time.time() + seconds
+    while time.time() < end:
+        try:
+            bank.lookup(ids)
+        except se.SlimError as e:
+            errors, message = errors + 1, f"{e.status} {e}"
+            bank.refresh()
+    print(errors, int(bank.lookup(ids).found.sum()), message, sep="\\n")
+""")
+
+
+def test_a_reader_survives_the_file_being_truncated_under_it(tmp_path):
+    """Rows are read through a shared mapping; when the file shrinks (another program truncates it, or
+    a writer takes back records a reader had indexed) the pages past the new end raise SIGBUS. A lookup
+    that meets one fails with SLIM_ERR_IO telling the reader to refresh, instead of killing the process."""
+    path, dim, per_call = tmp_path / "shrink.bank", 64, 100
+    ids, rb = np.arange(10_000, dtype=np.int64), record_bytes(dim)
+    with se.MemoryBank(path, dim) as bank:
+        for first in range(0, len(ids), per_call):
+            bank.upsert(ids[first : first + per_call], values(ids[first : first + per_call], dim))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-c", TRUNCATED_READER, str(path), str(len(ids)), "1.0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=root)
+    try:
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        os.truncate(path, HEADER_BYTES + 5000 * rb + 100)  # half the records, and part of one
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, f"reader died (returncode {proc.returncode}): {err}"
+    errors, found, message = out.splitlines()
+    assert int(errors) >= 1 and int(found) == 5000
+    assert message.startswith("SLIM_ERR_IO") and "refresh" in message, message
+
+
+def test_a_sigbus_outside_the_bank_still_kills_the_process(tmp_path):
+    """The bank's SIGBUS guard only catches faults inside its own lookups; any other one reaches the
+    handler that was there before (here the default: the process dies)."""
+    script = textwrap.dedent("""
+        import mmap, os, sys
+        import numpy as np
+        import slimengine as se
+        bank = se.MemoryBank(sys.argv[1] + "/b.bank", 4)
+        bank.upsert([1], np.ones((1, 4), np.float32))
+        bank.lookup([1])
+        with open(sys.argv[1] + "/other", "wb") as f:
+            f.write(b"x" * 65536)
+        with open(sys.argv[1] + "/other", "r+b") as f:
+            m = mmap.mmap(f.fileno(), 65536)
+            os.truncate(sys.argv[1] + "/other", 0)
+            print(m[40000], flush=True)
+        print("survived")
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, cwd=root, timeout=60)
+    assert proc.returncode == -signal.SIGBUS and "survived" not in proc.stdout, (proc.returncode, proc.stderr)
+
+
+def _splitmix64_finaliser_inverse(v: np.ndarray) -> np.ndarray:
+    """The ids x whose splitmix64 finaliser (the index hash before keying) is v."""
+    def unxorshift(y, s):
+        x = y.copy()
+        for _ in range(64 // s + 1):
+            x = y ^ (x >> np.uint64(s))
+        return x
+    with np.errstate(over="ignore"):
+        x = unxorshift(v, 31) * np.uint64(pow(0x94D049BB133111EB, -1, 2**64))
+        x = unxorshift(x, 27) * np.uint64(pow(0xBF58476D1CE4E5B9, -1, 2**64))
+        return unxorshift(x, 30) - np.uint64(0x9E3779B97F4A7C15)
+
+
+def test_ids_chosen_to_collide_in_the_index_hash_do_not_make_calls_quadratic(tmp_path):
+    """The index hash was splitmix64's finaliser: invertible, so ids whose hashes share their low 24 bits
+    (every one in the same slot) could be computed, and 160k of them took 14 s to upsert and 28 s to look
+    up. The hash is keyed per bank now: the same ids spread."""
+    with np.errstate(over="ignore"):
+        targets = np.arange(1, 400_000, dtype=np.uint64) << np.uint64(24)
+    ids = _splitmix64_finaliser_inverse(targets)
+    ids = ids[ids < np.uint64(2**63)].astype(np.int64)[:160_000]
+    assert len(ids) == 160_000
+    with np.errstate(over="ignore"):  # the construction is right: all share the old hash's low 24 bits
+        x = ids[:100].astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        assert not ((x ^ (x >> np.uint64(31))) & np.uint64(2**24 - 1)).any()
+    path, dim, limit_s = tmp_path / "collide.bank", 4, 2.0
+    emb = np.ones((10_000, dim), np.float32)
+    with se.MemoryBank(path, dim) as bank:
+        start = time.perf_counter()
+        for first in range(0, len(ids), 10_000):
+            bank.upsert(ids[first : first + 10_000], emb)
+            assert time.perf_counter() - start < limit_s, f"upserts slower than {limit_s} s by {first + 10_000} ids"
+        start = time.perf_counter()
+        for first in range(0, len(ids), 10_000):
+            assert bank.lookup(ids[first : first + 10_000]).found.all()
+            assert time.perf_counter() - start < limit_s, f"lookups slower than {limit_s} s by {first + 10_000} ids"
+    start = time.perf_counter()
+    with se.MemoryBank(path) as bank:
+        assert time.perf_counter() - start < limit_s and len(bank) == len(ids)
+
+
+def test_six_hundred_banks_open_at_once(tmp_path):
+    """Each handle used to reserve 256 GiB of address space: the 510th open failed (128 TiB of user
+    address space). A handle now reserves in proportion to its file."""
+    path, dim = tmp_path / "many.bank", 8
+    writer = se.MemoryBank(path, dim)
+    writer.upsert([1, 2], values([1, 2], dim))
+    readers = []
+    try:
+        for _ in range(600):
+            readers.append(se.MemoryBank(path, read_only=True))
+        writer.upsert([3], values([3], dim))
+        for reader in readers[::50]:
+            reader.refresh()
+            assert np.array_equal(reader.lookup([1, 2, 3]).embeddings, values([1, 2, 3], dim))
+    finally:
+        for reader in readers:
+            reader.close()
+        writer.close()
+
+
+LIMITED_ADDRESS_SPACE = textwrap.dedent("""
+    import resource, sys, threading
+    import numpy as np
+    import slimengine as se
+    from tests.test_lemur_bank import values
+    path, dim = sys.argv[1], 256
+    limit = 2 << 30
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    bank = se.MemoryBank(path, dim)
+    stop, bad, checked = threading.Event(), [], [0]
+
+    def reader():  # lookups from another thread while the writer's mapping grows (is moved) under it
+        rng = np.random.default_rng(0)
+        while not stop.is_set():
+            n = len(bank)
+            if n == 0:
+                continue
+            ids = rng.integers(0, n, 512)
+            got = bank.lookup(ids)
+            bad.append(int((~got.found).sum()) + int((got.embeddings != values(ids, dim)).any(axis=1).sum()))
+            checked[0] += len(ids)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    batch = 10_000
+    for first in range(0, 200_000, batch):  # 214 MB: past the first reservation (64 MiB) several times
+        ids = np.arange(first, first + batch)
+        bank.upsert(ids, values(ids, dim))
+    stop.set()
+    thread.join()
+    bank.close()
+    with se.MemoryBank(path, read_only=True) as again:
+        ids = np.arange(200_000)
+        got = again.lookup(ids)
+        assert got.found.all() and np.array_equal(got.embeddings, values(ids, dim))
+    print(sum(bad), checked[0])
+""")
+
+
+def test_a_bank_grows_past_its_first_reservation_under_a_2_gib_address_space_limit(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", LIMITED_ADDRESS_SPACE, str(tmp_path / "grow.bank")], capture_output=True, text=True,
+                          cwd=root, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    bad, checked = (int(x) for x in proc.stdout.split())
+    assert bad == 0 and checked > 0

@@ -277,12 +277,16 @@ typedef struct slim_bank_params {
 SLIM_API slim_bank_params slim_bank_default_params(void);
 
 /* Open (or create) the bank file at `path` (format: docs/memory-bank.md). A torn tail left by a
- * crash is dropped (a writer truncates it); opening never fails because of one. One writer per file
- * at a time, across processes. On success *out owns the bank (free with slim_bank_close).
+ * crash is dropped (a writer truncates it); opening never fails because of one. A damaged record
+ * inside the log (bit rot) is skipped with the rest of its write call, every later call is kept, and
+ * slim_bank_recovery_info reports it: check it after opening. One writer per file at a time, across
+ * processes; only the process that opened a handle may write through it (after fork(), open the bank
+ * again in the child). On success *out owns the bank (free with slim_bank_close).
  * Status: INVALID_ARGUMENT, IO (missing, locked by another writer, not a bank file), SHAPE (dim mismatch). */
 SLIM_API slim_status slim_bank_open(const char* path, const slim_bank_params* params, slim_bank** out);
-/* Close a bank (releasing the writer lock), after waiting for calls running on it in other threads
- * (lookups, an embed or score reading it). NULL is accepted. */
+/* Close a bank (releasing the writer lock; a forked child's inherited handle holds it too until
+ * closed), after waiting for calls running on it in other threads (lookups, an embed or score
+ * reading it). NULL is accepted. */
 SLIM_API void slim_bank_close(slim_bank* bank);
 /* Embedding width, and the number of document ids present. */
 SLIM_API int32_t slim_bank_dim(const slim_bank* bank);
@@ -292,23 +296,36 @@ SLIM_API int64_t slim_bank_count(const slim_bank* bank);
  * `embeddings` float32 [N, dim] finite, recording `model_version` and the current time. Readers see
  * all N at once when the call returns; on an error none is written, and a crash inside the call loses
  * all N (a version-1 bank file may keep a prefix of them, never a torn one). Status: INVALID_ARGUMENT
- * (read-only bank, negative id), SHAPE, DTYPE, NUMERICS, IO. */
+ * (read-only bank, a handle opened by another process (fork), negative id), SHAPE, DTYPE, NUMERICS, IO. */
 SLIM_API slim_status slim_bank_upsert(slim_bank* bank, const slim_tensor* ids, const slim_tensor* embeddings, uint32_t model_version);
 /* Delete `ids` (int64 [N]); absent ids are ignored. *deleted (may be NULL): how many were present.
- * Status: INVALID_ARGUMENT, SHAPE, DTYPE, IO. */
+ * Status: INVALID_ARGUMENT (as upsert), SHAPE, DTYPE, IO. */
 SLIM_API slim_status slim_bank_delete(slim_bank* bank, const slim_tensor* ids, int64_t* deleted);
 /* Bulk lookup of `ids` (int64 [N]): embeddings_out float32 [N, dim] (a missing id's row is zeros),
  * write_times_out int64 [N] (microseconds since the Unix epoch, -1 when missing) and
  * model_versions_out int64 [N] (-1 when missing); either of the last two may be NULL. *found (may
- * be NULL): how many ids were present. Status: INVALID_ARGUMENT, SHAPE, DTYPE. */
+ * be NULL): how many ids were present. Status: INVALID_ARGUMENT, SHAPE, DTYPE, IO (the file was truncated
+ * under this handle, below records it had indexed: refresh a read-only handle, or reopen; outputs undefined). */
 SLIM_API slim_status slim_bank_lookup(const slim_bank* bank, const slim_tensor* ids, const slim_tensor* embeddings_out,
                                       const slim_tensor* write_times_out, const slim_tensor* model_versions_out, int64_t* found);
-/* fdatasync the file: every earlier write then survives a power loss. Status: IO. */
+/* fdatasync the file: every earlier write then survives a power loss. Status: IO, INVALID_ARGUMENT (as upsert). */
 SLIM_API slim_status slim_bank_flush(slim_bank* bank);
 /* Read-only banks: index the write calls a writer completed since open or the last refresh (a call
  * still being written comes whole at a later refresh). *added (may be NULL): how many records; 0 on
  * the writer's own handle, which is always current. Status: INVALID_ARGUMENT, IO. */
 SLIM_API slim_status slim_bank_refresh(slim_bank* bank, int64_t* added);
+
+/* What the scans of a bank handle found and left out: at open, and for a read-only handle up to its
+ * last refresh (docs/memory-bank.md, "Damage"). ABI 0.2. */
+typedef struct slim_bank_recovery {
+    uint32_t struct_size;         /* set by the caller: sizeof(slim_bank_recovery) */
+    int64_t damaged_records;      /* records inside the log that failed their checks (bit rot): skipped */
+    int64_t dropped_records;      /* intact records skipped with them: the rest of the write calls they may belong to */
+    int64_t first_damaged_offset; /* byte offset of the first damaged record; -1: none */
+    int64_t tail_bytes;           /* at open: bytes after the last whole write call (a call a crash cut short); a writer truncated them */
+} slim_bank_recovery;
+/* Fills *out. Status: INVALID_ARGUMENT (NULL, struct_size too small). */
+SLIM_API slim_status slim_bank_recovery_info(const slim_bank* bank, slim_bank_recovery* out);
 
 /* ---- LEMUR: embed and score ---- */
 

@@ -743,6 +743,21 @@ slim_status slim_bank_flush(slim_bank* bank) {
     });
 }
 
+slim_status slim_bank_recovery_info(const slim_bank* bank, slim_bank_recovery* out) {
+    if (!bank) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_bank_recovery_info: bank is NULL");
+    if (!out) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_bank_recovery_info: out is NULL");
+    if (out->struct_size < sizeof(slim_bank_recovery))
+        return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_bank_recovery.struct_size must be sizeof(slim_bank_recovery)");
+    return guarded([&] {
+        slim::GateEntry use(bank->gate, "slim_bank_recovery_info: the bank", false);
+        const slim::BankRecovery r = bank->bank->recovery();
+        out->damaged_records = static_cast<int64_t>(r.damaged_records);
+        out->dropped_records = static_cast<int64_t>(r.dropped_records);
+        out->first_damaged_offset = r.first_damaged_offset;
+        out->tail_bytes = static_cast<int64_t>(r.tail_bytes);
+    });
+}
+
 slim_status slim_bank_refresh(slim_bank* bank, int64_t* added) {
     if (!bank) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_bank_refresh: bank is NULL");
     return guarded([&] {

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <sys/file.h>
 #include <sys/mman.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -10,8 +11,11 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <csetjmp>
+#include <csignal>
 #include <cstring>
 #include <functional>
+#include <mutex>
 
 #include "error.hpp"
 
@@ -28,14 +32,6 @@ constexpr uint32_t kFileVersion = 2;           // 2: write calls end at a record
 constexpr uint32_t kRecordMagic = 0x52424C53;  // "SLBR"
 constexpr uint32_t kUpsert = 1, kDelete = 2;
 constexpr size_t kRecordHead = 40;  // magic, kind, seq, id, write_time, model_version, dim
-
-struct RecordHead {
-    uint32_t magic, kind;
-    uint64_t seq;
-    int64_t id, write_time_us;
-    uint32_t model_version, dim;
-};
-static_assert(sizeof(RecordHead) == kRecordHead, "record head is 40 bytes");
 
 struct FileHeader {
     char magic[8];
@@ -86,11 +82,60 @@ uint32_t crc32c(const uint8_t* p, size_t n) {
 
 uint64_t record_bytes_for(int dim) { return (kRecordHead + 4 * uint64_t(dim) + 4 + 7) / 8 * 8; }
 
-uint64_t mix(int64_t id) {  // splitmix64's finaliser: ids are often sequential
-    uint64_t x = static_cast<uint64_t>(id) + 0x9E3779B97F4A7C15ull;
+uint64_t mix(uint64_t x) {  // splitmix64's finaliser: ids are often sequential
+    x += 0x9E3779B97F4A7C15ull;
     x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
     x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
     return x ^ (x >> 31);
+}
+
+// The index hash's key. The finaliser alone is invertible: ids could be computed whose hashes share
+// their low bits, all in one probe run, making every call quadratic. Under a secret key they cannot.
+uint64_t random_key() {
+    uint64_t key = 0;
+    if (::getrandom(&key, sizeof(key), GRND_NONBLOCK) != static_cast<ssize_t>(sizeof(key))) {  // no entropy yet: as good as we can
+        static std::atomic<uint64_t> serial{0};
+        key = mix(static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()) ^
+                  (static_cast<uint64_t>(::getpid()) << 32) ^ reinterpret_cast<uintptr_t>(&key) ^ serial++);
+    }
+    return key;
+}
+
+// Lookups read rows through a shared mapping of the file. When the file shrinks under it (another
+// program truncates it, or a writer takes back records a reader had indexed), reading a page past the
+// new end raises SIGBUS, which would kill the process. A lookup copies under a guard instead: a SIGBUS
+// in its thread while the guard is set jumps back, and the lookup fails with SLIM_ERR_IO. Any other
+// SIGBUS goes on to the handler installed before this one. (initial-exec: the handler must not
+// allocate the thread-local.)
+__attribute__((tls_model("initial-exec"))) thread_local sigjmp_buf* copy_guard = nullptr;
+struct sigaction previous_sigbus{};
+
+void on_sigbus(int sig, siginfo_t* info, void* context) {
+    if (sigjmp_buf* guard = copy_guard) {
+        copy_guard = nullptr;
+        siglongjmp(*guard, 1);
+    }
+    if (previous_sigbus.sa_flags & SA_SIGINFO) {
+        previous_sigbus.sa_sigaction(sig, info, context);
+    } else if (previous_sigbus.sa_handler != SIG_DFL && previous_sigbus.sa_handler != SIG_IGN) {
+        previous_sigbus.sa_handler(sig);
+    } else if (previous_sigbus.sa_handler == SIG_DFL || info->si_code > 0) {  // a fault cannot be ignored: the default, the process ends
+        struct sigaction fallback{};
+        fallback.sa_handler = SIG_DFL;
+        ::sigaction(SIGBUS, &fallback, nullptr);
+        ::raise(SIGBUS);
+    }
+}
+
+void install_sigbus_guard() {
+    static std::once_flag once;
+    std::call_once(once, [] {
+        struct sigaction action{};
+        action.sa_sigaction = on_sigbus;
+        action.sa_flags = SA_SIGINFO | SA_NODEFER;  // NODEFER: SIGBUS is not left blocked after the jump out
+        sigemptyset(&action.sa_mask);
+        ::sigaction(SIGBUS, &action, &previous_sigbus);
+    });
 }
 
 [[noreturn]] void io_error(const std::string& path, const std::string& what, int err = 0) {
@@ -136,8 +181,16 @@ void create_file(const std::string& path, int dim) {
 
 }  // namespace
 
+struct MemoryBank::RecordHead {
+    uint32_t magic, kind;
+    uint64_t seq;
+    int64_t id, write_time_us;
+    uint32_t model_version, dim;
+};
+static_assert(sizeof(MemoryBank::RecordHead) == kRecordHead, "record head is 40 bytes");
+
 MemoryBank::MemoryBank(const std::string& path, const BankOptions& options)
-    : path_(path), read_only_(options.read_only), sync_writes_(options.sync_writes) {
+    : path_(path), read_only_(options.read_only), sync_writes_(options.sync_writes), owner_pid_(::getpid()), hash_key_(random_key()) {
     if (options.dim < 0 || options.dim > kMaxDim)
         throw Error(SLIM_ERR_INVALID_ARGUMENT, "memory bank: dim must be in [1, " + std::to_string(kMaxDim) + "]");
     struct stat st{};
@@ -170,32 +223,73 @@ MemoryBank::MemoryBank(const std::string& path, const BankOptions& options)
                                             std::to_string(options.dim) + "-d");
         dim_ = static_cast<int>(h.dim);
         record_bytes_ = h.record_bytes;
-        // The whole address range is reserved once, so the mapping never moves while readers use it;
-        // pages past the end of the file are never touched (the index only names complete records).
-        void* map = ::mmap(nullptr, kMaxFileBytes, PROT_READ, MAP_SHARED, fd_, 0);
-        if (map == MAP_FAILED) io_error(path, "cannot map", errno);
-        map_ = static_cast<uint8_t*>(map);
+        install_sigbus_guard();
         slots_.assign(1024, Slot{kEmpty, 0});
         if (::fstat(fd_, &st) != 0) io_error(path, "cannot stat", errno);
-        uint64_t size = std::min<uint64_t>(st.st_size, kMaxFileBytes);
-        uint64_t end = scan(kHeaderBytes, size);
-        dropped_bytes_ = size - end;
+        const uint64_t size = static_cast<uint64_t>(st.st_size);
+        map_at_least(size);
+        const uint64_t end = scan(size);
+        recovery_.tail_bytes = size - end;
         // A writer cuts off what a crash left after the last whole call (an unfinished call, a torn
         // record), and appends after it. A reader keeps an unfinished call's records for its next refresh.
-        if (!read_only_) pending_.clear();
-        if (!read_only_ && end < static_cast<uint64_t>(st.st_size)) {
+        if (!read_only_) {
+            pending_.clear();
+            span_ = 0;
+        }
+        if (!read_only_ && end < size) {
             if (::ftruncate(fd_, static_cast<off_t>(end)) != 0 || ::fsync(fd_) != 0) io_error(path, "cannot truncate a torn tail", errno);
         }
     } catch (...) {
-        if (map_) ::munmap(map_, kMaxFileBytes);
+        if (map_) ::munmap(map_, map_bytes_);
         ::close(fd_);
         throw;
     }
 }
 
 MemoryBank::~MemoryBank() {
-    if (map_) ::munmap(map_, kMaxFileBytes);
-    if (fd_ >= 0) ::close(fd_);  // also releases the writer's lock
+    if (map_) ::munmap(map_, map_bytes_);
+    if (fd_ >= 0) ::close(fd_);  // releases the writer's lock (in a forked child: only its reference to it)
+}
+
+BankRecovery MemoryBank::recovery() const {
+    std::shared_lock lock(index_mutex_);
+    return recovery_;
+}
+
+void MemoryBank::map_at_least(uint64_t bytes) {
+    if (bytes <= map_bytes_) return;
+    const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+    auto pages = [&](uint64_t b) { return (b + page - 1) / page * page; };
+    // Twice what is needed where the address space allows: a growing file is then mapped again only
+    // each time it doubles. Pages past the end of the file are never touched (the index only names
+    // complete records), so the reservation costs address space, not memory.
+    for (uint64_t want : {pages(std::max(kMinMapBytes, 2 * bytes)), pages(bytes)}) {
+        void* map = map_ ? ::mremap(map_, map_bytes_, want, MREMAP_MAYMOVE) : ::mmap(nullptr, want, PROT_READ, MAP_SHARED, fd_, 0);
+        if (map != MAP_FAILED) {
+            map_ = static_cast<uint8_t*>(map);
+            map_bytes_ = want;
+            return;
+        }
+    }
+    io_error(path_, "cannot map " + std::to_string(bytes) + " bytes", errno);
+}
+
+void MemoryBank::map_records(uint64_t records) {
+    const uint64_t end = kHeaderBytes + records * record_bytes_;
+    if (end <= map_bytes_) return;        // map_bytes_ changes only under write_mutex_, which the caller holds
+    std::unique_lock lock(index_mutex_);  // lookups read through the mapping: none runs while it moves
+    map_at_least(end);
+}
+
+void MemoryBank::check_writable() const {
+    if (read_only_) throw Error(SLIM_ERR_INVALID_ARGUMENT, "memory bank " + path_ + " is open read-only");
+    const pid_t pid = ::getpid();
+    if (pid != owner_pid_)
+        throw Error(SLIM_ERR_INVALID_ARGUMENT,
+                    "memory bank " + path_ + " was opened by pid " + std::to_string(owner_pid_) + "; this is pid " + std::to_string(pid) +
+                        ", a process forked from it, which may not write through the handle it inherited (both would append at the "
+                        "same offsets). In a forked process open the bank again (read_only for a reader; one writer per bank), and "
+                        "close the inherited handle: it holds the writer lock as long as it is open");
 }
 
 int64_t MemoryBank::count() const {
@@ -203,10 +297,12 @@ int64_t MemoryBank::count() const {
     return static_cast<int64_t>(live_);
 }
 
+uint64_t MemoryBank::hash(int64_t id) const { return mix(static_cast<uint64_t>(id) ^ hash_key_); }
+
 const MemoryBank::Slot* MemoryBank::find(int64_t id) const {
     if (id < 0) return nullptr;
     const size_t mask = slots_.size() - 1;
-    for (size_t i = mix(id) & mask;; i = (i + 1) & mask) {
+    for (size_t i = hash(id) & mask;; i = (i + 1) & mask) {
         const Slot& s = slots_[i];
         if (s.id == id) return &s;
         if (s.id == kEmpty) return nullptr;
@@ -217,7 +313,7 @@ void MemoryBank::insert(int64_t id, uint64_t record) {
     if ((used_ + 1) * 10 > slots_.size() * 7) grow();
     const size_t mask = slots_.size() - 1;
     size_t reuse = SIZE_MAX;
-    for (size_t i = mix(id) & mask;; i = (i + 1) & mask) {
+    for (size_t i = hash(id) & mask;; i = (i + 1) & mask) {
         Slot& s = slots_[i];
         if (s.id == id) {
             s.record = record;
@@ -254,53 +350,116 @@ void MemoryBank::grow() {
         if (s.id >= 0) insert(s.id, s.record);
 }
 
-uint64_t MemoryBank::scan(uint64_t from, uint64_t size) {
+uint64_t MemoryBank::scan(uint64_t size) {
     // Read with pread, not through the mapping: past the log, a writer may be truncating the file
     // (its open or close), and a read there must come back short instead of faulting.
-    const size_t payload = kRecordHead + 4 * static_cast<size_t>(dim_);
     std::vector<uint8_t> chunk(std::max<uint64_t>(1, (uint64_t(4) << 20) / record_bytes_) * record_bytes_);
     // A call's records are indexed together once its marked last record is found: a call cut short by
-    // a crash, or still being written by another process, is not indexed at all.
-    auto end_of_calls = [&] { return kHeaderBytes + records_ * record_bytes_; };
-    uint64_t offset = from;
+    // a crash, or still being written by another process, is not indexed at all. A record that fails
+    // its checks does not end the log: every record sits at its own seq with its own checksum, so the
+    // scan goes on, and the span from the last whole call to the next call end is dropped (end_span).
+    uint64_t offset = kHeaderBytes + (records_ + span_) * record_bytes_;
     while (offset + record_bytes_ <= size) {
         const size_t want = static_cast<size_t>(std::min<uint64_t>(chunk.size(), (size - offset) / record_bytes_ * record_bytes_));
         ssize_t got;
         do got = ::pread(fd_, chunk.data(), want, static_cast<off_t>(offset));
         while (got < 0 && errno == EINTR);
+        if (got < 0) io_error(path_, "cannot read", errno);  // not the end of the log: a writer must not truncate there
         const size_t whole = got > 0 ? static_cast<size_t>(got) / record_bytes_ * record_bytes_ : 0;
         for (size_t at = 0; at < whole; at += record_bytes_) {
             const uint8_t* r = chunk.data() + at;
+            const uint64_t position = records_ + span_;
             RecordHead h;
-            std::memcpy(&h, r, sizeof(h));
             uint32_t crc;
-            std::memcpy(&crc, r + payload, 4);
-            const uint32_t kind = h.kind & ~(marked_calls_ ? kEndOfCall : 0);
-            if (h.magic != kRecordMagic || (kind != kUpsert && kind != kDelete) || h.seq != records_ + pending_.size() ||
-                h.dim != static_cast<uint32_t>(dim_) || h.id < 0 || crc != crc32c(r, payload))
-                return end_of_calls();  // the first torn or foreign record ends the log, with the call it is part of
-            pending_.push_back(kind == kUpsert ? h.id : -1 - h.id);
+            ++span_;
+            if (!valid_record(r, position, &h, &crc)) {
+                if (span_damaged_++ == 0) span_first_damaged_ = position;  // torn, or damaged: the next records tell which
+                continue;
+            }
+            pending_.push_back((h.kind & ~kEndOfCall) == kUpsert ? h.id : -1 - h.id);
             pending_crc_ = crc;
             if (marked_calls_ && !(h.kind & kEndOfCall)) continue;
-            for (int64_t entry : pending_) {
-                if (entry >= 0)
-                    insert(entry, records_);
-                else
-                    erase(-1 - entry);
-                ++records_;
+            if (span_damaged_ && !damage_persists()) {  // read while a writer rewrote those records: not damage, read again later
+                pending_.clear();
+                span_ = span_damaged_ = 0;
+                return kHeaderBytes + records_ * record_bytes_;
             }
-            pending_.clear();
-            last_crc_ = crc;
+            end_span(crc);
         }
         offset += whole;
         if (whole < want) break;  // the file ended early (truncated while we read)
     }
-    return end_of_calls();
+    // Damaged records with no valid call end after them are a torn tail (a crash mid-write), or a call
+    // another process is still writing: left out, and checked again from the last whole call next time.
+    if (span_damaged_) {
+        pending_.clear();
+        span_ = span_damaged_ = 0;
+    }
+    return kHeaderBytes + records_ * record_bytes_;
+}
+
+bool MemoryBank::valid_record(const uint8_t* r, uint64_t position, RecordHead* h, uint32_t* crc) const {
+    const size_t payload = kRecordHead + 4 * static_cast<size_t>(dim_);
+    std::memcpy(h, r, sizeof(*h));
+    std::memcpy(crc, r + payload, 4);
+    const uint32_t kind = h->kind & ~(marked_calls_ ? kEndOfCall : 0);
+    return h->magic == kRecordMagic && (kind == kUpsert || kind == kDelete) && h->seq == position &&
+           h->dim == static_cast<uint32_t>(dim_) && h->id >= 0 && *crc == crc32c(r, payload);
+}
+
+bool MemoryBank::damage_persists() const {
+    // A scan can read a record half before and half after a writer took its failed call back and wrote
+    // another in its place (a read is not atomic against writes). Real damage is still there when read again.
+    const uint64_t end = records_ + span_;
+    std::vector<uint8_t> chunk(std::min<uint64_t>(end - span_first_damaged_, std::max<uint64_t>(1, (uint64_t(4) << 20) / record_bytes_)) *
+                               record_bytes_);
+    uint64_t damaged = 0;
+    for (uint64_t position = span_first_damaged_; position < end;) {
+        const uint64_t n = std::min<uint64_t>(end - position, chunk.size() / record_bytes_);
+        const ssize_t want = static_cast<ssize_t>(n * record_bytes_);
+        ssize_t got;
+        do got = ::pread(fd_, chunk.data(), static_cast<size_t>(want), static_cast<off_t>(kHeaderBytes + position * record_bytes_));
+        while (got < 0 && errno == EINTR);
+        if (got < 0) io_error(path_, "cannot read", errno);
+        if (got != want) return false;  // the file was cut back meanwhile
+        for (uint64_t i = 0; i < n; ++i, ++position) {
+            RecordHead h;
+            uint32_t crc;
+            damaged += !valid_record(chunk.data() + i * record_bytes_, position, &h, &crc);
+        }
+    }
+    return damaged == span_damaged_;
+}
+
+void MemoryBank::end_span(uint32_t crc) {
+    if (span_damaged_) {
+        recovery_.damaged_records += span_damaged_;
+        if (recovery_.first_damaged_offset < 0)
+            recovery_.first_damaged_offset = static_cast<int64_t>(kHeaderBytes + span_first_damaged_ * record_bytes_);
+    }
+    if (span_damaged_ && marked_calls_) {
+        // Calls are atomic, and a damaged record's kind (where its call ends) cannot be trusted: every
+        // valid record from the last whole call to this call end goes with it. That can include one
+        // intact call, when the damaged record was the last of its own call.
+        recovery_.dropped_records += pending_.size();
+    } else {  // a whole call (format 1: one record, after any damaged ones)
+        const uint64_t first = records_ + span_ - pending_.size();
+        for (size_t i = 0; i < pending_.size(); ++i) {
+            if (pending_[i] >= 0)
+                insert(pending_[i], first + i);
+            else
+                erase(-1 - pending_[i]);
+        }
+    }
+    records_ += span_;
+    pending_.clear();
+    span_ = span_damaged_ = 0;
+    last_crc_ = crc;
 }
 
 void MemoryBank::append(size_t count, const std::function<void(uint8_t*, size_t)>& fill) {
-    const uint64_t start = kHeaderBytes + records_ * record_bytes_, bytes = count * record_bytes_;
-    if (start + bytes > kMaxFileBytes) io_error(path_, "would grow past its 256 GiB limit; nothing was written");
+    const uint64_t start = kHeaderBytes + records_ * record_bytes_;
+    map_records(records_ + count);  // before any write: a failure leaves nothing written
     // Records are built in a reused staging buffer and written with pwrite: whole new page-cache
     // pages are filled by the copy, which costs far less than faulting zeroed pages into a mapping.
     const size_t per_chunk = std::max<size_t>(1, (size_t(8) << 20) / record_bytes_);
@@ -342,7 +501,7 @@ void MemoryBank::write_record(uint8_t* r, uint64_t seq, uint32_t kind, int64_t i
 }
 
 void MemoryBank::upsert(const int64_t* ids, const float* embeddings, size_t n, uint32_t model_version, int64_t write_time_us) {
-    if (read_only_) throw Error(SLIM_ERR_INVALID_ARGUMENT, "memory bank " + path_ + " is open read-only");
+    check_writable();
     std::lock_guard<std::mutex> writer(write_mutex_);
     append(n, [&](uint8_t* r, size_t i) {
         write_record(r, records_ + i, kUpsert | end_mark(i, n), ids[i], write_time_us, model_version,
@@ -354,7 +513,7 @@ void MemoryBank::upsert(const int64_t* ids, const float* embeddings, size_t n, u
 }
 
 size_t MemoryBank::remove(const int64_t* ids, size_t n) {
-    if (read_only_) throw Error(SLIM_ERR_INVALID_ARGUMENT, "memory bank " + path_ + " is open read-only");
+    check_writable();
     std::lock_guard<std::mutex> writer(write_mutex_);
     const int64_t now = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::system_clock::now().time_since_epoch()).count();
     std::vector<int64_t> present(ids, ids + n);
@@ -374,6 +533,18 @@ size_t MemoryBank::remove(const int64_t* ids, size_t n) {
 
 size_t MemoryBank::lookup(const int64_t* ids, size_t n, float* out, int64_t* write_times, int64_t* model_versions) const {
     std::shared_lock lock(index_mutex_);
+    sigjmp_buf guard;
+    if (sigsetjmp(guard, 0) != 0)  // a SIGBUS in copy_rows: the file no longer holds a record the index names
+        io_error(path_,
+                 "the file is shorter than the records this handle has indexed (it was truncated under it, or a writer took "
+                 "records back): call refresh() on a read-only handle, or open the bank again");
+    copy_guard = &guard;
+    const size_t found = copy_rows(ids, n, out, write_times, model_versions);
+    copy_guard = nullptr;
+    return found;
+}
+
+size_t MemoryBank::copy_rows(const int64_t* ids, size_t n, float* out, int64_t* write_times, int64_t* model_versions) const noexcept {
     const size_t mask = slots_.size() - 1, row = 4 * static_cast<size_t>(dim_);
     // Random ids miss every cache: a two-stage prefetch keeps many misses in flight, first the index
     // slot of a later id, then (once that slot is cached) the record it points to.
@@ -381,7 +552,7 @@ size_t MemoryBank::lookup(const int64_t* ids, size_t n, float* out, int64_t* wri
     const size_t record_span = kRecordHead + row;
     size_t found = 0;
     for (size_t i = 0; i < n; ++i) {
-        if (i + kSlotAhead < n && ids[i + kSlotAhead] >= 0) __builtin_prefetch(&slots_[mix(ids[i + kSlotAhead]) & mask]);
+        if (i + kSlotAhead < n && ids[i + kSlotAhead] >= 0) __builtin_prefetch(&slots_[hash(ids[i + kSlotAhead]) & mask]);
         if (i + kRecordAhead < n)
             if (const Slot* ahead = find(ids[i + kRecordAhead]))
                 for (size_t line = 0; line < record_span; line += 64) __builtin_prefetch(record_at(ahead->record) + line);
@@ -405,6 +576,7 @@ size_t MemoryBank::lookup(const int64_t* ids, size_t n, float* out, int64_t* wri
 
 void MemoryBank::flush() {
     if (read_only_) return;
+    check_writable();
     std::lock_guard<std::mutex> writer(write_mutex_);
     if (::fdatasync(fd_) != 0) io_error(path_, "fdatasync failed", errno);
 }
@@ -420,21 +592,27 @@ size_t MemoryBank::refresh() {
     std::lock_guard<std::mutex> writer(write_mutex_);
     struct stat st{};
     if (::fstat(fd_, &st) != 0) io_error(path_, "cannot stat", errno);
-    const uint64_t size = std::min<uint64_t>(st.st_size, kMaxFileBytes), before = records_;
+    const uint64_t size = static_cast<uint64_t>(st.st_size), before = records_;
     std::unique_lock lock(index_mutex_);
+    map_at_least(size);
     // A writer takes records back only after a failed write, and may then write others in their place.
     // The checksum of the last record indexed (it holds its seq and write time) tells whether it is still there.
     if (records_ > 0 && !record_unchanged(records_ - 1, last_crc_, size)) {  // index again from the start
         slots_.assign(1024, Slot{kEmpty, 0});
         live_ = used_ = 0;
-        records_ = 0;
+        records_ = span_ = span_damaged_ = 0;
         pending_.clear();
-        scan(kHeaderBytes, size);
+        const uint64_t tail_bytes = recovery_.tail_bytes;
+        recovery_ = BankRecovery{};
+        recovery_.tail_bytes = tail_bytes;
+        scan(size);
         return records_;
     }
-    if (!pending_.empty() && !record_unchanged(records_ + pending_.size() - 1, pending_crc_, size))
-        pending_.clear();  // the unfinished call seen last time was taken back
-    scan(kHeaderBytes + (records_ + pending_.size()) * record_bytes_, size);
+    if (span_ > 0 && !record_unchanged(records_ + span_ - 1, pending_crc_, size)) {  // the unfinished call seen last time was taken back
+        pending_.clear();
+        span_ = 0;
+    }
+    scan(size);
     return records_ - before;
 }
 

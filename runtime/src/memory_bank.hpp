@@ -3,11 +3,16 @@
 // The file is an append-only log of fixed-size, checksummed records after a checksummed header
 // (docs/memory-bank.md). The last record of each write call is marked, and a scan indexes a call's
 // records only once it has found that mark: a crash (kill -9) loses at most the calls that had not
-// returned, never part of one; a writer truncates that torn tail. The id -> record index lives in memory; records are appended with pwrite
-// (in the page cache once it returns: a killed process loses nothing it completed) and embeddings are read from a read-only shared mapping
-// of the file. One writer per file (an exclusive flock); any number of read-only handles, in this process or others, pick up the writer's
-// appends with refresh().
+// returned, never part of one; a writer truncates that torn tail. A damaged record inside the log (bit
+// rot) costs only the write call it belongs to: the scan goes on past it, and reports it (recovery()).
+// The id -> record index lives in memory, under a per-bank random hash key; records are appended with
+// pwrite (in the page cache once it returns: a killed process loses nothing it completed) and embeddings
+// are read from a read-only shared mapping of the file, sized to the file and moved as it grows. One
+// writer per file (an exclusive flock), usable only by the process that opened it; any number of
+// read-only handles, in this process or others, pick up the writer's appends with refresh().
 #pragma once
+
+#include <sys/types.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -26,10 +31,18 @@ struct BankOptions {
     bool sync_writes = false;  // fdatasync after every write call (power-loss durability)
 };
 
+// What the scans of a handle found and left out (docs/memory-bank.md, "Damage").
+struct BankRecovery {
+    uint64_t damaged_records = 0;       // records inside the log that failed their checks (bit rot): skipped
+    uint64_t dropped_records = 0;       // intact records skipped with them: the rest of the write calls they may belong to
+    int64_t first_damaged_offset = -1;  // byte offset of the first damaged record; -1: none
+    uint64_t tail_bytes = 0;            // at open: bytes after the last whole call (a call a crash cut short); a writer truncated them
+};
+
 class MemoryBank {
   public:
     static constexpr int kMaxDim = 65536;
-    static constexpr uint64_t kMaxFileBytes = uint64_t(1) << 38;  // 256 GiB: the reserved mapping
+    static constexpr uint64_t kMinMapBytes = uint64_t(64) << 20;  // the smallest address range a handle reserves
 
     // Throws Error: IO (cannot create/open/lock, not a bank file), SHAPE (dim mismatch), INVALID_ARGUMENT.
     MemoryBank(const std::string& path, const BankOptions& options);
@@ -40,10 +53,11 @@ class MemoryBank {
     int dim() const { return dim_; }
     bool read_only() const { return read_only_; }
     int64_t count() const;
-    // Bytes after the last whole call (an unfinished call, a torn record) found when the file was
-    // opened; a writer truncated them.
-    uint64_t dropped_bytes() const { return dropped_bytes_; }
+    // Damage found by the scans (open; a read-only handle's refreshes), and the torn tail found at open.
+    BankRecovery recovery() const;
 
+    // Writes (upsert, remove, flush) throw Error(INVALID_ARGUMENT) on a read-only handle and in any
+    // process but the one that opened the bank (a forked child would append at the parent's offsets).
     // Arguments are validated by the caller (ids >= 0, n * dim finite floats). Appends one record
     // per id; the index changes only once every record is complete.
     void upsert(const int64_t* ids, const float* embeddings, size_t n, uint32_t model_version, int64_t write_time_us);
@@ -51,11 +65,15 @@ class MemoryBank {
     size_t remove(const int64_t* ids, size_t n);
     // For each id: its embedding into out[i * dim] (zeros when missing), its write time (-1 when
     // missing) and model version (-1 when missing); either array may be null. Returns the found count.
+    // Throws Error(IO) when the file has become shorter than the records the index names (truncated
+    // under this handle): a read-only handle then refresh()es.
     size_t lookup(const int64_t* ids, size_t n, float* out, int64_t* write_times, int64_t* model_versions) const;
     void flush();
     // Read-only handles: index the calls appended since the last scan (all again from the start when
     // the writer took back records this handle had indexed); returns how many records.
     size_t refresh();
+
+    struct RecordHead;  // a record's first 40 bytes (memory_bank.cpp)
 
   private:
     struct Slot {
@@ -64,15 +82,31 @@ class MemoryBank {
     };
     static constexpr int64_t kEmpty = -1, kDeleted = -2;
 
+    uint64_t hash(int64_t id) const;
     const Slot* find(int64_t id) const;
     void insert(int64_t id, uint64_t record);
     bool erase(int64_t id);
     void grow();
+    void check_writable() const;
+    // Maps at least `bytes` of the file (twice that where it can, so a growing file is mapped again
+    // only now and then). Moves the mapping: the caller holds index_mutex_ exclusively, or constructs.
+    void map_at_least(uint64_t bytes);
+    // Writer: makes the mapping cover `records` records before they are written (exclusive lock if it moves).
+    void map_records(uint64_t records);
+    // lookup's copies out of the mapping, run under the SIGBUS guard; no C++ object with a destructor lives here.
+    size_t copy_rows(const int64_t* ids, size_t n, float* out, int64_t* write_times, int64_t* model_versions) const noexcept;
     // Whether record `index` is still in the file (of `size` bytes) with checksum `crc`.
     bool record_unchanged(uint64_t index, uint32_t crc, uint64_t size) const;
-    // Validates records from byte offset `from` (the end of the indexed and pending records) up to
-    // `size` and indexes each call whose last record it finds; returns the end of the last whole call.
-    uint64_t scan(uint64_t from, uint64_t size);
+    // Validates the records after those already checked (records_ + span_) up to `size` and indexes
+    // each whole call whose last record it finds; returns the end of the last whole call.
+    uint64_t scan(uint64_t size);
+    // The span of checked records ends at a valid record that ends its call: index it, or drop it whole
+    // when it holds damaged records.
+    void end_span(uint32_t crc);
+    // Whether the record `r` read at `position` passes every check (fills its head and checksum).
+    bool valid_record(const uint8_t* r, uint64_t position, RecordHead* h, uint32_t* crc) const;
+    // Whether the span's damaged records are still damaged when read again.
+    bool damage_persists() const;
     // Appends `count` records, fill(record, i) building each, after the log; throws Error(SLIM_ERR_IO)
     // with the file cut back (nothing written) on failure.
     void append(size_t count, const std::function<void(uint8_t*, size_t)>& fill);
@@ -89,13 +123,19 @@ class MemoryBank {
     bool read_only_, sync_writes_;
     int dim_ = 0;
     uint64_t record_bytes_ = 0;
+    pid_t owner_pid_ = 0;    // the process that opened the bank: the only one that may write through it
+    uint64_t hash_key_ = 0;  // random per bank: ids cannot be chosen to collide in the index
     uint8_t* map_ = nullptr;
-    uint64_t records_ = 0;                     // records in the valid log prefix (whole calls)
-    std::vector<int64_t> pending_;             // reader: an unfinished call's records so far (id; -1 - id for a delete)
-    uint32_t last_crc_ = 0, pending_crc_ = 0;  // checksums of the last indexed and the last pending record
+    uint64_t map_bytes_ = 0;
+    uint64_t records_ = 0;       // record positions up to the end of the last whole call (dropped damaged spans included)
+    uint64_t span_ = 0;          // positions checked after records_: an unfinished call's, or a damaged span's
+    uint64_t span_damaged_ = 0;  // damaged records among them
+    uint64_t span_first_damaged_ = 0;
+    std::vector<int64_t> pending_;             // the span's valid records (id; -1 - id for a delete)
+    uint32_t last_crc_ = 0, pending_crc_ = 0;  // checksums of the last indexed record and of the span's last record
     bool marked_calls_ = true;                 // format 2: calls end at a marked record; format 1: every record stands alone
     std::vector<uint8_t> staging_;             // writer: records on their way into the file
-    uint64_t dropped_bytes_ = 0;
+    BankRecovery recovery_;
 
     mutable std::shared_mutex index_mutex_;  // readers share; the index update of a write is exclusive
     std::mutex write_mutex_;                 // one write (or refresh) at a time

@@ -62,6 +62,11 @@ class BankParams(ctypes.Structure):
                 ("sync_writes", ctypes.c_int32)]
 
 
+class BankRecovery(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_uint32), ("damaged_records", ctypes.c_int64), ("dropped_records", ctypes.c_int64),
+                ("first_damaged_offset", ctypes.c_int64), ("tail_bytes", ctypes.c_int64)]
+
+
 class LemurStats(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("batch", ctypes.c_int32), ("history_found", ctypes.c_int64),
                 ("history_missing", ctypes.c_int64), ("total_ms", ctypes.c_double), ("backend_ms", ctypes.c_double),
@@ -174,6 +179,7 @@ def lib() -> ctypes.CDLL:
                                  ctypes.c_int),
             "slim_bank_flush": ([ctypes.c_void_p], ctypes.c_int),
             "slim_bank_refresh": ([ctypes.c_void_p, p(ctypes.c_int64)], ctypes.c_int),
+            "slim_bank_recovery_info": ([ctypes.c_void_p, p(BankRecovery)], ctypes.c_int),
             "slim_embed_default_params": ([], EmbedParams),
             "slim_embed": ([ctypes.c_void_p, p(EmbedParams), p(SlimTensor), p(LemurStats)], ctypes.c_int),
             "slim_score_default_params": ([], ScoreParams),

@@ -7,6 +7,7 @@ import ctypes
 import dataclasses
 import json
 import threading
+import warnings
 import weakref
 from pathlib import Path
 
@@ -440,9 +441,22 @@ class LookupResult:
     model_versions: np.ndarray  # [N] int64; -1 where missing
 
 
+@dataclasses.dataclass(frozen=True)
+class BankRecovery:
+    """What opening a bank (and a reader's refreshes) found and left out (docs/memory-bank.md, "Damage")."""
+
+    damaged_records: int  # records inside the log that failed their checks (bit rot): skipped
+    dropped_records: int  # intact records skipped with them: the rest of the write calls they may belong to
+    first_damaged_offset: int  # byte offset of the first damaged record; -1: none
+    tail_bytes: int  # at open: bytes after the last whole write call (a call a crash cut short); a writer truncated them
+
+
 class MemoryBank(_Closable):
     """The durable document-id -> embedding store (docs/memory-bank.md). One writer per file; readers
-    open with read_only=True and call refresh() to see the writer's appends. Thread-safe."""
+    open with read_only=True and call refresh() to see the writer's appends. Thread-safe. Only the
+    process that opened a bank may write through it: after os.fork(), open it again in the child.
+    Damaged records found inside the log are skipped (with the rest of their write calls) and reported
+    by a RuntimeWarning and by `recovery`."""
 
     _handle = None
 
@@ -457,6 +471,24 @@ class MemoryBank(_Closable):
         self.path = Path(path)
         self.dim = lib.slim_bank_dim(handle)
         self._gate = _CallGate("memory bank", exclusive=False)
+        self._warned_damage = 0
+        self._warn_about_damage()
+
+    @property
+    def recovery(self) -> BankRecovery:
+        """What opening (and later refreshes) found damaged inside the log and skipped (docs/memory-bank.md, Damage)."""
+        out = _native.BankRecovery(struct_size=ctypes.sizeof(_native.BankRecovery))
+        with self._gate.call():
+            _check(_native.lib().slim_bank_recovery_info(self._handle, ctypes.byref(out)))
+        return BankRecovery(out.damaged_records, out.dropped_records, out.first_damaged_offset, out.tail_bytes)
+
+    def _warn_about_damage(self) -> None:
+        r = self.recovery
+        if r.damaged_records > self._warned_damage:
+            self._warned_damage = r.damaged_records
+            warnings.warn(f"memory bank {self.path}: {r.damaged_records} damaged record(s) inside the log (the first at byte "
+                          f"{r.first_damaged_offset}) were skipped, with {r.dropped_records} intact records of the same write calls "
+                          "(calls are atomic); every other call is kept (docs/memory-bank.md, Damage)", RuntimeWarning, stacklevel=3)
 
     def __len__(self) -> int:
         with self._gate.call():
@@ -496,6 +528,7 @@ class MemoryBank(_Closable):
         added = ctypes.c_int64()
         with self._gate.call():
             _check(_native.lib().slim_bank_refresh(self._handle, ctypes.byref(added)))
+        self._warn_about_damage()
         return added.value
 
     def close(self) -> None:
