@@ -2,11 +2,14 @@
 
 Everything is written into a temporary sibling directory, hashed, optionally verified, and only then
 renamed into place; on any failure the temporary directory is removed and the destination is left
-as it was.
+as it was. A process killed outright (kill -9, power loss) cannot clean up: the next export to the same
+destination removes such stale temporaries, telling a dead export's from a live one by a lock the
+exporting process holds for as long as it runs.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -17,6 +20,9 @@ from pathlib import Path
 BUNDLE_FORMAT = "slimengine-bundle"
 BUNDLE_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+# Inside `.NAME.tmp-PID/`: flock-ed by the exporting process for as long as it runs (the kernel drops the lock when
+# the process dies however it dies), so a free lock means a dead export even if its PID has been reused.
+LOCK = ".export-lock"
 
 
 def sha256_files(paths: list[Path]) -> str:
@@ -46,28 +52,110 @@ def write_file_atomically(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_bundle(destination: Path, fill: Callable[[Path], dict], force: bool = False) -> dict:
+def write_bundle(destination: Path, fill: Callable[[Path], dict], force: bool = False, report: Callable[[str], None] | None = None) -> dict:
     """Create the bundle at `destination`: `fill(tmpdir)` writes the files and returns the manifest
-    (without `files`); this function adds the sha256 of every file and publishes atomically."""
+    (without `files`); this function adds the sha256 of every file and publishes atomically. Stale
+    temporaries of killed exports to the same destination are removed first, each told to `report`."""
     destination = Path(destination)
     if destination.exists() and not force:
         raise FileExistsError(f"{destination} already exists (use --force to replace it)")
+    for stale in remove_stale_temporaries(destination):
+        if report is not None:
+            report(f"removed stale temporary {stale} of an interrupted export")
     tmp = destination.with_name(f".{destination.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    lock = None
     try:
+        lock = _hold_lock(tmp)
         manifest = fill(tmp)
         manifest["files"] = {
-            str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != MANIFEST
+            str(p.relative_to(tmp)): sha256_file(p)
+            for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != MANIFEST and p != tmp / LOCK
         }
         with open(tmp / MANIFEST, "w") as handle:
             json.dump(manifest, handle, indent=1)
+        # Not part of the bundle. Still locked through our descriptor; until the rename, our live PID marks
+        # the directory as in use (remove_stale_temporaries).
+        (tmp / LOCK).unlink()
         _sync_tree(tmp)  # on disk before it becomes visible: a power loss cannot publish a torn bundle
         _publish(tmp, destination)
         return manifest
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _hold_lock(tmp: Path) -> int:
+    """Create `tmp/LOCK` already locked: it is locked under another name and renamed, so no other process can
+    find it unlocked while we live."""
+    partial = tmp / f"{LOCK}.new"
+    fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(partial, tmp / LOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def remove_stale_temporaries(destination: Path) -> list[Path]:
+    """Remove the `.NAME.tmp-PID/` directories beside `destination` that belong to no running export, and
+    return them. A directory with a lock file is stale when nobody holds its lock; one without (an export
+    starting or publishing, or one killed before it locked) when process PID no longer exists. A live
+    concurrent export's directory is never touched."""
+    destination = Path(destination)
+    prefix = f".{destination.name}.tmp-"
+    try:
+        entries = list(os.scandir(destination.parent))
+    except FileNotFoundError:
+        return []
+    removed = []
+    for entry in entries:
+        pid = entry.name[len(prefix) :]
+        if not entry.name.startswith(prefix) or not pid.isdigit() or not entry.is_dir(follow_symlinks=False):
+            continue
+        path = Path(entry.path)
+        try:
+            fd = os.open(path / LOCK, os.O_RDWR)
+        except FileNotFoundError:
+            if not _pid_alive(int(pid)):
+                _remove(path, removed)
+            continue
+        except OSError:  # not ours to judge (permissions): leave it
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a live export holds it
+            os.close(fd)
+            continue
+        try:
+            _remove(path, removed)  # holding the lock: another cleaner skips it meanwhile
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _remove(path: Path, removed: list[Path]) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    if not path.exists():
+        removed.append(path)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a process id we could have written: leave it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
 
 
 def _fsync(path: Path) -> None:

@@ -72,19 +72,51 @@ def load_checkpoint(path: str | Path, num_attention_heads: int | None = None) ->
 
 
 def _read_raw(path: Path) -> tuple[dict, dict]:
+    """The tensors (each checked to own the data it claims) and the slimengine metadata."""
     try:
         if path.is_dir():
-            return _read_diffusers_folder(path)
-        suffix = path.suffix.lower()
-        if suffix in (".pt", ".pth", ".ckpt", ".bin"):
-            return _read_torch(path)
-        if suffix == ".safetensors":
-            return _read_safetensors([path])
+            raw = _read_diffusers_folder(path)
+        else:
+            suffix = path.suffix.lower()
+            if suffix in (".pt", ".pth", ".ckpt", ".bin"):
+                raw = _read_torch(path)
+            elif suffix == ".safetensors":
+                raw = _read_safetensors([path])
+            else:
+                raw = None
+        if raw is not None:
+            _check_storage(path, raw[0])
+            return raw
     except CheckpointError:
         raise
     except Exception as e:  # every reader error becomes one line naming the file
         raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {_first_line(e)})") from None
     raise CheckpointError(f"{path}: unknown checkpoint type '{path.suffix}' (expected .pt, .pth, .safetensors or a diffusers folder)")
+
+
+def _check_storage(path: Path, tensors: dict) -> None:
+    """Each tensor must be backed by as many bytes as it claims. torch.save keeps an expanded (stride-0) or
+    self-overlapping view as its small storage, so a few KB could otherwise stand for gigabytes of weights;
+    checked here, before key conversion or any model is built, for every family."""
+    for key, tensor in tensors.items():
+        span = _span(tensor)
+        needed = None if span is None else (tensor.storage_offset() + span) * tensor.element_size()
+        if needed is None or needed > tensor.untyped_storage().nbytes():
+            raise CheckpointError(f"{path}: tensor '{key}' of shape {list(tensor.shape)} is an expanded, stride-0 or overlapping view "
+                                  f"(strides {list(tensor.stride())}, {tensor.untyped_storage().nbytes()} bytes stored), not "
+                                  f"{tensor.numel()} values of its own; save it with .contiguous()")
+
+
+def _span(tensor: torch.Tensor) -> int | None:
+    """How many elements of its storage `tensor` addresses, or None when some are addressed twice (overlap)."""
+    if tensor.numel() == 0:
+        return 0
+    span = 1
+    for size, stride in sorted((d for d in zip(tensor.shape, tensor.stride()) if d[0] > 1), key=lambda d: d[1]):
+        if stride < span:  # this dimension steps back into elements the smaller ones already cover
+            return None
+        span += (size - 1) * stride
+    return span
 
 
 def _first_line(e: Exception) -> str:
@@ -300,5 +332,20 @@ def load_lemur_checkpoint(path: str | Path) -> LemurCheckpoint:
     for prefix in WRAPPER_PREFIXES:
         if state_dict and all(k.startswith(prefix) for k in state_dict):
             state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
-    _check_tensors(path, state_dict, LemurModel(config).state_dict(), finite=True, context=" for its lemur_config")
+    _check_tensors(path, state_dict, _lemur_expected(path, config, len(state_dict)), finite=True, context=" for its lemur_config")
     return LemurCheckpoint(path=path, config=config, state_dict=state_dict, metadata=metadata, sha256=_hash_source(path))
+
+
+def _lemur_expected(path: Path, config: LemurConfig, tensors: int) -> dict:
+    """The state dict `config` implies, built on the meta device: shapes only, no memory, so a lemur_config that
+    claims a huge model costs nothing before it is refused. Its layer counts are bounded by the tensors present
+    first (every layer has weights), since even a meta model of a million layers takes long to build."""
+    for field in dataclasses.fields(config):
+        if field.name.endswith("_layers") and getattr(config, field.name) > tensors:
+            raise CheckpointError(f"{path}: lemur_config claims {field.name}={getattr(config, field.name)}, more layers than "
+                                  f"the checkpoint's {tensors} tensors could hold: the config does not match the weights")
+    try:
+        with torch.device("meta"):
+            return LemurModel(config).state_dict()
+    except Exception as e:  # sizes torch cannot represent
+        raise CheckpointError(f"{path}: invalid lemur_config ({type(e).__name__}: {_first_line(e)})") from None

@@ -145,4 +145,4 @@ def export_lemur(checkpoint: LemurCheckpoint, destination: Path, model_version: 
             "custom_op_library": None,
         }
 
-    return write_bundle(destination, fill, force=force)
+    return write_bundle(destination, fill, force=force, report=report)

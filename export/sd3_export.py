@@ -59,4 +59,4 @@ def export_sd3(
             "custom_op_library": CUSTOM_OP_LIBRARY if token_stages else None,
         }
 
-    return write_bundle(destination, fill, force=force)
+    return write_bundle(destination, fill, force=force, report=report)

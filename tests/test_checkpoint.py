@@ -126,3 +126,26 @@ def test_pickled_code_is_never_executed(tmp_path):
     proc = run_cli("export-engine", str(tmp_path / "evil.pt"), "-q", check=False)
     assert proc.returncode == 2 and "cannot read checkpoint" in proc.stderr
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("key_format", ["diffusers", "original"])
+def test_expanded_or_overlapping_sd3_tensors_are_refused_before_anything_is_built(tmp_path, key_format):
+    good = make_checkpoint(tmp_path / "good.pt", "--preset", "tiny", "--key-format", key_format)
+    saved = torch.load(good, weights_only=True)
+    state = saved["state_dict"]
+    # Every tensor a view of one number (torch.save keeps the 4-byte storage): refused before the original-format
+    # conversion, whose concatenations would materialise them.
+    expanded = {k: torch.zeros((1,) * v.dim()).expand(v.shape) for k, v in state.items()}
+    key = max(state, key=lambda k: state[k].numel())
+    overlapping = dict(state, **{key: torch.randn(state[key].numel()).as_strided(state[key].shape, (1,) * state[key].dim())})
+    for name, tensors in (("expanded.pt", expanded), ("overlapping.pt", overlapping)):
+        torch.save({"state_dict": tensors, "slimengine": saved["slimengine"]}, tmp_path / name)
+        assert name != "expanded.pt" or (tmp_path / name).stat().st_size < good.stat().st_size / 4
+        out = tmp_path / f"{name}.engine"
+        proc = run_cli("export-engine", str(tmp_path / name), "-o", str(out), "-q", check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert name in lines[0] and "is an expanded, stride-0 or overlapping view" in lines[0], lines[0]
+        assert name == "expanded.pt" or f"'{key}'" in lines[0]
+        assert not out.exists() and not list(tmp_path.glob(f".{name}.engine*"))
+    assert load_checkpoint(good).config.num_layers == 4  # the same file with its own tensors still loads

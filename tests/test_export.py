@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import onnx
 import pytest
@@ -116,3 +122,88 @@ def test_cli_rejects_bad_flags_with_usage_errors(tmp_path):
         proc = run_cli("export-engine", str(ck), "-o", str(tmp_path / "o.engine"), *flags, check=False)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, (flags, proc.stderr)
         assert not (tmp_path / "o.engine").exists()
+
+
+def _on_disk(bundle):
+    return {str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()} - {"manifest.json"}
+
+
+def test_a_killed_export_leaves_a_temporary_that_the_next_export_removes(tmp_path, lemur_checkpoint):
+    out = tmp_path / "k.engine"
+    proc = subprocess.Popen([sys.executable, "-m", "slimengine.export.cli", str(lemur_checkpoint), "-o", str(out), "-q"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tmp = tmp_path / f".k.engine.tmp-{proc.pid}"
+    deadline = time.monotonic() + 120
+    while not (tmp / "stages").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)  # mid-export: no chance to clean up
+    proc.wait()
+    assert (tmp / "stages").is_dir() and not out.exists(), "the export was not killed while writing its temporary"
+    again = run_cli("export-engine", str(lemur_checkpoint), "-o", str(out), "-q")
+    assert f"removed stale temporary {tmp} of an interrupted export" in again.stderr, again.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.engine"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["files"]) == _on_disk(out) and {"stages/embed.onnx", "stages/score.onnx"} <= _on_disk(out)
+    with se.open_engine(out):  # checks every file's sha256
+        pass
+
+
+def test_only_temporaries_of_dead_exports_are_removed(tmp_path):
+    from slimengine.export.bundle import LOCK, write_bundle
+
+    dead = [int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+            for _ in range(2)]
+    live = [subprocess.Popen(["sleep", "600"]) for _ in range(2)]
+
+    def temporary(pid, lock):
+        path = tmp_path / f".b.engine.tmp-{pid}"
+        (path / "stages").mkdir(parents=True)
+        (path / "stages" / "x.onnx").write_bytes(b"partial")
+        if lock:
+            (path / LOCK).touch()
+        return path
+
+    try:
+        held = temporary(dead[0], lock=True)  # lock held: a live export, whatever its PID says
+        fd = os.open(held / LOCK, os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        starting = temporary(live[0].pid, lock=False)  # no lock and a live PID: an export starting or publishing
+        reused = temporary(live[1].pid, lock=True)  # lock free: its export died, and the PID is now another process's
+        killed = temporary(dead[1], lock=False)  # no lock and a dead PID: killed before it locked (or an older exporter)
+        reports = []
+
+        def fill(directory):
+            (directory / "a.txt").write_text("a")
+            return {"format": "test"}
+
+        try:
+            manifest = write_bundle(tmp_path / "b.engine", fill, report=reports.append)
+        finally:
+            os.close(fd)
+        assert held.is_dir() and starting.is_dir() and not reused.exists() and not killed.exists()
+        assert sorted(reports) == sorted(f"removed stale temporary {p} of an interrupted export" for p in (reused, killed))
+        assert manifest["files"] == {"a.txt": hashlib.sha256(b"a").hexdigest()}  # the lock file is not part of the bundle
+        assert _on_disk(tmp_path / "b.engine") == {"a.txt"}
+    finally:
+        for p in live:
+            p.kill()
+            p.wait()
+
+
+def test_a_running_export_keeps_its_temporary_while_another_export_cleans_up(tmp_path, lemur_checkpoint):
+    from slimengine.export.bundle import LOCK, remove_stale_temporaries
+
+    out = tmp_path / "c.engine"
+    first = subprocess.Popen([sys.executable, "-m", "slimengine.export.cli", str(lemur_checkpoint), "-o", str(out), "-q"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    tmp = tmp_path / f".c.engine.tmp-{first.pid}"
+    deadline = time.monotonic() + 120
+    while not (tmp / LOCK).exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert first.poll() is None and (tmp / LOCK).exists()  # the export is in the middle of writing its stages
+    assert remove_stale_temporaries(out) == [] and tmp.is_dir()  # what the next export does first
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.engine"]
+    with se.open_engine(out):
+        pass

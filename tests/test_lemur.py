@@ -6,6 +6,8 @@ from __future__ import annotations
 import ctypes
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -338,3 +340,83 @@ def test_a_plain_onnx_model_runs_through_the_generic_stage_call_and_feeds_the_ba
         session.run_stage("embed", good, {"vector": np.empty((5, dim), np.float32)})
     with pytest.raises(se.SlimError, match="this call runs lemur bundles"):
         session.score(bank, [[0]], [[1]])
+
+
+# Runs export-engine's main in a fresh interpreter and reports its time and peak memory growth, both taken after the
+# imports (torch alone is a few hundred MB).
+_MEASURED_EXPORT = r"""
+import resource, sys, time
+import slimengine.export.checkpoint, slimengine.export.lemur_export
+from slimengine.export.cli import main
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+code = main(sys.argv[1:])
+grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+print(f"MEASURED {code} {time.perf_counter() - start:.3f} {grown:.0f}", file=sys.stderr)
+"""
+
+
+def _measured_export(checkpoint, out):
+    proc = subprocess.run([sys.executable, "-c", _MEASURED_EXPORT, str(checkpoint), "-o", str(out), "-q"], capture_output=True,
+                          text=True, timeout=600)
+    code, seconds, grown_mb = proc.stderr.split("MEASURED ")[1].split()
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith("MEASURED")]
+    return int(code), float(seconds), float(grown_mb), lines
+
+
+@pytest.mark.parametrize("case", ["no-weights", "tiny-weights"])
+def test_a_lemur_config_claiming_a_huge_model_is_refused_before_anything_is_allocated(tmp_path, lemur_checkpoint, case):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    # About 1 GB of weights claimed (two embedding tables of 2M x 64, or 4M x 32); the old exporter allocated them first.
+    path = tmp_path / f"{case}.pt"
+    if case == "no-weights":
+        claimed = {"family": "lemur", "lemur_config": {"vocab_size": 2_000_000}}
+        torch.save({"state_dict": {}, "slimengine": claimed}, path, _use_new_zipfile_serialization=False)
+        assert path.stat().st_size < 1000
+        expected = "the config does not match the weights"
+    else:  # the tiny model's weights, with a vocabulary claimed 13000 times larger
+        with safe_open(str(lemur_checkpoint), framework="pt") as f:
+            claimed = json.loads(f.metadata()["slimengine"])
+        claimed["lemur_config"]["vocab_size"] = 4_000_000
+        torch.save({"state_dict": load_file(str(lemur_checkpoint)), "slimengine": claimed}, path)
+        expected = "expected [4000000, 32] for its lemur_config"
+    code, seconds, grown_mb, lines = _measured_export(path, tmp_path / "x.engine")
+    print(f"{case}: refused in {seconds:.2f} s, peak RSS growth {grown_mb:.0f} MB")
+    assert code == 2 and len(lines) == 1 and str(path) in lines[0] and expected in lines[0], lines
+    assert seconds < 3 and grown_mb < 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_expanded_or_overlapping_lemur_tensors_are_refused_and_dense_views_accepted(tmp_path, lemur_checkpoint, model):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(lemur_checkpoint), framework="pt") as f:
+        metadata = json.loads(f.metadata()["slimengine"])
+    state = load_file(str(lemur_checkpoint))
+    # Every tensor one repeated number: a few KB on disk that would export as a full bundle.
+    expanded = {k: torch.full((1,) * v.dim(), 0.01).expand(v.shape) for k, v in state.items()}
+    overlapping = dict(state)
+    weight = state["ctr.0.weight"]  # rows that start one element apart: each overlaps the next
+    overlapping["ctr.0.weight"] = torch.randn(weight.numel()).as_strided(weight.shape, (1, 1))
+    for name, tensors in (("expanded", expanded), ("overlapping", overlapping)):
+        path = tmp_path / f"{name}.pt"
+        torch.save({"state_dict": tensors, "slimengine": metadata}, path)
+        proc = run_cli("export-engine", str(path), "-o", str(tmp_path / f"{name}.engine"), "-q", check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert str(path) in lines[0] and "is an expanded, stride-0 or overlapping view" in lines[0], lines[0]
+        assert "ctr.0.weight" in lines[0] or name == "expanded"
+        assert not (tmp_path / f"{name}.engine").exists() and not list(tmp_path.glob(f".{name}.engine*"))
+    # A transposed (non-contiguous but dense) view, and views sharing one storage, are ordinary weights.
+    dense = dict(state)
+    dense["ctr.0.weight"] = weight.t().contiguous().t()
+    both = torch.cat([state["ctr.0.bias"], state["ctr.2.bias"]])
+    dense["ctr.0.bias"], dense["ctr.2.bias"] = both.split([state["ctr.0.bias"].numel(), state["ctr.2.bias"].numel()])
+    assert not dense["ctr.0.weight"].is_contiguous()
+    torch.save({"state_dict": dense, "slimengine": metadata}, tmp_path / "dense.pt")
+    loaded = load_lemur_checkpoint(tmp_path / "dense.pt").build_model()
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
