@@ -19,6 +19,8 @@ import pytest
 import slimengine as se
 from slimengine import _native
 
+from .conftest import run_python
+
 HEADER_BYTES = 64
 
 
@@ -431,3 +433,19 @@ def test_a_second_writer_is_refused_and_creation_leaves_no_temporary_file(tmp_pa
     with se.MemoryBank(path, read_only=True) as reader:
         assert reader.lookup(np.array([1], np.int64)).found.all()
     assert not list(tmp_path.glob("race.bank.tmp-*"))
+
+
+def test_a_fifo_or_directory_in_place_of_a_bank_fails_instead_of_hanging(tmp_path):
+    """Found by tests/test_fuzz.py: a reader's open of a FIFO waited for a writer forever (run in a child
+    process, so that the old behaviour fails the test instead of hanging it)."""
+    fifo = tmp_path / "fifo.bank"
+    os.mkfifo(fifo)
+    proc = run_python(f"import slimengine as se\ntry:\n    se.MemoryBank({str(fifo)!r}, read_only=True)\n"
+                      "except se.SlimError as e:\n    print(e.status, e)")
+    assert proc.returncode == 0 and proc.stdout.startswith("SLIM_ERR_IO") and "is not a regular file" in proc.stdout, proc
+    folder = tmp_path / "folder.bank"
+    folder.mkdir()
+    for path, read_only in ((fifo, False), (folder, True), (folder, False)):
+        with pytest.raises(se.SlimError) as err:
+            se.MemoryBank(path, 4, read_only=read_only)
+        assert err.value.status == "SLIM_ERR_IO" and ("is not a regular file" in str(err.value) or "Is a directory" in str(err.value))

@@ -147,9 +147,11 @@ MemoryBank::MemoryBank(const std::string& path, const BankOptions& options)
         if (options.dim <= 0) throw Error(SLIM_ERR_INVALID_ARGUMENT, "memory bank " + path + ": dim is required to create a new bank");
         create_file(path, options.dim);
     }
-    fd_ = ::open(path.c_str(), (read_only_ ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+    // O_NONBLOCK: a reader's open of a FIFO would wait for a writer forever (a regular file ignores the flag).
+    fd_ = ::open(path.c_str(), (read_only_ ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NONBLOCK);
     if (fd_ < 0) io_error(path, "cannot open", errno);
     try {
+        if (::fstat(fd_, &st) != 0 || !S_ISREG(st.st_mode)) io_error(path, "is not a regular file (a directory, FIFO or device)");
         if (!read_only_ && ::flock(fd_, LOCK_EX | LOCK_NB) != 0)
             io_error(
                 path,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import json
+import os
 import weakref
 from pathlib import Path
 
@@ -28,7 +29,8 @@ class SlimError(RuntimeError):
 def _check(code: int) -> None:
     if code != 0:
         lib = _native.lib()
-        raise SlimError(lib.slim_status_name(code).decode(), lib.slim_last_error().decode())
+        # errors="replace": a message may quote bytes of a damaged file (ONNX Runtime's parse errors do).
+        raise SlimError(lib.slim_status_name(code).decode(), lib.slim_last_error().decode(errors="replace"))
 
 
 def version() -> str:
@@ -132,7 +134,7 @@ class Engine(_Closable):
         params.intra_op_threads = intra_op_threads
         self.device = device
         handle = ctypes.c_void_p()
-        _check(lib.slim_engine_open(str(path).encode(), ctypes.byref(params), ctypes.byref(handle)))
+        _check(lib.slim_engine_open(os.fsencode(path), ctypes.byref(params), ctypes.byref(handle)))
         self._handle = handle
         self.path = Path(path)
         self.manifest = json.loads(lib.slim_engine_manifest(handle).decode())
@@ -382,7 +384,7 @@ class MemoryBank(_Closable):
         params = lib.slim_bank_default_params()
         params.dim, params.read_only, params.create, params.sync_writes = dim, int(read_only), int(create), int(sync_writes)
         handle = ctypes.c_void_p()
-        _check(lib.slim_bank_open(str(path).encode(), ctypes.byref(params), ctypes.byref(handle)))
+        _check(lib.slim_bank_open(os.fsencode(path), ctypes.byref(params), ctypes.byref(handle)))
         self._handle = handle
         self.path = Path(path)
         self.dim = lib.slim_bank_dim(handle)
