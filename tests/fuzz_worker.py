@@ -1,16 +1,26 @@
 """Fuzz cases for tests/test_fuzz.py, run in a child process that the test watches for crashes and hangs.
 
-Every case is made from its seed alone (random.Random(f"{part}:{seed}")), so one seed reproduces one case:
+Every case is made from its seed alone (FuzzRandom(f"{part}:{seed}")), so one seed makes one case:
 
-    python tests/fuzz_worker.py bundle --seed 17            # one case, its description, its outcome
-    python tests/fuzz_worker.py abi --first 0 --seconds 30  # cases 0, 1, 2, ... for 30 s
+    python tests/fuzz_worker.py bundle --seed 17             # that case: its description and outcome
+    python tests/fuzz_worker.py abi --first 0 --last 500     # cases 0..500 in one process, as the test runs them
 
-Parts: bundle (a mutated copy of a small SD3, LEMUR or token-stage SD3 bundle opened with verify_checksums on or off, then a
-small generate, or embed and score), abi (random arguments to the C functions through raw ctypes, nothing
-validated in Python first; generate with random X-Slim policies, and every stage through slim_stage_run), bank (a memory bank file mutated, then opened as writer and reader, looked up,
-written, refreshed). Without --sd3/--lemur the bundles are exported once into --bundles (default
-/tmp/slimengine-fuzz-bundles) exactly as tests/conftest.py exports distilled_bundle, lemur_bundle and
-toy_bundles["28-step CFG"] (the token-stage bundle, --token).
+Parts:
+  bundle  a mutated copy of a small SD3, LEMUR or token-stage SD3 bundle (manifest JSON and text, stage files,
+          files replaced by symlinks, FIFOs, directories) opened with verify_checksums on or off, then a small
+          generate, or embed and score;
+  abi     one C call per case with random arguments through raw ctypes, nothing validated in Python first
+          (struct_size, NULLs, shapes, dtypes, strides, NaN, X-Slim policy JSON, every stage via slim_stage_run).
+          The engines, sessions and banks live for the whole worker, so a failure that depends on earlier
+          calls reproduces with the replay command the test prints (--first F --last N), not always with --seed;
+  bank    a memory bank written with known rows, its file mutated, then opened as writer and reader,
+          looked up (every row found must be one that was written), written and refreshed.
+Buffers always back the shapes a case claims, except claims the library must refuse unread (a dimension
+<= 0, an element count over its 2^40 limit, a rank no argument has): a short buffer under a plausible shape
+is the caller's error in C, not a finding.
+
+Without --sd3/--lemur the bundles are exported once into --bundles (default /tmp/slimengine-fuzz-bundles)
+exactly as tests/conftest.py exports distilled_bundle, lemur_bundle and toy_bundles["28-step CFG"] (--token).
 
 Protocol on stdout, one line each: "CASE <seed> <description>" before a case runs and "DONE <seed> <outcome>"
 after it, where the outcome is "ok", "error <status>" (a clean SlimError) or "bad <what>" (no crash, but not
