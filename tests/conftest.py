@@ -37,6 +37,14 @@ def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
+def run_python(code: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter, for a call that must not hang: a hang fails the test at `timeout`."""
+    try:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"still running after {timeout} s (hung):\n{code}") from None
+
+
 def export(checkpoint: Path, bundle: Path, *args: str) -> Path:
     proc = run_cli("export-engine", str(checkpoint), "-o", str(bundle), "-q", *args)
     bundle.with_suffix(".log").write_text(proc.stderr)

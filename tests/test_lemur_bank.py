@@ -21,6 +21,8 @@ import pytest
 import slimengine as se
 from slimengine import _native
 
+from .conftest import run_python
+
 HEADER_BYTES = 64
 
 
@@ -616,6 +618,34 @@ def test_a_reader_survives_the_file_being_truncated_under_it(tmp_path):
     assert message.startswith("SLIM_ERR_IO") and "refresh" in message, message
 
 
+def test_a_reader_never_returns_rows_cut_off_or_rewritten_under_it(tmp_path):
+    """Bytes past a shrunk end within its last page read as zeros rather than faulting, and a writer may
+    write other records where taken-back ones were: a lookup checks each row against the file's size and
+    its head against the index, and fails with SLIM_ERR_IO rather than return a row nobody wrote."""
+    path, dim = tmp_path / "cut.bank", 4
+    ids, rb = np.arange(10, dtype=np.int64), record_bytes(dim)
+    with se.MemoryBank(path, dim) as bank:
+        for i in ids:  # a call each: what survives a cut is whole calls
+            bank.upsert([i], values([i], dim))
+    clean = path.read_bytes()
+    with se.MemoryBank(path, read_only=True) as reader:
+        assert reader.lookup(ids).found.all()
+        os.truncate(path, HEADER_BYTES + 8 * rb + 12)  # the same page: ids 8, 9 would read as zeros
+        assert np.array_equal(reader.lookup(ids[:8]).embeddings, values(ids[:8], dim))
+        with pytest.raises(se.SlimError, match="SLIM_ERR_IO") as info:
+            reader.lookup([9])
+        assert "refresh" in str(info.value)
+        assert reader.refresh() >= 0 and reader.lookup(ids).found.tolist() == [True] * 8 + [False] * 2
+    path.write_bytes(clean)
+    with se.MemoryBank(path, read_only=True) as reader:
+        rewritten = bytearray(clean)  # record 9 replaced by another id's record at the same place
+        other = HEADER_BYTES + 9 * rb
+        rewritten[other + 16 : other + 24] = np.int64(99).tobytes()
+        path.write_bytes(bytes(rewritten))
+        with pytest.raises(se.SlimError, match="no longer in the file"):
+            reader.lookup([9])
+
+
 def test_a_sigbus_outside_the_bank_still_kills_the_process(tmp_path):
     """The bank's SIGBUS guard only catches faults inside its own lookups; any other one reaches the
     handler that was there before (here the default: the process dies)."""
@@ -748,3 +778,19 @@ def test_a_bank_grows_past_its_first_reservation_under_a_2_gib_address_space_lim
     assert proc.returncode == 0, proc.stderr
     bad, checked = (int(x) for x in proc.stdout.split())
     assert bad == 0 and checked > 0
+
+
+def test_a_fifo_or_directory_in_place_of_a_bank_fails_instead_of_hanging(tmp_path):
+    """Found by tests/test_fuzz.py: a reader's open of a FIFO waited for a writer forever (run in a child
+    process, so that the old behaviour fails the test instead of hanging it)."""
+    fifo = tmp_path / "fifo.bank"
+    os.mkfifo(fifo)
+    proc = run_python(f"import slimengine as se\ntry:\n    se.MemoryBank({str(fifo)!r}, read_only=True)\n"
+                      "except se.SlimError as e:\n    print(e.status, e)")
+    assert proc.returncode == 0 and proc.stdout.startswith("SLIM_ERR_IO") and "is not a regular file" in proc.stdout, proc
+    folder = tmp_path / "folder.bank"
+    folder.mkdir()
+    for path, read_only in ((fifo, False), (folder, True), (folder, False)):
+        with pytest.raises(se.SlimError) as err:
+            se.MemoryBank(path, 4, read_only=read_only)
+        assert err.value.status == "SLIM_ERR_IO" and ("is not a regular file" in str(err.value) or "Is a directory" in str(err.value))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 
 import numpy as np
@@ -13,7 +14,7 @@ import slimengine as se
 from slimengine.export.reference_sampler import reference_generate
 from slimengine.noise import gaussian_noise
 
-from .conftest import CApiCall, export, make_checkpoint, random_inputs, reference_for, relative_error
+from .conftest import CApiCall, export, make_checkpoint, random_inputs, reference_for, relative_error, run_python
 
 TOLERANCE = 1e-4  # fp32 relative error, runtime vs PyTorch
 
@@ -199,6 +200,76 @@ def test_unreadable_bundles_fail_cleanly(tmp_path, bundle_copy):
     (bundle_copy / "manifest.json").write_text('{"format": "slimengine-bundle", "format_version": 1,')
     err = _open_error(bundle_copy)
     assert err.status == "SLIM_ERR_BUNDLE" and "json:" in str(err)
+
+
+# Found by tests/test_fuzz.py: manifest text the C parser took but the Python binding could not read (or
+# that held a string C cannot carry), now refused by the C parser with the offset named.
+@pytest.mark.parametrize("old,new,message", [
+    (b'"name": "slimengine"', b'"name": "slim\xc3\x28engine"', "invalid UTF-8 in string"),
+    (b'"name": "slimengine"', b'"name": "slim\xed\xa0\x80engine"', "invalid UTF-8 in string"),  # an encoded surrogate
+    (b'"name": "slimengine"', b'"name": "slim\\udc00engine"', "unpaired surrogate"),
+    (b'"name": "slimengine"', b'"name": "slim\\u0000engine"', "\\u0000 in a string"),
+    (b'"name": "slimengine"', b'"name": "slim\\u12G4engine"', "bad \\u escape"),
+    (b'"sample_size": 128', b'"sample_size": 128.', "bad number"),
+    (b'"sample_size": 128', b'"sample_size": 0128', "expected ',' or '}'"),
+    (b'"sample_size": 128', b'"sample_size": 1e999', "bad number"),
+])
+def test_manifest_text_outside_strict_json_is_rejected(bundle_copy, old, new, message):
+    path = bundle_copy / "manifest.json"
+    raw = path.read_bytes()
+    assert old in raw
+    path.write_bytes(raw.replace(old, new, 1))
+    err = _open_error(bundle_copy)
+    assert err.status == "SLIM_ERR_BUNDLE" and "json: " + message in str(err), str(err)
+
+
+def test_unicode_escapes_decode_to_utf8_including_surrogate_pairs(bundle_copy):
+    path = bundle_copy / "manifest.json"
+    path.write_text(path.read_text().replace('"family": "sd3"', '"family": "sd\\u0033\\ud83d\\ude00"', 1))
+    err = _open_error(bundle_copy)  # the family is named in the error as decoded: U+1F600 as 4 UTF-8 bytes, not 6
+    assert err.status == "SLIM_ERR_BUNDLE" and "'sd3\U0001F600' is not supported" in str(err), str(err)
+
+
+def test_a_cache_policy_with_a_bad_escape_is_an_invalid_argument_not_internal(distilled_bundle):
+    call = CApiCall(se.open_engine(distilled_bundle))
+    for policy in (b'{"kind": "x\\uZZZZ"}', b'{"kind": "x\\u-001"}', b'{"kind": "x\\u 12"}', b'{"k\xff": 1}'):
+        status, message = call.generate(cache_policy=policy)
+        assert status == "SLIM_ERR_INVALID_ARGUMENT" and "cache_policy: json: " in message, (policy, status, message)
+    status, message = call.generate(cache_policy=b'{"kind": "\\u0078slim"}')  # "xslim": the next field is what is missing
+    assert status == "SLIM_ERR_INVALID_ARGUMENT" and "cache_policy.sample_ratio is missing" in message, message
+
+
+# Found by tests/test_fuzz.py: opening a bundle whose file is a FIFO (or a link to /dev/zero) waited, or
+# read, forever. Each open runs in a child process so that the old behaviour fails the test instead of hanging it.
+@pytest.mark.parametrize("name,kind,verify", [
+    ("manifest.json", "fifo", True),
+    ("manifest.json", "directory", False),
+    ("stages/final.onnx", "fifo", False),  # no checksum pass first: ONNX Runtime itself opened the FIFO
+    ("stages/final.onnx", "fifo", True),
+    ("stages/block_1.onnx.data", "/dev/zero", True),  # the checksum pass read it forever
+    ("stages/embed.onnx", "/dev/zero", False),
+])
+def test_bundle_files_that_are_not_regular_files_fail_instead_of_hanging(bundle_copy, name, kind, verify):
+    target = bundle_copy / name
+    target.unlink()
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "directory":
+        target.mkdir()
+    else:
+        target.symlink_to(kind)
+    proc = run_python(f"import slimengine as se\ntry:\n    se.open_engine({str(bundle_copy)!r}, verify_checksums={verify})\n"
+                      "except se.SlimError as e:\n    print(e.status, e)", timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("SLIM_ERR_IO") and f"{name} is not a regular file" in proc.stdout, proc.stdout
+
+
+def test_a_message_that_is_not_utf8_still_raises_slim_error(tmp_path):
+    """Messages may quote bytes that are not UTF-8 (a damaged ONNX file's, here a path's): SlimError all the same."""
+    path = tmp_path / os.fsdecode(b"caf\xe9.bank")
+    with pytest.raises(se.SlimError) as info:
+        se.MemoryBank(path, 4, read_only=True)
+    assert info.value.status == "SLIM_ERR_IO" and "caf\ufffd.bank: does not exist" in str(info.value)
 
 
 def test_a_missing_or_second_onnx_runtime_library_is_reported(distilled_bundle):

@@ -110,8 +110,9 @@ SLIM_API slim_engine_params slim_engine_default_params(void);
 
 /* Load the bundle directory at `path`, or a plain ONNX model (a path ending in .onnx: a one-stage
  * engine whose stage "model" runs through slim_stage_run). On success *out owns a new engine (free
- * with slim_engine_close). params may be NULL (defaults). Status: INVALID_ARGUMENT, IO, BUNDLE,
- * BACKEND, OUT_OF_MEMORY. */
+ * with slim_engine_close). params may be NULL (defaults). Status: INVALID_ARGUMENT, IO (a file
+ * missing, unreadable, or not a regular file: a directory, FIFO or device), BUNDLE (the manifest is
+ * not strict UTF-8 JSON or not valid, a checksum mismatch), BACKEND, OUT_OF_MEMORY. */
 SLIM_API slim_status slim_engine_open(const char* path, const slim_engine_params* params, slim_engine** out);
 /* Close an engine: waits for its calls in flight; its live sessions keep the loaded model until they
  * are destroyed. NULL is accepted. */
@@ -282,7 +283,7 @@ SLIM_API slim_bank_params slim_bank_default_params(void);
  * slim_bank_recovery_info reports it: check it after opening. One writer per file at a time, across
  * processes; only the process that opened a handle may write through it (after fork(), open the bank
  * again in the child). On success *out owns the bank (free with slim_bank_close).
- * Status: INVALID_ARGUMENT, IO (missing, locked by another writer, not a bank file), SHAPE (dim mismatch). */
+ * Status: INVALID_ARGUMENT, IO (missing, not a regular file, locked by another writer, not a bank file), SHAPE (dim mismatch). */
 SLIM_API slim_status slim_bank_open(const char* path, const slim_bank_params* params, slim_bank** out);
 /* Close a bank (releasing the writer lock; a forked child's inherited handle holds it too until
  * closed), after waiting for calls running on it in other threads (lookups, an embed or score

@@ -71,6 +71,7 @@ Engine::Engine(const std::string& path, const EngineOptions& options)
     }
     for (const StageDecl& s : manifest_.stages) {
         std::string file = manifest_.kind == Family::PlainOnnx ? s.file : bundle_dir + "/" + s.file;
+        ::close(open_regular_file(file));  // ONNX Runtime would wait forever on a FIFO (verify_checksums 0 reads nothing first)
         stages_.push_back(std::make_unique<StageSession>(ort_, file, s.name, s.inputs, s.outputs, ops, options.cuda_device));
         const StageSession& stage = *stages_.back();
         for (size_t i = 0; i < s.input_dtypes.size(); ++i)  // the manifest's dtypes must be the graph's

@@ -117,16 +117,92 @@ class Parser {
         }
         if (consume("null")) return v;
         if (c == '-' || (c >= '0' && c <= '9')) {
-            // from_chars, not strtod: a host application's LC_NUMERIC must not change what 0.5 means.
-            const char* begin = s_.data() + pos_;
+            // JSON's number grammar exactly, -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?, as the Python binding's
+            // parser reads it ("1." or "01" would open here and fail there). Then from_chars, not strtod: a host
+            // application's LC_NUMERIC must not change what 0.5 means.
+            const size_t start = pos_;
+            auto digits = [&] {
+                const size_t from = pos_;
+                while (pos_ < s_.size() && s_[pos_] >= '0' && s_[pos_] <= '9') ++pos_;
+                return pos_ > from;
+            };
+            if (s_[pos_] == '-') ++pos_;
+            if (pos_ < s_.size() && s_[pos_] == '0')
+                ++pos_;
+            else if (!digits())
+                fail("bad number");
+            if (pos_ < s_.size() && s_[pos_] == '.') {
+                ++pos_;
+                if (!digits()) fail("bad number");
+            }
+            if (pos_ < s_.size() && (s_[pos_] == 'e' || s_[pos_] == 'E')) {
+                ++pos_;
+                if (pos_ < s_.size() && (s_[pos_] == '+' || s_[pos_] == '-')) ++pos_;
+                if (!digits()) fail("bad number");
+            }
             v.kind = Value::Kind::Number;
-            auto [end, ec] = std::from_chars(begin, s_.data() + s_.size(), v.number);
-            if (ec != std::errc() || end == begin) fail("bad number");
-            pos_ += static_cast<size_t>(end - begin);
+            const char* end = s_.data() + pos_;
+            auto [stop, ec] = std::from_chars(s_.data() + start, end, v.number);
+            if (ec != std::errc() || stop != end) {
+                pos_ = start;
+                fail("bad number");  // out of double's range
+            }
             return v;
         }
         if (consume("NaN") || consume("Infinity") || consume("-Infinity")) fail("non-finite number");
         fail("unexpected character");
+    }
+
+    // The four hex digits of a \u escape.
+    unsigned hex4() {
+        if (pos_ + 4 > s_.size()) fail("bad \\u escape");
+        unsigned code = 0;
+        for (int i = 0; i < 4; ++i) {
+            const char h = s_[pos_];
+            const int digit = h >= '0' && h <= '9'   ? h - '0'
+                              : h >= 'a' && h <= 'f' ? h - 'a' + 10
+                              : h >= 'A' && h <= 'F' ? h - 'A' + 10
+                                                     : -1;
+            if (digit < 0) fail("bad \\u escape");
+            code = code * 16 + static_cast<unsigned>(digit);
+            ++pos_;
+        }
+        return code;
+    }
+
+    static void append_utf8(std::string& out, unsigned code) {
+        if (code < 0x80) {
+            out += static_cast<char>(code);
+        } else if (code < 0x800) {
+            out += static_cast<char>(0xC0 | (code >> 6));
+            out += static_cast<char>(0x80 | (code & 0x3F));
+        } else if (code < 0x10000) {
+            out += static_cast<char>(0xE0 | (code >> 12));
+            out += static_cast<char>(0x80 | ((code >> 6) & 0x3F));
+            out += static_cast<char>(0x80 | (code & 0x3F));
+        } else {
+            out += static_cast<char>(0xF0 | (code >> 18));
+            out += static_cast<char>(0x80 | ((code >> 12) & 0x3F));
+            out += static_cast<char>(0x80 | ((code >> 6) & 0x3F));
+            out += static_cast<char>(0x80 | (code & 0x3F));
+        }
+    }
+
+    // One multi-byte UTF-8 character at pos_, copied to `out` if it is valid (no overlong form, no surrogate, <= U+10FFFF).
+    void utf8_sequence(std::string& out) {
+        const auto byte = [&](size_t i) { return static_cast<unsigned char>(s_[pos_ + i]); };
+        const unsigned char lead = byte(0);
+        const size_t n = lead >= 0xF0 ? 4 : lead >= 0xE0 ? 3 : lead >= 0xC0 ? 2 : 0;
+        if (n == 0 || lead > 0xF4 || pos_ + n > s_.size()) fail("invalid UTF-8 in string");
+        unsigned code = lead & (0x7Fu >> n);
+        for (size_t i = 1; i < n; ++i) {
+            if ((byte(i) & 0xC0) != 0x80) fail("invalid UTF-8 in string");
+            code = (code << 6) | (byte(i) & 0x3F);
+        }
+        static constexpr unsigned kSmallest[] = {0, 0, 0x80, 0x800, 0x10000};
+        if (code < kSmallest[n] || code > 0x10FFFF || (code >= 0xD800 && code <= 0xDFFF)) fail("invalid UTF-8 in string");
+        out.append(s_, pos_, n);
+        pos_ += n;
     }
 
     std::string parse_string() {
@@ -136,6 +212,11 @@ class Parser {
             char c = s_[pos_++];
             if (c == '"') return out;
             if (static_cast<unsigned char>(c) < 0x20) fail("control character in string");
+            if (static_cast<unsigned char>(c) >= 0x80) {  // JSON text is UTF-8: keep only valid sequences
+                --pos_;
+                utf8_sequence(out);
+                continue;
+            }
             if (c != '\\') {
                 out += c;
                 continue;
@@ -168,20 +249,17 @@ class Parser {
                     out += '\t';
                     break;
                 case 'u': {
-                    if (pos_ + 4 > s_.size()) fail("bad \\u escape");
-                    unsigned code = std::stoul(s_.substr(pos_, 4), nullptr, 16);
-                    pos_ += 4;
-                    // Manifests are ASCII in practice; encode the BMP code point as UTF-8.
-                    if (code < 0x80)
-                        out += static_cast<char>(code);
-                    else if (code < 0x800) {
-                        out += static_cast<char>(0xC0 | (code >> 6));
-                        out += static_cast<char>(0x80 | (code & 0x3F));
-                    } else {
-                        out += static_cast<char>(0xE0 | (code >> 12));
-                        out += static_cast<char>(0x80 | ((code >> 6) & 0x3F));
-                        out += static_cast<char>(0x80 | (code & 0x3F));
+                    unsigned code = hex4();
+                    if (code >= 0xD800 && code <= 0xDBFF) {  // a UTF-16 surrogate pair: one code point above the BMP
+                        if (!consume("\\u")) fail("unpaired surrogate in \\u escape");
+                        const unsigned low = hex4();
+                        if (low < 0xDC00 || low > 0xDFFF) fail("unpaired surrogate in \\u escape");
+                        code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00);
+                    } else if (code >= 0xDC00 && code <= 0xDFFF) {
+                        fail("unpaired surrogate in \\u escape");
                     }
+                    if (code == 0) fail("\\u0000 in a string (names and paths are C strings)");
+                    append_utf8(out, code);
                     break;
                 }
                 default:

@@ -1,11 +1,10 @@
 #include "manifest.hpp"
 
 #include <cmath>
-#include <fstream>
-#include <sstream>
 
 #include "error.hpp"
 #include "json.hpp"
+#include "sha256.hpp"
 #include "xslim.hpp"
 
 namespace slim {
@@ -195,12 +194,10 @@ void parse_fields(const Value& root, Manifest& m) {
 
 Manifest load_manifest(const std::string& bundle_dir) {
     std::string path = bundle_dir + "/manifest.json";
-    std::ifstream in(path, std::ios::binary);
-    if (!in) throw Error(SLIM_ERR_IO, "cannot open " + path + " (is '" + bundle_dir + "' an engine bundle?)");
-    std::stringstream buffer;
-    buffer << in.rdbuf();
     Manifest m;
-    m.text = buffer.str();
+    try {
+        m.text = read_regular_file(path);
+    } catch (const Error& e) { throw Error(e.status(), std::string(e.what()) + " (is '" + bundle_dir + "' an engine bundle?)"); }
     Value root;
     try {
         root = json::parse(m.text);

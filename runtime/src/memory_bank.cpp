@@ -200,9 +200,11 @@ MemoryBank::MemoryBank(const std::string& path, const BankOptions& options)
         if (options.dim <= 0) throw Error(SLIM_ERR_INVALID_ARGUMENT, "memory bank " + path + ": dim is required to create a new bank");
         create_file(path, options.dim);
     }
-    fd_ = ::open(path.c_str(), (read_only_ ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+    // O_NONBLOCK: a reader's open of a FIFO would wait for a writer forever (a regular file ignores the flag).
+    fd_ = ::open(path.c_str(), (read_only_ ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NONBLOCK);
     if (fd_ < 0) io_error(path, "cannot open", errno);
     try {
+        if (::fstat(fd_, &st) != 0 || !S_ISREG(st.st_mode)) io_error(path, "is not a regular file (a directory, FIFO or device)");
         if (!read_only_ && ::flock(fd_, LOCK_EX | LOCK_NB) != 0)
             io_error(
                 path,
@@ -538,13 +540,22 @@ size_t MemoryBank::lookup(const int64_t* ids, size_t n, float* out, int64_t* wri
         io_error(path_,
                  "the file is shorter than the records this handle has indexed (it was truncated under it, or a writer took "
                  "records back): call refresh() on a read-only handle, or open the bank again");
+    // Bytes past a shrunk end that share the last page read as zeros instead of faulting: rows are
+    // checked against the file's size (and their heads against the index) before they are returned.
+    struct stat st{};
+    if (::fstat(fd_, &st) != 0) io_error(path_, "cannot stat", errno);
     copy_guard = &guard;
-    const size_t found = copy_rows(ids, n, out, write_times, model_versions);
+    const size_t found = copy_rows(ids, n, out, write_times, model_versions, static_cast<uint64_t>(st.st_size));
     copy_guard = nullptr;
+    if (found == kRecordGone)
+        io_error(path_,
+                 "a record this handle has indexed is no longer in the file (it was truncated or rewritten under it): call "
+                 "refresh() on a read-only handle, or open the bank again");
     return found;
 }
 
-size_t MemoryBank::copy_rows(const int64_t* ids, size_t n, float* out, int64_t* write_times, int64_t* model_versions) const noexcept {
+size_t MemoryBank::copy_rows(const int64_t* ids, size_t n, float* out, int64_t* write_times, int64_t* model_versions,
+                             uint64_t file_size) const noexcept {
     const size_t mask = slots_.size() - 1, row = 4 * static_cast<size_t>(dim_);
     // Random ids miss every cache: a two-stage prefetch keeps many misses in flight, first the index
     // slot of a later id, then (once that slot is cached) the record it points to.
@@ -564,9 +575,11 @@ size_t MemoryBank::copy_rows(const int64_t* ids, size_t n, float* out, int64_t* 
             continue;
         }
         const uint8_t* r = record_at(s->record);
-        if (out) std::memcpy(out + i * dim_, r + kRecordHead, row);
         RecordHead h;
         std::memcpy(&h, r, sizeof(h));
+        if (kHeaderBytes + (s->record + 1) * record_bytes_ > file_size || h.magic != kRecordMagic || h.seq != s->record || h.id != ids[i])
+            return kRecordGone;
+        if (out) std::memcpy(out + i * dim_, r + kRecordHead, row);
         if (write_times) write_times[i] = h.write_time_us;
         if (model_versions) model_versions[i] = h.model_version;
         ++found;

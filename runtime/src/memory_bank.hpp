@@ -94,7 +94,10 @@ class MemoryBank {
     // Writer: makes the mapping cover `records` records before they are written (exclusive lock if it moves).
     void map_records(uint64_t records);
     // lookup's copies out of the mapping, run under the SIGBUS guard; no C++ object with a destructor lives here.
-    size_t copy_rows(const int64_t* ids, size_t n, float* out, int64_t* write_times, int64_t* model_versions) const noexcept;
+    // Returns kRecordGone when an indexed record is past file_size or no longer the one indexed.
+    static constexpr size_t kRecordGone = SIZE_MAX;
+    size_t copy_rows(const int64_t* ids, size_t n, float* out, int64_t* write_times, int64_t* model_versions,
+                     uint64_t file_size) const noexcept;
     // Whether record `index` is still in the file (of `size` bytes) with checksum `crc`.
     bool record_unchanged(uint64_t index, uint32_t crc, uint64_t size) const;
     // Validates the records after those already checked (records_ + span_) up to `size` and indexes

@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import dataclasses
 import json
+import os
 import threading
 import warnings
 import weakref
@@ -31,7 +32,8 @@ class SlimError(RuntimeError):
 def _check(code: int) -> None:
     if code != 0:
         lib = _native.lib()
-        raise SlimError(lib.slim_status_name(code).decode(), lib.slim_last_error().decode())
+        # errors="replace": a message may quote bytes of a damaged file (ONNX Runtime's parse errors do).
+        raise SlimError(lib.slim_status_name(code).decode(), lib.slim_last_error().decode(errors="replace"))
 
 
 def version() -> str:
@@ -190,7 +192,7 @@ class Engine(_Closable):
         params.verify_checksums = int(verify_checksums)
         self.device = device
         handle = ctypes.c_void_p()
-        _check(lib.slim_engine_open(str(path).encode(), ctypes.byref(params), ctypes.byref(handle)))
+        _check(lib.slim_engine_open(os.fsencode(path), ctypes.byref(params), ctypes.byref(handle)))
         self._handle = handle
         self._sessions = weakref.WeakSet()
         self._gate = _CallGate("engine", exclusive=False)  # from here on, close() frees the handle
@@ -466,7 +468,7 @@ class MemoryBank(_Closable):
         params.dim = _integer(dim, "dim", 0, INT32_MAX)
         params.read_only, params.create, params.sync_writes = int(read_only), int(create), int(sync_writes)
         handle = ctypes.c_void_p()
-        _check(lib.slim_bank_open(str(path).encode(), ctypes.byref(params), ctypes.byref(handle)))
+        _check(lib.slim_bank_open(os.fsencode(path), ctypes.byref(params), ctypes.byref(handle)))
         self._handle = handle
         self.path = Path(path)
         self.dim = lib.slim_bank_dim(handle)
