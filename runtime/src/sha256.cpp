@@ -1,7 +1,10 @@
 #include "sha256.hpp"
 
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
 #include <cstdint>
-#include <cstdio>
 #include <cstring>
 #include <vector>
 
@@ -94,16 +97,23 @@ struct Sha256 {
 
 }  // namespace
 
-std::string sha256_file(const std::string& path) {
-    FILE* f = std::fopen(path.c_str(), "rb");
-    if (!f) throw Error(SLIM_ERR_IO, "cannot open " + path + ": " + std::strerror(errno));
+std::string sha256_bytes(const std::string& bytes) {
     Sha256 sha;
-    std::vector<unsigned char> buffer(1 << 20);
-    size_t n;
-    while ((n = std::fread(buffer.data(), 1, buffer.size(), f)) > 0) sha.update(buffer.data(), n);
-    bool failed = std::ferror(f);
-    std::fclose(f);
-    if (failed) throw Error(SLIM_ERR_IO, "cannot read " + path);
+    sha.update(reinterpret_cast<const unsigned char*>(bytes.data()), bytes.size());
+    return sha.hex();
+}
+
+std::string sha256_fd(int fd, const std::string& name, const std::function<void(size_t)>& on_chunk) {
+    Sha256 sha;
+    std::vector<unsigned char> buffer(4 << 20);
+    while (true) {
+        const ssize_t n = ::read(fd, buffer.data(), buffer.size());
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) throw Error(SLIM_ERR_IO, "cannot read " + name + ": " + std::strerror(errno));
+        if (n == 0) break;
+        sha.update(buffer.data(), static_cast<size_t>(n));
+        if (on_chunk) on_chunk(static_cast<size_t>(n));
+    }
     return sha.hex();
 }
 
