@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from slimengine.bundle import loads_strict
+import slimengine as se
+from slimengine.bundle import digest_line, loads_strict
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [ROOT / "runtime/tests/json_test.cpp", ROOT / "runtime/src/json.cpp"]
@@ -104,3 +105,22 @@ def test_the_c_reader_accepts_exactly_what_strict_python_json_accepts(json_test,
     assert all(line == "ok" or line.startswith("error json: ") for line in lines)
     accepted = sum(line == "ok" for line in lines)
     assert 100 < accepted < len(docs) - 100  # both outcomes well represented
+
+
+def test_a_bad_escape_is_an_invalid_argument_in_a_policy_and_a_bundle_error_in_a_manifest(distilled_bundle, bundle_copy):
+    from .conftest import CApiCall
+
+    with se.open_engine(distilled_bundle) as engine:
+        call = CApiCall(engine)
+        for policy, message in [(b'{"kind": "\\uZZZZ"}', "bad \\u escape"), (b'{"kind": "\\ud800"}', "bad \\u escape: lone high surrogate"),
+                                (b'{"kind": "xslim", "kind": "none"}', 'duplicate key "kind"'),
+                                (b'{"warmup_steps": 02}', "number with a leading zero"), (b'{"early_warning": -Infinity}', "bad number"),
+                                (b'{"kind": "caf\xe9"}', "invalid UTF-8")]:
+            status, error = call.generate(cache_policy=policy)
+            assert status == "SLIM_ERR_INVALID_ARGUMENT" and f"cache_policy: json: {message}" in error, (policy, error)
+    text = (bundle_copy / "manifest.json").read_bytes().replace(b'"family": "sd3"', b'"family": "sd3", "note": "\\uZZZZ"', 1)
+    (bundle_copy / "manifest.json").write_bytes(text)
+    (bundle_copy / "manifest.sha256").write_bytes(digest_line(text))
+    with pytest.raises(se.SlimError) as err:
+        se.open_engine(bundle_copy)
+    assert err.value.status == "SLIM_ERR_BUNDLE" and "manifest.json: json: bad \\u escape: 4 hex digits expected" in str(err.value)
