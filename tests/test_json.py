@@ -37,26 +37,11 @@ def test_the_corpus_passes_under_the_sanitizers(json_test):
 
 
 def _python_accepts(doc: bytes) -> bool:
-    """What the C reader must accept: strict JSON, valid UTF-8 without lone surrogates, nesting of at most 64."""
     try:
-        value = loads_strict(doc)
-    except (ValueError, RecursionError):
+        loads_strict(doc)
+    except ValueError:
         return False
-
-    def fine(v, depth: int) -> bool:
-        if isinstance(v, (dict, list)):
-            if depth >= 64:
-                return False
-            items = list(v.items()) if isinstance(v, dict) else [(None, x) for x in v]
-            return all((k is None or fine(k, depth)) and fine(x, depth + 1) for k, x in items)
-        if isinstance(v, str):
-            try:
-                v.encode("utf-8")  # a lone surrogate escape (\ud800) gives a str that cannot be encoded
-            except UnicodeEncodeError:
-                return False
-        return True
-
-    return fine(value, 0)
+    return True
 
 
 SEEDS = [
@@ -90,10 +75,11 @@ def _mutate(rng: random.Random, doc: bytes) -> bytes:
 
 
 def test_the_c_reader_accepts_exactly_what_strict_python_json_accepts(json_test, tmp_path):
+    """slimengine.bundle.loads_strict (Python's json made as strict) and the C reader agree on every document."""
     rng = random.Random(1234)
     docs = [_mutate(rng, rng.choice(SEEDS)) for _ in range(6000)] + SEEDS
     docs += [b'"\\ud800"', b'"\\udc00\\ud800"', b"1e400", b"-1e400", b"[" * 64 + b"]" * 64, b"[" * 65 + b"]" * 65, b"01", b"-Infinity",
-             b'{"a": 1, "a": 1}', b'"\xed\xa0\x80"', b"\xef\xbb\xbf[]", b"[1.]", b'"\\u00"', b'"\\uZZZZ"']
+             b'{"a": 1, "a": 1}', b'"\xed\xa0\x80"', b"\xef\xbb\xbf[]", b"[1.]", b'"\\u00"', b'"\\uZZZZ"', b'"\\u0000"', b'{"\\u0000": 1}']
     corpus = tmp_path / "corpus"
     corpus.write_bytes(b"".join(b"%d\n%s" % (len(d), d) for d in docs))
     proc = subprocess.run([str(json_test), "--classify", str(corpus)], capture_output=True, timeout=600)
@@ -112,7 +98,7 @@ def test_a_bad_escape_is_an_invalid_argument_in_a_policy_and_a_bundle_error_in_a
 
     with se.open_engine(distilled_bundle) as engine:
         call = CApiCall(engine)
-        for policy, message in [(b'{"kind": "\\uZZZZ"}', "bad \\u escape"), (b'{"kind": "\\ud800"}', "bad \\u escape: lone high surrogate"),
+        for policy, message in [(b'{"kind": "\\uZZZZ"}', "bad \\u escape"), (b'{"kind": "\\ud800"}', "unpaired surrogate in \\u escape"),
                                 (b'{"kind": "xslim", "kind": "none"}', 'duplicate key "kind"'),
                                 (b'{"warmup_steps": 02}', "number with a leading zero"), (b'{"early_warning": -Infinity}', "bad number"),
                                 (b'{"kind": "caf\xe9"}', "invalid UTF-8")]:

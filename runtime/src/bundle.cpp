@@ -37,12 +37,12 @@ const char* kind_of(mode_t mode) {
     if (S_ISBLK(mode)) return "a block device";
     if (S_ISSOCK(mode)) return "a socket";
     if (S_ISDIR(mode)) return "a directory";
-    return "not a regular file";
+    return "an unknown kind of file";
 }
 
 [[noreturn]] void not_regular(const std::string& path, mode_t mode) {
-    throw Error(SLIM_ERR_BUNDLE, "bundle file " + path + " is " + kind_of(mode) +
-                                     ": every file of a bundle must be a regular file inside it (copy the bundle's files, not links "
+    throw Error(SLIM_ERR_BUNDLE, "bundle file " + path + " is not a regular file (" + kind_of(mode) +
+                                     "): every file of a bundle must be a regular file inside it (copy the bundle's files, not links "
                                      "to them, or re-export it)");
 }
 

@@ -203,7 +203,7 @@ class Parser {
         auto [stop, ec] = std::from_chars(begin, end, number);
         if (ec == std::errc::result_out_of_range || (ec == std::errc() && !std::isfinite(number))) {
             pos_ = start;
-            fail("number outside double's range");
+            fail("bad number: outside double's range");
         }
         if (ec != std::errc() || stop != end) {
             pos_ = start;
@@ -242,11 +242,11 @@ class Parser {
             if (b0 == 0xF0) lo = 0x90;
             if (b0 == 0xF4) hi = 0x8F;
         } else {
-            fail("invalid UTF-8");
+            fail("invalid UTF-8 in string");
         }
-        if (byte(1) < lo || byte(1) > hi) fail("invalid UTF-8");
+        if (byte(1) < lo || byte(1) > hi) fail("invalid UTF-8 in string");
         for (size_t i = 2; i < n; ++i)
-            if (byte(i) < 0x80 || byte(i) > 0xBF) fail("invalid UTF-8");
+            if (byte(i) < 0x80 || byte(i) > 0xBF) fail("invalid UTF-8 in string");
         out.append(s_, pos_, n);
         pos_ += n;
     }
@@ -301,14 +301,15 @@ class Parser {
                     break;
                 case 'u': {
                     unsigned code = parse_hex4();
-                    if (code >= 0xDC00 && code <= 0xDFFF) fail("bad \\u escape: lone low surrogate");
+                    if (code >= 0xDC00 && code <= 0xDFFF) fail("unpaired surrogate in \\u escape");
                     if (code >= 0xD800 && code <= 0xDBFF) {  // a high surrogate: its low half must follow
-                        if (!(pos_ + 1 < s_.size() && s_[pos_] == '\\' && s_[pos_ + 1] == 'u')) fail("bad \\u escape: lone high surrogate");
+                        if (!(pos_ + 1 < s_.size() && s_[pos_] == '\\' && s_[pos_ + 1] == 'u')) fail("unpaired surrogate in \\u escape");
                         pos_ += 2;
                         const unsigned low = parse_hex4();
-                        if (low < 0xDC00 || low > 0xDFFF) fail("bad \\u escape: lone high surrogate");
+                        if (low < 0xDC00 || low > 0xDFFF) fail("unpaired surrogate in \\u escape");
                         code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00);
                     }
+                    if (code == 0) fail("\\u0000 in a string (names and paths are C strings)");
                     append_utf8(out, code);
                     break;
                 }

@@ -4,7 +4,8 @@
 // build from PyPI alone (no registry we build from ships a C++ JSON library as a build dependency), and
 // the strictness we need is not the libraries' default (duplicate keys, invalid UTF-8, depth). It refuses
 // what RFC 8259 leaves open: duplicate object keys, invalid UTF-8 (overlong forms, encoded surrogates,
-// code points past U+10FFFF), lone surrogate \u escapes, numbers outside the JSON grammar (leading zeros,
+// code points past U+10FFFF), unpaired surrogate \u escapes, \u0000 (strings become C strings), numbers outside the JSON grammar (leading
+// zeros,
 // "+1", ".5", "1.", NaN, Infinity with or without a sign) or outside double's range, nesting deeper than
 // kMaxDepth, a byte-order mark. Parsing is linear in the input. runtime/tests/json_test.cpp is its corpus.
 #pragma once

@@ -46,8 +46,30 @@ def _int(text: str) -> int:
     return int(text)
 
 
+MAX_DEPTH = 64  # json.hpp's kMaxDepth
+
+
+def _check_strings_and_depth(value, depth: int) -> None:
+    if isinstance(value, (dict, list)):
+        if depth >= MAX_DEPTH:
+            raise ValueError(f"nesting deeper than {MAX_DEPTH}")
+        for item in (value if isinstance(value, list) else [*value.keys(), *value.values()]):
+            _check_strings_and_depth(item, depth + 1)
+    elif isinstance(value, str):
+        if "\0" in value:
+            raise ValueError("\\u0000 in a string (names and paths are C strings)")
+        value.encode("utf-8")  # an unpaired surrogate escape gives a str that cannot be encoded: UnicodeEncodeError
+
+
 def loads_strict(data: bytes | str):
-    """JSON as the C runtime reads it: duplicate keys, NaN/Infinity, numbers past double's range and (for
-    bytes) invalid UTF-8 raise ValueError (json.JSONDecodeError and UnicodeDecodeError are ValueErrors)."""
+    """JSON as the C runtime reads it (runtime/src/json.hpp): duplicate keys, NaN/Infinity, numbers past double's range,
+    invalid UTF-8 (for bytes), unpaired surrogate escapes, \\u0000 and nesting deeper than 64 raise ValueError
+    (json.JSONDecodeError, UnicodeDecodeError and UnicodeEncodeError are ValueErrors)."""
     text = data.decode("utf-8") if isinstance(data, bytes) else data
-    return json.loads(text, object_pairs_hook=_refuse_duplicates, parse_constant=_refuse_constant, parse_float=_finite, parse_int=_int)
+    try:
+        value = json.loads(text, object_pairs_hook=_refuse_duplicates, parse_constant=_refuse_constant, parse_float=_finite,
+                           parse_int=_int)
+    except RecursionError:
+        raise ValueError(f"nesting deeper than {MAX_DEPTH}") from None
+    _check_strings_and_depth(value, 0)
+    return value
