@@ -130,7 +130,7 @@ def compare(bundles: list[str], device: str, out: str) -> int:
                     raise SystemExit(f"{path}: a bf16 bundle needs its fp32 twin ({reference}) as the CPU reference")
             text = rng.standard_normal((1, 8, c["joint_attention_dim"]), dtype=np.float32)
             pooled = rng.standard_normal((1, c["pooled_projection_dim"]), dtype=np.float32)
-            token = any(s["name"].endswith("_tokens") for s in m["stages"])
+            token = any(s["role"] == "block_tokens" for s in m["stages"])
             kwargs = {"seed": int(rng.integers(1 << 31)), "cache": TOKEN_POLICY if token else None}
             got = gpu_engine.session().generate(text, pooled, **kwargs)
         with se.open_engine(reference) as cpu_engine:

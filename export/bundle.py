@@ -1,4 +1,4 @@
-"""The engine bundle: `NAME.engine/` with manifest.json and stages/*.onnx, written atomically.
+"""The engine bundle: `NAME.engine/` with manifest.json, manifest.sha256 and stages/*.onnx, written atomically.
 
 Everything is written into a temporary sibling directory, hashed, optionally verified, and only then
 renamed into place; on any failure the temporary directory is removed and the destination is left
@@ -17,9 +17,10 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-BUNDLE_FORMAT = "slimengine-bundle"
-BUNDLE_FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
+from slimengine.bundle import DIGEST, FORMAT, FORMAT_VERSION, MANIFEST, digest_line
+
+BUNDLE_FORMAT = FORMAT
+BUNDLE_FORMAT_VERSION = FORMAT_VERSION
 # Inside `.NAME.tmp-PID/`: flock-ed by the exporting process for as long as it runs (the kernel drops the lock when
 # the process dies however it dies), so a free lock means a dead export even if its PID has been reused.
 LOCK = ".export-lock"
@@ -52,9 +53,18 @@ def write_file_atomically(path: Path, write: Callable[[Path], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def write_manifest(directory: Path, manifest: dict) -> None:
+    """Write `manifest` as directory/manifest.json and its digest as manifest.sha256 (docs/bundle-format.md,
+    "Integrity"). The runtime refuses a manifest.json that no longer matches its manifest.sha256."""
+    data = json.dumps(manifest, indent=1, allow_nan=False).encode()
+    (Path(directory) / MANIFEST).write_bytes(data)
+    (Path(directory) / DIGEST).write_bytes(digest_line(data))
+
+
 def write_bundle(destination: Path, fill: Callable[[Path], dict], force: bool = False, report: Callable[[str], None] | None = None) -> dict:
     """Create the bundle at `destination`: `fill(tmpdir)` writes the files and returns the manifest
-    (without `files`); this function adds the sha256 of every file and publishes atomically. Stale
+    (without `files`); this function lists every file with its sha256 and size, writes the manifest and
+    its digest, and publishes atomically. Stale
     temporaries of killed exports to the same destination are removed first, each told to `report`."""
     destination = Path(destination)
     if destination.exists() and not force:
@@ -70,11 +80,10 @@ def write_bundle(destination: Path, fill: Callable[[Path], dict], force: bool = 
         lock = _hold_lock(tmp)
         manifest = fill(tmp)
         manifest["files"] = {
-            str(p.relative_to(tmp)): sha256_file(p)
-            for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != MANIFEST and p != tmp / LOCK
+            str(p.relative_to(tmp)): {"sha256": sha256_file(p), "size": p.stat().st_size}
+            for p in sorted(tmp.rglob("*")) if p.is_file() and p not in (tmp / MANIFEST, tmp / DIGEST, tmp / LOCK)
         }
-        with open(tmp / MANIFEST, "w") as handle:
-            json.dump(manifest, handle, indent=1)
+        write_manifest(tmp, manifest)
         # Not part of the bundle. Still locked through our descriptor; until the rename, our live PID marks
         # the directory as in use (remove_stale_temporaries).
         (tmp / LOCK).unlink()

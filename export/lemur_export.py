@@ -28,10 +28,10 @@ def stage_specs(c: LemurConfig) -> list[StageSpec]:
     return [
         StageSpec("embed", (TensorSpec("text_ids", ("batch", "text"), "int64"), TensorSpec("segment_ids", ("batch", "text"), "int64"),
                             TensorSpec("frames", ("batch", "frames", 3, c.image_size, c.image_size))),
-                  (TensorSpec("doc_embedding", ("batch", c.embed_dim)),)),
+                  (TensorSpec("doc_embedding", ("batch", c.embed_dim)),), role="lemur_embed"),
         StageSpec("score", (TensorSpec("history", ("batch", "history", c.embed_dim)), TensorSpec("history_mask", ("batch", "history")),
                             TensorSpec("query_ids", ("batch", "query"), "int64")),
-                  (TensorSpec("score", ("batch",)),)),
+                  (TensorSpec("score", ("batch",)),), role="lemur_score"),
     ]
 
 
@@ -53,8 +53,8 @@ class ScoreStage(nn.Module):
         return self.model.score(history, history_mask, query_ids)
 
 
-def stage_module(model: LemurModel, name: str) -> nn.Module:
-    return EmbedStage(model) if name == "embed" else ScoreStage(model)
+def stage_module(model: LemurModel, spec: StageSpec) -> nn.Module:
+    return EmbedStage(model) if spec.role == "lemur_embed" else ScoreStage(model)
 
 
 def example_inputs(c: LemurConfig, batch: int, text: int, frames: int, history: int, query: int, seed: int) -> dict:
@@ -89,7 +89,7 @@ def export_stages(model: LemurModel, directory: Path, progress=None) -> list[Sta
     args = example_inputs(c, batch=2, text=6, frames=2, history=5, query=4, seed=0)
     (directory / "stages").mkdir(parents=True, exist_ok=True)
     for spec in specs:
-        program = trace_stage(stage_module(model, spec.name), spec, args[spec.name], dynamic_shapes=_dynamic_shapes(spec, c))
+        program = trace_stage(stage_module(model, spec), spec, args[spec.name], dynamic_shapes=_dynamic_shapes(spec, c))
         program.save(directory / spec.file, external_data=True)
         if progress is not None:
             progress(spec.name)
@@ -108,7 +108,7 @@ def verify_stages(model: LemurModel, directory: Path, specs: list[StageSpec]) ->
     errors = {}
     for spec in specs:
         with torch.no_grad():
-            expected = stage_module(model, spec.name)(*args[spec.name]).numpy()
+            expected = stage_module(model, spec)(*args[spec.name]).numpy()
         session = ort.InferenceSession(str(directory / spec.file), options, providers=["CPUExecutionProvider"])
         (got,) = session.run(None, {t.name: x.numpy() for t, x in zip(spec.inputs, args[spec.name])})
         errors[spec.name] = float(np.linalg.norm(got - expected) / np.linalg.norm(expected))

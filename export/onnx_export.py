@@ -39,16 +39,23 @@ class TensorSpec:
 
 @dataclasses.dataclass(frozen=True)
 class StageSpec:
-    name: str
+    name: str  # the file's name and what stats and profiles call the stage; nothing reads meaning from it
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    role: str = dataclasses.field(kw_only=True)  # what the stage computes: slimengine.bundle.SD3_ROLES / LEMUR_ROLES
+    block: int | None = dataclasses.field(default=None, kw_only=True)  # the joint block, for roles block and block_tokens
+
+    def __post_init__(self):
+        if (self.block is not None) != (self.role in ("block", "block_tokens")):
+            raise ValueError(f"stage {self.name}: role {self.role!r} {'needs' if self.block is None else 'takes no'} block index")
 
     @property
     def file(self) -> str:
         return f"stages/{self.name}.onnx"
 
     def to_json(self) -> dict:
-        return {"name": self.name, "file": self.file, "inputs": [t.to_json() for t in self.inputs],
+        block = {} if self.block is None else {"block": self.block}
+        return {"name": self.name, "role": self.role, **block, "file": self.file, "inputs": [t.to_json() for t in self.inputs],
                 "outputs": [t.to_json() for t in self.outputs]}
 
 
@@ -62,21 +69,21 @@ def stage_specs(model: DistilledSD3, token_stages: bool = False) -> list[StageSp
     img, txt, temb = TensorSpec("img", ("batch", "tokens", d)), TensorSpec("txt", ("batch", "text", dc)), TensorSpec("temb", ("batch", d))
     latents = TensorSpec("latents", ("batch", c.in_channels, "height", "width"))
     specs = [StageSpec("embed", (latents, TensorSpec("timestep", ("batch",)), TensorSpec("pooled", ("batch", c.pooled_projection_dim)),
-                                 TensorSpec("text", ("batch", "text", c.joint_attention_dim))), (img, txt, temb))]
+                                 TensorSpec("text", ("batch", "text", c.joint_attention_dim))), (img, txt, temb), role="embed")]
     for i in range(c.num_layers):
         last = i == c.num_layers - 1
         outs = (TensorSpec("img_out", img.shape),) if last else (TensorSpec("img_out", img.shape), TensorSpec("txt_out", txt.shape))
         if token_stages and i not in c.dual_attention_layers:  # dual-attention blocks run whole in token steps
             specs.append(dataclasses.replace(kv_stage_spec(model, i), name=f"block_{i}"))
         else:
-            specs.append(StageSpec(f"block_{i}", (img, txt, temb), outs))
+            specs.append(StageSpec(f"block_{i}", (img, txt, temb), outs, role="block", block=i))
     if token_stages:
         specs += [token_stage_spec(model, i) for i in range(c.num_layers) if i not in c.dual_attention_layers]
     if model.has_compensation:
         specs.append(StageSpec("compensate", (TensorSpec("delta_img", img.shape), TensorSpec("delta_txt", txt.shape)),
-                               (TensorSpec("comp_img", img.shape), TensorSpec("comp_txt", txt.shape))))
+                               (TensorSpec("comp_img", img.shape), TensorSpec("comp_txt", txt.shape)), role="compensate"))
     specs.append(StageSpec("final", (img, temb, TensorSpec("latents", ("batch", c.out_channels, "height", "width"))),
-                           (TensorSpec("velocity", ("batch", c.out_channels, "height", "width")),)))
+                           (TensorSpec("velocity", ("batch", c.out_channels, "height", "width")),), role="final"))
     return specs
 
 
@@ -158,23 +165,18 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def block_index(name: str) -> int:
-    """block_7 and block_7_tokens -> 7."""
-    return int(name.split("_")[1])
-
-
 def stage_module(model: DistilledSD3, spec: StageSpec, dtype, block: nn.Module | None = None) -> nn.Module:
     """The module a stage traces; `block` replaces the model's joint block (BlockGraphs' templates)."""
     from .token_block import KVBlockStage, TokenBlockStage
 
-    if spec.name == "embed":
+    if spec.role == "embed":
         return EmbedStage(model, dtype)
-    if spec.name == "compensate":
+    if spec.role == "compensate":
         return CompensateStage(model, dtype)
-    if spec.name == "final":
+    if spec.role == "final":
         return FinalStage(model, dtype)
-    block = block if block is not None else model.transformer.transformer_blocks[block_index(spec.name)]
-    if spec.name.endswith("_tokens"):
+    block = block if block is not None else model.transformer.transformer_blocks[spec.block]
+    if spec.role == "block_tokens":
         return TokenBlockStage(block, dtype)
     if any(t.name == "img_k" for t in spec.outputs):
         return KVBlockStage(block, dtype)
@@ -187,8 +189,8 @@ def stage_example_inputs(model: DistilledSD3, specs: list[StageSpec], **sizes) -
 
     args = {k: tuple(t.float() for t in v) for k, v in example_inputs(model, **sizes).items()}
     for spec in specs:
-        if spec.name.endswith("_tokens"):
-            args[spec.name] = token_example_inputs(model, block_index(spec.name), model_dtype(model), **sizes)
+        if spec.role == "block_tokens":
+            args[spec.name] = token_example_inputs(model, spec.block, model_dtype(model), **sizes)
     return args
 
 
@@ -252,7 +254,7 @@ class BlockGraphs:
         self.templates = {}  # (block kind, stage kind) -> (ONNXProgram, {initializer: (parameter, transposed)}) or None
 
     def _trace_template(self, spec: StageSpec):
-        scrambled = copy.deepcopy(self.model.transformer.transformer_blocks[block_index(spec.name)])
+        scrambled = copy.deepcopy(self.model.transformer.transformer_blocks[spec.block])
         with torch.no_grad():
             g = torch.Generator().manual_seed(1234)
             for p in scrambled.parameters():
@@ -279,8 +281,8 @@ class BlockGraphs:
         return program, bindings
 
     def graph_for(self, spec: StageSpec):
-        index = block_index(spec.name)
-        kind = (_block_kind(self.model, index), spec.name.endswith("_tokens"), len(spec.outputs))
+        index = spec.block
+        kind = (_block_kind(self.model, index), spec.role, len(spec.outputs))
         if kind not in self.templates:
             self.templates[kind] = self._trace_template(spec)
         if self.templates[kind] is None:
@@ -313,7 +315,7 @@ def export_stages(model: DistilledSD3, directory: Path, precision: str, progress
     (directory / "stages").mkdir(parents=True, exist_ok=True)
     for spec in specs:
         program = None
-        if spec.name.startswith("block_"):
+        if spec.role in ("block", "block_tokens"):
             program = blocks.graph_for(spec)
         if program is None:
             program = trace_stage(stage_module(model, spec, dtype), spec, args[spec.name],

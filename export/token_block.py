@@ -240,14 +240,15 @@ def kv_stage_spec(model: DistilledSD3, index: int) -> StageSpec:
     """block_{index}_kv: (img, txt, temb) -> (img_out, [txt_out,] img_k, img_v)."""
     img, txt, temb, outs = _block_io(model, index)
     kv = (TensorSpec("img_k", img.shape), TensorSpec("img_v", img.shape))
-    return StageSpec(f"block_{index}_kv", (img, txt, temb), outs + kv)
+    return StageSpec(f"block_{index}_kv", (img, txt, temb), outs + kv, role="block", block=index)
 
 
 def token_stage_spec(model: DistilledSD3, index: int) -> StageSpec:
     """block_{index}_tokens: (img, txt, temb, token_index, k_cache, v_cache, residual_cache) -> (img_out, [txt_out])."""
     img, txt, temb, outs = _block_io(model, index)
     caches = tuple(TensorSpec(n, img.shape) for n in ("k_cache", "v_cache", "residual_cache"))
-    return StageSpec(f"block_{index}_tokens", (img, txt, temb, TensorSpec("token_index", ("batch", "selected"), dtype="int64"), *caches), outs)
+    return StageSpec(f"block_{index}_tokens", (img, txt, temb, TensorSpec("token_index", ("batch", "selected"), dtype="int64"), *caches), outs,
+                     role="block_tokens", block=index)
 
 
 def token_example_inputs(model: DistilledSD3, index: int, dtype: torch.dtype = torch.float32, batch: int = 2, height: int = 8,

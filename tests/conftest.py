@@ -7,6 +7,7 @@ that changes a bundle works on its own copy.
 from __future__ import annotations
 
 import ctypes
+import json
 import shutil
 import subprocess
 import sys
@@ -49,6 +50,17 @@ def export(checkpoint: Path, bundle: Path, *args: str) -> Path:
     proc = run_cli("export-engine", str(checkpoint), "-o", str(bundle), "-q", *args)
     bundle.with_suffix(".log").write_text(proc.stderr)
     return bundle
+
+
+def edit_manifest(bundle: Path, edit) -> dict:
+    """Apply `edit(manifest)` to the bundle's manifest and re-sign it (manifest.sha256), as a re-export would: for
+    tests that need the runtime to reach a field's validation. An unsigned edit is refused by the digest."""
+    from slimengine.export.bundle import write_manifest
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    edit(manifest)
+    write_manifest(bundle, manifest)
+    return manifest
 
 
 def reference_for(checkpoint: Path, bundle_args: dict | None = None):

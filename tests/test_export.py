@@ -29,7 +29,7 @@ from .conftest import make_checkpoint, random_inputs, reference_for, relative_er
 
 def test_bundle_has_a_complete_manifest_and_checksums(distilled_bundle, distilled_checkpoint):
     manifest = json.loads((distilled_bundle / "manifest.json").read_text())
-    assert manifest["format"] == "slimengine-bundle" and manifest["format_version"] == 1
+    assert manifest["format"] == "slimengine-bundle" and manifest["format_version"] == 2
     assert manifest["family"] == "sd3" and manifest["precision"] == "fp32"
     assert manifest["source"]["sha256"] == hashlib.sha256(distilled_checkpoint.read_bytes()).hexdigest()
     names = [s["name"] for s in manifest["stages"]]
@@ -39,10 +39,11 @@ def test_bundle_has_a_complete_manifest_and_checksums(distilled_bundle, distille
     assert [s["record_delta"] for s in program["steps"]] == [True, False]
     assert [s["skip_cached_blocks"] for s in program["steps"]] == [False, True]
     assert program["effective_nfe"] == 1.5
-    on_disk = {str(p.relative_to(distilled_bundle)) for p in distilled_bundle.rglob("*") if p.is_file()} - {"manifest.json"}
+    on_disk = {str(p.relative_to(distilled_bundle)) for p in distilled_bundle.rglob("*") if p.is_file()} - {"manifest.json", "manifest.sha256"}
     assert set(manifest["files"]) == on_disk
-    for name, digest in manifest["files"].items():
-        assert hashlib.sha256((distilled_bundle / name).read_bytes()).hexdigest() == digest, name
+    for name, entry in manifest["files"].items():
+        data = (distilled_bundle / name).read_bytes()
+        assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}, name
     assert not list(distilled_bundle.parent.glob(".distilled.engine.tmp*"))
 
 
@@ -125,7 +126,7 @@ def test_cli_rejects_bad_flags_with_usage_errors(tmp_path):
 
 
 def _on_disk(bundle):
-    return {str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()} - {"manifest.json"}
+    return {str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()} - {"manifest.json", "manifest.sha256"}
 
 
 def test_a_killed_export_leaves_a_temporary_that_the_next_export_removes(tmp_path, lemur_checkpoint):
@@ -144,7 +145,7 @@ def test_a_killed_export_leaves_a_temporary_that_the_next_export_removes(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k.engine"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert set(manifest["files"]) == _on_disk(out) and {"stages/embed.onnx", "stages/score.onnx"} <= _on_disk(out)
-    with se.open_engine(out):  # checks every file's sha256
+    with se.open_engine(out, verify="full"):  # checks every file's sha256
         pass
 
 
@@ -182,7 +183,7 @@ def test_only_temporaries_of_dead_exports_are_removed(tmp_path):
             os.close(fd)
         assert held.is_dir() and starting.is_dir() and not reused.exists() and not killed.exists()
         assert sorted(reports) == sorted(f"removed stale temporary {p} of an interrupted export" for p in (reused, killed))
-        assert manifest["files"] == {"a.txt": hashlib.sha256(b"a").hexdigest()}  # the lock file is not part of the bundle
+        assert manifest["files"] == {"a.txt": {"sha256": hashlib.sha256(b"a").hexdigest(), "size": 1}}  # the lock file is not part of the bundle
         assert _on_disk(tmp_path / "b.engine") == {"a.txt"}
     finally:
         for p in live:

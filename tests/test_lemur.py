@@ -17,7 +17,7 @@ import slimengine as se
 from slimengine import _native
 from slimengine.export.checkpoint import load_lemur_checkpoint
 
-from .conftest import relative_error, run_cli
+from .conftest import edit_manifest, relative_error, run_cli
 
 TOLERANCE = 1e-5  # fp32 relative error, runtime vs PyTorch (the bound)
 
@@ -217,13 +217,6 @@ def test_bad_embed_and_score_input_gets_clear_errors_and_changes_nothing(engine,
         session.generate(np.zeros((1, 2, 3), np.float32), np.zeros((1, 3), np.float32))  # no KeyError from the SD3 config
 
 
-def _edit_manifest(bundle, edit):
-    path = bundle / "manifest.json"
-    manifest = json.loads(path.read_text())
-    edit(manifest)
-    path.write_text(json.dumps(manifest))
-
-
 @pytest.mark.parametrize("edit, message", [
     (lambda m: m.update(family="lemurx"), "'lemurx' is not supported by this runtime (expected sd3 or lemur)"),
     (lambda m: m["config"].pop("embed_dim"), "config.embed_dim is missing"),
@@ -235,7 +228,7 @@ def _edit_manifest(bundle, edit):
 def test_lemur_manifests_are_validated_by_family(lemur_bundle, tmp_path, edit, message):
     bundle = tmp_path / "copy.engine"
     shutil.copytree(lemur_bundle, bundle)
-    _edit_manifest(bundle, edit)
+    edit_manifest(bundle, edit)  # re-signed, so the check reaches the field
     with pytest.raises(se.SlimError) as err:
         se.open_engine(bundle)
     assert err.value.status == "SLIM_ERR_BUNDLE" and message in str(err.value), str(err.value)

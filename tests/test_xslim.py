@@ -18,7 +18,7 @@ from slimengine.noise import gaussian_noise
 from slimengine.tools import calibrate_xslim, toy_shapes
 from slimengine.tools.toy_demo import class_grid
 
-from .conftest import TOY_CHECKPOINT, CApiCall, relative_error, run_cli
+from .conftest import TOY_CHECKPOINT, CApiCall, edit_manifest, relative_error, run_cli
 
 LEVEL_NAMES = {"full": "full", "skip": "reused", "block": "block_refresh", "token": "token_refresh"}
 
@@ -104,9 +104,8 @@ def test_bundle_default_policy_and_per_request_override(toy_bundles, tmp_path, t
 
     bundle = tmp_path / "cached.engine"
     shutil.copytree(toy_bundles["28-step CFG"], bundle)
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    manifest["program"]["cache"] = parse_cache_spec("xslim:step=0.2").to_manifest()  # what --cache xslim:step=0.2 writes
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    # What --cache xslim:step=0.2 writes (re-signed, as an export would).
+    edit_manifest(bundle, lambda m: m["program"].update(cache=parse_cache_spec("xslim:step=0.2").to_manifest()))
     _, _, text, pooled, _, kwargs, _ = toy_case
     session = se.open_engine(bundle).session()
     assert session.generate(text, pooled, **kwargs).stats["effective_nfe"] < 56
@@ -166,9 +165,7 @@ def test_bad_policies_are_refused_at_the_c_boundary(toy_bundles, bundle_copy):
         assert status == "SLIM_ERR_INVALID_ARGUMENT" and expected in message, message
     status, message = call.generate(cache_policy=b"{not json")
     assert status == "SLIM_ERR_INVALID_ARGUMENT" and "cache_policy: json:" in message
-    manifest = json.loads((bundle_copy / "manifest.json").read_text())
-    manifest["program"]["cache"] = {**good, "early_warning": -1}
-    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    edit_manifest(bundle_copy, lambda m: m["program"].update(cache={**good, "early_warning": -1}))
     with pytest.raises(se.SlimError, match="program.cache.early_warning must not be negative"):
         se.open_engine(bundle_copy)
 

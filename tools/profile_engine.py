@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 import slimengine as se
+from slimengine.bundle import loads_strict
 
 SCHEMA = "slimengine-profile"
 SCHEMA_VERSION = 1
@@ -136,8 +137,11 @@ def read_manifest(path: Path) -> dict:
     """The bundle's manifest.json, read only to pick the model family's profiler (the runtime validates it)."""
     if not path.exists():
         raise UsageError(f"no such engine: {path}")
+    file = path / "manifest.json"
+    if file.is_symlink() or (file.exists() and not file.is_file()):  # never opened: a FIFO would block the read
+        raise UsageError(f"{file} is not a regular file")
     try:
-        manifest = json.loads((path / "manifest.json").read_text())
+        manifest = loads_strict(file.read_bytes())
     except FileNotFoundError:
         raise UsageError(f"{path} is not an engine bundle (no manifest.json)") from None
     except (OSError, ValueError) as e:

@@ -36,8 +36,9 @@ extern "C" {
 
 /* ABI version of this header; slim_version() gives the library's at run time. */
 #define SLIM_ABI_VERSION_MAJOR 0
-#define SLIM_ABI_VERSION_MINOR \
-    3 /* 2: X-Slim policies and stats, plan override, profiling events, LEMUR, generic stage call, device; 3: SLIM_ERR_BUSY */
+#define SLIM_ABI_VERSION_MINOR                                                                                               \
+    4 /* 2: X-Slim policies and stats, plan override, profiling events, LEMUR, generic stage call, device; 3: SLIM_ERR_BUSY; \
+         4: bundle format 2, slim_verify levels, slim_bundle_verify */
 
 typedef enum slim_status {
     SLIM_OK = 0,
@@ -93,10 +94,21 @@ SLIM_API const char* slim_status_name(slim_status status);
 
 /* ---- engine ---- */
 
+/* How much of a bundle slim_engine_open and slim_bundle_verify check (docs/bundle-format.md, "Integrity"). ABI 0.4. */
+typedef enum slim_verify {
+    /* The manifest against its digest (manifest.sha256); every file under the bundle listed in the manifest and every
+       listed file present, a regular file (no symlink, FIFO, device) of its listed size; the sha256 of each stage's graph
+       file (small: the weights are external data). Reads no weights: seconds for a multi-GB bundle. */
+    SLIM_VERIFY_FAST = 0,
+    /* All of that and the sha256 of every file, weights included (reads the whole bundle). */
+    SLIM_VERIFY_FULL = 1
+} slim_verify;
+
 typedef struct slim_engine_params {
     uint32_t struct_size;            /* sizeof(slim_engine_params) */
     const char* onnxruntime_library; /* path of libonnxruntime.so; NULL: $SLIMENGINE_ORT_LIBRARY, then the loader's search */
-    int32_t verify_checksums;        /* 1 (default): check the sha256 of every bundle file against the manifest */
+    int32_t verify_checksums;        /* slim_verify: SLIM_VERIFY_FAST (default since ABI 0.4) or SLIM_VERIFY_FULL (1, the
+                                        only check before 0.4); other values are INVALID_ARGUMENT */
     int32_t intra_op_threads;        /* ONNX Runtime threads, one pool per process set by the first engine; 0: its choice */
     /* ABI 0.2: */
     int32_t device_type; /* slim_device_type: SLIM_DEVICE_CPU (default), or SLIM_DEVICE_CUDA: every stage on ONNX Runtime's
@@ -110,10 +122,20 @@ SLIM_API slim_engine_params slim_engine_default_params(void);
 
 /* Load the bundle directory at `path`, or a plain ONNX model (a path ending in .onnx: a one-stage
  * engine whose stage "model" runs through slim_stage_run). On success *out owns a new engine (free
- * with slim_engine_close). params may be NULL (defaults). Status: INVALID_ARGUMENT, IO (a file
- * missing, unreadable, or not a regular file: a directory, FIFO or device), BUNDLE (the manifest is
- * not strict UTF-8 JSON or not valid, a checksum mismatch), BACKEND, OUT_OF_MEMORY. */
+ * with slim_engine_close). params may be NULL (defaults). The bundle is checked at params'
+ * verify_checksums level first. Status: INVALID_ARGUMENT, IO, BUNDLE (naming the field or file at
+ * fault; a format 1 bundle is refused with how to re-export it), BACKEND, OUT_OF_MEMORY. */
 SLIM_API slim_status slim_engine_open(const char* path, const slim_engine_params* params, slim_engine** out);
+
+/* Progress of slim_bundle_verify: the bundle-relative file being hashed, and bytes hashed so far / to hash in all.
+   Return 0 to go on; anything else stops the check (slim_bundle_verify then returns SLIM_ERR_INVALID_ARGUMENT). */
+typedef int32_t (*slim_verify_progress)(void* user, const char* file, uint64_t bytes_done, uint64_t bytes_total);
+
+/* Check the bundle directory at `path` at `level` (slim_verify) without loading it: what slim_engine_open
+ * checks before it builds any stage (`slimengine verify BUNDLE` runs this). progress may be NULL; it is
+ * called as files are hashed (after every 4 MiB). Status: OK, INVALID_ARGUMENT, IO, BUNDLE (naming the
+ * file or field at fault). ABI 0.4. */
+SLIM_API slim_status slim_bundle_verify(const char* path, int32_t level, slim_verify_progress progress, void* user);
 /* Close an engine: waits for its calls in flight; its live sessions keep the loaded model until they
  * are destroyed. NULL is accepted. */
 SLIM_API void slim_engine_close(slim_engine* engine);

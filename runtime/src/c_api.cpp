@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "bundle.hpp"
 #include "call_gate.hpp"
 #include "engine.hpp"
 #include "error.hpp"
@@ -66,6 +67,13 @@ slim_status guarded(F&& body) {
     } catch (const std::exception& e) { return fail(SLIM_ERR_INTERNAL, std::string("internal error: ") + e.what()); } catch (...) {
         return fail(SLIM_ERR_INTERNAL, "internal error");
     }
+}
+
+slim::Verify verify_level(int32_t level, const char* what) {
+    if (level != SLIM_VERIFY_FAST && level != SLIM_VERIFY_FULL)
+        throw slim::Error(SLIM_ERR_INVALID_ARGUMENT,
+                          std::string(what) + " must be SLIM_VERIFY_FAST (0) or SLIM_VERIFY_FULL (1), got " + std::to_string(level));
+    return level == SLIM_VERIFY_FULL ? slim::Verify::Full : slim::Verify::Fast;
 }
 
 // Copies a caller's params struct over the defaults: older callers pass smaller structs, and only
@@ -321,7 +329,7 @@ slim_engine_params slim_engine_default_params(void) {
     slim_engine_params p{};
     p.struct_size = sizeof(p);
     p.onnxruntime_library = nullptr;
-    p.verify_checksums = 1;
+    p.verify_checksums = SLIM_VERIFY_FAST;
     p.intra_op_threads = 0;
     p.device_type = SLIM_DEVICE_CPU;
     p.device_id = 0;
@@ -343,11 +351,27 @@ slim_status slim_engine_open(const char* path, const slim_engine_params* params,
         if (p.device_id < 0 || (p.device_type == SLIM_DEVICE_CPU && p.device_id != 0))
             throw slim::Error(SLIM_ERR_INVALID_ARGUMENT,
                               "slim_engine_params.device_id must be >= 0 (and 0 for the CPU), got " + std::to_string(p.device_id));
-        slim::EngineOptions options{p.onnxruntime_library, p.verify_checksums != 0, p.intra_op_threads,
-                                    p.device_type == SLIM_DEVICE_CUDA ? p.device_id : -1};
+        slim::EngineOptions options{p.onnxruntime_library, verify_level(p.verify_checksums, "slim_engine_params.verify_checksums"),
+                                    p.intra_op_threads, p.device_type == SLIM_DEVICE_CUDA ? p.device_id : -1};
         auto engine = std::make_unique<slim_engine>();
         engine->engine = std::make_unique<slim::Engine>(path, options);
         *out = engine.release();
+    });
+}
+
+slim_status slim_bundle_verify(const char* path, int32_t level, slim_verify_progress progress, void* user) {
+    return guarded([&] {
+        if (!path || !*path) throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, "slim_bundle_verify: path is empty");
+        const slim::Verify verify = verify_level(level, "slim_bundle_verify: level");
+        slim::BundleDir dir(path);
+        const slim::Manifest manifest = slim::load_manifest(dir);
+        slim::VerifyProgress report;
+        if (progress)
+            report = [&](const std::string& file, uint64_t done, uint64_t total) {
+                if (progress(user, file.c_str(), done, total) != 0)
+                    throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, "slim_bundle_verify: stopped by the progress callback");
+            };
+        slim::verify_files(dir, manifest, verify, report);
     });
 }
 

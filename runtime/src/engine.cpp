@@ -4,18 +4,19 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "bundle.hpp"
 #include "error.hpp"
-#include "sha256.hpp"
 
 namespace slim {
 namespace {
 
 using Names = std::vector<std::string>;
 
-// The stage interface a program relies on (stage name -> inputs, outputs).
+// The stage interface a program relies on (stage role -> inputs, outputs).
 void expect_io(const StageDecl& s, const Names& inputs, const Names& outputs, const char* program = "SD3") {
     if (s.inputs != inputs || s.outputs != outputs)
-        throw Error(SLIM_ERR_BUNDLE, "manifest: stage " + s.name + " does not have the inputs/outputs the " + program + " program expects");
+        throw Error(SLIM_ERR_BUNDLE,
+                    "manifest: stage " + s.name + " does not have the inputs/outputs the " + program + " program expects of its role");
 }
 
 bool is_plain_onnx(const std::string& path) {
@@ -44,19 +45,19 @@ std::string custom_op_library_path(const char* name) {
     return (slash == std::string::npos ? std::string(".") : self.substr(0, slash)) + "/" + name;
 }
 
+// The bundle's manifest, its files checked at `level`; a plain ONNX model's one-stage manifest.
+Manifest load_and_verify(const std::string& path, Verify level) {
+    if (is_plain_onnx(path)) return plain_onnx_manifest(path);
+    BundleDir dir(path);
+    Manifest manifest = load_manifest(dir);
+    verify_files(dir, manifest, level);
+    return manifest;
+}
+
 }  // namespace
 
-Engine::Engine(const std::string& path, const EngineOptions& options)
-    : manifest_(is_plain_onnx(path) ? plain_onnx_manifest(path) : load_manifest(path)) {
+Engine::Engine(const std::string& path, const EngineOptions& options) : manifest_(load_and_verify(path, options.verify)) {
     const std::string& bundle_dir = path;
-    if (options.verify_checksums) {
-        for (const auto& [file, digest] : manifest_.files) {
-            std::string actual = sha256_file(bundle_dir + "/" + file);
-            if (actual != digest)
-                throw Error(SLIM_ERR_BUNDLE,
-                            "checksum mismatch for " + bundle_dir + "/" + file + " (the file changed after export; re-export the bundle)");
-        }
-    }
     if (manifest_.kind == Family::Sd3) bind_sd3_stages();
     if (manifest_.kind == Family::Lemur) bind_lemur_stages();
 
@@ -71,7 +72,9 @@ Engine::Engine(const std::string& path, const EngineOptions& options)
     }
     for (const StageDecl& s : manifest_.stages) {
         std::string file = manifest_.kind == Family::PlainOnnx ? s.file : bundle_dir + "/" + s.file;
-        ::close(open_regular_file(file));  // ONNX Runtime would wait forever on a FIFO (verify_checksums 0 reads nothing first)
+        struct stat st{};  // a bundle's files were checked by BundleDir; a plain .onnx path only here
+        if (manifest_.kind == Family::PlainOnnx && (::stat(file.c_str(), &st) != 0 || !S_ISREG(st.st_mode)))
+            throw Error(SLIM_ERR_IO, file + ": not a readable regular file (ONNX Runtime would wait forever on a FIFO)");
         stages_.push_back(std::make_unique<StageSession>(ort_, file, s.name, s.inputs, s.outputs, ops, options.cuda_device));
         const StageSession& stage = *stages_.back();
         for (size_t i = 0; i < s.input_dtypes.size(); ++i)  // the manifest's dtypes must be the graph's
@@ -98,26 +101,32 @@ std::vector<std::string> Engine::stage_names() const {
     return names;
 }
 
+std::vector<int> Engine::stage_blocks() const {
+    std::vector<int> blocks;
+    for (const StageDecl& s : manifest_.stages) blocks.push_back(s.block);
+    return blocks;
+}
+
 void Engine::bind_lemur_stages() {
     for (size_t i = 0; i < manifest_.stages.size(); ++i) {
         const StageDecl& s = manifest_.stages[i];
-        if (s.name == "embed") {
+        if (s.role == Role::LemurEmbed) {
+            if (lemur_embed_stage >= 0) throw Error(SLIM_ERR_BUNDLE, "manifest: stage " + s.name + " is a second lemur_embed stage");
             expect_io(s, {"text_ids", "segment_ids", "frames"}, {"doc_embedding"}, "LEMUR embed");
             if (s.input_dtypes != Names{"int64", "int64", "float32"})
                 throw Error(SLIM_ERR_BUNDLE, "manifest: stage embed inputs (text_ids, segment_ids, frames) must be int64, int64, float32");
             lemur_embed_stage = static_cast<int>(i);
-        } else if (s.name == "score") {
+        } else {  // Role::LemurScore: the manifest allows no other role in a lemur bundle
+            if (lemur_score_stage >= 0) throw Error(SLIM_ERR_BUNDLE, "manifest: stage " + s.name + " is a second lemur_score stage");
             expect_io(s, {"history", "history_mask", "query_ids"}, {"score"}, "LEMUR score");
             if (s.input_dtypes != Names{"float32", "float32", "int64"})
                 throw Error(SLIM_ERR_BUNDLE,
                             "manifest: stage score inputs (history, history_mask, query_ids) must be float32, float32, int64");
             lemur_score_stage = static_cast<int>(i);
-        } else {
-            throw Error(SLIM_ERR_BUNDLE, "manifest: unknown stage '" + s.name + "' in a lemur bundle");
         }
     }
     if (lemur_embed_stage < 0 || lemur_score_stage < 0)
-        throw Error(SLIM_ERR_BUNDLE, "manifest: a lemur bundle needs the embed and score stages");
+        throw Error(SLIM_ERR_BUNDLE, "manifest: a lemur bundle needs the embed and score stages (roles lemur_embed and lemur_score)");
 }
 
 void Engine::bind_sd3_stages() {
@@ -125,58 +134,63 @@ void Engine::bind_sd3_stages() {
     block_stages.assign(c.num_layers, -1);
     token_stages.assign(c.num_layers, -1);
     block_kv.assign(c.num_layers, false);
+    // The one-per-bundle roles: a second stage of the same role is an error, not silently preferred.
+    const auto bind = [](int& slot, const StageDecl& s, int index) {
+        if (slot >= 0) throw Error(SLIM_ERR_BUNDLE, "manifest: stage " + s.name + " repeats the role of another stage");
+        slot = index;
+    };
     for (size_t i = 0; i < manifest_.stages.size(); ++i) {
         const StageDecl& s = manifest_.stages[i];
-        int index = static_cast<int>(i);
-        if (s.name == "embed") {
-            expect_io(s, {"latents", "timestep", "pooled", "text"}, {"img", "txt", "temb"});
-            embed_stage = index;
-        } else if (s.name == "final") {
-            expect_io(s, {"img", "temb", "latents"}, {"velocity"});
-            final_stage = index;
-        } else if (s.name == "compensate") {
-            expect_io(s, {"delta_img", "delta_txt"}, {"comp_img", "comp_txt"});
-            compensate_stage = index;
-        } else if (s.name.rfind("block_", 0) == 0) {
-            const bool tokens = s.name.size() > 7 && s.name.compare(s.name.size() - 7, 7, "_tokens") == 0;
-            const std::string number = s.name.substr(6, s.name.size() - 6 - (tokens ? 7 : 0));
-            int b = -1;
-            try {
-                b = std::stoi(number);
-            } catch (...) {}
-            std::vector<int>& slot = tokens ? token_stages : block_stages;
-            if (b < 0 || b >= c.num_layers || std::to_string(b) != number || slot[b] >= 0)
-                throw Error(SLIM_ERR_BUNDLE, "manifest: stage name '" + s.name + "' is not a block of this " +
-                                                 std::to_string(c.num_layers) + "-block model");
-            const bool last = b == c.num_layers - 1;
-            const Names outputs = last ? Names{"img_out"} : Names{"img_out", "txt_out"};
-            if (tokens) {
-                expect_io(s, {"img", "txt", "temb", "token_index", "k_cache", "v_cache", "residual_cache"}, outputs);
-            } else {
-                Names with_kv = outputs;
-                with_kv.insert(with_kv.end(), {"img_k", "img_v"});
-                block_kv[b] = s.outputs == with_kv;
-                expect_io(s, {"img", "txt", "temb"}, block_kv[b] ? with_kv : outputs);
+        const int index = static_cast<int>(i);
+        switch (s.role) {
+            case Role::Embed:
+                expect_io(s, {"latents", "timestep", "pooled", "text"}, {"img", "txt", "temb"});
+                bind(embed_stage, s, index);
+                break;
+            case Role::Final:
+                expect_io(s, {"img", "temb", "latents"}, {"velocity"});
+                bind(final_stage, s, index);
+                break;
+            case Role::Compensate:
+                expect_io(s, {"delta_img", "delta_txt"}, {"comp_img", "comp_txt"});
+                bind(compensate_stage, s, index);
+                break;
+            case Role::Block:
+            case Role::BlockTokens: {
+                const int b = s.block;  // in [0, num_layers): checked with the manifest
+                const bool last = b == c.num_layers - 1;
+                const Names outputs = last ? Names{"img_out"} : Names{"img_out", "txt_out"};
+                if (s.role == Role::BlockTokens) {
+                    expect_io(s, {"img", "txt", "temb", "token_index", "k_cache", "v_cache", "residual_cache"}, outputs);
+                    bind(token_stages[b], s, index);
+                } else {
+                    Names with_kv = outputs;
+                    with_kv.insert(with_kv.end(), {"img_k", "img_v"});
+                    expect_io(s, {"img", "txt", "temb"}, s.outputs == with_kv ? with_kv : outputs);
+                    bind(block_stages[b], s, index);
+                    block_kv[b] = s.outputs == with_kv;
+                }
+                break;
             }
-            slot[b] = index;
-        } else {
-            throw Error(SLIM_ERR_BUNDLE, "manifest: unknown stage '" + s.name + "'");
+            default:  // the manifest allows only these roles in an sd3 bundle
+                throw Error(SLIM_ERR_INTERNAL, "stage " + s.name + " has a role the SD3 program does not bind");
         }
     }
     if (embed_stage < 0 || final_stage < 0) throw Error(SLIM_ERR_BUNDLE, "manifest: the embed and final stages are required");
     for (int b = 0; b < c.num_layers; ++b)
-        if (block_stages[b] < 0) throw Error(SLIM_ERR_BUNDLE, "manifest: stage block_" + std::to_string(b) + " is missing");
+        if (block_stages[b] < 0)
+            throw Error(SLIM_ERR_BUNDLE, "manifest: stage block_" + std::to_string(b) + " is missing (no stage has role block, block " +
+                                             std::to_string(b) + ")");
     for (int b = 0; b < c.num_layers; ++b) {
         if (token_stages[b] >= 0 && !block_kv[b])
-            throw Error(SLIM_ERR_BUNDLE, "manifest: stage block_" + std::to_string(b) + "_tokens needs block_" + std::to_string(b) +
-                                             " to output img_k and img_v");
+            throw Error(SLIM_ERR_BUNDLE, "manifest: the block_tokens stage of block " + std::to_string(b) + " needs block " +
+                                             std::to_string(b) + "'s block stage to output img_k and img_v");
         has_token_stages = has_token_stages || token_stages[b] >= 0;
     }
     if (has_token_stages && !manifest_.uses_custom_ops)
         throw Error(SLIM_ERR_BUNDLE, "manifest: token stages need custom_op_library (the ai.slimengine ops)");
     if (manifest_.program.cache.uses(Level::Token) && !has_token_stages)
-        throw Error(SLIM_ERR_BUNDLE,
-                    "manifest: the default X-Slim policy uses the token level but the bundle has no block_N_tokens stages");
+        throw Error(SLIM_ERR_BUNDLE, "manifest: the default X-Slim policy uses the token level but the bundle has no block_tokens stages");
     if (manifest_.program.compensation == Compensation::Mlp && compensate_stage < 0)
         throw Error(SLIM_ERR_BUNDLE, "manifest: the program uses MLP compensation but there is no compensate stage");
 }

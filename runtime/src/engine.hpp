@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "bundle.hpp"
 #include "manifest.hpp"
 #include "ort_backend.hpp"
 
@@ -12,7 +13,7 @@ namespace slim {
 
 struct EngineOptions {
     const char* onnxruntime_library = nullptr;
-    bool verify_checksums = true;
+    Verify verify = Verify::Fast;  // how much of the bundle to check (slim_verify)
     int intra_op_threads = 0;
     int cuda_device = -1;  // >= 0: every stage on ONNX Runtime's CUDA execution provider, this device
 };
@@ -26,7 +27,7 @@ struct StageStats {
 class Engine {
   public:
     // `path` is a bundle directory, or a plain .onnx file (a one-stage engine, family PlainOnnx).
-    // Throws Error: IO, BUNDLE (manifest, checksum, stage I/O mismatch), BACKEND.
+    // Throws Error: IO, BUNDLE (manifest, digest, files, checksum, stage I/O mismatch), BACKEND.
     Engine(const std::string& path, const EngineOptions& options);
 
     const Manifest& manifest() const { return manifest_; }
@@ -37,12 +38,14 @@ class Engine {
     int stage_index(const std::string& name) const;
     // The stages' names, in stages() order.
     std::vector<std::string> stage_names() const;
+    // The joint block each stage computes (its manifest `block`; -1 for a stage of no block), in stages() order.
+    std::vector<int> stage_blocks() const;
 
-    // Indices into stages() of the stages the SD3 program calls; compensate is -1 without MLPs.
+    // Indices into stages() of the stages the SD3 program calls, bound by their manifest role; compensate is -1 without MLPs.
     int embed_stage = -1, final_stage = -1, compensate_stage = -1;
     std::vector<int> block_stages;
-    // X-Slim token level: block_N_tokens stage per block (-1: none, the block then runs whole), and
-    // whether block_N also outputs its image keys/values (img_k, img_v) for the token stage's caches.
+    // X-Slim token level: the block_tokens stage per block (-1: none, the block then runs whole), and
+    // whether the block's block stage also outputs its image keys/values (img_k, img_v) for the token stage's caches.
     std::vector<int> token_stages;
     std::vector<bool> block_kv;
     bool has_token_stages = false;

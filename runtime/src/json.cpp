@@ -2,8 +2,7 @@
 
 #include <charconv>
 #include <cmath>
-#include <cstdlib>
-#include <stdexcept>
+#include <unordered_set>
 
 namespace slim::json {
 
@@ -15,6 +14,50 @@ const Value* Value::find(const std::string& key) const {
 }
 
 namespace {
+
+bool is_digit(char c) { return c >= '0' && c <= '9'; }
+
+int hex_value(char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+void append_utf8(std::string& out, unsigned code) {
+    if (code < 0x80) {
+        out += static_cast<char>(code);
+    } else if (code < 0x800) {
+        out += static_cast<char>(0xC0 | (code >> 6));
+        out += static_cast<char>(0x80 | (code & 0x3F));
+    } else if (code < 0x10000) {
+        out += static_cast<char>(0xE0 | (code >> 12));
+        out += static_cast<char>(0x80 | ((code >> 6) & 0x3F));
+        out += static_cast<char>(0x80 | (code & 0x3F));
+    } else {
+        out += static_cast<char>(0xF0 | (code >> 18));
+        out += static_cast<char>(0x80 | ((code >> 12) & 0x3F));
+        out += static_cast<char>(0x80 | ((code >> 6) & 0x3F));
+        out += static_cast<char>(0x80 | (code & 0x3F));
+    }
+}
+
+// `text` for an error message: printable ASCII as is, other bytes as \xNN, at most 80 bytes of it.
+std::string printable(const std::string& text) {
+    static const char* hex = "0123456789abcdef";
+    std::string out;
+    for (size_t i = 0; i < text.size() && i < 80; ++i) {
+        const unsigned char c = static_cast<unsigned char>(text[i]);
+        if (c >= 0x20 && c < 0x7F) {
+            out += static_cast<char>(c);
+        } else {
+            out += "\\x";
+            out += hex[c >> 4];
+            out += hex[c & 15];
+        }
+    }
+    return text.size() > 80 ? out + "..." : out;
+}
 
 class Parser {
   public:
@@ -28,13 +71,11 @@ class Parser {
     }
 
   private:
-    static constexpr int kMaxDepth = 64;
     const std::string& s_;
     size_t pos_ = 0;
 
-    [[noreturn]] void fail(const char* what) const {
-        throw std::runtime_error(std::string("json: ") + what + " at offset " + std::to_string(pos_));
-    }
+    [[noreturn]] void fail(const std::string& what) const { throw ParseError("json: " + what + " at offset " + std::to_string(pos_)); }
+    bool at(char c) const { return pos_ < s_.size() && s_[pos_] == c; }
     void skip_ws() {
         while (pos_ < s_.size() && (s_[pos_] == ' ' || s_[pos_] == '\n' || s_[pos_] == '\r' || s_[pos_] == '\t')) ++pos_;
     }
@@ -46,161 +87,166 @@ class Parser {
     }
 
     Value parse_value(int depth) {
-        if (depth > kMaxDepth) fail("nesting too deep");
         skip_ws();
         if (pos_ >= s_.size()) fail("unexpected end");
+        const char c = s_[pos_];
+        if (c == '{' || c == '[') {
+            if (depth >= kMaxDepth) fail("nesting deeper than " + std::to_string(kMaxDepth));
+            return c == '{' ? parse_object(depth) : parse_array(depth);
+        }
         Value v;
-        char c = s_[pos_];
-        if (c == '{') {
-            v.kind = Value::Kind::Object;
-            ++pos_;
-            skip_ws();
-            if (pos_ < s_.size() && s_[pos_] == '}') {
-                ++pos_;
-                return v;
-            }
-            while (true) {
-                skip_ws();
-                if (pos_ >= s_.size() || s_[pos_] != '"') fail("expected a key");
-                std::string key = parse_string();
-                skip_ws();
-                if (pos_ >= s_.size() || s_[pos_] != ':') fail("expected ':'");
-                ++pos_;
-                v.object.emplace_back(std::move(key), parse_value(depth + 1));
-                skip_ws();
-                if (pos_ < s_.size() && s_[pos_] == ',') {
-                    ++pos_;
-                    continue;
-                }
-                if (pos_ < s_.size() && s_[pos_] == '}') {
-                    ++pos_;
-                    return v;
-                }
-                fail("expected ',' or '}'");
-            }
-        }
-        if (c == '[') {
-            v.kind = Value::Kind::Array;
-            ++pos_;
-            skip_ws();
-            if (pos_ < s_.size() && s_[pos_] == ']') {
-                ++pos_;
-                return v;
-            }
-            while (true) {
-                v.array.push_back(parse_value(depth + 1));
-                skip_ws();
-                if (pos_ < s_.size() && s_[pos_] == ',') {
-                    ++pos_;
-                    continue;
-                }
-                if (pos_ < s_.size() && s_[pos_] == ']') {
-                    ++pos_;
-                    return v;
-                }
-                fail("expected ',' or ']'");
-            }
-        }
         if (c == '"') {
             v.kind = Value::Kind::String;
             v.string = parse_string();
-            return v;
-        }
-        if (consume("true")) {
+        } else if (consume("true")) {
             v.kind = Value::Kind::Bool;
             v.boolean = true;
-            return v;
-        }
-        if (consume("false")) {
+        } else if (consume("false")) {
             v.kind = Value::Kind::Bool;
-            return v;
-        }
-        if (consume("null")) return v;
-        if (c == '-' || (c >= '0' && c <= '9')) {
-            // JSON's number grammar exactly, -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?, as the Python binding's
-            // parser reads it ("1." or "01" would open here and fail there). Then from_chars, not strtod: a host
-            // application's LC_NUMERIC must not change what 0.5 means.
-            const size_t start = pos_;
-            auto digits = [&] {
-                const size_t from = pos_;
-                while (pos_ < s_.size() && s_[pos_] >= '0' && s_[pos_] <= '9') ++pos_;
-                return pos_ > from;
-            };
-            if (s_[pos_] == '-') ++pos_;
-            if (pos_ < s_.size() && s_[pos_] == '0')
-                ++pos_;
-            else if (!digits())
-                fail("bad number");
-            if (pos_ < s_.size() && s_[pos_] == '.') {
-                ++pos_;
-                if (!digits()) fail("bad number");
-            }
-            if (pos_ < s_.size() && (s_[pos_] == 'e' || s_[pos_] == 'E')) {
-                ++pos_;
-                if (pos_ < s_.size() && (s_[pos_] == '+' || s_[pos_] == '-')) ++pos_;
-                if (!digits()) fail("bad number");
-            }
+        } else if (consume("null")) {
+        } else if (c == '-' || is_digit(c)) {
             v.kind = Value::Kind::Number;
-            const char* end = s_.data() + pos_;
-            auto [stop, ec] = std::from_chars(s_.data() + start, end, v.number);
-            if (ec != std::errc() || stop != end) {
-                pos_ = start;
-                fail("bad number");  // out of double's range
-            }
-            return v;
+            v.number = parse_number();
+        } else {
+            fail("unexpected character");  // NaN, Infinity, +1, .5, a byte-order mark, ...
         }
-        if (consume("NaN") || consume("Infinity") || consume("-Infinity")) fail("non-finite number");
-        fail("unexpected character");
+        return v;
     }
 
-    // The four hex digits of a \u escape.
-    unsigned hex4() {
-        if (pos_ + 4 > s_.size()) fail("bad \\u escape");
+    Value parse_object(int depth) {
+        Value v;
+        v.kind = Value::Kind::Object;
+        ++pos_;  // {
+        skip_ws();
+        if (at('}')) {
+            ++pos_;
+            return v;
+        }
+        std::unordered_set<std::string> keys;
+        while (true) {
+            skip_ws();
+            if (!at('"')) fail("expected a key");
+            const size_t key_at = pos_;
+            std::string key = parse_string();
+            if (!keys.insert(key).second) {
+                pos_ = key_at;
+                fail("duplicate key \"" + printable(key) + "\"");
+            }
+            skip_ws();
+            if (!at(':')) fail("expected ':'");
+            ++pos_;
+            v.object.emplace_back(std::move(key), parse_value(depth + 1));
+            skip_ws();
+            if (at(',')) {
+                ++pos_;
+                continue;
+            }
+            if (at('}')) {
+                ++pos_;
+                return v;
+            }
+            fail("expected ',' or '}'");
+        }
+    }
+
+    Value parse_array(int depth) {
+        Value v;
+        v.kind = Value::Kind::Array;
+        ++pos_;  // [
+        skip_ws();
+        if (at(']')) {
+            ++pos_;
+            return v;
+        }
+        while (true) {
+            v.array.push_back(parse_value(depth + 1));
+            skip_ws();
+            if (at(',')) {
+                ++pos_;
+                continue;
+            }
+            if (at(']')) {
+                ++pos_;
+                return v;
+            }
+            fail("expected ',' or ']'");
+        }
+    }
+
+    // -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)? checked here; from_chars (not strtod: a host
+    // application's LC_NUMERIC must not change what 0.5 means) converts exactly that span.
+    double parse_number() {
+        const size_t start = pos_;
+        if (at('-')) ++pos_;
+        if (at('0')) {
+            ++pos_;
+            if (pos_ < s_.size() && is_digit(s_[pos_])) fail("number with a leading zero");
+        } else if (pos_ < s_.size() && is_digit(s_[pos_])) {
+            while (pos_ < s_.size() && is_digit(s_[pos_])) ++pos_;
+        } else {
+            fail("bad number");  // "-", "-Infinity", "-NaN"
+        }
+        if (at('.')) {
+            ++pos_;
+            if (!(pos_ < s_.size() && is_digit(s_[pos_]))) fail("bad number: digits must follow '.'");
+            while (pos_ < s_.size() && is_digit(s_[pos_])) ++pos_;
+        }
+        if (at('e') || at('E')) {
+            ++pos_;
+            if (at('+') || at('-')) ++pos_;
+            if (!(pos_ < s_.size() && is_digit(s_[pos_]))) fail("bad number: digits must follow the exponent");
+            while (pos_ < s_.size() && is_digit(s_[pos_])) ++pos_;
+        }
+        double number = 0;
+        const char* begin = s_.data() + start;
+        const char* end = s_.data() + pos_;
+        auto [stop, ec] = std::from_chars(begin, end, number);
+        if (ec == std::errc::result_out_of_range || (ec == std::errc() && !std::isfinite(number))) {
+            pos_ = start;
+            fail("bad number: outside double's range");
+        }
+        if (ec != std::errc() || stop != end) {
+            pos_ = start;
+            fail("bad number");
+        }
+        return number;
+    }
+
+    unsigned parse_hex4() {
+        if (pos_ + 4 > s_.size()) fail("bad \\u escape: 4 hex digits expected");
         unsigned code = 0;
         for (int i = 0; i < 4; ++i) {
-            const char h = s_[pos_];
-            const int digit = h >= '0' && h <= '9'   ? h - '0'
-                              : h >= 'a' && h <= 'f' ? h - 'a' + 10
-                              : h >= 'A' && h <= 'F' ? h - 'A' + 10
-                                                     : -1;
-            if (digit < 0) fail("bad \\u escape");
-            code = code * 16 + static_cast<unsigned>(digit);
-            ++pos_;
+            const int h = hex_value(s_[pos_ + i]);
+            if (h < 0) fail("bad \\u escape: 4 hex digits expected");
+            code = code << 4 | static_cast<unsigned>(h);
         }
+        pos_ += 4;
         return code;
     }
 
-    static void append_utf8(std::string& out, unsigned code) {
-        if (code < 0x80) {
-            out += static_cast<char>(code);
-        } else if (code < 0x800) {
-            out += static_cast<char>(0xC0 | (code >> 6));
-            out += static_cast<char>(0x80 | (code & 0x3F));
-        } else if (code < 0x10000) {
-            out += static_cast<char>(0xE0 | (code >> 12));
-            out += static_cast<char>(0x80 | ((code >> 6) & 0x3F));
-            out += static_cast<char>(0x80 | (code & 0x3F));
+    // One UTF-8 sequence starting at pos_ (a byte >= 0x80), checked (RFC 3629: no overlong forms, no
+    // surrogates, nothing past U+10FFFF) and appended to `out`.
+    void copy_utf8(std::string& out) {
+        const auto byte = [&](size_t i) { return pos_ + i < s_.size() ? static_cast<unsigned char>(s_[pos_ + i]) : 0u; };
+        const unsigned b0 = byte(0);
+        size_t n = 0;
+        unsigned lo = 0x80, hi = 0xBF;  // range of the second byte
+        if (b0 >= 0xC2 && b0 <= 0xDF) {
+            n = 2;
+        } else if (b0 >= 0xE0 && b0 <= 0xEF) {
+            n = 3;
+            if (b0 == 0xE0) lo = 0xA0;
+            if (b0 == 0xED) hi = 0x9F;
+        } else if (b0 >= 0xF0 && b0 <= 0xF4) {
+            n = 4;
+            if (b0 == 0xF0) lo = 0x90;
+            if (b0 == 0xF4) hi = 0x8F;
         } else {
-            out += static_cast<char>(0xF0 | (code >> 18));
-            out += static_cast<char>(0x80 | ((code >> 12) & 0x3F));
-            out += static_cast<char>(0x80 | ((code >> 6) & 0x3F));
-            out += static_cast<char>(0x80 | (code & 0x3F));
+            fail("invalid UTF-8 in string");
         }
-    }
-
-    // One multi-byte UTF-8 character at pos_, copied to `out` if it is valid (no overlong form, no surrogate, <= U+10FFFF).
-    void utf8_sequence(std::string& out) {
-        const auto byte = [&](size_t i) { return static_cast<unsigned char>(s_[pos_ + i]); };
-        const unsigned char lead = byte(0);
-        const size_t n = lead >= 0xF0 ? 4 : lead >= 0xE0 ? 3 : lead >= 0xC0 ? 2 : 0;
-        if (n == 0 || lead > 0xF4 || pos_ + n > s_.size()) fail("invalid UTF-8 in string");
-        unsigned code = lead & (0x7Fu >> n);
-        for (size_t i = 1; i < n; ++i) {
-            if ((byte(i) & 0xC0) != 0x80) fail("invalid UTF-8 in string");
-            code = (code << 6) | (byte(i) & 0x3F);
-        }
-        static constexpr unsigned kSmallest[] = {0, 0, 0x80, 0x800, 0x10000};
-        if (code < kSmallest[n] || code > 0x10FFFF || (code >= 0xD800 && code <= 0xDFFF)) fail("invalid UTF-8 in string");
+        if (byte(1) < lo || byte(1) > hi) fail("invalid UTF-8 in string");
+        for (size_t i = 2; i < n; ++i)
+            if (byte(i) < 0x80 || byte(i) > 0xBF) fail("invalid UTF-8 in string");
         out.append(s_, pos_, n);
         pos_ += n;
     }
@@ -209,29 +255,34 @@ class Parser {
         ++pos_;  // opening quote
         std::string out;
         while (pos_ < s_.size()) {
-            char c = s_[pos_++];
-            if (c == '"') return out;
-            if (static_cast<unsigned char>(c) < 0x20) fail("control character in string");
-            if (static_cast<unsigned char>(c) >= 0x80) {  // JSON text is UTF-8: keep only valid sequences
-                --pos_;
-                utf8_sequence(out);
-                continue;
+            // The run of plain ASCII up to the next quote, escape, control or non-ASCII byte, in one append.
+            size_t run = pos_;
+            while (run < s_.size()) {
+                const unsigned char c = static_cast<unsigned char>(s_[run]);
+                if (c == '"' || c == '\\' || c < 0x20 || c >= 0x80) break;
+                ++run;
             }
-            if (c != '\\') {
-                out += c;
-                continue;
-            }
+            out.append(s_, pos_, run - pos_);
+            pos_ = run;
             if (pos_ >= s_.size()) break;
-            char e = s_[pos_++];
+            const unsigned char c = static_cast<unsigned char>(s_[pos_]);
+            if (c == '"') {
+                ++pos_;
+                return out;
+            }
+            if (c < 0x20) fail("control character in string");
+            if (c >= 0x80) {
+                copy_utf8(out);
+                continue;
+            }
+            ++pos_;  // backslash
+            if (pos_ >= s_.size()) break;
+            const char e = s_[pos_++];
             switch (e) {
                 case '"':
-                    out += '"';
-                    break;
                 case '\\':
-                    out += '\\';
-                    break;
                 case '/':
-                    out += '/';
+                    out += e;
                     break;
                 case 'b':
                     out += '\b';
@@ -249,20 +300,21 @@ class Parser {
                     out += '\t';
                     break;
                 case 'u': {
-                    unsigned code = hex4();
-                    if (code >= 0xD800 && code <= 0xDBFF) {  // a UTF-16 surrogate pair: one code point above the BMP
-                        if (!consume("\\u")) fail("unpaired surrogate in \\u escape");
-                        const unsigned low = hex4();
+                    unsigned code = parse_hex4();
+                    if (code >= 0xDC00 && code <= 0xDFFF) fail("unpaired surrogate in \\u escape");
+                    if (code >= 0xD800 && code <= 0xDBFF) {  // a high surrogate: its low half must follow
+                        if (!(pos_ + 1 < s_.size() && s_[pos_] == '\\' && s_[pos_ + 1] == 'u')) fail("unpaired surrogate in \\u escape");
+                        pos_ += 2;
+                        const unsigned low = parse_hex4();
                         if (low < 0xDC00 || low > 0xDFFF) fail("unpaired surrogate in \\u escape");
                         code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00);
-                    } else if (code >= 0xDC00 && code <= 0xDFFF) {
-                        fail("unpaired surrogate in \\u escape");
                     }
                     if (code == 0) fail("\\u0000 in a string (names and paths are C strings)");
                     append_utf8(out, code);
                     break;
                 }
                 default:
+                    --pos_;
                     fail("bad escape");
             }
         }
@@ -310,6 +362,13 @@ int as_int(const Value& v, const std::string& where, int min, int max) {
     if (d != std::floor(d) || d < min || d > max)
         bad(where, "must be an integer in [" + std::to_string(min) + ", " + std::to_string(max) + "], got " + std::to_string(d));
     return static_cast<int>(d);
+}
+
+int64_t as_int64(const Value& v, const std::string& where, int64_t min, int64_t max) {
+    double d = as_number(v, where);
+    if (d != std::floor(d) || d < static_cast<double>(min) || d > static_cast<double>(max) || std::fabs(d) > 9007199254740992.0)
+        bad(where, "must be an integer in [" + std::to_string(min) + ", " + std::to_string(max) + "]");
+    return static_cast<int64_t>(d);
 }
 
 double number_field(const Value& obj, const std::string& key, const std::string& where) {

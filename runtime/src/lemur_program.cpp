@@ -15,7 +15,7 @@ constexpr size_t kEventsPerCall = 3;
 
 }  // namespace
 
-LemurSession::LemurSession(const Engine& engine) : engine_(engine), stages_(engine.stages().size()), profiler_(engine.stage_names()) {}
+LemurSession::LemurSession(const Engine& engine) : engine_(engine), stages_(engine.stages().size()), profiler_(engine.stage_blocks()) {}
 
 double LemurSession::run(int stage, std::initializer_list<const OrtValue*> inputs, std::initializer_list<OrtValue*> outputs) {
     return run_stage(engine_, stage, inputs.begin(), outputs.begin(), stages_, profiler_);

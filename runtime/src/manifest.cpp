@@ -1,7 +1,10 @@
 #include "manifest.hpp"
 
 #include <cmath>
+#include <unordered_map>
+#include <unordered_set>
 
+#include "bundle.hpp"
 #include "error.hpp"
 #include "json.hpp"
 #include "sha256.hpp"
@@ -14,11 +17,33 @@ using namespace json;
 
 [[noreturn]] void bad(const std::string& where, const std::string& what) { throw json::FieldError(where, what); }
 
-// A bundle-relative path that cannot escape the bundle.
+constexpr int64_t kMaxManifestBytes = int64_t(256) << 20;
+
+// A bundle-relative path that cannot escape the bundle, spelt one way: components joined by single
+// slashes, none empty, "." or "..", no backslash or NUL; the manifest and its digest are not bundle files.
 const std::string& check_inside_bundle(const std::string& p, const std::string& where) {
-    if (p.empty() || p[0] == '/' || p.find("..") != std::string::npos || p.find('\\') != std::string::npos)
-        bad(where, "must be a path inside the bundle, got '" + p + "'");
+    bool ok = !p.empty() && p.size() < 4096 && p.find('\\') == std::string::npos && p.find('\0') == std::string::npos;
+    for (size_t start = 0; ok;) {
+        const size_t slash = p.find('/', start);
+        const std::string part = p.substr(start, slash == std::string::npos ? std::string::npos : slash - start);
+        ok = !part.empty() && part != "." && part != "..";
+        if (slash == std::string::npos) break;
+        start = slash + 1;
+    }
+    if (!ok) bad(where, "must be a path inside the bundle, got '" + p + "'");
+    if (p == kManifestFile || p == kDigestFile) bad(where, "must not name " + p);
     return p;
+}
+
+// Stage roles as the manifest spells them; which a family allows is checked by the caller.
+Role parse_role(const std::string& role, const std::string& where) {
+    static const std::pair<const char*, Role> roles[] = {
+        {"embed", Role::Embed},           {"block", Role::Block}, {"block_tokens", Role::BlockTokens},
+        {"compensate", Role::Compensate}, {"final", Role::Final}, {"lemur_embed", Role::LemurEmbed},
+        {"lemur_score", Role::LemurScore}};
+    for (const auto& [name, value] : roles)
+        if (role == name) return value;
+    bad(where, "'" + role + "' is not a stage role (embed, block, block_tokens, compensate, final, lemur_embed, lemur_score)");
 }
 
 std::string relative_path(const Value& obj, const std::string& key, const std::string& where) {
@@ -133,13 +158,21 @@ Program parse_program(const Value& root, const Sd3Config& cfg) {
     return prog;
 }
 
-void parse_fields(const Value& root, Manifest& m) {
+// The format and its version, read before anything else (and before the digest, which format 1 lacks).
+void check_format(const Value& root) {
     if (root.kind != Value::Kind::Object) bad("", "root must be an object");
     if (string_field(root, "format", "") != "slimengine-bundle") bad(".format", "must be \"slimengine-bundle\"");
     int version = int_field(root, "format_version", "", 0, 1 << 30);
+    if (version == 1)
+        throw Error(SLIM_ERR_BUNDLE,
+                    "this bundle is format 1, which this runtime no longer reads (no stage roles or digest); re-export it: "
+                    "export-engine CHECKPOINT -o NAME.engine --force");
     if (version != kBundleFormatVersion)
         bad("unsupported bundle format version " + std::to_string(version),
             "(this runtime reads version " + std::to_string(kBundleFormatVersion) + "); re-export the bundle or update slimengine");
+}
+
+void parse_fields(const Value& root, Manifest& m) {
     m.family = string_field(root, "family", "");
     m.precision = string_field(root, "precision", "");
     if (m.precision != "fp32" && m.precision != "fp16" && m.precision != "bf16") bad(".precision", "must be fp32, fp16 or bf16");
@@ -161,18 +194,40 @@ void parse_fields(const Value& root, Manifest& m) {
     }
 
     const Value& files = object_field(root, "files", "");
-    for (const auto& [file, digest] : files.object) {
+    std::unordered_map<std::string, size_t> listed;  // path -> index in m.files
+    for (const auto& [file, entry] : files.object) {
+        const std::string w = "files['" + file + "']";
         check_inside_bundle(file, "files");
-        if (digest.kind != Value::Kind::String || digest.string.size() != 64) bad("files['" + file + "']", "must be a sha256 hex digest");
-        m.files.emplace_back(file, digest.string);
+        if (entry.kind != Value::Kind::Object) bad(w, "must be an object {sha256, size}");
+        FileEntry f{file, string_field(entry, "sha256", w), json::as_int64(field(entry, "size", w), w + ".size", 0, int64_t(1) << 50)};
+        if (f.sha256.size() != 64 || f.sha256.find_first_not_of("0123456789abcdef") != std::string::npos)
+            bad(w + ".sha256", "must be a lower-case sha256 hex digest");
+        listed.emplace(file, m.files.size());
+        m.files.push_back(std::move(f));
     }
 
     const Value& stages = array_field(root, "stages", "");
+    std::unordered_set<std::string> names;
     for (size_t i = 0; i < stages.array.size(); ++i) {
         const Value& s = stages.array[i];
         std::string w = "stages[" + std::to_string(i) + "]";
         if (s.kind != Value::Kind::Object) bad(w, "must be an object");
-        StageDecl d{string_field(s, "name", w), relative_path(s, "file", w), {}, {}, {}, {}};
+        StageDecl d{string_field(s, "name", w),
+                    parse_role(string_field(s, "role", w), w + ".role"),
+                    -1,
+                    relative_path(s, "file", w),
+                    {},
+                    {},
+                    {},
+                    {}};
+        const bool sd3_role = d.role == Role::Embed || d.role == Role::Block || d.role == Role::BlockTokens || d.role == Role::Compensate ||
+                              d.role == Role::Final;
+        if (sd3_role != (m.kind == Family::Sd3))
+            bad(w + ".role", "'" + string_field(s, "role", w) + "' is not a role of a " + m.family + " stage");
+        if (d.role == Role::Block || d.role == Role::BlockTokens)
+            d.block = int_field(s, "block", w, 0, m.config.num_layers - 1);
+        else if (s.find("block"))
+            bad(w + ".block", "is only for the block and block_tokens roles");
         tensors(array_field(s, "inputs", w), w + ".inputs", d.inputs, d.input_dtypes);
         tensors(array_field(s, "outputs", w), w + ".outputs", d.outputs, d.output_dtypes);
         for (size_t k = 0; m.kind == Family::Sd3 && k < d.inputs.size() + d.outputs.size(); ++k) {
@@ -181,27 +236,39 @@ void parse_fields(const Value& root, Manifest& m) {
             if (dtype != "float32" && !(input && d.inputs[k] == "token_index"))
                 bad(w, "has a tensor that is not float32 (SD3 stage boundaries are float32 but for token indices)");
         }
-        for (const auto& other : m.stages)
-            if (other.name == d.name) bad(w + ".name", "'" + d.name + "' is not unique");
-        bool listed = false;
-        for (const auto& f : m.files) listed = listed || f.first == d.file;
-        if (!listed) bad(w + ".file", "'" + d.file + "' has no checksum in files");
+        if (!names.insert(d.name).second) bad(w + ".name", "'" + d.name + "' is not unique");
+        if (!listed.count(d.file)) bad(w + ".file", "'" + d.file + "' is not listed in files");
         m.stages.push_back(std::move(d));
     }
 }
 
 }  // namespace
 
-Manifest load_manifest(const std::string& bundle_dir) {
-    std::string path = bundle_dir + "/manifest.json";
+Manifest load_manifest(const BundleDir& dir) {
+    const std::string path = dir.path() + "/" + kManifestFile;
     Manifest m;
-    try {
-        m.text = read_regular_file(path);
-    } catch (const Error& e) { throw Error(e.status(), std::string(e.what()) + " (is '" + bundle_dir + "' an engine bundle?)"); }
+    m.text = dir.read(kManifestFile, kMaxManifestBytes);
     Value root;
     try {
         root = json::parse(m.text);
-    } catch (const std::exception& e) { throw Error(SLIM_ERR_BUNDLE, path + ": " + e.what()); }
+    } catch (const json::ParseError& e) { throw Error(SLIM_ERR_BUNDLE, path + ": " + e.what()); }
+    try {
+        check_format(root);
+    } catch (const FieldError& e) { throw Error(SLIM_ERR_BUNDLE, std::string("manifest: ") + e.what()); }
+    // The digest, before any field is believed: "<64 hex>  manifest.json\n", as sha256sum writes it.
+    const std::string digest_path = dir.path() + "/" + kDigestFile;
+    std::string line;
+    try {
+        line = dir.read(kDigestFile, 1024);
+    } catch (const Error& e) { throw Error(SLIM_ERR_BUNDLE, e.what() + std::string(" (a format 2 bundle has one; re-export the bundle)")); }
+    const std::string expected_tail = std::string("  ") + kManifestFile + "\n";
+    if (line.size() != 64 + expected_tail.size() || line.compare(64, std::string::npos, expected_tail) != 0 ||
+        line.find_first_not_of("0123456789abcdef") < 64)
+        throw Error(SLIM_ERR_BUNDLE, digest_path + " must be one line '<sha256 hex>  manifest.json' (re-export the bundle)");
+    m.digest = sha256_bytes(m.text);
+    if (line.compare(0, 64, m.digest) != 0)
+        throw Error(SLIM_ERR_BUNDLE, path + " does not match its digest in " + kDigestFile +
+                                         ": the manifest was changed after export (re-export the bundle rather than edit it)");
     try {
         parse_fields(root, m);
     } catch (const FieldError& e) { throw Error(SLIM_ERR_BUNDLE, std::string("manifest: ") + e.what()); }
@@ -214,7 +281,7 @@ Manifest plain_onnx_manifest(const std::string& onnx_path) {
     m.kind = Family::PlainOnnx;
     m.precision = "fp32";
     m.text = "{\"family\": \"onnx\", \"stages\": [{\"name\": \"model\"}]}";
-    m.stages.push_back(StageDecl{"model", onnx_path, {}, {}, {}, {}});
+    m.stages.push_back(StageDecl{"model", Role::Model, -1, onnx_path, {}, {}, {}, {}});
     return m;
 }
 

@@ -10,7 +10,7 @@
 
 namespace slim {
 
-constexpr int kBundleFormatVersion = 1;
+constexpr int kBundleFormatVersion = 2;
 // The custom-op library a bundle may name: the runtime's own, found beside libslimengine.so.
 constexpr const char* kCustomOpLibrary = "libslimengine_ops.so";
 constexpr const char* kCustomOpLibraryCuda = "libslimengine_ops_cuda.so";  // the runtime's stand-in for it on CUDA
@@ -18,8 +18,14 @@ constexpr const char* kCustomOpLibraryCuda = "libslimengine_ops_cuda.so";  // th
 // The model family a bundle holds: it decides which config, program and stages the manifest has.
 enum class Family { Sd3, Lemur, PlainOnnx };
 
+// What a stage computes, as the manifest's stage `role` states it (docs/bundle-format.md); the
+// runtime binds stages by role (and block index), never by name.
+enum class Role { Embed, Block, BlockTokens, Compensate, Final, LemurEmbed, LemurScore, Model };
+
 struct StageDecl {
-    std::string name;
+    std::string name;  // for stats, profiles and slim_stage_run; not interpreted
+    Role role = Role::Model;
+    int block = -1;    // Role::Block and Role::BlockTokens: the joint block, else -1
     std::string file;  // relative to the bundle, inside it (for a plain ONNX model: its path)
     std::vector<std::string> inputs;
     std::vector<std::string> outputs;
@@ -56,21 +62,32 @@ struct LemurConfig {
     int64_t model_version;  // recorded with every embedding the embed program writes to a bank
 };
 
+// A file of the bundle as the manifest lists it.
+struct FileEntry {
+    std::string path;  // relative to the bundle
+    std::string sha256;
+    int64_t size;
+};
+
 struct Manifest {
-    std::string text;  // the file as read, for slim_engine_manifest
+    std::string text;    // the file as read, for slim_engine_manifest
+    std::string digest;  // sha256 of `text`, as manifest.sha256 states it
     std::string family, precision;
     Family kind = Family::Sd3;
     Sd3Config config{};   // family sd3
     LemurConfig lemur{};  // family lemur
     std::vector<StageDecl> stages;
-    bool uses_custom_ops = false;                            // some stage needs kCustomOpLibrary
-    Program program;                                         // family sd3
-    std::vector<std::pair<std::string, std::string>> files;  // relative path, sha256
+    bool uses_custom_ops = false;  // some stage needs kCustomOpLibrary
+    Program program;               // family sd3
+    std::vector<FileEntry> files;  // every file of the bundle but the manifest and its digest
 };
 
-// Reads and validates `bundle_dir`/manifest.json. Throws Error(SLIM_ERR_IO) if unreadable and
-// Error(SLIM_ERR_BUNDLE) naming the field for anything invalid or unsupported.
-Manifest load_manifest(const std::string& bundle_dir);
+class BundleDir;
+
+// Reads and validates the bundle's manifest.json against manifest.sha256 (the format and its version
+// first, so an old bundle is told to re-export). Throws Error(SLIM_ERR_IO) if unreadable and
+// Error(SLIM_ERR_BUNDLE) naming the field for anything invalid, unsupported or changed since export.
+Manifest load_manifest(const BundleDir& dir);
 
 // A plain ONNX model as a one-stage engine (family PlainOnnx, stage "model"); its inputs and
 // outputs are taken from the graph when the stage is loaded.

@@ -1,27 +1,15 @@
 #include "profiler.hpp"
 
-#include <cctype>
+#include <utility>
 
 namespace slim {
 namespace {
-
-// "block_5" and "block_5_tokens" -> 5; any other name -> -1.
-int block_of(const std::string& name) {
-    const std::string prefix = "block_";
-    if (name.rfind(prefix, 0) != 0) return -1;
-    size_t end = prefix.size();
-    while (end < name.size() && std::isdigit(static_cast<unsigned char>(name[end]))) ++end;
-    if (end == prefix.size() || end - prefix.size() > 6 || (end < name.size() && name[end] != '_')) return -1;
-    return std::stoi(name.substr(prefix.size(), end - prefix.size()));
-}
 
 int64_t ns(Profiler::TimePoint t) { return std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count(); }
 
 }  // namespace
 
-Profiler::Profiler(const std::vector<std::string>& stage_names) {
-    for (const std::string& name : stage_names) block_of_stage_.push_back(block_of(name));
-}
+Profiler::Profiler(std::vector<int> block_of_stage) : block_of_stage_(std::move(block_of_stage)) {}
 
 void Profiler::begin_generation(size_t capacity) {
     events_.clear();

@@ -19,7 +19,7 @@ namespace slim {
 struct ProfileEvent {
     int kind;                  // slim_event_kind
     int step;                  // step index, -1 for the generation and prepare events (and every LEMUR event)
-    int block;                 // stage events: the joint block the stage computes (block_i, block_i_*), else -1
+    int block;                 // stage events: the joint block the stage computes (its manifest `block`), else -1
     int stage;                 // stage events: index into the engine's stages, else -1
     int level;                 // step events: slim_step_level, else -1
     int64_t start_ns, end_ns;  // host steady clock (CLOCK_MONOTONIC on Linux)
@@ -30,8 +30,8 @@ class Profiler {
   public:
     using TimePoint = std::chrono::steady_clock::time_point;
 
-    // `stage_names` are the engine's stages; a stage named block_<i>[_...] computes block i.
-    explicit Profiler(const std::vector<std::string>& stage_names);
+    // `block_of_stage`: the joint block each of the engine's stages computes, -1 for none (Engine::stage_blocks).
+    explicit Profiler(std::vector<int> block_of_stage);
 
     void set_enabled(bool enabled) { enabled_ = enabled; }
     bool enabled() const { return enabled_; }

@@ -36,7 +36,7 @@ int step_level(Level level, bool cached_range) {
 
 }  // namespace
 
-Sd3Session::Sd3Session(const Engine& engine) : engine_(engine), stages_(engine.stages().size()), profiler_(engine.stage_names()) {}
+Sd3Session::Sd3Session(const Engine& engine) : engine_(engine), stages_(engine.stages().size()), profiler_(engine.stage_blocks()) {}
 
 void Sd3Session::run(int stage, std::initializer_list<const OrtValue*> inputs, std::initializer_list<OrtValue*> outputs) {
     backend_ms_ += run_stage(engine_, stage, inputs.begin(), outputs.begin(), stages_, profiler_);

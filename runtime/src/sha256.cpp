@@ -1,13 +1,11 @@
 #include "sha256.hpp"
 
-#include <fcntl.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
-#include <functional>
 #include <vector>
 
 #include "error.hpp"
@@ -97,52 +95,25 @@ struct Sha256 {
     }
 };
 
-// Calls `consume` with successive pieces of the regular file at `path`, to its end.
-void read_chunks(const std::string& path, const std::function<void(const unsigned char*, size_t)>& consume) {
-    const int fd = open_regular_file(path);
-    std::vector<unsigned char> buffer(1 << 20);
+}  // namespace
+
+std::string sha256_bytes(const std::string& bytes) {
+    Sha256 sha;
+    sha.update(reinterpret_cast<const unsigned char*>(bytes.data()), bytes.size());
+    return sha.hex();
+}
+
+std::string sha256_fd(int fd, const std::string& name, const std::function<void(size_t)>& on_chunk) {
+    Sha256 sha;
+    std::vector<unsigned char> buffer(4 << 20);
     while (true) {
         const ssize_t n = ::read(fd, buffer.data(), buffer.size());
         if (n < 0 && errno == EINTR) continue;
-        if (n < 0) {
-            const int err = errno;
-            ::close(fd);
-            throw Error(SLIM_ERR_IO, "cannot read " + path + ": " + std::strerror(err));
-        }
+        if (n < 0) throw Error(SLIM_ERR_IO, "cannot read " + name + ": " + std::strerror(errno));
         if (n == 0) break;
-        try {
-            consume(buffer.data(), static_cast<size_t>(n));
-        } catch (...) {
-            ::close(fd);
-            throw;
-        }
+        sha.update(buffer.data(), static_cast<size_t>(n));
+        if (on_chunk) on_chunk(static_cast<size_t>(n));
     }
-    ::close(fd);
-}
-
-}  // namespace
-
-int open_regular_file(const std::string& path) {
-    // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer; a regular file ignores it.
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-    if (fd < 0) throw Error(SLIM_ERR_IO, "cannot open " + path + ": " + std::strerror(errno));
-    struct stat st{};
-    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-        ::close(fd);
-        throw Error(SLIM_ERR_IO, path + " is not a regular file (a directory, FIFO or device); a bundle holds plain files");
-    }
-    return fd;
-}
-
-std::string read_regular_file(const std::string& path) {
-    std::string text;
-    read_chunks(path, [&](const unsigned char* data, size_t n) { text.append(reinterpret_cast<const char*>(data), n); });
-    return text;
-}
-
-std::string sha256_file(const std::string& path) {
-    Sha256 sha;
-    read_chunks(path, [&](const unsigned char* data, size_t n) { sha.update(data, n); });
     return sha.hex();
 }
 

@@ -134,6 +134,9 @@ def header_path() -> Path:
     return _installed("include/slimengine.h")
 
 
+# slim_verify_progress: (user, file, bytes_done, bytes_total) -> 0 to go on
+VerifyProgress = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint64, ctypes.c_uint64)
+
 _lib = None
 
 
@@ -153,6 +156,7 @@ def lib() -> ctypes.CDLL:
             "slim_engine_default_params": ([], EngineParams),
             "slim_engine_open": ([ctypes.c_char_p, p(EngineParams), p(ctypes.c_void_p)], ctypes.c_int),
             "slim_engine_close": ([ctypes.c_void_p], None),
+            "slim_bundle_verify": ([ctypes.c_char_p, ctypes.c_int32, VerifyProgress, ctypes.c_void_p], ctypes.c_int),
             "slim_engine_manifest": ([ctypes.c_void_p], ctypes.c_char_p),
             "slim_engine_stage_count": ([ctypes.c_void_p], ctypes.c_int32),
             "slim_engine_stage_name": ([ctypes.c_void_p, ctypes.c_int32], ctypes.c_char_p),

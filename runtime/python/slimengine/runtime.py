@@ -16,6 +16,7 @@ import numpy as np
 
 from . import _native
 from ._native import Event, GenerateStats, LemurStats, NamedTensor, SlimTensor, StageStats, StepStats
+from .bundle import VERIFY_LEVELS, loads_strict
 
 STEP_LEVELS = ("full", "cached_range", "reused", "block_refresh", "token_refresh")  # slim_step_level
 EVENT_KINDS = ("generation", "prepare", "step", "stage", "bank")  # slim_event_kind
@@ -172,12 +173,17 @@ class Engine(_Closable):
     """A loaded bundle; read-only and shareable between threads. Close it or use it as a context manager.
 
     device: "cpu" (default) or "cuda[:N]": every stage on ONNX Runtime's CUDA execution provider, which needs
-    onnxruntime-gpu (slimengine[gpu]); the runtime's buffers between stages stay in host memory for now."""
+    onnxruntime-gpu (slimengine[gpu]); the runtime's buffers between stages stay in host memory for now.
+
+    verify: "fast" (default: the manifest against its digest, every file listed, regular and of its size, the stage
+    graphs' sha256; seconds) or "full" (also the sha256 of every weight file: reads the whole bundle). See
+    docs/bundle-format.md, "Integrity". verify_checksums (deprecated) is the old switch: True is "full", False "fast"."""
 
     _handle = None
 
-    def __init__(self, path: str | Path, onnxruntime_library: str | None = None, verify_checksums: bool = True,
-                 intra_op_threads: int = 0, device: str = "cpu"):
+    def __init__(self, path: str | Path, onnxruntime_library: str | None = None, verify_checksums: bool | None = None,
+                 intra_op_threads: int = 0, device: str = "cpu", *, verify: str | None = None):
+        level = _verify_level(verify, verify_checksums)
         lib = _native.lib()
         params = lib.slim_engine_default_params()
         params.device_type, params.device_id = parse_device(device)
@@ -189,7 +195,7 @@ class Engine(_Closable):
                 onnxruntime.preload_dlls()
         self._ort_path = (onnxruntime_library or _native.onnxruntime_library()).encode()
         params.onnxruntime_library = self._ort_path
-        params.verify_checksums = int(verify_checksums)
+        params.verify_checksums = level
         self.device = device
         handle = ctypes.c_void_p()
         _check(lib.slim_engine_open(os.fsencode(path), ctypes.byref(params), ctypes.byref(handle)))
@@ -198,9 +204,9 @@ class Engine(_Closable):
         self._gate = _CallGate("engine", exclusive=False)  # from here on, close() frees the handle
         self.path = Path(path)
         try:
-            self.manifest = json.loads(lib.slim_engine_manifest(handle).decode())
+            self.manifest = loads_strict(lib.slim_engine_manifest(handle))
             self.stage_names = [lib.slim_engine_stage_name(handle, i).decode() for i in range(lib.slim_engine_stage_count(handle))]
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             self.close()
             raise SlimError("SLIM_ERR_BUNDLE", f"{path}: manifest is not valid UTF-8 JSON ({e})") from None
         self.config = self.manifest.get("config", {})  # a plain ONNX engine has none
@@ -541,5 +547,41 @@ class MemoryBank(_Closable):
 
 
 def open_engine(path: str | Path, **options) -> Engine:
-    """Load an engine bundle (see Engine for options)."""
+    """Load an engine bundle (see Engine for options, e.g. verify="full")."""
     return Engine(path, **options)
+
+
+def _verify_level(verify: str | None, verify_checksums: bool | None) -> int:
+    if verify is not None and verify_checksums is not None:
+        raise TypeError("give verify= or the deprecated verify_checksums=, not both")
+    if verify_checksums is not None:
+        warnings.warn('verify_checksums is deprecated: use verify="full" (was True) or verify="fast" (was False)', DeprecationWarning,
+                      stacklevel=3)
+        return VERIFY_LEVELS["full" if verify_checksums else "fast"]
+    if verify is None:
+        return VERIFY_LEVELS["fast"]
+    if verify not in VERIFY_LEVELS:
+        raise ValueError(f'verify must be "fast" or "full", got {verify!r}')
+    return VERIFY_LEVELS[verify]
+
+
+def verify_bundle(path: str | Path, verify: str = "full", progress=None) -> None:
+    """Check the bundle at `path` without loading it (what open_engine checks first): raises SlimError (SLIM_ERR_BUNDLE
+    naming the file or field at fault, SLIM_ERR_IO) unless it is intact. progress(file, bytes_done, bytes_total) is
+    called as files are hashed."""
+    level = _verify_level(verify, None)
+    raised = []
+
+    def report(_user, file, done, total):
+        try:
+            progress(file.decode(errors="replace"), done, total)
+            return 0
+        except BaseException as e:  # (Ctrl-C too) must not unwind through C: stop the check, raise it after the call
+            raised.append(e)
+            return 1
+
+    callback = _native.VerifyProgress(report) if progress is not None else _native.VerifyProgress()
+    status = _native.lib().slim_bundle_verify(str(path).encode(), level, callback, None)
+    if raised:
+        raise raised[0]
+    _check(status)

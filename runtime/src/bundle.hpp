@@ -1,0 +1,57 @@
+// The bundle directory on disk: files read without ever leaving it, and checked against the manifest
+// (docs/bundle-format.md, "Integrity").
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "manifest.hpp"
+
+namespace slim {
+
+constexpr const char* kManifestFile = "manifest.json";
+constexpr const char* kDigestFile = "manifest.sha256";  // "<sha256 of manifest.json>  manifest.json\n"
+
+// How much of a bundle is checked when it is opened (slim_verify).
+enum class Verify {
+    Fast = 0,  // manifest digest; every file listed, regular, of its listed size; stage graph files' sha256
+    Full = 1,  // and the sha256 of every file (reads the whole bundle)
+};
+
+// A bundle directory, opened once. Everything under it is reached through its descriptor one path
+// component at a time without following symbolic links (O_NOFOLLOW), and must be a directory or a
+// regular file: a symlink (even one pointing inside), FIFO, socket or device is refused, never opened
+// for reading. The path given may itself be a symlink to the bundle directory.
+class BundleDir {
+  public:
+    explicit BundleDir(const std::string& path);  // Error(IO) when it is not a readable directory
+    ~BundleDir();
+    BundleDir(const BundleDir&) = delete;
+    BundleDir& operator=(const BundleDir&) = delete;
+
+    const std::string& path() const { return path_; }
+    // The whole of regular file `rel`, of at most `max_bytes`. IO when missing, BUNDLE when not a regular file or larger.
+    std::string read(const std::string& rel, int64_t max_bytes) const;
+    // Every regular file under the directory, relative path -> size; BUNDLE naming anything else found.
+    std::map<std::string, int64_t> files() const;
+    // sha256 of regular file `rel`, checked to be `size` bytes before it is read; `on_chunk(n)` per chunk read.
+    std::string sha256(const std::string& rel, int64_t size, const std::function<void(size_t)>& on_chunk = {}) const;
+
+  private:
+    int open_regular(const std::string& rel, int64_t* size) const;  // a descriptor the caller closes
+    std::string path_;
+    int fd_ = -1;
+};
+
+// Called while files are hashed: the file (bundle-relative), and bytes hashed / to hash in all.
+using VerifyProgress = std::function<void(const std::string& file, uint64_t done, uint64_t total)>;
+
+// Checks the bundle's files against its (loaded, digest-checked) manifest: every file on disk is listed
+// and every listed file is there, regular, of its listed size (all before any file is read); then the
+// sha256 of the stage graph files (Fast) or of every file (Full). Throws Error(BUNDLE) naming the file.
+void verify_files(const BundleDir& dir, const Manifest& manifest, Verify level, const VerifyProgress& progress = {});
+
+}  // namespace slim

@@ -1,0 +1,347 @@
+"""Bundle format 2: stages bound by role, the manifest digest, the file listing, file types and sizes, the fast
+and full checks, `slimengine verify`, and the refusal of format 1 (docs/bundle-format.md)."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import slimengine as se
+from slimengine import _native
+from slimengine.bundle import digest_line, loads_strict
+
+from .conftest import edit_manifest
+
+HANG_LIMIT_S = 120  # an open that takes this long is hung (on a FIFO, /dev/zero); the checks answer in seconds
+
+
+def _open_error(path, **options) -> se.SlimError:
+    with pytest.raises(se.SlimError) as info:
+        se.open_engine(path, **options)
+    return info.value
+
+
+def _open_in_subprocess(path, verify="fast") -> subprocess.CompletedProcess:
+    """Open in a child process, so that an open that hangs fails the test instead of hanging it."""
+    code = ("import sys, slimengine as se\n"
+            "try:\n"
+            f"    se.open_engine(sys.argv[1], verify={verify!r}).close()\n"
+            "except se.SlimError as e:\n"
+            "    print(e.status, e, file=sys.stderr); sys.exit(3)\n")
+    try:
+        return subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=HANG_LIMIT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"opening {path} hung for {HANG_LIMIT_S} s")
+
+
+def _sign(bundle, text: bytes) -> None:
+    """Write manifest bytes as they are (not re-serialised) with their digest."""
+    (bundle / "manifest.json").write_bytes(text)
+    (bundle / "manifest.sha256").write_bytes(digest_line(text))
+
+
+def _stages(bundle) -> list[dict]:
+    return json.loads((bundle / "manifest.json").read_text())["stages"]
+
+
+# --- roles -----------------------------------------------------------------------------------------------------
+
+
+def test_every_stage_states_its_role_and_block(distilled_bundle):
+    stages = _stages(distilled_bundle)
+    assert [(s["name"], s["role"], s.get("block")) for s in stages] == [
+        ("embed", "embed", None), ("block_0", "block", 0), ("block_1", "block", 1), ("block_2", "block", 2), ("block_3", "block", 3),
+        ("compensate", "compensate", None), ("final", "final", None)]
+
+
+def test_stages_are_bound_by_role_not_by_name(bundle_copy, distilled_bundle):
+    """Renamed stages (names that say nothing, in another order) run the same program: nothing reads meaning from a name."""
+    def rename(m):
+        m["stages"] = [dict(s, name=f"stage-{i}") for i, s in enumerate(reversed(m["stages"]))]
+
+    edit_manifest(bundle_copy, rename)
+    with se.open_engine(distilled_bundle) as engine:
+        c = engine.config
+        text = np.random.default_rng(0).standard_normal((1, 3, c["joint_attention_dim"]), dtype=np.float32)
+        pooled = np.random.default_rng(1).standard_normal((1, c["pooled_projection_dim"]), dtype=np.float32)
+        expected = engine.session().generate(text, pooled, seed=3, height=16, width=16)
+    with se.open_engine(bundle_copy) as engine:
+        assert engine.stage_names == [f"stage-{i}" for i in range(7)]
+        session = engine.session()
+        session.profiling = True
+        got = session.generate(text, pooled, seed=3, height=16, width=16)
+    assert np.array_equal(got.latents, expected.latents)
+    block_of = {s["name"]: s.get("block", -1) for s in _stages(bundle_copy)}
+    stage_events = [e for e in got.events if e["kind"] == "stage"]
+    assert stage_events and all(e["block"] == block_of[e["stage"]] for e in stage_events)  # the profiler's block, from the role
+    assert {e["block"] for e in stage_events} >= {0, 1, 2, 3, -1}
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m["stages"][0].update(role="encoder"), "stages[0].role 'encoder' is not a stage role"),
+    (lambda m: m["stages"][0].update(role="lemur_embed"), "stages[0].role 'lemur_embed' is not a role of a sd3 stage"),
+    (lambda m: m["stages"][1].pop("block"), "stages[1].block is missing"),
+    (lambda m: m["stages"][1].update(block=4), "stages[1].block must be an integer in [0, 3]"),
+    (lambda m: m["stages"][0].update(block=0), "stages[0].block is only for the block and block_tokens roles"),
+    (lambda m: m["stages"][2].update(block=0), "stage block_1 repeats the role of another stage"),
+    (lambda m: m["stages"][6].update(role="embed"), "stage final does not have the inputs/outputs the SD3 program expects"),
+    (lambda m: m["files"].update({"stages/./x": m["files"]["stages/final.onnx"]}), "must be a path inside the bundle, got 'stages/./x'"),
+    (lambda m: m["files"].update({"stages//x": m["files"]["stages/final.onnx"]}), "must be a path inside the bundle"),
+    (lambda m: m["files"]["stages/final.onnx"].update(size=-1), "files['stages/final.onnx'].size must be an integer"),
+    (lambda m: m["files"]["stages/final.onnx"].update(sha256="AB" * 32), "must be a lower-case sha256 hex digest"),
+])
+def test_roles_and_the_file_listing_are_validated(bundle_copy, edit, message):
+    edit_manifest(bundle_copy, edit)
+    err = _open_error(bundle_copy)
+    assert err.status == "SLIM_ERR_BUNDLE" and message in str(err), str(err)
+
+
+# --- the manifest's digest -------------------------------------------------------------------------------------
+
+
+def test_an_unsigned_manifest_edit_is_refused_by_the_digest(bundle_copy):
+    path = bundle_copy / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["program"]["steps"][0]["timestep"] = 900.0  # a changed timestep
+    path.write_text(json.dumps(manifest, indent=1))
+    err = _open_error(bundle_copy)
+    assert err.status == "SLIM_ERR_BUNDLE" and "does not match its digest in manifest.sha256" in str(err), str(err)
+    assert "re-export" in str(err)
+
+
+def test_swapped_block_graphs_are_refused_by_the_default_open(tmp_path, distilled_bundle):
+    # In the manifest (block 1's stage reading block 2's graph): the digest.
+    swapped = tmp_path / "manifest.engine"
+    shutil.copytree(distilled_bundle, swapped)
+    text = (swapped / "manifest.json").read_text()
+    text = text.replace('"stages/block_1.onnx"', '"@1"').replace('"stages/block_2.onnx"', '"stages/block_1.onnx"').replace('"@1"', '"stages/block_2.onnx"')
+    (swapped / "manifest.json").write_text(text)
+    err = _open_error(swapped)
+    assert err.status == "SLIM_ERR_BUNDLE" and "does not match its digest" in str(err), str(err)
+    # On disk (the files renamed into each other's place): the stage graphs' sha256, which the fast check includes.
+    on_disk = tmp_path / "disk.engine"
+    shutil.copytree(distilled_bundle, on_disk)
+    a, b = on_disk / "stages/block_1.onnx", on_disk / "stages/block_2.onnx"
+    a.rename(on_disk / "tmp")
+    b.rename(a)
+    (on_disk / "tmp").rename(b)
+    err = _open_error(on_disk)
+    assert err.status == "SLIM_ERR_BUNDLE" and ("stages/block_1.onnx " in str(err) or "stages/block_2.onnx " in str(err)), str(err)
+
+
+def test_a_missing_or_malformed_digest_is_refused(bundle_copy):
+    (bundle_copy / "manifest.sha256").write_text("not a digest\n")
+    err = _open_error(bundle_copy)
+    assert err.status == "SLIM_ERR_BUNDLE" and "manifest.sha256 must be one line '<sha256 hex>  manifest.json'" in str(err), str(err)
+    (bundle_copy / "manifest.sha256").unlink()
+    err = _open_error(bundle_copy)
+    assert err.status == "SLIM_ERR_BUNDLE" and "manifest.sha256" in str(err) and "re-export" in str(err), str(err)
+
+
+def test_a_format_1_bundle_is_told_to_re_export(bundle_copy):
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["format_version"] = 1  # as format 1 wrote it: no digest file, files as {path: sha256}
+    manifest["files"] = {k: v["sha256"] for k, v in manifest["files"].items()}
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    (bundle_copy / "manifest.sha256").unlink()
+    err = _open_error(bundle_copy)
+    assert err.status == "SLIM_ERR_BUNDLE", str(err)
+    assert "this bundle is format 1, which this runtime no longer reads" in str(err)
+    assert "re-export it: export-engine CHECKPOINT -o NAME.engine --force" in str(err) and "\n" not in str(err)
+
+
+def test_duplicate_keys_are_refused_in_c_and_in_python(bundle_copy):
+    text = (bundle_copy / "manifest.json").read_bytes()
+    duplicated = text.replace(b'"precision": "fp32"', b'"precision": "fp32", "precision": "fp16"', 1)
+    assert duplicated != text
+    _sign(bundle_copy, duplicated)
+    err = _open_error(bundle_copy)
+    assert err.status == "SLIM_ERR_BUNDLE" and 'json: duplicate key "precision"' in str(err), str(err)
+    with pytest.raises(ValueError, match="duplicate key 'precision'"):
+        loads_strict(duplicated)
+    with pytest.raises(ValueError, match="duplicate key 'a'"):
+        loads_strict('{"b": {"a": 1, "a": 2}}')
+
+
+def test_invalid_utf8_in_the_manifest_is_refused(bundle_copy):
+    text = (bundle_copy / "manifest.json").read_bytes()
+    _sign(bundle_copy, text.replace(b'"family": "sd3"', b'"family": "sd3", "note": "caf\xe9"', 1))  # Latin-1, not UTF-8
+    err = _open_error(bundle_copy)
+    assert err.status == "SLIM_ERR_BUNDLE" and "json: invalid UTF-8" in str(err), str(err)
+    with pytest.raises(ValueError):
+        loads_strict(b'{"note": "caf\xe9"}')
+
+
+def test_a_manifest_of_100k_stages_is_read_in_linear_time(tmp_path):
+    """The manifest's checks are linear (the stage names' uniqueness, each stage's file in the listing): 100k stages
+    are read and refused for their missing files in seconds (32 s before)."""
+    bundle = tmp_path / "big.engine"
+    bundle.mkdir()
+    io = [{"name": n, "dtype": "float32", "shape": ["batch"]} for n in ("img", "txt", "temb")]
+    stages = [{"name": f"s{i}", "role": "block", "block": i % 4, "file": f"stages/s{i}.onnx", "inputs": io, "outputs": io[:2]}
+              for i in range(100_000)]
+    config = {"num_layers": 4, "num_attention_heads": 2, "attention_head_dim": 8, "inner_dim": 16, "in_channels": 4, "out_channels": 4,
+              "patch_size": 2, "joint_attention_dim": 8, "caption_projection_dim": 16, "pooled_projection_dim": 8, "max_latent_size": 64}
+    manifest = {"format": "slimengine-bundle", "format_version": 2, "family": "sd3", "precision": "fp32", "custom_op_library": None,
+                "config": config, "stages": stages,
+                "program": {"sampler": "flow_match_euler", "guidance_scale": 1.0, "cache_blocks": None,
+                            "steps": [{"sigma": 1.0, "sigma_next": 0.0, "timestep": 1000.0, "record_delta": False, "skip_cached_blocks": False}]},
+                "files": {s["file"]: {"sha256": "0" * 64, "size": 1} for s in stages}}
+    _sign(bundle, json.dumps(manifest).encode())
+    start = time.perf_counter()
+    err = _open_error(bundle)
+    seconds = time.perf_counter() - start
+    assert err.status == "SLIM_ERR_BUNDLE" and "stages/s0.onnx is listed in the manifest but missing" in str(err), str(err)
+    assert seconds < 10, f"{seconds:.1f} s"
+
+
+# --- files on disk ---------------------------------------------------------------------------------------------
+
+
+def test_a_symlinked_stage_is_refused_even_one_pointing_inside(tmp_path, bundle_copy):
+    outside = tmp_path / "outside.onnx"
+    shutil.copy(bundle_copy / "stages/final.onnx", outside)
+    (bundle_copy / "stages/final.onnx").unlink()
+    (bundle_copy / "stages/final.onnx").symlink_to(outside)  # the same bytes, from outside
+    err = _open_error(bundle_copy)
+    assert err.status == "SLIM_ERR_BUNDLE" and "stages/final.onnx is not a regular file (a symbolic link)" in str(err), str(err)
+    (bundle_copy / "stages/final.onnx").unlink()
+    shutil.copy(outside, bundle_copy / "stages/final.onnx")
+    se.verify_bundle(bundle_copy)  # intact again
+    data = bundle_copy / "stages/block_1.onnx.data"
+    data.unlink()
+    data.symlink_to("block_2.onnx.data")  # inside the bundle
+    err = _open_error(bundle_copy)
+    assert err.status == "SLIM_ERR_BUNDLE" and "stages/block_1.onnx.data is not a regular file (a symbolic link)" in str(err), str(err)
+
+
+def test_a_symlinked_stages_folder_is_refused(tmp_path, bundle_copy):
+    shutil.move(bundle_copy / "stages", tmp_path / "elsewhere")
+    (bundle_copy / "stages").symlink_to(tmp_path / "elsewhere")
+    err = _open_error(bundle_copy)
+    assert err.status == "SLIM_ERR_BUNDLE" and "/stages is not a regular file (a symbolic link)" in str(err), str(err)
+
+
+def test_the_bundle_path_itself_may_be_a_symlink(tmp_path, distilled_bundle):
+    link = tmp_path / "link.engine"
+    link.symlink_to(distilled_bundle)
+    se.verify_bundle(link, verify="fast")
+
+
+@pytest.mark.parametrize("target", ["stages/final.onnx.data", "manifest.json"])
+def test_a_fifo_is_refused_without_hanging(bundle_copy, target):
+    (bundle_copy / target).unlink()
+    os.mkfifo(bundle_copy / target)
+    proc = _open_in_subprocess(bundle_copy)
+    assert proc.returncode == 3 and "SLIM_ERR_BUNDLE" in proc.stderr and f"{target} is not a regular file (a FIFO)" in proc.stderr, proc.stderr
+
+
+def test_a_stage_linked_to_dev_zero_is_refused_without_hanging(bundle_copy):
+    (bundle_copy / "stages/block_0.onnx.data").unlink()
+    (bundle_copy / "stages/block_0.onnx.data").symlink_to("/dev/zero")
+    for verify in ("fast", "full"):
+        proc = _open_in_subprocess(bundle_copy, verify)
+        assert proc.returncode == 3 and "block_0.onnx.data is not a regular file (a symbolic link)" in proc.stderr, proc.stderr
+
+
+def test_an_unlisted_file_is_refused_naming_it(bundle_copy):
+    (bundle_copy / "stages/extra.onnx.data").write_bytes(b"\0" * 16)
+    err = _open_error(bundle_copy)
+    assert err.status == "SLIM_ERR_BUNDLE" and "stages/extra.onnx.data is not listed in the manifest" in str(err), str(err)
+    (bundle_copy / "stages/extra.onnx.data").unlink()
+    (bundle_copy / "notes.txt").write_text("hi")
+    err = _open_error(bundle_copy)
+    assert err.status == "SLIM_ERR_BUNDLE" and "notes.txt is not listed in the manifest" in str(err), str(err)
+
+
+def test_a_missing_file_is_refused_naming_it(bundle_copy):
+    (bundle_copy / "stages/compensate.onnx.data").unlink()
+    err = _open_error(bundle_copy)
+    assert err.status == "SLIM_ERR_BUNDLE" and "stages/compensate.onnx.data is listed in the manifest but missing" in str(err), str(err)
+
+
+@pytest.mark.parametrize("verify", ["fast", "full"])
+def test_a_size_mismatch_is_refused_before_any_file_is_read(bundle_copy, verify):
+    data = bundle_copy / "stages/block_1.onnx.data"
+    listed = data.stat().st_size
+    os.truncate(data, 1 << 40)  # a sparse terabyte: reading it before the size check would take hours
+    start = time.perf_counter()
+    err = _open_error(bundle_copy, verify=verify)
+    assert time.perf_counter() - start < 60
+    assert err.status == "SLIM_ERR_BUNDLE" and f"stages/block_1.onnx.data is {1 << 40} bytes but the manifest lists {listed}" in str(err)
+    os.truncate(data, listed - 1)  # cut short
+    err = _open_error(bundle_copy, verify=verify)
+    assert err.status == "SLIM_ERR_BUNDLE" and f"is {listed - 1} bytes but the manifest lists {listed}" in str(err), str(err)
+
+
+def test_full_verify_finds_a_flipped_weight_byte_that_the_fast_open_does_not_read(bundle_copy):
+    data = bundle_copy / "stages/block_2.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    data.write_bytes(bytes(raw))
+    se.open_engine(bundle_copy).close()  # fast: sizes and graphs are intact, the weights are not read
+    se.verify_bundle(bundle_copy, verify="fast")
+    err = _open_error(bundle_copy, verify="full")
+    assert err.status == "SLIM_ERR_BUNDLE" and "checksum mismatch for" in str(err) and "stages/block_2.onnx.data" in str(err)
+    with pytest.raises(se.SlimError, match="checksum mismatch for .*stages/block_2.onnx.data"):
+        se.verify_bundle(bundle_copy)
+    with pytest.warns(DeprecationWarning):  # the old switch: True was the full check
+        assert _open_error(bundle_copy, verify_checksums=True).status == "SLIM_ERR_BUNDLE"
+    with pytest.raises(ValueError, match='verify must be "fast" or "full"'):
+        se.open_engine(bundle_copy, verify="none")
+
+
+def test_verify_levels_in_the_c_abi(distilled_bundle):
+    lib = _native.lib()
+    params = lib.slim_engine_default_params()
+    assert params.verify_checksums == 0  # SLIM_VERIFY_FAST
+    params.verify_checksums = 2
+    handle = ctypes.c_void_p()
+    assert lib.slim_status_name(lib.slim_engine_open(str(distilled_bundle).encode(), ctypes.byref(params), ctypes.byref(handle))) == \
+        b"SLIM_ERR_INVALID_ARGUMENT"
+    assert b"verify_checksums must be SLIM_VERIFY_FAST (0) or SLIM_VERIFY_FULL (1), got 2" in lib.slim_last_error()
+    seen = []
+    progress = _native.VerifyProgress(lambda user, file, done, total: seen.append((file, done, total)) or 0)
+    assert lib.slim_bundle_verify(str(distilled_bundle).encode(), 1, progress, None) == 0
+    sizes = {k: v["size"] for k, v in json.loads((distilled_bundle / "manifest.json").read_text())["files"].items()}
+    assert {f.decode() for f, _, _ in seen} == set(sizes) and seen[-1][1] == seen[-1][2] == sum(sizes.values())
+    stop = _native.VerifyProgress(lambda user, file, done, total: 1)
+    assert lib.slim_status_name(lib.slim_bundle_verify(str(distilled_bundle).encode(), 1, stop, None)) == b"SLIM_ERR_INVALID_ARGUMENT"
+    assert b"stopped by the progress callback" in lib.slim_last_error()
+
+
+# --- slimengine verify -----------------------------------------------------------------------------------------
+
+
+def _slimengine(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "slimengine.cli", *args], capture_output=True, text=True, timeout=HANG_LIMIT_S)
+
+
+def test_slimengine_verify_exit_codes(bundle_copy, tmp_path):
+    ok = _slimengine("verify", str(bundle_copy))
+    assert ok.returncode == 0 and ok.stdout.strip() == f"{bundle_copy}: ok (full check)", ok.stderr
+    data = bundle_copy / "stages/final.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[0] ^= 0x80
+    data.write_bytes(bytes(raw))
+    bad = _slimengine("verify", str(bundle_copy))
+    assert bad.returncode == 1 and "checksum mismatch for" in bad.stderr and "stages/final.onnx.data" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    fast = _slimengine("verify", "--fast", "-q", str(bundle_copy))
+    assert fast.returncode == 0 and fast.stdout == ""
+    (bundle_copy / "stray").write_text("x")
+    assert _slimengine("verify", "--fast", str(bundle_copy)).returncode == 1
+    for args in ([], ["verify"], ["verify", str(tmp_path / "missing.engine")], ["frobnicate", str(bundle_copy)]):
+        usage = _slimengine(*args)
+        assert usage.returncode == 2 and "Traceback" not in usage.stderr, (args, usage.stderr)
+    helped = _slimengine("verify", "--help")
+    assert helped.returncode == 0 and "Exit 0 when intact, 1 when not" in helped.stdout
+    assert shutil.which("slimengine", path=os.path.dirname(sys.executable)), "the slimengine console script is installed"
