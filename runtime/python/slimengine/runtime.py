@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import dataclasses
 import json
+import os
 import threading
 import warnings
 import weakref
@@ -117,18 +118,35 @@ def parse_device(device: str) -> tuple[int, int]:
 
 class _CallGate:
     """The calls running on a handle: close() refuses new ones and waits for these before the C handle is
-    freed. An exclusive gate (a session) refuses a second concurrent call with SLIM_ERR_BUSY."""
+    freed. An exclusive gate (a session) refuses a second concurrent call with SLIM_ERR_BUSY.
+
+    After os.fork(), the child has only the thread that forked: a call another thread was running is
+    not running there, and the handle's state (its locks, its buffers) is that call's, mid-way. Such a
+    handle refuses every call in the child, and closing it there frees nothing (waiting would never
+    end); a handle no thread was using works as before."""
+
+    _live: weakref.WeakSet = weakref.WeakSet()
 
     def __init__(self, what: str, exclusive: bool):
         self._what, self._exclusive = what, exclusive
         self._cond = threading.Condition()
-        self._calls, self._closed = 0, False
+        self._calls, self._closed, self._forked_busy = 0, False, False
+        _CallGate._live.add(self)
+
+    def _after_fork_in_child(self) -> None:
+        self._cond = threading.Condition()  # another thread may have held the old one's lock at the fork
+        self._forked_busy = self._forked_busy or self._calls > 0
+        self._calls = 0
 
     @contextlib.contextmanager
     def call(self):
         with self._cond:
             if self._closed:
                 raise SlimError("SLIM_ERR_INVALID_ARGUMENT", f"the {self._what} is closed")
+            if self._forked_busy:
+                raise SlimError("SLIM_ERR_INVALID_ARGUMENT", f"the {self._what} was in use by another thread when this process was "
+                                "forked: its state belongs to that call, which this process does not have; open it again in this "
+                                "process (closing this one here frees nothing)")
             if self._exclusive and self._calls:
                 raise SlimError("SLIM_ERR_BUSY", f"the {self._what} is in use by another thread (a session runs one call at a "
                                                  "time: create one session per thread)")
@@ -146,9 +164,19 @@ class _CallGate:
             if self._closed:
                 return False
             self._closed = True
+            if self._forked_busy:
+                return False
             while self._calls:
                 self._cond.wait()
             return True
+
+
+def _gates_after_fork_in_child() -> None:
+    for gate in list(_CallGate._live):
+        gate._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_gates_after_fork_in_child)
 
 
 class _Closable:
