@@ -9,6 +9,8 @@ exporting process holds for as long as it runs.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import fcntl
 import hashlib
 import json
@@ -88,7 +90,7 @@ def write_bundle(destination: Path, fill: Callable[[Path], dict], force: bool = 
         # the directory as in use (remove_stale_temporaries).
         (tmp / LOCK).unlink()
         _sync_tree(tmp)  # on disk before it becomes visible: a power loss cannot publish a torn bundle
-        _publish(tmp, destination)
+        _publish(tmp, destination, force)
         return manifest
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -180,18 +182,53 @@ def _sync_tree(root: Path) -> None:
         _fsync(path)
 
 
-def _publish(tmp: Path, destination: Path) -> None:
-    """Rename into place. Replacing an existing bundle takes two renames; if the second fails the old
-    bundle is put back, so the destination holds either the old or the new bundle."""
-    if destination.exists():
-        old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
-        os.rename(destination, old)
-        try:
-            os.rename(tmp, destination)
-        except BaseException:
-            os.rename(old, destination)
+def _publish(tmp: Path, destination: Path, force: bool) -> None:
+    """Rename into place. Without `force` the rename fails if the destination appeared meanwhile (another export
+    to the same path finished first): FileExistsError, never a silent replacement. With `force` an existing bundle
+    is swapped with the new one in one step (renameat2 RENAME_EXCHANGE), so the destination holds either the old
+    or the new bundle at every moment, a kill -9 included; the old one then sits in `tmp`, removed here or, if
+    the process is killed first, by the next export as a stale temporary. Where the filesystem cannot exchange,
+    two renames, with the old bundle put back if the second fails."""
+    try:
+        os.rename(tmp, destination)  # a directory replaces only a missing destination (or an empty directory)
+    except OSError as e:
+        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
             raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, destination)
+        if not force:
+            raise FileExistsError(f"{destination} already exists (another export to it finished first; use --force to replace "
+                                  "it)") from None
+        if _exchange(tmp, destination):
+            _remove_any(tmp)
+        else:
+            old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
+            os.rename(destination, old)
+            try:
+                os.rename(tmp, destination)
+            except BaseException:
+                os.rename(old, destination)
+                raise
+            _remove_any(old)
     _fsync(destination.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where the system or filesystem cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _remove_any(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

@@ -61,8 +61,12 @@ def load_checkpoint(path: str | Path, num_attention_heads: int | None = None) ->
         raise CheckpointError(f"{path}: the number of attention heads must be a positive integer, got {heads!r}")
     try:
         config = infer_config(state_dict, path, heads)
-        if isinstance(metadata.get("sample_size"), int):  # the default resolution: not in the weights
-            config = dataclasses.replace(config, sample_size=metadata["sample_size"])
+        sample_size = metadata.get("sample_size")  # the default resolution (latent pixels): not in the weights
+        if sample_size is not None:
+            if isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size < 1 or sample_size % config.patch_size:
+                raise CheckpointError(f"{path}: the metadata's sample_size must be a positive multiple of the patch size "
+                                      f"({config.patch_size}), got {sample_size!r}")
+            config = dataclasses.replace(config, sample_size=sample_size)
         _check_against_model(state_dict, config, path)
     except CheckpointError:
         raise

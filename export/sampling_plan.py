@@ -11,6 +11,7 @@ Two kinds of plan:
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -131,6 +132,28 @@ def parse_block_range(text: str) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
+MAX_STEPS = 10000  # the runtime's limit on a program's steps (manifest.cpp)
+
+
+def _checked_steps(steps) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps must be an integer from 1 to {MAX_STEPS} (--steps or the checkpoint's sampling metadata), "
+                         f"got {steps!r}")
+    return steps
+
+
+def _checked_real(value, name: str, positive: bool) -> float:
+    """A finite number, > 0 (`positive`) or >= 0, from a flag or the checkpoint's sampling metadata."""
+    try:
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    except OverflowError:  # an int past float's range
+        number = math.nan
+    if not math.isfinite(number) or number < 0 or (positive and number == 0):
+        raise ValueError(f"{name} must be a finite {'positive' if positive else 'non-negative'} number (from its flag or the checkpoint's "
+                         f"sampling metadata), got {value!r}"[:300])
+    return number
+
+
 def make_plan(
     num_layers: int,
     has_compensation_mlp: bool,
@@ -150,14 +173,19 @@ def make_plan(
     cache_blocks="none" asks for that plain plan whatever the checkpoint. `cache` ("none" or
     "xslim:...", xslim.SPEC_HELP) sets the default X-Slim policy.
     """
-    meta = dict((metadata or {}).get("sampling", {}))
+    sampling = (metadata or {}).get("sampling", {})
+    if not isinstance(sampling, dict):
+        raise ValueError(f"the checkpoint's sampling metadata must be an object, got {type(sampling).__name__}")
+    meta = dict(sampling)
     distilled = has_compensation_mlp
     if isinstance(cache_blocks, str) and cache_blocks.lower() == "none":
         # A plain full-step plan, even for a 1.x student (the metadata describes its 1.x plan).
         meta, distilled, cache_blocks = {}, False, None
-    steps = steps or meta.get("steps") or (2 if distilled else 28)
-    shift = shift or meta.get("shift") or 3.0
-    teacher_shift = teacher_shift or meta.get("teacher_shift") or 3.0
+    # Checked before any sigma is computed: metadata is untrusted (steps=10**9 allocated 7.5 GB, a string or NaN
+    # went on to fail deep inside, or became a bundle no runtime opens).
+    steps = _checked_steps(steps or meta.get("steps") or (2 if distilled else 28))
+    shift = _checked_real(shift or meta.get("shift") or 3.0, "shift", positive=True)
+    teacher_shift = _checked_real(teacher_shift or meta.get("teacher_shift") or 3.0, "teacher_shift", positive=True)
     if cache_blocks is None:
         cache_blocks = meta.get("cache_blocks")
         if cache_blocks is None and distilled and num_layers >= 9:
@@ -166,9 +194,16 @@ def make_plan(
         cache_blocks = parse_block_range(cache_blocks)
     if distilled and cache_blocks is None:
         raise ValueError("the checkpoint has compensation weights but no cached block range; pass --cache-blocks A-B")
-    cache_blocks = tuple(cache_blocks) if cache_blocks is not None else None
+    if cache_blocks is not None:
+        if not isinstance(cache_blocks, (list, tuple)) or len(cache_blocks) != 2 or not all(
+                isinstance(b, int) and not isinstance(b, bool) for b in cache_blocks):
+            raise ValueError(f"cache_blocks must be 'A-B' or two block indices, got {cache_blocks!r}")
+        cache_blocks = tuple(cache_blocks)
+    if not isinstance(cache or meta.get("cache") or "none", str):
+        raise ValueError(f"the checkpoint's sampling metadata 'cache' must be a spec string, got {meta.get('cache')!r}")
     if guidance_scale is None:
         guidance_scale = meta.get("guidance_scale", 1.0 if (distilled or cache_blocks) else 7.0)
+    guidance_scale = _checked_real(guidance_scale, "guidance_scale", positive=False)
     if distilled or cache_blocks is not None:
         sigmas = distilled_sigmas(steps, shift, teacher_shift)
     else:

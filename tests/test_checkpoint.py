@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from slimengine.export.checkpoint import infer_config, load_checkpoint
+from slimengine.export.errors import CheckpointError
 from slimengine.export.sd3_model import DistilledSD3
 from slimengine.tools.make_sd3_checkpoint import make_config
 
@@ -149,3 +154,48 @@ def test_expanded_or_overlapping_sd3_tensors_are_refused_before_anything_is_buil
         assert name == "expanded.pt" or f"'{key}'" in lines[0]
         assert not out.exists() and not list(tmp_path.glob(f".{name}.engine*"))
     assert load_checkpoint(good).config.num_layers == 4  # the same file with its own tensors still loads
+
+
+@pytest.mark.parametrize("sampling, message", [
+    ({"cache_blocks": "1-2", "steps": 10_001}, "steps must be an integer from 1 to 10000"),  # 10**9: 7.5 GB of sigmas (see below)
+    ({"cache_blocks": "1-2", "steps": "2"}, "steps must be an integer from 1 to 10000 (--steps or the checkpoint's sampling metadata), got '2'"),
+    ({"cache_blocks": "1-2", "steps": True}, "steps must be an integer"),
+    ({"cache_blocks": "1-2", "shift": float("nan")}, "shift must be a finite positive number"),  # went into the sigmas
+    ({"cache_blocks": "1-2", "teacher_shift": -3.0}, "teacher_shift must be a finite positive number"),
+    ({"cache_blocks": "1-2", "guidance_scale": float("nan")}, "guidance_scale must be a finite non-negative number"),  # a bundle no runtime opens
+    ({"cache_blocks": 5}, "cache_blocks must be 'A-B' or two block indices, got 5"),
+    ({"cache_blocks": ["1", "2"]}, "cache_blocks must be 'A-B' or two block indices"),
+    ({"cache_blocks": "1-2", "cache": 5}, "the checkpoint's sampling metadata 'cache' must be a spec string, got 5"),
+    ([1], "the checkpoint's sampling metadata must be an object, got list"),
+])
+def test_untrusted_sampling_metadata_is_checked_before_any_plan_is_computed(sampling, message):
+    from slimengine.export.sampling_plan import make_plan
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make_plan(4, True, {"sampling": sampling})
+
+
+@pytest.mark.parametrize("sample_size", [0, -8, 3, True, "128"])
+def test_a_metadata_sample_size_that_is_no_latent_size_is_refused(tmp_path, sample_size):
+    """0 and True were a ZeroDivisionError deep in the export; -8 and 3 were exported into bundles whose
+    default size no generation could use."""
+    good = make_checkpoint(tmp_path / "good.pt", "--preset", "tiny")
+    saved = torch.load(good, weights_only=True)
+    torch.save({"state_dict": saved["state_dict"], "slimengine": dict(saved["slimengine"], sample_size=sample_size)}, tmp_path / "s.pt")
+    with pytest.raises(CheckpointError, match=re.escape(f"the metadata's sample_size must be a positive multiple of the patch size (2), "
+                                                        f"got {sample_size!r}")):
+        load_checkpoint(tmp_path / "s.pt")
+
+
+def test_a_checkpoint_claiming_a_billion_steps_fails_in_one_line_without_allocating(tmp_path):
+    """In a child process (the export CLI) under a 4 GB address-space limit: the unchecked plan allocated
+    7.5 GB of sigmas before failing with a traceback."""
+    good = make_checkpoint(tmp_path / "good.pt", "--preset", "tiny-3.5")
+    saved = torch.load(good, weights_only=True)
+    meta = dict(saved["slimengine"], sampling=dict(saved["slimengine"].get("sampling", {}), steps=10**9))
+    torch.save({"state_dict": saved["state_dict"], "slimengine": meta}, tmp_path / "steps.pt")
+    command = f"ulimit -v 4000000; exec {sys.executable} -m slimengine.export.cli {tmp_path / 'steps.pt'} -o {tmp_path / 'o.engine'} -q"
+    proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "steps must be an integer from 1 to 10000" in lines[0], proc.stderr[-3000:]
+    assert not (tmp_path / "o.engine").exists()

@@ -208,3 +208,60 @@ def test_a_running_export_keeps_its_temporary_while_another_export_cleans_up(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.engine"]
     with se.open_engine(out):
         pass
+
+
+CONCURRENT_WRITER = """
+import os, sys, time
+from pathlib import Path
+from slimengine.export.bundle import write_bundle
+destination, name, go, force = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4] == "force"
+def fill(directory):
+    (directory / "who.txt").write_text(name)
+    (directory.parent / f"{name}.ready").touch()
+    while not go.exists():
+        time.sleep(0.005)
+    return {"format": "test"}
+try:
+    for _ in range(int(sys.argv[5])):
+        write_bundle(destination, fill, force=force)
+    print("published")
+except FileExistsError as e:
+    print("refused:", e)
+"""
+
+
+def test_two_exports_to_one_path_without_force_publish_one_and_refuse_the_other(tmp_path):
+    """Both started before either published (the up-front existence check passed for both): the second to
+    publish used to replace the first's bundle silently, and both reported success."""
+    destination, go = tmp_path / "out" / "b.engine", tmp_path / "go"
+    destination.parent.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_WRITER, str(destination), name, str(go), "no", "1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in ("a", "b")]
+    deadline = time.monotonic() + 60
+    while not all((destination.parent / f"{n}.ready").exists() for n in "ab") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.touch()
+    outs = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+    assert outs[0] == "published" and outs[1].startswith(f"refused: {destination} already exists (another export to it finished"), outs
+    assert (destination / "who.txt").read_text() in "ab"
+    assert sorted(p.name for p in destination.parent.iterdir()) == ["a.ready", "b.engine", "b.ready"]  # no temporary left
+
+
+def test_replacing_a_bundle_with_force_never_leaves_the_path_missing(tmp_path):
+    """--force swapped bundles with two renames: between them the destination did not exist (a reader failed
+    to open it, and a kill -9 there left only a hidden .old copy). Now one exchange: always the old or the new."""
+    destination, go = tmp_path / "out" / "b.engine", tmp_path / "go"
+    destination.parent.mkdir()
+    go.touch()
+    writers = [subprocess.Popen([sys.executable, "-c", CONCURRENT_WRITER, str(destination), name, str(go), "force", "150"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in ("a", "b")]
+    while not destination.exists():
+        time.sleep(0.001)
+    missing = checks = 0
+    while any(w.poll() is None for w in writers):
+        checks += 1
+        missing += not os.path.exists(destination / "manifest.json")
+    results = [w.communicate(timeout=60) for w in writers]
+    assert [out.strip() for out, _ in results] == ["published", "published"], results
+    assert missing == 0 and checks > 1000, (missing, checks)
+    assert sorted(p.name for p in destination.parent.iterdir()) == ["a.ready", "b.engine", "b.ready"]

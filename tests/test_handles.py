@@ -132,7 +132,8 @@ def test_the_c_library_refuses_a_concurrent_call_and_destroy_waits_for_the_one_i
     status, message = second()
     assert status == "SLIM_ERR_BUSY" and "in use by another thread" in message
     assert lib.slim_session_step_count(handle) == 0  # results are not read under a running call
-    lib.slim_session_destroy(handle)  # waits for the call in flight: its output is complete when destroy returns
+    lib.slim_session_destroy(handle)  # waits for the call in flight
+    # Its output is complete already (the worker thread itself may still be waiting for the GIL to return).
     assert np.array_equal(first.out, expected)
     worker.join()
     assert statuses == [("SLIM_OK", "")]
@@ -192,3 +193,82 @@ assert not errors, errors
 print("ok")
 """)
     assert out.strip() == "ok"
+
+
+def test_a_forked_child_refuses_handles_a_parent_thread_was_using_and_closes_them_without_hanging(distilled_bundle, tmp_path):
+    """fork() while other threads are in calls: the child has none of those threads, and the handles they
+    were using hold their calls' state. Closing such a handle in the child used to wait forever for a
+    call that will never return (in Python and in C). Now every call on it is refused clearly, closing it
+    frees nothing and returns, and handles no thread was using keep working. (The child leaves with
+    os._exit: ONNX Runtime's own exit handlers hang in a forked child, see docs/c-abi.md.)"""
+    out = run_isolated(INPUTS.format(bundle=str(distilled_bundle), steps=2) + f"""
+import ctypes, os
+from slimengine import _native
+lib = _native.lib()
+busy_session, idle_session = engine.session(), engine.session()
+busy_bank = se.MemoryBank({str(tmp_path / "busy.bank")!r}, dim=64)
+idle_bank = se.MemoryBank({str(tmp_path / "idle.bank")!r}, dim=64)
+ids = np.arange(100_000)
+busy_bank.upsert(ids, np.ones((ids.size, 64), np.float32))
+idle_bank.upsert(ids[:10], np.ones((10, 64), np.float32))
+raw = ctypes.c_void_p()  # a C session used through raw ctypes: only the C library's gate
+assert lib.slim_session_create(engine._handle, ctypes.byref(raw)) == 0
+params = lib.slim_generate_default_params()
+def tensor(arr):
+    dims = (ctypes.c_int64 * arr.ndim)(*arr.shape)
+    t = _native.SlimTensor(arr.ctypes.data, 0, 1, 0, arr.ndim, dims, None)
+    keep.extend([dims, t])
+    return ctypes.pointer(t)
+keep, raw_out = [], np.zeros((1, c["out_channels"], 32, 32), np.float32)
+params.prompt_embeds, params.pooled_embeds, params.num_steps = tensor(text), tensor(pooled), {LONG_STEPS}
+stop = False
+def look():
+    while not stop:
+        busy_bank.lookup(ids)
+threads = [threading.Thread(target=lambda: busy_session.generate(text, pooled, num_steps={LONG_STEPS})), threading.Thread(target=look),
+           threading.Thread(target=lambda: lib.slim_generate(raw, ctypes.byref(params), tensor(raw_out), None))]
+for t in threads:
+    t.start()
+def raw_busy():
+    return lib.slim_status_name(lib.slim_session_set_profiling(raw, 0)).decode() == "SLIM_ERR_BUSY"
+while not (busy_session._gate._calls and raw_busy()):
+    time.sleep(0.001)
+for attempt in range(50):  # until the fork lands inside a lookup too (they follow each other with gaps)
+    while not busy_bank._gate._calls:
+        pass
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0 and not getattr(busy_bank._gate, "_forked_busy", True):
+        os._exit(3)
+    if pid == 0 or os.waitpid(pid, 0)[1] != 3 << 8:
+        break
+    os.close(read_end), os.close(write_end)
+if pid == 0:
+    report = []
+    try:
+        for name, call in (("session", lambda: busy_session.generate(text, pooled, num_steps=2)), ("bank", lambda: busy_bank.lookup(ids[:5]))):
+            try:
+                call()
+                report.append(name + ": ran")
+            except se.SlimError as e:
+                report.append(name + ": " + ("refused" if "in use by another thread when this process was forked" in str(e) else str(e)))
+        code = lib.slim_generate(raw, ctypes.byref(params), tensor(raw_out), None)
+        report.append("c session: " + lib.slim_status_name(code).decode() + " " + str("was in use by another thread" in lib.slim_last_error().decode()))
+        report.append("idle bank: " + str(int(idle_bank.lookup(ids[:10]).found.sum())))
+        lib.slim_session_destroy(raw)
+        busy_session.close(); busy_bank.close(); idle_bank.close(); idle_session.close(); engine.close()
+        report.append("closed")
+    except BaseException as e:
+        report.append("child failed: " + repr(e))
+    os.write(write_end, "\\n".join(report).encode())
+    os._exit(0)
+os.close(write_end)
+with os.fdopen(read_end) as f:
+    print(f.read())
+stop = True
+for t in threads:
+    t.join()
+lib.slim_session_destroy(raw)
+""", timeout=90)
+    assert out.split("\n")[:5] == ["session: refused", "bank: refused", "c session: SLIM_ERR_INVALID_ARGUMENT True", "idle bank: 10",
+                                   "closed"], out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import re
 
 import numpy as np
@@ -101,3 +102,66 @@ def test_embed_model_version_is_range_checked_in_python_and_in_c(lemur_bundle, t
             code = lib.slim_embed(session._handle, ctypes.byref(p), tensor(out), None)
             assert lib.slim_status_name(code).decode() == status, (version, lib.slim_last_error())
         assert bank.lookup([5]).model_versions[0] == engine.manifest["program"]["model_version"] == 7
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(guidance_scale=-5.0), ValueError, "guidance_scale must be a finite number >= 0, got -5.0"),  # was: silently the bundle's
+    (dict(guidance_scale=True), TypeError, "guidance_scale must be a real number, got True"),  # was: 1.0
+    (dict(guidance_scale=10**400), ValueError, "guidance_scale must be a finite number"),  # was: OverflowError
+    (dict(guidance_scale=np.float64("nan")), ValueError, "guidance_scale must be a finite number >= 0, got nan"),
+    (dict(step_cache_threshold=-1.0), ValueError, "step_cache_threshold must be a finite number >= 0"),  # was: the bundle's
+    (dict(shift=float("nan")), ValueError, "shift must be a finite number > 0, got nan"),  # was: ignored without num_steps
+    (dict(shift=0), ValueError, "shift must be a finite number > 0, got 0.0"),
+    (dict(shift="3"), TypeError, "shift must be a real number"),
+])
+def test_generate_refuses_float_options_it_would_silently_change(sd3, kwargs, error, message):
+    session, text, pooled = sd3
+    with pytest.raises(error, match=re.escape(message)):
+        session.generate(text, pooled, **kwargs)
+
+
+def test_the_float_options_accept_python_and_numpy_numbers(sd3):
+    session, text, pooled = sd3
+    a = session.generate(text, pooled, guidance_scale=np.float32(1), step_cache_threshold=0, num_steps=2, shift=np.int8(3)).latents
+    assert np.array_equal(a, session.generate(text, pooled, guidance_scale=1.0, step_cache_threshold=0.0, num_steps=2, shift=3.0).latents)
+
+
+def test_paths_and_handles_of_the_wrong_type_are_type_errors_that_create_nothing(tmp_path, monkeypatch, lemur_bundle):
+    monkeypatch.chdir(tmp_path)
+    for path in (None, 5):  # MemoryBank(None, dim=8) created ./None, kept it open (writer lock held), then raised
+        with pytest.raises(TypeError, match=r"path must be a path \(str, bytes or os.PathLike\)"):
+            se.MemoryBank(path, dim=8)
+        with pytest.raises(TypeError, match=r"path must be a path"):
+            se.open_engine(path)
+    assert list(tmp_path.iterdir()) == []
+    with se.MemoryBank(str(tmp_path / "b.slimbank").encode(), dim=8) as bank:  # bytes paths work (they read as str(b"...") before)
+        assert bank.path == tmp_path / "b.slimbank"
+    for options, message in [(dict(device=None), "device must be 'cpu', 'cuda' or 'cuda:N', got None"),
+                             (dict(device=0), "device must be"), (dict(onnxruntime_library=5), "onnxruntime_library must be a path")]:
+        with pytest.raises(TypeError, match=re.escape(message)):
+            se.open_engine(lemur_bundle, **options)
+    with se.open_engine(lemur_bundle) as engine, se.MemoryBank(tmp_path / "l.slimbank", dim=engine.config["embed_dim"]) as bank:
+        c, session = engine.config, engine.session()
+        text, frames = np.ones((1, 4), np.int64), np.zeros((1, 1, 3, c["image_size"], c["image_size"]), np.float32)
+        history, query = np.array([[-1]]), np.ones((1, 4), np.int64)
+        for call, message in [(lambda: session.embed(text, frames, bank="b.slimbank", document_ids=[1]), "bank must be a MemoryBank or None"),
+                              (lambda: session.embed(text, None), "frames is required"),
+                              (lambda: session.score(None, history, query), "bank must be a MemoryBank"),
+                              (lambda: session.run_stage(None, {}, {}), "stage must be a stage name (str), got None"),
+                              (lambda: session.run_stage(engine.stage_names[0], [text], {}), "inputs must be a dict"),
+                              (lambda: session.run_stage(engine.stage_names[0], {0: text}, {}), "inputs must be a dict of tensor name")]:
+            with pytest.raises(TypeError, match=re.escape(message)):  # these were AttributeErrors
+                call()
+        assert session.score(bank, history, query).scores.shape == (1,)
+
+
+@pytest.mark.parametrize("size", [-8, 0, 3, 1 << 20, "32", True])
+def test_a_bundle_whose_default_latent_size_does_not_fit_is_refused_at_open(bundle_copy, size):
+    """The Python binding sizes the output from the manifest's default_latent_size: -8 was numpy's "negative
+    dimensions" at generate time, 3 a shape error at every call, 1 << 20 a MemoryError."""
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["config"]["default_latent_size"] = size
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(se.SlimError, match=r"default_latent_size must be a multiple of patch_size \(2\) in \[1, 32\]") as e:
+        se.open_engine(bundle_copy)
+    assert e.value.status == "SLIM_ERR_BUNDLE"

@@ -669,6 +669,69 @@ def test_a_sigbus_outside_the_bank_still_kills_the_process(tmp_path):
     assert proc.returncode == -signal.SIGBUS and "survived" not in proc.stdout, (proc.returncode, proc.stderr)
 
 
+def test_a_sigbus_sent_to_a_thread_in_a_lookup_goes_to_the_programs_handler_not_the_lookup(tmp_path):
+    """The guard jumps out of a lookup only for the kernel's fault (the file shrank). A SIGBUS another
+    thread sends (pthread_kill) to a thread that is copying rows used to fail that lookup with a false
+    "file is shorter" error, and never reached the program's own handler."""
+    script = textwrap.dedent("""
+        import signal, sys, threading, time
+        import numpy as np
+        import slimengine as se
+        handled = []
+        signal.signal(signal.SIGBUS, lambda *args: handled.append(1))  # the program's handler, there first
+        bank = se.MemoryBank(sys.argv[1], dim=256)
+        ids = np.arange(100_000)
+        bank.upsert(ids, np.ones((ids.size, 256), np.float32))
+        failures, lookups, stop = [], [0], False
+        def look():
+            while not stop:
+                try:
+                    bank.lookup(ids)
+                    lookups[0] += 1
+                except se.SlimError as e:
+                    failures.append(str(e))
+        worker = threading.Thread(target=look)
+        worker.start()
+        time.sleep(0.05)
+        for _ in range(100):
+            signal.pthread_kill(worker.ident, signal.SIGBUS)
+            time.sleep(0.002)
+        stop = True
+        worker.join()
+        time.sleep(0.05)  # the Python-level handler runs in the main thread
+        print(len(failures), failures[:1], lookups[0] > 0, len(handled) > 0)
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "b.bank")], capture_output=True, text=True, cwd=root,
+                          timeout=60)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr)
+    assert proc.stdout.split() == ["0", "[]", "True", "True"], proc.stdout
+
+
+def test_a_fault_handler_installed_after_the_bank_still_lets_a_lookup_fail_cleanly(tmp_path):
+    """faulthandler, enabled after the first bank opened, sees the fault first and re-raises it with
+    raise(); the guard drops that sent signal, and the fault itself then fails the lookup."""
+    script = textwrap.dedent("""
+        import faulthandler, os, sys
+        import numpy as np
+        import slimengine as se
+        path = sys.argv[1]
+        with se.MemoryBank(path, dim=64) as writer:
+            writer.upsert(np.arange(50_000), np.ones((50_000, 64), np.float32))
+        bank = se.MemoryBank(path, read_only=True)
+        faulthandler.enable()
+        os.truncate(path, 64)
+        try:
+            bank.lookup(np.arange(50_000))
+        except se.SlimError as e:
+            print(e.status)
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "b.bank")], capture_output=True, text=True, cwd=root,
+                          timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "SLIM_ERR_IO", (proc.returncode, proc.stdout, proc.stderr[-2000:])
+
+
 def _splitmix64_finaliser_inverse(v: np.ndarray) -> np.ndarray:
     """The ids x whose splitmix64 finaliser (the index hash before keying) is v."""
     def unxorshift(y, s):

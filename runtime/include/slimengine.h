@@ -10,8 +10,11 @@
  * may be used by any number of threads (lookups run concurrently with one write at a time).
  * Closing: slim_session_destroy, slim_engine_close and slim_bank_close wait for calls already
  * running on that handle to return, then free it (a call that starts after the close began fails
- * cleanly until then; using a handle after its close returned is undefined). An engine closed while
- * its sessions exist stays loaded until the last of them is destroyed.
+ * cleanly until then; using a handle after its close returned, or closing it twice, is undefined).
+ * An engine closed while its sessions exist stays loaded until the last of them is destroyed.
+ * fork(): in the child, a handle another thread was in a call on at the fork refuses every call
+ * (SLIM_ERR_INVALID_ARGUMENT) and its close frees nothing; other handles work as before. A child of a
+ * process that loaded ONNX Runtime must end with _exit(): ONNX Runtime's exit handlers hang there.
  *
  * Errors: every call that can fail returns a slim_status; the detail is in slim_last_error(), a
  * thread-local string valid until the next slimengine call on the same thread. No C++ exception

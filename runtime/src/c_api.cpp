@@ -377,8 +377,7 @@ slim_status slim_bundle_verify(const char* path, int32_t level, slim_verify_prog
 
 void slim_engine_close(slim_engine* engine) {
     if (!engine) return;
-    engine->gate.close();
-    delete engine;
+    if (engine->gate.close()) delete engine;  // false: a forked child's copy of a handle a parent thread was using
 }
 
 const char* slim_engine_manifest(const slim_engine* engine) { return engine ? engine->engine->manifest().text.c_str() : ""; }
@@ -407,8 +406,7 @@ slim_status slim_session_create(slim_engine* engine, slim_session** out) {
 
 void slim_session_destroy(slim_session* session) {
     if (!session) return;
-    session->gate.close();
-    delete session;
+    if (session->gate.close()) delete session;  // false: a forked child's copy of a handle a parent thread was using
 }
 
 slim_generate_params slim_generate_default_params(void) {
@@ -697,8 +695,7 @@ slim_status slim_bank_open(const char* path, const slim_bank_params* params, sli
 
 void slim_bank_close(slim_bank* bank) {
     if (!bank) return;
-    bank->gate.close();
-    delete bank;
+    if (bank->gate.close()) delete bank;  // false: a forked child's copy of a handle a parent thread was using
 }
 
 int32_t slim_bank_dim(const slim_bank* bank) { return bank ? bank->bank->dim() : 0; }  // fixed at open: no gate needed

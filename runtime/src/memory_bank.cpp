@@ -103,18 +103,26 @@ uint64_t random_key() {
 
 // Lookups read rows through a shared mapping of the file. When the file shrinks under it (another
 // program truncates it, or a writer takes back records a reader had indexed), reading a page past the
-// new end raises SIGBUS, which would kill the process. A lookup copies under a guard instead: a SIGBUS
-// in its thread while the guard is set jumps back, and the lookup fails with SLIM_ERR_IO. Any other
-// SIGBUS goes on to the handler installed before this one. (initial-exec: the handler must not
+// new end raises SIGBUS, which would kill the process. A lookup copies under a guard instead: a fault
+// (a SIGBUS from the kernel) in its thread while the guard is set jumps back, and the lookup fails with
+// SLIM_ERR_IO. Any other SIGBUS goes on to the handler installed before this one. (initial-exec: the handler must not
 // allocate the thread-local.)
 __attribute__((tls_model("initial-exec"))) thread_local sigjmp_buf* copy_guard = nullptr;
 struct sigaction previous_sigbus{};
 
 void on_sigbus(int sig, siginfo_t* info, void* context) {
-    if (sigjmp_buf* guard = copy_guard) {
+    sigjmp_buf* guard = copy_guard;
+    if (guard && info->si_code > 0) {  // a fault the kernel raised in this lookup's copy
         copy_guard = nullptr;
         siglongjmp(*guard, 1);
     }
+    // A SIGBUS sent by a process or thread (kill, pthread_kill, raise: si_code <= 0) is not the copy's
+    // fault, even when it lands in a lookup: it goes to the previous handler. With no previous handler it
+    // is dropped during a copy: a handler installed after ours (faulthandler) re-raises a fault it saw
+    // with raise(), and the copy's fault then comes back to us from the kernel.
+    const bool previous_is_a_function =
+        (previous_sigbus.sa_flags & SA_SIGINFO) || (previous_sigbus.sa_handler != SIG_DFL && previous_sigbus.sa_handler != SIG_IGN);
+    if (guard && !previous_is_a_function) return;
     if (previous_sigbus.sa_flags & SA_SIGINFO) {
         previous_sigbus.sa_sigaction(sig, info, context);
     } else if (previous_sigbus.sa_handler != SIG_DFL && previous_sigbus.sa_handler != SIG_IGN) {

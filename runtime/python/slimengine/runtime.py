@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import dataclasses
 import json
+import math
 import os
 import threading
 import warnings
@@ -79,6 +80,28 @@ def _integer(value, name: str, low: int, high: int) -> int:
     return value
 
 
+def _real(value, name: str, low: float, *, above: bool = False) -> float:
+    """A finite Python or numpy real number >= low (> low with `above`), checked before ctypes would turn it into
+    a float (silently: True is 1.0, 1e300 is inf; a huge int raises OverflowError)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    try:
+        value = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be a finite number, got {value}") from None
+    if not math.isfinite(value) or not (value > low if above else value >= low):
+        raise ValueError(f"{name} must be a finite number {'>' if above else '>='} {low:g}, got {value}")
+    return value
+
+
+def _path(path, name: str) -> bytes:
+    """A str, bytes or os.PathLike path, encoded for C; anything else (None, a number) is a TypeError rather than
+    a file named after it."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"{name} must be a path (str, bytes or os.PathLike), got {path!r}")
+    return os.fsencode(path)
+
+
 MAX_BATCH, MAX_BANK_IDS = 4096, 2**24  # the C runtime's limits (c_api.cpp): checked here before outputs are allocated
 _DTYPES = {np.dtype(np.float32): 0, np.dtype(np.int64): 3, np.dtype(np.int32): 4}  # slim_dtype
 
@@ -110,6 +133,8 @@ class GenerateResult:
 
 def parse_device(device: str) -> tuple[int, int]:
     """"cpu", "cuda" or "cuda:N" -> (slim_device_type, device_id)."""
+    if not isinstance(device, str):
+        raise TypeError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     kind, sep, index = device.partition(":")
     if kind == "cpu" and not sep:
         return _native.DEVICE_CPU, 0
@@ -120,18 +145,35 @@ def parse_device(device: str) -> tuple[int, int]:
 
 class _CallGate:
     """The calls running on a handle: close() refuses new ones and waits for these before the C handle is
-    freed. An exclusive gate (a session) refuses a second concurrent call with SLIM_ERR_BUSY."""
+    freed. An exclusive gate (a session) refuses a second concurrent call with SLIM_ERR_BUSY.
+
+    After os.fork(), the child has only the thread that forked: a call another thread was running is
+    not running there, and the handle's state (its locks, its buffers) is that call's, mid-way. Such a
+    handle refuses every call in the child, and closing it there frees nothing (waiting would never
+    end); a handle no thread was using works as before."""
+
+    _live: weakref.WeakSet = weakref.WeakSet()
 
     def __init__(self, what: str, exclusive: bool):
         self._what, self._exclusive = what, exclusive
         self._cond = threading.Condition()
-        self._calls, self._closed = 0, False
+        self._calls, self._closed, self._forked_busy = 0, False, False
+        _CallGate._live.add(self)
+
+    def _after_fork_in_child(self) -> None:
+        self._cond = threading.Condition()  # another thread may have held the old one's lock at the fork
+        self._forked_busy = self._forked_busy or self._calls > 0
+        self._calls = 0
 
     @contextlib.contextmanager
     def call(self):
         with self._cond:
             if self._closed:
                 raise SlimError("SLIM_ERR_INVALID_ARGUMENT", f"the {self._what} is closed")
+            if self._forked_busy:
+                raise SlimError("SLIM_ERR_INVALID_ARGUMENT", f"the {self._what} was in use by another thread when this process was "
+                                "forked: its state belongs to that call, which this process does not have; open it again in this "
+                                "process (closing this one here frees nothing)")
             if self._exclusive and self._calls:
                 raise SlimError("SLIM_ERR_BUSY", f"the {self._what} is in use by another thread (a session runs one call at a "
                                                  "time: create one session per thread)")
@@ -149,9 +191,19 @@ class _CallGate:
             if self._closed:
                 return False
             self._closed = True
+            if self._forked_busy:
+                return False
             while self._calls:
                 self._cond.wait()
             return True
+
+
+def _gates_after_fork_in_child() -> None:
+    for gate in list(_CallGate._live):
+        gate._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_gates_after_fork_in_child)
 
 
 class _Closable:
@@ -185,6 +237,7 @@ class Engine(_Closable):
                  intra_op_threads: int = 0, device: str = "cpu", *, verify: str | None = None):
         level = _verify_level(verify, verify_checksums)
         lib = _native.lib()
+        path_bytes = _path(path, "path")
         params = lib.slim_engine_default_params()
         params.device_type, params.device_id = parse_device(device)
         params.intra_op_threads = _integer(intra_op_threads, "intra_op_threads", 0, INT32_MAX)
@@ -193,16 +246,17 @@ class Engine(_Closable):
 
             if hasattr(onnxruntime, "preload_dlls"):  # onnxruntime-gpu >= 1.21: CUDA, cuDNN from pip packages or torch
                 onnxruntime.preload_dlls()
-        self._ort_path = (onnxruntime_library or _native.onnxruntime_library()).encode()
+        self._ort_path = _path(onnxruntime_library if onnxruntime_library is not None else _native.onnxruntime_library(),
+                               "onnxruntime_library")
         params.onnxruntime_library = self._ort_path
         params.verify_checksums = level
         self.device = device
         handle = ctypes.c_void_p()
-        _check(lib.slim_engine_open(os.fsencode(path), ctypes.byref(params), ctypes.byref(handle)))
+        _check(lib.slim_engine_open(path_bytes, ctypes.byref(params), ctypes.byref(handle)))
         self._handle = handle
         self._sessions = weakref.WeakSet()
         self._gate = _CallGate("engine", exclusive=False)  # from here on, close() frees the handle
-        self.path = Path(path)
+        self.path = Path(os.fsdecode(path_bytes))
         try:
             self.manifest = loads_strict(lib.slim_engine_manifest(handle))
             self.stage_names = [lib.slim_engine_stage_name(handle, i).decode() for i in range(lib.slim_engine_stage_count(handle))]
@@ -210,6 +264,12 @@ class Engine(_Closable):
             self.close()
             raise SlimError("SLIM_ERR_BUNDLE", f"{path}: manifest is not valid UTF-8 JSON ({e})") from None
         self.config = self.manifest.get("config", {})  # a plain ONNX engine has none
+        if self.manifest.get("family") == "sd3":  # read by this binding only (the default latent size): checked here
+            size, patch, limit = (self.config.get(k) for k in ("default_latent_size", "patch_size", "max_latent_size"))
+            if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= limit or size % patch:
+                self.close()
+                raise SlimError("SLIM_ERR_BUNDLE", f"{path}: manifest config.default_latent_size must be a multiple of patch_size "
+                                f"({patch}) in [1, {limit}], got {size!r}")
 
     def policy_json(self, cache, num_steps: int | None = None) -> str:
         """An X-Slim policy for slim_generate's cache_policy: "none", a spec string, an XSlimPolicy or its dict;
@@ -291,14 +351,14 @@ class Session(_Closable):
             raise ValueError(f"prompt_embeds: batch {batch} is over the runtime's limit of {MAX_BATCH}")
         params = lib.slim_generate_default_params()
         params.seed = _integer(seed, "seed", 0, UINT64_MAX)
-        if guidance_scale is not None:
-            params.guidance_scale = guidance_scale
-        if step_cache_threshold is not None:
-            params.step_cache_threshold = step_cache_threshold
+        if guidance_scale is not None:  # None: the bundle's (C's sentinel is any negative value)
+            params.guidance_scale = _real(guidance_scale, "guidance_scale", 0)
+        if step_cache_threshold is not None:  # None: the bundle's policy
+            params.step_cache_threshold = _real(step_cache_threshold, "step_cache_threshold", 0)
         if num_steps is not None:
             params.num_steps = _integer(num_steps, "num_steps", 1, INT32_MAX)
         if shift is not None:
-            params.shift = shift
+            params.shift = _real(shift, "shift", 0, above=True)
         if cache is not None:
             params.cache_policy = self._engine.policy_json(cache, num_steps).encode()
         out = np.empty(shape, dtype=np.float32)
@@ -357,6 +417,10 @@ class Session(_Closable):
         """LEMUR document embeddings [B, embed_dim] of token ids [B, L] (0 pads) and frames [B, F, 3, S, S];
         with `bank` and `document_ids`, also upserted into the bank (tagged with the bundle's model version)."""
         lib = _native.lib()
+        if frames is None:
+            raise TypeError("frames is required: float32 [B, F, 3, S, S]")
+        if bank is not None and not isinstance(bank, MemoryBank):
+            raise TypeError(f"bank must be a MemoryBank or None, got {type(bank).__name__}")
         args = {"text_ids": _TensorArg(_as_int64(text_ids, "text_ids")), "frames": _TensorArg(_as_float32(frames, "frames"))}
         if segment_ids is not None:
             args["segment_ids"] = _TensorArg(_as_int64(segment_ids, "segment_ids"))
@@ -379,6 +443,8 @@ class Session(_Closable):
         """LEMUR click probabilities [B]: each row's history (document ids [B, H], -1 pads) is assembled from
         `bank`; an id that is missing (or older than min_model_version) is an error unless skip_missing."""
         lib = _native.lib()
+        if not isinstance(bank, MemoryBank):
+            raise TypeError(f"bank must be a MemoryBank (history embeddings come from it), got {type(bank).__name__}")
         history = _TensorArg(_as_int64(history_ids, "history_ids"))
         query = _TensorArg(_as_int64(query_ids, "query_ids"))
         params = lib.slim_score_default_params()
@@ -396,6 +462,11 @@ class Session(_Closable):
         """Run one stage (any family; "model" for a plain .onnx engine) with numpy inputs by name; `outputs`
         maps output names to preallocated arrays of the expected shape, which are filled and returned."""
         lib = _native.lib()
+        if not isinstance(stage, str):
+            raise TypeError(f"stage must be a stage name (str), got {stage!r}")
+        for what, items in (("inputs", inputs), ("outputs", outputs)):
+            if not isinstance(items, dict) or not all(isinstance(name, str) for name in items):
+                raise TypeError(f"{what} must be a dict of tensor name (str) -> array, got {type(items).__name__}")
         keep = []
 
         def named(items):
@@ -470,15 +541,16 @@ class MemoryBank(_Closable):
 
     def __init__(self, path: str | Path, dim: int = 0, *, read_only: bool = False, create: bool = True, sync_writes: bool = False):
         lib = _native.lib()
+        path_bytes = _path(path, "path")  # checked first: MemoryBank(None) created a file named "None", and kept it open
         params = lib.slim_bank_default_params()
         params.dim = _integer(dim, "dim", 0, INT32_MAX)
         params.read_only, params.create, params.sync_writes = int(read_only), int(create), int(sync_writes)
         handle = ctypes.c_void_p()
-        _check(lib.slim_bank_open(os.fsencode(path), ctypes.byref(params), ctypes.byref(handle)))
+        _check(lib.slim_bank_open(path_bytes, ctypes.byref(params), ctypes.byref(handle)))
         self._handle = handle
-        self.path = Path(path)
+        self._gate = _CallGate("memory bank", exclusive=False)  # from here on, close() (and collection) frees the handle
+        self.path = Path(os.fsdecode(path_bytes))
         self.dim = lib.slim_bank_dim(handle)
-        self._gate = _CallGate("memory bank", exclusive=False)
         self._warned_damage = 0
         self._warn_about_damage()
 
