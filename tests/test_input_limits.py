@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import json
 import re
 
 import numpy as np
@@ -11,6 +10,8 @@ import pytest
 
 import slimengine as se
 from slimengine import _native
+
+from .conftest import edit_manifest
 
 
 @pytest.fixture(scope="module")
@@ -159,9 +160,7 @@ def test_paths_and_handles_of_the_wrong_type_are_type_errors_that_create_nothing
 def test_a_bundle_whose_default_latent_size_does_not_fit_is_refused_at_open(bundle_copy, size):
     """The Python binding sizes the output from the manifest's default_latent_size: -8 was numpy's "negative
     dimensions" at generate time, 3 a shape error at every call, 1 << 20 a MemoryError."""
-    manifest = json.loads((bundle_copy / "manifest.json").read_text())
-    manifest["config"]["default_latent_size"] = size
-    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    edit_manifest(bundle_copy, lambda m: m["config"].__setitem__("default_latent_size", size))
     with pytest.raises(se.SlimError, match=r"default_latent_size must be a multiple of patch_size \(2\) in \[1, 32\]") as e:
         se.open_engine(bundle_copy)
     assert e.value.status == "SLIM_ERR_BUNDLE"

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import slimengine as se
+from slimengine.export.bundle import digest_line
 from slimengine.export.reference_sampler import reference_generate
 from slimengine.noise import gaussian_noise
 
@@ -223,6 +224,7 @@ def test_manifest_text_outside_strict_json_is_rejected(bundle_copy, old, new, me
 def test_unicode_escapes_decode_to_utf8_including_surrogate_pairs(bundle_copy):
     path = bundle_copy / "manifest.json"
     path.write_text(path.read_text().replace('"family": "sd3"', '"family": "sd\\u0033\\ud83d\\ude00"', 1))
+    (bundle_copy / "manifest.sha256").write_bytes(digest_line(path.read_bytes()))  # signed: the parser, not the digest, decides
     err = _open_error(bundle_copy)  # the family is named in the error as decoded: U+1F600 as 4 UTF-8 bytes, not 6
     assert err.status == "SLIM_ERR_BUNDLE" and "'sd3\U0001F600' is not supported" in str(err), str(err)
 
