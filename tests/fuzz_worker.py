@@ -66,6 +66,9 @@ from slimengine._native import (
     StepStats,
 )
 
+sys.path.insert(0, str(Path(__file__).parent))  # run as a script: its sibling modules
+from bank_format import HEADER_BYTES, crc32c, record_bytes  # noqa: E402
+
 STATUS_NAMES = {0: "SLIM_OK", 1: "SLIM_ERR_INVALID_ARGUMENT", 2: "SLIM_ERR_IO", 3: "SLIM_ERR_BUNDLE", 4: "SLIM_ERR_BACKEND",
                 5: "SLIM_ERR_SHAPE", 6: "SLIM_ERR_DTYPE", 7: "SLIM_ERR_NUMERICS", 8: "SLIM_ERR_OUT_OF_MEMORY",
                 9: "SLIM_ERR_INTERNAL", 10: "SLIM_ERR_NOT_FOUND"}
@@ -882,22 +885,6 @@ class AbiFuzz:
 
 
 # ---------------------------------------------------------------- part (c): memory bank files
-
-HEADER_BYTES = 64
-
-
-def record_bytes(dim: int) -> int:
-    return (40 + 4 * dim + 4 + 7) // 8 * 8
-
-
-def crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc ^= byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
-    return crc ^ 0xFFFFFFFF
-
 
 def mutate_bank_file(rng: random.Random, path: Path, dim: int, written: dict) -> str:
     """One mutation of a bank file; a record rewritten with a valid checksum counts as written (the format cannot tell)."""

@@ -21,13 +21,8 @@ import pytest
 import slimengine as se
 from slimengine import _native
 
+from .bank_format import HEADER_BYTES, crc32c, record_bytes
 from .conftest import run_python
-
-HEADER_BYTES = 64
-
-
-def record_bytes(dim: int) -> int:
-    return (40 + 4 * dim + 4 + 7) // 8 * 8
 
 
 def values(ids: np.ndarray, dim: int, version: int = 0) -> np.ndarray:
@@ -186,16 +181,6 @@ def test_a_write_call_cut_short_is_indexed_not_at_all_never_in_part(tmp_path):
         assert reader.refresh() == len(ids) and len(reader) == len(ids)
         got = reader.lookup(ids)
         assert (got.model_versions == 2).all() and np.array_equal(got.embeddings, values(ids, dim, 2))
-
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli), bitwise: the checksum of the bank format, independent of the C library's."""
-    crc = 0xFFFFFFFF
-    for byte in data:
-        crc ^= byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
-    return crc ^ 0xFFFFFFFF
 
 
 def _to_format_1(path, dim: int) -> list[int]:
