@@ -45,4 +45,15 @@ double run_stage(const Engine& engine, int stage, const OrtValue* const* inputs,
     return ms;
 }
 
+double run_stage(const StageBinding& binding, int stage, std::vector<StageStats>& stats, Profiler& profiler) {
+    const auto start = Clock::now();
+    binding.run();
+    const auto end = Clock::now();
+    profiler.stage(stage, start, end);
+    const double ms = ms_between(start, end);
+    stats[stage].calls += 1;
+    stats[stage].ms += ms;
+    return ms;
+}
+
 }  // namespace slim
