@@ -30,6 +30,10 @@ bool euler_cfg(float* x, float* x_copy, const float* v_neg, const float* v_pos, 
     return bad == 0;
 }
 
+void fill(float* dst, float value, int64_t count) {
+    for (int64_t i = 0; i < count; ++i) dst[i] = value;
+}
+
 void add(float* dst, const float* a, const float* b, int64_t count) {
     for (int64_t i = 0; i < count; ++i) dst[i] = a[i] + b[i];
 }

@@ -25,6 +25,11 @@ __global__ void euler_cfg_kernel(float* x, float* x_copy, const float* v_neg, co
     if (!isfinite(xi)) *nonfinite = 1;  // a benign race: every writer stores 1
 }
 
+__global__ void fill_kernel(float* dst, float value, int64_t n) {
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = value;
+}
+
 __global__ void add_kernel(float* dst, const float* a, const float* b, int64_t n) {
     const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     if (i < n) dst[i] = __fadd_rn(a[i], b[i]);
@@ -52,6 +57,12 @@ cudaError_t euler_cfg(float* x, float* x_copy, const float* v_neg, const float* 
     cudaError_t status = cudaMemsetAsync(nonfinite, 0, sizeof(int32_t), stream);
     if (status != cudaSuccess || count == 0) return status;
     euler_cfg_kernel<<<blocks_for(count), kThreads, 0, stream>>>(x, x_copy, v_neg, v_pos, guidance, dt, count, nonfinite);
+    return cudaGetLastError();
+}
+
+cudaError_t fill(float* dst, float value, int64_t count, cudaStream_t stream) {
+    if (count == 0) return cudaSuccess;
+    fill_kernel<<<blocks_for(count), kThreads, 0, stream>>>(dst, value, count);
     return cudaGetLastError();
 }
 

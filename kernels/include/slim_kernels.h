@@ -40,6 +40,9 @@ int64_t tokens_for_ratio(double ratio, int64_t tokens);
 // there (the second half of a CFG model batch). Returns false if any new value is NaN or Inf.
 bool euler_cfg(float* x, float* x_copy, const float* v_neg, const float* v_pos, float guidance, float dt, int64_t count);
 
+// dst[i] = value (a step's timestep for every batch row).
+void fill(float* dst, float value, int64_t count);
+
 // dst = a + b (a cached residual or compensated delta added to the hidden states); dst may be a or b.
 void add(float* dst, const float* a, const float* b, int64_t count);
 

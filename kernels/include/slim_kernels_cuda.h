@@ -37,6 +37,7 @@ cudaError_t scatter_tokens(float* cache, const int64_t* idx, const float* values
 // euler_cfg: as the CPU's; `nonfinite` is a device int32 set to 1 when a new value is NaN or Inf, else 0.
 cudaError_t euler_cfg(float* x, float* x_copy, const float* v_neg, const float* v_pos, float guidance, float dt, int64_t count,
                       int32_t* nonfinite, cudaStream_t stream);
+cudaError_t fill(float* dst, float value, int64_t count, cudaStream_t stream);
 // add: dst = a + b; subtract: dst = a - b; dst may be a or b.
 cudaError_t add(float* dst, const float* a, const float* b, int64_t count, cudaStream_t stream);
 cudaError_t subtract(float* dst, const float* a, const float* b, int64_t count, cudaStream_t stream);

@@ -213,12 +213,17 @@ void check_elementwise(int64_t count) {
     CHECK_CUDA(gpu::euler_cfg(d2.ptr, nullptr, nullptr, dpos.ptr, g, dt, count, nonfinite.ptr + 1, nullptr));
     CHECK_CUDA(gpu::add(d3.ptr, d3.ptr, dpos.ptr, count, nullptr));
     CHECK_CUDA(gpu::subtract(d4.ptr, dx.ptr, dneg.ptr, count, nullptr));
+    std::vector<float> filled(count);
+    cpu::fill(filled.data(), dt, count);
+    Device<float> d5(count);
+    CHECK_CUDA(gpu::fill(d5.ptr, dt, count, nullptr));
     // Explicitly rounded arithmetic on the device: the CPU's values bit for bit.
     report(shape_name("euler_cfg(cfg)", {count}), d1.host(), euler_cfg, 0, 0);
     report(shape_name("euler_cfg(cfg) copy", {count}), d1copy.host(), euler_cfg, 0, 0);
     report(shape_name("euler_cfg(plain)", {count}), d2.host(), euler_plain, 0, 0);
     report(shape_name("add", {count}), d3.host(), added, 0, 0);
     report(shape_name("subtract", {count}), d4.host(), diff, 0, 0);
+    report(shape_name("fill", {count}), d5.host(), filled, 0, 0);
     const std::vector<int32_t> flags = nonfinite.host();
     const bool ok = finite && flags[0] == 0 && flags[1] == 0;
     failures += !ok;

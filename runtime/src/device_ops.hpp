@@ -35,6 +35,8 @@ class DeviceOps {
     uint64_t transfer_bytes() const { return transferred_; }
     void reset_transfer_bytes() { transferred_ = 0; }
 
+    // dst[i] = value.
+    virtual void fill(float* dst, float value, int64_t count) = 0;
     // Seeded standard normal noise (slim_philox.h), element k of `count`.
     virtual void noise(float* out, int64_t count, uint64_t seed) = 0;
     // dst = a + b; dst may be a or b.

@@ -20,6 +20,7 @@ class CpuOps final : public DeviceOps {
     void reserve(int64_t rows) override {
         if (static_cast<int64_t>(order_.size()) < rows) order_.resize(rows);
     }
+    void fill(float* dst, float value, int64_t count) override { kernels::cpu::fill(dst, value, count); }
     void noise(float* out, int64_t count, uint64_t seed) override { kernels::cpu::gaussian_noise(out, count, seed); }
     bool on_host() const override { return true; }
     void add(float* dst, const float* a, const float* b, int64_t count) override { kernels::cpu::add(dst, a, b, count); }
@@ -54,6 +55,9 @@ class PluginOps final : public DeviceOps {
     explicit PluginOps(DeviceOps* inner) : inner_(inner) {}
     void reserve(int64_t rows) override {
         guard([&] { inner_->reserve(rows); });
+    }
+    void fill(float* dst, float value, int64_t count) override {
+        guard([&] { inner_->fill(dst, value, count); });
     }
     void noise(float* out, int64_t count, uint64_t seed) override {
         guard([&] { inner_->noise(out, count, seed); });

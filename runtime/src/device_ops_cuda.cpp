@@ -54,6 +54,7 @@ class CudaOps final : public DeviceOps {
         ok(cudaMalloc(&flags_, rows * sizeof(int32_t)), "cudaMalloc (token selection scratch)");
         flag_capacity_ = rows;
     }
+    void fill(float* dst, float value, int64_t count) override { ok(kernels::cuda::fill(dst, value, count, stream_), "fill"); }
     void noise(float* out, int64_t count, uint64_t seed) override {
         ok(kernels::cuda::gaussian_noise(out, count, seed, stream_), "gaussian_noise");
     }

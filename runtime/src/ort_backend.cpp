@@ -385,34 +385,82 @@ StageBinding::StageBinding(const StageSession& stage)
     : stage_(&stage),
       rebind_inputs_(stage.cuda_device() >= 0),
       inputs_(stage.input_count(), nullptr),
-      outputs_(stage.output_count(), nullptr) {
-    check(stage.ort_->api, stage.ort_->api->CreateIoBinding(stage.session_, &binding_), "stage " + stage.name() + " IO binding");
+      outputs_(stage.output_count(), nullptr),
+      slots_(kSlots) {
+    const OrtApi* api = stage.ort_->api;
+    for (Slot& slot : slots_) {
+        slot.inputs.assign(inputs_.size(), nullptr);
+        slot.outputs.assign(outputs_.size(), nullptr);
+        OrtStatus* status = api->CreateIoBinding(stage.session_, &slot.binding);
+        if (status) {
+            for (Slot& made : slots_)
+                if (made.binding) api->ReleaseIoBinding(made.binding);
+            check(api, status, "stage " + stage.name() + " IO binding");
+        }
+    }
 }
 
 StageBinding::StageBinding(StageBinding&& other) noexcept
     : stage_(other.stage_),
       rebind_inputs_(other.rebind_inputs_),
-      binding_(other.binding_),
       inputs_(std::move(other.inputs_)),
-      outputs_(std::move(other.outputs_)) {
-    other.binding_ = nullptr;
+      outputs_(std::move(other.outputs_)),
+      slots_(std::move(other.slots_)),
+      chosen_(other.chosen_),
+      calls_(other.calls_),
+      bind_calls_(other.bind_calls_) {
+    other.slots_.clear();
 }
 
 StageBinding::~StageBinding() {
-    if (binding_) stage_->ort_->api->ReleaseIoBinding(binding_);
+    for (Slot& slot : slots_)
+        if (slot.binding) stage_->ort_->api->ReleaseIoBinding(slot.binding);
 }
 
 void StageBinding::forget() {
-    std::fill(inputs_.begin(), inputs_.end(), nullptr);
-    std::fill(outputs_.begin(), outputs_.end(), nullptr);
+    for (Slot& slot : slots_) {
+        std::fill(slot.inputs.begin(), slot.inputs.end(), nullptr);
+        std::fill(slot.outputs.begin(), slot.outputs.end(), nullptr);
+    }
 }
 
-void StageBinding::bind(bool input, size_t index, const OrtValue* value) {
+void StageBinding::forget(const OrtValue* value) {
+    for (Slot& slot : slots_) {
+        std::replace(slot.inputs.begin(), slot.inputs.end(), value, static_cast<const OrtValue*>(nullptr));
+        std::replace(slot.outputs.begin(), slot.outputs.end(), value, static_cast<const OrtValue*>(nullptr));
+    }
+}
+
+void StageBinding::bind(Slot& slot, bool input, size_t index, const OrtValue* value) {
     const OrtApi* api = stage_->ort_->api;
-    OrtStatus* status =
-        input ? api->BindInput(binding_, stage_->input_ptrs_[index], value) : api->BindOutput(binding_, stage_->output_ptrs_[index], value);
-    if (status) check(api, status, "stage " + stage_->name() + ": binding " + (input ? "input " : "output ") + std::to_string(index));
-    (input ? inputs_ : outputs_)[index] = value;
+    OrtStatus* status = input ? api->BindInput(slot.binding, stage_->input_ptrs_[index], value)
+                              : api->BindOutput(slot.binding, stage_->output_ptrs_[index], value);
+    if (status) {
+        (input ? slot.inputs : slot.outputs)[index] = nullptr;
+        check(api, status, "stage " + stage_->name() + ": binding " + (input ? "input " : "output ") + std::to_string(index));
+    }
+    (input ? slot.inputs : slot.outputs)[index] = value;
+    ++bind_calls_;
+}
+
+void StageBinding::bind() {
+    // The slot holding exactly these values (the last one used first), else the least recently used one.
+    Slot* chosen = nullptr;
+    auto holds = [&](const Slot& slot) { return (rebind_inputs_ || slot.inputs == inputs_) && slot.outputs == outputs_; };
+    if (chosen_ && holds(*chosen_)) chosen = chosen_;
+    for (size_t i = 0; !chosen && i < slots_.size(); ++i)
+        if (holds(slots_[i])) chosen = &slots_[i];
+    if (!chosen) {
+        chosen = &slots_[0];
+        for (Slot& slot : slots_)
+            if (slot.last_use < chosen->last_use) chosen = &slot;
+    }
+    for (size_t i = 0; i < inputs_.size(); ++i)
+        if (rebind_inputs_ || chosen->inputs[i] != inputs_[i]) bind(*chosen, true, i, inputs_[i]);
+    for (size_t i = 0; i < outputs_.size(); ++i)
+        if (chosen->outputs[i] != outputs_[i]) bind(*chosen, false, i, outputs_[i]);
+    chosen->last_use = ++calls_;
+    chosen_ = chosen;
 }
 
 }  // namespace slim

@@ -173,10 +173,12 @@ class DeviceBuffer {
 };
 
 // A stage's inputs and outputs bound to OrtValues with ONNX Runtime's IO binding: each output is
-// written in place into the buffer bound to it. On the CPU a slot is rebound only when given another
-// value, so a call whose buffers did not change binds nothing. On CUDA every input is bound at every
-// call: ONNX Runtime copies an input at bind time when a node consuming it runs on the other device,
-// and a copy made at an earlier call would be stale.
+// written in place into the buffer bound to it. A caller sets every input and output, then runs.
+// ONNX Runtime's BindInput/BindOutput cost microseconds each, so a stage keeps a few bindings: a call
+// whose values one of them already holds (a loop alternates between a few buffer layouts) binds
+// nothing; otherwise the least recently used one is rebound where it differs. On CUDA every input is
+// bound at every call: ONNX Runtime copies an input at bind time when a node consuming it runs on
+// the other device, and a copy made at an earlier call would be stale.
 class StageBinding {
   public:
     explicit StageBinding(const StageSession& stage);
@@ -186,22 +188,33 @@ class StageBinding {
     StageBinding& operator=(const StageBinding&) = delete;
     StageBinding& operator=(StageBinding&&) = delete;
 
-    void input(size_t index, const OrtValue* value) {
-        if (rebind_inputs_ || inputs_[index] != value) bind(true, index, value);
-    }
-    void output(size_t index, OrtValue* value) {
-        if (outputs_[index] != value) bind(false, index, value);
-    }
-    // Every slot is bound again at its next use (the OrtValues were remade: an address may be reused).
+    void input(size_t index, const OrtValue* value) { inputs_[index] = value; }
+    void output(size_t index, OrtValue* value) { outputs_[index] = value; }
+    // Binds the inputs and outputs set (what no binding holds yet), then runs the stage on them (ONNX
+    // Runtime's Run alone: what a caller times as backend time). Both throw Error(SLIM_ERR_BACKEND).
+    void bind();
+    void run() const { stage_->run(chosen_->binding); }
+    // No binding is trusted at its next use (OrtValues were remade: an address may be reused).
     void forget();
-    void run() const { stage_->run(binding_); }
+    // No binding holding `value` is trusted for it (it is being released; its address may be reused).
+    void forget(const OrtValue* value);
+    // ONNX Runtime bind calls made so far (a repeated request makes none on the CPU).
+    uint64_t bind_calls() const { return bind_calls_; }
 
   private:
-    void bind(bool input, size_t index, const OrtValue* value);
+    static constexpr size_t kSlots = 4;
+    struct Slot {
+        OrtIoBinding* binding = nullptr;
+        std::vector<const OrtValue*> inputs, outputs;  // what it holds (nullptr: unknown)
+        uint64_t last_use = 0;
+    };
+    void bind(Slot& slot, bool input, size_t index, const OrtValue* value);
     const StageSession* stage_;
     bool rebind_inputs_;
-    OrtIoBinding* binding_ = nullptr;
-    std::vector<const OrtValue*> inputs_, outputs_;
+    std::vector<const OrtValue*> inputs_, outputs_;  // this call's
+    std::vector<Slot> slots_;
+    Slot* chosen_ = nullptr;  // bind()'s choice
+    uint64_t calls_ = 0, bind_calls_ = 0;
 };
 
 }  // namespace slim

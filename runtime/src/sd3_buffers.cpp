@@ -19,15 +19,9 @@ bool Sd3Buffers::size_for(const DeviceAllocator& a, const Sd3Config& c, const Re
 
     // The request and the stages' fixed inputs and outputs.
     size(in.latents, true, {Bm, c.in_channels, d.height, d.width});
-    size(in.text, true, {Bm, L, c.joint_attention_dim});
-    size(in.pooled, true, {Bm, c.pooled_projection_dim});
-    const bool rows_changed = in.timesteps.shape(a, {static_cast<int64_t>(d.steps), Bm});
-    if (rows_changed || in.timestep_rows.size() != d.steps) {
-        in.timestep_rows.clear();
-        for (size_t s = 0; s < d.steps; ++s)
-            in.timestep_rows.push_back(in.timesteps.view(s * Bm * sizeof(float), ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, {Bm}));
-        changed = true;
-    }
+    size(in.text, !d.embeddings_in_place, {Bm, L, c.joint_attention_dim});
+    size(in.pooled, !d.embeddings_in_place, {Bm, c.pooled_projection_dim});
+    size(in.timestep, true, {Bm});
     size(in.temb, true, {Bm, D});
     size(in.velocity, true, {Bm, c.out_channels, d.height, d.width});
 

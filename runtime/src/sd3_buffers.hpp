@@ -25,6 +25,15 @@ struct RequestDims {
     int64_t latent_count = 0;            // values of one copy of the latents: B C H W
     size_t steps = 0;
     bool cfg = false;
+    bool embeddings_in_place = false;  // host buffers and no CFG: the caller's embeddings are bound as they are
+};
+
+// A request tensor bound in place (see RequestDims::embeddings_in_place): a view of caller memory,
+// remade only when the caller's pointer or shape changes.
+struct CallerView {
+    const void* data = nullptr;
+    std::vector<int64_t> shape;
+    TensorView view;
 };
 
 // The request and the stages' fixed inputs and outputs.
@@ -32,10 +41,12 @@ struct InputBuffers {
     DeviceBuffer latents;                   // [Bm, C, H, W]: the sampler's x in the model batch (under CFG both halves hold it)
     DeviceBuffer text;                      // [Bm, L, joint_attention_dim]: [negative; positive] under CFG
     DeviceBuffer pooled;                    // [Bm, pooled_projection_dim]
-    DeviceBuffer timesteps;                 // [steps, Bm]: row s holds step s's timestep
-    std::vector<TensorView> timestep_rows;  // step s's row, as the embed stage's [Bm] input
-    DeviceBuffer temb;                      // [Bm, D]: the embed stage's conditioning, read by every block and the final stage
-    DeviceBuffer velocity;                  // [Bm, C, H, W]: the final stage's output
+    CallerView caller_text, caller_pooled;  // instead of text and pooled when bound in place
+    const OrtValue* text_in = nullptr;      // what the embed stage reads: text's OrtValue or caller_text's
+    const OrtValue* pooled_in = nullptr;
+    DeviceBuffer timestep;  // [Bm]: the step's timestep (filled at each step)
+    DeviceBuffer temb;      // [Bm, D]: the embed stage's conditioning, read by every block and the final stage
+    DeviceBuffer velocity;  // [Bm, C, H, W]: the final stage's output
 };
 
 // The joint blocks' hidden states, ping-pong: a block reads one pair and writes the other.

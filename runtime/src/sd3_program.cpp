@@ -1,5 +1,6 @@
 #include "sd3_program.hpp"
 
+#include <cstdlib>
 #include <string>
 
 #include "error.hpp"
@@ -38,10 +39,13 @@ Sd3Stages stages_of(const Engine& engine) {
 const XSlimPolicy kNoPolicy;
 
 // Buffers on the stages' device: the CUDA device ops where this build has them; else the CPU kernels on
-// host buffers (on a CUDA engine ONNX Runtime then copies each stage's inputs and outputs).
+// host buffers (on a CUDA engine ONNX Runtime then copies each stage's inputs and outputs). The
+// device-resident path has never run on a GPU: SLIMENGINE_DEVICE_OPS=cpu keeps a CUDA engine on host buffers.
 std::unique_ptr<DeviceOps> ops_for(const Engine& engine) {
     const int device = engine.stages().front()->cuda_device();
-    std::unique_ptr<DeviceOps> ops = device >= 0 ? make_cuda_ops(device) : nullptr;
+    const char* forced = std::getenv("SLIMENGINE_DEVICE_OPS");
+    const bool host = forced && std::string(forced) == "cpu";
+    std::unique_ptr<DeviceOps> ops = device >= 0 && !host ? make_cuda_ops(device) : nullptr;
     return ops ? std::move(ops) : make_cpu_ops();
 }
 
@@ -98,6 +102,7 @@ void Sd3Session::prepare(const GenerateRequest& r, Clock::time_point start) {
     d.tokens = (d.height / c.patch_size) * (d.width / c.patch_size);
     d.latent_count = d.batch * c.in_channels * d.height * d.width;
     d.steps = program_->steps.size();
+    d.embeddings_in_place = ops_->on_host() && !d.cfg;
 
     steps_.clear();
     steps_.reserve(d.steps);
@@ -124,18 +129,20 @@ void Sd3Session::prepare(const GenerateRequest& r, Clock::time_point start) {
         else
             ops_->noise(x, d.latent_count, r.seed);
     }
-    auto stack = [&](DeviceBuffer& dst, const float* negative, const float* positive) {
-        const size_t half = dst.bytes() / (d.cfg ? 2 : 1);
-        if (d.cfg) ops_->upload(dst.data(), negative, half);
-        ops_->upload(static_cast<char*>(dst.data()) + (d.cfg ? half : 0), positive, half);
-    };
-    stack(in.text, r.negative_prompt, r.prompt);
-    stack(in.pooled, r.negative_pooled, r.pooled);
-    host_timesteps_.resize(d.steps * d.model_batch);
-    for (size_t s = 0; s < d.steps; ++s)
-        for (int64_t i = 0; i < d.model_batch; ++i)
-            host_timesteps_[s * d.model_batch + i] = static_cast<float>(program_->steps[s].timestep);
-    ops_->upload(in.timesteps.data(), host_timesteps_.data(), host_timesteps_.size() * sizeof(float));
+    if (d.embeddings_in_place) {  // host memory already in the model batch: bound as it is, not copied
+        in.text_in = caller_view(in.caller_text, r.prompt, {d.batch, d.text, c.joint_attention_dim});
+        in.pooled_in = caller_view(in.caller_pooled, r.pooled, {d.batch, c.pooled_projection_dim});
+    } else {
+        auto stack = [&](DeviceBuffer& dst, const float* negative, const float* positive) {
+            const size_t half = dst.bytes() / (d.cfg ? 2 : 1);
+            if (d.cfg) ops_->upload(dst.data(), negative, half);
+            ops_->upload(static_cast<char*>(dst.data()) + (d.cfg ? half : 0), positive, half);
+        };
+        stack(in.text, r.negative_prompt, r.prompt);
+        stack(in.pooled, r.negative_pooled, r.pooled);
+        in.text_in = in.text.value();
+        in.pooled_in = in.pooled.value();
+    }
     ops_->finish();
     profiler_.prepared(start);
 }
@@ -284,11 +291,12 @@ Sd3Session::Hidden Sd3Session::output_for(int next_block, const StepActions& a, 
 Sd3Session::Hidden Sd3Session::embed(size_t step, const StepActions& a) {
     InputBuffers& in = buffers_.in;
     const Hidden out = output_for(0, a, Hidden{});
+    ops_->fill(in.timestep.f32(), static_cast<float>(program_->steps[step].timestep), dims_.model_batch);
     StageBinding& s = bindings_[stage_of_.embed];
     s.input(0, in.latents.value());
-    s.input(1, in.timestep_rows[step].get());
-    s.input(2, in.pooled.value());
-    s.input(3, in.text.value());
+    s.input(1, in.timestep.value());
+    s.input(2, in.pooled_in);
+    s.input(3, in.text_in);
     s.output(0, out.img->value());
     s.output(1, out.txt->value());
     s.output(2, in.temb.value());
@@ -368,6 +376,18 @@ Sd3Session::Hidden Sd3Session::add_delta(Hidden h) {
 // (X-Slim full step whose first blocks add instead of run), which update_caches still needs.
 DeviceBuffer* Sd3Session::writable(DeviceBuffer* img) {
     return img == &buffers_.xslim.stack_in ? &buffers_.stack.img[0] : img;  // both ping-pong buffers are free then
+}
+
+// The OrtValue viewing caller memory `data` of `shape` (read-only: ONNX Runtime never writes an input).
+const OrtValue* Sd3Session::caller_view(CallerView& v, const float* data, const std::vector<int64_t>& shape) {
+    if (v.view.get() && v.data == data && v.shape == shape) return v.view.get();
+    TensorView made(engine_.ort(), const_cast<float*>(data), ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, shape);
+    if (const OrtValue* old = v.view.get())  // made while the old one lives: a different address
+        for (auto& b : bindings_) b.forget(old);
+    v.view = std::move(made);
+    v.data = data;
+    v.shape = shape;
+    return v.view.get();
 }
 
 void Sd3Session::run(int stage) {

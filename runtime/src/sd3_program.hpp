@@ -88,6 +88,7 @@ class Sd3Session {
     Hidden add_delta(Hidden h);
     Hidden output_for(int next_block, const StepActions& actions, Hidden h);
     DeviceBuffer* writable(DeviceBuffer* img);
+    const OrtValue* caller_view(CallerView& view, const float* data, const std::vector<int64_t>& shape);
     void run(int stage);
 
     const Engine& engine_;
@@ -105,7 +106,6 @@ class Sd3Session {
     float guidance_ = 1.0f;
     double flops_ = 0;
     const DeviceBuffer* range_input_img_ = nullptr;  // where the recording step kept the cached range's image input
-    std::vector<float> host_timesteps_;
 
     std::vector<StepStats> steps_;
     std::vector<StageStats> stages_;

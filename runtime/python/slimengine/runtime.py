@@ -99,10 +99,13 @@ class _TensorArg:
 @dataclasses.dataclass
 class GenerateResult:
     latents: np.ndarray
-    stats: dict  # steps, blocks_run, stage_calls, effective_nfe, flop_fraction, total_ms, backend_ms, per_step, per_stage
+    # steps, blocks_run, stage_calls, effective_nfe, flop_fraction, total_ms, backend_ms, transfer_bytes (caller memory <->
+    # the session's buffers: the request and the result), per_step, per_stage
+    stats: dict
     # With Session.profiling on: the runtime's timed events, in the order they ended (slim_event), each
-    # {kind: generation|prepare|step|stage|bank, step, block, stage (name or None), level (step level name or None),
-    #  start_ns, end_ns (host steady clock), device_ns (None: not measured)}. Empty when profiling is off.
+    # {kind: generation|prepare|step|stage|bank|block, step, block, stage (name or None), level (step level name or None),
+    #  action (block events: BLOCK_ACTIONS name, else None), start_ns, end_ns (host steady clock), device_ns (None: not
+    #  measured)}. Block events only with Session.profiling = "blocks". Empty when profiling is off.
     # EmbedResult and ScoreResult carry the same list: the call ("generation"), its stage call and its "bank" work.
     events: list[dict] = dataclasses.field(default_factory=list)
 
