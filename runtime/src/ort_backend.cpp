@@ -384,13 +384,13 @@ TensorView DeviceBuffer::view(size_t offset, ONNXTensorElementDataType type, con
 StageBinding::StageBinding(const StageSession& stage)
     : stage_(&stage),
       rebind_inputs_(stage.cuda_device() >= 0),
-      inputs_(stage.input_count(), nullptr),
-      outputs_(stage.output_count(), nullptr),
+      input_count_(stage.input_count()),
+      output_count_(stage.output_count()),
       slots_(kSlots) {
+    if (input_count_ > kMaxValues || output_count_ > kMaxValues)
+        throw Error(SLIM_ERR_INTERNAL, "stage " + stage.name() + " has more inputs or outputs than IO binding here supports");
     const OrtApi* api = stage.ort_->api;
     for (Slot& slot : slots_) {
-        slot.inputs.assign(inputs_.size(), nullptr);
-        slot.outputs.assign(outputs_.size(), nullptr);
         OrtStatus* status = api->CreateIoBinding(stage.session_, &slot.binding);
         if (status) {
             for (Slot& made : slots_)
@@ -403,8 +403,10 @@ StageBinding::StageBinding(const StageSession& stage)
 StageBinding::StageBinding(StageBinding&& other) noexcept
     : stage_(other.stage_),
       rebind_inputs_(other.rebind_inputs_),
-      inputs_(std::move(other.inputs_)),
-      outputs_(std::move(other.outputs_)),
+      input_count_(other.input_count_),
+      output_count_(other.output_count_),
+      inputs_(other.inputs_),
+      outputs_(other.outputs_),
       slots_(std::move(other.slots_)),
       chosen_(other.chosen_),
       calls_(other.calls_),
@@ -455,9 +457,9 @@ void StageBinding::bind() {
         for (Slot& slot : slots_)
             if (slot.last_use < chosen->last_use) chosen = &slot;
     }
-    for (size_t i = 0; i < inputs_.size(); ++i)
+    for (size_t i = 0; i < input_count_; ++i)
         if (rebind_inputs_ || chosen->inputs[i] != inputs_[i]) bind(*chosen, true, i, inputs_[i]);
-    for (size_t i = 0; i < outputs_.size(); ++i)
+    for (size_t i = 0; i < output_count_; ++i)
         if (chosen->outputs[i] != outputs_[i]) bind(*chosen, false, i, outputs_[i]);
     chosen->last_use = ++calls_;
     chosen_ = chosen;

@@ -5,6 +5,7 @@
 
 #include <onnxruntime_c_api.h>
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -202,16 +203,20 @@ class StageBinding {
     uint64_t bind_calls() const { return bind_calls_; }
 
   private:
-    static constexpr size_t kSlots = 4;
+    // Fixed-size arrays, kept together: a call checks them right after ONNX Runtime's Run has evicted
+    // most of the cache, and each cache line touched then costs a miss.
+    static constexpr size_t kSlots = 4, kMaxValues = 8;
+    using Values = std::array<const OrtValue*, kMaxValues>;
     struct Slot {
         OrtIoBinding* binding = nullptr;
-        std::vector<const OrtValue*> inputs, outputs;  // what it holds (nullptr: unknown)
+        Values inputs{}, outputs{};  // what it holds (nullptr: unknown)
         uint64_t last_use = 0;
     };
     void bind(Slot& slot, bool input, size_t index, const OrtValue* value);
     const StageSession* stage_;
     bool rebind_inputs_;
-    std::vector<const OrtValue*> inputs_, outputs_;  // this call's
+    size_t input_count_, output_count_;
+    Values inputs_{}, outputs_{};  // this call's
     std::vector<Slot> slots_;
     Slot* chosen_ = nullptr;  // bind()'s choice
     uint64_t calls_ = 0, bind_calls_ = 0;

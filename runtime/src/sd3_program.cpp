@@ -55,7 +55,8 @@ Sd3Session::Sd3Session(const Engine& engine)
     : engine_(engine),
       stage_of_(stages_of(engine)),
       ops_(ops_for(engine)),
-      allocator_(*engine.stages().front(), ops_->on_host()),
+      host_(ops_->on_host()),
+      allocator_(*engine.stages().front(), host_),
       stages_(engine.stages().size()),
       profiler_(engine.stage_names()) {
     for (const auto& stage : engine.stages()) bindings_.emplace_back(*stage);
@@ -391,7 +392,7 @@ const OrtValue* Sd3Session::caller_view(CallerView& v, const float* data, const 
 }
 
 void Sd3Session::run(int stage) {
-    ops_->finish();  // the stage reads what the device ops wrote
+    if (!host_) ops_->finish();  // the stage reads what the device ops wrote (host ops finish as they return)
     backend_ms_ += run_stage(bindings_[stage], stage, stages_, profiler_);
     stage_calls_ += 1;
 }

@@ -94,6 +94,7 @@ class Sd3Session {
     const Engine& engine_;
     const Sd3Stages stage_of_;
     std::unique_ptr<DeviceOps> ops_;
+    const bool host_;  // ops_->on_host()
     DeviceAllocator allocator_;
     std::vector<StageBinding> bindings_;  // one per engine stage
     Sd3Buffers buffers_;
