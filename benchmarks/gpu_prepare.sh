@@ -29,7 +29,8 @@ cp -r runtime/python/slimengine/. "$dest/site/slimengine/"
 cp -r export "$dest/site/slimengine/export"
 cp -r tools "$dest/site/slimengine/tools"
 find "$dest/site" -name __pycache__ -prune -exec rm -rf {} +
-cp build/gpu/libslimengine.so build/gpu/libslimengine_ops.so build/gpu/libslimengine_ops_cuda.so "$dest/site/slimengine/"
+cp build/gpu/libslimengine.so build/gpu/libslimengine_ops.so build/gpu/libslimengine_ops_cuda.so build/gpu/libslimengine_device_cuda.so \
+  "$dest/site/slimengine/"
 cp build/gpu/slim-cuda-kernel-check "$dest/bin/"
 
 echo "== tiny bundles and op graphs"

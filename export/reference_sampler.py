@@ -29,6 +29,7 @@ class ReferenceResult:
     levels: list[str]  # per step: full | skip | block | token
     tokens_computed: list[int]  # per step: image tokens recomputed per block (N unless a token step)
     blocks_skipped: list[list[int]] = dataclasses.field(default_factory=list)  # per step: X-Slim block-level skips
+    actions: list[list[str]] = dataclasses.field(default_factory=list)  # per step: the planner's action per block (ACTIONS)
 
     @property
     def skipped_steps(self) -> list[int]:
@@ -57,6 +58,124 @@ def block_flops(tokens: int, computed: int, text: int, dim: int) -> float:
     return rows * 12.0 * dim * dim + 2.0 * rows * (tokens + text) * dim
 
 
+ACTIONS = ("run", "run_keep_kv", "run_tokens", "reuse", "skip", "add_delta")  # the runtime's slim_block_action
+
+
+@dataclasses.dataclass
+class StepActions:
+    """One step's plan: the controller's level turned into one action per joint block (runtime/src/step_planner.hpp)."""
+
+    level: str  # full | skip | block | token
+    keep: int  # image tokens each block computes (all of them unless a token step)
+    reuse_stack: bool  # skip level: the last stack residual added to the stack's input, no block run
+    record_stack: bool  # X-Slim full step: the stack residual recorded (update_caches)
+    record_blocks: bool  # ... and each run block's residual and change score (block and token levels)
+    range_first: int | None  # 1.x recording step: the input of this block is kept, and after
+    range_last: int | None  # ... this block delta = its output - that input
+    blocks: list[str]  # one of ACTIONS per joint block
+
+
+@dataclasses.dataclass
+class Caches:
+    """What steps keep for later steps, by owner (the runtime's sd3_buffers.hpp)."""
+
+    delta: tuple | None = None  # 1.x range cache: delta over the cached range (image, text)
+    compensated: tuple | None = None  # ... and its compensation, once per recorded delta
+    residuals: list = dataclasses.field(default_factory=list)  # X-Slim: stack residuals of the last two full steps
+    block_res: dict = dataclasses.field(default_factory=dict)  # per block: (image, text) residual at the last full step
+    block_scores: dict = dataclasses.field(default_factory=dict)  # per block: relative change at the last full step
+    kv: dict = dataclasses.field(default_factory=dict)  # per block: image keys/values at the last full step
+    token_stages: dict = dataclasses.field(default_factory=dict)  # token-stage modules, made on first use
+
+
+def plan_step(plan: SamplingPlan, step: int, level: str, num_layers: int, token_blocks: set[int], tokens: int,
+              controller: Controller | None, caches: Caches) -> StepActions:
+    """The planner: the step's 1.x plan and the controller's `level` as one action per block. `token_blocks`:
+    the blocks with a token stage (every block but SD3.5's dual-attention ones)."""
+    policy = controller.policy if controller else None
+    uses = policy.uses if policy else set()
+    record_stack = level == "full" and controller is not None
+    reuse = skippable_blocks(caches.block_scores, controller.block_threshold(step), policy.first_blocks) if level == "block" else set()
+    blocks = []
+    for i in range(num_layers):
+        if level == "skip":
+            action = "skip"
+        elif plan.skips_block(step, i):
+            action = "add_delta" if i == plan.cache_blocks[1] else "skip"
+        elif i in reuse:
+            action = "reuse"
+        elif level == "token" and i in token_blocks:
+            action = "run_tokens"
+        elif record_stack and "token" in uses and i in token_blocks:
+            action = "run_keep_kv"
+        else:
+            action = "run"
+        blocks.append(action)
+    first, last = plan.cache_blocks if plan.records_delta(step) else (None, None)
+    return StepActions(level=level, keep=tokens_for_ratio(controller.ratio(step), tokens) if level == "token" else tokens,
+                       reuse_stack=level == "skip", record_stack=record_stack,
+                       record_blocks=record_stack and bool(uses & {"block", "token"}), range_first=first, range_last=last,
+                       blocks=blocks)
+
+
+def execute(model: DistilledSD3, plan: SamplingPlan, actions: StepActions, x_in, t, pooled, text, caches: Caches, ratio: float):
+    """Runs one step's actions: embed, one action per block, final. Returns (stack input, stack output, velocity)."""
+    img, txt, temb = model.embed(x_in, t, pooled, text)
+    stack_in = img
+    if actions.reuse_stack:  # the whole stack as its last residual
+        img = img + caches.residuals[-1]
+    if actions.level == "token":
+        idx = select_tokens(caches.residuals[-1], caches.residuals[-2], ratio)
+    for i, action in enumerate(actions.blocks):
+        if i == actions.range_first:
+            before = (img, txt)
+        block_in = (img, txt)
+        if action == "add_delta":  # end of the skipped range: add the compensated delta
+            if caches.compensated is None:
+                caches.compensated = model.compensate(*caches.delta) if plan.compensation == "mlp" else caches.delta
+            img, txt = img + caches.compensated[0], txt + caches.compensated[1]
+        elif action == "reuse":  # block level: the block's residual from the last full step
+            img = img + caches.block_res[i][0]
+            txt = txt + caches.block_res[i][1] if caches.block_res[i][1] is not None else None
+        elif action == "run_tokens":
+            if i not in caches.token_stages:
+                from .token_block import TokenBlockStage
+
+                caches.token_stages[i] = TokenBlockStage(model.transformer.transformer_blocks[i], torch.float32)
+            out = caches.token_stages[i](img, txt, temb, idx, caches.kv[i][0], caches.kv[i][1], caches.block_res[i][0])
+            img, txt = out if len(out) == 2 else (out[0], None)
+        elif action == "run_keep_kv":
+            from .token_block import KVBlockStage
+
+            out = KVBlockStage(model.transformer.transformer_blocks[i], torch.float32)(img, txt, temb)
+            img, txt, caches.kv[i] = (out[0], out[1], out[2:]) if len(out) == 4 else (out[0], None, out[1:])
+        elif action == "run":
+            img, txt = model.block(i, img, txt, temb)
+        if actions.record_blocks and action in ("run", "run_keep_kv"):
+            caches.block_res[i] = (img - block_in[0], txt - block_in[1] if txt is not None else None)
+            caches.block_scores[i] = relative_change(img, block_in[0])
+        if i == actions.range_last:
+            caches.delta = (img - before[0], txt - before[1])
+            caches.compensated = None
+    return stack_in, img, model.final(img, temb, x_in)
+
+
+def update_caches(actions: StepActions, step: int, stack_in, stack_out, caches: Caches, controller: Controller | None) -> None:
+    """X-Slim after a full step: the stack residual and the controller's change rate."""
+    if actions.record_stack:
+        caches.residuals = (caches.residuals + [stack_out - stack_in])[-2:]
+        r = caches.residuals
+        controller.full_step_done(step, relative_change(r[-1], r[-2]) if len(r) == 2 else None)
+
+
+def euler_cfg(x, v, sigma: float, sigma_next: float, guidance: float, cfg: bool):
+    """The Euler step with classifier-free guidance v = v_neg + g (v_pos - v_neg)."""
+    if cfg:
+        v_neg, v_pos = v.chunk(2)
+        v = v_neg + guidance * (v_pos - v_neg)
+    return x + (sigma_next - sigma) * v
+
+
 @torch.no_grad()
 def reference_generate(
     model: DistilledSD3,
@@ -69,13 +188,13 @@ def reference_generate(
     guidance_scale: float | None = None,
     cache: XSlimPolicy | None = _DEFAULT,
 ) -> ReferenceResult:
-    """`cache` defaults to the plan's X-Slim policy; None computes every step fully."""
+    """`cache` defaults to the plan's X-Slim policy; None computes every step fully. The loop reads as the
+    runtime's (runtime/src/sd3_program.cpp, Sd3Session::generate): plan, execute, update caches, Euler/CFG."""
     guidance = plan.guidance_scale if guidance_scale is None else guidance_scale
     policy = plan.cache if cache is _DEFAULT else cache
     if policy is not None:
         policy.validate(plan.steps)
     controller = Controller(policy, plan.steps) if policy else None
-    uses = policy.uses if policy else set()
     cfg = guidance > 1.0
     if cfg:
         if negative_prompt_embeds is None or negative_pooled_embeds is None:
@@ -85,80 +204,32 @@ def reference_generate(
     else:
         text, pooled = prompt_embeds, pooled_embeds
     x = latents.clone().float()
-    delta = compensated = None
-    residuals = []  # stack residuals R of the last two full steps
-    block_res, block_scores, kv = {}, {}, {}  # per block, recorded at full steps
-    token_stages = {}
-    levels, blocks_run, tokens_computed, skipped_blocks = [], [], [], []
-    flops = 0.0
     c = model.config
+    N = (x.shape[2] // c.patch_size) * (x.shape[3] // c.patch_size)
+    L = text.shape[1]
+    token_blocks = set(range(model.num_layers)) - set(c.dual_attention_layers)
+    caches = Caches()
+    result = ReferenceResult(latents=x, effective_nfe=0.0, blocks_run=[], levels=[], tokens_computed=[])
+    flops = 0.0
     for step in range(plan.steps):
         sigma, sigma_next = plan.sigmas[step], plan.sigmas[step + 1]
         x_in = torch.cat([x, x]) if cfg else x
         t = torch.full((x_in.shape[0],), plan.timesteps[step], dtype=torch.float32)
-        img, txt, temb = model.embed(x_in, t, pooled, text)
-        N, L = img.shape[1], txt.shape[1]
         level = controller.level(step, plan.records_delta(step)) if controller else "full"
-        stack_in, ran, computed, skip_set, reused_blocks = img, 0, N, set(), []
-        if level == "skip":  # the whole stack as its last residual
-            img = img + residuals[-1]
-        if level == "token":
-            idx = select_tokens(residuals[-1], residuals[-2], controller.ratio(step))
-            computed = idx.shape[1]
-        if level == "block":
-            skip_set = skippable_blocks(block_scores, controller.block_threshold(step), policy.first_blocks)
-        for i in range(0 if level == "skip" else model.num_layers):
-            if plan.skips_block(step, i):
-                if i == plan.cache_blocks[1]:  # end of the skipped range: add the compensated delta
-                    if compensated is None:
-                        compensated = model.compensate(*delta) if plan.compensation == "mlp" else delta
-                    img, txt = img + compensated[0], txt + compensated[1]
-                continue
-            if plan.records_delta(step) and i == plan.cache_blocks[0]:
-                before = (img, txt)
-            block_in = (img, txt)
-            if i in skip_set:  # block level: the block's residual from the last full step
-                reused_blocks.append(i)
-                img = img + block_res[i][0]
-                txt = txt + block_res[i][1] if block_res[i][1] is not None else None
-            elif level == "token" and i in kv:
-                if i not in token_stages:
-                    from .token_block import TokenBlockStage
-
-                    token_stages[i] = TokenBlockStage(model.transformer.transformer_blocks[i], torch.float32)
-                out = token_stages[i](img, txt, temb, idx, kv[i][0], kv[i][1], block_res[i][0])
-                img, txt = out if len(out) == 2 else (out[0], None)
-                flops += block_flops(N, computed, L, c.inner_dim)
-                ran += 1
-            else:
-                if level == "full" and "token" in uses and i not in c.dual_attention_layers:
-                    from .token_block import KVBlockStage
-
-                    out = KVBlockStage(model.transformer.transformer_blocks[i], torch.float32)(img, txt, temb)
-                    img, txt, kv[i] = (out[0], out[1], out[2:]) if len(out) == 4 else (out[0], None, out[1:])
-                else:
-                    img, txt = model.block(i, img, txt, temb)
-                flops += block_flops(N, N, L, c.inner_dim)
-                ran += 1
-                if level == "full" and uses & {"block", "token"}:
-                    block_res[i] = (img - block_in[0], txt - block_in[1] if txt is not None else None)
-                    block_scores[i] = relative_change(img, block_in[0])
-            if plan.records_delta(step) and i == plan.cache_blocks[1]:
-                delta = (img - before[0], txt - before[1])
-                compensated = None
-        if level == "full" and controller:
-            residuals = (residuals + [img - stack_in])[-2:]
-            controller.full_step_done(step, relative_change(residuals[-1], residuals[-2]) if len(residuals) == 2 else None)
-        v = model.final(img, temb, x_in)
-        if cfg:
-            v_neg, v_pos = v.chunk(2)
-            v = v_neg + guidance * (v_pos - v_neg)
-        x = x + (sigma_next - sigma) * v
-        levels.append(level)
-        blocks_run.append(ran)
-        tokens_computed.append(computed)
-        skipped_blocks.append(reused_blocks)
+        actions = plan_step(plan, step, level, model.num_layers, token_blocks, N, controller, caches)
+        ratio = controller.ratio(step) if level == "token" else 1.0
+        stack_in, stack_out, v = execute(model, plan, actions, x_in, t, pooled, text, caches, ratio)
+        update_caches(actions, step, stack_in, stack_out, caches, controller)
+        x = euler_cfg(x, v, sigma, sigma_next, guidance, cfg)
+        for action in actions.blocks:  # summed block by block, as the runtime does
+            if action.startswith("run"):
+                flops += block_flops(N, actions.keep if action == "run_tokens" else N, L, c.inner_dim)
+        result.levels.append(level)
+        result.blocks_run.append(sum(a.startswith("run") for a in actions.blocks))
+        result.tokens_computed.append(actions.keep)
+        result.blocks_skipped.append([i for i, a in enumerate(actions.blocks) if a == "reuse"])
+        result.actions.append(actions.blocks)
     full_block = block_flops(N, N, L, c.inner_dim)
-    nfe = flops / full_block / model.num_layers * (2 if cfg else 1)
-    return ReferenceResult(latents=x, effective_nfe=nfe, blocks_run=blocks_run, levels=levels, tokens_computed=tokens_computed,
-                           blocks_skipped=skipped_blocks)
+    result.latents = x
+    result.effective_nfe = flops / full_block / model.num_layers * (2 if cfg else 1)
+    return result

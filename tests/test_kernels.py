@@ -88,10 +88,12 @@ def nvcc(*args: str) -> subprocess.CompletedProcess:
 
 def test_cuda_kernels_compile_for_sm80_and_sm90(tmp_path):
     """CI has nvcc but no GPU: the CUDA sources must compile; running them is the GPU machine's job."""
-    proc = nvcc(f"-I{ROOT / 'kernels/include'}", "-c", str(ROOT / "kernels/cuda/token_ops.cu"), "-o", str(tmp_path / "token_ops.o"))
-    assert proc.returncode == 0, proc.stderr
-    symbols = subprocess.run(["nm", "-C", str(tmp_path / "token_ops.o")], capture_output=True, text=True).stdout
-    for name in ("l1_change", "token_change_score", "select_tokens", "gather_tokens", "scatter_tokens", "euler_step", "add_into",
+    symbols = ""
+    for source in ("token_ops", "elementwise"):
+        proc = nvcc(f"-I{ROOT / 'kernels/include'}", "-c", str(ROOT / f"kernels/cuda/{source}.cu"), "-o", str(tmp_path / f"{source}.o"))
+        assert proc.returncode == 0, proc.stderr
+        symbols += subprocess.run(["nm", "-C", str(tmp_path / f"{source}.o")], capture_output=True, text=True).stdout
+    for name in ("l1_change", "token_change_score", "select_tokens", "gather_tokens", "scatter_tokens", "euler_cfg", "fill", "add",
                  "subtract", "gaussian_noise"):
         assert f"slim::kernels::cuda::{name}(" in symbols, name
 
@@ -99,9 +101,9 @@ def test_cuda_kernels_compile_for_sm80_and_sm90(tmp_path):
 def test_cuda_kernel_check_program_links_with_static_cudart(tmp_path):
     """The GPU machine's kernel check (benchmarks/gpu_check.sh runs it) builds here; it needs only the driver there."""
     exe = tmp_path / "slim-cuda-kernel-check"
-    proc = nvcc(f"-I{ROOT / 'kernels/include'}", f"-I{ROOT / 'runtime/src'}", "-cudart", "static",
-                str(ROOT / "kernels/tests/cuda_kernel_check.cu"), str(ROOT / "kernels/cuda/token_ops.cu"),
-                str(ROOT / "kernels/cpu/token_ops.cpp"), str(ROOT / "runtime/src/noise.cpp"), "-o", str(exe))
+    proc = nvcc(f"-I{ROOT / 'kernels/include'}", "-cudart", "static", str(ROOT / "kernels/tests/cuda_kernel_check.cu"),
+                str(ROOT / "kernels/cuda/token_ops.cu"), str(ROOT / "kernels/cuda/elementwise.cu"), str(ROOT / "kernels/cpu/token_ops.cpp"),
+                str(ROOT / "kernels/cpu/elementwise.cpp"), "-o", str(exe))
     assert proc.returncode == 0, proc.stderr
     assert "libcudart" not in subprocess.run(["ldd", str(exe)], capture_output=True, text=True).stdout
     # Without a GPU it must fail loudly (exit 2, the CUDA error named), never report a pass.

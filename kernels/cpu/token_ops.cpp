@@ -32,16 +32,20 @@ void token_change_score(const float* r_last, const float* r_prev, int64_t batch,
     }
 }
 
-void select_tokens(const float* score, int64_t batch, int64_t tokens, int64_t keep, int64_t* idx) {
-    std::vector<int64_t> order(tokens);
+void select_tokens(const float* score, int64_t batch, int64_t tokens, int64_t keep, int64_t* idx, int64_t* order) {
     for (int64_t b = 0; b < batch; ++b) {
         const float* s = score + b * tokens;
-        std::iota(order.begin(), order.end(), 0);
-        std::partial_sort(order.begin(), order.begin() + keep, order.end(),
+        std::iota(order, order + tokens, 0);
+        std::partial_sort(order, order + keep, order + tokens,
                           [s](int64_t x, int64_t y) { return s[x] > s[y] || (s[x] == s[y] && x < y); });
-        std::sort(order.begin(), order.begin() + keep);
-        std::copy(order.begin(), order.begin() + keep, idx + b * keep);
+        std::sort(order, order + keep);
+        std::copy(order, order + keep, idx + b * keep);
     }
+}
+
+void select_tokens(const float* score, int64_t batch, int64_t tokens, int64_t keep, int64_t* idx) {
+    std::vector<int64_t> order(tokens);
+    select_tokens(score, batch, tokens, keep, idx, order.data());
 }
 
 bool gather_tokens(const float* x, const int64_t* idx, int64_t batch, int64_t tokens, int64_t count, int64_t channels, float* out) {

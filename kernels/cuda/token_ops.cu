@@ -2,7 +2,6 @@
 #include <cstdint>
 
 #include "slim_kernels_cuda.h"
-#include "slim_philox.h"
 
 namespace slim::kernels::cuda {
 namespace {
@@ -163,33 +162,6 @@ cudaError_t move_rows(const float* src, const int64_t* idx, float* dst, int64_t 
     return cudaGetLastError();
 }
 
-__global__ void euler_kernel(float* x, const float* v_neg, const float* v_pos, float guidance, float dt, int64_t n) {
-    int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float v = v_neg ? v_neg[i] + guidance * (v_pos[i] - v_neg[i]) : v_pos[i];
-    x[i] += dt * v;
-}
-
-__global__ void add_kernel(float* dst, const float* src, int64_t n) {
-    int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (i < n) dst[i] += src[i];
-}
-
-__global__ void subtract_kernel(float* dst, const float* a, const float* b, int64_t n) {
-    int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (i < n) dst[i] = a[i] - b[i];
-}
-
-// One Philox block (4 values) per thread, as runtime/src/noise.cpp.
-__global__ void noise_kernel(float* out, int64_t count, uint64_t seed) {
-    uint64_t block = static_cast<uint64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (static_cast<int64_t>(block * 4) >= count) return;
-    double z[4];
-    philox_normal4(block, seed, z);
-    for (int lane = 0; lane < 4; ++lane)
-        if (static_cast<int64_t>(block * 4) + lane < count) out[block * 4 + lane] = static_cast<float>(z[lane]);
-}
-
 }  // namespace
 
 cudaError_t l1_change(const float* a, const float* b, int64_t batch, int64_t per_batch, float* change, float* scale, double* partial,
@@ -230,30 +202,6 @@ cudaError_t gather_tokens(const float* x, const int64_t* idx, int64_t batch, int
 cudaError_t scatter_tokens(float* cache, const int64_t* idx, const float* values, int64_t batch, int64_t tokens, int64_t count,
                            int64_t channels, cudaStream_t stream) {
     return move_rows<true>(values, idx, cache, batch, tokens, count, channels, stream);
-}
-
-cudaError_t euler_step(float* x, const float* v_neg, const float* v_pos, float guidance, float dt, int64_t count, cudaStream_t stream) {
-    if (count == 0) return cudaSuccess;
-    euler_kernel<<<blocks_for(count), kThreads, 0, stream>>>(x, v_neg, v_pos, guidance, dt, count);
-    return cudaGetLastError();
-}
-
-cudaError_t add_into(float* dst, const float* src, int64_t count, cudaStream_t stream) {
-    if (count == 0) return cudaSuccess;
-    add_kernel<<<blocks_for(count), kThreads, 0, stream>>>(dst, src, count);
-    return cudaGetLastError();
-}
-
-cudaError_t subtract(float* dst, const float* a, const float* b, int64_t count, cudaStream_t stream) {
-    if (count == 0) return cudaSuccess;
-    subtract_kernel<<<blocks_for(count), kThreads, 0, stream>>>(dst, a, b, count);
-    return cudaGetLastError();
-}
-
-cudaError_t gaussian_noise(float* out, int64_t count, uint64_t seed, cudaStream_t stream) {
-    if (count == 0) return cudaSuccess;
-    noise_kernel<<<blocks_for((count + 3) / 4), kThreads, 0, stream>>>(out, count, seed);
-    return cudaGetLastError();
 }
 
 }  // namespace slim::kernels::cuda

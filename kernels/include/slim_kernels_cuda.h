@@ -4,7 +4,8 @@
 // indices: gather_tokens writes NaN rows and scatter_tokens skips rows for an index outside
 // [0, tokens) (no out-of-bounds access; the CPU versions return false instead).
 // Built wherever nvcc exists (CMake option SLIM_CUDA); checked against the CPU versions on a GPU by
-// kernels/tests/cuda_kernel_check.cu; the runtime does not call them yet (see README, "GPU").
+// kernels/tests/cuda_kernel_check.cu. The runtime calls them through its CUDA device interface
+// (runtime/src/device_ops_cuda.cpp), compiled but not yet run on a GPU (see README, "GPU").
 #pragma once
 
 #include <cuda_runtime.h>
@@ -31,10 +32,14 @@ cudaError_t gather_tokens(const float* x, const int64_t* idx, int64_t batch, int
 cudaError_t scatter_tokens(float* cache, const int64_t* idx, const float* values, int64_t batch, int64_t tokens, int64_t count,
                            int64_t channels, cudaStream_t stream);
 
-// The runtime's work between stages (runtime/src/sd3_program.cpp does the same on the CPU).
-// x[i] += dt * (v_neg[i] + g * (v_pos[i] - v_neg[i])), or dt * v_pos[i] when v_neg is null.
-cudaError_t euler_step(float* x, const float* v_neg, const float* v_pos, float guidance, float dt, int64_t count, cudaStream_t stream);
-cudaError_t add_into(float* dst, const float* src, int64_t count, cudaStream_t stream);
+// The runtime's work between stages (kernels/cuda/elementwise.cu; the CPU's in kernels/cpu/elementwise.cpp),
+// bit for bit the CPU kernels' results (no FMA contraction).
+// euler_cfg: as the CPU's; `nonfinite` is a device int32 set to 1 when a new value is NaN or Inf, else 0.
+cudaError_t euler_cfg(float* x, float* x_copy, const float* v_neg, const float* v_pos, float guidance, float dt, int64_t count,
+                      int32_t* nonfinite, cudaStream_t stream);
+cudaError_t fill(float* dst, float value, int64_t count, cudaStream_t stream);
+// add: dst = a + b; subtract: dst = a - b; dst may be a or b.
+cudaError_t add(float* dst, const float* a, const float* b, int64_t count, cudaStream_t stream);
 cudaError_t subtract(float* dst, const float* a, const float* b, int64_t count, cudaStream_t stream);
 // The runtime's seeded noise (Philox4x32-10 + Box-Muller), element for element the CPU's.
 cudaError_t gaussian_noise(float* out, int64_t count, uint64_t seed, cudaStream_t stream);

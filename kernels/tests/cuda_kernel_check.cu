@@ -3,8 +3,8 @@
 //
 // Checks: fresh random inputs (the seed is printed; --seed N repeats a run), every output buffer
 // poisoned with NaN (0xFF bytes; -1 for indices) before the launch, every CUDA call checked, results
-// compared with the CPU entry points (kernels/cpu/token_ops.cpp, runtime/src/noise.cpp) and with the
-// runtime's between-stage loops (runtime/src/sd3_program.cpp: Euler step, residual adds, subtract).
+// compared with the CPU entry points (kernels/cpu/token_ops.cpp, kernels/cpu/elementwise.cpp: the
+// runtime's between-stage work, Euler step with CFG, residual add, subtract, noise).
 // Prints one PASS/FAIL line per check and one BW line per kernel; with --json PATH also writes the
 // results as JSON. Exit status: 0 when every check passed, 1 on a mismatch, 2 on a CUDA error.
 // Bandwidth below the 80 % goal is reported, not failed: it is a goal, not a correctness property.
@@ -21,7 +21,6 @@
 #include <string>
 #include <vector>
 
-#include "noise.hpp"
 #include "slim_kernels.h"
 #include "slim_kernels_cuda.h"
 
@@ -202,29 +201,55 @@ void check_out_of_range_indices() {
 void check_elementwise(int64_t count) {
     auto x = random_floats(count), v_neg = random_floats(count), v_pos = random_floats(count);
     const float g = 4.5f, dt = -0.0357f;
-    // runtime/src/sd3_program.cpp's loops, as the runtime runs them on the CPU.
-    std::vector<float> euler_cfg = x, euler_plain = x, added = x, diff(count);
-    for (int64_t i = 0; i < count; ++i) {
-        euler_cfg[i] += dt * (v_neg[i] + g * (v_pos[i] - v_neg[i]));
-        euler_plain[i] += dt * v_pos[i];
-        added[i] += v_pos[i];
-        diff[i] = x[i] - v_neg[i];
-    }
-    Device<float> dx(x), dneg(v_neg), dpos(v_pos), d1(x), d2(x), d3(x), d4(count);
-    CHECK_CUDA(gpu::euler_step(d1.ptr, dneg.ptr, dpos.ptr, g, dt, count, nullptr));
-    CHECK_CUDA(gpu::euler_step(d2.ptr, nullptr, dpos.ptr, g, dt, count, nullptr));
-    CHECK_CUDA(gpu::add_into(d3.ptr, dpos.ptr, count, nullptr));
+    // The CPU kernels the runtime's CPU device calls (kernels/cpu/elementwise.cpp).
+    std::vector<float> euler_cfg = x, euler_copy(count), euler_plain = x, added = x, diff(count);
+    const bool finite = cpu::euler_cfg(euler_cfg.data(), euler_copy.data(), v_neg.data(), v_pos.data(), g, dt, count) &&
+                        cpu::euler_cfg(euler_plain.data(), nullptr, nullptr, v_pos.data(), g, dt, count);
+    cpu::add(added.data(), added.data(), v_pos.data(), count);
+    cpu::subtract(diff.data(), x.data(), v_neg.data(), count);
+    Device<float> dx(x), dneg(v_neg), dpos(v_pos), d1(x), d1copy(count), d2(x), d3(x), d4(count);
+    Device<int32_t> nonfinite(2);
+    CHECK_CUDA(gpu::euler_cfg(d1.ptr, d1copy.ptr, dneg.ptr, dpos.ptr, g, dt, count, nonfinite.ptr, nullptr));
+    CHECK_CUDA(gpu::euler_cfg(d2.ptr, nullptr, nullptr, dpos.ptr, g, dt, count, nonfinite.ptr + 1, nullptr));
+    CHECK_CUDA(gpu::add(d3.ptr, d3.ptr, dpos.ptr, count, nullptr));
     CHECK_CUDA(gpu::subtract(d4.ptr, dx.ptr, dneg.ptr, count, nullptr));
-    // fma contraction on the device may differ from the host's rounding by an ulp or two.
-    report(shape_name("euler_step(cfg)", {count}), d1.host(), euler_cfg, 1e-6, 1e-6);
-    report(shape_name("euler_step(plain)", {count}), d2.host(), euler_plain, 1e-6, 1e-6);
-    report(shape_name("add_into", {count}), d3.host(), added, 0, 0);
+    std::vector<float> filled(count);
+    cpu::fill(filled.data(), dt, count);
+    Device<float> d5(count);
+    CHECK_CUDA(gpu::fill(d5.ptr, dt, count, nullptr));
+    // Explicitly rounded arithmetic on the device: the CPU's values bit for bit.
+    report(shape_name("euler_cfg(cfg)", {count}), d1.host(), euler_cfg, 0, 0);
+    report(shape_name("euler_cfg(cfg) copy", {count}), d1copy.host(), euler_cfg, 0, 0);
+    report(shape_name("euler_cfg(plain)", {count}), d2.host(), euler_plain, 0, 0);
+    report(shape_name("add", {count}), d3.host(), added, 0, 0);
     report(shape_name("subtract", {count}), d4.host(), diff, 0, 0);
+    report(shape_name("fill", {count}), d5.host(), filled, 0, 0);
+    const std::vector<int32_t> flags = nonfinite.host();
+    const bool ok = finite && flags[0] == 0 && flags[1] == 0;
+    failures += !ok;
+    std::printf("%s %-44s device flags %d %d, host %s\n", ok ? "PASS" : "FAIL", shape_name("euler_cfg finite flag", {count}).c_str(),
+                flags[0], flags[1], finite ? "finite" : "not finite");
+    append_json(json_checks, std::string("{\"name\": \"euler_cfg_finite_flag\", \"pass\": ") + (ok ? "true" : "false") + "}");
+}
+
+// A NaN velocity: the device flag and the CPU's return value both say "not finite".
+void check_euler_nonfinite() {
+    std::vector<float> x = random_floats(1000), v = random_floats(1000);
+    v[517] = NAN;
+    std::vector<float> host_x = x;
+    const bool finite = cpu::euler_cfg(host_x.data(), nullptr, nullptr, v.data(), 1.0f, 0.5f, 1000);
+    Device<float> dx(x), dv(v);
+    Device<int32_t> nonfinite(1, 0);
+    CHECK_CUDA(gpu::euler_cfg(dx.ptr, nullptr, nullptr, dv.ptr, 1.0f, 0.5f, 1000, nonfinite.ptr, nullptr));
+    const bool ok = !finite && nonfinite.host()[0] == 1;
+    failures += !ok;
+    std::printf("%s %-44s\n", ok ? "PASS" : "FAIL", "euler_cfg NaN flagged");
+    append_json(json_checks, std::string("{\"name\": \"euler_cfg_nan_flagged\", \"pass\": ") + (ok ? "true" : "false") + "}");
 }
 
 void check_noise(int64_t count, uint64_t seed) {
     std::vector<float> want(count);
-    slim::gaussian_noise(want.data(), count, seed);
+    cpu::gaussian_noise(want.data(), count, seed);
     Device<float> d(count);
     CHECK_CUDA(gpu::gaussian_noise(d.ptr, count, seed, nullptr));
     // Double-precision log/sin/cos on the device and in libm may differ in the last bits of a double.
@@ -290,9 +315,12 @@ void bandwidth_sd3_medium() {
               [&] { gpu::gather_tokens(a.ptr, idx.ptr, B, N, K, D, out.ptr, nullptr); });
     bandwidth("scatter_tokens K=2048", 2 * B * K * D * f + B * K * 8.0,
               [&] { gpu::scatter_tokens(out.ptr, idx.ptr, b.ptr, B, N, K, D, nullptr); });
-    bandwidth("add_into img", 3 * img * f, [&] { gpu::add_into(out.ptr, a.ptr, img, nullptr); });
+    bandwidth("add img", 3 * img * f, [&] { gpu::add(out.ptr, out.ptr, a.ptr, img, nullptr); });
     bandwidth("subtract img", 3 * img * f, [&] { gpu::subtract(out.ptr, a.ptr, b.ptr, img, nullptr); });
-    bandwidth("euler_step(cfg) latents", 4 * latent * f, [&] { gpu::euler_step(lat.ptr, v_neg.ptr, v_pos.ptr, 4.5f, -0.03f, latent, 0); });
+    Device<float> lat_copy(latent);
+    Device<int32_t> nonfinite(1);
+    bandwidth("euler_cfg latents (+copy)", 5 * latent * f,
+              [&] { gpu::euler_cfg(lat.ptr, lat_copy.ptr, v_neg.ptr, v_pos.ptr, 4.5f, -0.03f, latent, nonfinite.ptr, nullptr); });
     bandwidth("gaussian_noise latents", latent * f, [&] { gpu::gaussian_noise(lat.ptr, latent, 42, nullptr); });
 }
 
@@ -336,6 +364,7 @@ int main(int argc, char** argv) {
         check_gather_scatter(b, n, k, c);
     check_out_of_range_indices();
     for (int64_t n : {int64_t{1}, int64_t{1001}, int64_t{2 * 16 * 128 * 128}}) check_elementwise(n);
+    check_euler_nonfinite();
     for (int64_t n : {int64_t{1}, int64_t{7}, int64_t{2 * 16 * 128 * 128 + 3}}) check_noise(n, seed);
 
     if (!skip_bandwidth) {

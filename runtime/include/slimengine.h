@@ -41,7 +41,8 @@ extern "C" {
 #define SLIM_ABI_VERSION_MAJOR 0
 #define SLIM_ABI_VERSION_MINOR                                                                                               \
     4 /* 2: X-Slim policies and stats, plan override, profiling events, LEMUR, generic stage call, device; 3: SLIM_ERR_BUSY; \
-         4: bundle format 2, slim_verify levels, slim_bundle_verify */
+         4: bundle format 2, slim_verify levels, slim_bundle_verify, block events (SLIM_PROFILE_BLOCKS),                     \
+         slim_generate_stats.transfer_bytes */
 
 typedef enum slim_status {
     SLIM_OK = 0,
@@ -189,6 +190,10 @@ typedef struct slim_generate_stats {
     double total_ms;      /* wall time of the generate call */
     double backend_ms;    /* time inside ONNX Runtime's Run, all stages */
     double flop_fraction; /* joint-block FLOPs run / those of every block on every token every step (ABI 0.2) */
+    /* ABI 0.4: bytes moved between caller memory and the session's buffers: the request's tensors in, the
+     * result out. Stage outputs are written in place into the next stage's buffers (IO binding), so nothing
+     * else moves; the X-Slim controller's few scalars a step are not counted. */
+    uint64_t transfer_bytes;
 } slim_generate_stats;
 
 /* Run the bundle's whole sampling program. `latents_out` is caller memory, float32 [B, C, H, W]
@@ -245,28 +250,44 @@ typedef enum slim_event_kind {
     SLIM_EVENT_PREPARE = 1,    /* generate: its first part: inputs laid out in the model batch, seeded noise drawn, buffers sized */
     SLIM_EVENT_STEP = 2,       /* generate: one sampling step; `level` says how it ran */
     SLIM_EVENT_STAGE = 3,      /* one backend call of stage `stage` (a CFG batch is one call) */
-    SLIM_EVENT_BANK = 4        /* embed, score: the memory-bank work (score: history assembly; embed with a bank: the upsert) */
+    SLIM_EVENT_BANK = 4,       /* embed, score: the memory-bank work (score: history assembly; embed with a bank: the upsert) */
+    SLIM_EVENT_BLOCK = 5       /* generate, with SLIM_PROFILE_BLOCKS: one joint block's action in a step (ABI 0.4) */
 } slim_event_kind;             /* later versions may add kinds: skip the ones you do not know */
+
+/* What a step did with a joint block (SLIM_EVENT_BLOCK events carry it in `level`; docs/runtime-loop.md). */
+typedef enum slim_block_action {
+    SLIM_BLOCK_RUN = 0,         /* the block's stage on every token */
+    SLIM_BLOCK_RUN_KEEP_KV = 1, /* the same, keeping its image keys/values and residual for later token steps */
+    SLIM_BLOCK_RUN_TOKENS = 2,  /* X-Slim token level: the block_N_tokens stage on the selected tokens */
+    SLIM_BLOCK_REUSE = 3,       /* X-Slim block level: its residual from the last full step added */
+    SLIM_BLOCK_SKIP = 4,        /* nothing: inside the 1.x cached range, or a step reusing the whole stack */
+    SLIM_BLOCK_ADD_DELTA = 5    /* the last block of the 1.x cached range: the compensated delta added */
+} slim_block_action;
+
+/* slim_session_set_profiling flags. */
+#define SLIM_PROFILE_ON 1     /* generation, prepare, step and stage events */
+#define SLIM_PROFILE_BLOCKS 2 /* also one SLIM_EVENT_BLOCK event per joint block per step (ABI 0.4) */
 
 typedef struct slim_event {
     uint32_t struct_size; /* set by the caller: sizeof(slim_event) */
     int32_t kind;         /* slim_event_kind */
     int32_t step;         /* the step the event belongs to; -1 for the generation and prepare events and every LEMUR event */
-    int32_t block;        /* stage events: the joint block the stage computes (block_i, block_i_*), else -1 */
-    int32_t stage;        /* stage events: stage index (slim_engine_stage_name), else -1 */
-    int32_t level;        /* step events: slim_step_level, else -1 */
-    int64_t start_ns;     /* host time the event began */
-    int64_t end_ns;       /* host time it ended */
-    int64_t device_ns;    /* device time from CUDA events; -1 when not measured (always, in this CPU-only build) */
+    int32_t block;        /* stage and block events: the joint block (stage events: the stage computes it, block_i, block_i_*), else -1 */
+    int32_t stage;     /* stage events: stage index (slim_engine_stage_name); block events: the stage the action called, or -1; else -1 */
+    int32_t level;     /* step events: slim_step_level; block events: slim_block_action; else -1 */
+    int64_t start_ns;  /* host time the event began */
+    int64_t end_ns;    /* host time it ended */
+    int64_t device_ns; /* device time from CUDA events; -1 when not measured (always, in this CPU-only build) */
 } slim_event;
 
-/* Turn event recording on (nonzero) or off (0) for the session's following generate, embed and score calls.
- * Status: INVALID_ARGUMENT (NULL session, a plain ONNX engine's session). */
+/* Turn event recording on (nonzero: SLIM_PROFILE_ON, with SLIM_PROFILE_BLOCKS also block events) or off (0) for
+ * the session's following generate, embed and score calls. Status: INVALID_ARGUMENT (NULL session, a plain ONNX
+ * engine's session). */
 SLIM_API slim_status slim_session_set_profiling(slim_session* session, int32_t enabled);
 /* Number of events of the session's last generate, embed or score (0 when profiling was off; partial if it failed). */
 SLIM_API int32_t slim_session_event_count(const slim_session* session);
-/* Event `index`, in the order the events ended: generate: prepare; the stage calls of a step, then that
- * step; the generation last. embed: the stage, the bank upsert; score: the bank history assembly, the
+/* Event `index`, in the order the events ended: generate: prepare; the stage calls (and block events) of a step,
+ * then that step; the generation last. embed: the stage, the bank upsert; score: the bank history assembly, the
  * stage; the call (SLIM_EVENT_GENERATION) last. Status: INVALID_ARGUMENT (NULL argument, index out of range, struct_size). */
 SLIM_API slim_status slim_session_event(const slim_session* session, int32_t index, slim_event* out);
 

@@ -507,6 +507,8 @@ slim_status slim_generate(slim_session* session, const slim_generate_params* par
             stats->total_ms = s.total_ms;
             stats->backend_ms = s.backend_ms;
             if (stats->struct_size >= offsetof(slim_generate_stats, flop_fraction) + sizeof(double)) stats->flop_fraction = s.flop_fraction;
+            if (stats->struct_size >= offsetof(slim_generate_stats, transfer_bytes) + sizeof(uint64_t))
+                stats->transfer_bytes = s.transfer_bytes;
         }
     });
 }
@@ -558,6 +560,7 @@ slim_status slim_session_set_profiling(slim_session* session, int32_t enabled) {
                               "family is '" +
                                   session->engine->manifest().family + "'");
         profiler->set_enabled(enabled != 0);
+        profiler->set_blocks((enabled & SLIM_PROFILE_BLOCKS) != 0);
     });
 }
 

@@ -19,9 +19,9 @@ namespace slim {
 struct ProfileEvent {
     int kind;                  // slim_event_kind
     int step;                  // step index, -1 for the generation and prepare events (and every LEMUR event)
-    int block;                 // stage events: the joint block the stage computes (its manifest `block`), else -1
-    int stage;                 // stage events: index into the engine's stages, else -1
-    int level;                 // step events: slim_step_level, else -1
+    int block;                 // stage events: the joint block the stage computes (its manifest `block`); block events: the block; else -1
+    int stage;                 // stage events: index into the engine's stages; block events: the stage called or -1; else -1
+    int level;                 // step events: slim_step_level; block events: slim_block_action; else -1
     int64_t start_ns, end_ns;  // host steady clock (CLOCK_MONOTONIC on Linux)
     int64_t device_ns;         // device time from CUDA events; -1 when not measured
 };
@@ -35,6 +35,9 @@ class Profiler {
 
     void set_enabled(bool enabled) { enabled_ = enabled; }
     bool enabled() const { return enabled_; }
+    // Also one event per joint block per step (its action; SLIM_PROFILE_BLOCKS), when enabled.
+    void set_blocks(bool blocks) { blocks_ = blocks; }
+    bool blocks() const { return enabled_ && blocks_; }
 
     // Starts a generation's (or LEMUR call's) record: clears the last one; when enabled, reserves `capacity` events so
     // the step loop does not allocate (a program making more calls than that grows the buffer).
@@ -48,6 +51,10 @@ class Profiler {
 
     void stage(int stage, TimePoint start, TimePoint end) {
         if (enabled_) record(SLIM_EVENT_STAGE, step_, block_of_stage_[stage], stage, -1, start, end);
+    }
+    // One joint block's action (slim_block_action) in the current step; `stage` the stage it called, or -1.
+    void block(int block, int stage, int action, TimePoint start, TimePoint end) {
+        if (blocks()) record(SLIM_EVENT_BLOCK, step_, block, stage, action, start, end);
     }
     void step(int level, TimePoint start, TimePoint end) {
         if (enabled_) record(SLIM_EVENT_STEP, step_, -1, -1, level, start, end);
@@ -68,7 +75,7 @@ class Profiler {
   private:
     void record(int kind, int step, int block, int stage, int level, TimePoint start, TimePoint end);
 
-    bool enabled_ = false;
+    bool enabled_ = false, blocks_ = false;
     int step_ = -1;
     std::vector<int> block_of_stage_;
     std::vector<ProfileEvent> events_;
@@ -84,5 +91,7 @@ inline double ms_between(Clock::time_point start, Clock::time_point end) {
 // in `profiler`. Returns the milliseconds it took.
 double run_stage(const Engine& engine, int stage, const OrtValue* const* inputs, OrtValue* const* outputs, std::vector<StageStats>& stats,
                  Profiler& profiler);
+// The same for a call through `binding` (IO binding: outputs written in place); its bind calls are not timed.
+double run_stage(StageBinding& binding, int stage, std::vector<StageStats>& stats, Profiler& profiler);
 
 }  // namespace slim

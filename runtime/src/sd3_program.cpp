@@ -1,25 +1,12 @@
 #include "sd3_program.hpp"
 
-#include <chrono>
-#include <cmath>
-#include <cstring>
-#include <limits>
+#include <cstdlib>
 #include <string>
 
 #include "error.hpp"
-#include "noise.hpp"
-#include "slim_kernels.h"
 
 namespace slim {
 namespace {
-
-void add_into(std::vector<float>& dst, const std::vector<float>& src, size_t n) {
-    for (size_t i = 0; i < n; ++i) dst[i] += src[i];
-}
-
-void subtract(std::vector<float>& dst, const std::vector<float>& a, const std::vector<float>& b, size_t n) {
-    for (size_t i = 0; i < n; ++i) dst[i] = a[i] - b[i];
-}
 
 int step_level(Level level, bool cached_range) {
     switch (level) {
@@ -34,249 +21,380 @@ int step_level(Level level, bool cached_range) {
     }
 }
 
-}  // namespace
-
-Sd3Session::Sd3Session(const Engine& engine) : engine_(engine), stages_(engine.stages().size()), profiler_(engine.stage_blocks()) {}
-
-void Sd3Session::run(int stage, std::initializer_list<const OrtValue*> inputs, std::initializer_list<OrtValue*> outputs) {
-    backend_ms_ += run_stage(engine_, stage, inputs.begin(), outputs.begin(), stages_, profiler_);
-    stage_calls_ += 1;
+// The stages the program calls, from the engine's stage roles: the one place this file reads them.
+Sd3Stages stages_of(const Engine& engine) {
+    Sd3Stages s;
+    s.embed = engine.embed_stage;
+    s.final = engine.final_stage;
+    s.compensate = engine.compensate_stage;
+    s.block = engine.block_stages;
+    s.tokens = engine.token_stages;
+    for (size_t b = 0; b < s.block.size(); ++b) {
+        s.blocks.has_tokens.push_back(s.tokens[b] >= 0);
+        s.blocks.outputs_kv.push_back(engine.block_kv[b]);
+    }
+    return s;
 }
 
+const XSlimPolicy kNoPolicy;
+
+// Buffers on the stages' device: the CUDA device ops where this build has them; else the CPU kernels on
+// host buffers (on a CUDA engine ONNX Runtime then copies each stage's inputs and outputs). The
+// device-resident path has never run on a GPU: SLIMENGINE_DEVICE_OPS=cpu keeps a CUDA engine on host buffers.
+std::unique_ptr<DeviceOps> ops_for(const Engine& engine) {
+    const int device = engine.stages().front()->cuda_device();
+    const char* forced = std::getenv("SLIMENGINE_DEVICE_OPS");
+    const bool host = forced && std::string(forced) == "cpu";
+    std::unique_ptr<DeviceOps> ops = device >= 0 && !host ? make_cuda_ops(device) : nullptr;
+    return ops ? std::move(ops) : make_cpu_ops();
+}
+
+}  // namespace
+
+Sd3Session::Sd3Session(const Engine& engine)
+    : engine_(engine),
+      stage_of_(stages_of(engine)),
+      ops_(ops_for(engine)),
+      host_(ops_->on_host()),
+      allocator_(*engine.stages().front(), host_),
+      stages_(engine.stages().size()),
+      profiler_(engine.stage_blocks()) {
+    for (const auto& stage : engine.stages()) bindings_.emplace_back(*stage);
+}
+
+// The denoising loop: plan each step, run its actions, update the caches, take the Euler step.
 GenerateStats Sd3Session::generate(const GenerateRequest& r) {
-    auto start = Clock::now();
-    const Sd3Config& c = engine_.manifest().config;
-    const Program& program = r.program ? *r.program : engine_.manifest().program;
-    const OrtRuntime& ort = engine_.ort();
-    const bool cfg = r.guidance_scale > 1.0f;
-    const int64_t B = r.batch, Bm = cfg ? 2 * B : B, L = r.text_len, H = r.height, W = r.width;
-    const int64_t N = (H / c.patch_size) * (W / c.patch_size), D = c.inner_dim, Dc = c.caption_projection_dim;
-    const size_t latent_count = static_cast<size_t>(B * c.in_channels * H * W);
-    const int layers = c.num_layers;
-
-    steps_.clear();
-    steps_.reserve(program.steps.size());
-    for (auto& s : stages_) s = StageStats{};
-    backend_ms_ = 0;
-    stage_calls_ = 0;
-    profiler_.begin_generation(1 + program.steps.size() * (1 + stages_.size()));  // each stage at most once a step
-
-    // Inputs in model-batch layout: [negative; positive] under CFG.
-    x_.resize(latent_count);
-    if (r.latents)
-        std::memcpy(x_.data(), r.latents, latent_count * sizeof(float));
-    else
-        gaussian_noise(x_.data(), latent_count, r.seed);
-    auto stack = [&](std::vector<float>& dst, const float* negative, const float* positive, size_t per_batch) {
-        dst.resize(Bm * per_batch);
-        if (cfg) std::memcpy(dst.data(), negative, B * per_batch * sizeof(float));
-        std::memcpy(dst.data() + (cfg ? B * per_batch : 0), positive, B * per_batch * sizeof(float));
-    };
-    stack(text_, r.negative_prompt, r.prompt, L * c.joint_attention_dim);
-    stack(pooled_, r.negative_pooled, r.pooled, c.pooled_projection_dim);
-    model_in_.resize(Bm * latent_count / B);
-    timestep_.resize(Bm);
-    temb_.resize(Bm * D);
-    velocity_.resize(Bm * latent_count / B);
-    for (auto& v : img_) v.resize(Bm * N * D);
-    for (auto& v : txt_) v.resize(Bm * L * Dc);
-    const size_t img_count = Bm * N * D, txt_count = Bm * L * Dc;
-    const bool caches = program.cache_first >= 0;
-    if (caches) {
-        for (auto* v : {&before_img_, &delta_img_, &comp_img_}) v->resize(img_count);
-        for (auto* v : {&before_txt_, &delta_txt_, &comp_txt_}) v->resize(txt_count);
-    }
-
-    // X-Slim: which caches full steps record, sized for this request.
-    static const XSlimPolicy kOff;
-    const XSlimPolicy& policy = r.cache ? *r.cache : kOff;
-    Controller controller(policy, program.steps.size());
-    const bool block_level = policy.uses(Level::Block), token_level = policy.uses(Level::Token);
-    if (policy.enabled)
-        for (auto* v : {&stack_in_, &residual_last_, &residual_prev_}) v->resize(img_count);
-    block_scores_.assign(layers, std::numeric_limits<double>::quiet_NaN());
-    block_res_img_.resize(layers);
-    block_res_txt_.resize(layers);
-    block_k_.resize(layers);
-    block_v_.resize(layers);
-    // Every cache is sized for this request exactly, or emptied: code below takes "not empty" to mean
-    // "kept by this request" (a buffer left from an earlier, smaller request must not be written).
-    auto size = [](std::vector<float>& v, bool needed, size_t count) { needed ? v.resize(count) : v.clear(); };
-    bool any_kv = false;
-    for (int b = 0; b < layers; ++b) {
-        const bool token_block = token_level && engine_.token_stages[b] >= 0;
-        size(block_res_img_[b], block_level || token_block, img_count);
-        size(block_res_txt_[b], block_level && b + 1 < layers, txt_count);
-        size(block_k_[b], token_block, img_count);
-        size(block_v_[b], token_block, img_count);
-        any_kv = any_kv || engine_.block_kv[b];
-    }
-    for (auto& v : kv_scratch_) size(v, any_kv, img_count);  // keys/values a step does not keep
-    if (token_level) token_scores_.resize(Bm * N);
-
-    // OrtValue views over the buffers, made once per call.
-    const std::vector<int64_t> lat_shape{Bm, c.in_channels, H, W}, img_shape{Bm, N, D}, txt_shape{Bm, L, Dc};
-    TensorView v_model_in(ort, model_in_.data(), lat_shape), v_timestep(ort, timestep_.data(), {Bm});
-    TensorView v_pooled(ort, pooled_.data(), {Bm, c.pooled_projection_dim}), v_text(ort, text_.data(), {Bm, L, c.joint_attention_dim});
-    TensorView v_temb(ort, temb_.data(), {Bm, D}), v_velocity(ort, velocity_.data(), {Bm, c.out_channels, H, W});
-    TensorView v_img[2] = {TensorView(ort, img_[0].data(), img_shape), TensorView(ort, img_[1].data(), img_shape)};
-    TensorView v_txt[2] = {TensorView(ort, txt_[0].data(), txt_shape), TensorView(ort, txt_[1].data(), txt_shape)};
-    TensorView v_delta_img, v_delta_txt, v_comp_img, v_comp_txt, v_scratch[2];
-    if (caches) {
-        v_delta_img = TensorView(ort, delta_img_.data(), img_shape);
-        v_delta_txt = TensorView(ort, delta_txt_.data(), txt_shape);
-        v_comp_img = TensorView(ort, comp_img_.data(), img_shape);
-        v_comp_txt = TensorView(ort, comp_txt_.data(), txt_shape);
-    }
-    if (!kv_scratch_[0].empty())
-        for (int i = 0; i < 2; ++i) v_scratch[i] = TensorView(ort, kv_scratch_[i].data(), img_shape);
-    std::vector<TensorView> v_k(layers), v_v(layers), v_res(layers);
-    for (int b = 0; b < layers; ++b)
-        if (!block_k_[b].empty()) {
-            v_k[b] = TensorView(ort, block_k_[b].data(), img_shape);
-            v_v[b] = TensorView(ort, block_v_[b].data(), img_shape);
-            v_res[b] = TensorView(ort, block_res_img_[b].data(), img_shape);
-        }
-
-    bool compensated = false;
-    const double full_block_flops = block_flops(N, N, L, D);
-    double flops = 0;
-    GenerateStats stats;
-    profiler_.prepared(start);
-    for (size_t step = 0; step < program.steps.size(); ++step) {
-        const StepPlan& plan = program.steps[step];
-        auto step_start = Clock::now();
-        const double flops_before = flops;
+    const auto start = Clock::now();
+    prepare(r, start);  // buffers sized for this request, inputs uploaded, noise drawn
+    Controller controller(*policy_, program_->steps.size());
+    for (size_t step = 0; step < program_->steps.size(); ++step) {
+        const StepPlan& plan = program_->steps[step];
+        const auto step_start = Clock::now();
         profiler_.set_step(static_cast<int>(step));
-        for (int64_t copy = 0; copy < Bm / B; ++copy)
-            std::memcpy(model_in_.data() + copy * latent_count, x_.data(), latent_count * sizeof(float));
-        std::fill(timestep_.begin(), timestep_.end(), static_cast<float>(plan.timestep));
-        run(engine_.embed_stage, {v_model_in.get(), v_timestep.get(), v_pooled.get(), v_text.get()},
-            {v_img[0].get(), v_txt[0].get(), v_temb.get()});
-
         const Level level = controller.level(step, plan.record_delta);
-        const bool record = level == Level::Full && policy.enabled;
-        int cur = 0;
-        StepStats st{plan.sigma, plan.sigma_next, 0, 0, 0, static_cast<int>(N), 0, step_level(level, plan.skip_cached_blocks)};
-        if (record) std::memcpy(stack_in_.data(), img_[0].data(), img_count * sizeof(float));
-        if (level == Level::Skip) add_into(img_[0], residual_last_, img_count);  // the whole stack as its last residual
-        std::vector<bool> skip_block(layers, false);
-        if (level == Level::Block) skip_block = skippable_blocks(block_scores_, controller.block_threshold(step), policy.first_blocks);
-        TensorView v_index;
-        int64_t keep = N;
-        if (level == Level::Token) {  // the tokens whose residual changed most between the last two full steps
-            keep = kernels::cpu::tokens_for_ratio(controller.ratio(step), N);
-            token_index_.resize(Bm * keep);
-            kernels::cpu::select_tokens(token_scores_.data(), Bm, N, keep, token_index_.data());
-            v_index = TensorView(ort, token_index_.data(), ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, {Bm, keep});
-            st.tokens_computed = static_cast<int>(keep);
-        }
-
-        for (int b = 0; b < (level == Level::Skip ? 0 : layers); ++b) {
-            const bool in_range = caches && b >= program.cache_first && b <= program.cache_last;
-            if (plan.skip_cached_blocks && in_range) {
-                if (b == program.cache_last) {  // end of the skipped range: add the compensated Δ
-                    if (!compensated && program.compensation == Compensation::Mlp)
-                        run(engine_.compensate_stage, {v_delta_img.get(), v_delta_txt.get()}, {v_comp_img.get(), v_comp_txt.get()});
-                    compensated = true;
-                    const bool mlp = program.compensation == Compensation::Mlp;
-                    add_into(img_[cur], mlp ? comp_img_ : delta_img_, img_count);
-                    add_into(txt_[cur], mlp ? comp_txt_ : delta_txt_, txt_count);
-                }
-                continue;
-            }
-            if (plan.record_delta && b == program.cache_first) {
-                std::memcpy(before_img_.data(), img_[cur].data(), img_count * sizeof(float));
-                std::memcpy(before_txt_.data(), txt_[cur].data(), txt_count * sizeof(float));
-            }
-            const bool last = b == layers - 1;
-            if (skip_block[b]) {  // X-Slim block level: the block's residual from the last full step
-                add_into(img_[cur], block_res_img_[b], img_count);
-                if (!last) add_into(txt_[cur], block_res_txt_[b], txt_count);
-                st.blocks_reused += 1;
-                continue;
-            }
-            if (level == Level::Token && engine_.token_stages[b] >= 0) {
-                std::initializer_list<const OrtValue*> in = {v_img[cur].get(), v_txt[cur].get(), v_temb.get(),  v_index.get(),
-                                                             v_k[b].get(),     v_v[b].get(),     v_res[b].get()};
-                if (last)
-                    run(engine_.token_stages[b], in, {v_img[1 - cur].get()});
-                else
-                    run(engine_.token_stages[b], in, {v_img[1 - cur].get(), v_txt[1 - cur].get()});
-                flops += block_flops(N, keep, L, D);
-            } else {
-                std::initializer_list<const OrtValue*> in = {v_img[cur].get(), v_txt[cur].get(), v_temb.get()};
-                OrtValue* k = nullptr;
-                OrtValue* v = nullptr;
-                if (engine_.block_kv[b]) {  // keys/values into the token cache, or into scratch when not needed
-                    const bool keep_kv = record && !block_k_[b].empty();
-                    k = keep_kv ? v_k[b].get() : v_scratch[0].get();
-                    v = keep_kv ? v_v[b].get() : v_scratch[1].get();
-                }
-                if (last && k)
-                    run(engine_.block_stages[b], in, {v_img[1 - cur].get(), k, v});
-                else if (last)
-                    run(engine_.block_stages[b], in, {v_img[1 - cur].get()});
-                else if (k)
-                    run(engine_.block_stages[b], in, {v_img[1 - cur].get(), v_txt[1 - cur].get(), k, v});
-                else
-                    run(engine_.block_stages[b], in, {v_img[1 - cur].get(), v_txt[1 - cur].get()});
-                flops += full_block_flops;
-                if (record && (block_level || token_level)) {
-                    if (!block_res_img_[b].empty()) subtract(block_res_img_[b], img_[1 - cur], img_[cur], img_count);
-                    if (!block_res_txt_[b].empty()) subtract(block_res_txt_[b], txt_[1 - cur], txt_[cur], txt_count);
-                    block_scores_[b] = relative_change(img_[1 - cur].data(), img_[cur].data(), img_count);
-                }
-            }
-            cur = 1 - cur;
-            ++st.blocks_run;
-            if (plan.record_delta && b == program.cache_last) {
-                subtract(delta_img_, img_[cur], before_img_, img_count);
-                subtract(delta_txt_, txt_[cur], before_txt_, txt_count);
-                compensated = false;
-            }
-        }
-        if (record) {
-            residual_prev_.swap(residual_last_);
-            subtract(residual_last_, img_[cur], stack_in_, img_count);
-            const bool two = controller.full_steps() >= 1;
-            controller.full_step_done(step, two ? relative_change(residual_last_.data(), residual_prev_.data(), img_count) : -1);
-            // Token scores change only here: every token step until the next full step selects from them.
-            if (token_level && two)
-                kernels::cpu::token_change_score(residual_last_.data(), residual_prev_.data(), Bm, N, D, token_scores_.data());
-        }
-        run(engine_.final_stage, {v_img[cur].get(), v_temb.get(), v_model_in.get()}, {v_velocity.get()});
-
-        // Euler step, with classifier-free guidance v = v_neg + g (v_pos - v_neg).
-        const float dt = static_cast<float>(plan.sigma_next - plan.sigma);
-        const float* v_neg = velocity_.data();
-        const float* v_pos = velocity_.data() + (cfg ? latent_count : 0);
-        const float g = r.guidance_scale;
-        bool finite = true;
-        for (size_t i = 0; i < latent_count; ++i) {
-            float v = cfg ? v_neg[i] + g * (v_pos[i] - v_neg[i]) : v_pos[i];
-            x_[i] += dt * v;
-            finite = finite && std::isfinite(x_[i]);
-        }
-        if (!finite) throw Error(SLIM_ERR_NUMERICS, "step " + std::to_string(step) + " produced NaN or Inf latents");
-
-        const auto step_end = Clock::now();
-        profiler_.step(st.level, step_start, step_end);
-        st.ms = ms_between(step_start, step_end);
-        st.flop_fraction = (flops - flops_before) / (full_block_flops * layers);
-        steps_.push_back(st);
-        stats.blocks_run += st.blocks_run;
+        const StepActions& actions = planner_.plan(step, level, controller, buffers_.xslim.block_scores);
+        const Hidden out = execute(step, actions);      // embed, one action per block, final: the velocity
+        update_caches(step, actions, out, controller);  // X-Slim: the stack residual, the controller, token scores
+        euler_cfg(step);                                // x += dt * (guided velocity)
+        end_step(step, actions, step_start);            // its stats and profile event
     }
-    std::memcpy(r.out, x_.data(), latent_count * sizeof(float));
-    stats.steps = static_cast<int>(program.steps.size());
-    stats.stage_calls = stage_calls_;
-    stats.effective_nfe = flops / (full_block_flops * layers) * (cfg ? 2 : 1);
-    stats.flop_fraction = flops / (full_block_flops * layers * static_cast<double>(program.steps.size()));
-    stats.backend_ms = backend_ms_;
+    ops_->download(r.out, buffers_.in.latents.data(), dims_.latent_count * sizeof(float));
+    GenerateStats stats = totals();
     const auto end = Clock::now();
     profiler_.generation(start, end);
     stats.total_ms = ms_between(start, end);
     return stats;
+}
+
+// Sizes every buffer for the request (sd3_buffers.cpp), uploads its inputs in the model batch
+// ([negative; positive] under CFG) and draws the noise: all the allocation a generation does.
+void Sd3Session::prepare(const GenerateRequest& r, Clock::time_point start) {
+    const Sd3Config& c = engine_.manifest().config;
+    program_ = r.program ? r.program : &engine_.manifest().program;
+    policy_ = r.cache ? r.cache : &kNoPolicy;
+    guidance_ = r.guidance_scale;
+    RequestDims& d = dims_;
+    d.cfg = r.guidance_scale > 1.0f;
+    d.batch = r.batch;
+    d.model_batch = d.cfg ? 2 * d.batch : d.batch;
+    d.text = r.text_len;
+    d.height = r.height;
+    d.width = r.width;
+    d.tokens = (d.height / c.patch_size) * (d.width / c.patch_size);
+    d.latent_count = d.batch * c.in_channels * d.height * d.width;
+    d.steps = program_->steps.size();
+    d.embeddings_in_place = ops_->on_host() && !d.cfg;
+
+    steps_.clear();
+    steps_.reserve(d.steps);
+    for (auto& s : stages_) s = StageStats{};
+    backend_ms_ = 0;
+    stage_calls_ = 0;
+    flops_ = 0;
+    ops_->reset_transfer_bytes();
+    const size_t per_step = 1 + stages_.size() + (profiler_.blocks() ? c.num_layers : 0);
+    profiler_.begin_generation(2 + d.steps * per_step);  // each stage at most once a step
+
+    const Controller controller(*policy_, d.steps);  // for the token steps' keeps (sizes only)
+    if (buffers_.size_for(allocator_, c, d, *program_, *policy_, controller, stage_of_.blocks))
+        for (auto& b : bindings_) b.forget();  // OrtValues were remade: an address may have been reused
+    planner_.reset(*program_, *policy_, stage_of_.blocks, d.tokens);
+    ops_->reserve(d.model_batch * d.tokens);
+
+    InputBuffers& in = buffers_.in;
+    const size_t latent_bytes = d.latent_count * sizeof(float);
+    for (int64_t copy = 0; copy < d.model_batch / d.batch; ++copy) {  // both CFG halves hold x
+        float* x = in.latents.f32() + copy * d.latent_count;
+        if (r.latents)
+            ops_->upload(x, r.latents, latent_bytes);
+        else
+            ops_->noise(x, d.latent_count, r.seed);
+    }
+    if (d.embeddings_in_place) {  // host memory already in the model batch: bound as it is, not copied
+        in.text_in = caller_view(in.caller_text, r.prompt, {d.batch, d.text, c.joint_attention_dim});
+        in.pooled_in = caller_view(in.caller_pooled, r.pooled, {d.batch, c.pooled_projection_dim});
+    } else {
+        auto stack = [&](DeviceBuffer& dst, const float* negative, const float* positive) {
+            const size_t half = dst.bytes() / (d.cfg ? 2 : 1);
+            if (d.cfg) ops_->upload(dst.data(), negative, half);
+            ops_->upload(static_cast<char*>(dst.data()) + (d.cfg ? half : 0), positive, half);
+        };
+        stack(in.text, r.negative_prompt, r.prompt);
+        stack(in.pooled, r.negative_pooled, r.pooled);
+        in.text_in = in.text.value();
+        in.pooled_in = in.pooled.value();
+    }
+    ops_->finish();
+    profiler_.prepared(start);
+}
+
+// Runs one step's actions: the embed stage, one action per joint block, the final stage. Returns
+// where the stack's output is (update_caches reads it).
+Sd3Session::Hidden Sd3Session::execute(size_t step, const StepActions& a) {
+    const int layers = static_cast<int>(a.blocks.size());
+    const int64_t img_count = buffers_.stack.img[0].count(), txt_count = buffers_.stack.txt[0].count();
+    Hidden h = embed(step, a);
+    if (a.reuse_stack)
+        ops_->add(h.img->f32(), h.img->f32(), buffers_.xslim.residual_last.f32(), img_count);  // the stack as its last residual
+    if (a.level == Level::Token)  // the tokens whose residual changed most between the last two full steps
+        ops_->select_tokens(buffers_.xslim.token_scores.f32(), dims_.model_batch, dims_.tokens, a.keep, buffers_.xslim.token_index.i64());
+
+    for (int b = 0; b < layers; ++b) {
+        const auto start = profiler_.blocks() ? Clock::now() : Clock::time_point{};
+        int stage = -1;
+        switch (a.blocks[b]) {
+            case BlockAction::Run:
+            case BlockAction::RunKeepKV:
+                stage = stage_of_.block[b];
+                h = run_block(b, a, h);
+                break;
+            case BlockAction::RunTokens:
+                stage = stage_of_.tokens[b];
+                h = run_tokens(b, a, h);
+                break;
+            case BlockAction::Reuse: {  // X-Slim block level: the block's residual from the last full step
+                DeviceBuffer* img = writable(h.img);
+                ops_->add(img->f32(), h.img->f32(), buffers_.xslim.block_res_img[b].f32(), img_count);
+                if (b + 1 < layers) ops_->add(h.txt->f32(), h.txt->f32(), buffers_.xslim.block_res_txt[b].f32(), txt_count);
+                h.img = img;
+                break;
+            }
+            case BlockAction::Skip:
+                break;
+            case BlockAction::AddDelta:
+                stage = program_->compensation == Compensation::Mlp ? stage_of_.compensate : -1;
+                h = add_delta(h);
+                break;
+        }
+        if (b == a.range_last) {  // 1.x recording step: Δ over the range, in place of its kept input
+            RangeCache& range = buffers_.range;
+            ops_->subtract(range.delta_img.f32(), h.img->f32(), range_input_img_->f32(), img_count);
+            ops_->subtract(range.delta_txt.f32(), h.txt->f32(), range.delta_txt.f32(), txt_count);
+            range.compensated = false;
+        }
+        if (profiler_.blocks()) profiler_.block(b, stage, static_cast<int>(a.blocks[b]), start, Clock::now());
+    }
+
+    // Final: the velocity, from the stack's image stream, the conditioning and the latents.
+    StageBinding& s = bindings_[stage_of_.final];
+    s.input(0, h.img->value());
+    s.input(1, buffers_.in.temb.value());
+    s.input(2, buffers_.in.latents.value());
+    s.output(0, buffers_.in.velocity.value());
+    run(stage_of_.final);
+    return h;
+}
+
+// X-Slim after a full step: the stack residual (in place of the kept stack input), the controller's
+// change rate, and the token scores every token step until the next full step selects from.
+void Sd3Session::update_caches(size_t step, const StepActions& a, Hidden out, Controller& controller) {
+    if (!a.record_stack) return;
+    XSlimCaches& x = buffers_.xslim;
+    const int64_t count = x.stack_in.count();
+    ops_->subtract(x.stack_in.f32(), out.img->f32(), x.stack_in.f32(), count);
+    std::swap(x.residual_prev, x.residual_last);  // the older residual's memory becomes the next stack input
+    std::swap(x.residual_last, x.stack_in);
+    const bool two = controller.full_steps() >= 1;
+    controller.full_step_done(step, two ? ops_->relative_change(x.residual_last.f32(), x.residual_prev.f32(), count) : -1);
+    if (x.token_scores.used() && two)
+        ops_->token_scores(x.residual_last.f32(), x.residual_prev.f32(), dims_.model_batch, dims_.tokens,
+                           engine_.manifest().config.inner_dim, x.token_scores.f32());
+}
+
+// The Euler step with classifier-free guidance v = v_neg + g (v_pos - v_neg), into both CFG halves of x.
+void Sd3Session::euler_cfg(size_t step) {
+    const StepPlan& plan = program_->steps[step];
+    const int64_t n = dims_.latent_count;
+    float* x = buffers_.in.latents.f32();
+    const float* v = buffers_.in.velocity.f32();
+    const float dt = static_cast<float>(plan.sigma_next - plan.sigma);
+    const bool finite =
+        dims_.cfg ? ops_->euler_cfg(x, x + n, v, v + n, guidance_, dt, n) : ops_->euler_cfg(x, nullptr, nullptr, v, guidance_, dt, n);
+    if (!finite) throw Error(SLIM_ERR_NUMERICS, "step " + std::to_string(step) + " produced NaN or Inf latents");
+}
+
+void Sd3Session::end_step(size_t step, const StepActions& a, Clock::time_point start) {
+    const auto end = Clock::now();
+    const StepPlan& plan = program_->steps[step];
+    StepStats st;
+    st.sigma = plan.sigma;
+    st.sigma_next = plan.sigma_next;
+    st.blocks_run = a.blocks_run;
+    st.blocks_reused = a.blocks_reused;
+    st.tokens_computed = static_cast<int>(a.keep);
+    st.level = step_level(a.level, plan.skip_cached_blocks);
+    const Sd3Config& c = engine_.manifest().config;
+    const double full = block_flops(dims_.tokens, dims_.tokens, dims_.text, c.inner_dim);
+    const double before = flops_;  // the generation's running sum, block by block (its effective NFE)
+    for (BlockAction action : a.blocks)
+        if (action == BlockAction::Run || action == BlockAction::RunKeepKV)
+            flops_ += full;
+        else if (action == BlockAction::RunTokens)
+            flops_ += block_flops(dims_.tokens, a.keep, dims_.text, c.inner_dim);
+    st.flop_fraction = (flops_ - before) / (full * c.num_layers);
+    profiler_.step(st.level, start, end);
+    st.ms = ms_between(start, end);
+    steps_.push_back(st);  // reserved by prepare
+}
+
+GenerateStats Sd3Session::totals() const {
+    const Sd3Config& c = engine_.manifest().config;
+    const double full_step = block_flops(dims_.tokens, dims_.tokens, dims_.text, c.inner_dim) * c.num_layers;
+    GenerateStats stats;
+    stats.steps = static_cast<int>(program_->steps.size());
+    for (const StepStats& s : steps_) stats.blocks_run += s.blocks_run;
+    stats.stage_calls = stage_calls_;
+    stats.effective_nfe = flops_ / full_step * (dims_.cfg ? 2 : 1);
+    stats.flop_fraction = flops_ / (full_step * static_cast<double>(program_->steps.size()));
+    stats.backend_ms = backend_ms_;
+    stats.transfer_bytes = ops_->transfer_bytes();
+    return stats;
+}
+
+// ---- the executor's pieces ----
+
+// Where a stage writes the hidden states that `next_block` reads: the other ping-pong buffers, except
+// for the inputs a step keeps: the stack's input (X-Slim full step) and the cached range's input (1.x
+// recording step) go straight into their caches' buffers, so nothing is copied.
+Sd3Session::Hidden Sd3Session::output_for(int next_block, const StepActions& a, Hidden h) {
+    StackBuffers& stack = buffers_.stack;
+    Hidden out{&stack.img[h.img == &stack.img[0] ? 1 : 0], &stack.txt[h.txt == &stack.txt[0] ? 1 : 0]};
+    if (next_block == 0 && a.record_stack) out.img = &buffers_.xslim.stack_in;
+    if (next_block == a.range_first) {
+        out.txt = &buffers_.range.delta_txt;
+        if (out.img != &buffers_.xslim.stack_in) out.img = &buffers_.range.delta_img;  // else Δ is taken against stack_in
+        range_input_img_ = out.img;
+    }
+    return out;
+}
+
+// Embed (stage inputs latents, timestep, pooled, text; outputs img, txt, temb).
+Sd3Session::Hidden Sd3Session::embed(size_t step, const StepActions& a) {
+    InputBuffers& in = buffers_.in;
+    const Hidden out = output_for(0, a, Hidden{});
+    ops_->fill(in.timestep.f32(), static_cast<float>(program_->steps[step].timestep), dims_.model_batch);
+    StageBinding& s = bindings_[stage_of_.embed];
+    s.input(0, in.latents.value());
+    s.input(1, in.timestep.value());
+    s.input(2, in.pooled_in);
+    s.input(3, in.text_in);
+    s.output(0, out.img->value());
+    s.output(1, out.txt->value());
+    s.output(2, in.temb.value());
+    run(stage_of_.embed);
+    return out;
+}
+
+// A block stage on every token (inputs img, txt, temb; outputs img_out, txt_out but for the last
+// block, then img_k, img_v where the block has them: into the X-Slim token cache on RunKeepKV, else scratch).
+Sd3Session::Hidden Sd3Session::run_block(int b, const StepActions& a, Hidden h) {
+    const bool last = b + 1 == static_cast<int>(a.blocks.size());
+    const Hidden out = output_for(b + 1, a, h);
+    StageBinding& s = bindings_[stage_of_.block[b]];
+    s.input(0, h.img->value());
+    s.input(1, h.txt->value());
+    s.input(2, buffers_.in.temb.value());
+    size_t o = 0;
+    s.output(o++, out.img->value());
+    if (!last) s.output(o++, out.txt->value());
+    if (stage_of_.blocks.outputs_kv[b]) {
+        const bool keep = a.blocks[b] == BlockAction::RunKeepKV;
+        s.output(o++, (keep ? buffers_.xslim.block_k[b] : buffers_.stack.k_scratch).value());
+        s.output(o++, (keep ? buffers_.xslim.block_v[b] : buffers_.stack.v_scratch).value());
+    }
+    run(stage_of_.block[b]);
+    XSlimCaches& x = buffers_.xslim;
+    if (a.record_blocks) {  // X-Slim full step: the block's residual and how much it changed its input
+        const int64_t img_count = out.img->count();
+        if (x.block_res_img[b].used()) ops_->subtract(x.block_res_img[b].f32(), out.img->f32(), h.img->f32(), img_count);
+        if (x.block_res_txt[b].used()) ops_->subtract(x.block_res_txt[b].f32(), out.txt->f32(), h.txt->f32(), out.txt->count());
+        x.block_scores[b] = ops_->relative_change(out.img->f32(), h.img->f32(), img_count);
+    }
+    return last ? Hidden{out.img, h.txt} : out;
+}
+
+// A block's token stage (inputs img, txt, temb, token_index, k_cache, v_cache, residual_cache;
+// outputs img_out, txt_out but for the last block).
+Sd3Session::Hidden Sd3Session::run_tokens(int b, const StepActions& a, Hidden h) {
+    const bool last = b + 1 == static_cast<int>(a.blocks.size());
+    const Hidden out = output_for(b + 1, a, h);
+    XSlimCaches& x = buffers_.xslim;
+    StageBinding& s = bindings_[stage_of_.tokens[b]];
+    s.input(0, h.img->value());
+    s.input(1, h.txt->value());
+    s.input(2, buffers_.in.temb.value());
+    s.input(3, buffers_.token_index(a.keep));
+    s.input(4, x.block_k[b].value());
+    s.input(5, x.block_v[b].value());
+    s.input(6, x.block_res_img[b].value());
+    s.output(0, out.img->value());
+    if (!last) s.output(1, out.txt->value());
+    run(stage_of_.tokens[b]);
+    return last ? Hidden{out.img, h.txt} : out;
+}
+
+// The end of the 1.x cached range: its compensated Δ added in place (the compensate stage, inputs
+// delta_img, delta_txt, outputs comp_img, comp_txt, runs once per recorded Δ).
+Sd3Session::Hidden Sd3Session::add_delta(Hidden h) {
+    RangeCache& range = buffers_.range;
+    const bool mlp = program_->compensation == Compensation::Mlp;
+    if (mlp && !range.compensated) {
+        StageBinding& s = bindings_[stage_of_.compensate];
+        s.input(0, range.delta_img.value());
+        s.input(1, range.delta_txt.value());
+        s.output(0, range.comp_img.value());
+        s.output(1, range.comp_txt.value());
+        run(stage_of_.compensate);
+    }
+    range.compensated = true;
+    DeviceBuffer* img = writable(h.img);
+    ops_->add(img->f32(), h.img->f32(), (mlp ? range.comp_img : range.delta_img).f32(), h.img->count());
+    ops_->add(h.txt->f32(), h.txt->f32(), (mlp ? range.comp_txt : range.delta_txt).f32(), h.txt->count());
+    return Hidden{img, h.txt};
+}
+
+// Where an addition to the image stream `img` goes: in place, unless `img` is the kept stack input
+// (X-Slim full step whose first blocks add instead of run), which update_caches still needs.
+DeviceBuffer* Sd3Session::writable(DeviceBuffer* img) {
+    return img == &buffers_.xslim.stack_in ? &buffers_.stack.img[0] : img;  // both ping-pong buffers are free then
+}
+
+// The OrtValue viewing caller memory `data` of `shape` (read-only: ONNX Runtime never writes an input).
+const OrtValue* Sd3Session::caller_view(CallerView& v, const float* data, const std::vector<int64_t>& shape) {
+    if (v.view.get() && v.data == data && v.shape == shape) return v.view.get();
+    TensorView made(engine_.ort(), const_cast<float*>(data), ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, shape);
+    if (const OrtValue* old = v.view.get())  // made while the old one lives: a different address
+        for (auto& b : bindings_) b.forget(old);
+    v.view = std::move(made);
+    v.data = data;
+    v.shape = shape;
+    return v.view.get();
+}
+
+void Sd3Session::run(int stage) {
+    if (!host_) ops_->finish();  // the stage reads what the device ops wrote (host ops finish as they return)
+    backend_ms_ += run_stage(bindings_[stage], stage, stages_, profiler_);
+    stage_calls_ += 1;
 }
 
 }  // namespace slim

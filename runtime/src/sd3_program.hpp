@@ -1,13 +1,18 @@
-// The SD3 sampling program (flow-matching Euler, CFG, 1.x cached steps) run over an engine's stages.
-// A session owns every buffer and cache of a generation; the engine's stages are pure functions.
+// The SD3 sampling program (flow-matching Euler, CFG, 1.x cached steps, X-Slim reuse) run over an
+// engine's stages. A session owns every buffer and cache of a generation (sd3_buffers.hpp); the
+// engine's stages are pure functions. docs/runtime-loop.md walks through the loop.
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
+#include "device_ops.hpp"
 #include "engine.hpp"
 #include "profiler.hpp"
+#include "sd3_buffers.hpp"
 #include "slimengine.h"
+#include "step_planner.hpp"
 #include "xslim.hpp"
 
 namespace slim {
@@ -30,6 +35,7 @@ struct GenerateRequest {
 struct GenerateStats {
     int steps = 0, blocks_run = 0, stage_calls = 0;
     double effective_nfe = 0, flop_fraction = 0, total_ms = 0, backend_ms = 0;
+    uint64_t transfer_bytes = 0;  // caller memory <-> the session's buffers: the request's tensors and the result
 };
 
 struct StepStats {
@@ -39,6 +45,13 @@ struct StepStats {
     int tokens_computed = 0;     // image tokens each evaluated block computed (all of them unless a token step)
     double flop_fraction = 0;    // of a step running every block on every token
     int level = SLIM_STEP_FULL;  // slim_step_level
+};
+
+// Indices into the engine's stages of the stages the program calls (read from the engine in one place).
+struct Sd3Stages {
+    int embed = -1, final = -1, compensate = -1;
+    std::vector<int> block, tokens;  // per joint block; tokens: -1 where a block has no token stage
+    BlockStages blocks;
 };
 
 class Sd3Session {
@@ -54,26 +67,52 @@ class Sd3Session {
     const Profiler& profiler() const { return profiler_; }
 
   private:
-    void run(int stage, std::initializer_list<const OrtValue*> inputs, std::initializer_list<OrtValue*> outputs);
+    // Which buffers hold the stack's current image and text hidden states.
+    struct Hidden {
+        DeviceBuffer* img = nullptr;
+        DeviceBuffer* txt = nullptr;
+    };
+
+    // The loop's parts, in the order generate calls them.
+    void prepare(const GenerateRequest& request, Clock::time_point start);
+    Hidden execute(size_t step, const StepActions& actions);
+    void update_caches(size_t step, const StepActions& actions, Hidden out, Controller& controller);
+    void euler_cfg(size_t step);
+    void end_step(size_t step, const StepActions& actions, Clock::time_point start);  // stats; adds the step's FLOPs to flops_
+    GenerateStats totals() const;
+
+    // The executor's pieces.
+    Hidden embed(size_t step, const StepActions& actions);
+    Hidden run_block(int block, const StepActions& actions, Hidden h);
+    Hidden run_tokens(int block, const StepActions& actions, Hidden h);
+    Hidden add_delta(Hidden h);
+    Hidden output_for(int next_block, const StepActions& actions, Hidden h);
+    DeviceBuffer* writable(DeviceBuffer* img);
+    const OrtValue* caller_view(CallerView& view, const float* data, const std::vector<int64_t>& shape);
+    void run(int stage);
 
     const Engine& engine_;
+    const Sd3Stages stage_of_;
+    std::unique_ptr<DeviceOps> ops_;
+    const bool host_;  // ops_->on_host()
+    DeviceAllocator allocator_;
+    std::vector<StageBinding> bindings_;  // one per engine stage
+    Sd3Buffers buffers_;
+    StepPlanner planner_;
+
+    // The request being run.
+    const Program* program_ = nullptr;
+    const XSlimPolicy* policy_ = nullptr;
+    RequestDims dims_;
+    float guidance_ = 1.0f;
+    double flops_ = 0;
+    const DeviceBuffer* range_input_img_ = nullptr;  // where the recording step kept the cached range's image input
+
     std::vector<StepStats> steps_;
     std::vector<StageStats> stages_;
     double backend_ms_ = 0;
     int stage_calls_ = 0;
     Profiler profiler_;
-
-    // Buffers, grown on demand and reused across generate calls.
-    std::vector<float> x_, model_in_, timestep_, pooled_, text_, temb_, velocity_;
-    std::vector<float> img_[2], txt_[2];
-    std::vector<float> before_img_, before_txt_, delta_img_, delta_txt_, comp_img_, comp_txt_;
-    // X-Slim: stack input and the stack residuals of the last two full steps; per block, recorded at
-    // full steps: image/text residuals, scores, image keys/values; token selection.
-    std::vector<float> stack_in_, residual_last_, residual_prev_;
-    std::vector<std::vector<float>> block_res_img_, block_res_txt_, block_k_, block_v_;
-    std::vector<double> block_scores_;
-    std::vector<float> kv_scratch_[2], token_scores_;
-    std::vector<int64_t> token_index_;
 };
 
 }  // namespace slim

@@ -138,8 +138,8 @@ double relative_change(const float* a, const float* b, size_t n) {
     return scale > 0 ? static_cast<double>(change) / scale : std::numeric_limits<double>::infinity();
 }
 
-std::vector<bool> skippable_blocks(const std::vector<double>& scores, double threshold, int first_blocks) {
-    std::vector<bool> skip(scores.size(), false);
+void skippable_blocks(const std::vector<double>& scores, double threshold, int first_blocks, std::vector<bool>& skip) {
+    skip.assign(scores.size(), false);
     double acc = 0;
     for (size_t i = 0; i < scores.size(); ++i) {
         if (std::isnan(scores[i])) continue;
@@ -149,7 +149,6 @@ std::vector<bool> skippable_blocks(const std::vector<double>& scores, double thr
         else
             acc = 0;
     }
-    return skip;
 }
 
 double block_flops(int64_t tokens, int64_t computed, int64_t text, int64_t dim) {

@@ -59,8 +59,9 @@ class Controller {
 // sum |a - b| / sum |b| (the kernels' L1 change, summed in double); infinity when b is all zero.
 double relative_change(const float* a, const float* b, size_t n);
 
-// Blocks a block-level step skips, from the scores of the last full step (NaN: not recorded).
-std::vector<bool> skippable_blocks(const std::vector<double>& scores, double threshold, int first_blocks);
+// Blocks a block-level step skips (into `skip`, one per score), from the scores of the last full step
+// (NaN: not recorded).
+void skippable_blocks(const std::vector<double>& scores, double threshold, int first_blocks, std::vector<bool>& skip);
 
 // Multiply-adds of one joint block recomputing `computed` of `tokens` image tokens (reference_sampler.block_flops).
 double block_flops(int64_t tokens, int64_t computed, int64_t text, int64_t dim);

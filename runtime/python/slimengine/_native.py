@@ -34,7 +34,7 @@ class GenerateParams(ctypes.Structure):
 class GenerateStats(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("steps", ctypes.c_int32), ("blocks_run", ctypes.c_int32),
                 ("stage_calls", ctypes.c_int32), ("effective_nfe", ctypes.c_double), ("total_ms", ctypes.c_double),
-                ("backend_ms", ctypes.c_double), ("flop_fraction", ctypes.c_double)]
+                ("backend_ms", ctypes.c_double), ("flop_fraction", ctypes.c_double), ("transfer_bytes", ctypes.c_uint64)]
 
 
 class StepStats(ctypes.Structure):

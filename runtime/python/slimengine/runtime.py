@@ -20,7 +20,9 @@ from ._native import Event, GenerateStats, LemurStats, NamedTensor, SlimTensor, 
 from .bundle import VERIFY_LEVELS, loads_strict
 
 STEP_LEVELS = ("full", "cached_range", "reused", "block_refresh", "token_refresh")  # slim_step_level
-EVENT_KINDS = ("generation", "prepare", "step", "stage", "bank")  # slim_event_kind
+EVENT_KINDS = ("generation", "prepare", "step", "stage", "bank", "block")  # slim_event_kind
+BLOCK_ACTIONS = ("run", "run_keep_kv", "run_tokens", "reuse", "skip", "add_delta")  # slim_block_action
+PROFILE_ON, PROFILE_BLOCKS = 1, 2  # slim_session_set_profiling flags
 
 
 class SlimError(RuntimeError):
@@ -123,10 +125,13 @@ class _TensorArg:
 @dataclasses.dataclass
 class GenerateResult:
     latents: np.ndarray
-    stats: dict  # steps, blocks_run, stage_calls, effective_nfe, flop_fraction, total_ms, backend_ms, per_step, per_stage
+    # steps, blocks_run, stage_calls, effective_nfe, flop_fraction, total_ms, backend_ms, transfer_bytes (caller memory <->
+    # the session's buffers: the request and the result), per_step, per_stage
+    stats: dict
     # With Session.profiling on: the runtime's timed events, in the order they ended (slim_event), each
-    # {kind: generation|prepare|step|stage|bank, step, block, stage (name or None), level (step level name or None),
-    #  start_ns, end_ns (host steady clock), device_ns (None: not measured)}. Empty when profiling is off.
+    # {kind: generation|prepare|step|stage|bank|block, step, block, stage (name or None), level (step level name or None),
+    #  action (block events: BLOCK_ACTIONS name, else None), start_ns, end_ns (host steady clock), device_ns (None: not
+    #  measured)}. Block events only with Session.profiling = "blocks". Empty when profiling is off.
     # EmbedResult and ScoreResult carry the same list: the call ("generation"), its stage call and its "bank" work.
     events: list[dict] = dataclasses.field(default_factory=list)
 
@@ -311,16 +316,21 @@ class Session(_Closable):
         self._gate = _CallGate("session", exclusive=True)
 
     @property
-    def profiling(self) -> bool:
+    def profiling(self) -> bool | str:
         """Record timed events in the runtime (generate: per stage call, step and generation; embed and score: per
-        call, its stage call and its bank work), returned as the results' `events`; off by default."""
+        call, its stage call and its bank work), returned as the results' `events`; off by default. "blocks" also
+        records, in generate, one "block" event per joint block per step with the planner's `action` for it
+        (BLOCK_ACTIONS; docs/runtime-loop.md)."""
         return self._profiling
 
     @profiling.setter
-    def profiling(self, enabled: bool) -> None:
+    def profiling(self, enabled: bool | str) -> None:
+        if isinstance(enabled, str) and enabled != "blocks":
+            raise ValueError(f'profiling must be True, False or "blocks", got {enabled!r}')
+        flags = 0 if not enabled else PROFILE_ON | (PROFILE_BLOCKS if enabled == "blocks" else 0)
         with self._gate.call():
-            _check(_native.lib().slim_session_set_profiling(self._handle, int(bool(enabled))))
-            self._profiling = bool(enabled)
+            _check(_native.lib().slim_session_set_profiling(self._handle, flags))
+            self._profiling = enabled if enabled == "blocks" else bool(enabled)
 
     def generate(self, prompt_embeds, pooled_embeds, *, seed: int = 0, latents=None, negative_prompt_embeds=None,
                  negative_pooled_embeds=None, guidance_scale: float | None = None, height: int | None = None,
@@ -396,7 +406,8 @@ class Session(_Closable):
             _check(lib.slim_session_stage_stats(self._handle, i, ctypes.byref(st)))
             per_stage[name] = {"calls": st.calls, "ms": st.total_ms}
         return {"steps": s.steps, "blocks_run": s.blocks_run, "stage_calls": s.stage_calls, "effective_nfe": s.effective_nfe,
-                "flop_fraction": s.flop_fraction, "total_ms": s.total_ms, "backend_ms": s.backend_ms, "per_step": per_step, "per_stage": per_stage}
+                "flop_fraction": s.flop_fraction, "total_ms": s.total_ms, "backend_ms": s.backend_ms, "transfer_bytes": s.transfer_bytes,
+                "per_step": per_step, "per_stage": per_stage}
 
     def _events(self) -> list[dict]:
         lib = _native.lib()
@@ -406,10 +417,12 @@ class Session(_Closable):
             _check(lib.slim_session_event(self._handle, i, ctypes.byref(e)))
             if e.kind >= len(EVENT_KINDS):
                 continue  # a kind newer than this binding
-            events.append({"kind": EVENT_KINDS[e.kind], "step": e.step, "block": e.block,
-                           "stage": self._engine.stage_names[e.stage] if e.stage >= 0 else None,
-                           "level": STEP_LEVELS[e.level] if e.level >= 0 else None, "start_ns": e.start_ns, "end_ns": e.end_ns,
-                           "device_ns": e.device_ns if e.device_ns >= 0 else None})
+            kind = EVENT_KINDS[e.kind]
+            level = STEP_LEVELS[e.level] if e.level >= 0 and kind != "block" else None
+            events.append({"kind": kind, "step": e.step, "block": e.block,
+                           "stage": self._engine.stage_names[e.stage] if e.stage >= 0 else None, "level": level,
+                           "action": BLOCK_ACTIONS[e.level] if kind == "block" else None, "start_ns": e.start_ns,
+                           "end_ns": e.end_ns, "device_ns": e.device_ns if e.device_ns >= 0 else None})
         return events
 
     def embed(self, text_ids, frames, *, segment_ids=None, bank: MemoryBank | None = None, document_ids=None,
