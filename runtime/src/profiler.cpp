@@ -21,10 +21,12 @@ void Profiler::record(int kind, int step, int block, int stage, int level, TimeP
     events_.push_back(ProfileEvent{kind, step, block, stage, level, ns(start), ns(end), -1});
 }
 
-double run_stage(const Engine& engine, int stage, const OrtValue* const* inputs, OrtValue* const* outputs, std::vector<StageStats>& stats,
-                 Profiler& profiler) {
+namespace {
+// Times one stage call and records it in the stage's stats and the profiler; returns its ms.
+template <typename Call>
+double timed_stage_call(int stage, std::vector<StageStats>& stats, Profiler& profiler, Call&& call) {
     const auto start = Clock::now();
-    engine.stages()[stage]->run(inputs, outputs);
+    call();
     const auto end = Clock::now();
     profiler.stage(stage, start, end);
     const double ms = ms_between(start, end);
@@ -32,17 +34,16 @@ double run_stage(const Engine& engine, int stage, const OrtValue* const* inputs,
     stats[stage].ms += ms;
     return ms;
 }
+}  // namespace
+
+double run_stage(const Engine& engine, int stage, const OrtValue* const* inputs, OrtValue* const* outputs, std::vector<StageStats>& stats,
+                 Profiler& profiler) {
+    return timed_stage_call(stage, stats, profiler, [&] { engine.stages()[stage]->run(inputs, outputs); });
+}
 
 double run_stage(StageBinding& binding, int stage, std::vector<StageStats>& stats, Profiler& profiler) {
     binding.bind();  // outside the timed call: binding is the runtime's work, not ONNX Runtime's Run
-    const auto start = Clock::now();
-    binding.run();
-    const auto end = Clock::now();
-    profiler.stage(stage, start, end);
-    const double ms = ms_between(start, end);
-    stats[stage].calls += 1;
-    stats[stage].ms += ms;
-    return ms;
+    return timed_stage_call(stage, stats, profiler, [&] { binding.run(); });
 }
 
 }  // namespace slim
