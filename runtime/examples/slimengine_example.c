@@ -12,21 +12,6 @@
 
 #include "slimengine.h"
 
-/* The few config fields this example needs, read from the manifest text without a JSON library. */
-static long config_int(const char* manifest, const char* key) {
-    char pattern[128];
-    snprintf(pattern, sizeof pattern, "\"%s\":", key);
-    const char* at = strstr(manifest, pattern);
-    return at ? strtol(at + strlen(pattern), NULL, 10) : -1;
-}
-
-static double manifest_number(const char* manifest, const char* key) {
-    char pattern[128];
-    snprintf(pattern, sizeof pattern, "\"%s\":", key);
-    const char* at = strstr(manifest, pattern);
-    return at ? strtod(at + strlen(pattern), NULL) : -1.0;
-}
-
 static float* filled(size_t n, uint32_t* state, float scale) {
     float* p = malloc(n * sizeof(float));
     for (size_t i = 0; p && i < n; ++i) {
@@ -68,11 +53,25 @@ int main(int argc, char** argv) {
         fprintf(stderr, "slimengine-example: %s\n", slim_last_error());
         return 1;
     }
-    const char* manifest = slim_engine_manifest(engine);
-    long joint = config_int(manifest, "joint_attention_dim"), pooled_dim = config_int(manifest, "pooled_projection_dim");
-    long channels = config_int(manifest, "out_channels");
-    if (size <= 0) size = config_int(manifest, "default_latent_size");
-    double guidance = manifest_number(manifest, "guidance_scale");
+    /* The bundle's shapes and defaults, typed (no JSON parsing): slim_engine_get_info, ABI 0.5. */
+    int32_t abi_major = 0, abi_minor = 0;
+    slim_abi_version(&abi_major, &abi_minor);
+    slim_engine_info info = {sizeof(slim_engine_info)};
+    const char* problem = NULL;
+    if (abi_major != SLIM_ABI_VERSION_MAJOR || abi_minor < 5)
+        problem = "the library's ABI is not 0.5 or a newer 0.x";
+    else if (slim_engine_get_info(engine, &info) != SLIM_OK)
+        problem = slim_last_error();
+    else if (info.family != SLIM_FAMILY_SD3)
+        problem = "not an sd3 bundle (slim_generate runs sd3 bundles)";
+    if (problem) {
+        fprintf(stderr, "slimengine-example: %s\n", problem);
+        slim_engine_close(engine);
+        return 1;
+    }
+    long joint = info.joint_attention_dim, pooled_dim = info.pooled_projection_dim, channels = info.latent_channels;
+    if (size <= 0) size = info.default_latent_size;
+    double guidance = info.guidance_scale;
 
     size_t text_n = (size_t)(batch * text_len * joint), pooled_n = (size_t)(batch * pooled_dim),
            lat_n = (size_t)(batch * channels * size * size);

@@ -37,12 +37,16 @@ extern "C" {
 #define SLIM_API __attribute__((visibility("default")))
 #endif
 
-/* ABI version of this header; slim_version() gives the library's at run time. */
+/* ABI version of this header; slim_abi_version() gives the library's at run time. A library serves every caller
+ * of its major version built against a minor version up to its own (params and stats structs grow at their end;
+ * an older caller's smaller struct_size keeps working). A struct_size larger than the library's own struct is
+ * refused (SLIM_ERR_INVALID_ARGUMENT): the caller's header is newer than the library. */
 #define SLIM_ABI_VERSION_MAJOR 0
 #define SLIM_ABI_VERSION_MINOR                                                                                               \
-    4 /* 2: X-Slim policies and stats, plan override, profiling events, LEMUR, generic stage call, device; 3: SLIM_ERR_BUSY; \
+    5 /* 2: X-Slim policies and stats, plan override, profiling events, LEMUR, generic stage call, device; 3: SLIM_ERR_BUSY; \
          4: bundle format 2, slim_verify levels, slim_bundle_verify, block events (SLIM_PROFILE_BLOCKS),                     \
-         slim_generate_stats.transfer_bytes */
+         slim_generate_stats.transfer_bytes; 5: slim_abi_version, slim_engine_info, slim_engine_program_step, struct_size    \
+         larger than the library's refused */
 
 typedef enum slim_status {
     SLIM_OK = 0,
@@ -91,6 +95,10 @@ typedef struct slim_session slim_session;
 SLIM_API const char* slim_version(void);
 /* ABI major version of the library, to compare with SLIM_ABI_VERSION_MAJOR. */
 SLIM_API int32_t slim_abi_version_major(void);
+/* ABI major and minor version of the library (either pointer may be NULL). A caller built against this header needs
+ * major == SLIM_ABI_VERSION_MAJOR and minor >= the minor version of the newest call or field it uses. ABI 0.5
+ * (a library older than 0.5 lacks this symbol: slim_abi_version_major then still answers). */
+SLIM_API void slim_abi_version(int32_t* major, int32_t* minor);
 /* Detail of the last error on this thread ("" if none); owned by the library. */
 SLIM_API const char* slim_last_error(void);
 /* Short name of a status code ("SLIM_ERR_SHAPE"); static storage. */
@@ -148,6 +156,82 @@ SLIM_API const char* slim_engine_manifest(const slim_engine* engine);
 /* Number of stages and the name of stage i (owned by the engine), for reading session stats. */
 SLIM_API int32_t slim_engine_stage_count(const slim_engine* engine);
 SLIM_API const char* slim_engine_stage_name(const slim_engine* engine, int32_t index);
+
+/* ---- engine introspection (ABI 0.5): what the manifest says, typed, so C callers need not parse its JSON ---- */
+
+typedef enum slim_family {
+    SLIM_FAMILY_SD3 = 0,   /* slim_generate */
+    SLIM_FAMILY_LEMUR = 1, /* slim_embed, slim_score */
+    SLIM_FAMILY_ONNX = 2   /* a plain ONNX model: slim_stage_run only */
+} slim_family;
+
+/* What the bundle's 1.x cached steps add in place of the cached block range. */
+typedef enum slim_compensation {
+    SLIM_COMPENSATION_NONE = 0,    /* no cached range */
+    SLIM_COMPENSATION_MLP = 1,     /* the compensate stage's output */
+    SLIM_COMPENSATION_IDENTITY = 2 /* the recorded delta as it is */
+} slim_compensation;
+
+/* The bundle's default X-Slim policy (program.cache; docs/xslim.md). */
+typedef enum slim_xslim_mode {
+    SLIM_XSLIM_NONE = 0,    /* none, or disabled */
+    SLIM_XSLIM_ONLINE = 1,  /* decided each step from the accumulated change */
+    SLIM_XSLIM_SCHEDULE = 2 /* a fixed level per step */
+} slim_xslim_mode;
+
+/* Plain numbers only, no pointers or strings. Fields of another family than the engine's are 0 (the cache range -1). */
+typedef struct slim_engine_info {
+    uint32_t struct_size; /* set by the caller: sizeof(slim_engine_info) */
+    int32_t family;       /* slim_family */
+    int32_t precision;    /* slim_dtype of the weights: SLIM_DTYPE_FLOAT32, FLOAT16 or BFLOAT16 (manifest "precision") */
+    int32_t stage_count;  /* as slim_engine_stage_count */
+    /* SD3 (manifest config and program): */
+    int32_t num_blocks;            /* joint transformer blocks (config.num_layers) */
+    int32_t hidden_size;           /* config.inner_dim (num_attention_heads * attention_head_dim) */
+    int32_t num_attention_heads;   /* config.num_attention_heads */
+    int32_t latent_channels;       /* config.in_channels (== out_channels): C of latents [B, C, H, W] */
+    int32_t patch_size;            /* latent H and W are multiples of it */
+    int32_t joint_attention_dim;   /* last dimension of prompt_embeds */
+    int32_t pooled_projection_dim; /* last dimension of pooled_embeds */
+    int32_t default_latent_size;   /* latent H and W the bundle was made for */
+    int32_t max_latent_size;       /* largest latent H and W (the position table's limit) */
+    int32_t num_steps;             /* sampling steps of the bundle's program (each: slim_engine_program_step) */
+    int32_t cache_first_block;     /* 1.x cached block range, inclusive; -1 and -1: none */
+    int32_t cache_last_block;
+    int32_t compensation;     /* slim_compensation */
+    int32_t xslim;            /* slim_xslim_mode of the bundle's default X-Slim policy */
+    int32_t has_token_stages; /* 1: block_tokens stages exist (the X-Slim token level can run) */
+    float guidance_scale;     /* the program's default CFG scale (> 1: CFG, negative embeddings required) */
+    /* LEMUR (manifest config and program): */
+    int32_t embed_dim;    /* width of a document embedding (and of a bank for it) */
+    int32_t vocab_size;   /* token ids are in [0, vocab_size) */
+    int32_t num_segments; /* segment ids are in [0, num_segments) */
+    int32_t max_text_len; /* limits of embed's and score's dynamic dimensions */
+    int32_t max_query_len;
+    int32_t image_size; /* frames are [B, F, 3, image_size, image_size] */
+    int32_t max_frames;
+    int32_t max_batch;
+    int32_t max_history;
+    int64_t model_version; /* what slim_embed records in a bank by default */
+} slim_engine_info;
+
+/* Fills *out (out->struct_size set by the caller). Status: INVALID_ARGUMENT (NULL, struct_size other than
+ * sizeof(slim_engine_info)). ABI 0.5. */
+SLIM_API slim_status slim_engine_get_info(const slim_engine* engine, slim_engine_info* out);
+
+/* One step of an SD3 bundle's sampling program (manifest program.steps[i]). */
+typedef struct slim_program_step {
+    uint32_t struct_size;       /* set by the caller: sizeof(slim_program_step) */
+    int32_t record_delta;       /* 1: this step records the delta over the cached range (1.x) */
+    int32_t skip_cached_blocks; /* 1: this step skips the cached range and adds the compensated delta */
+    double sigma;               /* noise level at the step's start */
+    double sigma_next;          /* and at its end */
+    double timestep;            /* the timestep the model is conditioned on */
+} slim_program_step;
+
+/* Step `index` (0 to slim_engine_info.num_steps - 1) of an SD3 engine's program. Status: INVALID_ARGUMENT (NULL,
+ * not an sd3 engine, index out of range, struct_size other than sizeof(slim_program_step)). ABI 0.5. */
+SLIM_API slim_status slim_engine_program_step(const slim_engine* engine, int32_t index, slim_program_step* out);
 
 /* ---- session ---- */
 

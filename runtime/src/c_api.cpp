@@ -1,6 +1,7 @@
-// The C ABI: argument validation at the boundary, exceptions turned into status codes.
+// The C ABI: handles, params structs read and checked, caller tensors checked, exceptions turned into
+// status codes. What a call means lives behind it: the programs (sd3_program, lemur_program), X-Slim
+// policies (xslim), the generic stage call (ort_backend), bank files (memory_bank).
 #include <algorithm>
-#include <cfloat>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -14,12 +15,13 @@
 #include "call_gate.hpp"
 #include "engine.hpp"
 #include "error.hpp"
-#include "json.hpp"
 #include "lemur_program.hpp"
 #include "memory_bank.hpp"
+#include "program.hpp"
 #include "sampling_plan.hpp"
 #include "sd3_program.hpp"
 #include "slimengine.h"
+#include "tensor_args.hpp"
 
 #ifndef SLIMENGINE_VERSION
 #define SLIMENGINE_VERSION "0.0.0"
@@ -33,10 +35,9 @@ struct slim_engine {
 };
 
 struct slim_session {
-    std::shared_ptr<const slim::Engine> engine;  // declared first: destroyed after the programs that use it
-    std::unique_ptr<slim::Sd3Session> program;   // family sd3
-    std::unique_ptr<slim::LemurSession> lemur;   // family lemur
-    mutable slim::CallGate gate;                 // one call at a time
+    std::shared_ptr<const slim::Engine> engine;     // declared first: destroyed after the program that uses it
+    std::unique_ptr<slim::ProgramSession> program;  // the family's program (nullptr: a plain ONNX engine)
+    mutable slim::CallGate gate;                    // one call at a time
 };
 
 struct slim_bank {
@@ -48,8 +49,8 @@ namespace {
 
 thread_local std::string last_error;
 
-// Limits of the exported graphs' dynamic dimensions (export/onnx_export.py) and of one tensor.
-constexpr int64_t kMaxBatch = 4096, kMaxText = 8192, kMaxElements = int64_t(1) << 40;
+// Limits of the exported graphs' dynamic dimensions (export/onnx_export.py).
+constexpr int64_t kMaxBatch = 4096, kMaxText = 8192;
 
 slim_status fail(slim_status status, const std::string& message) {
     last_error = message;
@@ -76,148 +77,59 @@ slim::Verify verify_level(int32_t level, const char* what) {
     return level == SLIM_VERIFY_FULL ? slim::Verify::Full : slim::Verify::Fast;
 }
 
-// Copies a caller's params struct over the defaults: older callers pass smaller structs, and only
-// the fields they know are read.
+// A caller's struct larger than this library's: its header is newer, and fields it sets would be
+// ignored (params) or not written (stats), so it is refused rather than truncated.
+void check_not_newer(uint32_t given, size_t known, const char* what) {
+    if (given > known)
+        throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, std::string(what) + ".struct_size is " + std::to_string(given) + ", larger than " +
+                                                         std::to_string(known) + ", sizeof(" + what + ") in this library (ABI " +
+                                                         std::to_string(SLIM_ABI_VERSION_MAJOR) + "." +
+                                                         std::to_string(SLIM_ABI_VERSION_MINOR) +
+                                                         "): the caller was built against a newer slimengine.h; use a library at "
+                                                         "least as new as its header");
+}
+
+// Copies a caller's params struct over the defaults: older callers pass smaller structs (at least
+// `required_size`: the first version's fields), and only the fields they know are read.
 template <typename T>
 T read_params(const T* given, T defaults, size_t required_size, const char* what) {
     if (!given) return defaults;
-    if (given->struct_size < required_size || given->struct_size > 4096)
+    if (given->struct_size < required_size)
         throw slim::Error(SLIM_ERR_INVALID_ARGUMENT,
                           std::string(what) + ".struct_size is " + std::to_string(given->struct_size) + "; set it to sizeof(" + what + ")");
-    std::memcpy(&defaults, given, std::min<size_t>(given->struct_size, sizeof(T)));
+    check_not_newer(given->struct_size, sizeof(T), what);
+    std::memcpy(&defaults, given, given->struct_size);
     defaults.struct_size = sizeof(T);
     return defaults;
 }
 
-std::string shape_text(const slim_tensor& t) {
-    std::string s = "[";
-    for (int i = 0; i < t.ndim; ++i) s += (i ? "," : "") + std::to_string(t.shape[i]);
-    return s + "]";
-}
-
-const char* dtype_text(int32_t dtype) {
-    switch (dtype) {
-        case SLIM_DTYPE_FLOAT32:
-            return "float32 (SLIM_DTYPE_FLOAT32=0)";
-        case SLIM_DTYPE_INT64:
-            return "int64 (SLIM_DTYPE_INT64=3)";
-        case SLIM_DTYPE_INT32:
-            return "int32 (SLIM_DTYPE_INT32=4)";
-        default:
-            return "a type this call does not take";
-    }
-}
-
-// Checks dtype/device/layout and that the shape matches `expected` (-1: any positive size);
-// returns the shape.
-std::vector<int64_t> check_tensor(const slim_tensor* t, const char* name, const std::vector<int64_t>& expected,
-                                  const std::string& expected_text, int32_t dtype = SLIM_DTYPE_FLOAT32) {
-    using slim::Error;
-    if (!t) throw Error(SLIM_ERR_INVALID_ARGUMENT, std::string(name) + " is required");
-    if (!t->data) throw Error(SLIM_ERR_INVALID_ARGUMENT, std::string(name) + ".data is NULL");
-    if (t->dtype != dtype)
-        throw Error(SLIM_ERR_DTYPE, std::string(name) + ": dtype must be " + dtype_text(dtype) + ", got " + std::to_string(t->dtype));
-    if (t->device_type != SLIM_DEVICE_CPU) throw Error(SLIM_ERR_DTYPE, std::string(name) + ": must be in CPU memory for this build");
-    if (!t->shape || t->ndim != static_cast<int32_t>(expected.size()))
-        throw Error(SLIM_ERR_SHAPE, std::string(name) + ": rank " + std::to_string(t->ndim) + ", expected " + expected_text);
-    std::vector<int64_t> shape(t->shape, t->shape + t->ndim);
-    for (size_t i = 0; i < expected.size(); ++i)
-        if (shape[i] <= 0 || (expected[i] >= 0 && shape[i] != expected[i]))
-            throw Error(SLIM_ERR_SHAPE, std::string(name) + ": shape " + shape_text(*t) + ", expected " + expected_text);
-    int64_t total = 1;  // the element count must fit comfortably: no overflow in any size computed from it
-    for (int64_t d : shape)
-        if (__builtin_mul_overflow(total, d, &total) || total > kMaxElements)
-            throw Error(SLIM_ERR_SHAPE, std::string(name) + ": shape " + shape_text(*t) + " has too many elements");
-    if (t->strides) {
-        int64_t stride = 1;
-        for (int i = t->ndim - 1; i >= 0; --i) {
-            if (shape[i] > 1 && t->strides[i] != stride)
-                throw Error(SLIM_ERR_DTYPE, std::string(name) + ": must be C-contiguous (strides do not match the shape)");
-            stride *= shape[i];
-        }
-    }
-    return shape;
-}
-
-size_t element_count(const std::vector<int64_t>& shape) {
-    size_t n = 1;
-    for (int64_t d : shape) n *= static_cast<size_t>(d);
-    return n;
-}
-
-void check_finite(const slim_tensor* t, const std::vector<int64_t>& shape, const char* name) {
-    const float* data = static_cast<const float*>(t->data);
-    const size_t n = element_count(shape);
-    constexpr size_t kChunk = 4096;
-    for (size_t start = 0; start < n; start += kChunk) {
-        // No early exit inside a chunk, so the compiler vectorises it; NaN fails the comparison too.
-        const size_t end = std::min(n, start + kChunk);
-        bool finite = true;
-        for (size_t i = start; i < end; ++i) finite &= std::fabs(data[i]) <= FLT_MAX;
-        if (finite) continue;
-        for (size_t i = start; i < end; ++i)
-            if (!std::isfinite(data[i]))
-                throw slim::Error(SLIM_ERR_NUMERICS, std::string(name) + " contains NaN or Inf (element " + std::to_string(i) + ")");
-    }
-}
-
-// The X-Slim policy of a request: cache_policy JSON, else a step-only policy from step_cache_threshold
-// >= 0, else the bundle's default.
-slim::XSlimPolicy request_policy(const slim_generate_params& p, const slim::Engine& engine, size_t steps) {
-    using slim::Error;
-    const slim::Program& program = engine.manifest().program;
-    slim::XSlimPolicy policy = program.cache;
-    if (p.cache_policy) {
-        constexpr size_t kMaxPolicy = 1 << 20;
-        const size_t length = strnlen(p.cache_policy, kMaxPolicy + 1);
-        if (length > kMaxPolicy) throw Error(SLIM_ERR_INVALID_ARGUMENT, "cache_policy: longer than 1 MiB");
-        try {
-            policy = slim::parse_policy(slim::json::parse(std::string(p.cache_policy, length)), steps, "cache_policy");
-        } catch (const slim::json::FieldError& e) {
-            throw Error(SLIM_ERR_INVALID_ARGUMENT, e.what());
-        } catch (const std::runtime_error& e) { throw Error(SLIM_ERR_INVALID_ARGUMENT, std::string("cache_policy: ") + e.what()); }
-    } else if (p.step_cache_threshold >= 0) {
-        policy = slim::XSlimPolicy{};
-        policy.enabled = p.step_cache_threshold > 0;
-        policy.early_warning = p.step_cache_threshold;
-        policy.warmup_steps = program.cache.enabled ? program.cache.warmup_steps : 2;
-    }
-    if (!policy.schedule.empty() && policy.schedule.size() != steps)
-        throw Error(SLIM_ERR_INVALID_ARGUMENT, "the bundle's X-Slim schedule has " + std::to_string(policy.schedule.size()) +
-                                                   " steps but this request runs " + std::to_string(steps) + "; pass a cache_policy");
-    if (policy.uses(slim::Level::Token) && !engine.has_token_stages)
-        throw Error(
-            SLIM_ERR_INVALID_ARGUMENT,
-            "cache_policy uses the X-Slim token level but this bundle has no block_N_tokens stages; re-export it with --token-stages");
-    return policy;
-}
-
-// Every int64 element in [low, high): token ids, segment ids, document ids.
-void check_range(const slim_tensor* t, const std::vector<int64_t>& shape, const char* name, int64_t low, int64_t high) {
-    const int64_t* data = static_cast<const int64_t*>(t->data);
-    for (size_t i = 0, n = element_count(shape); i < n; ++i)
-        if (data[i] < low || data[i] >= high)
-            throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, std::string(name) + ": element " + std::to_string(i) + " is " +
-                                                             std::to_string(data[i]) + ", outside [" + std::to_string(low) + ", " +
-                                                             std::to_string(high) + ")");
+// A caller's stats or info struct the library fills: at least `required_size` (older callers' structs
+// get the fields they know), at most this library's.
+void check_out_size(uint32_t given, size_t required_size, size_t known, const char* what) {
+    if (given < required_size)
+        throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, std::string(what) + ".struct_size must be sizeof(" + what + ")");
+    check_not_newer(given, known, what);
 }
 
 constexpr int64_t kMaxBankBatch = int64_t(1) << 24;  // ids per bank call
-constexpr int64_t kMaxId = INT64_MAX;
+using slim::check_finite;
+using slim::check_range;
+using slim::check_tensor;
+using slim::kMaxId;
+using slim::shape_text;
 
-slim::LemurSession& lemur_of(slim_session* session, const char* call) {
-    if (!session->lemur)
-        throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, std::string(call) + ": the engine's family is '" + session->engine->manifest().family +
-                                                         "'; this call runs lemur bundles");
-    return *session->lemur;
+// The session's program as the type `call` runs, or INVALID_ARGUMENT naming the engine's family and `runs` (what the call takes).
+template <typename P>
+P& program_as(slim_session* session, const char* call, const char* runs) {
+    P* program = dynamic_cast<P*>(session->program.get());
+    if (!program)
+        throw slim::Error(SLIM_ERR_INVALID_ARGUMENT,
+                          std::string(call) + ": the engine's family is '" + session->engine->manifest().family + "'; " + runs);
+    return *program;
 }
 
 // The event recorder of the session's program (SD3 generate, LEMUR embed/score), or nullptr (a plain ONNX engine).
-slim::Profiler* profiler_of(const slim_session* session) {
-    if (session->program) return &session->program->profiler();
-    if (session->lemur) return &session->lemur->profiler();
-    return nullptr;
-}
+slim::Profiler* profiler_of(const slim_session* session) { return session->program ? &session->program->profiler() : nullptr; }
 
 void fill_stats(slim_lemur_stats* out, const slim::LemurStats& s) {
     if (!out) return;
@@ -230,28 +142,7 @@ void fill_stats(slim_lemur_stats* out, const slim::LemurStats& s) {
 }
 
 void check_stats_size(const slim_lemur_stats* stats) {
-    if (stats && stats->struct_size < sizeof(slim_lemur_stats))
-        throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, "slim_lemur_stats.struct_size must be sizeof(slim_lemur_stats)");
-}
-
-int32_t slim_dtype_of(ONNXTensorElementDataType type) {
-    switch (type) {
-        case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT:
-            return SLIM_DTYPE_FLOAT32;
-        case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64:
-            return SLIM_DTYPE_INT64;
-        case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32:
-            return SLIM_DTYPE_INT32;
-        default:
-            return -1;
-    }
-}
-
-// A graph tensor's expected shape for check_tensor: fixed dims as they are, dynamic ones any size.
-std::string dims_text(const std::vector<int64_t>& dims) {
-    std::string s = "[";
-    for (size_t i = 0; i < dims.size(); ++i) s += (i ? "," : "") + (dims[i] >= 0 ? std::to_string(dims[i]) : std::string("?"));
-    return s + "]";
+    if (stats) check_out_size(stats->struct_size, sizeof(slim_lemur_stats), sizeof(slim_lemur_stats), "slim_lemur_stats");
 }
 
 int64_t now_us() {
@@ -268,12 +159,13 @@ int32_t count_when_idle(const slim_session* session, F&& count) {
     return n;
 }
 const std::vector<slim::StepStats>& step_stats_of(const slim_session* session) {
-    static const std::vector<slim::StepStats> none;
-    return session->program ? session->program->step_stats() : none;
+    static const std::vector<slim::StepStats> none;  // only SD3 generations have steps
+    const auto* sd3 = dynamic_cast<const slim::Sd3Session*>(session->program.get());
+    return sd3 ? sd3->step_stats() : none;
 }
 const std::vector<slim::StageStats>& stage_stats_of(const slim_session* session) {
     static const std::vector<slim::StageStats> none;  // plain ONNX engines: slim_stage_run keeps no stats
-    return session->program ? session->program->stage_stats() : session->lemur ? session->lemur->stage_stats() : none;
+    return session->program ? session->program->stage_stats() : none;
 }
 const std::vector<slim::ProfileEvent>& events_of(const slim_session* session) {
     static const std::vector<slim::ProfileEvent> none;
@@ -293,6 +185,10 @@ extern "C" {
 
 const char* slim_version(void) { return SLIMENGINE_VERSION; }
 int32_t slim_abi_version_major(void) { return SLIM_ABI_VERSION_MAJOR; }
+void slim_abi_version(int32_t* major, int32_t* minor) {
+    if (major) *major = SLIM_ABI_VERSION_MAJOR;
+    if (minor) *minor = SLIM_ABI_VERSION_MINOR;
+}
 const char* slim_last_error(void) { return last_error.c_str(); }
 
 const char* slim_status_name(slim_status status) {
@@ -389,6 +285,74 @@ const char* slim_engine_stage_name(const slim_engine* engine, int32_t index) {
     return engine->engine->stages()[index]->name().c_str();
 }
 
+slim_status slim_engine_get_info(const slim_engine* engine, slim_engine_info* out) {
+    if (!engine) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_engine_get_info: engine is NULL");
+    if (!out) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_engine_get_info: out is NULL");
+    return guarded([&] {
+        check_out_size(out->struct_size, sizeof(slim_engine_info), sizeof(slim_engine_info), "slim_engine_info");
+        const slim::Engine& e = *engine->engine;  // read-only after open: no gate needed, as for slim_engine_manifest
+        const slim::Manifest& m = e.manifest();
+        slim_engine_info info{};
+        info.struct_size = sizeof(info);
+        info.family = m.kind == slim::Family::Sd3 ? SLIM_FAMILY_SD3 : m.kind == slim::Family::Lemur ? SLIM_FAMILY_LEMUR : SLIM_FAMILY_ONNX;
+        info.precision = m.precision == "fp16" ? SLIM_DTYPE_FLOAT16 : m.precision == "bf16" ? SLIM_DTYPE_BFLOAT16 : SLIM_DTYPE_FLOAT32;
+        info.stage_count = static_cast<int32_t>(e.stages().size());
+        info.cache_first_block = info.cache_last_block = -1;
+        if (m.kind == slim::Family::Sd3) {
+            const slim::Sd3Config& c = m.config;
+            const slim::Program& p = m.program;
+            info.num_blocks = c.num_layers;
+            info.hidden_size = c.inner_dim;
+            info.num_attention_heads = c.num_attention_heads;
+            info.latent_channels = c.in_channels;
+            info.patch_size = c.patch_size;
+            info.joint_attention_dim = c.joint_attention_dim;
+            info.pooled_projection_dim = c.pooled_projection_dim;
+            info.default_latent_size = c.default_latent_size;
+            info.max_latent_size = c.max_latent_size;
+            info.num_steps = static_cast<int32_t>(p.steps.size());
+            info.cache_first_block = p.cache_first;
+            info.cache_last_block = p.cache_last;
+            info.compensation = p.compensation == slim::Compensation::Mlp        ? SLIM_COMPENSATION_MLP
+                                : p.compensation == slim::Compensation::Identity ? SLIM_COMPENSATION_IDENTITY
+                                                                                 : SLIM_COMPENSATION_NONE;
+            info.xslim = !p.cache.enabled ? SLIM_XSLIM_NONE : p.cache.schedule.empty() ? SLIM_XSLIM_ONLINE : SLIM_XSLIM_SCHEDULE;
+            info.has_token_stages = e.has_token_stages ? 1 : 0;
+            info.guidance_scale = p.guidance_scale;
+        } else if (m.kind == slim::Family::Lemur) {
+            const slim::LemurConfig& c = m.lemur;
+            info.embed_dim = c.embed_dim;
+            info.vocab_size = c.vocab_size;
+            info.num_segments = c.num_segments;
+            info.max_text_len = c.max_text_len;
+            info.max_query_len = c.max_query_len;
+            info.image_size = c.image_size;
+            info.max_frames = c.max_frames;
+            info.max_batch = c.max_batch;
+            info.max_history = c.max_history;
+            info.model_version = c.model_version;
+        }
+        *out = info;
+    });
+}
+
+slim_status slim_engine_program_step(const slim_engine* engine, int32_t index, slim_program_step* out) {
+    if (!engine) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_engine_program_step: engine is NULL");
+    return guarded([&] {
+        const slim::Manifest& m = engine->engine->manifest();
+        if (m.kind != slim::Family::Sd3)
+            throw slim::Error(SLIM_ERR_INVALID_ARGUMENT,
+                              "slim_engine_program_step: the engine's family is '" + m.family + "'; sampling programs are sd3's");
+        const slim::StepPlan& s = item(m.program.steps, index, out, "slim_engine_program_step");
+        check_out_size(out->struct_size, sizeof(slim_program_step), sizeof(slim_program_step), "slim_program_step");
+        out->record_delta = s.record_delta ? 1 : 0;
+        out->skip_cached_blocks = s.skip_cached_blocks ? 1 : 0;
+        out->sigma = s.sigma;
+        out->sigma_next = s.sigma_next;
+        out->timestep = s.timestep;
+    });
+}
+
 slim_status slim_session_create(slim_engine* engine, slim_session** out) {
     if (!out) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_session_create: out is NULL");
     *out = nullptr;
@@ -396,9 +360,7 @@ slim_status slim_session_create(slim_engine* engine, slim_session** out) {
     return guarded([&] {
         slim::GateEntry use(engine->gate, "slim_session_create: the engine", false);
         auto session = std::make_unique<slim_session>();
-        const slim::Family family = engine->engine->manifest().kind;
-        if (family == slim::Family::Sd3) session->program = std::make_unique<slim::Sd3Session>(*engine->engine);
-        if (family == slim::Family::Lemur) session->lemur = std::make_unique<slim::LemurSession>(*engine->engine);
+        session->program = slim::make_program(*engine->engine);
         session->engine = engine->engine;
         *out = session.release();
     });
@@ -426,13 +388,12 @@ slim_status slim_generate(slim_session* session, const slim_generate_params* par
     return guarded([&] {
         slim::GateEntry use(session->gate, "slim_generate: the session", true);
         using slim::Error;
-        if (!session->program)
-            throw Error(SLIM_ERR_INVALID_ARGUMENT, "slim_generate: the engine's family is '" + session->engine->manifest().family +
-                                                       "'; slim_generate runs sd3 bundles");
+        slim::Sd3Session& sd3 = program_as<slim::Sd3Session>(session, "slim_generate", "slim_generate runs sd3 bundles");
         slim_generate_params p = read_params(params, slim_generate_default_params(),
                                              offsetof(slim_generate_params, guidance_scale) + sizeof(float), "slim_generate_params");
-        if (stats && stats->struct_size < offsetof(slim_generate_stats, backend_ms) + sizeof(double))
-            throw Error(SLIM_ERR_INVALID_ARGUMENT, "slim_generate_stats.struct_size must be sizeof(slim_generate_stats)");
+        if (stats)
+            check_out_size(stats->struct_size, offsetof(slim_generate_stats, backend_ms) + sizeof(double), sizeof(slim_generate_stats),
+                           "slim_generate_stats");
         const slim::Manifest& m = session->engine->manifest();
         const slim::Sd3Config& c = m.config;
         const std::string J = std::to_string(c.joint_attention_dim), P = std::to_string(c.pooled_projection_dim);
@@ -453,7 +414,8 @@ slim_status slim_generate(slim_session* session, const slim_generate_params* par
         slim::Program plan;
         if (p.num_steps > 0) plan = slim::plain_program(m.program, p.num_steps, p.shift);
         const slim::Program& program = p.num_steps > 0 ? plan : m.program;
-        const slim::XSlimPolicy cache = request_policy(p, *session->engine, program.steps.size());
+        const slim::XSlimPolicy cache = slim::resolve_policy(m.program.cache, p.cache_policy, p.step_cache_threshold, program.steps.size(),
+                                                             session->engine->has_token_stages);
         const float guidance = p.guidance_scale < 0 ? m.program.guidance_scale : p.guidance_scale;
         const bool cfg = guidance > 1.0f;
         if (cfg && (!p.negative_prompt_embeds || !p.negative_pooled_embeds))
@@ -498,7 +460,7 @@ slim_status slim_generate(slim_session* session, const slim_generate_params* par
         request.cache = &cache;
         request.program = &program;
         request.out = static_cast<float*>(latents_out->data);
-        slim::GenerateStats s = session->program->generate(request);
+        slim::GenerateStats s = sd3.generate(request);
         if (stats) {
             stats->steps = s.steps;
             stats->blocks_run = s.blocks_run;
@@ -522,8 +484,7 @@ slim_status slim_session_step_stats(const slim_session* session, int32_t index, 
     return guarded([&] {
         slim::GateEntry use(session->gate, "slim_session_step_stats: the session", true);
         const slim::StepStats& s = item(step_stats_of(session), index, out, "slim_session_step_stats");
-        if (out->struct_size < offsetof(slim_step_stats, ms) + sizeof(double))
-            throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, "slim_step_stats.struct_size must be sizeof(slim_step_stats)");
+        check_out_size(out->struct_size, offsetof(slim_step_stats, ms) + sizeof(double), sizeof(slim_step_stats), "slim_step_stats");
         out->sigma = s.sigma;
         out->sigma_next = s.sigma_next;
         out->blocks_run = s.blocks_run;
@@ -542,8 +503,7 @@ slim_status slim_session_stage_stats(const slim_session* session, int32_t index,
     return guarded([&] {
         slim::GateEntry use(session->gate, "slim_session_stage_stats: the session", true);
         const slim::StageStats& s = item(stage_stats_of(session), index, out, "slim_session_stage_stats");
-        if (out->struct_size < sizeof(slim_stage_stats))
-            throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, "slim_stage_stats.struct_size must be sizeof(slim_stage_stats)");
+        check_out_size(out->struct_size, sizeof(slim_stage_stats), sizeof(slim_stage_stats), "slim_stage_stats");
         out->calls = s.calls;
         out->total_ms = s.ms;
     });
@@ -573,8 +533,7 @@ slim_status slim_session_event(const slim_session* session, int32_t index, slim_
     return guarded([&] {
         slim::GateEntry use(session->gate, "slim_session_event: the session", true);
         const slim::ProfileEvent& e = item(events_of(session), index, out, "slim_session_event");
-        if (out->struct_size < sizeof(slim_event))
-            throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, "slim_event.struct_size must be sizeof(slim_event)");
+        check_out_size(out->struct_size, sizeof(slim_event), sizeof(slim_event), "slim_event");
         out->kind = e.kind;
         out->step = e.step;
         out->block = e.block;
@@ -598,72 +557,7 @@ slim_status slim_stage_run(slim_session* session, const char* stage, const slim_
         const int index = stage ? engine.stage_index(stage) : -1;
         if (index < 0)
             throw Error(SLIM_ERR_INVALID_ARGUMENT, std::string("slim_stage_run: no stage named '") + (stage ? stage : "(null)") + "'");
-        const slim::StageSession& s = *engine.stages()[index];
-        const std::string where = std::string("stage ") + stage + ": ";
-        if (input_count != static_cast<int32_t>(s.inputs().size()) || (input_count > 0 && !inputs))
-            throw Error(SLIM_ERR_INVALID_ARGUMENT,
-                        where + "takes " + std::to_string(s.inputs().size()) + " inputs, got " + std::to_string(input_count));
-        if (output_count < 1 || output_count > static_cast<int32_t>(s.outputs().size()) || !outputs)
-            throw Error(SLIM_ERR_INVALID_ARGUMENT, where + "bind 1 to " + std::to_string(s.outputs().size()) + " outputs");
-        // Binds caller tensors to graph tensors by name; each name at most once.
-        auto bind = [&](const slim_named_tensor* given, int32_t count, const std::vector<slim::IoSpec>& specs, bool is_input) {
-            std::vector<int> order(count, -1);
-            std::vector<bool> used(specs.size(), false);
-            for (int32_t i = 0; i < count; ++i) {
-                const char* name = given[i].name;
-                for (size_t k = 0; name && k < specs.size(); ++k)
-                    if (specs[k].name == name) order[i] = static_cast<int>(k);
-                const std::string tname = where + (is_input ? "input '" : "output '") + (name ? name : "(null)") + "'";
-                if (order[i] < 0) throw Error(SLIM_ERR_INVALID_ARGUMENT, tname + " is not a graph " + (is_input ? "input" : "output"));
-                if (used[order[i]]) throw Error(SLIM_ERR_INVALID_ARGUMENT, tname + " is bound twice");
-                used[order[i]] = true;
-                const slim::IoSpec& spec = specs[order[i]];
-                const int32_t dtype = slim_dtype_of(spec.type);
-                if (dtype < 0) throw Error(SLIM_ERR_DTYPE, tname + " has an element type this runtime does not bind");
-                auto shape = check_tensor(&given[i].tensor, tname.c_str(), spec.dims, dims_text(spec.dims), dtype);
-                if (is_input && dtype == SLIM_DTYPE_FLOAT32) check_finite(&given[i].tensor, shape, tname.c_str());
-            }
-            return order;
-        };
-        bind(inputs, input_count, s.inputs(), true);  // every input bound: the count matched and no name twice
-        std::vector<int> out_order = bind(outputs, output_count, s.outputs(), false);
-
-        std::vector<slim::TensorView> views(s.inputs().size());
-        for (int32_t i = 0; i < input_count; ++i) {
-            size_t k = 0;
-            while (s.inputs()[k].name != inputs[i].name) ++k;
-            const slim_tensor& t = inputs[i].tensor;
-            views[k] = slim::TensorView(engine.ort(), t.data, s.inputs()[k].type, std::vector<int64_t>(t.shape, t.shape + t.ndim));
-        }
-        std::vector<const OrtValue*> values;
-        for (auto& v : views) values.push_back(v.get());
-        std::vector<size_t> selected(out_order.begin(), out_order.end());
-        std::vector<slim::TensorView> results = s.run_selected(values.data(), selected);
-
-        // Check every output's computed shape before copying any.
-        const OrtApi* api = engine.ort().api;
-        std::vector<void*> sources(results.size());
-        for (size_t i = 0; i < results.size(); ++i) {
-            OrtTensorTypeAndShapeInfo* info = nullptr;
-            slim::check(api, api->GetTensorTypeAndShape(results[i].get(), &info), where + "output shape");
-            size_t rank = 0;
-            OrtStatus* st = api->GetDimensionsCount(info, &rank);
-            std::vector<int64_t> dims(rank);
-            if (!st && rank) st = api->GetDimensions(info, dims.data(), rank);
-            api->ReleaseTensorTypeAndShapeInfo(info);
-            slim::check(api, st, where + "output shape");
-            const slim_tensor& t = outputs[i].tensor;
-            if (dims != std::vector<int64_t>(t.shape, t.shape + t.ndim))
-                throw Error(SLIM_ERR_SHAPE, where + "output '" + outputs[i].name + "' has shape " + dims_text(dims) +
-                                                ", but the caller's tensor is " + shape_text(t));
-            slim::check(api, api->GetTensorMutableData(results[i].get(), &sources[i]), where + "output data");
-        }
-        for (size_t i = 0; i < results.size(); ++i) {
-            const slim_tensor& t = outputs[i].tensor;
-            std::memcpy(
-                t.data, sources[i],
-                element_count(std::vector<int64_t>(t.shape, t.shape + t.ndim)) * slim::element_size(s.outputs()[out_order[i]].type));
-        }
+        slim::run_named(engine.ort(), *engine.stages()[index], inputs, input_count, outputs, output_count);
     });
 }
 
@@ -770,9 +664,8 @@ slim_status slim_bank_flush(slim_bank* bank) {
 slim_status slim_bank_recovery_info(const slim_bank* bank, slim_bank_recovery* out) {
     if (!bank) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_bank_recovery_info: bank is NULL");
     if (!out) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_bank_recovery_info: out is NULL");
-    if (out->struct_size < sizeof(slim_bank_recovery))
-        return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_bank_recovery.struct_size must be sizeof(slim_bank_recovery)");
     return guarded([&] {
+        check_out_size(out->struct_size, sizeof(slim_bank_recovery), sizeof(slim_bank_recovery), "slim_bank_recovery");
         slim::GateEntry use(bank->gate, "slim_bank_recovery_info: the bank", false);
         const slim::BankRecovery r = bank->bank->recovery();
         out->damaged_records = static_cast<int64_t>(r.damaged_records);
@@ -805,52 +698,20 @@ slim_status slim_embed(slim_session* session, const slim_embed_params* params, c
     if (!params) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_embed: params is NULL (text_ids and frames are required)");
     return guarded([&] {
         slim::GateEntry use(session->gate, "slim_embed: the session", true);
-        using slim::Error;
-        slim::LemurSession& lemur = lemur_of(session, "slim_embed");
+        slim::LemurSession& lemur = program_as<slim::LemurSession>(session, "slim_embed", "this call runs lemur bundles");
         slim_embed_params p = read_params(params, slim_embed_default_params(), sizeof(slim_embed_params), "slim_embed_params");
         check_stats_size(stats);
-        const slim::LemurConfig& c = session->engine->manifest().lemur;
-        auto text = check_tensor(p.text_ids, "text_ids", {-1, -1}, "[B,L]", SLIM_DTYPE_INT64);
-        const int64_t B = text[0], L = text[1];
-        if (B > c.max_batch || L > c.max_text_len)
-            throw Error(SLIM_ERR_SHAPE, "text_ids: batch must be <= " + std::to_string(c.max_batch) +
-                                            " and text length <= " + std::to_string(c.max_text_len) + ", got " + shape_text(*p.text_ids));
-        const std::string Bs = std::to_string(B), S = std::to_string(c.image_size);
-        check_range(p.text_ids, text, "text_ids", 0, c.vocab_size);
-        if (p.segment_ids) {
-            auto seg = check_tensor(p.segment_ids, "segment_ids", text, shape_text(*p.text_ids) + " (as text_ids)", SLIM_DTYPE_INT64);
-            check_range(p.segment_ids, seg, "segment_ids", 0, c.num_segments);
-        }
-        auto frames = check_tensor(p.frames, "frames", {B, -1, 3, c.image_size, c.image_size}, "[" + Bs + ",F,3," + S + "," + S + "]");
-        if (frames[1] > c.max_frames)
-            throw Error(SLIM_ERR_SHAPE, "frames: at most " + std::to_string(c.max_frames) + " frames, got " + shape_text(*p.frames));
-        check_finite(p.frames, frames, "frames");
-        check_tensor(embeddings_out, "embeddings_out", {B, c.embed_dim}, "[" + Bs + "," + std::to_string(c.embed_dim) + "]");
-        slim::EmbedRequest request;
-        std::optional<slim::GateEntry> bank_use;
-        if (p.bank) {
-            bank_use.emplace(p.bank->gate, "slim_embed: the bank", false);
-            if (p.bank->bank->read_only()) throw Error(SLIM_ERR_INVALID_ARGUMENT, "slim_embed: the bank is open read-only");
-            if (p.bank->bank->dim() != c.embed_dim)
-                throw Error(SLIM_ERR_SHAPE, "slim_embed: the bank holds " + std::to_string(p.bank->bank->dim()) +
-                                                "-d embeddings but this model makes " + std::to_string(c.embed_dim) + "-d ones");
-            auto ids = check_tensor(p.document_ids, "document_ids", {B}, "[" + Bs + "]", SLIM_DTYPE_INT64);
-            check_range(p.document_ids, ids, "document_ids", 0, kMaxId);
-            if (p.model_version < -1 || p.model_version > int64_t(UINT32_MAX))
-                throw Error(SLIM_ERR_INVALID_ARGUMENT, "slim_embed_params.model_version must be -1 (the bundle's) or in [0, 2^32), got " +
-                                                           std::to_string(p.model_version));
-            request.bank = p.bank->bank.get();
-            request.document_ids = static_cast<const int64_t*>(p.document_ids->data);
-            request.model_version = static_cast<uint32_t>(p.model_version < 0 ? c.model_version : p.model_version);
-        }
-        request.batch = B;
-        request.text_len = L;
-        request.frames = frames[1];
-        request.text_ids = static_cast<const int64_t*>(p.text_ids->data);
-        request.segment_ids = p.segment_ids ? static_cast<const int64_t*>(p.segment_ids->data) : nullptr;
-        request.frames_data = static_cast<const float*>(p.frames->data);
-        request.out = static_cast<float*>(embeddings_out->data);
-        fill_stats(stats, lemur.embed(request));
+        std::optional<slim::GateEntry> bank_use;  // the bank stays open until the call returns
+        if (p.bank) bank_use.emplace(p.bank->gate, "slim_embed: the bank", false);
+        slim::EmbedArgs args;
+        args.text_ids = p.text_ids;
+        args.segment_ids = p.segment_ids;
+        args.frames = p.frames;
+        args.bank = p.bank ? p.bank->bank.get() : nullptr;
+        args.document_ids = p.document_ids;
+        args.model_version = p.model_version;
+        args.out = embeddings_out;
+        fill_stats(stats, lemur.embed(args));
     });
 }
 
@@ -868,41 +729,19 @@ slim_status slim_score(slim_session* session, const slim_score_params* params, c
     return guarded([&] {
         slim::GateEntry use(session->gate, "slim_score: the session", true);
         using slim::Error;
-        slim::LemurSession& lemur = lemur_of(session, "slim_score");
+        slim::LemurSession& lemur = program_as<slim::LemurSession>(session, "slim_score", "this call runs lemur bundles");
         slim_score_params p = read_params(params, slim_score_default_params(), sizeof(slim_score_params), "slim_score_params");
         check_stats_size(stats);
-        const slim::LemurConfig& c = session->engine->manifest().lemur;
         if (!p.bank) throw Error(SLIM_ERR_INVALID_ARGUMENT, "slim_score: bank is required (history embeddings come from it)");
         slim::GateEntry bank_use(p.bank->gate, "slim_score: the bank", false);
-        if (p.bank->bank->dim() != c.embed_dim)
-            throw Error(SLIM_ERR_SHAPE, "slim_score: the bank holds " + std::to_string(p.bank->bank->dim()) +
-                                            "-d embeddings but this model takes " + std::to_string(c.embed_dim) + "-d ones");
-        if (p.missing_policy != SLIM_MISSING_ERROR && p.missing_policy != SLIM_MISSING_SKIP)
-            throw Error(SLIM_ERR_INVALID_ARGUMENT,
-                        "slim_score_params.missing_policy must be SLIM_MISSING_ERROR (0) or SLIM_MISSING_SKIP (1)");
-        auto history = check_tensor(p.history_ids, "history_ids", {-1, -1}, "[B,H]", SLIM_DTYPE_INT64);
-        const int64_t B = history[0], H = history[1];
-        if (B > c.max_batch || H > c.max_history)
-            throw Error(SLIM_ERR_SHAPE, "history_ids: batch must be <= " + std::to_string(c.max_batch) + " and history length <= " +
-                                            std::to_string(c.max_history) + ", got " + shape_text(*p.history_ids));
-        check_range(p.history_ids, history, "history_ids (-1 pads)", -1, kMaxId);
-        auto query = check_tensor(p.query_ids, "query_ids", {B, -1}, "[" + std::to_string(B) + ",Lq]", SLIM_DTYPE_INT64);
-        if (query[1] > c.max_query_len)
-            throw Error(SLIM_ERR_SHAPE,
-                        "query_ids: at most " + std::to_string(c.max_query_len) + " tokens, got " + shape_text(*p.query_ids));
-        check_range(p.query_ids, query, "query_ids", 0, c.vocab_size);
-        check_tensor(scores_out, "scores_out", {B}, "[" + std::to_string(B) + "]");
-        slim::ScoreRequest request;
-        request.batch = B;
-        request.history_len = H;
-        request.query_len = query[1];
-        request.bank = p.bank->bank.get();
-        request.history_ids = static_cast<const int64_t*>(p.history_ids->data);
-        request.query_ids = static_cast<const int64_t*>(p.query_ids->data);
-        request.skip_missing = p.missing_policy == SLIM_MISSING_SKIP;
-        request.min_model_version = p.min_model_version;
-        request.out = static_cast<float*>(scores_out->data);
-        fill_stats(stats, lemur.score(request));
+        slim::ScoreArgs args;
+        args.bank = p.bank->bank.get();
+        args.history_ids = p.history_ids;
+        args.query_ids = p.query_ids;
+        args.missing_policy = p.missing_policy;
+        args.min_model_version = p.min_model_version;
+        args.out = scores_out;
+        fill_stats(stats, lemur.score(args));
     });
 }
 

@@ -8,10 +8,29 @@
 #include "engine.hpp"
 #include "memory_bank.hpp"
 #include "profiler.hpp"
+#include "program.hpp"
+#include "slimengine.h"
 
 namespace slim {
 
-// Inputs already validated at the C boundary: shapes agree with the manifest, ids in range, data finite.
+// A call's arguments as the C boundary passes them on (params struct read, bank handle resolved):
+// embed and score check them against the bundle's LemurConfig.
+struct EmbedArgs {
+    const slim_tensor *text_ids = nullptr, *segment_ids = nullptr, *frames = nullptr, *document_ids = nullptr;
+    MemoryBank* bank = nullptr;  // optional
+    int64_t model_version = -1;  // < 0: the bundle's
+    const slim_tensor* out = nullptr;
+};
+
+struct ScoreArgs {
+    const MemoryBank* bank = nullptr;  // required (checked at the boundary)
+    const slim_tensor *history_ids = nullptr, *query_ids = nullptr;
+    int32_t missing_policy = SLIM_MISSING_ERROR;
+    int64_t min_model_version = 0;
+    const slim_tensor* out = nullptr;
+};
+
+// Inputs checked by embed(EmbedArgs): shapes agree with the manifest, ids in range, data finite.
 struct EmbedRequest {
     int64_t batch = 0, text_len = 0, frames = 0;
     const int64_t* text_ids = nullptr;     // [B, L]
@@ -38,27 +57,26 @@ struct LemurStats {
     double total_ms = 0, backend_ms = 0, bank_ms = 0;
 };
 
-class LemurSession {
+// Profiling events of an embed/score call: the call (SLIM_EVENT_GENERATION), its stage call and its
+// bank work (SLIM_EVENT_BANK), with the clock reads of LemurStats.
+class LemurSession final : public ProgramSession {
   public:
     explicit LemurSession(const Engine& engine);
 
-    // Throws Error(SLIM_ERR_BACKEND) if a stage fails, Error(SLIM_ERR_NUMERICS) on a non-finite result.
-    LemurStats embed(const EmbedRequest& request);
-    // Throws Error(SLIM_ERR_NOT_FOUND) naming the first missing or stale id unless skip_missing.
-    LemurStats score(const ScoreRequest& request);
-
-    const std::vector<StageStats>& stage_stats() const { return stages_; }
-    // Events of the last embed/score call when profiling is on: the call (SLIM_EVENT_GENERATION), its
-    // stage call and its bank work (SLIM_EVENT_BANK), with the clock reads of LemurStats.
-    Profiler& profiler() { return profiler_; }
-    const Profiler& profiler() const { return profiler_; }
+    // Check the arguments against the bundle (Error: INVALID_ARGUMENT, SHAPE, DTYPE, NUMERICS), then run.
+    // embed: Error(SLIM_ERR_BACKEND) if the stage fails, Error(SLIM_ERR_NUMERICS) on a non-finite result.
+    LemurStats embed(const EmbedArgs& args);
+    // score: also Error(SLIM_ERR_NOT_FOUND) naming the first missing or stale id unless SLIM_MISSING_SKIP.
+    LemurStats score(const ScoreArgs& args);
 
   private:
+    EmbedRequest check(const EmbedArgs& args) const;
+    ScoreRequest check(const ScoreArgs& args) const;
+    LemurStats embed(const EmbedRequest& request);
+    LemurStats score(const ScoreRequest& request);
     double run(int stage, std::initializer_list<const OrtValue*> inputs, std::initializer_list<OrtValue*> outputs);
 
     const Engine& engine_;
-    std::vector<StageStats> stages_;
-    Profiler profiler_;
     // Buffers, grown on demand and reused across calls.
     std::vector<int64_t> zero_segments_, versions_;
     std::vector<float> history_, mask_;

@@ -36,7 +36,8 @@ struct Sd3Config {
     int num_layers, num_attention_heads, attention_head_dim, inner_dim;
     int in_channels, out_channels, patch_size;
     int joint_attention_dim, caption_projection_dim, pooled_projection_dim;
-    int max_latent_size;  // latent height/width limit from the position table
+    int max_latent_size;      // latent height/width limit from the position table
+    int default_latent_size;  // the latent height/width the bundle was made for (slim_engine_info)
 };
 
 enum class Compensation { None, Mlp, Identity };

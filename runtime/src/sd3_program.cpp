@@ -52,13 +52,12 @@ std::unique_ptr<DeviceOps> ops_for(const Engine& engine) {
 }  // namespace
 
 Sd3Session::Sd3Session(const Engine& engine)
-    : engine_(engine),
+    : ProgramSession(engine),
+      engine_(engine),
       stage_of_(stages_of(engine)),
       ops_(ops_for(engine)),
       host_(ops_->on_host()),
-      allocator_(*engine.stages().front(), host_),
-      stages_(engine.stages().size()),
-      profiler_(engine.stage_blocks()) {
+      allocator_(*engine.stages().front(), host_) {
     for (const auto& stage : engine.stages()) bindings_.emplace_back(*stage);
 }
 

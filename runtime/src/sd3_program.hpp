@@ -10,6 +10,7 @@
 #include "device_ops.hpp"
 #include "engine.hpp"
 #include "profiler.hpp"
+#include "program.hpp"
 #include "sd3_buffers.hpp"
 #include "slimengine.h"
 #include "step_planner.hpp"
@@ -54,7 +55,7 @@ struct Sd3Stages {
     BlockStages blocks;
 };
 
-class Sd3Session {
+class Sd3Session final : public ProgramSession {
   public:
     explicit Sd3Session(const Engine& engine);
 
@@ -62,9 +63,6 @@ class Sd3Session {
     GenerateStats generate(const GenerateRequest& request);
 
     const std::vector<StepStats>& step_stats() const { return steps_; }
-    const std::vector<StageStats>& stage_stats() const { return stages_; }
-    Profiler& profiler() { return profiler_; }
-    const Profiler& profiler() const { return profiler_; }
 
   private:
     // Which buffers hold the stack's current image and text hidden states.
@@ -109,10 +107,8 @@ class Sd3Session {
     const DeviceBuffer* range_input_img_ = nullptr;  // where the recording step kept the cached range's image input
 
     std::vector<StepStats> steps_;
-    std::vector<StageStats> stages_;
     double backend_ms_ = 0;
     int stage_calls_ = 0;
-    Profiler profiler_;
 };
 
 }  // namespace slim

@@ -1,8 +1,11 @@
 #include "xslim.hpp"
 
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <stdexcept>
 
+#include "error.hpp"
 #include "slim_kernels.h"
 
 namespace slim {
@@ -154,6 +157,34 @@ void skippable_blocks(const std::vector<double>& scores, double threshold, int f
 double block_flops(int64_t tokens, int64_t computed, int64_t text, int64_t dim) {
     const double rows = static_cast<double>(computed + text);
     return rows * 12.0 * dim * dim + 2.0 * rows * static_cast<double>(tokens + text) * dim;
+}
+
+XSlimPolicy resolve_policy(const XSlimPolicy& bundle_policy, const char* policy_json, float step_threshold, size_t steps,
+                           bool has_token_stages) {
+    XSlimPolicy policy = bundle_policy;
+    if (policy_json) {
+        constexpr size_t kMaxPolicy = 1 << 20;
+        const size_t length = strnlen(policy_json, kMaxPolicy + 1);
+        if (length > kMaxPolicy) throw Error(SLIM_ERR_INVALID_ARGUMENT, "cache_policy: longer than 1 MiB");
+        try {
+            policy = parse_policy(json::parse(std::string(policy_json, length)), steps, "cache_policy");
+        } catch (const json::FieldError& e) { throw Error(SLIM_ERR_INVALID_ARGUMENT, e.what()); } catch (const std::runtime_error& e) {
+            throw Error(SLIM_ERR_INVALID_ARGUMENT, std::string("cache_policy: ") + e.what());
+        }
+    } else if (step_threshold >= 0) {
+        policy = XSlimPolicy{};
+        policy.enabled = step_threshold > 0;
+        policy.early_warning = step_threshold;
+        policy.warmup_steps = bundle_policy.enabled ? bundle_policy.warmup_steps : 2;
+    }
+    if (!policy.schedule.empty() && policy.schedule.size() != steps)
+        throw Error(SLIM_ERR_INVALID_ARGUMENT, "the bundle's X-Slim schedule has " + std::to_string(policy.schedule.size()) +
+                                                   " steps but this request runs " + std::to_string(steps) + "; pass a cache_policy");
+    if (policy.uses(Level::Token) && !has_token_stages)
+        throw Error(
+            SLIM_ERR_INVALID_ARGUMENT,
+            "cache_policy uses the X-Slim token level but this bundle has no block_N_tokens stages; re-export it with --token-stages");
+    return policy;
 }
 
 }  // namespace slim

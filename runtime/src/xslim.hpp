@@ -36,6 +36,13 @@ struct XSlimPolicy {
 // steps; null gives a disabled policy. Throws json::FieldError naming the bad field under `where`.
 XSlimPolicy parse_policy(const json::Value& value, size_t steps, const std::string& where);
 
+// The X-Slim policy of one request running a plan of `steps` steps: `policy_json` (a request's policy
+// object or "null", at most 1 MiB) when given, else a step-only policy from `step_threshold` >= 0 (0:
+// off), else the bundle's `bundle_policy`. Throws Error(SLIM_ERR_INVALID_ARGUMENT) naming the fault:
+// bad JSON or fields, a schedule whose length is not `steps`, the token level without token stages.
+XSlimPolicy resolve_policy(const XSlimPolicy& bundle_policy, const char* policy_json, float step_threshold, size_t steps,
+                           bool has_token_stages);
+
 // The running decisions of one generation (xslim.Controller).
 class Controller {
   public:

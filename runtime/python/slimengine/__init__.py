@@ -13,6 +13,19 @@ numpy in and out (anything with __dlpack__ or __array__ is accepted as input). T
 in `slimengine.export`, the command-line tools in `slimengine.tools`.
 """
 
-from .runtime import Engine, GenerateResult, MemoryBank, Session, SlimError, open_engine, verify_bundle, version
+from .runtime import (
+                      Engine,
+                      EngineInfo,
+                      GenerateResult,
+                      MemoryBank,
+                      ProgramStep,
+                      Session,
+                      SlimError,
+                      abi_version,
+                      open_engine,
+                      verify_bundle,
+                      version,
+)
 
-__all__ = ["Engine", "GenerateResult", "MemoryBank", "Session", "SlimError", "open_engine", "verify_bundle", "version"]
+__all__ = ["Engine", "EngineInfo", "GenerateResult", "MemoryBank", "ProgramStep", "Session", "SlimError", "abi_version", "open_engine",
+           "verify_bundle", "version"]

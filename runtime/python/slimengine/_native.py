@@ -1,4 +1,7 @@
-"""ctypes mirror of runtime/include/slimengine.h, and where the shared libraries are found."""
+"""ctypes mirror of runtime/include/slimengine.h, and where the shared libraries are found.
+
+Each Structure names the C struct it mirrors in `_c_name_`; tests/test_c_structs.py checks every one's size and
+field offsets against the compiled header, and that every struct of the header has a mirror here."""
 
 from __future__ import annotations
 
@@ -10,20 +13,54 @@ from pathlib import Path
 
 
 class SlimTensor(ctypes.Structure):
+    _c_name_ = "slim_tensor"
     _fields_ = [("data", ctypes.c_void_p), ("dtype", ctypes.c_int32), ("device_type", ctypes.c_int32),
                 ("device_id", ctypes.c_int32), ("ndim", ctypes.c_int32), ("shape", ctypes.POINTER(ctypes.c_int64)),
                 ("strides", ctypes.POINTER(ctypes.c_int64))]
 
 
 class EngineParams(ctypes.Structure):
+    _c_name_ = "slim_engine_params"
     _fields_ = [("struct_size", ctypes.c_uint32), ("onnxruntime_library", ctypes.c_char_p),
                 ("verify_checksums", ctypes.c_int32), ("intra_op_threads", ctypes.c_int32), ("device_type", ctypes.c_int32),
                 ("device_id", ctypes.c_int32)]
 
 DEVICE_CPU, DEVICE_CUDA = 1, 2  # slim_device_type
 
+# The ABI this binding is written against (slimengine.h's SLIM_ABI_VERSION_*): the library must have this major
+# version and at least this minor one.
+ABI_MAJOR, ABI_MINOR = 0, 5
+
+
+class EngineInfo(ctypes.Structure):
+    _c_name_ = "slim_engine_info"
+    _fields_ = [("struct_size", ctypes.c_uint32), ("family", ctypes.c_int32), ("precision", ctypes.c_int32),
+                ("stage_count", ctypes.c_int32), ("num_blocks", ctypes.c_int32), ("hidden_size", ctypes.c_int32),
+                ("num_attention_heads", ctypes.c_int32), ("latent_channels", ctypes.c_int32), ("patch_size", ctypes.c_int32),
+                ("joint_attention_dim", ctypes.c_int32), ("pooled_projection_dim", ctypes.c_int32),
+                ("default_latent_size", ctypes.c_int32), ("max_latent_size", ctypes.c_int32), ("num_steps", ctypes.c_int32),
+                ("cache_first_block", ctypes.c_int32), ("cache_last_block", ctypes.c_int32), ("compensation", ctypes.c_int32),
+                ("xslim", ctypes.c_int32), ("has_token_stages", ctypes.c_int32), ("guidance_scale", ctypes.c_float),
+                ("embed_dim", ctypes.c_int32), ("vocab_size", ctypes.c_int32), ("num_segments", ctypes.c_int32),
+                ("max_text_len", ctypes.c_int32), ("max_query_len", ctypes.c_int32), ("image_size", ctypes.c_int32),
+                ("max_frames", ctypes.c_int32), ("max_batch", ctypes.c_int32), ("max_history", ctypes.c_int32),
+                ("model_version", ctypes.c_int64)]
+
+
+FAMILIES = {0: "sd3", 1: "lemur", 2: "onnx"}  # slim_family
+PRECISIONS = {0: "fp32", 1: "fp16", 2: "bf16"}  # slim_dtype of the weights
+COMPENSATIONS = {0: "none", 1: "mlp", 2: "identity"}  # slim_compensation
+XSLIM_MODES = {0: "none", 1: "online", 2: "schedule"}  # slim_xslim_mode
+
+
+class ProgramStep(ctypes.Structure):
+    _c_name_ = "slim_program_step"
+    _fields_ = [("struct_size", ctypes.c_uint32), ("record_delta", ctypes.c_int32), ("skip_cached_blocks", ctypes.c_int32),
+                ("sigma", ctypes.c_double), ("sigma_next", ctypes.c_double), ("timestep", ctypes.c_double)]
+
 
 class GenerateParams(ctypes.Structure):
+    _c_name_ = "slim_generate_params"
     _fields_ = [("struct_size", ctypes.c_uint32), ("prompt_embeds", ctypes.POINTER(SlimTensor)),
                 ("pooled_embeds", ctypes.POINTER(SlimTensor)), ("negative_prompt_embeds", ctypes.POINTER(SlimTensor)),
                 ("negative_pooled_embeds", ctypes.POINTER(SlimTensor)), ("latents", ctypes.POINTER(SlimTensor)),
@@ -32,54 +69,64 @@ class GenerateParams(ctypes.Structure):
 
 
 class GenerateStats(ctypes.Structure):
+    _c_name_ = "slim_generate_stats"
     _fields_ = [("struct_size", ctypes.c_uint32), ("steps", ctypes.c_int32), ("blocks_run", ctypes.c_int32),
                 ("stage_calls", ctypes.c_int32), ("effective_nfe", ctypes.c_double), ("total_ms", ctypes.c_double),
                 ("backend_ms", ctypes.c_double), ("flop_fraction", ctypes.c_double), ("transfer_bytes", ctypes.c_uint64)]
 
 
 class StepStats(ctypes.Structure):
+    _c_name_ = "slim_step_stats"
     _fields_ = [("struct_size", ctypes.c_uint32), ("sigma", ctypes.c_double), ("sigma_next", ctypes.c_double),
                 ("blocks_run", ctypes.c_int32), ("level", ctypes.c_int32), ("ms", ctypes.c_double),
                 ("blocks_reused", ctypes.c_int32), ("tokens_computed", ctypes.c_int32), ("flop_fraction", ctypes.c_double)]
 
 
 class StageStats(ctypes.Structure):
+    _c_name_ = "slim_stage_stats"
     _fields_ = [("struct_size", ctypes.c_uint32), ("calls", ctypes.c_int32), ("total_ms", ctypes.c_double)]
 
 
 class Event(ctypes.Structure):
+    _c_name_ = "slim_event"
     _fields_ = [("struct_size", ctypes.c_uint32), ("kind", ctypes.c_int32), ("step", ctypes.c_int32), ("block", ctypes.c_int32),
                 ("stage", ctypes.c_int32), ("level", ctypes.c_int32), ("start_ns", ctypes.c_int64), ("end_ns", ctypes.c_int64),
                 ("device_ns", ctypes.c_int64)]
 
 
 class NamedTensor(ctypes.Structure):
+    _c_name_ = "slim_named_tensor"
     _fields_ = [("name", ctypes.c_char_p), ("tensor", SlimTensor)]
 
 
 class BankParams(ctypes.Structure):
+    _c_name_ = "slim_bank_params"
     _fields_ = [("struct_size", ctypes.c_uint32), ("dim", ctypes.c_int32), ("read_only", ctypes.c_int32), ("create", ctypes.c_int32),
                 ("sync_writes", ctypes.c_int32)]
 
 
 class BankRecovery(ctypes.Structure):
+    _c_name_ = "slim_bank_recovery"
     _fields_ = [("struct_size", ctypes.c_uint32), ("damaged_records", ctypes.c_int64), ("dropped_records", ctypes.c_int64),
                 ("first_damaged_offset", ctypes.c_int64), ("tail_bytes", ctypes.c_int64)]
 
 
 class LemurStats(ctypes.Structure):
+    _c_name_ = "slim_lemur_stats"
     _fields_ = [("struct_size", ctypes.c_uint32), ("batch", ctypes.c_int32), ("history_found", ctypes.c_int64),
                 ("history_missing", ctypes.c_int64), ("total_ms", ctypes.c_double), ("backend_ms", ctypes.c_double),
                 ("bank_ms", ctypes.c_double)]
 
 
 class EmbedParams(ctypes.Structure):
+    _c_name_ = "slim_embed_params"
     _fields_ = [("struct_size", ctypes.c_uint32), ("text_ids", ctypes.POINTER(SlimTensor)), ("segment_ids", ctypes.POINTER(SlimTensor)),
                 ("frames", ctypes.POINTER(SlimTensor)), ("bank", ctypes.c_void_p), ("document_ids", ctypes.POINTER(SlimTensor)),
                 ("model_version", ctypes.c_int64)]
 
 
 class ScoreParams(ctypes.Structure):
+    _c_name_ = "slim_score_params"
     _fields_ = [("struct_size", ctypes.c_uint32), ("bank", ctypes.c_void_p), ("history_ids", ctypes.POINTER(SlimTensor)),
                 ("query_ids", ctypes.POINTER(SlimTensor)), ("missing_policy", ctypes.c_int32), ("min_model_version", ctypes.c_int64)]
 
@@ -140,6 +187,21 @@ VerifyProgress = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_char
 _lib = None
 
 
+def _check_abi(handle: ctypes.CDLL, path: Path) -> None:
+    """Refuse a library of another ABI major version, or older than this binding's minor version."""
+    if not hasattr(handle, "slim_abi_version"):  # before ABI 0.5
+        major, minor = handle.slim_abi_version_major(), "4 or older"
+    else:
+        got = (ctypes.c_int32(), ctypes.c_int32())
+        handle.slim_abi_version.argtypes = [ctypes.POINTER(ctypes.c_int32)] * 2
+        handle.slim_abi_version(ctypes.byref(got[0]), ctypes.byref(got[1]))
+        major, minor = got[0].value, got[1].value
+        if major == ABI_MAJOR and minor >= ABI_MINOR:
+            return
+    raise RuntimeError(f"{path} has C ABI {major}.{minor}; this Python binding needs ABI {ABI_MAJOR}.{ABI_MINOR} or a newer "
+                       f"{ABI_MAJOR}.x: reinstall slimengine so the library and the binding match (or unset SLIMENGINE_LIBRARY)")
+
+
 def lib() -> ctypes.CDLL:
     global _lib
     if _lib is None:
@@ -147,10 +209,12 @@ def lib() -> ctypes.CDLL:
         if not path.exists():
             raise RuntimeError(f"{path} not found: install slimengine with pip so the C runtime is built")
         handle = ctypes.CDLL(str(path))
+        _check_abi(handle, path)
         p = ctypes.POINTER
         sigs = {
             "slim_version": ([], ctypes.c_char_p),
             "slim_abi_version_major": ([], ctypes.c_int32),
+            "slim_abi_version": ([p(ctypes.c_int32), p(ctypes.c_int32)], None),
             "slim_last_error": ([], ctypes.c_char_p),
             "slim_status_name": ([ctypes.c_int], ctypes.c_char_p),
             "slim_engine_default_params": ([], EngineParams),
@@ -160,6 +224,8 @@ def lib() -> ctypes.CDLL:
             "slim_engine_manifest": ([ctypes.c_void_p], ctypes.c_char_p),
             "slim_engine_stage_count": ([ctypes.c_void_p], ctypes.c_int32),
             "slim_engine_stage_name": ([ctypes.c_void_p, ctypes.c_int32], ctypes.c_char_p),
+            "slim_engine_get_info": ([ctypes.c_void_p, p(EngineInfo)], ctypes.c_int),
+            "slim_engine_program_step": ([ctypes.c_void_p, ctypes.c_int32, p(ProgramStep)], ctypes.c_int),
             "slim_session_create": ([ctypes.c_void_p, p(ctypes.c_void_p)], ctypes.c_int),
             "slim_session_destroy": ([ctypes.c_void_p], None),
             "slim_generate_default_params": ([], GenerateParams),

@@ -44,6 +44,79 @@ def version() -> str:
     return _native.lib().slim_version().decode()
 
 
+def abi_version() -> tuple[int, int]:
+    """(major, minor) C ABI version of the loaded library (slim_abi_version); the binding refuses a library whose
+    major differs or whose minor is below the one it is written against (_native.ABI_MAJOR, ABI_MINOR)."""
+    major, minor = ctypes.c_int32(), ctypes.c_int32()
+    _native.lib().slim_abi_version(ctypes.byref(major), ctypes.byref(minor))
+    return major.value, minor.value
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramStep:
+    """One step of an SD3 bundle's sampling program (slim_engine_program_step)."""
+
+    sigma: float
+    sigma_next: float
+    timestep: float
+    record_delta: bool  # records the delta over the cached block range (1.x)
+    skip_cached_blocks: bool  # skips the cached range and adds the compensated delta
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineInfo:
+    """What the engine's manifest says, typed (slim_engine_get_info; fields of another family are 0, the cache range -1)."""
+
+    family: str  # "sd3", "lemur" or "onnx"
+    precision: str  # "fp32", "fp16" or "bf16"
+    stage_count: int
+    # SD3
+    num_blocks: int
+    hidden_size: int
+    num_attention_heads: int
+    latent_channels: int
+    patch_size: int
+    joint_attention_dim: int
+    pooled_projection_dim: int
+    default_latent_size: int
+    max_latent_size: int
+    num_steps: int
+    cache_first_block: int  # 1.x cached block range, inclusive; -1: none
+    cache_last_block: int
+    compensation: str  # "none", "mlp" or "identity"
+    xslim: str  # the bundle's default X-Slim policy: "none", "online" or "schedule"
+    has_token_stages: bool
+    guidance_scale: float
+    steps: tuple[ProgramStep, ...]  # the program's steps (empty for other families)
+    # LEMUR
+    embed_dim: int
+    vocab_size: int
+    num_segments: int
+    max_text_len: int
+    max_query_len: int
+    image_size: int
+    max_frames: int
+    max_batch: int
+    max_history: int
+    model_version: int
+
+
+def _engine_info(handle) -> EngineInfo:
+    lib = _native.lib()
+    raw = _native.EngineInfo(struct_size=ctypes.sizeof(_native.EngineInfo))
+    _check(lib.slim_engine_get_info(handle, ctypes.byref(raw)))
+    steps = []
+    for i in range(raw.num_steps):
+        step = _native.ProgramStep(struct_size=ctypes.sizeof(_native.ProgramStep))
+        _check(lib.slim_engine_program_step(handle, i, ctypes.byref(step)))
+        steps.append(ProgramStep(step.sigma, step.sigma_next, step.timestep, bool(step.record_delta), bool(step.skip_cached_blocks)))
+    values = {name: getattr(raw, name) for name, _ in raw._fields_ if name != "struct_size"}
+    values.update(family=_native.FAMILIES[raw.family], precision=_native.PRECISIONS[raw.precision],
+                  compensation=_native.COMPENSATIONS[raw.compensation], xslim=_native.XSLIM_MODES[raw.xslim],
+                  has_token_stages=bool(raw.has_token_stages), steps=tuple(steps))
+    return EngineInfo(**values)
+
+
 def _as_float32(x, name: str) -> np.ndarray:
     """numpy array, DLPack producer (torch, cupy on host) or array-like -> C-contiguous float32 numpy."""
     if x is None:
@@ -265,6 +338,7 @@ class Engine(_Closable):
         try:
             self.manifest = loads_strict(lib.slim_engine_manifest(handle))
             self.stage_names = [lib.slim_engine_stage_name(handle, i).decode() for i in range(lib.slim_engine_stage_count(handle))]
+            self.info = _engine_info(handle)  # the manifest's family, config and program, typed (EngineInfo)
         except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             self.close()
             raise SlimError("SLIM_ERR_BUNDLE", f"{path}: manifest is not valid UTF-8 JSON ({e})") from None

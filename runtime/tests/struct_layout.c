@@ -1,0 +1,153 @@
+/* struct_layout: sizeof, and offsetof and sizeof of every field, of every public struct of slimengine.h, one per
+ * line ("STRUCT size N" then "STRUCT.FIELD OFFSET SIZE"). tests/test_c_structs.py compiles it and checks the ctypes
+ * mirrors in runtime/python/slimengine/_native.py against its output; it also fails when a struct or field of the
+ * header is missing here, so add every new one. */
+#include <stddef.h>
+#include <stdio.h>
+
+#include "slimengine.h"
+
+#define STRUCT(T) printf(#T " size %zu\n", sizeof(T))
+#define FIELD(T, F) printf(#T "." #F " %zu %zu\n", offsetof(T, F), sizeof(((T*)0)->F))
+
+int main(void) {
+    STRUCT(slim_tensor);
+    FIELD(slim_tensor, data);
+    FIELD(slim_tensor, dtype);
+    FIELD(slim_tensor, device_type);
+    FIELD(slim_tensor, device_id);
+    FIELD(slim_tensor, ndim);
+    FIELD(slim_tensor, shape);
+    FIELD(slim_tensor, strides);
+    STRUCT(slim_engine_params);
+    FIELD(slim_engine_params, struct_size);
+    FIELD(slim_engine_params, onnxruntime_library);
+    FIELD(slim_engine_params, verify_checksums);
+    FIELD(slim_engine_params, intra_op_threads);
+    FIELD(slim_engine_params, device_type);
+    FIELD(slim_engine_params, device_id);
+    STRUCT(slim_engine_info);
+    FIELD(slim_engine_info, struct_size);
+    FIELD(slim_engine_info, family);
+    FIELD(slim_engine_info, precision);
+    FIELD(slim_engine_info, stage_count);
+    FIELD(slim_engine_info, num_blocks);
+    FIELD(slim_engine_info, hidden_size);
+    FIELD(slim_engine_info, num_attention_heads);
+    FIELD(slim_engine_info, latent_channels);
+    FIELD(slim_engine_info, patch_size);
+    FIELD(slim_engine_info, joint_attention_dim);
+    FIELD(slim_engine_info, pooled_projection_dim);
+    FIELD(slim_engine_info, default_latent_size);
+    FIELD(slim_engine_info, max_latent_size);
+    FIELD(slim_engine_info, num_steps);
+    FIELD(slim_engine_info, cache_first_block);
+    FIELD(slim_engine_info, cache_last_block);
+    FIELD(slim_engine_info, compensation);
+    FIELD(slim_engine_info, xslim);
+    FIELD(slim_engine_info, has_token_stages);
+    FIELD(slim_engine_info, guidance_scale);
+    FIELD(slim_engine_info, embed_dim);
+    FIELD(slim_engine_info, vocab_size);
+    FIELD(slim_engine_info, num_segments);
+    FIELD(slim_engine_info, max_text_len);
+    FIELD(slim_engine_info, max_query_len);
+    FIELD(slim_engine_info, image_size);
+    FIELD(slim_engine_info, max_frames);
+    FIELD(slim_engine_info, max_batch);
+    FIELD(slim_engine_info, max_history);
+    FIELD(slim_engine_info, model_version);
+    STRUCT(slim_program_step);
+    FIELD(slim_program_step, struct_size);
+    FIELD(slim_program_step, record_delta);
+    FIELD(slim_program_step, skip_cached_blocks);
+    FIELD(slim_program_step, sigma);
+    FIELD(slim_program_step, sigma_next);
+    FIELD(slim_program_step, timestep);
+    STRUCT(slim_generate_params);
+    FIELD(slim_generate_params, struct_size);
+    FIELD(slim_generate_params, prompt_embeds);
+    FIELD(slim_generate_params, pooled_embeds);
+    FIELD(slim_generate_params, negative_prompt_embeds);
+    FIELD(slim_generate_params, negative_pooled_embeds);
+    FIELD(slim_generate_params, latents);
+    FIELD(slim_generate_params, seed);
+    FIELD(slim_generate_params, guidance_scale);
+    FIELD(slim_generate_params, step_cache_threshold);
+    FIELD(slim_generate_params, cache_policy);
+    FIELD(slim_generate_params, num_steps);
+    FIELD(slim_generate_params, shift);
+    STRUCT(slim_generate_stats);
+    FIELD(slim_generate_stats, struct_size);
+    FIELD(slim_generate_stats, steps);
+    FIELD(slim_generate_stats, blocks_run);
+    FIELD(slim_generate_stats, stage_calls);
+    FIELD(slim_generate_stats, effective_nfe);
+    FIELD(slim_generate_stats, total_ms);
+    FIELD(slim_generate_stats, backend_ms);
+    FIELD(slim_generate_stats, flop_fraction);
+    FIELD(slim_generate_stats, transfer_bytes);
+    STRUCT(slim_step_stats);
+    FIELD(slim_step_stats, struct_size);
+    FIELD(slim_step_stats, sigma);
+    FIELD(slim_step_stats, sigma_next);
+    FIELD(slim_step_stats, blocks_run);
+    FIELD(slim_step_stats, level);
+    FIELD(slim_step_stats, ms);
+    FIELD(slim_step_stats, blocks_reused);
+    FIELD(slim_step_stats, tokens_computed);
+    FIELD(slim_step_stats, flop_fraction);
+    STRUCT(slim_stage_stats);
+    FIELD(slim_stage_stats, struct_size);
+    FIELD(slim_stage_stats, calls);
+    FIELD(slim_stage_stats, total_ms);
+    STRUCT(slim_event);
+    FIELD(slim_event, struct_size);
+    FIELD(slim_event, kind);
+    FIELD(slim_event, step);
+    FIELD(slim_event, block);
+    FIELD(slim_event, stage);
+    FIELD(slim_event, level);
+    FIELD(slim_event, start_ns);
+    FIELD(slim_event, end_ns);
+    FIELD(slim_event, device_ns);
+    STRUCT(slim_named_tensor);
+    FIELD(slim_named_tensor, name);
+    FIELD(slim_named_tensor, tensor);
+    STRUCT(slim_bank_params);
+    FIELD(slim_bank_params, struct_size);
+    FIELD(slim_bank_params, dim);
+    FIELD(slim_bank_params, read_only);
+    FIELD(slim_bank_params, create);
+    FIELD(slim_bank_params, sync_writes);
+    STRUCT(slim_bank_recovery);
+    FIELD(slim_bank_recovery, struct_size);
+    FIELD(slim_bank_recovery, damaged_records);
+    FIELD(slim_bank_recovery, dropped_records);
+    FIELD(slim_bank_recovery, first_damaged_offset);
+    FIELD(slim_bank_recovery, tail_bytes);
+    STRUCT(slim_lemur_stats);
+    FIELD(slim_lemur_stats, struct_size);
+    FIELD(slim_lemur_stats, batch);
+    FIELD(slim_lemur_stats, history_found);
+    FIELD(slim_lemur_stats, history_missing);
+    FIELD(slim_lemur_stats, total_ms);
+    FIELD(slim_lemur_stats, backend_ms);
+    FIELD(slim_lemur_stats, bank_ms);
+    STRUCT(slim_embed_params);
+    FIELD(slim_embed_params, struct_size);
+    FIELD(slim_embed_params, text_ids);
+    FIELD(slim_embed_params, segment_ids);
+    FIELD(slim_embed_params, frames);
+    FIELD(slim_embed_params, bank);
+    FIELD(slim_embed_params, document_ids);
+    FIELD(slim_embed_params, model_version);
+    STRUCT(slim_score_params);
+    FIELD(slim_score_params, struct_size);
+    FIELD(slim_score_params, bank);
+    FIELD(slim_score_params, history_ids);
+    FIELD(slim_score_params, query_ids);
+    FIELD(slim_score_params, missing_policy);
+    FIELD(slim_score_params, min_model_version);
+    return 0;
+}
