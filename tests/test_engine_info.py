@@ -113,3 +113,16 @@ def test_program_step_index_out_of_range_is_refused(distilled_bundle):
         assert "index out of range" in lib.slim_last_error().decode()
     assert lib.slim_engine_get_info(None, ctypes.byref(_native.EngineInfo(struct_size=ctypes.sizeof(_native.EngineInfo)))) == 1
     assert lib.slim_engine_get_info(engine._handle, None) == 1
+
+
+def test_engine_info_of_a_manifest_without_default_latent_size(bundle_copy):
+    """default_latent_size is optional for the C runtime (0 in the info; the Python binding requires it), checked when present."""
+    edit_manifest(bundle_copy, lambda m: m["config"].pop("default_latent_size"))
+    lib, handle = _native.lib(), ctypes.c_void_p()
+    params = lib.slim_engine_default_params()
+    params.onnxruntime_library = _native.onnxruntime_library().encode()
+    assert lib.slim_engine_open(str(bundle_copy).encode(), ctypes.byref(params), ctypes.byref(handle)) == 0, lib.slim_last_error()
+    info = _native.EngineInfo(struct_size=ctypes.sizeof(_native.EngineInfo))
+    assert lib.slim_engine_get_info(handle, ctypes.byref(info)) == 0
+    assert (info.default_latent_size, info.max_latent_size) == (0, 32)
+    lib.slim_engine_close(handle)

@@ -71,6 +71,11 @@ int main(int argc, char** argv) {
     }
     long joint = info.joint_attention_dim, pooled_dim = info.pooled_projection_dim, channels = info.latent_channels;
     if (size <= 0) size = info.default_latent_size;
+    if (size <= 0) {
+        fprintf(stderr, "slimengine-example: the bundle states no default latent size: pass --size\n");
+        slim_engine_close(engine);
+        return 2;
+    }
     double guidance = info.guidance_scale;
 
     size_t text_n = (size_t)(batch * text_len * joint), pooled_n = (size_t)(batch * pooled_dim),

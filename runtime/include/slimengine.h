@@ -193,7 +193,7 @@ typedef struct slim_engine_info {
     int32_t patch_size;            /* latent H and W are multiples of it */
     int32_t joint_attention_dim;   /* last dimension of prompt_embeds */
     int32_t pooled_projection_dim; /* last dimension of pooled_embeds */
-    int32_t default_latent_size;   /* latent H and W the bundle was made for */
+    int32_t default_latent_size;   /* latent H and W the bundle was made for; 0: the manifest does not say */
     int32_t max_latent_size;       /* largest latent H and W (the position table's limit) */
     int32_t num_steps;             /* sampling steps of the bundle's program (each: slim_engine_program_step) */
     int32_t cache_first_block;     /* 1.x cached block range, inclusive; -1 and -1: none */

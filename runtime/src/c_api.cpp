@@ -1,7 +1,6 @@
 // The C ABI: handles, params structs read and checked, caller tensors checked, exceptions turned into
 // status codes. What a call means lives behind it: the programs (sd3_program, lemur_program), X-Slim
 // policies (xslim), the generic stage call (ort_backend), bank files (memory_bank).
-#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstring>

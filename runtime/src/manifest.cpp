@@ -68,13 +68,16 @@ Sd3Config parse_config(const Value& root) {
     if (cfg.inner_dim != cfg.num_attention_heads * cfg.attention_head_dim)
         bad("config.inner_dim", "must equal num_attention_heads * attention_head_dim");
     if (cfg.max_latent_size % cfg.patch_size) bad("config.max_latent_size", "must be a multiple of patch_size");
-    // Not a limit the runtime checks requests against, but what callers size their output by (slim_engine_info).
-    const Value& size = field(c, "default_latent_size", w);
-    const double d = size.kind == Value::Kind::Number ? size.number : -1;
-    if (!(d >= 1 && d <= cfg.max_latent_size && d == std::floor(d)) || static_cast<int>(d) % cfg.patch_size)
-        bad("config.default_latent_size", "must be a multiple of patch_size (" + std::to_string(cfg.patch_size) + ") in [1, " +
-                                              std::to_string(cfg.max_latent_size) + "]");
-    cfg.default_latent_size = static_cast<int>(d);
+    // Not a limit requests are checked against, but what callers size their output by (slim_engine_info);
+    // optional here (0: not stated), checked when present.
+    cfg.default_latent_size = 0;
+    if (const Value* size = c.find("default_latent_size")) {
+        const double d = size->kind == Value::Kind::Number ? size->number : -1;
+        if (!(d >= 1 && d <= cfg.max_latent_size && d == std::floor(d)) || static_cast<int>(d) % cfg.patch_size)
+            bad("config.default_latent_size", "must be a multiple of patch_size (" + std::to_string(cfg.patch_size) + ") in [1, " +
+                                                  std::to_string(cfg.max_latent_size) + "]");
+        cfg.default_latent_size = static_cast<int>(d);
+    }
     return cfg;
 }
 
