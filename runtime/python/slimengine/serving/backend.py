@@ -44,8 +44,14 @@ class _Model:
             raise SlimError("SLIM_ERR_INVALID_ARGUMENT", f"{params['engine_path']}: family {family!r}, model {self.name} serves {expected} bundles")
         self.session = self.engine.session()
         self.params = params
+        # Triton counts a request answered with an error response as a success (nv_inference_request_success): the
+        # Python backend reports per-request errors that way. This counter tells them apart.
+        self.failure_family = self.pb_utils.MetricFamily(name="slimengine_request_failure", kind=self.pb_utils.MetricFamily.COUNTER,
+                                            description="requests answered with an error by a slimengine model (bad input, runtime error)")
+        self.failures = self.failure_family.Metric(labels={"model": self.name, "version": str(args.get("model_version", ""))})
 
     def finalize(self) -> None:
+        del self.failures  # before its family (Triton's rule)
         self.session.close()
         self.engine.close()
 
@@ -67,6 +73,7 @@ class _Model:
         return item.decode() if isinstance(item, bytes) else item.item()
 
     def _error(self, message: str):
+        self.failures.increment(1)
         return self.pb_utils.InferenceResponse(output_tensors=[], error=self.pb_utils.TritonError(message))
 
     def _response(self, name: str, value: np.ndarray):
