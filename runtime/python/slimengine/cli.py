@@ -1,6 +1,9 @@
-"""slimengine: the runtime's command line. `slimengine verify BUNDLE` checks an engine bundle's integrity.
+"""slimengine: the runtime's command line.
 
-Exit status: 0 intact, 1 the bundle fails the check (the message names the file or field), 2 usage.
+`slimengine verify BUNDLE` checks an engine bundle's integrity. Exit status: 0 intact, 1 the bundle fails the check
+(the message names the file or field), 2 usage.
+`slimengine triton-repo ENGINE... -o DIR` writes a Triton model repository; `slimengine serve ENGINE...` runs one on the
+tritonserver of nvidia-pytriton (docs/serving.md). Exit status 0, 1 on failure, 2 usage.
 """
 
 from __future__ import annotations
@@ -21,7 +24,101 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("bundle", type=Path, metavar="BUNDLE", help="the engine bundle directory (NAME.engine)")
     verify.add_argument("--fast", action="store_true", help="skip hashing the weight files (the check open_engine makes by default)")
     verify.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no line on success")
+    repo = commands.add_parser(
+        "triton-repo", help="write a Triton Inference Server model repository for engine bundles",
+        description="Write a standard Triton model repository: one Python-backend model per program (sd3; lemur_embed, and "
+                    "lemur_score with --bank), each opening its bundle by path with the slimengine runtime. Give NAME=ENGINE to "
+                    "name a model (NAME replaces 'sd3', or the 'lemur' prefix). See docs/serving.md.")
+    repo.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="the repository to write (atomically)")
+    repo.add_argument("--force", action="store_true", help="replace an existing DIR")
+    _repository_options(repo)
+    serve = commands.add_parser(
+        "serve", help="serve engine bundles on a local Triton Inference Server (nvidia-pytriton's tritonserver)",
+        description="Write a Triton model repository for the bundles into a temporary directory and run the tritonserver of "
+                    "the nvidia-pytriton package on it until interrupted (Ctrl-C). KServe v2 HTTP on --port, gRPC on "
+                    "--grpc-port, Prometheus metrics on --metrics-port. See docs/serving.md.")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    serve.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001)")
+    serve.add_argument("--metrics-port", type=int, default=8002, help="metrics port (default 8002)")
+    _repository_options(serve)
     return parser
+
+
+def _repository_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("engines", nargs="+", metavar="ENGINE", help="engine bundles (NAME.engine), or NAME=ENGINE")
+    parser.add_argument("--bank", type=Path, help="the LEMUR memory bank lemur_score reads (read-only; its writer runs elsewhere)")
+    parser.add_argument("--instances", type=int, default=1, help="model instances (sessions) per engine (default 1)")
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads per instance (default 0: all cores)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="run the engines on the CPU or on Triton's GPUs")
+    parser.add_argument("--bundle-root", type=Path, help="write bundle and bank paths as BUNDLE_ROOT/NAME (where a container "
+                                                          "mounts them) instead of their paths here")
+
+
+def _options(args: argparse.Namespace):
+    from .serving import RepositoryOptions
+
+    return RepositoryOptions(bank=args.bank, instances=args.instances, threads=args.threads, device=args.device,
+                             bundle_root=args.bundle_root)
+
+
+def triton_repo(args: argparse.Namespace) -> int:
+    from .runtime import SlimError
+    from .serving import write_repository
+
+    try:
+        specs = write_repository(args.engines, args.output, _options(args), force=args.force)
+    except (OSError, ValueError, SlimError) as e:
+        print(f"slimengine triton-repo: {e}", file=sys.stderr)
+        return 1
+    for spec in specs:
+        print(f"{args.output}/{spec.name}: {spec.kind} of {spec.engine}")
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    import signal
+    import tempfile
+    import time
+
+    from .runtime import SlimError
+    from .serving import write_repository
+    from .serving.server import ServerError, TritonServer, pytriton_dist
+
+    try:
+        pytriton_dist()
+    except ServerError as e:
+        print(f"slimengine serve: {e}", file=sys.stderr)
+        return 1
+    with tempfile.TemporaryDirectory(prefix="slimengine-serve-") as tmp:
+        try:
+            specs = write_repository(args.engines, Path(tmp) / "repository", _options(args))
+        except (OSError, ValueError, SlimError) as e:
+            print(f"slimengine serve: {e}", file=sys.stderr)
+            return 1
+        server = TritonServer(Path(tmp) / "repository", host=args.host, http_port=args.port, grpc_port=args.grpc_port,
+                              metrics_port=args.metrics_port, log_file=Path(tmp) / "tritonserver.log")
+
+        def interrupt(*_):
+            raise KeyboardInterrupt  # SIGTERM (kill, Kubernetes) stops the server like Ctrl-C
+
+        signal.signal(signal.SIGTERM, interrupt)
+        try:
+            server.start()
+            print(f"serving {', '.join(s.name for s in specs)}: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics "
+                  f"{server.metrics_url} (log {server.log_file}); Ctrl-C stops", flush=True)
+            while server.process.poll() is None:
+                time.sleep(0.5)
+            print(f"slimengine serve: tritonserver exited with status {server.process.returncode}:\n{server.log_tail()}", file=sys.stderr)
+            return 1
+        except ServerError as e:
+            print(f"slimengine serve: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("slimengine serve: stopping", file=sys.stderr)
+            return 0 if server.stop() == 0 else 1
+        finally:
+            server.stop()
 
 
 def verify(args: argparse.Namespace) -> int:
@@ -59,7 +156,7 @@ def verify(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"verify": verify}[args.command](args)
+        return {"verify": verify, "triton-repo": triton_repo, "serve": serve}[args.command](args)
     except KeyboardInterrupt:
         print("slimengine: interrupted", file=sys.stderr)
         return 130

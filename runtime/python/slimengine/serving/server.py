@@ -1,0 +1,184 @@
+"""The tritonserver of the nvidia-pytriton wheel, started on a model repository (`slimengine serve`, tests, benchmark).
+
+The wheel ships a real `tritonserver` binary, its libraries (nvidia_pytriton.libs), the Python backend and one backend
+stub per Python version. Three things make it run the repository's Python models in *this* interpreter's environment:
+- a backend directory with the stub for this Python version in `python/` (copied there, as PyTriton does);
+- LD_LIBRARY_PATH with this interpreter's LIBDIR (the stub links libpython3.X.so) and the wheel's libraries;
+- PATH starting with this interpreter's bin directory: the stub's embedded interpreter finds its prefix from the
+  `python3` on PATH, so a virtual environment's site-packages (slimengine, numpy) are the ones it imports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+INSTALL_HINT = "pip install 'slimengine[serve]' (nvidia-pytriton==0.7.0 ships tritonserver)"
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+def pytriton_dist() -> tuple[Path, Path]:
+    """(the wheel's tritonserver directory, its bundled libraries), or ServerError saying what to install."""
+    spec = importlib.util.find_spec("pytriton")  # located, not imported (importing pytriton pulls in much more)
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerError(f"tritonserver not found: the nvidia-pytriton package is not installed; {INSTALL_HINT}, or run the "
+                          "repository in NVIDIA's Triton container (docs/serving.md)")
+    package = Path(list(spec.submodule_search_locations)[0])
+    server_dir, libs = package / "tritonserver", package.parent / "nvidia_pytriton.libs"
+    if not (server_dir / "bin" / "tritonserver").is_file():
+        raise ServerError(f"{server_dir}/bin/tritonserver is missing: reinstall nvidia-pytriton ({INSTALL_HINT})")
+    return server_dir, libs
+
+
+def python_libdir() -> Path:
+    """This interpreter's shared libpython's directory (the backend stub links it)."""
+    libdir = Path(sysconfig.get_config_var("LIBDIR") or "")
+    name = f"libpython{sys.version_info.major}.{sys.version_info.minor}.so.1.0"
+    if not sysconfig.get_config_var("Py_ENABLE_SHARED") or not (libdir / name).exists():
+        raise ServerError(f"this Python ({sys.executable}) has no shared {name} in {libdir}: Triton's Python-backend stub links "
+                          "it; use a Python built with --enable-shared (Debian's python3, pyenv with "
+                          "PYTHON_CONFIGURE_OPTS=--enable-shared, conda)")
+    return libdir
+
+
+def prepare_backends(dest: Path) -> Path:
+    """A backend directory for this Python: the wheel's backends with the matching stub in python/."""
+    server_dir, _ = pytriton_dist()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = server_dir / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ServerError(f"nvidia-pytriton has no Python-backend stub for Python {version} (it has "
+                          f"{sorted(p.name for p in (server_dir / 'python_backend_stubs').iterdir())})")
+    shutil.copytree(server_dir / "backends", dest, dirs_exist_ok=True)
+    shutil.copy2(stub, dest / "python" / "triton_python_backend_stub")
+    return dest
+
+
+def server_env() -> dict:
+    _, libs = pytriton_dist()
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(python_libdir()), str(libs), env.get("LD_LIBRARY_PATH")]))
+    env["PATH"] = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), env.get("PATH")]))
+    return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class TritonServer:
+    """tritonserver on `repository`, bound to `host` (loopback by default). Ports 0: free ones are picked.
+
+    model_control: "none" (every model loaded at start) or "explicit" (load/unload through the repository API; `models`
+    are loaded at start). Use as a context manager, or start() / stop()."""
+
+    def __init__(self, repository: str | Path, *, host: str = "127.0.0.1", http_port: int = 0, grpc_port: int = 0,
+                 metrics_port: int = 0, model_control: str = "none", models: list[str] | None = None, log_file: str | Path | None = None,
+                 extra_args: list[str] | None = None):
+        self.repository = Path(repository).resolve()
+        self.host = host
+        self.http_port = http_port or free_port(host)
+        self.grpc_port = grpc_port or free_port(host)
+        self.metrics_port = metrics_port or free_port(host)
+        self.model_control, self.models, self.extra_args = model_control, models or [], extra_args or []
+        self.log_file = Path(log_file) if log_file else None
+        self.process: subprocess.Popen | None = None
+        self._workdir: tempfile.TemporaryDirectory | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    def command(self, backends: Path) -> list[str]:
+        server_dir, _ = pytriton_dist()
+        cmd = [str(server_dir / "bin" / "tritonserver"), "--model-repository", str(self.repository), "--backend-directory", str(backends),
+               "--http-address", self.host, "--http-port", str(self.http_port), "--grpc-address", self.host,
+               "--grpc-port", str(self.grpc_port), "--metrics-address", self.host, "--metrics-port", str(self.metrics_port),
+               "--model-control-mode", self.model_control, "--exit-timeout-secs", "30"]
+        for model in self.models:
+            cmd += ["--load-model", model]
+        return cmd + self.extra_args
+
+    def start(self, timeout: float = 120) -> TritonServer:
+        self._workdir = tempfile.TemporaryDirectory(prefix="slimengine-triton-")
+        backends = prepare_backends(Path(self._workdir.name) / "backends")
+        if self.log_file is None:
+            self.log_file = Path(self._workdir.name) / "tritonserver.log"
+        with open(self.log_file, "ab") as log:
+            self.process = subprocess.Popen(self.command(backends), env=server_env(), stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def log_tail(self, chars: int = 4000) -> str:
+        with contextlib.suppress(OSError):
+            return self.log_file.read_text(errors="replace")[-chars:]
+        return ""
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"tritonserver exited with status {self.process.returncode} while starting:\n{self.log_tail()}")
+            if self.ready():
+                return
+            time.sleep(0.2)
+        raise ServerError(f"tritonserver not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 60) -> int | None:
+        """SIGTERM (Triton finishes in-flight requests, unloads the models), SIGKILL after `timeout`; the exit status."""
+        code = None
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                    self.process.wait()
+            code = self.process.returncode
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
+        return code
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

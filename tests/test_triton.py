@@ -1,0 +1,415 @@
+"""Serving on Triton Inference Server: `slimengine triton-repo` repositories run on a real tritonserver (the one in the
+nvidia-pytriton wheel), bound to loopback, reached with tritonclient over HTTP and gRPC. No mocks: every answer is
+compared bit for bit with the same call made directly on the runtime."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import psutil
+import pytest
+import tritonclient.grpc as tgrpc
+import tritonclient.http as thttp
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+import slimengine as se
+from slimengine.serving import RepositoryOptions, write_repository
+from slimengine.serving.server import TritonServer, free_port
+
+PROTOCOLS = {"http": thttp, "grpc": tgrpc}
+
+
+def infer(client, protocol, model: str, inputs: dict[str, np.ndarray], output: str) -> np.ndarray:
+    module = PROTOCOLS[protocol]
+    tensors = []
+    for name, value in inputs.items():
+        t = module.InferInput(name, list(value.shape), "BYTES" if value.dtype == object else np_to_triton_dtype(value.dtype))
+        t.set_data_from_numpy(value)
+        tensors.append(t)
+    return client.infer(model, tensors).as_numpy(output)
+
+
+def client_for(server, protocol):
+    return thttp.InferenceServerClient(server.http_url) if protocol == "http" else tgrpc.InferenceServerClient(server.grpc_url)
+
+
+def scalar(value, dtype, rows: int = 1) -> np.ndarray:
+    return np.full((rows, 1), value, dtype=dtype)
+
+
+# ---- fixtures: the toy SD3 and LEMUR bundles (conftest), a memory bank written directly, the repository, the server ----
+
+
+@pytest.fixture(scope="module")
+def sd3_engine(distilled_bundle):
+    with se.open_engine(distilled_bundle) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def lemur_engine(lemur_bundle):
+    with se.open_engine(lemur_bundle) as engine:
+        yield engine
+
+
+def documents(config: dict, batch: int, text_len: int, frames: int, seed: int):
+    rng = np.random.default_rng(seed)
+    text_ids = rng.integers(1, config["vocab_size"], (batch, text_len))
+    segment_ids = rng.integers(0, config["num_segments"], (batch, text_len))
+    pixels = rng.standard_normal((batch, frames, 3, config["image_size"], config["image_size"]), dtype=np.float32)
+    return text_ids, segment_ids, pixels
+
+
+BANK_DOCS = 50
+
+
+@pytest.fixture(scope="module")
+def bank_path(tmp_path_factory, lemur_engine):
+    """The bank's writer is outside the server (docs/serving.md): here, a direct embed into it."""
+    path = tmp_path_factory.mktemp("triton") / "docs.bank"
+    text_ids, segment_ids, pixels = documents(lemur_engine.config, BANK_DOCS, 12, 2, seed=0)
+    with se.MemoryBank(path, dim=lemur_engine.config["embed_dim"]) as bank:
+        lemur_engine.session().embed(text_ids, pixels, segment_ids=segment_ids, bank=bank, document_ids=np.arange(BANK_DOCS))
+    return path
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory, distilled_bundle, lemur_bundle, bank_path):
+    out = tmp_path_factory.mktemp("triton") / "repo"
+    write_repository([str(distilled_bundle), str(lemur_bundle)], out, RepositoryOptions(bank=bank_path, threads=1))
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(repository):
+    srv = TritonServer(repository).start()
+    yield srv
+    assert srv.stop() == 0, srv.log_tail()
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    client = thttp.InferenceServerClient(server.http_url)
+    yield client
+    client.close()  # an open keep-alive connection would hold the server's shutdown until its exit timeout
+
+
+@pytest.fixture(scope="module")
+def grpc(server):
+    client = tgrpc.InferenceServerClient(server.grpc_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture()
+def clients(http, grpc):
+    return {"http": http, "grpc": grpc}
+
+
+# ---- the repository ----
+
+
+def test_repository_layout_atomic_write_and_refusal_to_overwrite(repository, tmp_path, distilled_bundle, lemur_bundle):
+    assert sorted(p.name for p in repository.iterdir()) == ["lemur_embed", "lemur_score", "sd3"]
+    for model in ("sd3", "lemur_embed", "lemur_score"):
+        config = (repository / model / "config.pbtxt").read_text()
+        assert f'name: "{model}"' in config and 'backend: "python"' in config and "dynamic_batching" in config
+        assert "import triton_python_backend_utils" in (repository / model / "1" / "model.py").read_text()
+    assert f'string_value: "{distilled_bundle.resolve()}"' in (repository / "sd3" / "config.pbtxt").read_text()  # by path, not copied
+
+    out = tmp_path / "repo"
+    cli = [sys.executable, "-m", "slimengine.cli", "triton-repo"]
+    assert subprocess.run([*cli, str(lemur_bundle), "-o", str(out)], capture_output=True, text=True).returncode == 0
+    assert sorted(p.name for p in out.iterdir()) == ["lemur_embed"]  # no --bank: no lemur_score
+    again = subprocess.run([*cli, str(distilled_bundle), "-o", str(out)], capture_output=True, text=True)
+    assert again.returncode == 1 and "exists: pass --force" in again.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["lemur_embed"]  # untouched
+    forced = subprocess.run([*cli, str(distilled_bundle), "-o", str(out), "--force"], capture_output=True, text=True)
+    assert forced.returncode == 0, forced.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["sd3"]
+    assert [p.name for p in tmp_path.iterdir()] == ["repo"]  # no temporary left behind
+    bad = subprocess.run([*cli, str(tmp_path / "missing.engine"), "-o", str(tmp_path / "r2")], capture_output=True, text=True)
+    assert bad.returncode == 1 and "not an engine bundle directory" in bad.stderr and not (tmp_path / "r2").exists()
+
+
+# ---- health, readiness, answers equal to direct calls ----
+
+
+def test_health_and_per_model_readiness(server, clients):
+    with urllib.request.urlopen(f"http://{server.http_url}/v2/health/ready") as r:
+        assert r.status == 200
+    for client in clients.values():
+        assert client.is_server_live() and client.is_server_ready()
+        for model in ("sd3", "lemur_embed", "lemur_score"):
+            assert client.is_model_ready(model)
+        assert not client.is_model_ready("no_such_model")
+    metadata = clients["http"].get_model_metadata("sd3")
+    assert {i["name"] for i in metadata["inputs"]} >= {"prompt_embeds", "pooled_embeds", "seed", "guidance_scale", "cache"}
+    assert [o["name"] for o in metadata["outputs"]] == ["latents"]
+
+
+def sd3_request(config: dict, rows: int, text_len: int, seed: int, **settings) -> tuple[dict, dict]:
+    """(the Triton inputs, the matching Session.generate keyword arguments)."""
+    rng = np.random.default_rng(seed)
+    inputs = {"prompt_embeds": rng.standard_normal((rows, text_len, config["joint_attention_dim"]), dtype=np.float32),
+              "pooled_embeds": rng.standard_normal((rows, config["pooled_projection_dim"]), dtype=np.float32),
+              "seed": scalar(seed, np.uint64, rows)}
+    kwargs = {"seed": seed}
+    if settings.get("guidance_scale", 1) > 1:
+        inputs["negative_prompt_embeds"] = rng.standard_normal(inputs["prompt_embeds"].shape, dtype=np.float32)
+        inputs["negative_pooled_embeds"] = rng.standard_normal(inputs["pooled_embeds"].shape, dtype=np.float32)
+        kwargs.update(negative_prompt_embeds=inputs["negative_prompt_embeds"], negative_pooled_embeds=inputs["negative_pooled_embeds"])
+    dtypes = {"guidance_scale": np.float32, "num_steps": np.int32, "height": np.int32, "width": np.int32, "shift": np.float32,
+              "step_cache_threshold": np.float32, "cache": object}
+    for name, value in settings.items():
+        inputs[name] = scalar(value.encode() if name == "cache" else value, dtypes[name], rows)
+        kwargs[name] = value
+    return inputs, kwargs
+
+
+SD3_CASES = [dict(), dict(guidance_scale=4.5), dict(num_steps=3, height=16, width=8), dict(cache="xslim:step=0.05"),
+             dict(step_cache_threshold=0.0, cache="none")]
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_sd3_answers_equal_direct_generate_bit_for_bit(protocol, clients, sd3_engine):
+    session = sd3_engine.session()
+    for i, settings in enumerate(SD3_CASES):
+        inputs, kwargs = sd3_request(sd3_engine.config, rows=1 + i % 2, text_len=5 + i, seed=100 + i, **settings)
+        got = infer(clients[protocol], protocol, "sd3", inputs, "latents")
+        expected = session.generate(inputs["prompt_embeds"], inputs["pooled_embeds"], **kwargs).latents
+        assert got.dtype == np.float32 and np.array_equal(got, expected), settings
+
+
+def test_concurrent_sd3_requests_share_a_cfg_batch_and_keep_their_own_results(server, sd3_engine, http):
+    session = sd3_engine.session()
+    requests = [sd3_request(sd3_engine.config, rows=1, text_len=6, seed=200 + i, guidance_scale=3.0) for i in range(8)]
+    before = http.get_inference_statistics("sd3")["model_stats"][0]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        def one(req):
+            with thttp.InferenceServerClient(server.http_url) as client:
+                return infer(client, "http", "sd3", req[0], "latents")
+        results = list(pool.map(one, requests))
+    after = http.get_inference_statistics("sd3")["model_stats"][0]
+    for (inputs, kwargs), got in zip(requests, results):
+        assert np.array_equal(got, session.generate(inputs["prompt_embeds"], inputs["pooled_embeds"], **kwargs).latents)
+    inferences, executions = (after[k] - before[k] for k in ("inference_count", "execution_count"))
+    print(f"8 concurrent SD3 requests: {executions} executions")
+    assert inferences == 8 and executions < 8  # some requests ran together (one generate call, one CFG batch)
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_lemur_embed_and_score_equal_direct_calls_bit_for_bit(protocol, clients, lemur_engine, bank_path):
+    session, c = lemur_engine.session(), lemur_engine.config
+    for batch, text_len, frames in [(1, 1, 1), (3, 17, 2), (64, 12, 2)]:
+        text_ids, segment_ids, pixels = documents(c, batch, text_len, frames, seed=batch)
+        got = infer(clients[protocol], protocol, "lemur_embed", {"text_ids": text_ids, "segment_ids": segment_ids, "frames": pixels},
+                    "embedding")
+        assert np.array_equal(got, session.embed(text_ids, pixels, segment_ids=segment_ids).embeddings)
+    got = infer(clients[protocol], protocol, "lemur_embed", {"text_ids": text_ids, "frames": pixels}, "embedding")
+    assert np.array_equal(got, session.embed(text_ids, pixels).embeddings)  # segment_ids left out: every token in segment 0
+
+    rng = np.random.default_rng(1)
+    history = rng.integers(0, BANK_DOCS, (5, 9))
+    history[0, 4:] = -1
+    query = rng.integers(1, c["vocab_size"], (5, 4))
+    with se.MemoryBank(bank_path, read_only=True) as bank:
+        expected = session.score(bank, history, query).scores
+        got = infer(clients[protocol], protocol, "lemur_score", {"history_ids": history, "query_ids": query}, "score")
+        assert got.shape == (5, 1) and np.array_equal(got[:, 0], expected)
+        history[1, 2] = 10**6  # missing from the bank: skipped on request
+        got = infer(clients[protocol], protocol, "lemur_score", {"history_ids": history, "query_ids": query,
+                                                                 "skip_missing": scalar(True, bool, 5)}, "score")
+        assert np.array_equal(got[:, 0], session.score(bank, history, query, skip_missing=True).scores)
+
+
+def test_lemur_score_sees_what_the_banks_writer_appends_while_serving(http, lemur_engine, bank_path):
+    """lemur_score opens the bank read-only; documents its (outside) writer adds later are scored without a restart."""
+    text_ids, segment_ids, pixels = documents(lemur_engine.config, 1, 8, 1, seed=77)
+    history, query = np.array([[BANK_DOCS + 7]]), np.array([[3, 4]])
+    with pytest.raises(InferenceServerException, match=f"{BANK_DOCS + 7}"):
+        infer(http, "http", "lemur_score", {"history_ids": history, "query_ids": query}, "score")
+    with se.MemoryBank(bank_path) as bank:  # the one writer
+        lemur_engine.session().embed(text_ids, pixels, segment_ids=segment_ids, bank=bank, document_ids=[BANK_DOCS + 7])
+    got = infer(http, "http", "lemur_score", {"history_ids": history, "query_ids": query}, "score")
+    with se.MemoryBank(bank_path, read_only=True) as bank:
+        assert np.array_equal(got[:, 0], lemur_engine.session().score(bank, history, query).scores)
+
+
+# ---- errors: the runtime's message, and the model keeps serving ----
+
+
+def test_bad_requests_get_the_runtimes_message_and_the_next_good_one_succeeds(server, http, grpc, sd3_engine, lemur_engine):
+    c = sd3_engine.config
+    good, kwargs = sd3_request(c, 1, 4, seed=9)
+    nan = dict(good, prompt_embeds=good["prompt_embeds"].copy())
+    nan["prompt_embeds"][0, 1, 2] = np.nan
+    cases = [
+        (nan, "prompt_embeds contains NaN or Inf"),
+        (dict(good, cache=scalar(b"bogus", object)), "unknown cache policy 'bogus'"),
+        (dict(good, cache=scalar(b"xslim:schedule=/etc/passwd", object)), "a request cannot name one"),
+        (dict(good, height=scalar(4096, np.int32)), f"height must be a multiple of {c['patch_size']} up to {c['max_latent_size']}"),
+        (dict(good, guidance_scale=scalar(np.inf, np.float32)), "guidance_scale must be a finite number"),
+        (dict(good, seed=np.array([[1], [2]], np.uint64), prompt_embeds=np.repeat(good["prompt_embeds"], 2, 0),
+              pooled_embeds=np.repeat(good["pooled_embeds"], 2, 0)), "seed: one value per request"),
+        (dict(good, prompt_embeds=good["prompt_embeds"].astype(np.float64)), "FP64"),  # wrong type: Triton's own check
+        (dict(good, pooled_embeds=np.zeros((1, c["pooled_projection_dim"] + 1), np.float32)), "pooled_embeds"),  # wrong shape
+    ]
+    for protocol, client in (("http", http), ("grpc", grpc)):
+        for inputs, message in cases:
+            with pytest.raises(InferenceServerException, match=re.escape(message)):
+                infer(client, protocol, "sd3", inputs, "latents")
+        got = infer(client, protocol, "sd3", good, "latents")
+        assert np.array_equal(got, sd3_engine.session().generate(good["prompt_embeds"], good["pooled_embeds"], **kwargs).latents)
+
+    text_ids, _, pixels = documents(lemur_engine.config, 2, 5, 1, seed=3)
+    bad_pixels = pixels.copy()
+    bad_pixels[1, 0, 0, 0, 0] = np.nan
+    with pytest.raises(InferenceServerException, match="frames contains NaN or Inf"):
+        infer(http, "http", "lemur_embed", {"text_ids": text_ids, "frames": bad_pixels}, "embedding")
+    with pytest.raises(InferenceServerException, match="text_ids"):
+        infer(http, "http", "lemur_embed", {"text_ids": text_ids + 10**9, "frames": pixels}, "embedding")
+
+    # A bad request batched with good ones fails alone: the others are answered.
+    good_docs = [documents(lemur_engine.config, 1, 5, 1, seed=s) for s in range(6)]
+    reqs = [{"text_ids": t, "frames": p} for t, _, p in good_docs]
+    reqs[3] = {"text_ids": reqs[3]["text_ids"], "frames": bad_pixels[1:]}
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        def one(inputs):
+            with thttp.InferenceServerClient(server.http_url) as client:
+                try:
+                    return infer(client, "http", "lemur_embed", inputs, "embedding")
+                except InferenceServerException as e:
+                    return e
+        results = list(pool.map(one, reqs))
+    session = lemur_engine.session()
+    for i, (inputs, got) in enumerate(zip(reqs, results)):
+        if i == 3:
+            assert isinstance(got, InferenceServerException) and "NaN" in str(got)
+        else:
+            assert np.array_equal(got, session.embed(inputs["text_ids"], inputs["frames"]).embeddings)
+    assert http.is_model_ready("sd3") and http.is_model_ready("lemur_embed")
+
+
+# ---- metrics, load ----
+
+
+def metric(server, name: str, model: str) -> float:
+    text = urllib.request.urlopen(server.metrics_url).read().decode()
+    match = re.search(rf'^{name}{{[^}}]*model="{model}"[^}}]*}} (\S+)$', text, re.M)
+    assert match, f"{name} for {model} not in the metrics"
+    return float(match.group(1))
+
+
+def test_prometheus_metrics_count_the_requests(server, http, lemur_engine):
+    names = ("nv_inference_request_success", "nv_inference_count", "slimengine_request_failure")
+    before = {name: metric(server, name, "lemur_embed") for name in names}
+    text_ids, _, pixels = documents(lemur_engine.config, 2, 5, 1, seed=4)
+    for _ in range(5):
+        infer(http, "http", "lemur_embed", {"text_ids": text_ids, "frames": pixels}, "embedding")
+    with pytest.raises(InferenceServerException, match="NaN"):  # the runtime's error: an error response
+        infer(http, "http", "lemur_embed", {"text_ids": text_ids, "frames": pixels * np.nan}, "embedding")
+    delta = {name: metric(server, name, "lemur_embed") - before[name] for name in names}
+    # Triton counts an error response as a success (Python backend); slimengine_request_failure counts it as a failure.
+    assert delta == {"nv_inference_request_success": 6, "nv_inference_count": 12, "slimengine_request_failure": 1}
+    assert metric(server, "nv_inference_queue_duration_us", "lemur_embed") >= 0  # what docs/serving.md autoscales on
+
+
+def test_load_32_clients_x_20_requests_without_a_failure(server, lemur_engine):
+    clients, per_client = 32, 20
+    session, c = lemur_engine.session(), lemur_engine.config
+    work = [documents(c, 1 + (i % 4), 8, 1, seed=1000 + i) for i in range(clients)]
+    expected = [session.embed(t, p, segment_ids=s).embeddings for t, s, p in work]
+
+    def client_loop(i):
+        text_ids, segment_ids, pixels = work[i]
+        latencies, wrong = [], 0
+        with thttp.InferenceServerClient(server.http_url) as client:
+            for _ in range(per_client):
+                start = time.perf_counter()
+                got = infer(client, "http", "lemur_embed", {"text_ids": text_ids, "segment_ids": segment_ids, "frames": pixels}, "embedding")
+                latencies.append(time.perf_counter() - start)
+                wrong += not np.array_equal(got, expected[i])
+        return latencies, wrong
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(client_loop, range(clients)))  # a client's exception would re-raise here
+    wall = time.perf_counter() - start
+    latencies = np.array([t for lat, _ in results for t in lat]) * 1e3
+    assert latencies.size == clients * per_client and sum(w for _, w in results) == 0
+    print(f"load: {clients} clients x {per_client} requests in {wall:.1f} s ({latencies.size / wall:.0f} req/s), latency p50 "
+          f"{np.percentile(latencies, 50):.1f} ms, p99 {np.percentile(latencies, 99):.1f} ms, 0 failures")
+
+
+# ---- model control, clean stop, `slimengine serve` ----
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def test_unload_reload_and_clean_stop(repository, lemur_engine):
+    server = TritonServer(repository, model_control="explicit", models=["lemur_embed"]).start()
+    try:
+        stubs = psutil.Process(server.process.pid).children(recursive=True)
+        with thttp.InferenceServerClient(server.http_url) as client:
+            assert client.is_model_ready("lemur_embed") and not client.is_model_ready("sd3")  # only what was asked for
+            text_ids, _, pixels = documents(lemur_engine.config, 2, 5, 1, seed=5)
+            expected = lemur_engine.session().embed(text_ids, pixels).embeddings
+            client.unload_model("lemur_embed")
+            assert not client.is_model_ready("lemur_embed")
+            with pytest.raises(InferenceServerException):
+                infer(client, "http", "lemur_embed", {"text_ids": text_ids, "frames": pixels}, "embedding")
+            client.load_model("lemur_embed")
+            assert client.is_model_ready("lemur_embed")
+            assert np.array_equal(infer(client, "http", "lemur_embed", {"text_ids": text_ids, "frames": pixels}, "embedding"), expected)
+        ports = (server.http_port, server.grpc_port, server.metrics_port)
+        stubs += psutil.Process(server.process.pid).children(recursive=True)
+    finally:
+        code = server.stop()
+    assert code == 0
+    assert not psutil.pid_exists(server.process.pid) or psutil.Process(server.process.pid).status() == psutil.STATUS_ZOMBIE
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in stubs)  # every backend stub process is gone
+    assert all(port_free(p) for p in ports)
+
+
+def test_slimengine_serve_runs_a_server_until_interrupted(lemur_bundle, lemur_engine):
+    port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "slimengine.cli", "serve", str(lemur_bundle), "--port", str(port), "--grpc-port",
+                             str(grpc_port), "--metrics-port", str(metrics_port), "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert f"HTTP 127.0.0.1:{port}" in line, proc.stderr.read() if proc.poll() is not None else line
+        text_ids, _, pixels = documents(lemur_engine.config, 2, 5, 1, seed=6)
+        with thttp.InferenceServerClient(f"127.0.0.1:{port}") as client:
+            got = infer(client, "http", "lemur_embed", {"text_ids": text_ids, "frames": pixels}, "embedding")
+        assert np.array_equal(got, lemur_engine.session().embed(text_ids, pixels).embeddings)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert all(port_free(p) for p in (port, grpc_port, metrics_port))
+
+
+def test_slimengine_serve_without_nvidia_pytriton_says_what_to_install(lemur_bundle):
+    code = ("import sys; sys.modules['pytriton'] = None  # as if nvidia-pytriton were not installed\n"
+            f"from slimengine.cli import main; sys.exit(main(['serve', {str(lemur_bundle)!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=dict(os.environ))
+    assert proc.returncode == 1
+    assert "nvidia-pytriton package is not installed" in proc.stderr and "slimengine[serve]" in proc.stderr
