@@ -355,7 +355,10 @@ def test_load_32_clients_x_20_requests_without_a_failure(server, lemur_engine):
 
 
 def port_free(port: int) -> bool:
+    """Nothing bound to `port` any more. SO_REUSEADDR as servers set it: the connections the server closed wait in
+    TIME_WAIT for a minute and would make a plain bind fail, though no socket holds the port."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
             return True
