@@ -17,8 +17,9 @@ from torch import nn
 from .bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, write_bundle
 from .checkpoint import LemurCheckpoint
 from .lemur_model import SEGMENTS, LemurConfig, LemurModel
-from .onnx_export import OPSET, StageSpec, TensorSpec, trace_stage
+from .lowering import OPSET, trace_stage
 from .sd3_export import EXPORTER_VERSION
+from .stage_spec import StageSpec, TensorSpec
 
 MAX_BATCH = 4096  # as the SD3 stages; the runtime checks the same limits
 MAX_HISTORY = 4096

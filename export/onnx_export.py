@@ -1,108 +1,29 @@
-"""Lower the SD3 stages to ONNX (torch.export -> opset 23, attention as the ONNX `Attention` op).
-
-Every stage takes and returns float32 at its boundary and computes in the bundle's precision
-inside, so the runtime's buffers are precision-independent. Batch, latent height/width, text length
-and token count are dynamic.
+"""The SD3 stages as torch modules, and writing and checking them as ONNX files.
 
 Joint blocks share one graph structure (per kind: plain, dual-attention, last), so each kind is
 traced once, from a copy with distinct random weights, and every block's own weights are swapped
 into that graph by parameter name: tracing a 24-block model 24 times would dominate export time.
+
+Which stages a bundle has is stage_spec.py's; how one stage is traced and lowered is lowering.py's;
+the X-Slim token stages' modules are token_block.py's.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import logging
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from .lowering import DTYPES, StageModule, example_inputs, model_dtype, trace_stage
 from .sd3_model import DistilledSD3
-
-OPSET = 23
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    shape: tuple  # ints, or strings for dynamic dimensions
-    dtype: str = "float32"  # or "int64" (SD3 token indices, LEMUR token ids)
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+from .stage_spec import StageSpec, stage_specs
+from .token_block import KVBlockStage, TokenBlockStage, token_example_inputs
 
 
-@dataclasses.dataclass(frozen=True)
-class StageSpec:
-    name: str  # the file's name and what stats and profiles call the stage; nothing reads meaning from it
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    role: str = dataclasses.field(kw_only=True)  # what the stage computes: slimengine.bundle.SD3_ROLES / LEMUR_ROLES
-    block: int | None = dataclasses.field(default=None, kw_only=True)  # the joint block, for roles block and block_tokens
-
-    def __post_init__(self):
-        if (self.block is not None) != (self.role in ("block", "block_tokens")):
-            raise ValueError(f"stage {self.name}: role {self.role!r} {'needs' if self.block is None else 'takes no'} block index")
-
-    @property
-    def file(self) -> str:
-        return f"stages/{self.name}.onnx"
-
-    def to_json(self) -> dict:
-        block = {} if self.block is None else {"block": self.block}
-        return {"name": self.name, "role": self.role, **block, "file": self.file, "inputs": [t.to_json() for t in self.inputs],
-                "outputs": [t.to_json() for t in self.outputs]}
-
-
-def stage_specs(model: DistilledSD3, token_stages: bool = False) -> list[StageSpec]:
-    """Every stage of the bundle. With `token_stages` (X-Slim token level), block_N also outputs its image
-    keys/values and each block without dual attention gets a block_N_tokens stage."""
-    from .token_block import kv_stage_spec, token_stage_spec
-
-    c = model.config
-    d, dc = c.inner_dim, c.caption_projection_dim
-    img, txt, temb = TensorSpec("img", ("batch", "tokens", d)), TensorSpec("txt", ("batch", "text", dc)), TensorSpec("temb", ("batch", d))
-    latents = TensorSpec("latents", ("batch", c.in_channels, "height", "width"))
-    specs = [StageSpec("embed", (latents, TensorSpec("timestep", ("batch",)), TensorSpec("pooled", ("batch", c.pooled_projection_dim)),
-                                 TensorSpec("text", ("batch", "text", c.joint_attention_dim))), (img, txt, temb), role="embed")]
-    for i in range(c.num_layers):
-        last = i == c.num_layers - 1
-        outs = (TensorSpec("img_out", img.shape),) if last else (TensorSpec("img_out", img.shape), TensorSpec("txt_out", txt.shape))
-        if token_stages and i not in c.dual_attention_layers:  # dual-attention blocks run whole in token steps
-            specs.append(dataclasses.replace(kv_stage_spec(model, i), name=f"block_{i}"))
-        else:
-            specs.append(StageSpec(f"block_{i}", (img, txt, temb), outs, role="block", block=i))
-    if token_stages:
-        specs += [token_stage_spec(model, i) for i in range(c.num_layers) if i not in c.dual_attention_layers]
-    if model.has_compensation:
-        specs.append(StageSpec("compensate", (TensorSpec("delta_img", img.shape), TensorSpec("delta_txt", txt.shape)),
-                               (TensorSpec("comp_img", img.shape), TensorSpec("comp_txt", txt.shape)), role="compensate"))
-    specs.append(StageSpec("final", (img, temb, TensorSpec("latents", ("batch", c.out_channels, "height", "width"))),
-                           (TensorSpec("velocity", ("batch", c.out_channels, "height", "width")),), role="final"))
-    return specs
-
-
-class _Stage(nn.Module):
-    """Casts float32 inputs to the compute dtype and outputs back to float32."""
-
-    def __init__(self, dtype: torch.dtype):
-        super().__init__()
-        self.dtype = dtype
-
-    def _in(self, *xs):
-        return [x.to(self.dtype) for x in xs]
-
-    @staticmethod
-    def _out(*xs):
-        return tuple(x.float() for x in xs)
-
-
-class EmbedStage(_Stage):
+class EmbedStage(StageModule):
     def __init__(self, model: DistilledSD3, dtype):
         super().__init__(dtype)
         self.model = model
@@ -111,7 +32,7 @@ class EmbedStage(_Stage):
         return self._out(*self.model.embed(*self._in(latents, timestep, pooled, text)))
 
 
-class BlockStage(_Stage):
+class BlockStage(StageModule):
     def __init__(self, block: nn.Module, dtype):
         super().__init__(dtype)
         self.block = block
@@ -121,7 +42,7 @@ class BlockStage(_Stage):
         return self._out(img_out) if txt_out is None else self._out(img_out, txt_out)
 
 
-class CompensateStage(_Stage):
+class CompensateStage(StageModule):
     def __init__(self, model: DistilledSD3, dtype):
         super().__init__(dtype)
         self.hidden, self.encoder = model.delta_pred_hidden, model.delta_pred_encoder
@@ -131,7 +52,7 @@ class CompensateStage(_Stage):
         return self._out(self.hidden(delta_img), self.encoder(delta_txt))
 
 
-class FinalStage(_Stage):
+class FinalStage(StageModule):
     def __init__(self, model: DistilledSD3, dtype):
         super().__init__(dtype)
         self.model = model
@@ -141,34 +62,8 @@ class FinalStage(_Stage):
         return self._out(self.model.final(img, temb, latents))
 
 
-def example_inputs(model: DistilledSD3, batch: int = 2, height: int = 8, width: int = 6, text: int = 5, seed: int = 0):
-    """Consistent float32 inputs for every stage, from running the PyTorch stages on random data."""
-    c = model.config
-    g = torch.Generator().manual_seed(seed)
-    p = c.patch_size
-    latents = torch.randn(batch, c.in_channels, height * p, width * p, generator=g)
-    timestep = torch.rand(batch, generator=g) * 1000
-    pooled = torch.randn(batch, c.pooled_projection_dim, generator=g)
-    text_in = torch.randn(batch, text, c.joint_attention_dim, generator=g)
-    with torch.no_grad():
-        img, txt, temb = (t.float() for t in model.embed(latents.to(model_dtype(model)), timestep, pooled.to(model_dtype(model)),
-                                                      text_in.to(model_dtype(model))))
-    inputs = {"embed": (latents, timestep, pooled, text_in)}
-    for i in range(c.num_layers):
-        inputs[f"block_{i}"] = (img, txt, temb)
-    inputs["compensate"] = (img * 0.1, txt * 0.1)
-    inputs["final"] = (img, temb, latents)
-    return inputs
-
-
-def model_dtype(model: nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype
-
-
 def stage_module(model: DistilledSD3, spec: StageSpec, dtype, block: nn.Module | None = None) -> nn.Module:
     """The module a stage traces; `block` replaces the model's joint block (BlockGraphs' templates)."""
-    from .token_block import KVBlockStage, TokenBlockStage
-
     if spec.role == "embed":
         return EmbedStage(model, dtype)
     if spec.role == "compensate":
@@ -185,54 +80,11 @@ def stage_module(model: DistilledSD3, spec: StageSpec, dtype, block: nn.Module |
 
 def stage_example_inputs(model: DistilledSD3, specs: list[StageSpec], **sizes) -> dict[str, tuple]:
     """Float32 example inputs of every stage in `specs` (sizes as example_inputs takes them)."""
-    from .token_block import token_example_inputs
-
     args = {k: tuple(t.float() for t in v) for k, v in example_inputs(model, **sizes).items()}
     for spec in specs:
         if spec.role == "block_tokens":
             args[spec.name] = token_example_inputs(model, spec.block, model_dtype(model), **sizes)
     return args
-
-
-def _dynamic_shapes(spec: StageSpec, patch: int, max_patches: int):
-    dims = {
-        "batch": torch.export.Dim("batch", min=1, max=4096),
-        "text": torch.export.Dim("text", min=1, max=8192),
-        "tokens": torch.export.Dim("tokens", min=1, max=max_patches * max_patches),
-        "selected": torch.export.Dim("selected", min=1, max=max_patches * max_patches),  # token stages' recomputed tokens
-    }
-    h = torch.export.Dim("height_patches", min=1, max=max_patches)
-    w = torch.export.Dim("width_patches", min=1, max=max_patches)
-    dims["height"], dims["width"] = patch * h, patch * w
-    return tuple({axis: dims[d] for axis, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs)
-
-
-def trace_stage(module: nn.Module, spec: StageSpec, args: tuple, patch: int = 1, max_patches: int = 1, dynamic_shapes=None):
-    """torch.export + ONNX lowering of one stage (the token ops lowered to ai.slimengine); returns the
-    ONNXProgram. `dynamic_shapes` defaults to the SD3 stages' dimensions."""
-    from .token_block import ONNX_TRANSLATIONS
-
-    with warnings.catch_warnings(), _quiet_logs():
-        warnings.simplefilter("ignore")
-        return torch.onnx.export(
-            module, args, dynamo=True, opset_version=OPSET, verbose=False,
-            dynamic_shapes=dynamic_shapes if dynamic_shapes is not None else _dynamic_shapes(spec, patch, max_patches),
-            custom_translation_table=ONNX_TRANSLATIONS,
-            input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
-        )
-
-
-class _quiet_logs:
-    """torch.onnx prints progress lines and warnings per trace; the CLI has its own progress bar."""
-
-    def __enter__(self):
-        self.levels = {n: logging.getLogger(n).level for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript")}
-        for n in self.levels:
-            logging.getLogger(n).setLevel(logging.ERROR)
-
-    def __exit__(self, *exc):
-        for n, level in self.levels.items():
-            logging.getLogger(n).setLevel(level)
 
 
 def _block_kind(model: DistilledSD3, index: int) -> str:

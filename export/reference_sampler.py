@@ -1,4 +1,4 @@
-"""The PyTorch ground truth for the engine's sampling program (REFERENCE.md's 1.x semantics, X-Slim).
+"""The PyTorch ground truth for the engine's sampling program (1.x-Distill: docs/distill.md; X-Slim: docs/xslim.md).
 
     x = noise
     for each step:  v = model(x, t) with the plan's blocks; x = x + (sigma_next - sigma) * v

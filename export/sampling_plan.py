@@ -1,7 +1,7 @@
 """The sampling program a bundle carries: sigmas, guidance, and which blocks each step runs.
 
 Two kinds of plan:
-- 1.x-Distill (REFERENCE.md): sigmas = shift(linspace(1, 0, steps+1), s) snapped to the teacher's
+- 1.x-Distill (docs/distill.md): sigmas = shift(linspace(1, 0, steps+1), s) snapped to the teacher's
   1000-step grid; step 0 runs every block and records Δ over the cached range; every later step
   skips the range and adds MLP(Δ) (compensation "mlp") or Δ itself (compensation "identity", for a
   plain model given --cache-blocks).
@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from .xslim import XSlimPolicy, parse_cache_spec
+from slimengine.xslim_policy import XSlimPolicy, parse_cache_spec
 
 TEACHER_TRAIN_STEPS = 1000
 

@@ -9,7 +9,8 @@ import torch
 
 from .bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, write_bundle
 from .checkpoint import Checkpoint
-from .onnx_export import DTYPES, OPSET, export_stages, verify_stages
+from .lowering import DTYPES, OPSET
+from .onnx_export import export_stages, verify_stages
 from .sampling_plan import SamplingPlan
 
 EXPORTER_VERSION = "0.1.0"

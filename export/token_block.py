@@ -18,9 +18,9 @@ step, every image token's attention keys and values and the block's image-stream
 Every image-stream operation of a joint block but attention works token by token, so with K/V
 caches from the same input the subset rows equal the full block's rows.
 
-Gather and scatter are the custom ops `slimengine::gather_tokens` / `slimengine::scatter_tokens`,
-lowered to the "ai.slimengine" ONNX Runtime kernels GatherTokens / ScatterTokens (opset 1, float32
-only, kernels/ort/register_ops.cpp). They therefore always run on the float32 side of a stage's
+Gather and scatter are the custom ops `slimengine::gather_tokens` / `slimengine::scatter_tokens`
+(token_ops.py), lowered to the "ai.slimengine" ONNX Runtime kernels GatherTokens / ScatterTokens
+(opset 1, float32 only, kernels/ort/register_ops.cpp). They therefore always run on the float32 side of a stage's
 boundary: in an fp16/bf16 stage the scattered K/V are cast to the compute dtype afterwards.
 Indices must be distinct and in [0, N); their order is free (the runtime passes them ascending).
 Dual-attention blocks (SD3.5's attn2) are not supported.
@@ -28,80 +28,18 @@ Dual-attention blocks (SD3.5's attn2) are not supported.
 
 from __future__ import annotations
 
-import onnxscript
 import torch
 import torch.nn.functional as F
-from onnx.defs import OpSchema
 from torch import nn
 
-from .onnx_export import StageSpec, TensorSpec, _Stage, example_inputs, trace_stage
+from .lowering import StageModule, example_inputs, trace_stage
 from .sd3_model import DistilledSD3
+from .stage_spec import kv_stage_spec, token_stage_spec
+from .token_ops import DOMAIN, gather_tokens, scatter_tokens
 
-DOMAIN = "ai.slimengine"
-
-
-# --- The custom ops ---------------------------------------------------------------------------
-
-
-def _check_token_args(name: str, x: torch.Tensor, idx: torch.Tensor) -> None:
-    if x.dim() != 3 or idx.dim() != 2 or idx.shape[0] != x.shape[0] or idx.dtype != torch.int64:
-        raise ValueError(f"{name}: expected x [B, N, C] and int64 idx [B, K], got {tuple(x.shape)} and {idx.dtype} {tuple(idx.shape)}")
-
-
-@torch.library.custom_op("slimengine::gather_tokens", mutates_args=())
-def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """out[b, j, :] = x[b, idx[b, j], :]: x [B, N, C], idx [B, K] int64 -> [B, K, C]."""
-    _check_token_args("gather_tokens", x, idx)
-    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[2]))
-
-
-@gather_tokens.register_fake
-def _gather_tokens_fake(x, idx):
-    torch._check(idx.shape[0] == x.shape[0])
-    return x.new_empty((x.shape[0], idx.shape[1], x.shape[2]))
-
-
-@torch.library.custom_op("slimengine::scatter_tokens", mutates_args=())
-def scatter_tokens(cache: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """A copy of cache [B, N, C] with rows idx [B, K] (distinct) replaced by values [B, K, C]."""
-    _check_token_args("scatter_tokens", cache, idx)
-    if values.shape != (cache.shape[0], idx.shape[1], cache.shape[2]) or values.dtype != cache.dtype:
-        raise ValueError(f"scatter_tokens: values must be {cache.dtype} [B, K, C], got {values.dtype} {tuple(values.shape)}")
-    return cache.scatter(1, idx.unsqueeze(-1).expand(-1, -1, cache.shape[2]), values)
-
-
-@scatter_tokens.register_fake
-def _scatter_tokens_fake(cache, idx, values):
-    torch._check(idx.shape[0] == cache.shape[0])
-    torch._check(values.shape[1] == idx.shape[1])
-    return torch.empty_like(cache)
-
-
-def _onnx_op(name: str, inputs: tuple[tuple[str, str], ...]) -> onnxscript.values.Op:
-    """An "ai.slimengine" opset-1 op for onnxscript, with a schema held here (not registered with onnx)."""
-    schema = OpSchema(name, DOMAIN, 1, inputs=[OpSchema.FormalParameter(n, t) for n, t in inputs],
-                      outputs=[OpSchema.FormalParameter("out", "T")],
-                      type_constraints=[("T", ["tensor(float)"], "float32 only"), ("I", ["tensor(int64)"], "token indices")])
-    return onnxscript.values.Op(onnxscript.values.Opset(DOMAIN, 1), name, schema)
-
-
-_GatherTokens = _onnx_op("GatherTokens", (("x", "T"), ("idx", "I")))
-_ScatterTokens = _onnx_op("ScatterTokens", (("cache", "T"), ("idx", "I"), ("values", "T")))
-
-
-def _gather_tokens_onnx(x, idx):
-    return _GatherTokens(x, idx)
-
-
-def _scatter_tokens_onnx(cache, idx, values):
-    return _ScatterTokens(cache, idx, values)
-
-
-# For torch.onnx.export(..., dynamo=True, custom_translation_table=ONNX_TRANSLATIONS).
-ONNX_TRANSLATIONS = {
-    torch.ops.slimengine.gather_tokens.default: _gather_tokens_onnx,
-    torch.ops.slimengine.scatter_tokens.default: _scatter_tokens_onnx,
-}
+# Everything of the token stages in one import: the ops (token_ops.py) and specs (stage_spec.py) too.
+__all__ = ["DOMAIN", "KVBlockStage", "TokenBlockStage", "gather_tokens", "kv_stage_spec", "scatter_tokens",
+           "token_example_inputs", "token_stage_spec", "trace_kv_block", "trace_token_block"]
 
 
 # --- The block, cut open ------------------------------------------------------------------------
@@ -119,7 +57,7 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(x.shape[0], -1, x.shape[1] * x.shape[3])
 
 
-class _JointBlockStage(_Stage):
+class _JointBlockStage(StageModule):
     def __init__(self, block: nn.Module, dtype: torch.dtype):
         super().__init__(dtype)
         if block.attn2 is not None:
@@ -223,32 +161,7 @@ class TokenBlockStage(_JointBlockStage):
         return (img_out, self._text_out(txt, txt_attn, txt_mod).float())
 
 
-# --- Specs, example inputs and tracing ----------------------------------------------------------
-
-
-def _block_io(model: DistilledSD3, index: int):
-    c = model.config
-    img = TensorSpec("img", ("batch", "tokens", c.inner_dim))
-    txt = TensorSpec("txt", ("batch", "text", c.caption_projection_dim))
-    temb = TensorSpec("temb", ("batch", c.inner_dim))
-    last = index == c.num_layers - 1
-    outs = (TensorSpec("img_out", img.shape),) if last else (TensorSpec("img_out", img.shape), TensorSpec("txt_out", txt.shape))
-    return img, txt, temb, outs
-
-
-def kv_stage_spec(model: DistilledSD3, index: int) -> StageSpec:
-    """block_{index}_kv: (img, txt, temb) -> (img_out, [txt_out,] img_k, img_v)."""
-    img, txt, temb, outs = _block_io(model, index)
-    kv = (TensorSpec("img_k", img.shape), TensorSpec("img_v", img.shape))
-    return StageSpec(f"block_{index}_kv", (img, txt, temb), outs + kv, role="block", block=index)
-
-
-def token_stage_spec(model: DistilledSD3, index: int) -> StageSpec:
-    """block_{index}_tokens: (img, txt, temb, token_index, k_cache, v_cache, residual_cache) -> (img_out, [txt_out])."""
-    img, txt, temb, outs = _block_io(model, index)
-    caches = tuple(TensorSpec(n, img.shape) for n in ("k_cache", "v_cache", "residual_cache"))
-    return StageSpec(f"block_{index}_tokens", (img, txt, temb, TensorSpec("token_index", ("batch", "selected"), dtype="int64"), *caches), outs,
-                     role="block_tokens", block=index)
+# --- Example inputs and tracing ----------------------------------------------------------
 
 
 def token_example_inputs(model: DistilledSD3, index: int, dtype: torch.dtype = torch.float32, batch: int = 2, height: int = 8,

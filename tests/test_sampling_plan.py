@@ -1,4 +1,4 @@
-"""Sampling plans and the PyTorch reference sampler, checked against REFERENCE.md and diffusers."""
+"""Sampling plans and the PyTorch reference sampler, checked against docs/distill.md and diffusers."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def test_distilled_sigmas_are_shifted_and_snapped_to_the_teacher_grid():
 
 @pytest.mark.parametrize("cache_blocks,nfe", [("2-7", 1.75), ("2-9", 1 + 16 / 24)])
 def test_effective_nfe_matches_the_paper_accounting(cache_blocks, nfe):
-    # 6 cached of 24 -> 1.75; 8 cached of 24 -> 1.67 (REFERENCE.md)
+    # 6 cached of 24 -> 1.75; 8 cached of 24 -> 1.67 (docs/distill.md, effective NFE)
     assert make_plan(24, True, cache_blocks=cache_blocks).effective_nfe(24) == pytest.approx(nfe)
     assert make_plan(24, False, steps=28).effective_nfe(24) == 56  # 28 steps x 2 (CFG)
 

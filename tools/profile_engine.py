@@ -28,6 +28,7 @@ import numpy as np
 
 import slimengine as se
 from slimengine.bundle import loads_strict
+from slimengine.xslim_policy import parse_cache_spec
 
 SCHEMA = "slimengine-profile"
 SCHEMA_VERSION = 1
@@ -168,11 +169,9 @@ def latent_size(text: str | None, config: dict) -> tuple[int, int]:
 
 def cache_request(spec: str | None, program: dict) -> dict:
     """Session.generate arguments for a --cache policy (None: the bundle's own). The one place a policy
-    becomes runtime parameters; the policy syntax is export/xslim.py's (docs/xslim.md)."""
+    becomes runtime parameters; the policy syntax is slimengine.xslim_policy's (docs/xslim.md)."""
     if spec is None:
         return {}
-    from slimengine.export.xslim import parse_cache_spec
-
     try:
         parse_cache_spec(spec, steps=len(program["steps"]))
     except ValueError as e:

@@ -18,6 +18,7 @@ import numpy as np
 from . import _native
 from ._native import Event, GenerateStats, LemurStats, NamedTensor, SlimTensor, StageStats, StepStats
 from .bundle import VERIFY_LEVELS, loads_strict
+from .xslim_policy import XSlimPolicy, parse_cache_spec
 
 STEP_LEVELS = ("full", "cached_range", "reused", "block_refresh", "token_refresh")  # slim_step_level
 EVENT_KINDS = ("generation", "prepare", "step", "stage", "bank", "block")  # slim_event_kind
@@ -353,8 +354,6 @@ class Engine(_Closable):
     def policy_json(self, cache, num_steps: int | None = None) -> str:
         """An X-Slim policy for slim_generate's cache_policy: "none", a spec string, an XSlimPolicy or its dict;
         a schedule is checked against the program's steps (or `num_steps`, a plan override's)."""
-        from .export.xslim import XSlimPolicy, parse_cache_spec
-
         if isinstance(cache, str):
             cache = parse_cache_spec(cache, steps=num_steps or len(self.manifest["program"]["steps"]))
         if isinstance(cache, XSlimPolicy):
