@@ -149,6 +149,24 @@ SLIM_API const char* slim_engine_manifest(const slim_engine* engine);
 SLIM_API int32_t slim_engine_stage_count(const slim_engine* engine);
 SLIM_API const char* slim_engine_stage_name(const slim_engine* engine, int32_t index);
 
+/* ---- prompt tokenization (docs/tokenizers.md) ----
+ * Tokenize `prompt` (NUL-terminated UTF-8, at most 65536 bytes) with the bundle's tokenizer of `role`
+ * ("clip_l", "clip_g" or "t5", as export-engine wrote them from the pipeline's tokenizer folders): the
+ * ids transformers' tokenizer gives with diffusers' SD3 call, i.e. special tokens, truncation to the
+ * tokenizer's max_length (77 for CLIP, max_sequence_length for T5) keeping the end-of-sequence id, and
+ * padding with its pad id. Exactly max_length ids are written to `ids_out`; `*count` is set to
+ * max_length whenever the role exists, so a caller may ask with capacity 0 to size its buffer.
+ * SLIM_ERR_INVALID_ARGUMENT: NULL engine/role/prompt/count, a role the bundle lacks, a prompt that is
+ * not UTF-8 or too long, or capacity < max_length (nothing written to ids_out).
+ * SLIM_ERR_BACKEND: onnxruntime-extensions' library is not set (environment variable
+ * SLIMENGINE_EXTENSIONS_LIBRARY; the Python package sets it) or does not load. Thread-safe; the first
+ * call per role loads its tokenizer stage. */
+SLIM_API slim_status slim_tokenize(const slim_engine* engine, const char* role, const char* prompt, int64_t* ids_out, size_t capacity,
+                                   size_t* count);
+/* Number of tokenizers in the bundle and the role of tokenizer i (owned by the engine; NULL out of range). */
+SLIM_API int32_t slim_engine_tokenizer_count(const slim_engine* engine);
+SLIM_API const char* slim_engine_tokenizer_role(const slim_engine* engine, int32_t index);
+
 /* ---- session ---- */
 
 /* A new session on `engine` (it keeps the engine's model alive). Status: INVALID_ARGUMENT, OUT_OF_MEMORY. */
