@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heads", type=int, help="attention heads, when the weights cannot tell (no qk-norm, no metadata)")
     parser.add_argument("--model-version", type=int, default=1,
                         help="LEMUR: the model version the runtime records with every embedding it writes to a memory bank (default 1)")
+    parser.add_argument("--tokenizers", type=Path, metavar="PIPELINE",
+                        help="diffusers pipeline folder: its tokenizer/, tokenizer_2/, tokenizer_3/ become tokenizer stages (docs/tokenizers.md)")
+    parser.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokenizer length with --tokenizers (default 256)")
     parser.add_argument("--verify", action="store_true", help="run every stage in ONNX Runtime against PyTorch")
     parser.add_argument("--force", action="store_true", help="replace an existing bundle")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -76,7 +79,7 @@ def main(argv=None) -> int:
         stages += c.num_layers - len(c.dual_attention_layers)
     failed = _run_export(args, output, stages, lambda progress, report: export_sd3(
         checkpoint, plan, output, precision=args.precision, verify=args.verify, force=args.force, token_stages=token_stages,
-        progress=progress, report=report))
+        tokenizers=args.tokenizers, t5_max_length=args.max_sequence_length, progress=progress, report=report))
     if failed is not None:
         return failed
     print(f"wrote {output} ({args.precision}, {stages} stages) in {time.perf_counter() - start:.1f} s", file=sys.stderr)

@@ -12,6 +12,7 @@ from .checkpoint import Checkpoint
 from .lowering import DTYPES, OPSET
 from .onnx_export import export_stages, verify_stages
 from .sampling_plan import SamplingPlan
+from .tokenizer_export import export_tokenizers
 
 EXPORTER_VERSION = "0.1.0"
 CUSTOM_OP_LIBRARY = "libslimengine_ops.so"  # the runtime's own "ai.slimengine" ops, found beside libslimengine.so
@@ -31,9 +32,13 @@ def export_sd3(
     progress=None,
     report=print,
     token_stages: bool = False,
+    tokenizers: Path | None = None,
+    t5_max_length: int = 256,
 ) -> dict:
     """Write the bundle for `checkpoint` with `plan`; with `verify`, check every stage in ONNX Runtime.
-    `token_stages` adds the X-Slim token-level stages (always when the plan's policy uses that level)."""
+    `token_stages` adds the X-Slim token-level stages (always when the plan's policy uses that level).
+    `tokenizers`: a diffusers pipeline folder whose tokenizer/, tokenizer_2/, tokenizer_3/ become the bundle's
+    tokenizer stages (docs/tokenizers.md); T5's keeps `t5_max_length` tokens."""
     model = checkpoint.build_model(DTYPES[precision])  # no float32 copy of a half-precision model
     plan.validate(model.num_layers, model.has_compensation)
     token_stages = token_stages or needs_token_stages(plan)
@@ -58,6 +63,7 @@ def export_sd3(
             "stages": [s.to_json() for s in specs],
             "program": plan.to_manifest(model.num_layers),
             "custom_op_library": CUSTOM_OP_LIBRARY if token_stages else None,
+            "tokenizers": export_tokenizers(tokenizers, tmp, t5_max_length) if tokenizers is not None else [],
         }
 
     return write_bundle(destination, fill, force=force, report=report)

@@ -43,10 +43,10 @@ extern "C" {
  * refused (SLIM_ERR_INVALID_ARGUMENT): the caller's header is newer than the library. */
 #define SLIM_ABI_VERSION_MAJOR 0
 #define SLIM_ABI_VERSION_MINOR                                                                                               \
-    5 /* 2: X-Slim policies and stats, plan override, profiling events, LEMUR, generic stage call, device; 3: SLIM_ERR_BUSY; \
+    6 /* 2: X-Slim policies and stats, plan override, profiling events, LEMUR, generic stage call, device; 3: SLIM_ERR_BUSY; \
          4: bundle format 2, slim_verify levels, slim_bundle_verify, block events (SLIM_PROFILE_BLOCKS),                     \
          slim_generate_stats.transfer_bytes; 5: slim_abi_version, slim_engine_info, slim_engine_program_step, struct_size    \
-         larger than the library's refused */
+         larger than the library's refused; 6: slim_tokenize, slim_engine_tokenizer_count/role */
 
 typedef enum slim_status {
     SLIM_OK = 0,
@@ -232,6 +232,23 @@ typedef struct slim_program_step {
 /* Step `index` (0 to slim_engine_info.num_steps - 1) of an SD3 engine's program. Status: INVALID_ARGUMENT (NULL,
  * not an sd3 engine, index out of range, struct_size other than sizeof(slim_program_step)). ABI 0.5. */
 SLIM_API slim_status slim_engine_program_step(const slim_engine* engine, int32_t index, slim_program_step* out);
+/* ---- prompt tokenization (docs/tokenizers.md; ABI 0.6) ----
+ * Tokenize `prompt` (NUL-terminated UTF-8, at most 65536 bytes) with the bundle's tokenizer of `role`
+ * ("clip_l", "clip_g" or "t5", as export-engine wrote them from the pipeline's tokenizer folders): the
+ * ids transformers' tokenizer gives with diffusers' SD3 call, i.e. special tokens, truncation to the
+ * tokenizer's max_length (77 for CLIP, max_sequence_length for T5) keeping the end-of-sequence id, and
+ * padding with its pad id. Exactly max_length ids are written to `ids_out`; `*count` is set to
+ * max_length whenever the role exists, so a caller may ask with capacity 0 to size its buffer.
+ * SLIM_ERR_INVALID_ARGUMENT: NULL engine/role/prompt/count, a role the bundle lacks, a prompt that is
+ * not UTF-8 or too long, or capacity < max_length (nothing written to ids_out).
+ * SLIM_ERR_BACKEND: onnxruntime-extensions' library is not set (environment variable
+ * SLIMENGINE_EXTENSIONS_LIBRARY; the Python package sets it) or does not load. Thread-safe; the first
+ * call per role loads its tokenizer stage. */
+SLIM_API slim_status slim_tokenize(const slim_engine* engine, const char* role, const char* prompt, int64_t* ids_out, size_t capacity,
+                                   size_t* count);
+/* Number of tokenizers in the bundle and the role of tokenizer i (owned by the engine; NULL out of range). */
+SLIM_API int32_t slim_engine_tokenizer_count(const slim_engine* engine);
+SLIM_API const char* slim_engine_tokenizer_role(const slim_engine* engine, int32_t index);
 
 /* ---- session ---- */
 

@@ -352,6 +352,43 @@ slim_status slim_engine_program_step(const slim_engine* engine, int32_t index, s
     });
 }
 
+int32_t slim_engine_tokenizer_count(const slim_engine* engine) {
+    return engine ? static_cast<int32_t>(engine->engine->tokenizers().decls().size()) : 0;
+}
+
+const char* slim_engine_tokenizer_role(const slim_engine* engine, int32_t index) {
+    if (!engine || index < 0 || index >= slim_engine_tokenizer_count(engine)) return nullptr;
+    return engine->engine->tokenizers().decls()[index].role.c_str();
+}
+
+slim_status slim_tokenize(const slim_engine* engine, const char* role, const char* prompt, int64_t* ids_out, size_t capacity,
+                          size_t* count) {
+    if (count) *count = 0;
+    if (!engine || !role || !prompt || !count)
+        return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_tokenize: engine, role, prompt and count must not be NULL");
+    return guarded([&] {
+        slim::GateEntry use(engine->gate, "slim_tokenize: the engine", false);
+        const slim::Tokenizers& tokenizers = engine->engine->tokenizers();
+        const slim::TokenizerDecl* decl = tokenizers.find(role);
+        if (!decl) {
+            std::string roles;
+            for (const auto& d : tokenizers.decls()) roles += (roles.empty() ? "" : ", ") + d.role;
+            throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, std::string("slim_tokenize: this bundle has no tokenizer '") + role +
+                                                             "' (it has: " + (roles.empty() ? "none; export it with --tokenizers" : roles) +
+                                                             ")");
+        }
+        *count = static_cast<size_t>(decl->max_length);
+        if (capacity < *count)
+            throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, "slim_tokenize: ids_out holds " + std::to_string(capacity) + " ids; tokenizer " +
+                                                             decl->role + " writes " + std::to_string(*count));
+        if (!ids_out) throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, "slim_tokenize: ids_out is NULL");
+        // Bounded: a prompt past the limit is refused without reading all of it.
+        const size_t length = strnlen(prompt, slim::kMaxPromptBytes + 1);
+        const std::vector<int64_t> ids = tokenizers.tokenize(*decl, prompt, length);
+        std::copy(ids.begin(), ids.end(), ids_out);
+    });
+}
+
 slim_status slim_session_create(slim_engine* engine, slim_session** out) {
     if (!out) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_session_create: out is NULL");
     *out = nullptr;

@@ -62,6 +62,7 @@ Engine::Engine(const std::string& path, const EngineOptions& options) : manifest
     if (manifest_.kind == Family::Lemur) bind_lemur_stages();
 
     ort_ = OrtRuntime::get(options.onnxruntime_library, options.intra_op_threads);
+    tokenizers_ = std::make_unique<Tokenizers>(ort_, bundle_dir, manifest_.tokenizers);
     std::string ops;
     if (manifest_.uses_custom_ops) {
         // On CUDA the ops library built with nvcc: the same CPU kernels plus CUDA kernels for the CUDA EP.

@@ -8,6 +8,7 @@
 #include "bundle.hpp"
 #include "manifest.hpp"
 #include "ort_backend.hpp"
+#include "tokenizer.hpp"
 
 namespace slim {
 
@@ -33,6 +34,8 @@ class Engine {
     const Manifest& manifest() const { return manifest_; }
     const OrtRuntime& ort() const { return *ort_; }
     const std::vector<std::unique_ptr<StageSession>>& stages() const { return stages_; }
+    // The bundle's prompt tokenizers (none for most bundles); loaded on first use.
+    const Tokenizers& tokenizers() const { return *tokenizers_; }
 
     // Index of the stage called `name`, or -1.
     int stage_index(const std::string& name) const;
@@ -59,6 +62,7 @@ class Engine {
     Manifest manifest_;
     std::shared_ptr<OrtRuntime> ort_;
     std::vector<std::unique_ptr<StageSession>> stages_;
+    std::unique_ptr<Tokenizers> tokenizers_;
 };
 
 }  // namespace slim

@@ -250,6 +250,25 @@ void parse_fields(const Value& root, Manifest& m) {
         if (!listed.count(d.file)) bad(w + ".file", "'" + d.file + "' is not listed in files");
         m.stages.push_back(std::move(d));
     }
+
+    // Optional: the prompt tokenizers (export/tokenizer_export.py).
+    const Value* tokenizers = root.find("tokenizers");
+    if (tokenizers && !tokenizers->is_null()) {
+        if (tokenizers->kind != Value::Kind::Array || tokenizers->array.size() > 3)
+            bad(".tokenizers", "must be a list of at most 3 tokenizers");
+        for (size_t i = 0; i < tokenizers->array.size(); ++i) {
+            const Value& t = tokenizers->array[i];
+            const std::string w = "tokenizers[" + std::to_string(i) + "]";
+            if (t.kind != Value::Kind::Object) bad(w, "must be an object {role, file, max_length}");
+            TokenizerDecl d{string_field(t, "role", w), relative_path(t, "file", w), int_field(t, "max_length", w, 2, 4096)};
+            if (d.role != "clip_l" && d.role != "clip_g" && d.role != "t5")
+                bad(w + ".role", "'" + d.role + "' is not clip_l, clip_g or t5");
+            for (const TokenizerDecl& other : m.tokenizers)
+                if (other.role == d.role) bad(w + ".role", "'" + d.role + "' is repeated");
+            if (!listed.count(d.file)) bad(w + ".file", "'" + d.file + "' is not listed in files");
+            m.tokenizers.push_back(std::move(d));
+        }
+    }
 }
 
 }  // namespace

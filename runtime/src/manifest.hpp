@@ -63,6 +63,14 @@ struct LemurConfig {
     int64_t model_version;  // recorded with every embedding the embed program writes to a bank
 };
 
+// A tokenizer stage (manifest `tokenizers`, docs/tokenizers.md): a prompt string -> input_ids int64
+// [max_length], run by onnxruntime-extensions' ops; loaded only when a prompt is tokenized.
+struct TokenizerDecl {
+    std::string role;  // clip_l, clip_g or t5
+    std::string file;  // relative to the bundle, inside it
+    int max_length;
+};
+
 // A file of the bundle as the manifest lists it.
 struct FileEntry {
     std::string path;  // relative to the bundle
@@ -81,6 +89,7 @@ struct Manifest {
     bool uses_custom_ops = false;  // some stage needs kCustomOpLibrary
     Program program;               // family sd3
     std::vector<FileEntry> files;  // every file of the bundle but the manifest and its digest
+    std::vector<TokenizerDecl> tokenizers;
 };
 
 class BundleDir;

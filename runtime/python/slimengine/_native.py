@@ -29,7 +29,7 @@ DEVICE_CPU, DEVICE_CUDA = 1, 2  # slim_device_type
 
 # The ABI this binding is written against (slimengine.h's SLIM_ABI_VERSION_*): the library must have this major
 # version and at least this minor one.
-ABI_MAJOR, ABI_MINOR = 0, 5
+ABI_MAJOR, ABI_MINOR = 0, 6
 
 
 class EngineInfo(ctypes.Structure):
@@ -226,6 +226,10 @@ def lib() -> ctypes.CDLL:
             "slim_engine_stage_name": ([ctypes.c_void_p, ctypes.c_int32], ctypes.c_char_p),
             "slim_engine_get_info": ([ctypes.c_void_p, p(EngineInfo)], ctypes.c_int),
             "slim_engine_program_step": ([ctypes.c_void_p, ctypes.c_int32, p(ProgramStep)], ctypes.c_int),
+            "slim_tokenize": ([ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p, p(ctypes.c_int64), ctypes.c_size_t, p(ctypes.c_size_t)],
+                              ctypes.c_int),
+            "slim_engine_tokenizer_count": ([ctypes.c_void_p], ctypes.c_int32),
+            "slim_engine_tokenizer_role": ([ctypes.c_void_p, ctypes.c_int32], ctypes.c_char_p),
             "slim_session_create": ([ctypes.c_void_p, p(ctypes.c_void_p)], ctypes.c_int),
             "slim_session_destroy": ([ctypes.c_void_p], None),
             "slim_generate_default_params": ([], GenerateParams),
@@ -260,3 +264,17 @@ def lib() -> ctypes.CDLL:
             fn.argtypes, fn.restype = args, res
         _lib = handle
     return _lib
+
+
+EXTENSIONS_LIBRARY_ENV = "SLIMENGINE_EXTENSIONS_LIBRARY"
+
+
+def set_extensions_library() -> None:
+    """Point the runtime at onnxruntime-extensions' library (for tokenizer stages) unless the environment already does."""
+    if os.environ.get(EXTENSIONS_LIBRARY_ENV):
+        return
+    try:
+        import onnxruntime_extensions
+    except ImportError:
+        return  # tokenize() then says what to install
+    os.environ[EXTENSIONS_LIBRARY_ENV] = onnxruntime_extensions.get_library_path()

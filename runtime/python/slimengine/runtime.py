@@ -360,6 +360,34 @@ class Engine(_Closable):
             cache = cache.to_manifest()
         return json.dumps(cache)
 
+    def tokenize(self, role: str, prompt: str) -> np.ndarray:
+        """The int64 ids of `prompt` by the bundle's tokenizer `role` (see tokenizer_roles): exactly the ids transformers'
+        tokenizer gives with diffusers' SD3 call (max_length 77 for clip_l/clip_g, max_sequence_length for t5), computed in
+        the C runtime (slim_tokenize; docs/tokenizers.md)."""
+        if not isinstance(role, str) or not isinstance(prompt, str):
+            raise TypeError(f"role and prompt must be str, got {type(role).__name__} and {type(prompt).__name__}")
+        _native.set_extensions_library()
+        lib = _native.lib()
+        # surrogatepass keeps a lone surrogate as bytes that are not UTF-8, for the runtime to refuse like any other caller's.
+        role_b, prompt_b = role.encode(), prompt.encode("utf-8", "surrogatepass")
+        if b"\0" in prompt_b:
+            raise ValueError("prompt contains a NUL character")
+        count = ctypes.c_size_t()
+        with self._gate.call():
+            # Capacity 0 only sizes the buffer (its own failure, e.g. an unknown role, is reported by the second call).
+            lib.slim_tokenize(self._handle, role_b, prompt_b, None, 0, ctypes.byref(count))
+            ids = np.zeros(max(count.value, 1), dtype=np.int64)
+            _check(lib.slim_tokenize(self._handle, role_b, prompt_b, ids.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)), ids.size,
+                                     ctypes.byref(count)))
+        return ids[: count.value]
+
+    @property
+    def tokenizer_roles(self) -> list[str]:
+        """The roles of the bundle's tokenizers (clip_l, clip_g, t5), in manifest order."""
+        lib = _native.lib()
+        with self._gate.call():
+            return [lib.slim_engine_tokenizer_role(self._handle, i).decode() for i in range(lib.slim_engine_tokenizer_count(self._handle))]
+
     def session(self) -> Session:
         with self._gate.call():
             session = Session(self)
