@@ -288,8 +288,9 @@ slim_status slim_engine_get_info(const slim_engine* engine, slim_engine_info* ou
     if (!engine) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_engine_get_info: engine is NULL");
     if (!out) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_engine_get_info: out is NULL");
     return guarded([&] {
+        slim::GateEntry use(engine->gate, "slim_engine_get_info: the engine", false);  // a close waits for it
         check_out_size(out->struct_size, sizeof(slim_engine_info), sizeof(slim_engine_info), "slim_engine_info");
-        const slim::Engine& e = *engine->engine;  // read-only after open: no gate needed, as for slim_engine_manifest
+        const slim::Engine& e = *engine->engine;
         const slim::Manifest& m = e.manifest();
         slim_engine_info info{};
         info.struct_size = sizeof(info);
@@ -338,6 +339,7 @@ slim_status slim_engine_get_info(const slim_engine* engine, slim_engine_info* ou
 slim_status slim_engine_program_step(const slim_engine* engine, int32_t index, slim_program_step* out) {
     if (!engine) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_engine_program_step: engine is NULL");
     return guarded([&] {
+        slim::GateEntry use(engine->gate, "slim_engine_program_step: the engine", false);  // a close waits for it
         const slim::Manifest& m = engine->engine->manifest();
         if (m.kind != slim::Family::Sd3)
             throw slim::Error(SLIM_ERR_INVALID_ARGUMENT,
