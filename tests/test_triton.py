@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +24,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 import slimengine as se
 from slimengine.serving import RepositoryOptions, write_repository
-from slimengine.serving.server import TritonServer, free_port
+from slimengine.serving.server import ServerError, TritonServer, free_port
 
 PROTOCOLS = {"http": thttp, "grpc": tgrpc}
 
@@ -139,6 +140,21 @@ def test_repository_layout_atomic_write_and_refusal_to_overwrite(repository, tmp
     assert [p.name for p in tmp_path.iterdir()] == ["repo"]  # no temporary left behind
     bad = subprocess.run([*cli, str(tmp_path / "missing.engine"), "-o", str(tmp_path / "r2")], capture_output=True, text=True)
     assert bad.returncode == 1 and "not an engine bundle directory" in bad.stderr and not (tmp_path / "r2").exists()
+
+
+def test_force_replaces_only_a_repository_directory(tmp_path, lemur_bundle):
+    """-o naming a file or a symbolic link is refused, even with --force: nothing is renamed, removed or left behind."""
+    target = tmp_path / "target"
+    target.mkdir()
+    (tmp_path / "afile").write_text("keep me")
+    (tmp_path / "alink").symlink_to(target)
+    for name in ("afile", "alink"):
+        with pytest.raises(FileExistsError, match="is not a directory"):
+            write_repository([str(lemur_bundle)], tmp_path / name, force=True)
+    assert (tmp_path / "afile").read_text() == "keep me" and (tmp_path / "alink").resolve() == target
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "alink", "target"] and not any(target.iterdir())
+    with pytest.raises(ValueError, match="threads must be >= 0"):  # refused here, not when the server loads the model
+        write_repository([str(lemur_bundle)], tmp_path / "r", RepositoryOptions(threads=-1))
 
 
 # ---- health, readiness, answers equal to direct calls ----
@@ -300,6 +316,21 @@ def test_bad_requests_get_the_runtimes_message_and_the_next_good_one_succeeds(se
     assert http.is_model_ready("sd3") and http.is_model_ready("lemur_embed")
 
 
+def test_bad_requests_are_client_errors_and_nan_settings_get_the_runtimes_message(http, grpc, sd3_engine):
+    """A request's own error is HTTP 400 / gRPC INVALID_ARGUMENT (not 500 / INTERNAL, which clients retry); a NaN
+    setting is reported by the runtime's range check; a cache policy that is not UTF-8 is named as such."""
+    good, _ = sd3_request(sd3_engine.config, 1, 4, seed=9)
+    cases = [(dict(good, shift=scalar(np.nan, np.float32)), "shift must be a finite number > 0, got nan"),
+             (dict(good, guidance_scale=scalar(np.nan, np.float32)), "guidance_scale must be a finite number"),
+             (dict(good, cache=np.array([[b"\xff\xfe"]], dtype=object)), "cache: not UTF-8 text"),
+             (dict(good, height=scalar(7, np.int32)), "height must be a multiple of")]
+    for protocol, client, status in (("http", http, "400"), ("grpc", grpc, "StatusCode.INVALID_ARGUMENT")):
+        for inputs, message in cases:
+            with pytest.raises(InferenceServerException, match=re.escape(message)) as e:
+                infer(client, protocol, "sd3", inputs, "latents")
+            assert e.value.status() == status, (protocol, message)
+
+
 # ---- metrics, load ----
 
 
@@ -389,6 +420,28 @@ def test_unload_reload_and_clean_stop(repository, lemur_engine):
     assert not psutil.pid_exists(server.process.pid) or psutil.Process(server.process.pid).status() == psutil.STATUS_ZOMBIE
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in stubs)  # every backend stub process is gone
     assert all(port_free(p) for p in ports)
+
+
+def test_a_server_whose_port_another_server_holds_fails_to_start(server, repository):
+    """The module's server holds this HTTP port: the new one must not take the other's health answer for its own."""
+    second = TritonServer(repository, http_port=server.http_port, model_control="explicit")
+    try:
+        with pytest.raises(ServerError, match=f"127.0.0.1:{server.http_port}' already in use"):
+            second.start(timeout=60)
+    finally:
+        second.stop()
+    assert server.ready()
+
+
+def test_a_model_that_fails_to_load_says_why(tmp_path, lemur_bundle):
+    """A repository whose bundle was deleted after it was written: the start error carries the runtime's message (the
+    log's tail alone is Triton's settings table)."""
+    bundle = tmp_path / "gone.engine"
+    shutil.copytree(lemur_bundle, bundle)
+    write_repository([str(bundle)], tmp_path / "repo", RepositoryOptions(threads=1))
+    shutil.rmtree(bundle)
+    with pytest.raises(ServerError, match=re.escape(f"cannot open {bundle}/manifest.json")):
+        TritonServer(tmp_path / "repo").start(timeout=60)
 
 
 def test_slimengine_serve_runs_a_server_until_interrupted(lemur_bundle, lemur_engine):

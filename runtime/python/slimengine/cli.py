@@ -109,7 +109,7 @@ def serve(args: argparse.Namespace) -> int:
                   f"{server.metrics_url} (log {server.log_file}); Ctrl-C stops", flush=True)
             while server.process.poll() is None:
                 time.sleep(0.5)
-            print(f"slimengine serve: tritonserver exited with status {server.process.returncode}:\n{server.log_tail()}", file=sys.stderr)
+            print(f"slimengine serve: {server.failure(f'tritonserver exited with status {server.process.returncode}')}", file=sys.stderr)
             return 1
         except ServerError as e:
             print(f"slimengine serve: {e}", file=sys.stderr)

@@ -67,14 +67,27 @@ class _Model:
         if value is None:
             return None
         flat = value.reshape(-1)
-        if flat.size == 0 or np.any(flat != flat[0]):
+        # equal_nan: a NaN setting reaches the runtime, whose message says what a valid value is
+        if flat.size == 0 or not np.array_equal(flat, np.full_like(flat, flat[0]), equal_nan=flat.dtype.kind == "f"):
             raise RequestError(f"{name}: one value per request (every row the same), got {flat.tolist()}")
         item = flat[0]
-        return item.decode() if isinstance(item, bytes) else item.item()
+        if isinstance(item, bytes):
+            try:
+                return item.decode()
+            except UnicodeDecodeError:
+                raise RequestError(f"{name}: not UTF-8 text ({item[:40]!r})") from None
+        return item.item()
 
-    def _error(self, message: str):
+    # The runtime's statuses that mean the request's own inputs are wrong: answered as the client's error (HTTP 400,
+    # gRPC INVALID_ARGUMENT), so that clients and load balancers do not retry them as server failures (500, INTERNAL).
+    REQUEST_STATUSES = {"SLIM_ERR_INVALID_ARGUMENT", "SLIM_ERR_SHAPE", "SLIM_ERR_DTYPE", "SLIM_ERR_NUMERICS", "SLIM_ERR_NOT_FOUND"}
+
+    def _error(self, message: str, error: Exception | None = None):
         self.failures.increment(1)
-        return self.pb_utils.InferenceResponse(output_tensors=[], error=self.pb_utils.TritonError(message))
+        request_error = not isinstance(error, SlimError) or error.status in self.REQUEST_STATUSES
+        code = getattr(self.pb_utils.TritonError, "INVALID_ARG", None) if request_error else None  # no codes before Triton 23.x
+        error = self.pb_utils.TritonError(message) if code is None else self.pb_utils.TritonError(message, code)
+        return self.pb_utils.InferenceResponse(output_tensors=[], error=error)
 
     def _response(self, name: str, value: np.ndarray):
         return self.pb_utils.InferenceResponse(output_tensors=[self.pb_utils.Tensor(name, np.ascontiguousarray(value))])
@@ -87,7 +100,7 @@ class _Model:
             try:
                 parsed = self.parse(request)
             except (RequestError, ValueError, TypeError, SlimError) as e:
-                responses[i] = self._error(f"{self.name}: {e}")
+                responses[i] = self._error(f"{self.name}: {e}", e)
                 continue
             groups[self.group_key(parsed)].append((i, parsed))
         self.before_batch()
@@ -105,7 +118,7 @@ class _Model:
                 try:
                     responses[i] = self._response(self.output_name, self.run([parsed])[0])
                 except (ValueError, TypeError, SlimError) as e:
-                    responses[i] = self._error(f"{self.name}: {e}")
+                    responses[i] = self._error(f"{self.name}: {e}", e)
         return responses
 
     def before_batch(self) -> None:

@@ -158,6 +158,8 @@ def write_repository(engines: list[str], out: str | Path, options: RepositoryOpt
     options = options or RepositoryOptions()
     if options.instances < 1:
         raise ValueError(f"instances must be >= 1, got {options.instances}")
+    if options.threads < 0:
+        raise ValueError(f"threads must be >= 0 (0: ONNX Runtime's default), got {options.threads}")
     if options.device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {options.device!r}")
     if options.bank is not None:
@@ -165,6 +167,10 @@ def write_repository(engines: list[str], out: str | Path, options: RepositoryOpt
         if not options.bank.is_file():
             raise ValueError(f"--bank {options.bank}: no such memory bank file (lemur_score opens it read-only; its writer creates it)")
     out = Path(out)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        # --force replaces a repository (a directory) only: not a file or a link given as -o by mistake
+        raise FileExistsError(f"{out} exists and is not a directory{' (a symbolic link)' if out.is_symlink() else ''}: "
+                              "give a new path or an existing repository directory")
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists: pass --force to replace it")
     specs = plan_models(engines, options)

@@ -11,7 +11,9 @@ stub per Python version. Three things make it run the repository's Python models
 from __future__ import annotations
 
 import contextlib
+import http.client
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -21,7 +23,7 @@ import sys
 import sysconfig
 import tempfile
 import time
-import urllib.request
+import uuid
 from pathlib import Path
 
 INSTALL_HINT = "pip install 'slimengine[serve]' (nvidia-pytriton==0.7.0 ships tritonserver)"
@@ -98,6 +100,9 @@ class TritonServer:
         self.metrics_port = metrics_port or free_port(host)
         self.model_control, self.models, self.extra_args = model_control, models or [], extra_args or []
         self.log_file = Path(log_file) if log_file else None
+        # Our server's --id, checked by ready(): another server already on the HTTP port answers health checks too, and
+        # this one would be taken for ready just before it exits for want of the port.
+        self.server_id = f"slimengine-{uuid.uuid4().hex[:12]}"
         self.process: subprocess.Popen | None = None
         self._workdir: tempfile.TemporaryDirectory | None = None
 
@@ -118,7 +123,7 @@ class TritonServer:
         cmd = [str(server_dir / "bin" / "tritonserver"), "--model-repository", str(self.repository), "--backend-directory", str(backends),
                "--http-address", self.host, "--http-port", str(self.http_port), "--grpc-address", self.host,
                "--grpc-port", str(self.grpc_port), "--metrics-address", self.host, "--metrics-port", str(self.metrics_port),
-               "--model-control-mode", self.model_control, "--exit-timeout-secs", "30"]
+               "--model-control-mode", self.model_control, "--exit-timeout-secs", "30", "--id", self.server_id]
         for model in self.models:
             cmd += ["--load-model", model]
         return cmd + self.extra_args
@@ -143,22 +148,46 @@ class TritonServer:
             return self.log_file.read_text(errors="replace")[-chars:]
         return ""
 
+    def log_errors(self, limit: int = 20) -> str:
+        """Triton's error lines (E...): why a model failed to load, or a port was busy. The log's tail alone is often
+        the settings table Triton prints after them."""
+        with contextlib.suppress(OSError):
+            lines = [line for line in self.log_file.read_text(errors="replace").splitlines() if line.startswith("E")]
+            return "\n".join(lines[-limit:])
+        return ""
+
+    def failure(self, what: str) -> ServerError:
+        """`what`, with Triton's error lines (or the log's tail when it has none)."""
+        return ServerError(f"{what}:\n{self.log_errors() or self.log_tail()}")
+
     def ready(self) -> bool:
+        """This server (not another one on the same port) answers and is ready."""
+        # One keep-alive connection, closed by us: a connection the server closes first (urllib's "Connection: close")
+        # leaves a TIME_WAIT on the server's port, and the port cannot be bound again for a minute after the server stops.
+        connection = http.client.HTTPConnection(self.host, self.http_port, timeout=2)
         try:
-            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
-                return r.status == 200
-        except OSError:
+            connection.request("GET", "/v2")
+            response = connection.getresponse()
+            if response.status != 200 or json.loads(response.read()).get("name") != self.server_id:
+                return False
+            connection.request("GET", "/v2/health/ready")
+            response = connection.getresponse()
+            response.read()
+            return response.status == 200
+        except (OSError, ValueError, http.client.HTTPException):
             return False
+        finally:
+            connection.close()
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ServerError(f"tritonserver exited with status {self.process.returncode} while starting:\n{self.log_tail()}")
+                raise self.failure(f"tritonserver exited with status {self.process.returncode} while starting")
             if self.ready():
                 return
             time.sleep(0.2)
-        raise ServerError(f"tritonserver not ready after {timeout:.0f} s:\n{self.log_tail()}")
+        raise self.failure(f"tritonserver not ready after {timeout:.0f} s")
 
     def stop(self, timeout: float = 60) -> int | None:
         """SIGTERM (Triton finishes in-flight requests, unloads the models), SIGKILL after `timeout`; the exit status."""
