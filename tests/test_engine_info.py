@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 
 import slimengine as se
@@ -116,7 +117,7 @@ def test_program_step_index_out_of_range_is_refused(distilled_bundle):
 
 
 def test_engine_info_of_a_manifest_without_default_latent_size(bundle_copy):
-    """default_latent_size is optional for the C runtime (0 in the info; the Python binding requires it), checked when present."""
+    """default_latent_size is optional (0 in the info), checked when present; the Python binding then needs height and width."""
     edit_manifest(bundle_copy, lambda m: m["config"].pop("default_latent_size"))
     lib, handle = _native.lib(), ctypes.c_void_p()
     params = lib.slim_engine_default_params()
@@ -126,3 +127,20 @@ def test_engine_info_of_a_manifest_without_default_latent_size(bundle_copy):
     assert lib.slim_engine_get_info(handle, ctypes.byref(info)) == 0
     assert (info.default_latent_size, info.max_latent_size) == (0, 32)
     lib.slim_engine_close(handle)
+
+
+def test_the_binding_opens_a_bundle_without_default_latent_size_and_then_needs_height_and_width(bundle_copy, distilled_bundle):
+    """The runtime owns the check of default_latent_size (optional): the binding used to refuse such a bundle at open.
+    Without a stated default, generate asks for height and width, and with them gives what the original bundle gives."""
+    edit_manifest(bundle_copy, lambda m: m["config"].pop("default_latent_size"))
+    rng = np.random.default_rng(0)
+    with se.open_engine(bundle_copy) as engine, se.open_engine(distilled_bundle) as original:
+        c = engine.config
+        text = rng.standard_normal((1, 5, c["joint_attention_dim"]), dtype=np.float32)
+        pooled = rng.standard_normal((1, c["pooled_projection_dim"]), dtype=np.float32)
+        assert engine.info.default_latent_size == 0
+        with pytest.raises(ValueError, match="manifest states no default latent size .*pass height and width"):
+            engine.session().generate(text, pooled)
+        size = original.info.default_latent_size
+        got = engine.session().generate(text, pooled, height=size, width=size, seed=4).latents
+        assert np.array_equal(got, original.session().generate(text, pooled, seed=4).latents)

@@ -157,6 +157,48 @@ def test_force_replaces_only_a_repository_directory(tmp_path, lemur_bundle):
         write_repository([str(lemur_bundle)], tmp_path / "r", RepositoryOptions(threads=-1))
 
 
+HOLD_TEMPORARY = """
+import sys, time
+from pathlib import Path
+from slimengine.staging import hold_lock, temporary_path
+tmp = temporary_path(Path(sys.argv[1]))
+(tmp / "sd3").mkdir(parents=True)
+hold_lock(tmp)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_next_triton_repo_removes_what_a_killed_one_left(tmp_path, lemur_bundle):
+    """A triton-repo killed midway leaves `.repo.tmp-PID` beside -o: the next run to the same -o removes it (one line
+    each), both a killed writer's (its lock free) and one whose process is gone (no lock yet), never a live writer's."""
+    out = tmp_path / "repo"
+    writers = [subprocess.Popen([sys.executable, "-c", HOLD_TEMPORARY, str(out)], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        killed, live = writers
+        for w in writers:
+            assert w.stdout.readline() == "ready\n"
+        killed.kill()
+        killed.wait()
+        gone = subprocess.Popen(["true"])
+        gone.wait()  # exited and reaped: its pid names no process now
+        unlocked = tmp_path / f".repo.tmp-{gone.pid}"  # no lock in it (a writer killed before it locked)
+        unlocked.mkdir()
+        (tmp_path / ".other.tmp-1").mkdir()  # another target's: not ours
+        result = subprocess.run([sys.executable, "-m", "slimengine.cli", "triton-repo", str(lemur_bundle), "-o", str(out)],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        stale = [tmp_path / f".repo.tmp-{killed.pid}", unlocked]
+        lines = [line for line in result.stderr.splitlines() if "removed stale temporary" in line]
+        assert sorted(lines) == sorted(f"slimengine triton-repo: removed stale temporary {p} of an interrupted triton-repo" for p in stale)
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".other.tmp-1", f".repo.tmp-{live.pid}", "repo"])
+        assert sorted(p.name for p in out.iterdir()) == ["lemur_embed"]
+    finally:
+        for w in writers:
+            w.kill()
+            w.wait()
+
+
 # ---- health, readiness, answers equal to direct calls ----
 
 
@@ -329,6 +371,24 @@ def test_bad_requests_are_client_errors_and_nan_settings_get_the_runtimes_messag
             with pytest.raises(InferenceServerException, match=re.escape(message)) as e:
                 infer(client, protocol, "sd3", inputs, "latents")
             assert e.value.status() == status, (protocol, message)
+
+
+def test_a_huge_cache_policy_is_not_echoed_back_in_full(http, sd3_engine, tmp_path):
+    """A 1 MB cache policy string was echoed whole in the error (a megabyte back per bad request, and in logs): user
+    text in a message is cut to its first 200 characters and its size, over Triton and in a direct call."""
+    good, _ = sd3_request(sd3_engine.config, 1, 4, seed=9)
+    junk = "q" * (1 << 20)
+    for policy, start in ((junk, "unknown cache policy 'qqq"), (f"xslim:{junk}=1", "cache option 'qqq"),
+                          (f"xslim:step={junk}", "cache option step='qqq")):
+        with pytest.raises(InferenceServerException) as e:
+            infer(http, "http", "sd3", dict(good, cache=np.array([[policy.encode()]], dtype=object)), "latents")
+        assert start in str(e.value) and len(str(e.value)) < 2000 and "… (1048576 bytes)" in str(e.value)
+        with pytest.raises(ValueError) as e:
+            sd3_engine.session().generate(good["prompt_embeds"], good["pooled_embeds"], cache=policy)
+        assert start in str(e.value) and len(str(e.value)) < 1000 and "q" * 200 + "… (1048576 bytes)" in str(e.value)
+    with pytest.raises(ValueError) as e:  # a schedule path (a local call's) likewise
+        sd3_engine.session().generate(good["prompt_embeds"], good["pooled_embeds"], cache=f"xslim:schedule={tmp_path}/{junk}")
+    assert "cannot read schedule" in str(e.value) and len(str(e.value)) < 1000
 
 
 # ---- metrics, load ----

@@ -67,7 +67,8 @@ def triton_repo(args: argparse.Namespace) -> int:
     from .serving import write_repository
 
     try:
-        specs = write_repository(args.engines, args.output, _options(args), force=args.force)
+        specs = write_repository(args.engines, args.output, _options(args), force=args.force,
+                                 report=lambda line: print(f"slimengine triton-repo: {line}", file=sys.stderr))
     except (OSError, ValueError, SlimError) as e:
         print(f"slimengine triton-repo: {e}", file=sys.stderr)
         return 1

@@ -344,12 +344,7 @@ class Engine(_Closable):
             self.close()
             raise SlimError("SLIM_ERR_BUNDLE", f"{path}: manifest is not valid UTF-8 JSON ({e})") from None
         self.config = self.manifest.get("config", {})  # a plain ONNX engine has none
-        if self.manifest.get("family") == "sd3":  # read by this binding only (the default latent size): checked here
-            size, patch, limit = (self.config.get(k) for k in ("default_latent_size", "patch_size", "max_latent_size"))
-            if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= limit or size % patch:
-                self.close()
-                raise SlimError("SLIM_ERR_BUNDLE", f"{path}: manifest config.default_latent_size must be a multiple of patch_size "
-                                f"({patch}) in [1, {limit}], got {size!r}")
+        # config.default_latent_size is checked by the runtime at open (optional; info.default_latent_size is 0 without it)
 
     def policy_json(self, cache, num_steps: int | None = None) -> str:
         """An X-Slim policy for slim_generate's cache_policy: "none", a spec string, an XSlimPolicy or its dict;
@@ -438,8 +433,8 @@ class Session(_Closable):
                  width: int | None = None, step_cache_threshold: float | None = None, cache=None, num_steps: int | None = None,
                  shift: float | None = None) -> GenerateResult:
         """Run the bundle's sampling program. `latents` (float32 [B,C,H,W]) replaces seeded noise; otherwise
-        height/width (latent pixels) default to the bundle's default size. `cache` overrides the bundle's
-        X-Slim policy: "none", a spec ("xslim:step=0.1,critical=0.3", see export-engine --help) or an
+        height/width (latent pixels) default to the bundle's default size (required when its manifest states none).
+        `cache` overrides the bundle's X-Slim policy: "none", a spec ("xslim:step=0.1,critical=0.3", see export-engine --help) or an
         XSlimPolicy; `step_cache_threshold` alone asks for step-level reuse with that line (0: off).
         `num_steps` replaces the program by a plain plan on the same stages: that many steps with
         diffusers' scheduler sigmas for `shift` (default 3.0), every block every step."""
@@ -486,7 +481,11 @@ class Session(_Closable):
         """A requested latent height or width, checked against the model before anything is allocated."""
         cfg = self._engine.config
         if size is None:
-            return cfg["default_latent_size"]
+            default = self._engine.info.default_latent_size  # checked by the runtime at open; 0: the manifest states none
+            if default == 0:
+                raise ValueError(f"{name}: the bundle's manifest states no default latent size (config.default_latent_size); "
+                                 "pass height and width (latent pixels), or latents")
+            return default
         size, patch, limit = _integer(size, name, 1, INT32_MAX), cfg["patch_size"], cfg["max_latent_size"]
         if size % patch or size > limit:
             raise ValueError(f"{name} must be a multiple of {patch} up to {limit} (latent pixels), got {size}")

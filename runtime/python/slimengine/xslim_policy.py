@@ -15,6 +15,13 @@ import math
 from pathlib import Path
 
 LEVELS = ("full", "skip", "block", "token")
+EXCERPT_CHARS = 200  # user text echoed in an error message is cut to this (a request may send megabytes)
+
+
+def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """`text` to echo in an error message: whole when short, else its start and its size."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text.encode('utf-8', 'surrogatepass'))} bytes)"
 SPEC_HELP = ("none, xslim:step=T[,critical=C][,refresh=block|token][,ratio=R][,block=B][,first=F][,warmup=K], "
              "or xslim:schedule=FILE.json[,mode=NAME][,ratio=R][,block=B][,first=F]")
 
@@ -37,7 +44,7 @@ class XSlimPolicy:
         if self.critical is not None and not self.critical >= self.early_warning:
             raise ValueError(f"X-Slim critical line {self.critical} must be >= the early-warning line {self.early_warning}")
         if self.refresh not in ("block", "token"):
-            raise ValueError(f"X-Slim refresh level must be block or token, got {self.refresh!r}")
+            raise ValueError(f"X-Slim refresh level must be block or token, got {excerpt(repr(self.refresh))}")
         _check_ratio(self.sample_ratio, "sample_ratio")
         _check_block_threshold(self.block_threshold, "block_threshold")
         if not 0 <= self.first_blocks <= 1 << 16:
@@ -50,7 +57,7 @@ class XSlimPolicy:
         for i, entry in enumerate(self.schedule):
             level = entry.get("level")
             if level not in LEVELS:
-                raise ValueError(f"schedule step {i}: level must be one of {', '.join(LEVELS)}, got {level!r}")
+                raise ValueError(f"schedule step {i}: level must be one of {', '.join(LEVELS)}, got {excerpt(repr(level))}")
             if set(entry) - {"level", "sample_ratio", "block_threshold"}:
                 raise ValueError(f"schedule step {i}: unknown fields {sorted(set(entry) - {'level', 'sample_ratio', 'block_threshold'})}")
             if "sample_ratio" in entry:
@@ -102,36 +109,37 @@ def load_schedule(path: str | Path, mode: str | None = None, steps: int | None =
     ({"fully_infer_step": [...], "block_refresh_step": [...], "token_refresh_step": [...], "sample_ratio": r},
     possibly one such object per mode name). In X-Slim's form every step not listed is a skip step and
     the length is `steps` (or one past the highest step listed)."""
+    shown = excerpt(path)  # in messages
     try:
         data = json.loads(Path(path).read_text())
     except OSError as e:
-        raise ValueError(f"cannot read schedule {path}: {e.strerror}") from None
+        raise ValueError(f"cannot read schedule {shown}: {e.strerror}") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"schedule {path} is not valid JSON: {e}") from None
+        raise ValueError(f"schedule {shown} is not valid JSON: {e}") from None
     if isinstance(data, dict) and mode is not None:
         if mode not in data:
-            raise ValueError(f"schedule {path} has no mode '{mode}' (modes: {', '.join(data)})")
+            raise ValueError(f"schedule {shown} has no mode '{excerpt(mode)}' (modes: {excerpt(', '.join(data))})")
         data = data[mode]
     if not isinstance(data, dict):
-        raise ValueError(f"schedule {path} must hold a JSON object")
+        raise ValueError(f"schedule {shown} must hold a JSON object")
     if "steps" in data:
         if not isinstance(data["steps"], list) or not all(isinstance(e, dict) for e in data["steps"]):
-            raise ValueError(f"schedule {path}: 'steps' must be a list of objects")
+            raise ValueError(f"schedule {shown}: 'steps' must be a list of objects")
         return [dict(e) for e in data["steps"]]
     keys = ("fully_infer_step", "block_refresh_step", "token_refresh_step")
     if not any(k in data for k in keys):
         modes = [k for k, v in data.items() if isinstance(v, dict)]
         hint = f" (it looks like one entry per mode: pass mode=, one of {', '.join(modes)})" if modes else ""
-        raise ValueError(f"schedule {path} has neither 'steps' nor X-Slim's {', '.join(keys)}{hint}")
+        raise ValueError(f"schedule {shown} has neither 'steps' nor X-Slim's {', '.join(keys)}{hint}")
     listed = {}
     for key, level in zip(keys, ("full", "block", "token")):
         for s in data.get(key, []):
             if not isinstance(s, int) or s < 0:
-                raise ValueError(f"schedule {path}: {key} holds {s!r}, not a step index >= 0")
+                raise ValueError(f"schedule {shown}: {key} holds {s!r}, not a step index >= 0")
             if steps is not None and s >= steps:
-                raise ValueError(f"schedule {path}: {key} names step {s}, out of range for a {steps}-step plan")
+                raise ValueError(f"schedule {shown}: {key} names step {s}, out of range for a {steps}-step plan")
             if s in listed:
-                raise ValueError(f"schedule {path}: step {s} is in both {listed[s][1]} and {key}")
+                raise ValueError(f"schedule {shown}: step {s} is in both {listed[s][1]} and {key}")
             listed[s] = (level, key)
     count = steps if steps is not None else max(listed, default=-1) + 1
     ratio = data.get("sample_ratio")
@@ -151,7 +159,7 @@ def parse_cache_spec(text: str, steps: int | None = None) -> XSlimPolicy | None:
         return None
     kind, _, options = text.partition(":")
     if kind != "xslim":
-        raise ValueError(f"unknown cache policy '{kind}' (expected {SPEC_HELP})")
+        raise ValueError(f"unknown cache policy '{excerpt(kind)}' (expected {SPEC_HELP})")
     numbers = {"step": ("early_warning", float), "critical": ("critical", float), "ratio": ("sample_ratio", float),
                "block": ("block_threshold", float), "first": ("first_blocks", int), "warmup": ("warmup_steps", int)}
     values, schedule_file, mode = {}, None, None
@@ -168,9 +176,9 @@ def parse_cache_spec(text: str, steps: int | None = None) -> XSlimPolicy | None:
             try:
                 values[name] = convert(value)
             except ValueError:
-                raise ValueError(f"cache option {key}={value!r} is not a number") from None
+                raise ValueError(f"cache option {excerpt(key)}='{excerpt(value)}' is not a number") from None
         else:
-            raise ValueError(f"cache option '{key}' is not supported (expected {SPEC_HELP})")
+            raise ValueError(f"cache option '{excerpt(key)}' is not supported (expected {SPEC_HELP})")
     if schedule_file is not None:
         online = {"early_warning", "critical", "refresh", "warmup_steps"} & set(values)
         if online:

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..noise import gaussian_noise
 from ..runtime import MemoryBank, SlimError, open_engine
+from ..xslim_policy import excerpt
 
 
 class RequestError(ValueError):
@@ -69,7 +70,7 @@ class _Model:
         flat = value.reshape(-1)
         # equal_nan: a NaN setting reaches the runtime, whose message says what a valid value is
         if flat.size == 0 or not np.array_equal(flat, np.full_like(flat, flat[0]), equal_nan=flat.dtype.kind == "f"):
-            raise RequestError(f"{name}: one value per request (every row the same), got {flat.tolist()}")
+            raise RequestError(f"{name}: one value per request (every row the same), got {excerpt(str(flat.tolist()))}")
         item = flat[0]
         if isinstance(item, bytes):
             try:

@@ -14,7 +14,10 @@ import dataclasses
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+
+from ..staging import LOCK, hold_lock, publish, remove_stale_temporaries, temporary_path
 
 NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -152,9 +155,11 @@ class TritonPythonModel({cls}):
 CLASSES = {"sd3": "SD3Model", "lemur_embed": "LemurEmbedModel", "lemur_score": "LemurScoreModel"}
 
 
-def write_repository(engines: list[str], out: str | Path, options: RepositoryOptions | None = None, *, force: bool = False) -> list[ModelSpec]:
+def write_repository(engines: list[str], out: str | Path, options: RepositoryOptions | None = None, *, force: bool = False,
+                     report: Callable[[str], None] | None = None) -> list[ModelSpec]:
     """Write the repository into `out` atomically: built in a temporary sibling directory, then renamed into place; an
-    existing `out` is replaced only with `force` (and only once the new one is complete)."""
+    existing `out` is replaced only with `force` (and only once the new one is complete). Temporaries that killed
+    runs left beside `out` are removed first, each told to `report`."""
     options = options or RepositoryOptions()
     if options.instances < 1:
         raise ValueError(f"instances must be >= 1, got {options.instances}")
@@ -177,20 +182,23 @@ def write_repository(engines: list[str], out: str | Path, options: RepositoryOpt
     if not specs:
         raise ValueError("no models to write: give at least one SD3 or LEMUR bundle")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    for stale in remove_stale_temporaries(out):  # left by a triton-repo killed midway (the exporter's mechanism)
+        if report is not None:
+            report(f"removed stale temporary {stale} of an interrupted triton-repo")
+    tmp = temporary_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    lock = None
     try:
+        lock = hold_lock(tmp)  # while we run, the next triton-repo to `out` leaves our temporary alone
         for spec in specs:
             (tmp / spec.name / "1").mkdir(parents=True)
             (tmp / spec.name / "config.pbtxt").write_text(config_pbtxt(spec, options))
             (tmp / spec.name / "1" / "model.py").write_text(MODEL_PY.format(name=spec.name, kind=spec.kind, cls=CLASSES[spec.kind]))
-        if out.exists():  # force: move the old one aside, put the new one in, then remove the old one
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+        (tmp / LOCK).unlink()  # not part of the repository; until the rename our live PID marks the temporary as in use
+        publish(tmp, out, force, writer="triton-repo")  # with force, the old repository is swapped out in one step
     finally:
+        if lock is not None:
+            os.close(lock)
         shutil.rmtree(tmp, ignore_errors=True)
     return specs

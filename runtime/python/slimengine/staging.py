@@ -1,0 +1,160 @@
+"""Publishing a directory atomically: built in a hidden `.NAME.tmp-PID/` sibling of its destination, then renamed into
+place. Torch-free: the exporter (bundles, export/bundle.py) and `slimengine triton-repo` (repositories) share it.
+
+A process killed outright (kill -9, power loss) cannot clean up its temporary: the next writer to the same destination
+removes such stale temporaries (remove_stale_temporaries), telling a dead writer's from a live one by a lock the writing
+process holds for as long as it runs (hold_lock).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import shutil
+from pathlib import Path
+
+# Inside `.NAME.tmp-PID/`: flock-ed by the writing process for as long as it runs (the kernel drops the lock when the
+# process dies however it dies), so a free lock means a dead writer even if its PID has been reused. The name is the
+# one exporters have always used, so that their older temporaries are still recognised.
+LOCK = ".export-lock"
+
+
+def temporary_path(destination: Path) -> Path:
+    """This process's temporary sibling of `destination`."""
+    return destination.with_name(f".{destination.name}.tmp-{os.getpid()}")
+
+
+def hold_lock(tmp: Path) -> int:
+    """Create `tmp/LOCK` already locked and return its descriptor (closing it releases the lock): it is locked under
+    another name and renamed, so no other process can find it unlocked while we live. Unlink it before publishing."""
+    partial = tmp / f"{LOCK}.new"
+    fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(partial, tmp / LOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def remove_stale_temporaries(destination: Path) -> list[Path]:
+    """Remove the `.NAME.tmp-PID/` directories beside `destination` that belong to no running writer, and return
+    them. A directory with a lock file is stale when nobody holds its lock; one without (a writer starting or
+    publishing, or one killed before it locked) when process PID no longer exists. A live concurrent writer's
+    directory is never touched."""
+    destination = Path(destination)
+    prefix = f".{destination.name}.tmp-"
+    try:
+        entries = list(os.scandir(destination.parent))
+    except FileNotFoundError:
+        return []
+    removed = []
+    for entry in entries:
+        pid = entry.name[len(prefix) :]
+        if not entry.name.startswith(prefix) or not pid.isdigit() or not entry.is_dir(follow_symlinks=False):
+            continue
+        path = Path(entry.path)
+        try:
+            fd = os.open(path / LOCK, os.O_RDWR)
+        except FileNotFoundError:
+            if not pid_alive(int(pid)):
+                _remove(path, removed)
+            continue
+        except OSError:  # not ours to judge (permissions): leave it
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a live writer holds it
+            os.close(fd)
+            continue
+        try:
+            _remove(path, removed)  # holding the lock: another cleaner skips it meanwhile
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _remove(path: Path, removed: list[Path]) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    if not path.exists():
+        removed.append(path)
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a process id we could have written: leave it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(root: Path) -> None:
+    for path in [*root.rglob("*"), root]:
+        fsync_path(path)
+
+
+def publish(tmp: Path, destination: Path, force: bool, writer: str = "export") -> None:
+    """Rename into place. Without `force` the rename fails if the destination appeared meanwhile (another writer to the
+    same path finished first): FileExistsError, never a silent replacement. With `force` an existing directory is
+    swapped with the new one in one step (renameat2 RENAME_EXCHANGE), so the destination holds either the old or the
+    new one at every moment, a kill -9 included; the old one then sits in `tmp`, removed here or, if the process is
+    killed first, by the next writer as a stale temporary. Where the filesystem cannot exchange, two renames, with
+    the old one put back if the second fails."""
+    try:
+        os.rename(tmp, destination)  # a directory replaces only a missing destination (or an empty directory)
+    except OSError as e:
+        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise
+        if not force:
+            raise FileExistsError(f"{destination} already exists (another {writer} to it finished first; use --force to "
+                                  "replace it)") from None
+        if _exchange(tmp, destination):
+            _remove_any(tmp)
+        else:
+            old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
+            os.rename(destination, old)
+            try:
+                os.rename(tmp, destination)
+            except BaseException:
+                os.rename(old, destination)
+                raise
+            _remove_any(old)
+    fsync_path(destination.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where the system or filesystem cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _remove_any(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
