@@ -101,6 +101,18 @@ def distilled_bundle(workdir, distilled_checkpoint) -> Path:
 
 
 @pytest.fixture(scope="session")
+def distilled_xslim_bundle(workdir, distilled_checkpoint) -> tuple[Path, str]:
+    """The distilled student on 6 steps with CFG under an X-Slim schedule that runs every level (full, token, skip,
+    block), and the --cache spec it was exported with (its schedule file stays in workdir): shared by test_xslim and
+    test_runtime_loop, which both need exactly this export."""
+    schedule = workdir / "xslim-schedule.json"
+    schedule.write_text(json.dumps({"steps": [{"level": "full"}, {"level": "full"}, {"level": "token", "sample_ratio": 0.4},
+                                              {"level": "skip"}, {"level": "block", "block_threshold": 0.8}, {"level": "full"}]}))
+    spec = f"xslim:schedule={schedule},first=0"
+    return export(distilled_checkpoint, workdir / "distilled-xslim.engine", "--steps", "6", "--guidance-scale", "3", "--cache", spec), spec
+
+
+@pytest.fixture(scope="session")
 def plain_checkpoint(workdir) -> Path:
     """Plain SD3 (no compensation weights), original MMDiT key names behind a wrapper prefix."""
     return make_checkpoint(workdir / "plain.safetensors", "--preset", "tiny", "--plain", "--seed", "2",

@@ -72,13 +72,9 @@ def test_the_1x_plan_runs_the_reference_planners_actions(distilled_checkpoint, d
     assert ref.actions[1] == ["skip" if first <= b < last else "add_delta" if b == last else "run" for b in range(model.num_layers)]
 
 
-def test_every_action_of_a_1x_bundle_under_an_xslim_schedule(workdir, distilled_checkpoint, tmp_path):
+def test_every_action_of_a_1x_bundle_under_an_xslim_schedule(distilled_xslim_bundle, distilled_checkpoint):
     """Full, token, skip and block steps on a 1.x student with a dual-attention block: all six actions."""
-    schedule = tmp_path / "schedule.json"
-    schedule.write_text(json.dumps({"steps": [{"level": "full"}, {"level": "full"}, {"level": "token", "sample_ratio": 0.4},
-                                              {"level": "skip"}, {"level": "block", "block_threshold": 0.8}, {"level": "full"}]}))
-    spec = f"xslim:schedule={schedule},first=0"
-    bundle = export(distilled_checkpoint, workdir / "loop-xslim.engine", "--steps", "6", "--guidance-scale", "3", "--cache", spec)
+    bundle, spec = distilled_xslim_bundle
     model, plan = reference_for(distilled_checkpoint, {"steps": 6, "guidance_scale": 3.0, "cache": spec})
     text, pooled = random_inputs(model, 2, 7, seed=3)
     negative, negative_pooled = random_inputs(model, 2, 7, seed=4)

@@ -303,6 +303,38 @@ def test_lemur_score_sees_what_the_banks_writer_appends_while_serving(http, lemu
         assert np.array_equal(got[:, 0], lemur_engine.session().score(bank, history, query).scores)
 
 
+def test_lemur_score_follows_a_bank_replaced_by_rename(server, http, lemur_engine, bank_path, tmp_path):
+    """A new copy of the bank published by rename is served from the next request on (it kept the old file until a
+    reload); a replacement that is not a bank is refused with a warning in Triton's log and the old file keeps serving."""
+    new_doc = BANK_DOCS + 100
+    history, query = np.array([[new_doc, 1]]), np.array([[3, 4]])
+    copy = bank_path.with_name("docs.bank.new")
+    shutil.copyfile(bank_path, copy)
+    text_ids, segment_ids, pixels = documents(lemur_engine.config, 1, 8, 1, seed=78)
+    with se.MemoryBank(copy) as bank:  # the new copy has one more document; the served file does not
+        lemur_engine.session().embed(text_ids, pixels, segment_ids=segment_ids, bank=bank, document_ids=[new_doc])
+    with pytest.raises(InferenceServerException, match=f"{new_doc}"):
+        infer(http, "http", "lemur_score", {"history_ids": history, "query_ids": query}, "score")
+    os.replace(copy, bank_path)  # publish by rename
+    got = infer(http, "http", "lemur_score", {"history_ids": history, "query_ids": query}, "score")
+    with se.MemoryBank(bank_path, read_only=True) as bank:
+        expected = lemur_engine.session().score(bank, history, query).scores
+    assert np.array_equal(got[:, 0], expected)
+
+    good = bank_path.with_name("docs.bank.good")
+    os.link(bank_path, good)  # to put back
+    garbage = bank_path.with_name("docs.bank.garbage")
+    garbage.write_bytes(b"not a memory bank" * 100)
+    os.replace(garbage, bank_path)
+    for _ in range(2):  # warned once; served from the file it has open
+        got = infer(http, "http", "lemur_score", {"history_ids": history, "query_ids": query}, "score")
+        assert np.array_equal(got[:, 0], expected)
+    assert "does not open as a memory bank" in server.log_tail() and "still serving the previous file" in server.log_tail()
+    os.replace(good, bank_path)  # the same file as the one served: nothing to reopen
+    got = infer(http, "http", "lemur_score", {"history_ids": history, "query_ids": query}, "score")
+    assert np.array_equal(got[:, 0], expected)
+
+
 # ---- errors: the runtime's message, and the model keeps serving ----
 
 

@@ -177,17 +177,13 @@ def test_xslim_strategy_files_load_with_skips_in_between(tmp_path):
                                             {"level": "full"}, {"level": "token", "sample_ratio": 0.7}, {"level": "skip"}]
 
 
-def test_xslim_composes_with_the_1x_program_cfg_and_dual_attention(workdir, distilled_checkpoint, tmp_path):
+def test_xslim_composes_with_the_1x_program_cfg_and_dual_attention(distilled_xslim_bundle, distilled_checkpoint):
     """A 1.x student (cached range 1-2, SD3.5 dual-attention block 0) on 6 steps with CFG under a schedule
     that runs every level: the cached range stays skipped in every level, dual-attention blocks run whole
     in token steps, and the runtime still matches the reference."""
-    from .conftest import export, random_inputs, reference_for
+    from .conftest import random_inputs, reference_for
 
-    schedule = tmp_path / "schedule.json"
-    schedule.write_text(json.dumps({"steps": [{"level": "full"}, {"level": "full"}, {"level": "token", "sample_ratio": 0.4},
-                                              {"level": "skip"}, {"level": "block", "block_threshold": 0.8}, {"level": "full"}]}))
-    spec = f"xslim:schedule={schedule},first=0"
-    bundle = export(distilled_checkpoint, workdir / "distilled-xslim.engine", "--steps", "6", "--guidance-scale", "3", "--cache", spec)
+    bundle, spec = distilled_xslim_bundle
     model, plan = reference_for(distilled_checkpoint, {"steps": 6, "guidance_scale": 3.0, "cache": spec})
     assert plan.cache_blocks is not None and model.config.dual_attention_layers
     text, pooled = random_inputs(model, 2, 7, seed=3)

@@ -14,6 +14,8 @@ its requests are run one by one, so only the bad one fails, and the model keeps 
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections import defaultdict
 
 import numpy as np
@@ -126,6 +128,11 @@ class _Model:
         pass
 
 
+def _file_id(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
 def _split(array: np.ndarray, rows: list[int]) -> list[np.ndarray]:
     return np.split(array, np.cumsum(rows)[:-1]) if len(rows) > 1 else [array]
 
@@ -227,21 +234,58 @@ class LemurEmbedModel(_Model):
 
 class LemurScoreModel(_Model):
     """Click probabilities (Session.score) over histories assembled from the memory bank, opened read-only (any number
-    of replicas); each execution first picks up what the bank's writer appended (MemoryBank.refresh)."""
+    of replicas); each execution first picks up what the bank's writer appended (MemoryBank.refresh), or, when the path
+    now names another file (a new copy published by rename), opens that one instead."""
 
     kind = "lemur_score"
     output_name = "score"
 
     def initialize(self, args: dict) -> None:
         super().initialize(args)
-        self.bank = MemoryBank(self.params["bank_path"], read_only=True, create=False)
+        self.bank_path = self.params["bank_path"]
+        self.bank, self.bank_id = self._open_bank()
+        self.refused_id = None  # the replacement file that failed to open (warned about once)
+
+    def _open_bank(self) -> tuple[MemoryBank, tuple[int, int]]:
+        """The bank at bank_path and the (st_dev, st_ino) of the file opened: stat before and after the open agree, so
+        a rename in between cannot pair one file's identity with the other's contents."""
+        while True:
+            before = _file_id(self.bank_path)
+            bank = MemoryBank(self.bank_path, read_only=True, create=False)
+            if _file_id(self.bank_path) == before:
+                return bank, before
+            bank.close()
 
     def finalize(self) -> None:
         self.bank.close()
         super().finalize()
 
     def before_batch(self) -> None:
+        try:
+            current = _file_id(self.bank_path)
+        except OSError:
+            current = None  # deleted: keep serving the file we have open (its handle keeps it)
+        if current is not None and current != self.bank_id and current != self.refused_id:
+            try:
+                bank, bank_id = self._open_bank()
+            except (OSError, SlimError) as e:  # not a bank (yet): keep the old one rather than fail every request
+                self.refused_id = current
+                self._log(f"{self.name}: {self.bank_path} was replaced, but the new file does not open as a memory bank "
+                           f"({e}); still serving the previous file")
+            else:
+                # execute() runs one batch at a time per instance: nothing reads the old bank any more
+                old, self.bank, self.bank_id, self.refused_id = self.bank, bank, bank_id, None
+                old.close()
+                self._log(f"{self.name}: {self.bank_path} was replaced; now serving the new file", warning=False)
+                return  # just opened: nothing to refresh
         self.bank.refresh()
+
+    def _log(self, message: str, warning: bool = True) -> None:
+        logger = getattr(self.pb_utils, "Logger", None)  # Triton's log (22.x+); stderr reaches it too otherwise
+        if logger is not None:
+            (logger.log_warn if warning else logger.log_info)(message)
+        else:
+            print(message, file=sys.stderr, flush=True)
 
     def parse(self, request) -> dict:
         p = {name: self._input(request, name) for name in ("history_ids", "query_ids")}
