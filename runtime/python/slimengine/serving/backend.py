@@ -271,7 +271,7 @@ class LemurScoreModel(_Model):
             except (OSError, SlimError) as e:  # not a bank (yet): keep the old one rather than fail every request
                 self.refused_id = current
                 self._log(f"{self.name}: {self.bank_path} was replaced, but the new file does not open as a memory bank "
-                           f"({e}); still serving the previous file")
+                          f"({e}); still serving the previous file")
             else:
                 # execute() runs one batch at a time per instance: nothing reads the old bank any more
                 old, self.bank, self.bank_id, self.refused_id = self.bank, bank, bank_id, None
