@@ -17,11 +17,12 @@ def build_parser() -> argparse.ArgumentParser:
         "recommender checkpoint (.pt/.safetensors with its config inside) into an engine bundle (ONNX stages + manifest) "
         "that the slimengine runtime executes. The family is detected from the checkpoint.",
     )
-    parser.add_argument("checkpoint", type=Path, help="checkpoint file or diffusers transformer folder")
+    parser.add_argument("checkpoint", type=Path, help="checkpoint file, diffusers transformer folder, or diffusers SD3 pipeline folder "
+                        "(model_index.json: transformer, text encoders, VAE and tokenizers all become stages; docs/pipeline.md)")
     parser.add_argument("-o", "--output", type=Path, help="bundle directory to write (default: CHECKPOINT.engine)")
     parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="compute precision (default fp32)")
     parser.add_argument("--steps", type=int, help="sampling steps (default: metadata, else 2 for 1.x-Distill, 28 for plain SD3)")
-    parser.add_argument("--shift", type=float, help="sigma shift (default: metadata, else 3.0)")
+    parser.add_argument("--shift", type=float, help="sigma shift (default: metadata, else the pipeline's scheduler/scheduler_config.json, else 3.0)")
     parser.add_argument("--cache-blocks", help="joint blocks skipped after step 1, e.g. 2-7, or 'none' for a plain plan (default: metadata)")
     parser.add_argument("--cache", help="default X-Slim policy (docs/xslim.md): none (default); xslim:step=T[,critical=C]"
                         "[,refresh=block|token][,ratio=R][,block=B][,first=F][,warmup=K] for the online dual-threshold "
@@ -36,7 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="LEMUR: the model version the runtime records with every embedding it writes to a memory bank (default 1)")
     parser.add_argument("--tokenizers", type=Path, metavar="PIPELINE",
                         help="diffusers pipeline folder: its tokenizer/, tokenizer_2/, tokenizer_3/ become tokenizer stages (docs/tokenizers.md)")
-    parser.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokenizer length with --tokenizers (default 256)")
+    parser.add_argument("--pipeline", type=Path, metavar="FOLDER",
+                        help="diffusers SD3 pipeline folder whose text encoders, VAE and tokenizers join the transformer CHECKPOINT "
+                        "in the bundle (the 1.x student case; docs/pipeline.md)")
+    parser.add_argument("--no-t5", action="store_true", help="with a pipeline: export without the T5 encoder and tokenizer "
+                        "(SD3 then runs with zeros in T5's place)")
+    parser.add_argument("--max-sequence-length", type=int, default=256,
+                        help="T5 tokens (tokenizer length and the T5 stage's limit) with a pipeline or --tokenizers (default 256)")
     parser.add_argument("--verify", action="store_true", help="run every stage in ONNX Runtime against PyTorch")
     parser.add_argument("--force", action="store_true", help="replace an existing bundle")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -55,15 +62,30 @@ def main(argv=None) -> int:
     # Heavy imports after argument checks, so --help and usage errors are instant.
 
     from .checkpoint import checkpoint_family, load_checkpoint
+    from .pipeline_export import is_pipeline_folder, open_pipeline
     from .sampling_plan import make_plan
     from .sd3_export import export_sd3, needs_token_stages
 
     start = time.perf_counter()
     if checkpoint_family(args.checkpoint) == "lemur":
         return _export_lemur(args, output, start)
+    pipeline = None
     try:
+        whole = is_pipeline_folder(args.checkpoint)
+        if whole and args.pipeline is not None:
+            raise CheckpointError(f"{args.checkpoint} is a pipeline folder already; --pipeline is for a transformer-only checkpoint")
+        if whole or args.pipeline is not None:
+            pipeline = open_pipeline(args.pipeline or args.checkpoint, t5=not args.no_t5, transformer=whole)
+        elif args.no_t5:
+            raise CheckpointError("--no-t5 needs a pipeline (a pipeline folder, or --pipeline FOLDER)")
+        if whole:
+            args.checkpoint = args.checkpoint / "transformer"
         checkpoint = load_checkpoint(args.checkpoint, num_attention_heads=args.heads)
-        plan = make_plan(checkpoint.config.num_layers, checkpoint.has_compensation, checkpoint.metadata,
+        # shift: --shift, else the checkpoint's metadata, else the pipeline's scheduler config, else the default
+        metadata = checkpoint.metadata
+        if pipeline is not None and pipeline.shift is not None and isinstance(metadata.get("sampling", {}), dict):
+            metadata = {**metadata, "sampling": {"shift": pipeline.shift, **metadata.get("sampling", {})}}
+        plan = make_plan(checkpoint.config.num_layers, checkpoint.has_compensation, metadata,
                          steps=args.steps, shift=args.shift, cache_blocks=args.cache_blocks, guidance_scale=args.guidance_scale,
                          cache=args.cache)
     except (CheckpointError, ValueError) as e:
@@ -77,9 +99,11 @@ def main(argv=None) -> int:
     stages = c.num_layers + 2 + checkpoint.has_compensation
     if token_stages:
         stages += c.num_layers - len(c.dual_attention_layers)
+    if pipeline is not None:
+        stages += len(pipeline.roles())
     failed = _run_export(args, output, stages, lambda progress, report: export_sd3(
         checkpoint, plan, output, precision=args.precision, verify=args.verify, force=args.force, token_stages=token_stages,
-        tokenizers=args.tokenizers, t5_max_length=args.max_sequence_length, progress=progress, report=report))
+        tokenizers=args.tokenizers, t5_max_length=args.max_sequence_length, pipeline=pipeline, progress=progress, report=report))
     if failed is not None:
         return failed
     print(f"wrote {output} ({args.precision}, {stages} stages) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
@@ -117,7 +141,7 @@ def _run_export(args, output: Path, stages: int, export) -> int | None:
     bar = tqdm(total=stages, desc="export", unit="stage", disable=args.quiet, file=sys.stderr)
     try:
         export(lambda name: (bar.set_postfix_str(name), bar.update()), lambda line: print(line, file=sys.stderr))
-    except (ValueError, FileExistsError) as e:
+    except (ValueError, FileExistsError, CheckpointError) as e:
         return _fail(str(e))
     except KeyboardInterrupt:
         return _fail(f"interrupted; {output} was not written", code=130)

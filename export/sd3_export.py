@@ -11,6 +11,14 @@ from .bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, write_bundle
 from .checkpoint import Checkpoint
 from .lowering import DTYPES, OPSET
 from .onnx_export import export_stages, verify_stages
+from .pipeline_export import (
+    PipelineFolder,
+    check_against_transformer,
+    export_pipeline_stages,
+    load_components,
+    pipeline_manifest,
+    verify_pipeline_stages,
+)
 from .sampling_plan import SamplingPlan
 from .tokenizer_export import export_tokenizers
 
@@ -34,14 +42,23 @@ def export_sd3(
     token_stages: bool = False,
     tokenizers: Path | None = None,
     t5_max_length: int = 256,
+    pipeline: PipelineFolder | None = None,
 ) -> dict:
     """Write the bundle for `checkpoint` with `plan`; with `verify`, check every stage in ONNX Runtime.
     `token_stages` adds the X-Slim token-level stages (always when the plan's policy uses that level).
     `tokenizers`: a diffusers pipeline folder whose tokenizer/, tokenizer_2/, tokenizer_3/ become the bundle's
-    tokenizer stages (docs/tokenizers.md); T5's keeps `t5_max_length` tokens."""
+    tokenizer stages (docs/tokenizers.md); T5's keeps `t5_max_length` tokens. `pipeline`: a checked diffusers SD3
+    pipeline folder whose text encoders and VAE become stages too (docs/pipeline.md), and whose tokenizers are
+    exported unless `tokenizers` names another folder."""
     model = checkpoint.build_model(DTYPES[precision])  # no float32 copy of a half-precision model
     plan.validate(model.num_layers, model.has_compensation)
     token_stages = token_stages or needs_token_stages(plan)
+    components = None
+    if pipeline is not None:
+        components = load_components(pipeline)
+        check_against_transformer(components, checkpoint.config, pipeline)
+        tokenizers = tokenizers or pipeline.path
+    tokenizer_roles = pipeline.tokenizer_roles() if pipeline is not None else ("clip_l", "clip_g", "t5")
 
     def fill(tmp: Path) -> dict:
         specs = export_stages(model, tmp, precision, progress=progress, token_stages=token_stages)
@@ -49,6 +66,12 @@ def export_sd3(
             errors = verify_stages(model, tmp, specs, precision)
             for name, err in errors.items():
                 report(f"verify {name:>12}: max |ORT - PyTorch| = {err:.3e}")
+        if components is not None:
+            encoder_specs = export_pipeline_stages(components, tmp, precision, t5_max_length, progress=progress)
+            if verify:
+                for name, err in verify_pipeline_stages(components, tmp, encoder_specs, precision).items():
+                    report(f"verify {name:>12}: max |ORT - PyTorch| = {err:.3e}")
+            specs = specs + encoder_specs
         config = checkpoint.config
         return {
             "format": BUNDLE_FORMAT,
@@ -63,7 +86,8 @@ def export_sd3(
             "stages": [s.to_json() for s in specs],
             "program": plan.to_manifest(model.num_layers),
             "custom_op_library": CUSTOM_OP_LIBRARY if token_stages else None,
-            "tokenizers": export_tokenizers(tokenizers, tmp, t5_max_length) if tokenizers is not None else [],
+            "tokenizers": export_tokenizers(tokenizers, tmp, t5_max_length, tokenizer_roles) if tokenizers is not None else [],
+            **({"pipeline": pipeline_manifest(components, pipeline, config, t5_max_length)} if components is not None else {}),
         }
 
     return write_bundle(destination, fill, force=force, report=report)

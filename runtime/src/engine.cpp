@@ -156,6 +156,19 @@ void Engine::bind_sd3_stages() {
                 expect_io(s, {"delta_img", "delta_txt"}, {"comp_img", "comp_txt"});
                 bind(compensate_stage, s, index);
                 break;
+            case Role::ClipL:
+            case Role::ClipG:
+                expect_io(s, {"input_ids"}, {"hidden_states", "pooled"});
+                bind(s.role == Role::ClipL ? clip_l_stage : clip_g_stage, s, index);
+                break;
+            case Role::T5:
+                expect_io(s, {"input_ids"}, {"hidden_states"});
+                bind(t5_stage, s, index);
+                break;
+            case Role::VaeDecode:
+                expect_io(s, {"latents"}, {"image"});
+                bind(vae_decode_stage, s, index);
+                break;
             case Role::Block:
             case Role::BlockTokens: {
                 const int b = s.block;  // in [0, num_layers): checked with the manifest

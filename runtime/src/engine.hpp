@@ -46,6 +46,7 @@ class Engine {
 
     // Indices into stages() of the stages the SD3 program calls, bound by their manifest role; compensate is -1 without MLPs.
     int embed_stage = -1, final_stage = -1, compensate_stage = -1;
+    int clip_l_stage = -1, clip_g_stage = -1, t5_stage = -1, vae_decode_stage = -1;  // the pipeline's, when present
     std::vector<int> block_stages;
     // X-Slim token level: the block_tokens stage per block (-1: none, the block then runs whole), and
     // whether the block's block stage also outputs its image keys/values (img_k, img_v) for the token stage's caches.

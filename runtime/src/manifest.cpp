@@ -37,13 +37,22 @@ const std::string& check_inside_bundle(const std::string& p, const std::string& 
 
 // Stage roles as the manifest spells them; which a family allows is checked by the caller.
 Role parse_role(const std::string& role, const std::string& where) {
-    static const std::pair<const char*, Role> roles[] = {
-        {"embed", Role::Embed},           {"block", Role::Block}, {"block_tokens", Role::BlockTokens},
-        {"compensate", Role::Compensate}, {"final", Role::Final}, {"lemur_embed", Role::LemurEmbed},
-        {"lemur_score", Role::LemurScore}};
+    static const std::pair<const char*, Role> roles[] = {{"embed", Role::Embed},
+                                                         {"block", Role::Block},
+                                                         {"block_tokens", Role::BlockTokens},
+                                                         {"compensate", Role::Compensate},
+                                                         {"final", Role::Final},
+                                                         {"clip_l", Role::ClipL},
+                                                         {"clip_g", Role::ClipG},
+                                                         {"t5", Role::T5},
+                                                         {"vae_decode", Role::VaeDecode},
+                                                         {"lemur_embed", Role::LemurEmbed},
+                                                         {"lemur_score", Role::LemurScore}};
     for (const auto& [name, value] : roles)
         if (role == name) return value;
-    bad(where, "'" + role + "' is not a stage role (embed, block, block_tokens, compensate, final, lemur_embed, lemur_score)");
+    bad(where, "'" + role +
+                   "' is not a stage role (embed, block, block_tokens, compensate, final, clip_l, clip_g, t5, vae_decode, lemur_embed, "
+                   "lemur_score)");
 }
 
 std::string relative_path(const Value& obj, const std::string& key, const std::string& where) {
@@ -230,8 +239,9 @@ void parse_fields(const Value& root, Manifest& m) {
                     {},
                     {},
                     {}};
+        const bool encoder = d.role == Role::ClipL || d.role == Role::ClipG || d.role == Role::T5;
         const bool sd3_role = d.role == Role::Embed || d.role == Role::Block || d.role == Role::BlockTokens || d.role == Role::Compensate ||
-                              d.role == Role::Final;
+                              d.role == Role::Final || encoder || d.role == Role::VaeDecode;
         if (sd3_role != (m.kind == Family::Sd3))
             bad(w + ".role", "'" + string_field(s, "role", w) + "' is not a role of a " + m.family + " stage");
         if (d.role == Role::Block || d.role == Role::BlockTokens)
@@ -243,8 +253,8 @@ void parse_fields(const Value& root, Manifest& m) {
         for (size_t k = 0; m.kind == Family::Sd3 && k < d.inputs.size() + d.outputs.size(); ++k) {
             const bool input = k < d.inputs.size();
             const std::string& dtype = input ? d.input_dtypes[k] : d.output_dtypes[k - d.inputs.size()];
-            if (dtype != "float32" && !(input && d.inputs[k] == "token_index"))
-                bad(w, "has a tensor that is not float32 (SD3 stage boundaries are float32 but for token indices)");
+            if (dtype != "float32" && !(input && (d.inputs[k] == "token_index" || (encoder && d.inputs[k] == "input_ids"))))
+                bad(w, "has a tensor that is not float32 (SD3 stage boundaries are float32 but for token indices and token ids)");
         }
         if (!names.insert(d.name).second) bad(w + ".name", "'" + d.name + "' is not unique");
         if (!listed.count(d.file)) bad(w + ".file", "'" + d.file + "' is not listed in files");

@@ -20,7 +20,9 @@ enum class Family { Sd3, Lemur, PlainOnnx };
 
 // What a stage computes, as the manifest's stage `role` states it (docs/bundle-format.md); the
 // runtime binds stages by role (and block index), never by name.
-enum class Role { Embed, Block, BlockTokens, Compensate, Final, LemurEmbed, LemurScore, Model };
+// ClipL, ClipG, T5 and VaeDecode are the SD3 pipeline's text encoders and VAE decoder (docs/pipeline.md): optional,
+// at most one each, run through slim_stage_run until the prompt-level call uses them.
+enum class Role { Embed, Block, BlockTokens, Compensate, Final, ClipL, ClipG, T5, VaeDecode, LemurEmbed, LemurScore, Model };
 
 struct StageDecl {
     std::string name;  // for stats, profiles and slim_stage_run; not interpreted

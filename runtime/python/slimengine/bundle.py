@@ -12,7 +12,7 @@ FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 DIGEST = "manifest.sha256"  # "<sha256 of manifest.json's bytes>  manifest.json\n", as sha256sum writes it
 # Stage roles (the runtime binds stages by role, never by name); block and block_tokens also carry `block`.
-SD3_ROLES = ("embed", "block", "block_tokens", "compensate", "final")
+SD3_ROLES = ("embed", "block", "block_tokens", "compensate", "final", "clip_l", "clip_g", "t5", "vae_decode")
 LEMUR_ROLES = ("lemur_embed", "lemur_score")
 VERIFY_LEVELS = {"fast": 0, "full": 1}  # slim_verify
 

@@ -1,0 +1,298 @@
+"""SD3's text encoders and VAE decoder as bundle stages, from a diffusers pipeline folder (docs/pipeline.md).
+
+Stages (roles):
+- clip_l, clip_g (text_encoder/, text_encoder_2/: CLIPTextModelWithProjection): input_ids int64 [B, 77] ->
+  hidden_states [B, 77, D] (the penultimate layer's, `hidden_states[-2]`, as diffusers' SD3 pipeline takes them) and
+  pooled [B, P] (the projection's text_embeds).
+- t5 (text_encoder_3/: T5EncoderModel): input_ids int64 [B, L], L up to max_sequence_length -> hidden_states [B, L, d_model].
+- vae_decode (vae/: AutoencoderKL): latents [B, C, h, w] -> image [B, 3, 8h, 8w], AutoencoderKL.decode's output in
+  [-1, 1] (unclamped). The scaling (latents / scaling_factor + shift_factor) before it is the runtime's, from the
+  manifest's `pipeline` block.
+
+Every stage keeps the float32 boundary of the transformer stages (int64 ids in). In fp16/bf16 bundles the fragile
+nodes stay float32: the whole T5 stage (its fp16 activations overflow) and the VAE's group norms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+from .lowering import DTYPES, StageModule, trace_stage
+from .stage_spec import StageSpec, TensorSpec
+
+CLIP_LENGTH = 77  # diffusers' tokenizer_max_length for SD3
+# role -> (folder, what it is, the class diffusers' SD3 pipeline loads)
+COMPONENTS = {
+    "clip_l": ("text_encoder", "CLIP-L text encoder", "CLIPTextModelWithProjection"),
+    "clip_g": ("text_encoder_2", "CLIP-G text encoder", "CLIPTextModelWithProjection"),
+    "t5": ("text_encoder_3", "T5 text encoder", "T5EncoderModel"),
+    "vae_decode": ("vae", "VAE", "AutoencoderKL"),
+}
+TOKENIZERS = {"clip_l": "tokenizer", "clip_g": "tokenizer_2", "t5": "tokenizer_3"}
+MAX_LATENT = 1024  # latent height/width limit of the VAE stage's dynamic dimensions (8192 pixels)
+
+
+def is_pipeline_folder(path: Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / "model_index.json").is_file()
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineFolder:
+    path: Path
+    t5: bool  # export the T5 stage (and its tokenizer)
+    shift: float | None  # scheduler/scheduler_config.json's shift, when present
+
+    def roles(self) -> list[str]:
+        return [r for r in COMPONENTS if r != "t5" or self.t5]
+
+    def tokenizer_roles(self) -> tuple[str, ...]:
+        return tuple(r for r in TOKENIZERS if r != "t5" or self.t5)
+
+
+def open_pipeline(path: Path, t5: bool = True, transformer: bool = False) -> PipelineFolder:
+    """Check a diffusers SD3 pipeline folder has every component the export needs; raise CheckpointError with one
+    line naming what is missing. `transformer`: its transformer/ is needed too (the whole-folder export)."""
+    path = Path(path)
+    if not is_pipeline_folder(path):
+        raise CheckpointError(f"{path}: not a diffusers pipeline folder (no model_index.json)")
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}/model_index.json: cannot read it ({e})") from None
+    needed = [(folder, what) for role, (folder, what, _) in COMPONENTS.items() if role != "t5" or t5]
+    needed += [(folder, f"{role} tokenizer") for role, folder in TOKENIZERS.items() if role != "t5" or t5]
+    if transformer:
+        needed.insert(0, ("transformer", "SD3 transformer"))
+    missing = []
+    for folder, what in needed:
+        listed = index.get(folder)
+        present = (path / folder).is_dir() and any((path / folder).iterdir())
+        if not present or (isinstance(listed, list) and None in listed):
+            missing.append(f"{folder}/ ({what})")
+    if missing:
+        hint = "; pass --no-t5 to export without T5" if t5 and all("text_encoder_3" in m or "tokenizer_3" in m for m in missing) else ""
+        raise CheckpointError(f"{path}: pipeline folder is missing {', '.join(missing)}{hint}")
+    shift = None
+    scheduler = path / "scheduler" / "scheduler_config.json"
+    if scheduler.is_file():
+        try:
+            shift = json.loads(scheduler.read_text()).get("shift")
+        except ValueError as e:
+            raise CheckpointError(f"{scheduler}: not valid JSON ({e})") from None
+        if shift is not None and not (isinstance(shift, (int, float)) and not isinstance(shift, bool) and shift > 0):
+            raise CheckpointError(f"{scheduler}: shift must be a positive number, got {shift!r}")
+    return PipelineFolder(path=path, t5=t5, shift=None if shift is None else float(shift))
+
+
+def load_components(pipeline: PipelineFolder) -> dict[str, nn.Module]:
+    """The pipeline's encoders and VAE in float32, eval mode (weights read from safetensors by from_pretrained)."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    classes = {"clip_l": CLIPTextModelWithProjection, "clip_g": CLIPTextModelWithProjection, "t5": T5EncoderModel,
+               "vae_decode": AutoencoderKL}
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # the CLI has its own progress bar
+    transformers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.set_verbosity_error()
+    modules = {}
+    for role in pipeline.roles():
+        folder = pipeline.path / COMPONENTS[role][0]
+        try:
+            # T5 in eager attention: its SDPA path reshapes a transposed output, which torch.onnx cannot lower with a
+            # dynamic text length ("Cannot view a tensor ...").
+            extra = {"attn_implementation": "eager"} if role == "t5" else {}
+            modules[role] = classes[role].from_pretrained(str(folder), torch_dtype=torch.float32, **extra).eval()
+        except Exception as e:  # a folder diffusers/transformers cannot load: one line
+            text = str(e).strip().splitlines()
+            raise CheckpointError(f"{folder}: cannot load the {COMPONENTS[role][1]} as {COMPONENTS[role][2]} "
+                                  f"({type(e).__name__}: {text[0] if text else ''})") from None
+    return modules
+
+
+def check_against_transformer(modules: dict, config, pipeline: PipelineFolder) -> None:
+    """The encoders' widths and the VAE's channels must be what the transformer takes."""
+    p = pipeline.path
+    clip_dims = [modules[r].config.hidden_size for r in ("clip_l", "clip_g")]
+    pooled = sum(modules[r].config.projection_dim for r in ("clip_l", "clip_g"))
+    if pooled != config.pooled_projection_dim:
+        raise CheckpointError(f"{p}: CLIP-L and CLIP-G project to {pooled} pooled features in all, the transformer takes "
+                              f"pooled_projection_dim {config.pooled_projection_dim}")
+    if sum(clip_dims) > config.joint_attention_dim:
+        raise CheckpointError(f"{p}: CLIP-L + CLIP-G hidden sizes ({sum(clip_dims)}) exceed the transformer's joint_attention_dim "
+                              f"{config.joint_attention_dim}")
+    if "t5" in modules and modules["t5"].config.d_model != config.joint_attention_dim:
+        raise CheckpointError(f"{p}: T5's d_model {modules['t5'].config.d_model} is not the transformer's joint_attention_dim "
+                              f"{config.joint_attention_dim}")
+    if modules["vae_decode"].config.latent_channels != config.in_channels:
+        raise CheckpointError(f"{p}: the VAE has {modules['vae_decode'].config.latent_channels} latent channels, the transformer "
+                              f"{config.in_channels}")
+
+
+# --- stage modules -------------------------------------------------------------------------------
+
+
+class ClipStage(StageModule):
+    """input_ids -> (penultimate hidden states, pooled text_embeds), as diffusers' _get_clip_prompt_embeds (clip_skip None)."""
+
+    def __init__(self, encoder: nn.Module, dtype):
+        super().__init__(dtype)
+        self.encoder = encoder
+
+    def forward(self, input_ids):
+        out = self.encoder(input_ids, output_hidden_states=True)
+        return self._out(out.hidden_states[-2], out.text_embeds)
+
+
+class T5Stage(StageModule):
+    """input_ids -> last hidden states, as diffusers' _get_t5_prompt_embeds (no attention mask)."""
+
+    def __init__(self, encoder: nn.Module, dtype):
+        super().__init__(dtype)
+        self.encoder = encoder
+
+    def forward(self, input_ids):
+        return self._out(self.encoder(input_ids)[0])
+
+
+class VaeDecodeStage(StageModule):
+    """latents (already scaled: latents / scaling_factor + shift_factor) -> image, AutoencoderKL.decode's sample."""
+
+    def __init__(self, vae: nn.Module, dtype):
+        super().__init__(dtype)
+        self.vae = vae
+
+    def forward(self, latents):
+        return self._out(self.vae.decode(*self._in(latents), return_dict=False)[0])
+
+
+class _Fp32GroupNorm(nn.GroupNorm):
+    """GroupNorm computed in float32 in a half-precision VAE (its statistics over large maps lose precision in fp16)."""
+
+    def forward(self, x):
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return nn.functional.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
+
+
+def to_precision(role: str, module: nn.Module, precision: str) -> nn.Module:
+    """The module in the bundle's precision, with its fragile nodes kept float32 (module docstring)."""
+    dtype = DTYPES[precision]
+    if dtype == torch.float32 or role == "t5":
+        # T5 stays float32 whole: transformers' own fp16 recipe (wo in float32, which promotes the residual stream)
+        # lowers to an ONNX graph with mixed-type Mul nodes that ONNX Runtime refuses.
+        return module
+    module = module.to(dtype)
+    if role == "vae_decode":
+        for sub in module.modules():
+            if type(sub) is nn.GroupNorm:
+                sub.float()
+                sub.__class__ = _Fp32GroupNorm
+    return module
+
+
+def stage_module(role: str, module: nn.Module, precision: str) -> nn.Module:
+    dtype = DTYPES[precision]
+    if role in ("clip_l", "clip_g"):
+        return ClipStage(module, dtype)
+    if role == "t5":
+        return T5Stage(module, dtype)
+    return VaeDecodeStage(module, dtype)
+
+
+# --- specs, example inputs, export ---------------------------------------------------------------
+
+
+def stage_specs(modules: dict, max_sequence_length: int) -> list[StageSpec]:
+    specs = []
+    for role in ("clip_l", "clip_g"):
+        c = modules[role].config
+        specs.append(StageSpec(role, (TensorSpec("input_ids", ("batch", CLIP_LENGTH), "int64"),),
+                               (TensorSpec("hidden_states", ("batch", CLIP_LENGTH, c.hidden_size)),
+                                TensorSpec("pooled", ("batch", c.projection_dim))), role=role))
+    if "t5" in modules:
+        specs.append(StageSpec("t5", (TensorSpec("input_ids", ("batch", "text"), "int64"),),
+                               (TensorSpec("hidden_states", ("batch", "text", modules["t5"].config.d_model)),), role="t5"))
+    c = modules["vae_decode"].config
+    specs.append(StageSpec("vae_decode", (TensorSpec("latents", ("batch", c.latent_channels, "height", "width")),),
+                           (TensorSpec("image", ("batch", c.out_channels, "image_height", "image_width")),), role="vae_decode"))
+    return specs
+
+
+def example_input(role: str, module: nn.Module, batch: int = 2, text: int = 7, height: int = 6, width: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    if role in ("clip_l", "clip_g", "t5"):
+        vocab = module.config.vocab_size
+        return torch.randint(0, vocab, (batch, CLIP_LENGTH if role != "t5" else text), generator=g)
+    return torch.randn(batch, module.config.latent_channels, height, width, generator=g)
+
+
+def _dynamic_shapes(role: str, max_sequence_length: int):
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    if role in ("clip_l", "clip_g"):
+        return ({0: batch},)
+    if role == "t5":
+        return ({0: batch, 1: torch.export.Dim("text", min=1, max=max_sequence_length)},)
+    return ({0: batch, 2: torch.export.Dim("height", min=1, max=MAX_LATENT), 3: torch.export.Dim("width", min=1, max=MAX_LATENT)},)
+
+
+def export_pipeline_stages(modules: dict, directory: Path, precision: str, max_sequence_length: int, progress=None) -> list[StageSpec]:
+    """Write stages/ROLE.onnx (+ .data) for each encoder and the VAE decoder; returns their specs."""
+    specs = stage_specs(modules, max_sequence_length)
+    (directory / "stages").mkdir(parents=True, exist_ok=True)
+    for spec in specs:
+        module = to_precision(spec.role, modules[spec.role], precision)
+        program = trace_stage(stage_module(spec.role, module, precision), spec, (example_input(spec.role, module),),
+                              dynamic_shapes=_dynamic_shapes(spec.role, max_sequence_length))
+        program.save(directory / spec.file, external_data=True)
+        if progress is not None:
+            progress(spec.name)
+    return specs
+
+
+def verify_pipeline_stages(modules: dict, directory: Path, specs: list[StageSpec], precision: str) -> dict[str, float]:
+    """max |ORT - PyTorch| per stage, on inputs of shapes other than the traced ones."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    errors = {}
+    for spec in specs:
+        module = to_precision(spec.role, modules[spec.role], precision)
+        x = example_input(spec.role, module, batch=3, text=11, height=5, width=7, seed=1)
+        with torch.no_grad():
+            expected = stage_module(spec.role, module, precision)(x)
+        session = ort.InferenceSession(str(directory / spec.file), options, providers=["CPUExecutionProvider"])
+        got = session.run(None, {"input_ids" if x.dtype == torch.int64 else "latents": x.numpy()})
+        errors[spec.name] = max(float(np.abs(g - e.numpy()).max()) for g, e in zip(got, expected))
+    return errors
+
+
+def pipeline_manifest(modules: dict, pipeline: PipelineFolder, config, max_sequence_length: int) -> dict:
+    """The manifest's `pipeline` block: what the runtime needs to assemble SD3's conditioning and decode (docs/pipeline.md)."""
+    vae = modules["vae_decode"].config
+    shift_factor = getattr(vae, "shift_factor", None)
+    return {
+        "source": str(pipeline.path),
+        "clip_length": CLIP_LENGTH,
+        "clip_l_dim": modules["clip_l"].config.hidden_size,
+        "clip_g_dim": modules["clip_g"].config.hidden_size,
+        "clip_l_pooled_dim": modules["clip_l"].config.projection_dim,
+        "clip_g_pooled_dim": modules["clip_g"].config.projection_dim,
+        "joint_attention_dim": config.joint_attention_dim,
+        "pooled_projection_dim": config.pooled_projection_dim,
+        "t5": "t5" in modules,
+        "max_sequence_length": max_sequence_length,
+        "vae": {"latent_channels": vae.latent_channels, "scale_factor": 2 ** (len(vae.block_out_channels) - 1),
+                "scaling_factor": float(vae.scaling_factor), "shift_factor": float(shift_factor or 0.0)},
+        "scheduler_shift": pipeline.shift,
+    }

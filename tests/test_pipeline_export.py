@@ -1,0 +1,226 @@
+"""The SD3 pipeline's text encoders and VAE decoder as bundle stages (export/pipeline_export.py, docs/pipeline.md),
+against diffusers' and transformers' own modules on a tiny random pipeline folder."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from slimengine import Engine
+from tests.conftest import export, run_cli
+from tests.pipeline_files import SCALING, SCHEDULER_SHIFT, SHIFT_FACTOR, make_sd3_pipeline
+
+PROMPTS = ["a red circle on a blue square", ""]
+T5_LENGTH = 32
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_sd3_pipeline(tmp_path_factory.mktemp("pipe") / "sd3")
+
+
+@pytest.fixture(scope="module")
+def bundle(folder):
+    """The whole folder: transformer, encoders, VAE, tokenizers."""
+    return export(folder, folder.parent / "sd3.engine", "--max-sequence-length", str(T5_LENGTH))
+
+
+@pytest.fixture(scope="module")
+def fp16_bundle(folder):
+    """The 1.x student case: a transformer-only checkpoint plus --pipeline, fp16."""
+    return export(folder / "transformer", folder.parent / "fp16.engine", "--pipeline", str(folder), "--precision", "fp16",
+                  "--max-sequence-length", str(T5_LENGTH))
+
+
+@pytest.fixture(scope="module")
+def reference(folder):
+    """diffusers' SD3 pipeline from the same folder, T5 in eager attention as exported (the same math as SDPA)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _session(path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _run(bundle, stage, feed):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    spec = next(s for s in manifest["stages"] if s["name"] == stage)
+    return dict(zip([t["name"] for t in spec["outputs"]], _session(bundle / spec["file"]).run(None, feed)))
+
+
+def _rel(got, want) -> float:
+    want = np.asarray(want, dtype=np.float32)
+    return float(np.abs(np.asarray(got) - want).max() / max(np.abs(want).max(), 1e-6))
+
+
+def _ids(engine, role, prompts):
+    return np.stack([engine.tokenize(role, p) for p in prompts]).astype(np.int64)
+
+
+def test_manifest_roles_and_pipeline_block(bundle, folder):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    roles = {s["role"]: s for s in manifest["stages"]}
+    assert {"clip_l", "clip_g", "t5", "vae_decode"} <= set(roles)
+    assert roles["clip_l"]["inputs"] == [{"name": "input_ids", "dtype": "int64", "shape": ["batch", 77]}]
+    assert [t["name"] for t in roles["clip_g"]["outputs"]] == ["hidden_states", "pooled"]
+    assert roles["t5"]["outputs"][0]["shape"] == ["batch", "text", 96]
+    p = manifest["pipeline"]
+    assert (p["clip_l_dim"], p["clip_g_dim"], p["clip_l_pooled_dim"], p["clip_g_pooled_dim"]) == (32, 48, 24, 40)
+    assert (p["joint_attention_dim"], p["t5"], p["max_sequence_length"], p["clip_length"]) == (96, True, T5_LENGTH, 77)
+    assert p["vae"] == {"latent_channels": 16, "scale_factor": 8, "scaling_factor": SCALING, "shift_factor": SHIFT_FACTOR}
+    assert p["scheduler_shift"] == SCHEDULER_SHIFT
+    assert [t["role"] for t in manifest["tokenizers"]] == ["clip_l", "clip_g", "t5"]
+    # the scheduler config's shift made the sampling plan (not the default 3)
+    from slimengine.export.sampling_plan import scheduler_sigmas
+
+    sigmas = [s["sigma"] for s in manifest["program"]["steps"]]
+    assert sigmas == pytest.approx(scheduler_sigmas(28, SCHEDULER_SHIFT)[:-1], rel=1e-6)
+    assert sigmas[1] != pytest.approx(scheduler_sigmas(28, 3.0)[1], rel=1e-6)
+
+
+def test_runtime_opens_and_verifies(bundle):
+    proc = run_cli_verify(bundle)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with Engine(bundle) as engine:
+        assert {"clip_l", "clip_g", "t5", "vae_decode"} <= set(engine.stage_names)
+
+
+def run_cli_verify(bundle):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "slimengine.cli", "verify", str(bundle)], capture_output=True, text=True)
+
+
+def test_encoders_match_diffusers_encode_prompt(bundle, reference):
+    """Each encoder stage (ONNX Runtime, and the C runtime's slim_stage_run) against transformers' module, then the
+    conditioning assembled as docs/pipeline.md says against diffusers' encode_prompt."""
+    pipe = reference
+    with Engine(bundle) as engine:
+        session = engine.session()
+        out = {}
+        for role, encoder in (("clip_l", pipe.text_encoder), ("clip_g", pipe.text_encoder_2), ("t5", pipe.text_encoder_3)):
+            ids = _ids(engine, role, PROMPTS)
+            got = _run(bundle, role, {"input_ids": ids})
+            with torch.no_grad():
+                r = encoder(torch.from_numpy(ids), output_hidden_states=True)
+            want = {"hidden_states": r.hidden_states[-2], "pooled": r.text_embeds} if role != "t5" else {"hidden_states": r[0]}
+            for name, w in want.items():
+                assert got[name].shape == tuple(w.shape)
+                assert _rel(got[name], w) < 1e-5, (role, name, _rel(got[name], w))
+                native = session.run_stage(role, {"input_ids": ids}, {name: np.empty(w.shape, np.float32)})[name]
+                assert _rel(native, w) < 1e-5, (role, name, "C runtime")
+            out[role] = got
+        session.close()
+    clip = np.concatenate([out["clip_l"]["hidden_states"], out["clip_g"]["hidden_states"]], axis=-1)
+    clip = np.pad(clip, ((0, 0), (0, 0), (0, 96 - clip.shape[-1])))
+    embeds = np.concatenate([clip, out["t5"]["hidden_states"]], axis=1)
+    pooled = np.concatenate([out["clip_l"]["pooled"], out["clip_g"]["pooled"]], axis=-1)
+    with torch.no_grad():
+        want_embeds, _, want_pooled, _ = pipe.encode_prompt(PROMPTS, PROMPTS, PROMPTS, do_classifier_free_guidance=False,
+                                                            max_sequence_length=T5_LENGTH)
+    assert embeds.shape == (2, 77 + T5_LENGTH, 96) and _rel(embeds, want_embeds) < 1e-5
+    assert _rel(pooled, want_pooled) < 1e-5
+
+
+def test_t5_dynamic_length(bundle, reference):
+    ids = np.random.default_rng(0).integers(0, reference.text_encoder_3.config.vocab_size, (3, 11)).astype(np.int64)
+    got = _run(bundle, "t5", {"input_ids": ids})["hidden_states"]
+    with torch.no_grad():
+        want = reference.text_encoder_3(torch.from_numpy(ids))[0]
+    assert got.shape == (3, 11, 96) and _rel(got, want) < 1e-5
+
+
+def test_vae_decode_matches_diffusers(bundle, reference):
+    latents = np.random.default_rng(1).standard_normal((2, 16, 5, 7)).astype(np.float32)
+    scaled = latents / SCALING + SHIFT_FACTOR  # the runtime's step before the stage (docs/pipeline.md)
+    got = _run(bundle, "vae_decode", {"latents": scaled})["image"]
+    with torch.no_grad():
+        want = reference.vae.decode(torch.from_numpy(scaled), return_dict=False)[0]
+    assert got.shape == (2, 3, 40, 56) and _rel(got, want) < 1e-5
+    with Engine(bundle) as engine:
+        session = engine.session()
+        native = session.run_stage("vae_decode", {"latents": scaled}, {"image": np.empty(got.shape, np.float32)})["image"]
+        session.close()
+    assert _rel(native, want) < 1e-5
+
+
+FP16_TOLERANCE = 2e-2  # max |Δ| relative to the reference's max |value|
+
+
+def test_fp16_stages_finite_and_close(fp16_bundle, reference):
+    """fp16 encoders and VAE (T5 and the VAE's group norms kept float32) against the float32 modules."""
+    rng = np.random.default_rng(2)
+    for role, encoder in (("clip_l", reference.text_encoder), ("clip_g", reference.text_encoder_2), ("t5", reference.text_encoder_3)):
+        ids = rng.integers(0, encoder.config.vocab_size, (2, 77 if role != "t5" else T5_LENGTH)).astype(np.int64)
+        got = _run(fp16_bundle, role, {"input_ids": ids})
+        with torch.no_grad():
+            r = encoder(torch.from_numpy(ids), output_hidden_states=True)
+        want = {"hidden_states": r.hidden_states[-2], "pooled": r.text_embeds} if role != "t5" else {"hidden_states": r[0]}
+        for name, w in want.items():
+            assert np.isfinite(got[name]).all(), (role, name)
+            assert _rel(got[name], w) < FP16_TOLERANCE, (role, name, _rel(got[name], w))
+    latents = rng.standard_normal((1, 16, 6, 4)).astype(np.float32)
+    got = _run(fp16_bundle, "vae_decode", {"latents": latents})["image"]
+    with torch.no_grad():
+        want = reference.vae.decode(torch.from_numpy(latents), return_dict=False)[0]
+    assert np.isfinite(got).all() and _rel(got, want) < FP16_TOLERANCE
+
+
+def test_fp16_t5_stays_float32(fp16_bundle):
+    import onnx
+
+    def dtypes(stage):
+        model = onnx.load(str(fp16_bundle / "stages" / f"{stage}.onnx"), load_external_data=False)
+        return {i.data_type for i in model.graph.initializer if len(i.dims) == 2}
+
+    assert dtypes("t5") == {onnx.TensorProto.FLOAT}
+    assert onnx.TensorProto.FLOAT16 in dtypes("clip_l")
+
+
+def test_no_t5(folder, tmp_path):
+    bundle = export(folder / "transformer", tmp_path / "no_t5.engine", "--pipeline", str(folder), "--no-t5")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    roles = [s["role"] for s in manifest["stages"]]
+    assert "t5" not in roles and {"clip_l", "clip_g", "vae_decode"} <= set(roles)
+    assert manifest["pipeline"]["t5"] is False
+    assert [t["role"] for t in manifest["tokenizers"]] == ["clip_l", "clip_g"]
+    with Engine(bundle) as engine:
+        assert "t5" not in engine.stage_names
+
+
+@pytest.mark.parametrize("remove, named", [("text_encoder_2", "text_encoder_2/ (CLIP-G text encoder)"), ("vae", "vae/ (VAE)"),
+                                           ("tokenizer", "tokenizer/ (clip_l tokenizer)")])
+def test_missing_component_refused(folder, tmp_path, remove, named):
+    import shutil
+
+    copy = tmp_path / "sd3"
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns(remove))
+    proc = run_cli("export-engine", str(copy), "-o", str(tmp_path / "x.engine"), "-q", check=False)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("export-engine: error:")]
+    assert len(lines) == 1 and named in lines[0] and "missing" in lines[0], proc.stderr
+    assert not (tmp_path / "x.engine").exists()
+
+
+def test_missing_t5_suggests_no_t5(folder, tmp_path):
+    import shutil
+
+    copy = tmp_path / "sd3"
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("text_encoder_3"))
+    proc = run_cli("export-engine", str(copy), "-o", str(tmp_path / "x.engine"), "-q", check=False)
+    assert proc.returncode == 2 and "text_encoder_3/ (T5 text encoder)" in proc.stderr and "--no-t5" in proc.stderr
+
+
+def test_no_t5_needs_a_pipeline(folder, tmp_path):
+    proc = run_cli("export-engine", str(folder / "transformer"), "-o", str(tmp_path / "x.engine"), "--no-t5", check=False)
+    assert proc.returncode == 2 and "--no-t5 needs a pipeline" in proc.stderr
