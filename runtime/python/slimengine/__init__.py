@@ -17,6 +17,7 @@ from .runtime import (
                       Engine,
                       EngineInfo,
                       GenerateResult,
+                      ImageResult,
                       MemoryBank,
                       ProgramStep,
                       Session,
@@ -27,5 +28,5 @@ from .runtime import (
                       version,
 )
 
-__all__ = ["Engine", "EngineInfo", "GenerateResult", "MemoryBank", "ProgramStep", "Session", "SlimError", "abi_version", "open_engine",
+__all__ = ["Engine", "EngineInfo", "GenerateResult", "ImageResult", "MemoryBank", "ProgramStep", "Session", "SlimError", "abi_version", "open_engine",
            "verify_bundle", "version"]
