@@ -140,8 +140,10 @@ def test_arguments_checked(engine):
         session.generate(np.zeros((1, 109, 96), np.float32), np.zeros((1, 64), np.float32), prompt="x")
     with pytest.raises(TypeError, match="negative_prompt"):
         session.generate(np.zeros((1, 109, 96), np.float32), np.zeros((1, 64), np.float32), negative_prompt="x")
-    with pytest.raises(ValueError, match="multiple of the VAE's scale factor 8"):
+    with pytest.raises(ValueError, match="multiple of 16 .the VAE.s scale factor 8"):
         session.generate(prompt="x", height=60)
+    with pytest.raises(ValueError, match="up to 256 .image pixels., got 264"):
+        session.generate(prompt="x", width=264)
     with pytest.raises(TypeError, match="as long as prompt"):
         session.generate(prompt=["a", "b"], negative_prompt=["c"])
     with pytest.raises(TypeError, match="prompt_cache"):

@@ -642,11 +642,13 @@ class Session(_Closable):
         stats["prompt_cache"] = {"hits": hits, "misses": misses, "size": len(self._prompts), "capacity": self._prompts.capacity}
         return ImageResult(image=image[0] if single else image, latents=result.latents, stats=stats, events=result.events)
 
-    @staticmethod
-    def _image_side(size, name: str, factor: int) -> int:
-        size = _integer(size, name, 1, INT32_MAX)
-        if size % factor:
-            raise ValueError(f"{name} must be a multiple of the VAE's scale factor {factor} (image pixels), got {size}")
+    def _image_side(self, size, name: str, factor: int) -> int:
+        """An image height or width in pixels -> latent pixels, checked in image pixels."""
+        size, cfg = _integer(size, name, 1, INT32_MAX), self._engine.config
+        step, limit = factor * cfg["patch_size"], factor * cfg["max_latent_size"]
+        if size % step or size > limit:
+            raise ValueError(f"{name} must be a multiple of {step} (the VAE's scale factor {factor} x the patch size "
+                             f"{cfg['patch_size']}) up to {limit} (image pixels), got {size}")
         return size // factor
 
     def _encode(self, text: str, pipeline: dict, timing: dict, calls: dict) -> tuple[np.ndarray, np.ndarray]:
