@@ -5,6 +5,9 @@
     result = session.generate(prompt_embeds, pooled_embeds, seed=0)
     result.latents, result.stats
 
+A bundle exported from an SD3 pipeline folder also goes from a prompt to an image (docs/pipeline.md):
+`session.generate(prompt="a red circle", seed=0).image` (uint8 RGB), or `slimengine generate ENGINE "a prompt" -o out.png`.
+
 LEMUR recommender bundles: `session.embed(text_ids, frames, bank=bank, document_ids=ids)` and
 `session.score(bank, history_ids, query_ids)` with a durable `MemoryBank(path, dim)`.
 
