@@ -5,6 +5,9 @@
     result = session.generate(prompt_embeds, pooled_embeds, seed=0)
     result.latents, result.stats
 
+A bundle exported from an SD3 pipeline folder also goes from a prompt to an image (docs/pipeline.md):
+`session.generate(prompt="a red circle", seed=0).image` (uint8 RGB), or `slimengine generate ENGINE "a prompt" -o out.png`.
+
 LEMUR recommender bundles: `session.embed(text_ids, frames, bank=bank, document_ids=ids)` and
 `session.score(bank, history_ids, query_ids)` with a durable `MemoryBank(path, dim)`.
 
@@ -17,6 +20,7 @@ from .runtime import (
                       Engine,
                       EngineInfo,
                       GenerateResult,
+                      ImageResult,
                       MemoryBank,
                       ProgramStep,
                       Session,
@@ -27,5 +31,5 @@ from .runtime import (
                       version,
 )
 
-__all__ = ["Engine", "EngineInfo", "GenerateResult", "MemoryBank", "ProgramStep", "Session", "SlimError", "abi_version", "open_engine",
+__all__ = ["Engine", "EngineInfo", "GenerateResult", "ImageResult", "MemoryBank", "ProgramStep", "Session", "SlimError", "abi_version", "open_engine",
            "verify_bundle", "version"]

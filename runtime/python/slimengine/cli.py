@@ -4,6 +4,8 @@
 (the message names the file or field), 2 usage.
 `slimengine triton-repo ENGINE... -o DIR` writes a Triton model repository; `slimengine serve ENGINE...` runs one on the
 tritonserver of nvidia-pytriton (docs/serving.md). Exit status 0, 1 on failure, 2 usage.
+`slimengine generate ENGINE "a prompt" -o out.png` goes from a prompt to a PNG on a bundle with pipeline stages
+(docs/pipeline.md). Exit status 0, 1 on failure (a bundle without pipeline stages too), 2 usage.
 """
 
 from __future__ import annotations
@@ -42,7 +44,77 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001)")
     serve.add_argument("--metrics-port", type=int, default=8002, help="metrics port (default 8002)")
     _repository_options(serve)
+    gen = commands.add_parser(
+        "generate", help="prompt to image (PNG) on a bundle with pipeline stages",
+        description="Tokenize, encode (CLIP-L, CLIP-G, T5), sample and decode with the bundle's stages, and write the image as a "
+                    "PNG (needs Pillow). The bundle must have been exported from an SD3 pipeline folder (export-engine "
+                    "PIPELINE_FOLDER, or a transformer checkpoint with --pipeline PIPELINE_FOLDER). See docs/pipeline.md.")
+    gen.add_argument("engine", type=Path, metavar="ENGINE", help="the engine bundle directory (NAME.engine)")
+    gen.add_argument("prompt", help="the prompt")
+    gen.add_argument("-o", "--output", type=Path, required=True, metavar="PNG", help="the image to write")
+    gen.add_argument("--negative", default="", help='the negative prompt for CFG (default "")')
+    gen.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    gen.add_argument("--size", metavar="H[xW]", help="image size in pixels, a multiple of the VAE's factor (default: the bundle's)")
+    gen.add_argument("--guidance", type=float, help="CFG scale (default: the bundle's; <= 1: no CFG)")
+    gen.add_argument("--steps", type=int, help="a plain plan of that many steps with the pipeline's scheduler shift (default: "
+                                               "the bundle's program)")
+    gen.add_argument("--cache", help='X-Slim policy override: "none" or a spec such as "xslim:step=0.1" (default: the bundle\'s)')
+    gen.add_argument("--device", default="cpu", help='"cpu" (default) or "cuda[:N]"')
+    gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")
     return parser
+
+
+def _size(text: str | None) -> tuple[int | None, int | None]:
+    if text is None:
+        return None, None
+    height, _, width = text.lower().partition("x")
+    return int(height), int(width or height)
+
+
+def generate(args: argparse.Namespace) -> int:
+    from .runtime import Engine, SlimError
+
+    if not args.engine.is_dir():
+        print(f"slimengine generate: {args.engine} is not a directory (give an engine bundle, NAME.engine)", file=sys.stderr)
+        return 2
+    try:
+        height, width = _size(args.size)
+    except ValueError:
+        print(f"slimengine generate: --size must be H or HxW in pixels, got {args.size!r}", file=sys.stderr)
+        return 2
+    bar = None
+    if not args.quiet:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            tqdm = None
+        if tqdm is not None:  # one tick per phase: the sampling steps run inside one runtime call
+            bar = tqdm(total=3, unit="phase", leave=False, file=sys.stderr, disable=None)
+
+    def progress(phase: str) -> None:
+        if bar is not None:
+            bar.update(0 if phase == "encode" else 1)
+            bar.set_description(phase)
+
+    try:
+        with Engine(args.engine, device=args.device) as engine:
+            session = engine.session()
+            result = session.generate(prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, height=height, width=width,
+                                      guidance_scale=args.guidance, num_steps=args.steps, cache=args.cache,
+                                      progress=progress)
+        if bar is not None:
+            bar.update(1)
+        result.pil().save(args.output, format="PNG")
+    except (SlimError, ValueError, TypeError, OSError, ImportError) as e:
+        print(f"slimengine generate: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if bar is not None:
+            bar.close()
+    if not args.quiet:
+        ms = result.stats["stage_ms"]
+        print(f"{args.output}: {result.image.shape[1]}x{result.image.shape[0]}, " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items()))
+    return 0
 
 
 def _repository_options(parser: argparse.ArgumentParser) -> None:
@@ -157,7 +229,7 @@ def verify(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"verify": verify, "triton-repo": triton_repo, "serve": serve}[args.command](args)
+        return {"verify": verify, "triton-repo": triton_repo, "serve": serve, "generate": generate}[args.command](args)
     except KeyboardInterrupt:
         print("slimengine: interrupted", file=sys.stderr)
         return 130

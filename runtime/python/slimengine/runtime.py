@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import dataclasses
@@ -9,6 +10,7 @@ import json
 import math
 import os
 import threading
+import time
 import warnings
 import weakref
 from pathlib import Path
@@ -210,6 +212,69 @@ class GenerateResult:
     events: list[dict] = dataclasses.field(default_factory=list)
 
 
+_ENCODER_ROLES = ("clip_l", "clip_g", "t5")
+
+
+@dataclasses.dataclass
+class ImageResult:
+    """generate(prompt=...)'s result."""
+
+    image: np.ndarray  # uint8 RGB, [H, W, 3] for a prompt given as a str, [B, H, W, 3] for a list of prompts
+    latents: np.ndarray  # the sampled latents [B, C, h, w], before the VAE's scaling
+    # generate's stats (GenerateResult.stats), plus: stage_ms {tokenize, clip_l, clip_g, t5 (encoders run by this call; 0 on a
+    # cache hit), steps (the sampling call's total_ms), vae_decode (with the uint8 conversion)}; encoder_calls {role: calls};
+    # prompt_cache {hits, misses (this call's prompts, the negative ones included), size, capacity}
+    stats: dict
+    events: list[dict] = dataclasses.field(default_factory=list)  # the sampling call's events, as GenerateResult.events
+
+    def pil(self):
+        """The image as a PIL.Image (the first one of a batch: use pil_images() for all); needs Pillow."""
+        return self.pil_images()[0]
+
+    def pil_images(self) -> list:
+        try:
+            from PIL import Image
+        except ImportError:
+            raise ImportError("ImageResult.pil() needs Pillow: pip install pillow") from None
+        images = self.image if self.image.ndim == 4 else self.image[None]
+        return [Image.fromarray(image, mode="RGB") for image in images]
+
+
+def to_uint8_rgb(image: np.ndarray) -> np.ndarray:
+    """VAE output float [B, 3, H, W] (nominally in [-1, 1]) -> uint8 [B, H, W, 3], exactly as diffusers' VaeImageProcessor
+    postprocess and numpy_to_pil: (x * 0.5 + 0.5).clamp(0, 1), then (x * 255).round() (half to even, numpy's round)."""
+    x = np.clip(image.astype(np.float32) * np.float32(0.5) + np.float32(0.5), 0, 1).transpose(0, 2, 3, 1)
+    return (x * np.float32(255)).round().astype(np.uint8)
+
+
+class _PromptCache:
+    """LRU of encoded prompts: (prompt text, encoder roles) -> (prompt_embeds [1, L, D], pooled [1, P]), read-only arrays."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._entries: collections.OrderedDict = collections.OrderedDict()
+
+    def get(self, key):
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key, entry) -> None:
+        if self.capacity <= 0:
+            return
+        self._entries[key] = entry
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 def parse_device(device: str) -> tuple[int, int]:
     """"cpu", "cuda" or "cuda:N" -> (slim_device_type, device_id)."""
     if not isinstance(device, str):
@@ -383,9 +448,10 @@ class Engine(_Closable):
         with self._gate.call():
             return [lib.slim_engine_tokenizer_role(self._handle, i).decode() for i in range(lib.slim_engine_tokenizer_count(self._handle))]
 
-    def session(self) -> Session:
+    def session(self, *, prompt_cache: int = 16) -> Session:
+        """A new session. `prompt_cache`: how many encoded prompts the session keeps for generate(prompt=...) (LRU; 0: none)."""
         with self._gate.call():
-            session = Session(self)
+            session = Session(self, prompt_cache=prompt_cache)
             self._sessions.add(session)
             return session
 
@@ -403,10 +469,12 @@ class Session(_Closable):
 
     _handle = None
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, *, prompt_cache: int = 16):
+        capacity = _integer(prompt_cache, "prompt_cache", 0, INT32_MAX)
         handle = ctypes.c_void_p()
         _check(_native.lib().slim_session_create(engine._handle, ctypes.byref(handle)))
         self._engine = engine
+        self._prompts = _PromptCache(capacity)
         self._handle = handle
         self._profiling = False
         self._gate = _CallGate("session", exclusive=True)
@@ -428,16 +496,42 @@ class Session(_Closable):
             _check(_native.lib().slim_session_set_profiling(self._handle, flags))
             self._profiling = enabled if enabled == "blocks" else bool(enabled)
 
-    def generate(self, prompt_embeds, pooled_embeds, *, seed: int = 0, latents=None, negative_prompt_embeds=None,
-                 negative_pooled_embeds=None, guidance_scale: float | None = None, height: int | None = None,
-                 width: int | None = None, step_cache_threshold: float | None = None, cache=None, num_steps: int | None = None,
-                 shift: float | None = None) -> GenerateResult:
+    def generate(self, prompt_embeds=None, pooled_embeds=None, *, prompt=None, negative_prompt=None, seed: int = 0, latents=None,
+                 negative_prompt_embeds=None, negative_pooled_embeds=None, guidance_scale: float | None = None,
+                 height: int | None = None, width: int | None = None, step_cache_threshold: float | None = None, cache=None,
+                 num_steps: int | None = None, shift: float | None = None, progress=None) -> GenerateResult | ImageResult:
         """Run the bundle's sampling program. `latents` (float32 [B,C,H,W]) replaces seeded noise; otherwise
         height/width (latent pixels) default to the bundle's default size (required when its manifest states none).
         `cache` overrides the bundle's X-Slim policy: "none", a spec ("xslim:step=0.1,critical=0.3", see export-engine --help) or an
         XSlimPolicy; `step_cache_threshold` alone asks for step-level reuse with that line (0: off).
         `num_steps` replaces the program by a plain plan on the same stages: that many steps with
-        diffusers' scheduler sigmas for `shift` (default 3.0), every block every step."""
+        diffusers' scheduler sigmas for `shift` (default 3.0), every block every step.
+
+        With `prompt` (a str, or a list of str for a batch) instead of embeddings: prompt to image on a bundle
+        with pipeline stages (docs/pipeline.md, "Runtime"): the bundle's tokenizers and text encoders make the
+        conditioning (`negative_prompt`, default "", for CFG), the program samples, the VAE decodes. height/width
+        are then image pixels, and `num_steps`' plan takes the pipeline's scheduler shift unless `shift` is given.
+        Returns an ImageResult (uint8 RGB image). `progress(phase)` (prompt only) is called as each phase starts:
+        "encode", "sample", "decode" (the steps run inside one runtime call)."""
+        if prompt is not None:
+            if prompt_embeds is not None or pooled_embeds is not None or negative_prompt_embeds is not None \
+                    or negative_pooled_embeds is not None:
+                raise TypeError("generate: give prompt (text) or prompt_embeds/pooled_embeds (embeddings), not both")
+            with self._gate.call():
+                return self._generate_prompt(prompt, negative_prompt, seed=seed, latents=latents, guidance_scale=guidance_scale,
+                                             height=height, width=width, step_cache_threshold=step_cache_threshold, cache=cache,
+                                             num_steps=num_steps, shift=shift, progress=progress)
+        if negative_prompt is not None or progress is not None:
+            raise TypeError("generate: negative_prompt and progress go with prompt (text); with embeddings give negative_prompt_embeds")
+        with self._gate.call():
+            return self._generate(prompt_embeds, pooled_embeds, seed=seed, latents=latents,
+                                  negative_prompt_embeds=negative_prompt_embeds, negative_pooled_embeds=negative_pooled_embeds,
+                                  guidance_scale=guidance_scale, height=height, width=width,
+                                  step_cache_threshold=step_cache_threshold, cache=cache, num_steps=num_steps, shift=shift)
+
+    def _generate(self, prompt_embeds, pooled_embeds, *, seed, latents, negative_prompt_embeds, negative_pooled_embeds, guidance_scale,
+                  height, width, step_cache_threshold, cache, num_steps, shift) -> GenerateResult:
+        """generate() with embeddings; the caller holds the session's gate."""
         lib = _native.lib()
         if self._engine.manifest.get("family") != "sd3":
             raise SlimError("SLIM_ERR_INVALID_ARGUMENT", f"generate: the engine's family is '{self._engine.manifest.get('family')}'; "
@@ -473,9 +567,121 @@ class Session(_Closable):
             setattr(params, name, t.pointer())
         out_arg = _TensorArg(out)
         stats = GenerateStats(struct_size=ctypes.sizeof(GenerateStats))
-        with self._gate.call():
-            _check(lib.slim_generate(self._handle, ctypes.byref(params), out_arg.pointer(), ctypes.byref(stats)))
-            return GenerateResult(latents=out, stats=self._stats(stats), events=self._events())
+        _check(lib.slim_generate(self._handle, ctypes.byref(params), out_arg.pointer(), ctypes.byref(stats)))
+        return GenerateResult(latents=out, stats=self._stats(stats), events=self._events())
+
+    def _generate_prompt(self, prompt, negative_prompt, *, seed, latents, guidance_scale, height, width, step_cache_threshold, cache,
+                         num_steps, shift, progress) -> ImageResult:
+        """Prompt to image (docs/pipeline.md): the caller holds the session's gate."""
+        engine = self._engine
+        pipeline = engine.manifest.get("pipeline")
+        missing = [r for r in ("clip_l", "clip_g", "vae_decode") if r not in engine.stage_names]
+        if pipeline is None or missing:
+            raise SlimError("SLIM_ERR_INVALID_ARGUMENT", f"generate(prompt=...): {engine.path} has no pipeline stages ("
+                            f"{'no manifest pipeline block' if pipeline is None else 'missing ' + ', '.join(missing)}); export it "
+                            "with export-engine PIPELINE_FOLDER, or a transformer checkpoint with --pipeline PIPELINE_FOLDER")
+        single = isinstance(prompt, str)
+        prompts = [prompt] if single else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompt must be a str or a non-empty list of str, got {prompt!r}")
+        negatives = [""] * len(prompts) if negative_prompt is None else [negative_prompt] * len(prompts) \
+            if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != len(prompts) or not all(isinstance(p, str) for p in negatives):
+            raise TypeError(f"negative_prompt must be a str or a list of str as long as prompt ({len(prompts)}), got {negative_prompt!r}")
+        scale = engine.info.guidance_scale if guidance_scale is None else _real(guidance_scale, "guidance_scale", 0)
+        vae = pipeline["vae"]
+        factor = vae["scale_factor"]
+        if latents is None:  # image pixels -> latent pixels (checked by _generate against the model)
+            height, width = (None if v is None else self._image_side(v, name, factor) for v, name in ((height, "height"), (width, "width")))
+        if num_steps is not None and shift is None and pipeline.get("scheduler_shift") is not None:
+            shift = pipeline["scheduler_shift"]  # the plan of the pipeline's own scheduler, as diffusers would use
+        timing = {"tokenize": 0.0, **{r: 0.0 for r in _ENCODER_ROLES if r in engine.stage_names}}
+        calls = {r: 0 for r in timing if r != "tokenize"}
+        hits = misses = 0
+
+        def encode_all(texts):
+            nonlocal hits, misses
+            rows = []
+            for text in texts:
+                key = (text, tuple(calls))
+                entry = self._prompts.get(key)
+                if entry is None:
+                    misses += 1
+                    entry = self._encode(text, pipeline, timing, calls)
+                    self._prompts.put(key, entry)
+                else:
+                    hits += 1
+                rows.append(entry)
+            return np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows])
+
+        report = progress if progress is not None else (lambda phase: None)
+        report("encode")
+        embeds, pooled = encode_all(prompts)
+        neg_embeds = neg_pooled = None
+        if scale > 1:  # CFG: the negative prompt's conditioning too (the program batches [negative; positive])
+            neg_embeds, neg_pooled = encode_all(negatives)
+        report("sample")
+        result = self._generate(embeds, pooled, seed=seed, latents=latents, negative_prompt_embeds=neg_embeds,
+                                negative_pooled_embeds=neg_pooled, guidance_scale=scale, height=height, width=width,
+                                step_cache_threshold=step_cache_threshold, cache=cache, num_steps=num_steps, shift=shift)
+        report("decode")
+        start = time.perf_counter()
+        z = result.latents / np.float32(vae["scaling_factor"]) + np.float32(vae["shift_factor"])
+        b, _, h, w = z.shape
+        decoded = self._run_stage("vae_decode", {"latents": z}, {"image": np.empty((b, 3, h * factor, w * factor), np.float32)})["image"]
+        image = to_uint8_rgb(decoded)
+        timing["vae_decode"] = (time.perf_counter() - start) * 1e3
+        stats = dict(result.stats)
+        stats["stage_ms"] = {**timing, "steps": result.stats["total_ms"]}
+        stats["encoder_calls"] = calls
+        stats["prompt_cache"] = {"hits": hits, "misses": misses, "size": len(self._prompts), "capacity": self._prompts.capacity}
+        return ImageResult(image=image[0] if single else image, latents=result.latents, stats=stats, events=result.events)
+
+    def _image_side(self, size, name: str, factor: int) -> int:
+        """An image height or width in pixels -> latent pixels, checked in image pixels."""
+        size, cfg = _integer(size, name, 1, INT32_MAX), self._engine.config
+        step, limit = factor * cfg["patch_size"], factor * cfg["max_latent_size"]
+        if size % step or size > limit:
+            raise ValueError(f"{name} must be a multiple of {step} (the VAE's scale factor {factor} x the patch size "
+                             f"{cfg['patch_size']}) up to {limit} (image pixels), got {size}")
+        return size // factor
+
+    def _encode(self, text: str, pipeline: dict, timing: dict, calls: dict) -> tuple[np.ndarray, np.ndarray]:
+        """One prompt's conditioning, [1, 77 + max_sequence_length, joint_attention_dim] and [1, pooled dim], assembled as
+        diffusers' encode_prompt does (docs/pipeline.md, Conditioning)."""
+        engine, length, joint = self._engine, pipeline["clip_length"], pipeline["joint_attention_dim"]
+        hidden, pools = [], []
+        for role in ("clip_l", "clip_g"):
+            start = time.perf_counter()
+            ids = engine.tokenize(role, text)[None]
+            mid = time.perf_counter()
+            out = self._run_stage(role, {"input_ids": ids}, {"hidden_states": np.empty((1, length, pipeline[f"{role}_dim"]), np.float32),
+                                                              "pooled": np.empty((1, pipeline[f"{role}_pooled_dim"]), np.float32)})
+            timing["tokenize"] += (mid - start) * 1e3
+            timing[role] += (time.perf_counter() - mid) * 1e3
+            calls[role] += 1
+            hidden.append(out["hidden_states"])
+            pools.append(out["pooled"])
+        clip = np.concatenate(hidden, axis=-1)
+        clip = np.pad(clip, ((0, 0), (0, 0), (0, joint - clip.shape[-1])))
+        if "t5" in calls:
+            start = time.perf_counter()
+            ids = engine.tokenize("t5", text)[None]
+            mid = time.perf_counter()
+            t5 = self._run_stage("t5", {"input_ids": ids}, {"hidden_states": np.empty((1, ids.shape[1], joint), np.float32)})["hidden_states"]
+            timing["tokenize"] += (mid - start) * 1e3
+            timing["t5"] += (time.perf_counter() - mid) * 1e3
+            calls["t5"] += 1
+        else:  # SD3 without T5: zeros of the same length (diffusers' _get_t5_prompt_embeds with no text_encoder_3)
+            t5 = np.zeros((1, pipeline["max_sequence_length"], joint), np.float32)
+        embeds, pooled = np.concatenate([clip, t5], axis=1), np.concatenate(pools, axis=-1)
+        embeds.setflags(write=False)
+        pooled.setflags(write=False)
+        return embeds, pooled
+
+    def clear_prompt_cache(self) -> None:
+        """Forget the encoded prompts generate(prompt=...) keeps."""
+        self._prompts.clear()
 
     def _latent_side(self, size, name: str) -> int:
         """A requested latent height or width, checked against the model before anything is allocated."""
@@ -574,6 +780,11 @@ class Session(_Closable):
     def run_stage(self, stage: str, inputs: dict, outputs: dict) -> dict:
         """Run one stage (any family; "model" for a plain .onnx engine) with numpy inputs by name; `outputs`
         maps output names to preallocated arrays of the expected shape, which are filled and returned."""
+        with self._gate.call():
+            return self._run_stage(stage, inputs, outputs)
+
+    def _run_stage(self, stage: str, inputs: dict, outputs: dict) -> dict:
+        """run_stage(); the caller holds the session's gate."""
         lib = _native.lib()
         if not isinstance(stage, str):
             raise TypeError(f"stage must be a stage name (str), got {stage!r}")
@@ -595,8 +806,7 @@ class Session(_Closable):
             if not isinstance(arr, np.ndarray) or not arr.flags.c_contiguous:
                 raise TypeError(f"output {name}: pass a C-contiguous numpy array to fill")
             out_arrays[name] = arr
-        with self._gate.call():
-            _check(lib.slim_stage_run(self._handle, stage.encode(), named(inputs), len(inputs), named(out_arrays), len(out_arrays)))
+        _check(lib.slim_stage_run(self._handle, stage.encode(), named(inputs), len(inputs), named(out_arrays), len(out_arrays)))
         return out_arrays
 
     def close(self) -> None:
