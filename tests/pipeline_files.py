@@ -11,31 +11,46 @@ from tests.tokenizer_files import make_pipeline_tokenizers
 
 SCALING, SHIFT_FACTOR, SCHEDULER_SHIFT = 1.5305, 0.0609, 2.5
 
+# Component sizes. "tiny": for tests (64 px images). "small": for benchmarks (benchmarks/bench_prompt.py), big enough
+# that each stage's compute shows over call overhead on a CPU: 256 px images (32x32 latents), CLIP-L/G 4 layers of
+# 192/320, T5 4 layers of 512, a 4-block transformer of width 128, a VAE of widths 32-128.
+PRESETS = {
+    "tiny": {"clip": (("text_encoder", 32, 24), ("text_encoder_2", 48, 40)), "clip_layers": 3, "clip_heads": 2,
+             "t5": dict(d_model=96, d_kv=16, d_ff=64, num_layers=2, num_heads=2), "vae_widths": (8, 8, 16, 16), "vae_groups": 4,
+             "transformer": dict(sample_size=8, num_layers=2, attention_head_dim=16, num_attention_heads=2, caption_projection_dim=32,
+                                 pos_embed_max_size=16)},
+    "small": {"clip": (("text_encoder", 192, 192), ("text_encoder_2", 320, 320)), "clip_layers": 4, "clip_heads": 4,
+              "t5": dict(d_model=512, d_kv=64, d_ff=1024, num_layers=4, num_heads=8), "vae_widths": (32, 64, 128, 128), "vae_groups": 32,
+              "transformer": dict(sample_size=32, num_layers=4, attention_head_dim=32, num_attention_heads=4, caption_projection_dim=128,
+                                  pos_embed_max_size=64)},
+}
 
-def make_sd3_pipeline(root: Path, seed: int = 0) -> Path:
+
+def make_sd3_pipeline(root: Path, seed: int = 0, preset: str = "tiny") -> Path:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
     root.mkdir(parents=True, exist_ok=True)
     make_pipeline_tokenizers(root)
     torch.manual_seed(seed)
+    size = PRESETS[preset]
     clip_tok = CLIPTokenizer.from_pretrained(root / "tokenizer")
     t5_tok = T5TokenizerFast.from_pretrained(root / "tokenizer_3")
-    for folder, hidden, proj in (("text_encoder", 32, 24), ("text_encoder_2", 48, 40)):
+    for folder, hidden, proj in size["clip"]:
         config = CLIPTextConfig(vocab_size=len(clip_tok), hidden_size=hidden, intermediate_size=2 * hidden, projection_dim=proj,
-                                num_hidden_layers=3, num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu",
+                                num_hidden_layers=size["clip_layers"], num_attention_heads=size["clip_heads"], max_position_embeddings=77, hidden_act="gelu",
                                 bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id, pad_token_id=clip_tok.pad_token_id)
         CLIPTextModelWithProjection(config).eval().save_pretrained(root / folder)
-    t5 = T5Config(vocab_size=len(t5_tok), d_model=96, d_kv=16, d_ff=64, num_layers=2, num_heads=2, relative_attention_num_buckets=8,
+    t5 = T5Config(vocab_size=len(t5_tok), **size["t5"], relative_attention_num_buckets=8,
                   feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
     T5EncoderModel(t5).eval().save_pretrained(root / "text_encoder_3")
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4,
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=size["vae_widths"], layers_per_block=1,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=size["vae_groups"],
                         scaling_factor=SCALING, shift_factor=SHIFT_FACTOR, use_quant_conv=False, use_post_quant_conv=False, sample_size=64)
     vae.save_pretrained(root / "vae")
-    SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16,
-                          num_attention_heads=2, joint_attention_dim=96, caption_projection_dim=32, pooled_projection_dim=64,
-                          pos_embed_max_size=16).save_pretrained(root / "transformer")
+    pooled = sum(proj for _, _, proj in size["clip"])
+    SD3Transformer2DModel(patch_size=2, in_channels=16, out_channels=16, joint_attention_dim=size["t5"]["d_model"],
+                          pooled_projection_dim=pooled, **size["transformer"]).save_pretrained(root / "transformer")
     FlowMatchEulerDiscreteScheduler(shift=SCHEDULER_SHIFT).save_pretrained(root / "scheduler")
     index = {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": "0.31.0",
              "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "transformer": ["diffusers", "SD3Transformer2DModel"],

@@ -1,7 +1,7 @@
 """profile-engine: where the milliseconds of an engine go: SD3 by stage, step and block; LEMUR by call, stage and bank work.
 
     profile-engine SD3.engine [--warmup N] [--iters N] [--batch B] [--resolution R] [--cache POLICY]
-                              [--json F] [--trace F] [--plot F]
+                              [--prompt TEXT [--negative TEXT]] [--json F] [--trace F] [--plot F]
     profile-engine LEMUR.engine [--program embed|score|both] [--batch B] [--history H] [--warmup N] [--iters N]
                                 [--json F] [--trace F] [--plot F]
     profile-engine --compare A.json B.json
@@ -11,7 +11,10 @@ per stage call, step and generation (SD3), per embed/score call, stage call and 
 read with the host's steady clock around each backend call. For SD3 the baseline plan of the same
 weights (28 steps x 2 CFG, every block every step) is timed in the same run, iterations interleaved
 with the engine's own, through the runtime's plan override (slim_generate_params.num_steps); LEMUR
-has no such plan. The JSON schema is documented in docs/profile-engine.md.
+has no such plan. With --prompt (bundles with pipeline stages), each generation is prompt to image
+(Session.generate(prompt=...)): its tokenize, encoder and VAE phases, timed by the Python runtime on the
+same steady clock (ImageResult.spans), join the runtime's events on one timeline. The JSON schema is
+documented in docs/profile-engine.md.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import math
 import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -43,7 +47,9 @@ BANK_WORK = {"embed": "bank upsert", "score": "bank history assembly"}  # what a
 ITEMS_PER_S = {"embed": "documents_per_s", "score": "scores_per_s"}  # a call's throughput x batch
 LEMUR_BASELINE_NOTE = ("a LEMUR bundle has no reference plan of the same weights to time against (SD3's baseline is its "
                        "28-step CFG plan); compare two reports with --compare")
-SD3_ONLY, LEMUR_ONLY = ("text_len", "resolution", "cache"), ("program", "history")
+SD3_ONLY, LEMUR_ONLY = ("text_len", "resolution", "cache", "prompt", "negative"), ("program", "history")
+PROMPT_PHASES = ("tokenize", "clip_l", "clip_g", "t5", "vae_decode")  # ImageResult.spans' stages, in pipeline order
+PIPELINE_COLOURS = {"tokenize": "tab:gray", "clip_l": "tab:pink", "clip_g": "tab:pink", "t5": "tab:pink", "vae_decode": "tab:brown"}
 LEVEL_COLOURS = {"full": "tab:red", "cached_range": "tab:orange", "reused": "tab:green", "block_refresh": "tab:cyan",
                  "token_refresh": "tab:olive"}
 
@@ -69,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text-len", type=int, help=f"SD3: text tokens (default {DEFAULT_TEXT_LEN}, SD3's)")
     parser.add_argument("--cache", help="SD3: X-Slim policy (docs/xslim.md): none, xslim:step=T[,critical=C,refresh=block|token,...] "
                         "or xslim:schedule=FILE.json (default: the bundle's own policy)")
+    parser.add_argument("--prompt", help="SD3 with pipeline stages: profile prompt to image (tokenize, text encoders, steps, "
+                        "VAE decode) for this prompt; --resolution stays in latent pixels")
+    parser.add_argument("--negative", help="SD3, with --prompt: the negative prompt for CFG (default \"\")")
     parser.add_argument("--no-baseline", action="store_true", help="SD3: skip the 28-step CFG baseline (no speedup figure)")
     parser.add_argument("--program", choices=(*LEMUR_PROGRAMS, "both"), help="LEMUR: the program(s) to time (default both)")
     parser.add_argument("--history", type=int, help=f"LEMUR: history length of each score row (default {DEFAULT_HISTORY})")
@@ -130,6 +139,11 @@ def check_arguments(args) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.warmup < 0:
         raise UsageError(f"--warmup must be 0 or more, got {args.warmup}")
+    if args.negative is not None and args.prompt is None:
+        raise UsageError("--negative goes with --prompt")
+    if args.prompt is not None and args.text_len is not None:
+        raise UsageError("--text-len and --prompt: with a prompt the text length is the bundle's tokenizers' (77 CLIP + "
+                         "max_sequence_length T5 tokens); drop --text-len")
     if args.plot and args.plot.suffix.lower() != ".png":
         raise UsageError(f"--plot writes a PNG: give a .png file name, got {args.plot}")
 
@@ -189,13 +203,25 @@ def profile_sd3(args) -> tuple[dict, dict]:
     except se.SlimError as e:
         raise UsageError(f"{args.engine}: {e}") from None
     config, program = engine.config, engine.manifest["program"]
-    text_len = args.text_len or DEFAULT_TEXT_LEN
     height, width = latent_size(args.resolution, config)
     cache = cache_request(args.cache, program)
-    rng = np.random.default_rng(0)
-    text, neg_text = rng.standard_normal((2, args.batch, text_len, config["joint_attention_dim"]), dtype=np.float32)
-    pooled, neg_pooled = rng.standard_normal((2, args.batch, config["pooled_projection_dim"]), dtype=np.float32)
-    inputs = dict(negative_prompt_embeds=neg_text, negative_pooled_embeds=neg_pooled, seed=0, height=height, width=width)
+    pipeline = engine.manifest.get("pipeline")
+    if args.prompt is not None:
+        missing = [r for r in ("clip_l", "clip_g", "vae_decode") if r not in engine.stage_names]
+        if pipeline is None or missing:
+            raise UsageError(f"--prompt: {args.engine} has no pipeline stages (text encoders and VAE); export the pipeline folder "
+                             "with export-engine PIPELINE_FOLDER (or a checkpoint with --pipeline FOLDER), or profile it without --prompt")
+        text_len = pipeline["clip_length"] + pipeline["max_sequence_length"]
+        factor = pipeline["vae"]["scale_factor"]
+        text = pooled = None
+        inputs = dict(prompt=[args.prompt] * args.batch, negative_prompt=[args.negative or ""] * args.batch, seed=0,
+                      height=height * factor, width=width * factor)
+    else:
+        text_len = args.text_len or DEFAULT_TEXT_LEN
+        rng = np.random.default_rng(0)
+        text, neg_text = rng.standard_normal((2, args.batch, text_len, config["joint_attention_dim"]), dtype=np.float32)
+        pooled, neg_pooled = rng.standard_normal((2, args.batch, config["pooled_projection_dim"]), dtype=np.float32)
+        inputs = dict(negative_prompt_embeds=neg_text, negative_pooled_embeds=neg_pooled, seed=0, height=height, width=width)
     guidance = program["guidance_scale"]
     baseline_guidance = guidance if guidance > 1 else BASELINE_GUIDANCE
     plans = {"engine": dict(inputs, **cache)}
@@ -206,14 +232,20 @@ def profile_sd3(args) -> tuple[dict, dict]:
     for session in sessions.values():
         session.profiling = True
     runs = {name: [] for name in plans}
+    calls = {name: [] for name in plans}  # prompt mode: (start_ns, end_ns) of each generate(prompt=...) call
     from tqdm import tqdm
 
     with tqdm(total=(args.warmup + args.iters) * len(plans), desc="profile", unit="gen", disable=args.quiet, file=sys.stderr) as bar:
         for i in range(args.warmup + args.iters):
             for name, kwargs in plans.items():  # interleaved, so drift on a shared machine hits both alike
+                if args.prompt is not None:
+                    sessions[name].clear_prompt_cache()  # every generation encodes its prompts: the encoders are profiled
+                start = time.monotonic_ns()  # the runtime events' clock (the host's steady clock)
                 result = sessions[name].generate(text, pooled, **kwargs)
+                end = time.monotonic_ns()
                 if i >= args.warmup:
                     runs[name].append(result)
+                    calls[name].append((start, end))
                 bar.update()
     stage_names = engine.stage_names
     report = {
@@ -226,6 +258,8 @@ def profile_sd3(args) -> tuple[dict, dict]:
                      "text_len": text_len, "cache": args.cache or "bundle", "guidance_scale": guidance, "seed": 0,
                      "device": "cpu", "device_time": False},
         **summarize(runs["engine"], config["num_layers"], args.batch),
+        "prompt": None if args.prompt is None else summarize_prompt(runs["engine"], calls["engine"], args,
+                                                                             (inputs.get("height"), inputs.get("width"))),
         "baseline": None,
         "speedup": None,
     }
@@ -235,7 +269,7 @@ def profile_sd3(args) -> tuple[dict, dict]:
                               "shift": BASELINE_SHIFT, "guidance_scale": baseline_guidance, "effective_nfe": base["effective_nfe"],
                               "generation": base["generation"]}
         report["speedup"] = {stat: base["generation"][stat] / report["generation"][stat] for stat in ("mean", "median")}
-    return report, chrome_trace(runs, stage_names, args.engine.name)
+    return report, chrome_trace(runs, stage_names, args.engine.name, calls if args.prompt is not None else None)
 
 
 def profile_lemur(args) -> tuple[dict, dict]:
@@ -379,6 +413,27 @@ def summarize(results: list, num_layers: int, batch: int) -> dict:
     }
 
 
+def summarize_prompt(results: list, calls: list, args, image_size: tuple[int, int]) -> dict:
+    """Prompt mode's section: the generate(prompt=...) call ("image": prompt to image) and its phases, from the
+    ImageResult spans (tokenize, clip_l, clip_g, t5, vae_decode) and the sampling call (the runtime's generation event)."""
+    iters = len(results)
+    image = latency_stats([(end - start) / 1e6 for start, end in calls])
+    image["images_per_s"] = image["throughput_per_s"] * args.batch
+    phases = {}
+    for phase in PROMPT_PHASES:
+        spans = [dict(span, device_ns=None) for r in results for span in r.spans if span["stage"] == phase]
+        if spans:
+            phases[phase] = call_stats(spans, iters, image["mean"])
+    sampling = [dict(next(e for e in r.events if e["kind"] == "generation")) for r in results]
+    phases["steps"] = call_stats(sampling, iters, image["mean"])
+    phases = {name: phases[name] for name in (*PROMPT_PHASES[:-1], "steps", "vae_decode") if name in phases}  # pipeline order
+    covered = [sum(_ms(e) for e in r.events if e["kind"] == "generation") + sum(_ms(s) for s in r.spans) for r in results]
+    other = [(end - start) / 1e6 - c for (start, end), c in zip(calls, covered)]
+    return {"prompt": args.prompt, "negative_prompt": args.negative or "", "prompt_cache": "cleared before each generation",
+            "image_size": list(image_size),
+            "image": image, "phases": phases, "other_host": dict(latency_stats(other), share=float(np.mean(other)) / image["mean"])}
+
+
 def summarize_lemur(results: list, program: str, batch: int) -> dict:
     """The report's section for one LEMUR program's timed calls (EmbedResult / ScoreResult with events)."""
     iters = len(results)
@@ -418,12 +473,22 @@ def _trace_header(runs: dict, title: str) -> tuple[list, int]:
     return trace, origin
 
 
-def chrome_trace(runs: dict, stage_names: list[str], title: str) -> dict:
+def chrome_trace(runs: dict, stage_names: list[str], title: str, calls: dict | None = None) -> dict:
     """Chrome trace-event JSON: complete ("X") events in microseconds, stages nested in steps nested in
-    their generation; the engine's plan on thread 1, the baseline on thread 2."""
+    their generation; the engine's plan on thread 1, the baseline on thread 2. Prompt mode (`calls`: each
+    generate(prompt=...) call's (start_ns, end_ns)): each call ("prompt to image", cat "image") holds its
+    pipeline phases (tokenize, clip_l, clip_g, t5, vae_decode; cat "pipeline") and the sampling generation."""
     trace, origin = _trace_header(runs, title)
+    if calls is not None:
+        origin = min(origin, *(start for plan in calls.values() for start, _ in plan))
     for tid, (plan, results) in enumerate(runs.items(), start=1):
         for iteration, r in enumerate(results):
+            if calls is not None:
+                start, end = calls[plan][iteration]
+                call = {"start_ns": start, "end_ns": end, "device_ns": None}
+                trace.append(_trace_event("prompt to image", "image", call, tid, origin, {"iteration": iteration, "plan": plan}))
+                for span in r.spans:
+                    trace.append(_trace_event(span["stage"], "pipeline", dict(span, device_ns=None), tid, origin, {}))
             for e in r.events:
                 if e["kind"] == "generation":
                     name, args = "generate", {"iteration": iteration, "plan": plan, "effective_nfe": r.stats["effective_nfe"]}
@@ -491,6 +556,14 @@ def report_table(report: dict) -> str:
              "device time: not measured (CPU)", "", TABLE_HEADER]
     row = _table_row
 
+    if report.get("prompt"):  # prompt to image and its phases (share: of prompt to image); the sampling call below
+        p = report["prompt"]
+        lines.insert(2, f"prompt {p['prompt']!r}, negative {p['negative_prompt']!r}, image {p['image_size'][0]}x{p['image_size'][1]} px; "
+                        f"prompt cache {p['prompt_cache']}")
+        lines.append(row("prompt to image", p["image"], 1.0))
+        for name, st in p["phases"].items():
+            lines.append(row(f"  {'steps (generation)' if name == 'steps' else name}", st, st["share"]))
+        lines.append(row("  other host work", p["other_host"], p["other_host"]["share"]))
     lines.append(row("generation", report["generation"], 1.0))
     for st in report["steps"]:
         lines.append(row(f"step {st['index']} ({st['level']})", st, st["mean"] / report["generation"]["mean"]))
@@ -501,7 +574,8 @@ def report_table(report: dict) -> str:
     lines.append(row("prepare", report["prepare"], report["prepare"]["share"]))
     lines.append(row("other host work", report["other_host"], report["other_host"]["share"]))
     lines.append("")
-    lines.append(f"effective NFE {report['effective_nfe']:.2f}; {report['generation']['images_per_s']:.2f} images/s")
+    per_s = report["prompt"]["image"] if report.get("prompt") else report["generation"]
+    lines.append(f"effective NFE {report['effective_nfe']:.2f}; {per_s['images_per_s']:.2f} images/s")
     if report["baseline"]:
         b = report["baseline"]
         lines.append(f"baseline ({b['plan']}, same weights, same run): mean {b['generation']['mean']:.3f} ms, "
@@ -548,21 +622,26 @@ def write_plot(report: dict, trace: dict, path: Path) -> None:
     dpi = 100
     fig, (ax_stages, ax_steps, ax_blocks) = plt.subplots(3, 1, figsize=(PLOT_SIZE_PX[0] / dpi, PLOT_SIZE_PX[1] / dpi), dpi=dpi,
                                                          gridspec_kw={"height_ratios": [1.2, 1, 1.2]})
-    fig.suptitle(f"profile-engine {report['engine']['path']}: mean {report['generation']['mean']:.2f} ms per generation, "
-                 f"effective NFE {report['effective_nfe']:.2f}")
+    prompt = report.get("prompt")
+    whole = prompt["image"] if prompt else report["generation"]  # what a bar's share is of
+    fig.suptitle(f"profile-engine {report['engine']['path']}: mean {whole['mean']:.2f} ms per "
+                 f"{'image from a prompt' if prompt else 'generation'}, effective NFE {report['effective_nfe']:.2f}")
 
-    # Time per generation by stage, and the host work outside any stage call.
-    names = list(report["stages"]) + ["(prepare)", "(other host work)"]
-    values = [st["per_generation_ms"] for st in report["stages"].values()] + [report["prepare"]["mean"], report["other_host"]["mean"]]
-    ax_stages.barh(names, values, color=["tab:blue"] * (len(names) - 2) + ["tab:gray"] * 2)
+    # Time per generation by stage, and the host work outside any stage call; prompt mode: the pipeline phases first.
+    phases = {name: st for name, st in prompt["phases"].items() if name != "steps"} if prompt else {}
+    names = [f"{name} (prompt path)" for name in phases] + list(report["stages"]) + ["(prepare)", "(other host work)"]
+    values = [st["per_generation_ms"] for st in phases.values()] + [st["per_generation_ms"] for st in report["stages"].values()] \
+        + [report["prepare"]["mean"], report["other_host"]["mean"]]
+    ax_stages.barh(names, values, color=[PIPELINE_COLOURS[p] for p in phases] + ["tab:blue"] * len(report["stages"]) + ["tab:gray"] * 2)
     ax_stages.invert_yaxis()
-    ax_stages.set_xlabel("ms per generation (mean)")
+    ax_stages.set_xlabel(f"ms per {'image' if prompt else 'generation'} (mean)")
     ax_stages.set_title("latency breakdown by stage")
     for y, v in enumerate(values):
-        ax_stages.text(v, y, f" {v:.2f} ms ({100 * v / report['generation']['mean']:.1f}%)", va="center", fontsize=8)
+        ax_stages.text(v, y, f" {v:.2f} ms ({100 * v / whole['mean']:.1f}%)", va="center", fontsize=8)
 
-    # The median generation of the engine's plan as a timeline: steps coloured by cache level, stage calls below.
-    generations = [e for e in trace["traceEvents"] if e.get("cat") == "generation" and e["tid"] == 1]
+    # The median generation of the engine's plan as a timeline: steps coloured by cache level, stage calls below;
+    # prompt mode: the median prompt-to-image call, its pipeline phases in the steps' lane.
+    generations = [e for e in trace["traceEvents"] if e.get("cat") == ("image" if prompt else "generation") and e["tid"] == 1]
     median = sorted(generations, key=lambda e: e["dur"])[len(generations) // 2]
     inside = [e for e in trace["traceEvents"] if e.get("ph") == "X" and e["tid"] == 1 and median["ts"] <= e["ts"] <= median["ts"] + median["dur"]]
     for e in inside:
@@ -572,17 +651,21 @@ def write_plot(report: dict, trace: dict, path: Path) -> None:
             ax_steps.text(start + dur / 2, 1.5, str(e["args"]["step"]), ha="center", va="center", fontsize=7)
         elif e["cat"] == "prepare":
             ax_steps.broken_barh([(start, dur)], (1.1, 0.8), color="tab:gray", edgecolor="white")
+        elif e["cat"] == "pipeline":
+            ax_steps.broken_barh([(start, dur)], (1.1, 0.8), color=PIPELINE_COLOURS[e["name"]], edgecolor="white")
         elif e["cat"] == "stage":
             colour = "tab:blue" if e["args"]["block"] >= 0 else "tab:cyan"
             ax_steps.broken_barh([(start, dur)], (0.1, 0.8), color=colour, edgecolor="white", linewidth=0.3)
     ax_steps.set_yticks([0.5, 1.5], ["stage calls", "steps"])
-    ax_steps.set_xlabel("ms since the start of the generation (median run)")
+    ax_steps.set_xlabel(f"ms since the start of the {'prompt-to-image call' if prompt else 'generation'} (median run)")
     ax_steps.set_title("per-step timeline (colour: cache level)")
     legend = {"prepare": "tab:gray", **{f"step: {level}": c for level, c in LEVEL_COLOURS.items()}, "stage: a block": "tab:blue",
               "stage: other": "tab:cyan"}
+    if prompt:
+        legend = {"prepare, tokenize": legend.pop("prepare"), **legend, "encoders": "tab:pink", "vae_decode": "tab:brown"}
     ax_steps.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c) for c in legend.values()], labels=list(legend), loc="upper right",
-                    fontsize=8, ncols=len(legend))
-    ax_steps.set_ylim(0, 2.4)
+                    fontsize=8, ncols=-(-len(legend) // 2) if prompt else len(legend))
+    ax_steps.set_ylim(0, 2.8 if prompt else 2.4)
 
     # Mean ms of each (step, block); blank where the block did not run.
     heat = np.array([[np.nan if v is None else v for v in row] for row in report["block_heatmap_ms"]], dtype=np.float64).reshape(
@@ -690,6 +773,9 @@ def comparison_rows(report: dict) -> dict:
     rows.update({f"step {s['index']} mean ms": s["mean"] for s in report["steps"]})
     rows.update({f"stage {name} ms/generation": st["per_generation_ms"] for name, st in _stages_outside_blocks(report)})
     rows.update({f"block {b['index']} ms/generation": b["per_generation_ms"] for b in report["blocks"]})
+    if report.get("prompt"):
+        rows["prompt to image mean ms"] = report["prompt"]["image"]["mean"]
+        rows.update({f"phase {name} ms/image": st["per_generation_ms"] for name, st in report["prompt"]["phases"].items()})
     rows["prepare ms"] = report["prepare"]["mean"]
     rows["other host work ms/generation"] = report["other_host"]["mean"]
     return rows

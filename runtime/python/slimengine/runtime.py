@@ -215,6 +215,12 @@ class GenerateResult:
 _ENCODER_ROLES = ("clip_l", "clip_g", "t5")
 
 
+def _span(spans: list, timing: dict, stage: str, start_ns: int, end_ns: int) -> None:
+    """One prompt-path phase: recorded in ImageResult.spans and added to stats["stage_ms"]."""
+    spans.append({"stage": stage, "start_ns": start_ns, "end_ns": end_ns})
+    timing[stage] = timing.get(stage, 0.0) + (end_ns - start_ns) / 1e6
+
+
 @dataclasses.dataclass
 class ImageResult:
     """generate(prompt=...)'s result."""
@@ -226,6 +232,9 @@ class ImageResult:
     # prompt_cache {hits, misses (this call's prompts, the negative ones included), size, capacity}
     stats: dict
     events: list[dict] = dataclasses.field(default_factory=list)  # the sampling call's events, as GenerateResult.events
+    # The prompt path's own phases, timed in Python on the runtime events' clock (the host's steady clock, time.monotonic_ns):
+    # {stage: tokenize|clip_l|clip_g|t5|vae_decode, start_ns, end_ns}, in order; stage_ms sums them (steps: see events).
+    spans: list[dict] = dataclasses.field(default_factory=list)
 
     def pil(self):
         """The image as a PIL.Image (the first one of a batch: use pil_images() for all); needs Pillow."""
@@ -597,6 +606,7 @@ class Session(_Closable):
             shift = pipeline["scheduler_shift"]  # the plan of the pipeline's own scheduler, as diffusers would use
         timing = {"tokenize": 0.0, **{r: 0.0 for r in _ENCODER_ROLES if r in engine.stage_names}}
         calls = {r: 0 for r in timing if r != "tokenize"}
+        spans = []
         hits = misses = 0
 
         def encode_all(texts):
@@ -607,7 +617,7 @@ class Session(_Closable):
                 entry = self._prompts.get(key)
                 if entry is None:
                     misses += 1
-                    entry = self._encode(text, pipeline, timing, calls)
+                    entry = self._encode(text, pipeline, timing, calls, spans)
                     self._prompts.put(key, entry)
                 else:
                     hits += 1
@@ -625,17 +635,17 @@ class Session(_Closable):
                                 negative_pooled_embeds=neg_pooled, guidance_scale=scale, height=height, width=width,
                                 step_cache_threshold=step_cache_threshold, cache=cache, num_steps=num_steps, shift=shift)
         report("decode")
-        start = time.perf_counter()
+        start = time.monotonic_ns()
         z = result.latents / np.float32(vae["scaling_factor"]) + np.float32(vae["shift_factor"])
         b, _, h, w = z.shape
         decoded = self._run_stage("vae_decode", {"latents": z}, {"image": np.empty((b, 3, h * factor, w * factor), np.float32)})["image"]
         image = to_uint8_rgb(decoded)
-        timing["vae_decode"] = (time.perf_counter() - start) * 1e3
+        _span(spans, timing, "vae_decode", start, time.monotonic_ns())
         stats = dict(result.stats)
         stats["stage_ms"] = {**timing, "steps": result.stats["total_ms"]}
         stats["encoder_calls"] = calls
         stats["prompt_cache"] = {"hits": hits, "misses": misses, "size": len(self._prompts), "capacity": self._prompts.capacity}
-        return ImageResult(image=image[0] if single else image, latents=result.latents, stats=stats, events=result.events)
+        return ImageResult(image=image[0] if single else image, latents=result.latents, stats=stats, events=result.events, spans=spans)
 
     def _image_side(self, size, name: str, factor: int) -> int:
         """An image height or width in pixels -> latent pixels, checked in image pixels."""
@@ -646,31 +656,31 @@ class Session(_Closable):
                              f"{cfg['patch_size']}) up to {limit} (image pixels), got {size}")
         return size // factor
 
-    def _encode(self, text: str, pipeline: dict, timing: dict, calls: dict) -> tuple[np.ndarray, np.ndarray]:
+    def _encode(self, text: str, pipeline: dict, timing: dict, calls: dict, spans: list) -> tuple[np.ndarray, np.ndarray]:
         """One prompt's conditioning, [1, 77 + max_sequence_length, joint_attention_dim] and [1, pooled dim], assembled as
         diffusers' encode_prompt does (docs/pipeline.md, Conditioning)."""
         engine, length, joint = self._engine, pipeline["clip_length"], pipeline["joint_attention_dim"]
         hidden, pools = [], []
         for role in ("clip_l", "clip_g"):
-            start = time.perf_counter()
+            start = time.monotonic_ns()
             ids = engine.tokenize(role, text)[None]
-            mid = time.perf_counter()
+            mid = time.monotonic_ns()
             out = self._run_stage(role, {"input_ids": ids}, {"hidden_states": np.empty((1, length, pipeline[f"{role}_dim"]), np.float32),
                                                               "pooled": np.empty((1, pipeline[f"{role}_pooled_dim"]), np.float32)})
-            timing["tokenize"] += (mid - start) * 1e3
-            timing[role] += (time.perf_counter() - mid) * 1e3
+            _span(spans, timing, "tokenize", start, mid)
+            _span(spans, timing, role, mid, time.monotonic_ns())
             calls[role] += 1
             hidden.append(out["hidden_states"])
             pools.append(out["pooled"])
         clip = np.concatenate(hidden, axis=-1)
         clip = np.pad(clip, ((0, 0), (0, 0), (0, joint - clip.shape[-1])))
         if "t5" in calls:
-            start = time.perf_counter()
+            start = time.monotonic_ns()
             ids = engine.tokenize("t5", text)[None]
-            mid = time.perf_counter()
+            mid = time.monotonic_ns()
             t5 = self._run_stage("t5", {"input_ids": ids}, {"hidden_states": np.empty((1, ids.shape[1], joint), np.float32)})["hidden_states"]
-            timing["tokenize"] += (mid - start) * 1e3
-            timing["t5"] += (time.perf_counter() - mid) * 1e3
+            _span(spans, timing, "tokenize", start, mid)
+            _span(spans, timing, "t5", mid, time.monotonic_ns())
             calls["t5"] += 1
         else:  # SD3 without T5: zeros of the same length (diffusers' _get_t5_prompt_embeds with no text_encoder_3)
             t5 = np.zeros((1, pipeline["max_sequence_length"], joint), np.float32)
