@@ -43,10 +43,11 @@ extern "C" {
  * refused (SLIM_ERR_INVALID_ARGUMENT): the caller's header is newer than the library. */
 #define SLIM_ABI_VERSION_MAJOR 0
 #define SLIM_ABI_VERSION_MINOR                                                                                               \
-    6 /* 2: X-Slim policies and stats, plan override, profiling events, LEMUR, generic stage call, device; 3: SLIM_ERR_BUSY; \
+    7 /* 2: X-Slim policies and stats, plan override, profiling events, LEMUR, generic stage call, device; 3: SLIM_ERR_BUSY; \
          4: bundle format 2, slim_verify levels, slim_bundle_verify, block events (SLIM_PROFILE_BLOCKS),                     \
          slim_generate_stats.transfer_bytes; 5: slim_abi_version, slim_engine_info, slim_engine_program_step, struct_size    \
-         larger than the library's refused; 6: slim_tokenize, slim_engine_tokenizer_count/role */
+         larger than the library's refused; 6: slim_tokenize, slim_engine_tokenizer_count/role;                              \
+         7: slim_generate_prompt */
 
 typedef enum slim_status {
     SLIM_OK = 0,
@@ -303,6 +304,60 @@ typedef struct slim_generate_stats {
  * Status: INVALID_ARGUMENT, SHAPE, DTYPE, NUMERICS, BACKEND, OUT_OF_MEMORY, BUSY. */
 SLIM_API slim_status slim_generate(slim_session* session, const slim_generate_params* params, const slim_tensor* latents_out,
                                    slim_generate_stats* stats);
+
+/* ---- prompt to image (docs/pipeline.md; ABI 0.7) ---- */
+
+typedef struct slim_prompt_params {
+    uint32_t struct_size;                /* sizeof(slim_prompt_params) */
+    const char* const* prompts;          /* prompt_count NUL-terminated UTF-8 prompts (at most 65536 bytes each); required */
+    int32_t prompt_count;                /* the batch B, >= 1 */
+    const char* const* negative_prompts; /* NULL: "" for each prompt; else prompt_count entries (a NULL entry: ""); used under CFG */
+    uint64_t seed;                       /* noise seed when latents is NULL (as slim_generate) */
+    int32_t height;                      /* image pixels, a multiple of the VAE's scale factor x the patch size; 0 (default): the
+                                            bundle's default latent size x the scale factor */
+    int32_t width;                       /* likewise */
+    float guidance_scale;                /* < 0 (default): the bundle's default; > 1: CFG with the negative prompts */
+    float step_cache_threshold;          /* as slim_generate_params */
+    const char* cache_policy;            /* as slim_generate_params (X-Slim policy JSON, "null" for none); NULL: the bundle's */
+    int32_t num_steps;                   /* as slim_generate_params: > 0 a plain plan of that many steps; 0 (default): the program */
+    float shift;                         /* that plan's sigma shift; 0 (default): the pipeline's scheduler shift, else 3.0 */
+    const slim_tensor* latents; /* float32 [B, C, height/f, width/f] (f: the VAE's scale factor, 8 for SD3) initial noise; NULL: seeded */
+} slim_prompt_params;
+
+/* Defaults for slim_generate_prompt: no prompts, seed 0, default size, guidance, X-Slim policy and program from the bundle. */
+SLIM_API slim_prompt_params slim_prompt_default_params(void);
+
+typedef struct slim_prompt_stats {
+    uint32_t struct_size; /* set by the caller: sizeof(slim_prompt_stats) */
+    int32_t batch;        /* images made */
+    int32_t height;       /* image pixels */
+    int32_t width;
+    int32_t steps;         /* sampling steps run */
+    int32_t encoder_calls; /* text-encoder stage calls (each distinct prompt text of the call is encoded once per encoder) */
+    double total_ms;       /* wall time of the call */
+    double tokenize_ms;    /* the tokenizer stages */
+    double clip_l_ms;      /* the text encoders' stage calls (t5: 0 for a bundle without T5) */
+    double clip_g_ms;
+    double t5_ms;
+    double steps_ms;      /* the sampling program (slim_generate's total_ms) */
+    double vae_decode_ms; /* scaling, the vae_decode stage and the conversion to RGB8 */
+    double effective_nfe; /* as slim_generate_stats */
+} slim_prompt_stats;
+
+/* Prompt to image: tokenize each prompt (and, when guidance > 1, each negative prompt) with the bundle's
+ * tokenizers, run clip_l, clip_g and t5 (zeros in T5's place for a bundle exported with --no-t5), assemble
+ * the conditioning, sample as slim_generate does, decode with vae_decode (latents / scaling_factor +
+ * shift_factor) and convert to RGB8 as diffusers does: round(clamp(x * 0.5 + 0.5, 0, 1) * 255), in float32
+ * (docs/pipeline.md). The same pixels as the Python binding's Session.generate(prompt=...).
+ * image_out: caller memory, uint8 [B, height, width, 3] (HWC, RGB), image_capacity its size in bytes.
+ * latents_out: NULL, or float32 [B, C, height/f, width/f] (the sampled latents before the VAE's scaling),
+ * latents_capacity its size in floats. stats may be NULL. The session's step and stage stats are those of the
+ * sampling (encoder and VAE times are in *stats). Nothing is cached between calls.
+ * Status: INVALID_ARGUMENT (NULL session/params/prompts, a prompt not UTF-8 or too long, a size not a multiple of
+ * the VAE's scale factor x the patch size, a capacity too small, a bundle without pipeline stages: the message says
+ * to re-export with export-engine PIPELINE_FOLDER), SHAPE, DTYPE, NUMERICS, BACKEND, OUT_OF_MEMORY, BUSY. */
+SLIM_API slim_status slim_generate_prompt(slim_session* session, const slim_prompt_params* params, uint8_t* image_out,
+                                          size_t image_capacity, float* latents_out, size_t latents_capacity, slim_prompt_stats* stats);
 
 /* How a step ran. */
 typedef enum slim_step_level {

@@ -17,10 +17,12 @@
 #include "lemur_program.hpp"
 #include "memory_bank.hpp"
 #include "program.hpp"
+#include "prompt_program.hpp"
 #include "sampling_plan.hpp"
 #include "sd3_program.hpp"
 #include "slimengine.h"
 #include "tensor_args.hpp"
+#include "tokenizer.hpp"
 
 #ifndef SLIMENGINE_VERSION
 #define SLIMENGINE_VERSION "0.0.0"
@@ -509,6 +511,122 @@ slim_status slim_generate(slim_session* session, const slim_generate_params* par
             if (stats->struct_size >= offsetof(slim_generate_stats, flop_fraction) + sizeof(double)) stats->flop_fraction = s.flop_fraction;
             if (stats->struct_size >= offsetof(slim_generate_stats, transfer_bytes) + sizeof(uint64_t))
                 stats->transfer_bytes = s.transfer_bytes;
+        }
+    });
+}
+
+slim_prompt_params slim_prompt_default_params(void) {
+    slim_prompt_params p{};
+    p.struct_size = sizeof(p);
+    p.guidance_scale = -1.0f;
+    p.step_cache_threshold = -1.0f;
+    return p;
+}
+
+slim_status slim_generate_prompt(slim_session* session, const slim_prompt_params* params, uint8_t* image_out, size_t image_capacity,
+                                 float* latents_out, size_t latents_capacity, slim_prompt_stats* stats) {
+    if (!session) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_generate_prompt: session is NULL");
+    if (!params) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_generate_prompt: params is NULL (prompts are required)");
+    return guarded([&] {
+        slim::GateEntry use(session->gate, "slim_generate_prompt: the session", true);
+        using slim::Error;
+        slim::Sd3Session& sd3 = program_as<slim::Sd3Session>(session, "slim_generate_prompt", "slim_generate_prompt runs sd3 bundles");
+        const slim_prompt_params p = read_params(params, slim_prompt_default_params(), sizeof(slim_prompt_params), "slim_prompt_params");
+        if (stats) check_out_size(stats->struct_size, sizeof(slim_prompt_stats), sizeof(slim_prompt_stats), "slim_prompt_stats");
+        const slim::Engine& engine = *session->engine;
+        const std::string unsupported = slim::prompt_support(engine);
+        if (!unsupported.empty()) throw Error(SLIM_ERR_INVALID_ARGUMENT, "slim_generate_prompt: " + unsupported);
+        const slim::Manifest& m = engine.manifest();
+        const slim::Sd3Config& c = m.config;
+        const slim::PipelineConfig& pl = m.pipeline;
+
+        if (!p.prompts || p.prompt_count < 1 || p.prompt_count > kMaxBatch)
+            throw Error(SLIM_ERR_INVALID_ARGUMENT, "slim_generate_prompt: prompts must not be NULL and prompt_count must be 1 to " +
+                                                       std::to_string(kMaxBatch) + ", got " + std::to_string(p.prompt_count));
+        slim::PromptRequest request;
+        for (int32_t i = 0; i < p.prompt_count; ++i) {
+            const std::string which = "[" + std::to_string(i) + "]";
+            if (!p.prompts[i]) throw Error(SLIM_ERR_INVALID_ARGUMENT, "slim_generate_prompt: prompts" + which + " is NULL");
+            // Bounded reads: a prompt past the limit is refused by the tokenizer without reading all of it.
+            request.prompts.emplace_back(p.prompts[i], strnlen(p.prompts[i], slim::kMaxPromptBytes + 1));
+            const char* negative = p.negative_prompts && p.negative_prompts[i] ? p.negative_prompts[i] : "";
+            request.negatives.emplace_back(negative, strnlen(negative, slim::kMaxPromptBytes + 1));
+            for (const std::string* text : {&request.prompts.back(), &request.negatives.back()})
+                if (text->size() > slim::kMaxPromptBytes || !slim::is_utf8(text->data(), text->size()))
+                    throw Error(SLIM_ERR_INVALID_ARGUMENT,
+                                std::string("slim_generate_prompt: ") + (text == &request.prompts.back() ? "prompts" : "negative_prompts") +
+                                    which + " is not UTF-8 or is longer than " + std::to_string(slim::kMaxPromptBytes) + " bytes");
+        }
+        const int64_t B = p.prompt_count, f = pl.scale_factor, step = f * c.patch_size, limit = f * c.max_latent_size;
+        auto side = [&](int32_t given, const char* name) -> int64_t {
+            if (given == 0) {
+                if (c.default_latent_size <= 0)
+                    throw Error(SLIM_ERR_INVALID_ARGUMENT,
+                                std::string("slim_generate_prompt: the bundle states no default size; set ") + name);
+                return c.default_latent_size * f;
+            }
+            if (given < 0 || given % step || given > limit)
+                throw Error(SLIM_ERR_INVALID_ARGUMENT, std::string("slim_generate_prompt: ") + name + " must be a multiple of " +
+                                                           std::to_string(step) + " (the VAE's scale factor " + std::to_string(f) +
+                                                           " x the patch size " + std::to_string(c.patch_size) + ") up to " +
+                                                           std::to_string(limit) + " image pixels, got " + std::to_string(given));
+            return given;
+        };
+        const int64_t H = side(p.height, "height"), W = side(p.width, "width");
+        if (!std::isfinite(p.guidance_scale)) throw Error(SLIM_ERR_INVALID_ARGUMENT, "guidance_scale must be finite");
+        if (!std::isfinite(p.step_cache_threshold)) throw Error(SLIM_ERR_INVALID_ARGUMENT, "step_cache_threshold must be finite");
+        if (p.num_steps < 0 || p.num_steps > 10000)
+            throw Error(SLIM_ERR_INVALID_ARGUMENT,
+                        "num_steps must be 0 (the bundle's program) or 1 to 10000, got " + std::to_string(p.num_steps));
+        if (!(std::isfinite(p.shift) && p.shift >= 0))
+            throw Error(SLIM_ERR_INVALID_ARGUMENT, "shift must be 0 (the pipeline's) or a positive number, got " + std::to_string(p.shift));
+        // As the Python binding: a plain plan takes the pipeline's scheduler shift unless one is given.
+        const float shift = p.shift > 0 ? p.shift : pl.scheduler_shift > 0 ? static_cast<float>(pl.scheduler_shift) : 3.0f;
+        slim::Program plan;
+        if (p.num_steps > 0) plan = slim::plain_program(m.program, p.num_steps, shift);
+        const slim::Program& program = p.num_steps > 0 ? plan : m.program;
+        const slim::XSlimPolicy cache =
+            slim::resolve_policy(m.program.cache, p.cache_policy, p.step_cache_threshold, program.steps.size(), engine.has_token_stages);
+        const int64_t image_bytes = B * H * W * 3, latent_count = B * c.out_channels * (H / f) * (W / f);
+        if (!image_out || image_capacity < static_cast<size_t>(image_bytes))
+            throw Error(SLIM_ERR_INVALID_ARGUMENT, "slim_generate_prompt: image_out must hold uint8 [" + std::to_string(B) + "," +
+                                                       std::to_string(H) + "," + std::to_string(W) +
+                                                       ",3] = " + std::to_string(image_bytes) + " bytes, image_capacity is " +
+                                                       std::to_string(image_capacity));
+        if (latents_out && latents_capacity < static_cast<size_t>(latent_count))
+            throw Error(SLIM_ERR_INVALID_ARGUMENT, "slim_generate_prompt: latents_out must hold " + std::to_string(latent_count) +
+                                                       " floats, latents_capacity is " + std::to_string(latents_capacity));
+        if (p.latents) {
+            const std::vector<int64_t> shape{B, c.out_channels, H / f, W / f};
+            auto lat = check_tensor(p.latents, "latents", shape,
+                                    "[" + std::to_string(B) + "," + std::to_string(c.out_channels) + "," + std::to_string(H / f) + "," +
+                                        std::to_string(W / f) + "] (height and width / " + std::to_string(f) + ")");
+            check_finite(p.latents, lat, "latents");
+            request.latents = static_cast<const float*>(p.latents->data);
+        }
+        request.seed = p.seed;
+        request.height = static_cast<int>(H);
+        request.width = static_cast<int>(W);
+        request.guidance_scale = p.guidance_scale < 0 ? m.program.guidance_scale : p.guidance_scale;
+        request.cache = &cache;
+        request.program = &program;
+        request.image = image_out;
+        request.latents_out = latents_out;
+        const slim::PromptStats s = slim::generate_prompt(engine, sd3, request);
+        if (stats) {
+            stats->batch = static_cast<int32_t>(B);
+            stats->height = static_cast<int32_t>(H);
+            stats->width = static_cast<int32_t>(W);
+            stats->steps = s.generate.steps;
+            stats->encoder_calls = s.encoder_calls;
+            stats->total_ms = s.total_ms;
+            stats->tokenize_ms = s.tokenize_ms;
+            stats->clip_l_ms = s.clip_l_ms;
+            stats->clip_g_ms = s.clip_g_ms;
+            stats->t5_ms = s.t5_ms;
+            stats->steps_ms = s.generate.total_ms;
+            stats->vae_decode_ms = s.vae_decode_ms;
+            stats->effective_nfe = s.generate.effective_nfe;
         }
     });
 }

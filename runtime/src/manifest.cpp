@@ -279,6 +279,53 @@ void parse_fields(const Value& root, Manifest& m) {
             m.tokenizers.push_back(std::move(d));
         }
     }
+
+    // Optional (sd3): the pipeline block, whose roles and widths must fit the stages and the transformer.
+    const Value* pipeline = root.find("pipeline");
+    if (pipeline && !pipeline->is_null()) {
+        if (m.kind != Family::Sd3) bad(".pipeline", "is only for sd3 bundles");
+        if (pipeline->kind != Value::Kind::Object) bad(".pipeline", "must be an object");
+        const std::string w = "pipeline";
+        PipelineConfig& p = m.pipeline;
+        p.clip_length = int_field(*pipeline, "clip_length", w, 1, 4096);
+        p.clip_l_dim = int_field(*pipeline, "clip_l_dim", w, 1, 1 << 20);
+        p.clip_g_dim = int_field(*pipeline, "clip_g_dim", w, 1, 1 << 20);
+        p.clip_l_pooled_dim = int_field(*pipeline, "clip_l_pooled_dim", w, 1, 1 << 20);
+        p.clip_g_pooled_dim = int_field(*pipeline, "clip_g_pooled_dim", w, 1, 1 << 20);
+        p.joint_attention_dim = int_field(*pipeline, "joint_attention_dim", w, 1, 1 << 20);
+        p.pooled_projection_dim = int_field(*pipeline, "pooled_projection_dim", w, 1, 1 << 20);
+        p.t5 = bool_field(*pipeline, "t5", w);
+        p.max_sequence_length = int_field(*pipeline, "max_sequence_length", w, 1, 4096);
+        const Value& vae = object_field(*pipeline, "vae", w);
+        p.latent_channels = int_field(vae, "latent_channels", w + ".vae", 1, 1 << 16);
+        p.scale_factor = int_field(vae, "scale_factor", w + ".vae", 1, 64);
+        const double scaling = number_field(vae, "scaling_factor", w + ".vae"), shift = number_field(vae, "shift_factor", w + ".vae");
+        if (!std::isfinite(scaling) || scaling == 0) bad(w + ".vae.scaling_factor", "must be a finite nonzero number");
+        if (!std::isfinite(shift)) bad(w + ".vae.shift_factor", "must be finite");
+        p.scaling_factor = static_cast<float>(scaling);
+        p.shift_factor = static_cast<float>(shift);
+        const Value* sched = pipeline->find("scheduler_shift");
+        if (sched && !sched->is_null()) {
+            p.scheduler_shift = number_field(*pipeline, "scheduler_shift", w);
+            if (!(std::isfinite(p.scheduler_shift) && p.scheduler_shift > 0))
+                bad(w + ".scheduler_shift", "must be a positive number or null");
+        }
+        const Sd3Config& c = m.config;
+        if (p.joint_attention_dim != c.joint_attention_dim || p.pooled_projection_dim != c.pooled_projection_dim)
+            bad(w, "joint_attention_dim and pooled_projection_dim must equal config's");
+        if (p.clip_l_dim + p.clip_g_dim > p.joint_attention_dim) bad(w, "clip_l_dim + clip_g_dim must be <= joint_attention_dim");
+        if (p.clip_l_pooled_dim + p.clip_g_pooled_dim != p.pooled_projection_dim)
+            bad(w, "clip_l_pooled_dim + clip_g_pooled_dim must equal pooled_projection_dim");
+        if (p.latent_channels != c.in_channels) bad(w + ".vae.latent_channels", "must equal config.in_channels");
+        auto has = [&](Role role) {
+            for (const StageDecl& d : m.stages)
+                if (d.role == role) return true;
+            return false;
+        };
+        if (!has(Role::ClipL) || !has(Role::ClipG) || !has(Role::VaeDecode)) bad(w, "needs stages of roles clip_l, clip_g and vae_decode");
+        if (p.t5 != has(Role::T5)) bad(w + ".t5", p.t5 ? "is true but no stage has role t5" : "is false but a stage has role t5");
+        m.has_pipeline = true;
+    }
 }
 
 }  // namespace

@@ -21,7 +21,7 @@ enum class Family { Sd3, Lemur, PlainOnnx };
 // What a stage computes, as the manifest's stage `role` states it (docs/bundle-format.md); the
 // runtime binds stages by role (and block index), never by name.
 // ClipL, ClipG, T5 and VaeDecode are the SD3 pipeline's text encoders and VAE decoder (docs/pipeline.md): optional,
-// at most one each, run through slim_stage_run until the prompt-level call uses them.
+// at most one each, run by slim_generate_prompt (prompt_program.hpp) and slim_stage_run.
 enum class Role { Embed, Block, BlockTokens, Compensate, Final, ClipL, ClipG, T5, VaeDecode, LemurEmbed, LemurScore, Model };
 
 struct StageDecl {
@@ -73,6 +73,17 @@ struct TokenizerDecl {
     int max_length;
 };
 
+// The manifest's `pipeline` block (docs/pipeline.md): how the text encoders' outputs are assembled into the
+// transformer's conditioning and how the VAE decodes. Checked against the stages and config at load.
+struct PipelineConfig {
+    int clip_length = 0, clip_l_dim = 0, clip_g_dim = 0, clip_l_pooled_dim = 0, clip_g_pooled_dim = 0;
+    int joint_attention_dim = 0, pooled_projection_dim = 0, max_sequence_length = 0;
+    bool t5 = false;
+    int latent_channels = 0, scale_factor = 0;  // vae
+    float scaling_factor = 1, shift_factor = 0;
+    double scheduler_shift = 0;  // 0: the folder had no scheduler config (null)
+};
+
 // A file of the bundle as the manifest lists it.
 struct FileEntry {
     std::string path;  // relative to the bundle
@@ -92,6 +103,8 @@ struct Manifest {
     Program program;               // family sd3
     std::vector<FileEntry> files;  // every file of the bundle but the manifest and its digest
     std::vector<TokenizerDecl> tokenizers;
+    bool has_pipeline = false;  // family sd3 with a `pipeline` block
+    PipelineConfig pipeline;
 };
 
 class BundleDir;

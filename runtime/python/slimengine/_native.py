@@ -29,7 +29,7 @@ DEVICE_CPU, DEVICE_CUDA = 1, 2  # slim_device_type
 
 # The ABI this binding is written against (slimengine.h's SLIM_ABI_VERSION_*): the library must have this major
 # version and at least this minor one.
-ABI_MAJOR, ABI_MINOR = 0, 6
+ABI_MAJOR, ABI_MINOR = 0, 7
 
 
 class EngineInfo(ctypes.Structure):
@@ -73,6 +73,24 @@ class GenerateStats(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("steps", ctypes.c_int32), ("blocks_run", ctypes.c_int32),
                 ("stage_calls", ctypes.c_int32), ("effective_nfe", ctypes.c_double), ("total_ms", ctypes.c_double),
                 ("backend_ms", ctypes.c_double), ("flop_fraction", ctypes.c_double), ("transfer_bytes", ctypes.c_uint64)]
+
+
+class PromptParams(ctypes.Structure):
+    _c_name_ = "slim_prompt_params"
+    _fields_ = [("struct_size", ctypes.c_uint32), ("prompts", ctypes.POINTER(ctypes.c_char_p)), ("prompt_count", ctypes.c_int32),
+                ("negative_prompts", ctypes.POINTER(ctypes.c_char_p)), ("seed", ctypes.c_uint64), ("height", ctypes.c_int32),
+                ("width", ctypes.c_int32), ("guidance_scale", ctypes.c_float), ("step_cache_threshold", ctypes.c_float),
+                ("cache_policy", ctypes.c_char_p), ("num_steps", ctypes.c_int32), ("shift", ctypes.c_float),
+                ("latents", ctypes.POINTER(SlimTensor))]
+
+
+class PromptStats(ctypes.Structure):
+    _c_name_ = "slim_prompt_stats"
+    _fields_ = [("struct_size", ctypes.c_uint32), ("batch", ctypes.c_int32), ("height", ctypes.c_int32), ("width", ctypes.c_int32),
+                ("steps", ctypes.c_int32), ("encoder_calls", ctypes.c_int32), ("total_ms", ctypes.c_double),
+                ("tokenize_ms", ctypes.c_double), ("clip_l_ms", ctypes.c_double), ("clip_g_ms", ctypes.c_double),
+                ("t5_ms", ctypes.c_double), ("steps_ms", ctypes.c_double), ("vae_decode_ms", ctypes.c_double),
+                ("effective_nfe", ctypes.c_double)]
 
 
 class StepStats(ctypes.Structure):
@@ -234,6 +252,9 @@ def lib() -> ctypes.CDLL:
             "slim_session_destroy": ([ctypes.c_void_p], None),
             "slim_generate_default_params": ([], GenerateParams),
             "slim_generate": ([ctypes.c_void_p, p(GenerateParams), p(SlimTensor), p(GenerateStats)], ctypes.c_int),
+            "slim_prompt_default_params": ([], PromptParams),
+            "slim_generate_prompt": ([ctypes.c_void_p, p(PromptParams), p(ctypes.c_uint8), ctypes.c_size_t, p(ctypes.c_float),
+                                      ctypes.c_size_t, p(PromptStats)], ctypes.c_int),
             "slim_session_step_count": ([ctypes.c_void_p], ctypes.c_int32),
             "slim_session_step_stats": ([ctypes.c_void_p, ctypes.c_int32, p(StepStats)], ctypes.c_int),
             "slim_session_stage_stats": ([ctypes.c_void_p, ctypes.c_int32, p(StageStats)], ctypes.c_int),
