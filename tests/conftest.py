@@ -199,3 +199,28 @@ def lemur_checkpoint(workdir) -> Path:
 @pytest.fixture(scope="session")
 def lemur_bundle(workdir, lemur_checkpoint) -> Path:
     return export(lemur_checkpoint, workdir / "lemur-tiny.engine", "--verify", "--model-version", "7")
+
+
+# The tiny random diffusers SD3 pipeline (tests/pipeline_files.py) and its bundles, shared by the pipeline export,
+# prompt-to-image (Python and C) tests: each export traces five graphs.
+PIPELINE_T5_LENGTH = 32
+
+
+@pytest.fixture(scope="session")
+def sd3_pipeline(workdir) -> Path:
+    from tests.pipeline_files import make_sd3_pipeline
+
+    return make_sd3_pipeline(workdir / "sd3-pipeline")
+
+
+@pytest.fixture(scope="session")
+def sd3_pipeline_bundle(workdir, sd3_pipeline) -> Path:
+    """The whole folder: transformer, encoders, VAE, tokenizers."""
+    return export(sd3_pipeline, workdir / "sd3-pipeline.engine", "--max-sequence-length", str(PIPELINE_T5_LENGTH))
+
+
+@pytest.fixture(scope="session")
+def sd3_pipeline_no_t5_bundle(workdir, sd3_pipeline) -> Path:
+    """The transformer with --pipeline and --no-t5: zeros in T5's place."""
+    return export(sd3_pipeline / "transformer", workdir / "sd3-pipeline-no-t5.engine", "--pipeline", str(sd3_pipeline), "--no-t5",
+                  "--max-sequence-length", str(PIPELINE_T5_LENGTH))

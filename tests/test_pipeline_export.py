@@ -10,28 +10,27 @@ import pytest
 import torch
 
 from slimengine import Engine
-from tests.conftest import export, run_cli
-from tests.pipeline_files import SCALING, SCHEDULER_SHIFT, SHIFT_FACTOR, make_sd3_pipeline
+from tests.conftest import PIPELINE_T5_LENGTH, export, run_cli
+from tests.pipeline_files import SCALING, SCHEDULER_SHIFT, SHIFT_FACTOR
 
 PROMPTS = ["a red circle on a blue square", ""]
-T5_LENGTH = 32
+T5_LENGTH = PIPELINE_T5_LENGTH
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return make_sd3_pipeline(tmp_path_factory.mktemp("pipe") / "sd3")
+def folder(sd3_pipeline):
+    return sd3_pipeline
 
 
 @pytest.fixture(scope="module")
-def bundle(folder):
-    """The whole folder: transformer, encoders, VAE, tokenizers."""
-    return export(folder, folder.parent / "sd3.engine", "--max-sequence-length", str(T5_LENGTH))
+def bundle(sd3_pipeline_bundle):
+    return sd3_pipeline_bundle
 
 
 @pytest.fixture(scope="module")
 def fp16_bundle(folder):
     """The 1.x student case: a transformer-only checkpoint plus --pipeline, fp16."""
-    return export(folder / "transformer", folder.parent / "fp16.engine", "--pipeline", str(folder), "--precision", "fp16",
+    return export(folder / "transformer", folder.parent / "sd3-pipeline-fp16.engine", "--pipeline", str(folder), "--precision", "fp16",
                   "--max-sequence-length", str(T5_LENGTH))
 
 

@@ -17,23 +17,22 @@ import pytest
 
 from slimengine import Engine, SlimError, _native
 from slimengine.runtime import _TensorArg
-from tests.conftest import edit_manifest, export
-from tests.pipeline_files import make_sd3_pipeline
+from tests.conftest import PIPELINE_T5_LENGTH, edit_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
-T5_LENGTH = 32
+T5_LENGTH = PIPELINE_T5_LENGTH
 PROMPTS = ["a red circle on a blue square", "Ünïcode, PUNCTUATION!? and a long " + "very " * 40 + "long prompt"]
 NEGATIVES = ["", "blurry"]
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return make_sd3_pipeline(tmp_path_factory.mktemp("cprompt") / "sd3")
+def folder(sd3_pipeline):
+    return sd3_pipeline
 
 
 @pytest.fixture(scope="module")
-def bundle(folder):
-    return export(folder, folder.parent / "sd3.engine", "--max-sequence-length", str(T5_LENGTH))
+def bundle(sd3_pipeline_bundle):
+    return sd3_pipeline_bundle
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +102,8 @@ def test_c_defaults_and_seeded_noise_and_given_latents(engine):
     session.close()
 
 
-def test_c_image_equals_python_without_t5(folder, tmp_path):
-    bundle = export(folder / "transformer", tmp_path / "no_t5.engine", "--pipeline", str(folder), "--no-t5",
-                    "--max-sequence-length", str(T5_LENGTH))
+def test_c_image_equals_python_without_t5(folder, sd3_pipeline_no_t5_bundle):
+    bundle = sd3_pipeline_no_t5_bundle
     with Engine(bundle) as engine:
         session = engine.session()
         want = session.generate(prompt=PROMPTS, negative_prompt=NEGATIVES, seed=2, guidance_scale=4.0, num_steps=3)

@@ -12,22 +12,21 @@ import pytest
 import torch
 
 from slimengine import Engine, ImageResult, SlimError
-from tests.conftest import edit_manifest, export
-from tests.pipeline_files import make_sd3_pipeline
+from tests.conftest import PIPELINE_T5_LENGTH, edit_manifest
 
-T5_LENGTH = 32
+T5_LENGTH = PIPELINE_T5_LENGTH
 PROMPTS = ["a red circle on a blue square", "Ünïcode, PUNCTUATION!? and a long " + "very " * 40 + "long prompt"]
 NEGATIVES = ["", "blurry"]
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return make_sd3_pipeline(tmp_path_factory.mktemp("prompt") / "sd3")
+def folder(sd3_pipeline):
+    return sd3_pipeline
 
 
 @pytest.fixture(scope="module")
-def bundle(folder):
-    return export(folder, folder.parent / "sd3.engine", "--max-sequence-length", str(T5_LENGTH))
+def bundle(sd3_pipeline_bundle):
+    return sd3_pipeline_bundle
 
 
 @pytest.fixture(scope="module")
@@ -161,10 +160,9 @@ def test_embeddings_path_unchanged(engine):
     session.close()
 
 
-def test_without_t5_matches_diffusers(folder, tmp_path):
+def test_without_t5_matches_diffusers(folder, sd3_pipeline_no_t5_bundle):
     """A --no-t5 bundle uses zeros in T5's place, as diffusers does without text_encoder_3."""
-    bundle = export(folder / "transformer", tmp_path / "no_t5.engine", "--pipeline", str(folder), "--no-t5",
-                    "--max-sequence-length", str(T5_LENGTH))
+    bundle = sd3_pipeline_no_t5_bundle
     noise = _noise(1, 64, 64, seed=5)
     with Engine(bundle) as engine:
         result = engine.session().generate(prompt=PROMPTS[0], latents=noise, num_steps=3, guidance_scale=3.0)
