@@ -26,6 +26,10 @@ PRESETS = {
 }
 
 
+# Prompts the prompt-to-image tests (Python and C) run: unicode, punctuation, one over CLIP's 77 tokens; and negatives.
+PROMPTS = ["a red circle on a blue square", "Ünïcode, PUNCTUATION!? and a long " + "very " * 40 + "long prompt"]
+NEGATIVES = ["", "blurry"]
+
 def make_sd3_pipeline(root: Path, seed: int = 0, preset: str = "tiny") -> Path:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast

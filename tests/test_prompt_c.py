@@ -18,11 +18,10 @@ import pytest
 from slimengine import Engine, SlimError, _native
 from slimengine.runtime import _TensorArg
 from tests.conftest import PIPELINE_T5_LENGTH, edit_manifest
+from tests.pipeline_files import NEGATIVES, PROMPTS
 
 ROOT = Path(__file__).resolve().parents[1]
 T5_LENGTH = PIPELINE_T5_LENGTH
-PROMPTS = ["a red circle on a blue square", "Ünïcode, PUNCTUATION!? and a long " + "very " * 40 + "long prompt"]
-NEGATIVES = ["", "blurry"]
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,9 @@ import torch
 
 from slimengine import Engine, ImageResult, SlimError
 from tests.conftest import PIPELINE_T5_LENGTH, edit_manifest
+from tests.pipeline_files import NEGATIVES, PROMPTS
 
 T5_LENGTH = PIPELINE_T5_LENGTH
-PROMPTS = ["a red circle on a blue square", "Ünïcode, PUNCTUATION!? and a long " + "very " * 40 + "long prompt"]
-NEGATIVES = ["", "blurry"]
 
 
 @pytest.fixture(scope="module")
