@@ -23,6 +23,8 @@ from .sd3_model import DistilledSD3, SD3Config
 
 WRAPPER_PREFIXES = ("module.", "_fsdp_wrapped_module.", "transformer.")
 COMPENSATION_PREFIXES = ("delta_pred_hidden.", "delta_pred_encoder.")
+# Key prefixes of the text encoders and VAE in an SD3 single file (export/single_file.py reads them)
+SINGLE_FILE_PREFIXES = ("text_encoders.", "first_stage_model.")
 # SD3 convention when the weights cannot tell (no qk-norm): heads of 64 channels.
 DEFAULT_HEAD_DIM = 64
 
@@ -52,7 +54,8 @@ def load_checkpoint(path: str | Path, num_attention_heads: int | None = None) ->
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
-    raw, metadata = _read_raw(path)
+    # a single file's encoders and VAE are export/single_file.py's: not read here (no second copy of them in memory)
+    raw, metadata = _read_raw(path, skip=SINGLE_FILE_PREFIXES)
     if not isinstance(metadata, dict):
         raise CheckpointError(f"{path}: the slimengine metadata must be a JSON object, found {type(metadata).__name__}")
     state_dict = _normalise_keys(raw, path)
@@ -75,8 +78,9 @@ def load_checkpoint(path: str | Path, num_attention_heads: int | None = None) ->
     return Checkpoint(path=path, config=config, state_dict=state_dict, metadata=metadata, sha256=_hash_source(path))
 
 
-def _read_raw(path: Path) -> tuple[dict, dict]:
-    """The tensors (each checked to own the data it claims) and the slimengine metadata."""
+def _read_raw(path: Path, skip: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """The tensors (each checked to own the data it claims; those whose names start with `skip` left out) and the
+    slimengine metadata."""
     try:
         if path.is_dir():
             raw = _read_diffusers_folder(path)
@@ -84,8 +88,9 @@ def _read_raw(path: Path) -> tuple[dict, dict]:
             suffix = path.suffix.lower()
             if suffix in (".pt", ".pth", ".ckpt", ".bin"):
                 raw = _read_torch(path)
+                raw = ({k: v for k, v in raw[0].items() if not k.startswith(skip)}, raw[1]) if skip else raw
             elif suffix == ".safetensors":
-                raw = _read_safetensors([path])
+                raw = _read_safetensors([path], skip)
             else:
                 raw = None
         if raw is not None:
@@ -145,7 +150,7 @@ def _read_torch(path: Path) -> tuple[dict, dict]:
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, metadata
 
 
-def _read_safetensors(files: list[Path]) -> tuple[dict, dict]:
+def _read_safetensors(files: list[Path], skip: tuple[str, ...] = ()) -> tuple[dict, dict]:
     from safetensors import safe_open
 
     tensors, metadata = {}, {}
@@ -155,7 +160,8 @@ def _read_safetensors(files: list[Path]) -> tuple[dict, dict]:
             if "slimengine" in meta:
                 metadata = json.loads(meta["slimengine"])
             for key in handle.keys():
-                tensors[key] = handle.get_tensor(key)
+                if not (skip and key.startswith(skip)):
+                    tensors[key] = handle.get_tensor(key)
     return tensors, metadata
 
 

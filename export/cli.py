@@ -17,8 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
         "recommender checkpoint (.pt/.safetensors with its config inside) into an engine bundle (ONNX stages + manifest) "
         "that the slimengine runtime executes. The family is detected from the checkpoint.",
     )
-    parser.add_argument("checkpoint", type=Path, help="checkpoint file, diffusers transformer folder, or diffusers SD3 pipeline folder "
-                        "(model_index.json: transformer, text encoders, VAE and tokenizers all become stages; docs/pipeline.md)")
+    parser.add_argument("checkpoint", type=Path, help="checkpoint file, diffusers transformer folder, diffusers SD3 pipeline folder "
+                        "(model_index.json: transformer, text encoders, VAE and tokenizers all become stages; docs/pipeline.md), or "
+                        "an SD3 single file with its text encoders and VAE (text_encoders.*, first_stage_model.*; give --tokenizers)")
     parser.add_argument("-o", "--output", type=Path, help="bundle directory to write (default: CHECKPOINT.engine)")
     parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="compute precision (default fp32)")
     parser.add_argument("--steps", type=int, help="sampling steps (default: metadata, else 2 for 1.x-Distill, 28 for plain SD3)")
@@ -36,12 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-version", type=int, default=1,
                         help="LEMUR: the model version the runtime records with every embedding it writes to a memory bank (default 1)")
     parser.add_argument("--tokenizers", type=Path, metavar="PIPELINE",
-                        help="diffusers pipeline folder: its tokenizer/, tokenizer_2/, tokenizer_3/ become tokenizer stages (docs/tokenizers.md)")
+                        help="diffusers pipeline folder: its tokenizer/, tokenizer_2/, tokenizer_3/ become tokenizer stages (docs/tokenizers.md); "
+                        "required with a single file that has the text encoders")
     parser.add_argument("--pipeline", type=Path, metavar="FOLDER",
                         help="diffusers SD3 pipeline folder whose text encoders, VAE and tokenizers join the transformer CHECKPOINT "
                         "in the bundle (the 1.x student case; docs/pipeline.md)")
-    parser.add_argument("--no-t5", action="store_true", help="with a pipeline: export without the T5 encoder and tokenizer "
-                        "(SD3 then runs with zeros in T5's place)")
+    parser.add_argument("--no-t5", action="store_true", help="with a pipeline or a single file with encoders: export without the "
+                        "T5 encoder and tokenizer (SD3 then runs with zeros in T5's place; a single file's T5 is dropped)")
     parser.add_argument("--max-sequence-length", type=int, default=256,
                         help="T5 tokens (tokenizer length and the T5 stage's limit) with a pipeline or --tokenizers (default 256)")
     parser.add_argument("--verify", action="store_true", help="run every stage in ONNX Runtime against PyTorch")
@@ -65,6 +67,7 @@ def main(argv=None) -> int:
     from .pipeline_export import is_pipeline_folder, open_pipeline
     from .sampling_plan import make_plan
     from .sd3_export import export_sd3, needs_token_stages
+    from .single_file import component_roles, open_single_file
 
     start = time.perf_counter()
     if checkpoint_family(args.checkpoint) == "lemur":
@@ -72,12 +75,15 @@ def main(argv=None) -> int:
     pipeline = None
     try:
         whole = is_pipeline_folder(args.checkpoint)
+        single = component_roles(args.checkpoint)  # a single file with encoders and VAE: the roles it has
         if whole and args.pipeline is not None:
             raise CheckpointError(f"{args.checkpoint} is a pipeline folder already; --pipeline is for a transformer-only checkpoint")
-        if whole or args.pipeline is not None:
+        if single:
+            pipeline = open_single_file(args.checkpoint, single, args.tokenizers, args.no_t5, args.pipeline, args.shift)
+        elif whole or args.pipeline is not None:
             pipeline = open_pipeline(args.pipeline or args.checkpoint, t5=not args.no_t5, transformer=whole)
         elif args.no_t5:
-            raise CheckpointError("--no-t5 needs a pipeline (a pipeline folder, or --pipeline FOLDER)")
+            raise CheckpointError("--no-t5 needs a pipeline (a pipeline folder, --pipeline FOLDER, or a single file with the encoders)")
         if whole:
             args.checkpoint = args.checkpoint / "transformer"
         checkpoint = load_checkpoint(args.checkpoint, num_attention_heads=args.heads)

@@ -55,6 +55,9 @@ class PipelineFolder:
     def tokenizer_roles(self) -> tuple[str, ...]:
         return tuple(r for r in TOKENIZERS if r != "t5" or self.t5)
 
+    def load(self) -> dict[str, nn.Module]:
+        return load_components(self)
+
 
 def open_pipeline(path: Path, t5: bool = True, transformer: bool = False) -> PipelineFolder:
     """Check a diffusers SD3 pipeline folder has every component the export needs; raise CheckpointError with one

@@ -15,11 +15,11 @@ from .pipeline_export import (
     PipelineFolder,
     check_against_transformer,
     export_pipeline_stages,
-    load_components,
     pipeline_manifest,
     verify_pipeline_stages,
 )
 from .sampling_plan import SamplingPlan
+from .single_file import SingleFile
 from .tokenizer_export import export_tokenizers
 
 EXPORTER_VERSION = "0.1.0"
@@ -42,20 +42,21 @@ def export_sd3(
     token_stages: bool = False,
     tokenizers: Path | None = None,
     t5_max_length: int = 256,
-    pipeline: PipelineFolder | None = None,
+    pipeline: PipelineFolder | SingleFile | None = None,
 ) -> dict:
     """Write the bundle for `checkpoint` with `plan`; with `verify`, check every stage in ONNX Runtime.
     `token_stages` adds the X-Slim token-level stages (always when the plan's policy uses that level).
     `tokenizers`: a diffusers pipeline folder whose tokenizer/, tokenizer_2/, tokenizer_3/ become the bundle's
     tokenizer stages (docs/tokenizers.md); T5's keeps `t5_max_length` tokens. `pipeline`: a checked diffusers SD3
     pipeline folder whose text encoders and VAE become stages too (docs/pipeline.md), and whose tokenizers are
-    exported unless `tokenizers` names another folder."""
+    exported unless `tokenizers` names another folder; or a checked single file's encoders and VAE
+    (export/single_file.py), whose tokenizers `tokenizers` names."""
     model = checkpoint.build_model(DTYPES[precision])  # no float32 copy of a half-precision model
     plan.validate(model.num_layers, model.has_compensation)
     token_stages = token_stages or needs_token_stages(plan)
     components = None
     if pipeline is not None:
-        components = load_components(pipeline)
+        components = pipeline.load()
         check_against_transformer(components, checkpoint.config, pipeline)
         tokenizers = tokenizers or pipeline.path
     tokenizer_roles = pipeline.tokenizer_roles() if pipeline is not None else ("clip_l", "clip_g", "t5")
