@@ -227,9 +227,10 @@ def _count(weights: dict, pattern: str) -> int:
     return len(found) if found == set(range(len(found))) else -1
 
 
-def _clip(path: Path, role: str, raw: dict, tokenizer: Path, overrides: dict) -> nn.Module:
+def clip_config(path: Path, role: str, raw: dict, tokenizer: Path, overrides: dict):
+    """(CLIPTextConfig, weights in transformers' names) from the file's tensors under PREFIXES[role]."""
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTokenizer
 
     prefix = PREFIXES[role]
     weights = convert_ldm_clip_checkpoint(raw, prefix)
@@ -255,14 +256,13 @@ def _clip(path: Path, role: str, raw: dict, tokenizer: Path, overrides: dict) ->
                             hidden_act=settings["hidden_act"], layer_norm_eps=settings["layer_norm_eps"],
                             # the pooled output is taken at the first end-of-text token of the tokenizer's ids
                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    with _parameters_on_meta():
-        module = CLIPTextModelWithProjection(config)
-    return _load(path, role, module, weights, lambda k: prefix + k)
+    return config, weights
 
 
-def _t5(path: Path, raw: dict, overrides: dict) -> nn.Module:
+def t5_config(path: Path, raw: dict, overrides: dict):
+    """(T5Config, weights in transformers' names) from the file's tensors under PREFIXES["t5"]."""
     from diffusers.loaders.single_file_utils import convert_sd3_t5_checkpoint_to_diffusers
-    from transformers import T5Config, T5EncoderModel
+    from transformers import T5Config
 
     role, prefix = "t5", PREFIXES["t5"]
     weights = convert_sd3_t5_checkpoint_to_diffusers(raw)
@@ -283,18 +283,11 @@ def _t5(path: Path, raw: dict, overrides: dict) -> nn.Module:
                       is_encoder_decoder=False, use_cache=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
     # T5 in eager attention, as pipeline_export.load_components loads it (the ONNX lowering needs it).
     config._attn_implementation = "eager"
-    with _parameters_on_meta():
-        module = T5EncoderModel(config)
-    expected = module.state_dict()
-    if "encoder.embed_tokens.weight" in expected and "encoder.embed_tokens.weight" not in weights:
-        weights["encoder.embed_tokens.weight"] = weights["shared.weight"]  # tied to shared, not stored in SD3 files
-    if "encoder.embed_tokens.weight" not in expected:
-        weights.pop("encoder.embed_tokens.weight", None)
-    return _load(path, role, module, weights, lambda k: prefix + k)
+    return config, weights
 
 
-def _vae(path: Path, raw: dict, overrides: dict) -> nn.Module:
-    from diffusers import AutoencoderKL
+def vae_config(path: Path, raw: dict, overrides: dict):
+    """(AutoencoderKL's keyword arguments, weights in diffusers' names) from the file's tensors under first_stage_model."""
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
     role, prefix = "vae_decode", PREFIXES["vae_decode"]
@@ -324,9 +317,27 @@ def _vae(path: Path, raw: dict, overrides: dict) -> nn.Module:
     if len(weights) != len(raw):  # the converter maps each name it knows to one name and drops the others silently
         raise CheckpointError(f"{path}: {len(raw) - len(weights)} of the VAE's {len(raw)} {prefix}* tensors have names an SD3 VAE "
                               f"of {blocks} blocks has no place for")
+    return config, weights
+
+
+def build(path: Path, role: str, config, weights: dict) -> nn.Module:
+    """The module of `config` holding `weights` (assigned, not copied)."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
     with _parameters_on_meta():
-        module = AutoencoderKL(**config)
-    return _load(path, role, module, weights, lambda k: f"{k} (diffusers' name of a {prefix}* weight)")
+        if role == "vae_decode":
+            module = AutoencoderKL(**config)
+        else:
+            module = (T5EncoderModel if role == "t5" else CLIPTextModelWithProjection)(config)
+    if role == "t5":
+        expected = module.state_dict()
+        if "encoder.embed_tokens.weight" in expected and "encoder.embed_tokens.weight" not in weights:
+            weights["encoder.embed_tokens.weight"] = weights["shared.weight"]  # tied to shared, not stored in SD3 files
+        if "encoder.embed_tokens.weight" not in expected:
+            weights.pop("encoder.embed_tokens.weight", None)
+    shown = (lambda k: f"{k} (diffusers' name of a {PREFIXES[role]}* weight)") if role == "vae_decode" else (lambda k: PREFIXES[role] + k)
+    return _load(path, role, module, weights, shown)
 
 
 def load_single_file_components(source: SingleFile) -> dict[str, nn.Module]:
@@ -342,16 +353,17 @@ def load_single_file_components(source: SingleFile) -> dict[str, nn.Module]:
         raw = _read_role(source.path, PREFIXES[role])
         try:
             if role in ("clip_l", "clip_g"):
-                modules[role] = _clip(source.path, role, raw, source.tokenizers / TOKENIZERS[role], overrides.get(role, {}))
+                config, weights = clip_config(source.path, role, raw, source.tokenizers / TOKENIZERS[role], overrides.get(role, {}))
             elif role == "t5":
-                modules[role] = _t5(source.path, raw, overrides.get(role, {}))
+                config, weights = t5_config(source.path, raw, overrides.get(role, {}))
             else:
-                modules[role] = _vae(source.path, raw, overrides.get(role, {}))
+                config, weights = vae_config(source.path, raw, overrides.get(role, {}))
+            modules[role] = build(source.path, role, config, weights)
         except CheckpointError:
             raise
         except Exception as e:  # a config the shapes imply that the library refuses: one line
             text = str(e).strip().splitlines()
             raise CheckpointError(f"{source.path}: cannot build the {NAMES[role]} from its weights ({type(e).__name__}: "
                                   f"{text[0] if text else ''})") from None
-        del raw
+        del raw, weights
     return modules

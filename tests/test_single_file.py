@@ -234,3 +234,40 @@ def test_heads_the_shapes_cannot_tell(tmp_path, state, sd3_pipeline):
     """Without the metadata, CLIP's heads are 64 wide (SD3's): a width of 32 cannot be split, said in one line."""
     line = _refused(_variant(tmp_path, state, components=None), tmp_path, "--tokenizers", str(sd3_pipeline))
     assert "CLIP-L's width 32 cannot be split into heads of 64" in line and "components.clip_l.num_attention_heads" in line
+
+
+def test_sd3_shapes_give_sd3_configs(sd3_pipeline, tmp_path):
+    """Weights of SD3 Medium's shapes (on the meta device: no memory) give its configs for CLIP-L/G, T5-XXL and the
+    VAE, with no metadata: what the shapes cannot tell defaults to SD3's values."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from slimengine.export.single_file import clip_config, t5_config, vae_config
+
+    path = tmp_path / "sd3_medium_incl_clips_t5xxlfp16.safetensors"
+    clip = {"clip_l": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, hidden_act="quick_gelu"),
+            "clip_g": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu")}
+    for role, real in clip.items():
+        with torch.device("meta"):
+            model = CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=49408, projection_dim=real["hidden_size"], **real))
+        raw = {f"text_encoders.{role}.transformer.{k}": v for k, v in model.state_dict().items()}
+        if role == "clip_l":  # SD3's CLIP-L is used unprojected: a file may have no projection
+            raw.pop("text_encoders.clip_l.transformer.text_projection.weight")
+        config, weights = clip_config(path, role, raw, sd3_pipeline / "tokenizer", {})
+        assert {k: getattr(config, k) for k in real} == real, role
+        assert (config.vocab_size, config.projection_dim, config.max_position_embeddings, config.layer_norm_eps) == (49408, real["hidden_size"], 77, 1e-5)
+        if role == "clip_l":
+            assert torch.equal(weights["text_projection.weight"], torch.eye(768))
+    real = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, relative_attention_num_buckets=32,
+                relative_attention_max_distance=128, layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu")
+    with torch.device("meta"):
+        model = T5EncoderModel(T5Config(**real))
+    raw = {f"text_encoders.t5xxl.transformer.{k}": v for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"}
+    config, _ = t5_config(path, raw, {})
+    assert {k: getattr(config, k) for k in real} == real and config.dense_act_fn == "gelu_new" and config.is_gated_act
+    real = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                norm_num_groups=32, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+    with torch.device("meta"):
+        model = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, **real)
+    config, weights = vae_config(path, vae_to_ldm(model.state_dict(), 4), {})
+    assert {k: config[k] for k in real} == real and set(weights) == set(model.state_dict())
