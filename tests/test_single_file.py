@@ -155,13 +155,21 @@ def test_prompt_to_image_equals_the_folder_bundle(bundle, sd3_pipeline_bundle):
     assert np.array_equal(results[0].image, results[1].image) and np.array_equal(results[0].latents, results[1].latents)
 
 
-def test_no_t5_drops_the_files_t5(sd3_pipeline, single_file, tmp_path):
-    bundle = export(single_file, tmp_path / "no-t5.engine", "--tokenizers", str(sd3_pipeline), "--no-t5", "--max-sequence-length", str(T5_LENGTH))
+def test_half_precision_pt_file_and_no_t5(sd3_pipeline, sd3_pipeline_bundle, state, tmp_path):
+    """A .pt file (torch.load weights_only) in float16, as released files are, with --no-t5: the file's T5 is dropped;
+    the encoders are read as float32 from the float16 weights, so they equal the folder's within float16's rounding."""
+    path = tmp_path / "sd3-incl-encoders-fp16.pt"
+    torch.save({"state_dict": {k: v.half() for k, v in state.items()},
+                "slimengine": {"num_attention_heads": 2, "sample_size": 8, "components": COMPONENT_METADATA}}, path)
+    bundle = export(path, tmp_path / "no-t5.engine", "--tokenizers", str(sd3_pipeline), "--no-t5", "--max-sequence-length", str(T5_LENGTH))
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert "t5" not in [s["role"] for s in manifest["stages"]] and manifest["pipeline"]["t5"] is False
-    assert [t["role"] for t in manifest["tokenizers"]] == ["clip_l", "clip_g"]
+    assert [t["role"] for t in manifest["tokenizers"]] == ["clip_l", "clip_g"] and manifest["precision"] == "fp32"
     with Engine(bundle) as engine:
+        ids = np.stack([engine.tokenize("clip_g", p) for p in PROMPTS]).astype(np.int64)
         result = engine.session().generate(prompt=PROMPTS[0], seed=1, num_steps=2, guidance_scale=3.0)
+    got, want = _run(bundle, "clip_g", {"input_ids": ids}), _run(sd3_pipeline_bundle, "clip_g", {"input_ids": ids})
+    assert 0 < _rel(got["hidden_states"], want["hidden_states"]) < 1e-2 and _rel(got["pooled"], want["pooled"]) < 1e-2
     assert set(result.stats["encoder_calls"]) == {"clip_l", "clip_g"} and result.image.shape == (64, 64, 3)
 
 
