@@ -50,6 +50,15 @@ def test_streamed_stage_equals_module(tmp_path):
         got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids.numpy()})[0]
         assert got.shape == want.shape and np.isfinite(got).all()
         assert _rel(got, want) < tolerance, (precision, _rel(got, want))
+    # bf16: written and well-typed (ONNX Runtime's CPU provider does not run bf16 graphs)
+    import onnx
+
+    path = tmp_path / "bf16" / "t5.onnx"
+    path.parent.mkdir()
+    export_t5(config, weights, path, "bf16", max_sequence_length=32)
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path), load_external_data=False)
+    assert {i.data_type for i in model.graph.initializer if len(i.dims) == 2} == {onnx.TensorProto.BFLOAT16}
 
 
 def _bench(*args: str) -> dict:
