@@ -75,13 +75,15 @@ def _dynamic_shapes(spec: StageSpec, patch: int, max_patches: int):
     return tuple({axis: dims[d] for axis, d in enumerate(t.shape) if isinstance(d, str)} for t in spec.inputs)
 
 
-def trace_stage(module: nn.Module, spec: StageSpec, args: tuple, patch: int = 1, max_patches: int = 1, dynamic_shapes=None):
+def trace_stage(module: nn.Module, spec: StageSpec, args: tuple, patch: int = 1, max_patches: int = 1, dynamic_shapes=None,
+                optimize: bool = True):
     """torch.export + ONNX lowering of one stage (the token ops lowered to ai.slimengine); returns the
-    ONNXProgram. `dynamic_shapes` defaults to the SD3 stages' dimensions."""
+    ONNXProgram. `dynamic_shapes` defaults to the SD3 stages' dimensions; `optimize` runs torch.onnx's graph
+    optimizer (constant folding included)."""
     with warnings.catch_warnings(), _quiet_logs():
         warnings.simplefilter("ignore")
         return torch.onnx.export(
-            module, args, dynamo=True, opset_version=OPSET, verbose=False,
+            module, args, dynamo=True, opset_version=OPSET, verbose=False, optimize=optimize,
             dynamic_shapes=dynamic_shapes if dynamic_shapes is not None else _dynamic_shapes(spec, patch, max_patches),
             custom_translation_table=ONNX_TRANSLATIONS,
             input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],

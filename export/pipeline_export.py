@@ -10,7 +10,12 @@ Stages (roles):
   manifest's `pipeline` block.
 
 Every stage keeps the float32 boundary of the transformer stages (int64 ids in). In fp16/bf16 bundles the fragile
-nodes stay float32: the whole T5 stage (its fp16 activations overflow) and the VAE's group norms.
+nodes stay float32, through explicit casts (every ONNX node sees one dtype): in T5 the residual stream, the RMS norms,
+the attention softmax and the feed-forward product and `wo` (t5_export.py; its weights are all stored in the bundle's
+dtype); in the VAE the group norms.
+
+T5 is never loaded whole: the stage is traced from a weightless skeleton and each weight is read from
+text_encoder_3/'s safetensors as it is written (t5_export.py), so a T5-XXL exports within a few GiB of memory.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from torch import nn
 from .errors import CheckpointError
 from .lowering import DTYPES, StageModule, trace_stage
 from .stage_spec import StageSpec, TensorSpec
+from .t5_export import T5EncoderStage, T5Source, export_t5_stage
 
 CLIP_LENGTH = 77  # diffusers' tokenizer_max_length for SD3
 # role -> (folder, what it is, the class diffusers' SD3 pipeline loads)
@@ -95,12 +101,12 @@ def open_pipeline(path: Path, t5: bool = True, transformer: bool = False) -> Pip
 
 
 def load_components(pipeline: PipelineFolder) -> dict[str, nn.Module]:
-    """The pipeline's encoders and VAE in float32, eval mode (weights read from safetensors by from_pretrained)."""
+    """The pipeline's CLIP encoders and VAE in float32, eval mode (weights read from safetensors by from_pretrained), and
+    T5 as a T5Source: its config, its weights read one at a time when the stage is written."""
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection
 
-    classes = {"clip_l": CLIPTextModelWithProjection, "clip_g": CLIPTextModelWithProjection, "t5": T5EncoderModel,
-               "vae_decode": AutoencoderKL}
+    classes = {"clip_l": CLIPTextModelWithProjection, "clip_g": CLIPTextModelWithProjection, "vae_decode": AutoencoderKL}
     import diffusers
     import transformers
 
@@ -111,10 +117,10 @@ def load_components(pipeline: PipelineFolder) -> dict[str, nn.Module]:
     for role in pipeline.roles():
         folder = pipeline.path / COMPONENTS[role][0]
         try:
-            # T5 in eager attention: its SDPA path reshapes a transposed output, which torch.onnx cannot lower with a
-            # dynamic text length ("Cannot view a tensor ...").
-            extra = {"attn_implementation": "eager"} if role == "t5" else {}
-            modules[role] = classes[role].from_pretrained(str(folder), torch_dtype=torch.float32, **extra).eval()
+            if role == "t5":  # read lazily, one weight at a time (t5_export.py): a T5-XXL is 19 GB in float32
+                modules[role] = T5Source(folder)
+            else:
+                modules[role] = classes[role].from_pretrained(str(folder), torch_dtype=torch.float32).eval()
         except Exception as e:  # a folder diffusers/transformers cannot load: one line
             text = str(e).strip().splitlines()
             raise CheckpointError(f"{folder}: cannot load the {COMPONENTS[role][1]} as {COMPONENTS[role][2]} "
@@ -156,17 +162,6 @@ class ClipStage(StageModule):
         return self._out(out.hidden_states[-2], out.text_embeds)
 
 
-class T5Stage(StageModule):
-    """input_ids -> last hidden states, as diffusers' _get_t5_prompt_embeds (no attention mask)."""
-
-    def __init__(self, encoder: nn.Module, dtype):
-        super().__init__(dtype)
-        self.encoder = encoder
-
-    def forward(self, input_ids):
-        return self._out(self.encoder(input_ids)[0])
-
-
 class VaeDecodeStage(StageModule):
     """latents (already scaled: latents / scaling_factor + shift_factor) -> image, AutoencoderKL.decode's sample."""
 
@@ -190,11 +185,7 @@ class _Fp32GroupNorm(nn.GroupNorm):
 def to_precision(role: str, module: nn.Module, precision: str) -> nn.Module:
     """The module in the bundle's precision, with its fragile nodes kept float32 (module docstring)."""
     dtype = DTYPES[precision]
-    if dtype == torch.float32 or role == "t5":
-        # T5 stays float32 whole: transformers' own fp16 recipe (wo in float32, which promotes the residual stream)
-        # lowers to an ONNX graph with mixed-type Mul nodes that ONNX Runtime refuses.
-        return module
-    module = module.to(dtype)
+    module = module.to(dtype)  # T5: every weight; T5EncoderStage computes its fragile nodes in float32
     if role == "vae_decode":
         for sub in module.modules():
             if type(sub) is nn.GroupNorm:
@@ -208,11 +199,16 @@ def stage_module(role: str, module: nn.Module, precision: str) -> nn.Module:
     if role in ("clip_l", "clip_g"):
         return ClipStage(module, dtype)
     if role == "t5":
-        return T5Stage(module, dtype)
+        return T5EncoderStage(module, dtype)
     return VaeDecodeStage(module, dtype)
 
 
 # --- specs, example inputs, export ---------------------------------------------------------------
+
+
+def t5_spec(config) -> StageSpec:
+    return StageSpec("t5", (TensorSpec("input_ids", ("batch", "text"), "int64"),),
+                     (TensorSpec("hidden_states", ("batch", "text", config.d_model)),), role="t5")
 
 
 def stage_specs(modules: dict, max_sequence_length: int) -> list[StageSpec]:
@@ -223,8 +219,7 @@ def stage_specs(modules: dict, max_sequence_length: int) -> list[StageSpec]:
                                (TensorSpec("hidden_states", ("batch", CLIP_LENGTH, c.hidden_size)),
                                 TensorSpec("pooled", ("batch", c.projection_dim))), role=role))
     if "t5" in modules:
-        specs.append(StageSpec("t5", (TensorSpec("input_ids", ("batch", "text"), "int64"),),
-                               (TensorSpec("hidden_states", ("batch", "text", modules["t5"].config.d_model)),), role="t5"))
+        specs.append(t5_spec(modules["t5"].config))
     c = modules["vae_decode"].config
     specs.append(StageSpec("vae_decode", (TensorSpec("latents", ("batch", c.latent_channels, "height", "width")),),
                            (TensorSpec("image", ("batch", c.out_channels, "image_height", "image_width")),), role="vae_decode"))
@@ -253,6 +248,11 @@ def export_pipeline_stages(modules: dict, directory: Path, precision: str, max_s
     specs = stage_specs(modules, max_sequence_length)
     (directory / "stages").mkdir(parents=True, exist_ok=True)
     for spec in specs:
+        if spec.role == "t5":
+            export_t5(modules["t5"].config, modules["t5"].weights(), directory / spec.file, precision, max_sequence_length)
+            if progress is not None:
+                progress(spec.name)
+            continue
         module = to_precision(spec.role, modules[spec.role], precision)
         program = trace_stage(stage_module(spec.role, module, precision), spec, (example_input(spec.role, module),),
                               dynamic_shapes=_dynamic_shapes(spec.role, max_sequence_length))
@@ -260,6 +260,14 @@ def export_pipeline_stages(modules: dict, directory: Path, precision: str, max_s
         if progress is not None:
             progress(spec.name)
     return specs
+
+
+def export_t5(config, weights, path: Path, precision: str, max_sequence_length: int) -> StageSpec:
+    """Write the t5 stage of a T5 encoder of `config` to `path` (+ .data), streamed: traced without weights, each weight
+    read from `weights` (a T5EncoderModel key -> tensor) as it is written (t5_export.py)."""
+    spec = t5_spec(config)
+    export_t5_stage(config, weights, Path(path), spec, DTYPES[precision], _dynamic_shapes("t5", max_sequence_length))
+    return spec
 
 
 def verify_pipeline_stages(modules: dict, directory: Path, specs: list[StageSpec], precision: str) -> dict[str, float]:
@@ -270,7 +278,8 @@ def verify_pipeline_stages(modules: dict, directory: Path, specs: list[StageSpec
     options.log_severity_level = 3
     errors = {}
     for spec in specs:
-        module = to_precision(spec.role, modules[spec.role], precision)
+        module = modules[spec.role].load() if spec.role == "t5" else modules[spec.role]  # T5: loaded whole, for the check
+        module = to_precision(spec.role, module, precision)
         x = example_input(spec.role, module, batch=3, text=11, height=5, width=7, seed=1)
         with torch.no_grad():
             expected = stage_module(spec.role, module, precision)(x)

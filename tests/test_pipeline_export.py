@@ -157,7 +157,8 @@ FP16_TOLERANCE = 2e-2  # max |Δ| relative to the reference's max |value|
 
 
 def test_fp16_stages_finite_and_close(fp16_bundle, reference):
-    """fp16 encoders and VAE (T5 and the VAE's group norms kept float32) against the float32 modules."""
+    """fp16 encoders and VAE (T5 with its residual stream, norms, softmax and wo in float32; the VAE with its group norms
+    in float32) against the float32 modules: finite and close."""
     rng = np.random.default_rng(2)
     for role, encoder in (("clip_l", reference.text_encoder), ("clip_g", reference.text_encoder_2), ("t5", reference.text_encoder_3)):
         ids = rng.integers(0, encoder.config.vocab_size, (2, 77 if role != "t5" else T5_LENGTH)).astype(np.int64)
@@ -175,15 +176,72 @@ def test_fp16_stages_finite_and_close(fp16_bundle, reference):
     assert np.isfinite(got).all() and _rel(got, want) < FP16_TOLERANCE
 
 
-def test_fp16_t5_stays_float32(fp16_bundle):
+def _weight_dtypes(stage_path) -> dict[str, int]:
+    """onnx data type name -> elements, over the stage's weight initializers (more than 64 values)."""
     import onnx
 
-    def dtypes(stage):
-        model = onnx.load(str(fp16_bundle / "stages" / f"{stage}.onnx"), load_external_data=False)
-        return {i.data_type for i in model.graph.initializer if len(i.dims) == 2}
+    model = onnx.load(str(stage_path), load_external_data=False)
+    counts: dict[str, int] = {}
+    for init in model.graph.initializer:
+        n = int(np.prod(init.dims))
+        if n > 64:
+            name = onnx.TensorProto.DataType.Name(init.data_type)
+            counts[name] = counts.get(name, 0) + n
+    return counts
 
-    assert dtypes("t5") == {onnx.TensorProto.FLOAT}
-    assert onnx.TensorProto.FLOAT16 in dtypes("clip_l")
+
+def test_fp16_t5_stage_is_fp16(fp16_bundle, bundle):
+    """The fp16 bundle's T5 keeps only nodes in float32, not weights: every weight is fp16 (half the float32 stage's
+    bytes), the graph passes the ONNX checker with shape inference (no node with mixed input types) and loads in ONNX
+    Runtime (test_fp16_stages_finite_and_close runs it)."""
+    import onnx
+
+    counts = _weight_dtypes(fp16_bundle / "stages" / "t5.onnx")
+    assert set(counts) == {"FLOAT16"}, counts
+    assert counts == {"FLOAT16": sum(_weight_dtypes(bundle / "stages" / "t5.onnx").values())}
+    fp16_size = (fp16_bundle / "stages" / "t5.onnx.data").stat().st_size
+    fp32_size = (bundle / "stages" / "t5.onnx.data").stat().st_size
+    assert fp16_size <= 0.51 * fp32_size, (fp16_size, fp32_size)
+    onnx.checker.check_model(str(fp16_bundle / "stages" / "t5.onnx"), full_check=True)
+    assert onnx.TensorProto.FLOAT16 in {i.data_type for i in onnx.load(str(fp16_bundle / "stages" / "clip_l.onnx"),
+                                                                       load_external_data=False).graph.initializer}
+
+
+WO_SCALE = 1e5  # the tiny T5's feed-forward outputs then exceed fp16's 65504
+
+
+def test_fp16_t5_survives_overflow(folder, tmp_path):
+    """Regression: a T5 whose feed-forward output projections (`wo`) are scaled so that its activations exceed 65504.
+    All in fp16 (transformers' module .half()) the feed-forward outputs are inf and the hidden states wrong; the fp16
+    stage (residual stream, norms, softmax and wo in float32) stays finite and close to the float32 module."""
+    from transformers import T5EncoderModel
+
+    from slimengine.export.pipeline_export import export_t5
+    from slimengine.export.t5_export import T5Source
+
+    model = T5EncoderModel.from_pretrained(folder / "text_encoder_3", attn_implementation="eager").eval()
+    with torch.no_grad():
+        for block in model.encoder.block:
+            block.layer[-1].DenseReluDense.wo.weight.mul_(WO_SCALE)
+    model.save_pretrained(tmp_path / "t5")
+    ids = torch.from_numpy(np.random.default_rng(3).integers(0, model.config.vocab_size, (2, T5_LENGTH)))
+    with torch.no_grad():
+        want = model(ids)[0].numpy()
+        ff_outputs = []
+        hooks = [b.layer[-1].DenseReluDense.register_forward_hook(lambda m, i, o: ff_outputs.append(o)) for b in model.encoder.block]
+        naive = model.half()(ids)[0].float().numpy()
+        for h in hooks:
+            h.remove()
+    assert np.isfinite(want).all()
+    assert any(torch.isinf(o).any() for o in ff_outputs), "the naive fp16 module did not overflow: raise WO_SCALE"
+    assert not np.isfinite(naive).all() or _rel(naive, want) > 0.2, _rel(naive, want)
+
+    source = T5Source(tmp_path / "t5")
+    export_t5(source.config, source.weights(), tmp_path / "t5.onnx", "fp16", T5_LENGTH)
+    assert set(_weight_dtypes(tmp_path / "t5.onnx")) == {"FLOAT16"}
+    got = _session(tmp_path / "t5.onnx").run(None, {"input_ids": ids.numpy()})[0]
+    assert np.isfinite(got).all()
+    assert _rel(got, want) < FP16_TOLERANCE, _rel(got, want)
 
 
 def test_no_t5(folder, tmp_path):
