@@ -204,3 +204,25 @@ def test_cli_refuses_a_bundle_without_pipeline(bundle, tmp_path):
     assert not (tmp_path / "x.png").exists()
     with Engine(copy) as engine, pytest.raises(SlimError, match="no pipeline stages"):
         engine.session().generate(prompt="x")
+
+
+def test_progress_ticks_each_step_and_an_exception_cancels(engine):
+    """progress(phase, step, total) from the runtime's callback: encode, each sampling step, decode; an exception it raises
+    cancels the runtime call, reaches the caller, and the session goes on (the same image as an uncancelled call)."""
+    session = engine.session(prompt_cache=0)
+    seen = []
+    first = session.generate(prompt="a red circle", seed=2, num_steps=3, progress=lambda *tick: seen.append(tick))
+    assert seen == [("encode", 0, 1), ("step", 0, 3), ("step", 1, 3), ("step", 2, 3), ("decode", 0, 1)]
+
+    class Stop(Exception):
+        pass
+
+    def stop(phase, step, total):
+        if phase == "step" and step == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        session.generate(prompt="a red circle", seed=2, num_steps=3, progress=stop)
+    again = session.generate(prompt="a red circle", seed=2, num_steps=3)
+    assert np.array_equal(again.image, first.image) and np.array_equal(again.latents, first.latents)
+    session.close()
