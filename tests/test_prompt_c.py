@@ -143,6 +143,9 @@ def test_c_program_writes_the_python_image(engine, bundle, tmp_path):
                            "--guidance", "4.5", "--steps", "3", "--out", str(out)], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "vae_decode" in proc.stdout and "3 steps" in proc.stdout
+    assert [line for line in proc.stderr.splitlines() if line.startswith("step ")] == ["step 1/3", "step 2/3", "step 3/3"]  # progress
+    # The second call in the same session: both texts from the prompt cache, no encoder run, the same bits.
+    assert "again: prompt cache 2 hits, 0 misses, 0 encoder calls" in proc.stdout and "same image: yes" in proc.stdout
     want = engine.session().generate(prompt="a red circle", negative_prompt="blurry", seed=9, height=64, width=64, guidance_scale=4.5,
                                      num_steps=3).image
     data = out.read_bytes()
