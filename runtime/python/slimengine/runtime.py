@@ -203,7 +203,7 @@ class GenerateResult:
     # the session's buffers: the request and the result), per_step, per_stage
     stats: dict
     # With Session.profiling on: the runtime's timed events, in the order they ended (slim_event), each
-    # {kind: generation|prepare|step|stage|bank|block, step, block, stage (name or None), level (step level name or None),
+    # {kind: generation|prepare|step|stage|bank|block (tokenize|decode|image: generate(prompt=...)'s, see ImageResult.spans), step, block, stage (name or None), level (step level name or None),
     #  action (block events: BLOCK_ACTIONS name, else None), start_ns, end_ns (host steady clock), device_ns (None: not
     #  measured)}. Block events only with Session.profiling = "blocks". Empty when profiling is off.
     # EmbedResult and ScoreResult carry the same list: the call ("generation"), its stage call and its "bank" work.
