@@ -243,9 +243,10 @@ class ImageResult:
 
     image: np.ndarray  # uint8 RGB, [H, W, 3] for a prompt given as a str, [B, H, W, 3] for a list of prompts
     latents: np.ndarray  # the sampled latents [B, C, h, w], before the VAE's scaling
-    # generate's stats (GenerateResult.stats), plus: stage_ms {tokenize, clip_l, clip_g, t5 (encoders run by this call; 0 on a
-    # cache hit), steps (the sampling call's total_ms), vae_decode (with the uint8 conversion)}; encoder_calls {role: calls};
-    # prompt_cache {hits, misses (this call's prompts, the negative ones included), size, capacity}
+    # generate's stats (GenerateResult.stats: total_ms is the sampling call's), plus: stage_ms {tokenize, clip_l, clip_g, t5
+    # (encoders run by this call; 0 on a cache hit), steps (the sampling call's total_ms), vae_decode (with the uint8
+    # conversion)}; encoder_calls {role: calls}; prompt_cache {hits, misses (per prompt text of the call, the negative ones
+    # included; a text found earlier in the same call is a hit), size, capacity} (slim_prompt_stats)
     stats: dict
     events: list[dict] = dataclasses.field(default_factory=list)  # the sampling call's events, as GenerateResult.events
     # The prompt path's own phases, from the runtime's events (with Session.profiling on; slim_generate_prompt records them on the
