@@ -226,3 +226,34 @@ def test_progress_ticks_each_step_and_an_exception_cancels(engine):
     again = session.generate(prompt="a red circle", seed=2, num_steps=3)
     assert np.array_equal(again.image, first.image) and np.array_equal(again.latents, first.latents)
     session.close()
+
+
+def test_cli_progress_bar_counts_the_sampling_steps(bundle, tmp_path):
+    """On a terminal (a pseudo-terminal here) the bar ticks once per sampling step, from the runtime's progress callback."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a new pty is 0 columns wide: tqdm draws nothing
+    try:
+        proc = subprocess.run([sys.executable, "-m", "slimengine.cli", "generate", str(bundle), "a red circle", "-o",
+                               str(tmp_path / "out.png"), "--steps", "5", "--size", "64"], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=slave, text=True, timeout=300)
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the terminal's other side is closed and everything was read
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(master)
+    bar = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, bar
+    assert "5/5" in bar and "step" in bar, bar  # (it counted the 3 phases before ABI 0.8)
