@@ -1,6 +1,7 @@
 """slim_generate_prompt (ABI 0.7): prompt to image through the C ABI, bit for bit the Python binding's
-Session.generate(prompt=...) on the tiny random pipeline of tests/pipeline_files.py; the C example program;
-the call's argument checks."""
+Session.generate(prompt=...) (a thin call of it since ABI 0.8, here served from the session's prompt cache the C call
+filled) on the tiny random pipeline of tests/pipeline_files.py; the C example program; the call's argument checks.
+The session's prompt cache, progress and cancellation, threads: tests/test_prompt_session_c.py."""
 
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ def engine(bundle):
 
 def c_generate(session, prompts, negatives=None, *, height=64, width=64, latents_out=True, image_capacity=None, latents=None, **fields):
     """slim_generate_prompt through ctypes: (status, image uint8 [B, H, W, 3], latents or None, stats, last error)."""
+    _native.set_extensions_library()  # the tokenizer stages' ops (the Python package's own calls set it too)
     lib = _native.lib()
     params = lib.slim_prompt_default_params()
     encoded = [None if p is None else p.encode() if isinstance(p, str) else p for p in prompts]
@@ -71,14 +73,19 @@ def c_generate(session, prompts, negatives=None, *, height=64, width=64, latents
 def test_c_image_equals_python_cfg_batch2(engine, num_steps):
     """CFG on, batch 2, negative prompts, an over-long unicode prompt: the same image and latents bits as Python."""
     session = engine.session()
-    want = session.generate(prompt=PROMPTS, negative_prompt=NEGATIVES, seed=11, guidance_scale=5.0, height=64, width=80,
-                            num_steps=num_steps)
     status, image, latents, stats, error = c_generate(session, PROMPTS, NEGATIVES, height=64, width=80, seed=11, guidance_scale=5.0,
                                                       num_steps=num_steps or 0)
     assert status == 0, error
+    want = session.generate(prompt=PROMPTS, negative_prompt=NEGATIVES, seed=11, guidance_scale=5.0, height=64, width=80,
+                            num_steps=num_steps)
+    assert want.stats["prompt_cache"]["hits"] == 4  # the four texts the C call encoded
     assert np.array_equal(image, want.image) and np.array_equal(latents, want.latents)
     assert (stats.batch, stats.height, stats.width, stats.steps) == (2, 64, 80, num_steps or 28)
     assert stats.encoder_calls == 3 * 4  # four distinct texts, three encoders each
+    assert (stats.prompt_cache_hits, stats.prompt_cache_misses, stats.prompt_cache_size, stats.prompt_cache_capacity) == (0, 4, 4, 16)
+    assert (stats.blocks_run, stats.stage_calls, stats.flop_fraction) == (want.stats["blocks_run"], want.stats["stage_calls"],
+                                                                        want.stats["flop_fraction"])
+    assert stats.backend_ms > 0 and stats.transfer_bytes == want.stats["transfer_bytes"]
     assert min(stats.tokenize_ms, stats.clip_l_ms, stats.clip_g_ms, stats.t5_ms, stats.steps_ms, stats.vae_decode_ms) > 0
     assert stats.total_ms >= stats.steps_ms + stats.vae_decode_ms
     session.close()
@@ -87,11 +94,12 @@ def test_c_image_equals_python_cfg_batch2(engine, num_steps):
 def test_c_defaults_and_seeded_noise_and_given_latents(engine):
     """Default size and guidance (the bundle's), the default negative "" (NULL), repeated texts encoded once; given latents."""
     session = engine.session()
-    want = session.generate(prompt=["a cat", "a cat"], seed=4, num_steps=2)
     status, image, latents, stats, error = c_generate(session, ["a cat", "a cat"], None, height=0, width=0, seed=4, num_steps=2)
     assert status == 0, error
+    want = session.generate(prompt=["a cat", "a cat"], seed=4, num_steps=2)
     assert np.array_equal(image, want.image) and np.array_equal(latents, want.latents)
     assert stats.encoder_calls == 3 * 2  # "a cat" and "" once each
+    assert (stats.prompt_cache_hits, stats.prompt_cache_misses) == (2, 2)  # the second "a cat" and "" were found in the call
     noise = np.random.default_rng(0).standard_normal((1, 16, 8, 8)).astype(np.float32)
     want = session.generate(prompt="a dog", latents=noise, guidance_scale=3.0, num_steps=2)
     status, image, _, _, error = c_generate(session, ["a dog"], [None], latents=noise, latents_out=False, guidance_scale=3.0,
@@ -105,9 +113,9 @@ def test_c_image_equals_python_without_t5(folder, sd3_pipeline_no_t5_bundle):
     bundle = sd3_pipeline_no_t5_bundle
     with Engine(bundle) as engine:
         session = engine.session()
-        want = session.generate(prompt=PROMPTS, negative_prompt=NEGATIVES, seed=2, guidance_scale=4.0, num_steps=3)
         status, image, latents, stats, error = c_generate(session, PROMPTS, NEGATIVES, seed=2, guidance_scale=4.0, num_steps=3)
         assert status == 0, error
+        want = session.generate(prompt=PROMPTS, negative_prompt=NEGATIVES, seed=2, guidance_scale=4.0, num_steps=3)
         assert np.array_equal(image, want.image) and np.array_equal(latents, want.latents)
         assert stats.encoder_calls == 2 * 4 and stats.t5_ms == 0
         session.close()
@@ -135,6 +143,9 @@ def test_c_program_writes_the_python_image(engine, bundle, tmp_path):
                            "--guidance", "4.5", "--steps", "3", "--out", str(out)], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "vae_decode" in proc.stdout and "3 steps" in proc.stdout
+    assert [line for line in proc.stderr.splitlines() if line.startswith("step ")] == ["step 1/3", "step 2/3", "step 3/3"]  # progress
+    # The second call in the same session: both texts from the prompt cache, no encoder run, the same bits.
+    assert "again: prompt cache 2 hits, 0 misses, 0 encoder calls" in proc.stdout and "same image: yes" in proc.stdout
     want = engine.session().generate(prompt="a red circle", negative_prompt="blurry", seed=9, height=64, width=64, guidance_scale=4.5,
                                      num_steps=3).image
     data = out.read_bytes()

@@ -261,3 +261,56 @@ def test_student_from_prompts_matches_pytorch_reference(student, reference):
     want = _uint8(reference.image_processor.postprocess(decoded, output_type="np"))
     assert np.abs(result.latents - latents.numpy()).max() < 1e-3 * np.abs(latents.numpy()).max()
     _compare(result.image, want)
+
+
+def test_progress_ticks_each_step_and_an_exception_cancels(engine):
+    """progress(phase, step, total) from the runtime's callback: encode, each sampling step, decode; an exception it raises
+    cancels the runtime call, reaches the caller, and the session goes on (the same image as an uncancelled call)."""
+    session = engine.session(prompt_cache=0)
+    seen = []
+    first = session.generate(prompt="a red circle", seed=2, num_steps=3, progress=lambda *tick: seen.append(tick))
+    assert seen == [("encode", 0, 1), ("step", 0, 3), ("step", 1, 3), ("step", 2, 3), ("decode", 0, 1)]
+
+    class Stop(Exception):
+        pass
+
+    def stop(phase, step, total):
+        if phase == "step" and step == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        session.generate(prompt="a red circle", seed=2, num_steps=3, progress=stop)
+    again = session.generate(prompt="a red circle", seed=2, num_steps=3)
+    assert np.array_equal(again.image, first.image) and np.array_equal(again.latents, first.latents)
+    session.close()
+
+
+def test_cli_progress_bar_counts_the_sampling_steps(bundle, tmp_path):
+    """On a terminal (a pseudo-terminal here) the bar ticks once per sampling step, from the runtime's progress callback."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a new pty is 0 columns wide: tqdm draws nothing
+    try:
+        proc = subprocess.run([sys.executable, "-m", "slimengine.cli", "generate", str(bundle), "a red circle", "-o",
+                               str(tmp_path / "out.png"), "--steps", "5", "--size", "64"], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=slave, text=True, timeout=300)
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the terminal's other side is closed and everything was read
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(master)
+    bar = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, bar
+    assert "5/5" in bar and "step" in bar, bar  # (it counted the 3 phases before ABI 0.8)

@@ -12,8 +12,8 @@ read with the host's steady clock around each backend call. For SD3 the baseline
 weights (28 steps x 2 CFG, every block every step) is timed in the same run, iterations interleaved
 with the engine's own, through the runtime's plan override (slim_generate_params.num_steps); LEMUR
 has no such plan. With --prompt (bundles with pipeline stages), each generation is prompt to image
-(Session.generate(prompt=...)): its tokenize, encoder and VAE phases, timed by the Python runtime on the
-same steady clock (ImageResult.spans), join the runtime's events on one timeline. The JSON schema is
+(Session.generate(prompt=...), the runtime's slim_generate_prompt): its tokenize, encoder and VAE phases, recorded
+by the runtime as events (ImageResult.spans), join the sampling's events on one timeline. The JSON schema is
 documented in docs/profile-engine.md.
 """
 

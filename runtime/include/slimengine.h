@@ -43,11 +43,13 @@ extern "C" {
  * refused (SLIM_ERR_INVALID_ARGUMENT): the caller's header is newer than the library. */
 #define SLIM_ABI_VERSION_MAJOR 0
 #define SLIM_ABI_VERSION_MINOR                                                                                               \
-    7 /* 2: X-Slim policies and stats, plan override, profiling events, LEMUR, generic stage call, device; 3: SLIM_ERR_BUSY; \
+    8 /* 2: X-Slim policies and stats, plan override, profiling events, LEMUR, generic stage call, device; 3: SLIM_ERR_BUSY; \
          4: bundle format 2, slim_verify levels, slim_bundle_verify, block events (SLIM_PROFILE_BLOCKS),                     \
          slim_generate_stats.transfer_bytes; 5: slim_abi_version, slim_engine_info, slim_engine_program_step, struct_size    \
          larger than the library's refused; 6: slim_tokenize, slim_engine_tokenizer_count/role;                              \
-         7: slim_generate_prompt */
+         7: slim_generate_prompt; 8: the session's prompt-embedding cache (slim_session_set_prompt_cache,                    \
+         slim_session_clear_prompt_cache, slim_prompt_stats' cache fields), progress callbacks (slim_progress) with          \
+         SLIM_ERR_CANCELLED, prompt events (SLIM_EVENT_TOKENIZE, _DECODE, _IMAGE) */
 
 typedef enum slim_status {
     SLIM_OK = 0,
@@ -61,7 +63,8 @@ typedef enum slim_status {
     SLIM_ERR_OUT_OF_MEMORY = 8,
     SLIM_ERR_INTERNAL = 9,
     SLIM_ERR_NOT_FOUND = 10, /* a document id is not in the memory bank (or is stale); ABI 0.2 */
-    SLIM_ERR_BUSY = 11       /* the session is running another thread's call; ABI 0.3 */
+    SLIM_ERR_BUSY = 11,      /* the session is running another thread's call; ABI 0.3 */
+    SLIM_ERR_CANCELLED = 12  /* a progress callback returned non-zero: the call stopped, no output written; ABI 0.8 */
 } slim_status;
 
 /* Element types (the values of DLPack's (code, bits) pairs are not used: plain enum). */
@@ -258,6 +261,35 @@ SLIM_API slim_status slim_session_create(slim_engine* engine, slim_session** out
 /* Free a session, after waiting for a call running on it in another thread. NULL is accepted. */
 SLIM_API void slim_session_destroy(slim_session* session);
 
+/* The session's prompt-embedding cache (ABI 0.8): slim_generate_prompt keeps each prompt text's assembled conditioning
+ * (the three encoders' output, as the sampling program takes it) in a least-recently-used cache of `capacity` texts, so
+ * the negative prompt ("" usually) and repeated prompts are tokenized and encoded once across calls. A new session's
+ * capacity is SLIM_PROMPT_CACHE_DEFAULT; 0 turns the cache off (each call still encodes a text once however often it
+ * appears in that call). Lowering the capacity drops the least recently used entries. An entry holds
+ * (77 + max_sequence_length) x joint_attention_dim + pooled_projection_dim floats (5.4 MB for SD3-M).
+ * Status: INVALID_ARGUMENT (NULL session, capacity < 0 or > SLIM_PROMPT_CACHE_MAX), BUSY. */
+#define SLIM_PROMPT_CACHE_DEFAULT 16
+#define SLIM_PROMPT_CACHE_MAX 1024
+SLIM_API slim_status slim_session_set_prompt_cache(slim_session* session, int32_t capacity);
+/* Drop every cached prompt (the capacity stays). Status: INVALID_ARGUMENT (NULL session), BUSY. ABI 0.8. */
+SLIM_API slim_status slim_session_clear_prompt_cache(slim_session* session);
+
+/* ---- progress (ABI 0.8) ---- */
+
+/* What a progress callback reports. */
+typedef enum slim_phase {
+    SLIM_PHASE_ENCODE =
+        0,                /* slim_generate_prompt: before the prompts are looked up in the cache, tokenized and encoded (step 0, total 1) */
+    SLIM_PHASE_STEP = 1,  /* after sampling step `step` (0 to total - 1) of `total` finished */
+    SLIM_PHASE_DECODE = 2 /* slim_generate_prompt: before the VAE decode (step 0, total 1) */
+} slim_phase;
+
+/* Called from the thread that made the call, between phases and after each sampling step (never inside a stage).
+ * Return 0 to go on; anything else cancels the call: it returns SLIM_ERR_CANCELLED without writing to its outputs
+ * (image, latents, stats), and the session works as before for the next call (its step, stage and event records are
+ * those of the part that ran). The callback must not call into the same session (it would get SLIM_ERR_BUSY). */
+typedef int32_t (*slim_progress)(void* user, int32_t phase, int32_t step, int32_t total);
+
 /* ---- SD3 generation ---- */
 
 typedef struct slim_generate_params {
@@ -278,6 +310,9 @@ typedef struct slim_generate_params {
     int32_t num_steps; /* > 0: that many flow-matching Euler steps with diffusers' FlowMatchEulerDiscreteScheduler sigmas
                           for `shift`, every joint block every step (no cached range); 0 (default): the bundle's program */
     float shift;       /* sigma shift of that plan, > 0 (default 3.0, SD3's) */
+    /* ABI 0.8: */
+    slim_progress progress; /* NULL (default), or called after each sampling step (SLIM_PHASE_STEP); non-zero cancels */
+    void* progress_user;    /* passed to progress as it is */
 } slim_generate_params;
 
 /* Defaults for slim_generate: all tensors NULL, seed 0, guidance, X-Slim policy and program from the bundle. */
@@ -301,7 +336,7 @@ typedef struct slim_generate_stats {
 /* Run the bundle's whole sampling program. `latents_out` is caller memory, float32 [B, C, H, W]
  * CPU contiguous: its H and W choose the resolution (multiples of the patch size up to the position
  * table's limit). stats may be NULL. The session's per-step and per-stage stats are replaced.
- * Status: INVALID_ARGUMENT, SHAPE, DTYPE, NUMERICS, BACKEND, OUT_OF_MEMORY, BUSY. */
+ * Status: INVALID_ARGUMENT, SHAPE, DTYPE, NUMERICS, BACKEND, OUT_OF_MEMORY, BUSY, CANCELLED (params.progress). */
 SLIM_API slim_status slim_generate(slim_session* session, const slim_generate_params* params, const slim_tensor* latents_out,
                                    slim_generate_stats* stats);
 
@@ -322,6 +357,10 @@ typedef struct slim_prompt_params {
     int32_t num_steps;                   /* as slim_generate_params: > 0 a plain plan of that many steps; 0 (default): the program */
     float shift;                         /* that plan's sigma shift; 0 (default): the pipeline's scheduler shift, else 3.0 */
     const slim_tensor* latents; /* float32 [B, C, height/f, width/f] (f: the VAE's scale factor, 8 for SD3) initial noise; NULL: seeded */
+    /* ABI 0.8: */
+    slim_progress progress; /* NULL (default), or called at each phase: SLIM_PHASE_ENCODE, SLIM_PHASE_STEP after each sampling
+                               step, SLIM_PHASE_DECODE; non-zero cancels (SLIM_ERR_CANCELLED, nothing written) */
+    void* progress_user;    /* passed to progress as it is */
 } slim_prompt_params;
 
 /* Defaults for slim_generate_prompt: no prompts, seed 0, default size, guidance, X-Slim policy and program from the bundle. */
@@ -342,6 +381,19 @@ typedef struct slim_prompt_stats {
     double steps_ms;      /* the sampling program (slim_generate's total_ms) */
     double vae_decode_ms; /* scaling, the vae_decode stage and the conversion to RGB8 */
     double effective_nfe; /* as slim_generate_stats */
+    /* ABI 0.8: the session's prompt cache (slim_session_set_prompt_cache) in this call. Each prompt text of the call (the
+     * negative ones under CFG) is a hit (found in the cache, or earlier in this call) or a miss (tokenized and encoded:
+     * encoder_calls is misses x the encoders, 3, or 2 without T5). */
+    int32_t prompt_cache_hits;
+    int32_t prompt_cache_misses;
+    int32_t prompt_cache_size;     /* entries after the call */
+    int32_t prompt_cache_capacity; /* as set */
+    /* ABI 0.8: the sampling call's, as slim_generate_stats */
+    int32_t blocks_run;
+    int32_t stage_calls;
+    double flop_fraction;
+    double backend_ms;
+    uint64_t transfer_bytes;
 } slim_prompt_stats;
 
 /* Prompt to image: tokenize each prompt (and, when guidance > 1, each negative prompt) with the bundle's
@@ -352,10 +404,16 @@ typedef struct slim_prompt_stats {
  * image_out: caller memory, uint8 [B, height, width, 3] (HWC, RGB), image_capacity its size in bytes.
  * latents_out: NULL, or float32 [B, C, height/f, width/f] (the sampled latents before the VAE's scaling),
  * latents_capacity its size in floats. stats may be NULL. The session's step and stage stats are those of the
- * sampling (encoder and VAE times are in *stats). Nothing is cached between calls.
+ * sampling (encoder and VAE times are in *stats). Each prompt text's conditioning comes from the session's prompt cache
+ * when it is there (slim_session_set_prompt_cache: no tokenizer or encoder runs for it; the image is the same bits), and
+ * is kept there after it is encoded. With profiling on, the session's events are, in order: one SLIM_EVENT_TOKENIZE
+ * per tokenizer call and one SLIM_EVENT_STAGE (step -1) per encoder call, for each text encoded; the sampling's events
+ * (as slim_generate's, its SLIM_EVENT_GENERATION included); SLIM_EVENT_DECODE holding the vae_decode stage's event;
+ * SLIM_EVENT_IMAGE for the whole call, last.
  * Status: INVALID_ARGUMENT (NULL session/params/prompts, a prompt not UTF-8 or too long, a size not a multiple of
  * the VAE's scale factor x the patch size, a capacity too small, a bundle without pipeline stages: the message says
- * to re-export with export-engine PIPELINE_FOLDER), SHAPE, DTYPE, NUMERICS, BACKEND, OUT_OF_MEMORY, BUSY. */
+ * to re-export with export-engine PIPELINE_FOLDER), SHAPE, DTYPE, NUMERICS, BACKEND, OUT_OF_MEMORY, BUSY, CANCELLED
+ * (params.progress; nothing written to image_out, latents_out or stats; the texts encoded before stay cached). */
 SLIM_API slim_status slim_generate_prompt(slim_session* session, const slim_prompt_params* params, uint8_t* image_out,
                                           size_t image_capacity, float* latents_out, size_t latents_capacity, slim_prompt_stats* stats);
 
@@ -407,7 +465,10 @@ typedef enum slim_event_kind {
     SLIM_EVENT_STEP = 2,       /* generate: one sampling step; `level` says how it ran */
     SLIM_EVENT_STAGE = 3,      /* one backend call of stage `stage` (a CFG batch is one call) */
     SLIM_EVENT_BANK = 4,       /* embed, score: the memory-bank work (score: history assembly; embed with a bank: the upsert) */
-    SLIM_EVENT_BLOCK = 5       /* generate, with SLIM_PROFILE_BLOCKS: one joint block's action in a step (ABI 0.4) */
+    SLIM_EVENT_BLOCK = 5,      /* generate, with SLIM_PROFILE_BLOCKS: one joint block's action in a step (ABI 0.4) */
+    SLIM_EVENT_TOKENIZE = 6,   /* generate_prompt: one tokenizer call (one text, one of clip_l, clip_g, t5) (ABI 0.8) */
+    SLIM_EVENT_DECODE = 7,     /* generate_prompt: the decode: latent scaling, the vae_decode stage, RGB8 conversion (ABI 0.8) */
+    SLIM_EVENT_IMAGE = 8       /* generate_prompt: the whole call, after argument checks (ABI 0.8) */
 } slim_event_kind;             /* later versions may add kinds: skip the ones you do not know */
 
 /* What a step did with a joint block (SLIM_EVENT_BLOCK events carry it in `level`; docs/runtime-loop.md). */
@@ -427,7 +488,7 @@ typedef enum slim_block_action {
 typedef struct slim_event {
     uint32_t struct_size; /* set by the caller: sizeof(slim_event) */
     int32_t kind;         /* slim_event_kind */
-    int32_t step;         /* the step the event belongs to; -1 for the generation and prepare events and every LEMUR event */
+    int32_t step;         /* the step the event belongs to; -1 for events outside the steps (and every LEMUR event) */
     int32_t block;        /* stage and block events: the joint block (stage events: the stage computes it, block_i, block_i_*), else -1 */
     int32_t stage;     /* stage events: stage index (slim_engine_stage_name); block events: the stage the action called, or -1; else -1 */
     int32_t level;     /* step events: slim_step_level; block events: slim_block_action; else -1 */
@@ -443,8 +504,9 @@ SLIM_API slim_status slim_session_set_profiling(slim_session* session, int32_t e
 /* Number of events of the session's last generate, embed or score (0 when profiling was off; partial if it failed). */
 SLIM_API int32_t slim_session_event_count(const slim_session* session);
 /* Event `index`, in the order the events ended: generate: prepare; the stage calls (and block events) of a step,
- * then that step; the generation last. embed: the stage, the bank upsert; score: the bank history assembly, the
- * stage; the call (SLIM_EVENT_GENERATION) last. Status: INVALID_ARGUMENT (NULL argument, index out of range, struct_size). */
+ * then that step; the generation last. generate_prompt: see slim_generate_prompt. embed: the stage, the bank upsert;
+ * score: the bank history assembly, the stage; the call (SLIM_EVENT_GENERATION) last. Status: INVALID_ARGUMENT (NULL argument, index out of
+ * range, struct_size). */
 SLIM_API slim_status slim_session_event(const slim_session* session, int32_t index, slim_event* out);
 
 /* ---- generic stage call (any family, and plain ONNX models) ---- */

@@ -38,6 +38,7 @@ struct slim_engine {
 struct slim_session {
     std::shared_ptr<const slim::Engine> engine;     // declared first: destroyed after the program that uses it
     std::unique_ptr<slim::ProgramSession> program;  // the family's program (nullptr: a plain ONNX engine)
+    slim::PromptCache prompts;                      // slim_generate_prompt's encoded prompt texts
     mutable slim::CallGate gate;                    // one call at a time
 };
 
@@ -218,6 +219,8 @@ const char* slim_status_name(slim_status status) {
             return "SLIM_ERR_NOT_FOUND";
         case SLIM_ERR_BUSY:
             return "SLIM_ERR_BUSY";
+        case SLIM_ERR_CANCELLED:
+            return "SLIM_ERR_CANCELLED";
     }
     return "SLIM_ERR_UNKNOWN";
 }
@@ -411,6 +414,26 @@ void slim_session_destroy(slim_session* session) {
     if (session->gate.close()) delete session;  // false: a forked child's copy of a handle a parent thread was using
 }
 
+slim_status slim_session_set_prompt_cache(slim_session* session, int32_t capacity) {
+    if (!session) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_session_set_prompt_cache: session is NULL");
+    return guarded([&] {
+        slim::GateEntry use(session->gate, "slim_session_set_prompt_cache: the session", true);
+        if (capacity < 0 || capacity > SLIM_PROMPT_CACHE_MAX)
+            throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, "slim_session_set_prompt_cache: capacity must be 0 (off) to " +
+                                                             std::to_string(SLIM_PROMPT_CACHE_MAX) + " prompt texts, got " +
+                                                             std::to_string(capacity));
+        session->prompts.set_capacity(capacity);
+    });
+}
+
+slim_status slim_session_clear_prompt_cache(slim_session* session) {
+    if (!session) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_session_clear_prompt_cache: session is NULL");
+    return guarded([&] {
+        slim::GateEntry use(session->gate, "slim_session_clear_prompt_cache: the session", true);
+        session->prompts.clear();
+    });
+}
+
 slim_generate_params slim_generate_default_params(void) {
     slim_generate_params p{};
     p.struct_size = sizeof(p);
@@ -500,6 +523,7 @@ slim_status slim_generate(slim_session* session, const slim_generate_params* par
         request.cache = &cache;
         request.program = &program;
         request.out = static_cast<float*>(latents_out->data);
+        request.progress = slim::Progress{p.progress, p.progress_user};  // zeros from an older caller's smaller struct
         slim::GenerateStats s = sd3.generate(request);
         if (stats) {
             stats->steps = s.steps;
@@ -531,8 +555,11 @@ slim_status slim_generate_prompt(slim_session* session, const slim_prompt_params
         slim::GateEntry use(session->gate, "slim_generate_prompt: the session", true);
         using slim::Error;
         slim::Sd3Session& sd3 = program_as<slim::Sd3Session>(session, "slim_generate_prompt", "slim_generate_prompt runs sd3 bundles");
-        const slim_prompt_params p = read_params(params, slim_prompt_default_params(), sizeof(slim_prompt_params), "slim_prompt_params");
-        if (stats) check_out_size(stats->struct_size, sizeof(slim_prompt_stats), sizeof(slim_prompt_stats), "slim_prompt_stats");
+        // ABI 0.7 callers' structs end before progress (params) and the prompt cache fields (stats).
+        const slim_prompt_params p =
+            read_params(params, slim_prompt_default_params(), offsetof(slim_prompt_params, progress), "slim_prompt_params");
+        constexpr size_t stats_07 = offsetof(slim_prompt_stats, effective_nfe) + sizeof(double);
+        if (stats) check_out_size(stats->struct_size, stats_07, sizeof(slim_prompt_stats), "slim_prompt_stats");
         const slim::Engine& engine = *session->engine;
         const std::string unsupported = slim::prompt_support(engine);
         if (!unsupported.empty()) throw Error(SLIM_ERR_INVALID_ARGUMENT, "slim_generate_prompt: " + unsupported);
@@ -612,7 +639,8 @@ slim_status slim_generate_prompt(slim_session* session, const slim_prompt_params
         request.program = &program;
         request.image = image_out;
         request.latents_out = latents_out;
-        const slim::PromptStats s = slim::generate_prompt(engine, sd3, request);
+        request.progress = slim::Progress{p.progress, p.progress_user};
+        const slim::PromptStats s = slim::generate_prompt(engine, sd3, session->prompts, request);
         if (stats) {
             stats->batch = static_cast<int32_t>(B);
             stats->height = static_cast<int32_t>(H);
@@ -627,6 +655,17 @@ slim_status slim_generate_prompt(slim_session* session, const slim_prompt_params
             stats->steps_ms = s.generate.total_ms;
             stats->vae_decode_ms = s.vae_decode_ms;
             stats->effective_nfe = s.generate.effective_nfe;
+            if (stats->struct_size >= sizeof(slim_prompt_stats)) {  // ABI 0.8 fields
+                stats->prompt_cache_hits = s.cache_hits;
+                stats->prompt_cache_misses = s.cache_misses;
+                stats->prompt_cache_size = session->prompts.size();
+                stats->prompt_cache_capacity = session->prompts.capacity();
+                stats->blocks_run = s.generate.blocks_run;
+                stats->stage_calls = s.generate.stage_calls;
+                stats->flop_fraction = s.generate.flop_fraction;
+                stats->backend_ms = s.generate.backend_ms;
+                stats->transfer_bytes = s.generate.transfer_bytes;
+            }
         }
     });
 }

@@ -17,6 +17,11 @@ void Profiler::begin_generation(size_t capacity) {
     if (enabled_) events_.reserve(capacity);
 }
 
+void Profiler::continue_generation(size_t more) {
+    step_ = -1;
+    if (enabled_) events_.reserve(events_.size() + more);
+}
+
 void Profiler::record(int kind, int step, int block, int stage, int level, TimePoint start, TimePoint end) {
     events_.push_back(ProfileEvent{kind, step, block, stage, level, ns(start), ns(end), -1});
 }

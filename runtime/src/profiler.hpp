@@ -42,6 +42,8 @@ class Profiler {
     // Starts a generation's (or LEMUR call's) record: clears the last one; when enabled, reserves `capacity` events so
     // the step loop does not allocate (a program making more calls than that grows the buffer).
     void begin_generation(size_t capacity);
+    // A generation inside a call that began the record (slim_generate_prompt): keeps its events, reserves `more`.
+    void continue_generation(size_t more);
     // The generation's inputs, noise and buffers are ready (from `start` to now): its prepare event.
     void prepared(TimePoint start) {
         if (enabled_) record(SLIM_EVENT_PREPARE, -1, -1, -1, -1, start, std::chrono::steady_clock::now());
@@ -66,6 +68,16 @@ class Profiler {
     }
     void generation(TimePoint start, TimePoint end) {
         if (enabled_) record(SLIM_EVENT_GENERATION, -1, -1, -1, -1, start, end);
+    }
+    // Prompt to image: a tokenizer call, an encoder stage call (outside the steps), the decode phase, the whole call.
+    void tokenize(TimePoint start, TimePoint end) {
+        if (enabled_) record(SLIM_EVENT_TOKENIZE, -1, -1, -1, -1, start, end);
+    }
+    void decode(TimePoint start, TimePoint end) {
+        if (enabled_) record(SLIM_EVENT_DECODE, -1, -1, -1, -1, start, end);
+    }
+    void image(TimePoint start, TimePoint end) {
+        if (enabled_) record(SLIM_EVENT_IMAGE, -1, -1, -1, -1, start, end);
     }
 
     // The last call's events, in the order they ended (SD3: prepare; stages, then their step; the generation

@@ -22,15 +22,10 @@ slim_tensor tensor_of(void* data, slim_dtype dtype, const std::vector<int64_t>& 
     return t;
 }
 
-// One prompt's conditioning, batch 1 as the Python binding encodes it.
-struct Encoded {
-    std::vector<float> embeds;  // [1, clip_length + max_sequence_length, joint_attention_dim]
-    std::vector<float> pooled;  // [1, pooled_projection_dim]
-};
-
 class Encoder {
   public:
-    Encoder(const Engine& engine, PromptStats& stats) : engine_(engine), p_(engine.manifest().pipeline), stats_(stats) {}
+    Encoder(const Engine& engine, Profiler& profiler, PromptStats& stats)
+        : engine_(engine), p_(engine.manifest().pipeline), profiler_(profiler), stats_(stats) {}
 
     // Conditioning as diffusers' encode_prompt assembles it (docs/pipeline.md, Conditioning).
     Encoded encode(const std::string& text) {
@@ -70,23 +65,65 @@ class Encoder {
             throw Error(SLIM_ERR_BUNDLE, std::string("tokenizer ") + role + " writes " + std::to_string(decl->max_length) +
                                              " ids, but the pipeline block says " + std::to_string(length));
         std::vector<int64_t> ids = engine_.tokenizers().tokenize(*decl, text.data(), text.size());
-        stats_.tokenize_ms += ms_between(start, Clock::now());
+        const Clock::time_point end = Clock::now();
+        profiler_.tokenize(start, end);
+        stats_.tokenize_ms += ms_between(start, end);
         return ids;
     }
 
     void run(int stage, const slim_named_tensor* in, const slim_named_tensor* out, int32_t outputs, double& ms) {
         const Clock::time_point start = Clock::now();
         run_named(engine_.ort(), *engine_.stages()[stage], in, 1, out, outputs);
-        ms += ms_between(start, Clock::now());
+        const Clock::time_point end = Clock::now();
+        profiler_.stage(stage, start, end);
+        ms += ms_between(start, end);
         ++stats_.encoder_calls;
     }
 
     const Engine& engine_;
     const PipelineConfig& p_;
+    Profiler& profiler_;
     PromptStats& stats_;
 };
 
 }  // namespace
+
+void PromptCache::set_capacity(int capacity) {
+    capacity_ = capacity;
+    trim();
+}
+
+void PromptCache::clear() {
+    order_.clear();
+    index_.clear();
+}
+
+std::shared_ptr<const Encoded> PromptCache::find(const std::string& text) {
+    const auto it = index_.find(text);
+    if (it == index_.end()) return nullptr;
+    order_.splice(order_.begin(), order_, it->second);  // the most recently used first; iterators stay valid
+    return it->second->second;
+}
+
+void PromptCache::put(const std::string& text, std::shared_ptr<const Encoded> entry) {
+    if (capacity_ <= 0) return;
+    const auto it = index_.find(text);
+    if (it != index_.end()) {
+        it->second->second = std::move(entry);
+        order_.splice(order_.begin(), order_, it->second);
+        return;
+    }
+    order_.emplace_front(text, std::move(entry));
+    index_.emplace(text, order_.begin());
+    trim();
+}
+
+void PromptCache::trim() {
+    while (static_cast<int>(order_.size()) > std::max(capacity_, 0)) {
+        index_.erase(order_.back().first);
+        order_.pop_back();
+    }
+}
 
 std::string prompt_support(const Engine& engine) {
     const Manifest& m = engine.manifest();
@@ -116,26 +153,44 @@ void to_rgb8(const float* image, int batch, int height, int width, uint8_t* out)
         }
 }
 
-PromptStats generate_prompt(const Engine& engine, Sd3Session& session, const PromptRequest& request) {
+PromptStats generate_prompt(const Engine& engine, Sd3Session& session, PromptCache& cache, const PromptRequest& request) {
     const Clock::time_point start = Clock::now();
     const PipelineConfig& p = engine.manifest().pipeline;
     const Sd3Config& c = engine.manifest().config;
     PromptStats stats;
-    Encoder encoder(engine, stats);
+    Profiler& profiler = session.profiler();
     const bool cfg = request.guidance_scale > 1.0f;
     const int B = static_cast<int>(request.prompts.size());
+    // The record holds every tokenizer and encoder call of the texts, the decode's two events and the call's; the
+    // sampling reserves its own.
+    profiler.begin_generation(static_cast<size_t>(B) * (cfg ? 2 : 1) * 6 + 3);
+    Encoder encoder(engine, profiler, stats);
     const int64_t text_len = p.clip_length + p.max_sequence_length;
 
-    // Each distinct text of the call is encoded once (the negative "" of a batch, repeated prompts).
-    std::map<std::string, Encoded> encoded;
+    // Each distinct text is encoded once: found earlier in this call (the negative "" of a batch, repeated prompts) or in
+    // the session's cache, else encoded and kept there.
+    std::map<std::string, std::shared_ptr<const Encoded>> encoded;
     auto assemble = [&](const std::vector<std::string>& texts, std::vector<float>& embeds, std::vector<float>& pooled) {
         for (const std::string& text : texts) {
             auto it = encoded.find(text);
-            if (it == encoded.end()) it = encoded.emplace(text, encoder.encode(text)).first;
-            embeds.insert(embeds.end(), it->second.embeds.begin(), it->second.embeds.end());
-            pooled.insert(pooled.end(), it->second.pooled.begin(), it->second.pooled.end());
+            if (it == encoded.end()) {
+                std::shared_ptr<const Encoded> entry = cache.find(text);
+                if (entry) {
+                    ++stats.cache_hits;
+                } else {
+                    entry = std::make_shared<const Encoded>(encoder.encode(text));
+                    ++stats.cache_misses;
+                    cache.put(text, entry);
+                }
+                it = encoded.emplace(text, std::move(entry)).first;
+            } else {
+                ++stats.cache_hits;
+            }
+            embeds.insert(embeds.end(), it->second->embeds.begin(), it->second->embeds.end());
+            pooled.insert(pooled.end(), it->second->pooled.begin(), it->second->pooled.end());
         }
     };
+    request.progress.report(SLIM_PHASE_ENCODE, 0, 1);
     std::vector<float> embeds, pooled, neg_embeds, neg_pooled;
     assemble(request.prompts, embeds, pooled);
     if (cfg) assemble(request.negatives, neg_embeds, neg_pooled);
@@ -159,7 +214,10 @@ PromptStats generate_prompt(const Engine& engine, Sd3Session& session, const Pro
     g.cache = request.cache;
     g.program = request.program;
     g.out = latents.data();
+    g.progress = request.progress;
+    g.continue_record = true;
     stats.generate = session.generate(g);
+    request.progress.report(SLIM_PHASE_DECODE, 0, 1);  // the last point a call may be cancelled: nothing is written before it
     if (request.latents_out) std::copy(latents.begin(), latents.end(), request.latents_out);
 
     // Decoding: latents / scaling_factor + shift_factor in float32 (as numpy does with float32 scalars), the VAE, RGB8.
@@ -169,10 +227,15 @@ PromptStats generate_prompt(const Engine& engine, Sd3Session& session, const Pro
     const std::vector<int64_t> z_shape{B, c.out_channels, h, w}, image_shape{B, 3, request.height, request.width};
     const slim_named_tensor in[] = {{"latents", tensor_of(latents.data(), SLIM_DTYPE_FLOAT32, z_shape)}};
     const slim_named_tensor out[] = {{"image", tensor_of(image.data(), SLIM_DTYPE_FLOAT32, image_shape)}};
+    const Clock::time_point vae_start = Clock::now();
     run_named(engine.ort(), *engine.stages()[engine.vae_decode_stage], in, 1, out, 1);
+    profiler.stage(engine.vae_decode_stage, vae_start, Clock::now());
     to_rgb8(image.data(), B, request.height, request.width, request.image);
-    stats.vae_decode_ms = ms_between(decode_start, Clock::now());
-    stats.total_ms = ms_between(start, Clock::now());
+    const Clock::time_point end = Clock::now();
+    profiler.decode(decode_start, end);
+    profiler.image(start, end);
+    stats.vae_decode_ms = ms_between(decode_start, end);
+    stats.total_ms = ms_between(start, end);
     return stats;
 }
 

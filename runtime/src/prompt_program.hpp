@@ -5,13 +5,45 @@
 #pragma once
 
 #include <cstdint>
+#include <list>
+#include <memory>
 #include <string>
+#include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "engine.hpp"
 #include "sd3_program.hpp"
 
 namespace slim {
+
+// One prompt text's conditioning, batch 1, as diffusers' encode_prompt assembles it.
+struct Encoded {
+    std::vector<float> embeds;  // [1, clip_length + max_sequence_length, joint_attention_dim]
+    std::vector<float> pooled;  // [1, pooled_projection_dim]
+};
+
+// A session's least-recently-used cache of encoded prompt texts (slim_session_set_prompt_cache). Entries are
+// shared, so one evicted while a call still uses it stays alive for that call.
+class PromptCache {
+  public:
+    int capacity() const { return capacity_; }
+    int size() const { return static_cast<int>(order_.size()); }
+    // Drops the least recently used entries beyond `capacity` (0: all, and nothing is kept after).
+    void set_capacity(int capacity);
+    void clear();
+    // The entry of `text`, made the most recently used; nullptr when absent.
+    std::shared_ptr<const Encoded> find(const std::string& text);
+    // Keeps `entry` as the most recently used, evicting the least recently used beyond the capacity.
+    void put(const std::string& text, std::shared_ptr<const Encoded> entry);
+
+  private:
+    void trim();
+
+    int capacity_ = SLIM_PROMPT_CACHE_DEFAULT;
+    std::list<std::pair<std::string, std::shared_ptr<const Encoded>>> order_;  // most recently used first
+    std::unordered_map<std::string, decltype(order_)::iterator> index_;
+};
 
 // Checked at the C boundary but for what needs the pipeline: prompts are NUL-free strings; height and
 // width are image pixels, already validated against the pipeline and the model.
@@ -26,19 +58,23 @@ struct PromptRequest {
     const float* latents = nullptr;  // [B, C, h, w] initial noise, or nullptr for seeded
     uint8_t* image = nullptr;        // [B, height, width, 3]
     float* latents_out = nullptr;    // [B, C, h, w] or nullptr
+    Progress progress;               // told before encoding, after each step, before decoding; may cancel
 };
 
 struct PromptStats {
     GenerateStats generate;
     int encoder_calls = 0;
+    int cache_hits = 0, cache_misses = 0;  // per prompt text of the call (see slim_prompt_stats)
     double total_ms = 0, tokenize_ms = 0, clip_l_ms = 0, clip_g_ms = 0, t5_ms = 0, vae_decode_ms = 0;
 };
 
 // The reason `engine` cannot run prompts ("" when it can): no pipeline block, or a tokenizer missing.
 std::string prompt_support(const Engine& engine);
 
-// Throws Error as the stages and Sd3Session::generate do; INVALID_ARGUMENT for a prompt that is not UTF-8.
-PromptStats generate_prompt(const Engine& engine, Sd3Session& session, const PromptRequest& request);
+// Throws Error as the stages and Sd3Session::generate do; INVALID_ARGUMENT for a prompt that is not UTF-8; CANCELLED
+// when the progress callback asks (nothing is written to request.image or latents_out then). Texts encoded are kept
+// in `cache`, and texts found there are not encoded.
+PromptStats generate_prompt(const Engine& engine, Sd3Session& session, PromptCache& cache, const PromptRequest& request);
 
 // VAE output float32 [B, 3, H, W] -> uint8 [B, H, W, 3]: round-half-even(clamp(x * 0.5 + 0.5, 0, 1) * 255) in
 // float32, as diffusers' VaeImageProcessor.postprocess then numpy_to_pil (and numpy's round).

@@ -76,6 +76,7 @@ GenerateStats Sd3Session::generate(const GenerateRequest& r) {
         update_caches(step, actions, out, controller);  // X-Slim: the stack residual, the controller, token scores
         euler_cfg(step);                                // x += dt * (guided velocity)
         end_step(step, actions, step_start);            // its stats and profile event
+        r.progress.report(SLIM_PHASE_STEP, static_cast<int>(step), static_cast<int>(program_->steps.size()));  // may cancel
     }
     ops_->download(r.out, buffers_.in.latents.data(), dims_.latent_count * sizeof(float));
     GenerateStats stats = totals();
@@ -112,7 +113,10 @@ void Sd3Session::prepare(const GenerateRequest& r, Clock::time_point start) {
     flops_ = 0;
     ops_->reset_transfer_bytes();
     const size_t per_step = 1 + stages_.size() + (profiler_.blocks() ? c.num_layers : 0);
-    profiler_.begin_generation(2 + d.steps * per_step);  // each stage at most once a step
+    if (r.continue_record)
+        profiler_.continue_generation(2 + d.steps * per_step);
+    else
+        profiler_.begin_generation(2 + d.steps * per_step);  // each stage at most once a step
 
     const Controller controller(*policy_, d.steps);  // for the token steps' keeps (sizes only)
     if (buffers_.size_for(allocator_, c, d, *program_, *policy_, controller, stage_of_.blocks))

@@ -5,10 +5,12 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "device_ops.hpp"
 #include "engine.hpp"
+#include "error.hpp"
 #include "profiler.hpp"
 #include "program.hpp"
 #include "sd3_buffers.hpp"
@@ -17,6 +19,18 @@
 #include "xslim.hpp"
 
 namespace slim {
+
+// The caller's progress callback (slim_progress; may be empty): report() throws Error(SLIM_ERR_CANCELLED) when
+// it returns non-zero, so a cancelled call unwinds like a failed one and writes nothing more.
+struct Progress {
+    slim_progress fn = nullptr;
+    void* user = nullptr;
+    void report(int phase, int step, int total) const {
+        if (fn && fn(user, phase, step, total) != 0)
+            throw Error(SLIM_ERR_CANCELLED, "cancelled by the progress callback (phase " + std::to_string(phase) + ", step " +
+                                                std::to_string(step) + " of " + std::to_string(total) + ")");
+    }
+};
 
 // Inputs already validated at the C boundary: shapes agree with the manifest, data is finite.
 struct GenerateRequest {
@@ -31,6 +45,8 @@ struct GenerateRequest {
     const XSlimPolicy* cache = nullptr;  // X-Slim policy (validated for this program); nullptr or disabled: off
     const Program* program = nullptr;    // a plan replacing the bundle's (sampling_plan.hpp); nullptr: the bundle's
     float* out = nullptr;                // [B, C, H, W]
+    Progress progress;                   // told after each step
+    bool continue_record = false;        // the profiler's record was begun by the caller (slim_generate_prompt): keep it
 };
 
 struct GenerateStats {

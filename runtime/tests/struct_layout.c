@@ -77,6 +77,8 @@ int main(void) {
     FIELD(slim_generate_params, cache_policy);
     FIELD(slim_generate_params, num_steps);
     FIELD(slim_generate_params, shift);
+    FIELD(slim_generate_params, progress);
+    FIELD(slim_generate_params, progress_user);
     STRUCT(slim_prompt_params);
     FIELD(slim_prompt_params, struct_size);
     FIELD(slim_prompt_params, prompts);
@@ -91,6 +93,8 @@ int main(void) {
     FIELD(slim_prompt_params, num_steps);
     FIELD(slim_prompt_params, shift);
     FIELD(slim_prompt_params, latents);
+    FIELD(slim_prompt_params, progress);
+    FIELD(slim_prompt_params, progress_user);
     STRUCT(slim_prompt_stats);
     FIELD(slim_prompt_stats, struct_size);
     FIELD(slim_prompt_stats, batch);
@@ -106,6 +110,15 @@ int main(void) {
     FIELD(slim_prompt_stats, steps_ms);
     FIELD(slim_prompt_stats, vae_decode_ms);
     FIELD(slim_prompt_stats, effective_nfe);
+    FIELD(slim_prompt_stats, prompt_cache_hits);
+    FIELD(slim_prompt_stats, prompt_cache_misses);
+    FIELD(slim_prompt_stats, prompt_cache_size);
+    FIELD(slim_prompt_stats, prompt_cache_capacity);
+    FIELD(slim_prompt_stats, blocks_run);
+    FIELD(slim_prompt_stats, stage_calls);
+    FIELD(slim_prompt_stats, flop_fraction);
+    FIELD(slim_prompt_stats, backend_ms);
+    FIELD(slim_prompt_stats, transfer_bytes);
     STRUCT(slim_generate_stats);
     FIELD(slim_generate_stats, struct_size);
     FIELD(slim_generate_stats, steps);

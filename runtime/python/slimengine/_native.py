@@ -29,7 +29,7 @@ DEVICE_CPU, DEVICE_CUDA = 1, 2  # slim_device_type
 
 # The ABI this binding is written against (slimengine.h's SLIM_ABI_VERSION_*): the library must have this major
 # version and at least this minor one.
-ABI_MAJOR, ABI_MINOR = 0, 7
+ABI_MAJOR, ABI_MINOR = 0, 8
 
 
 class EngineInfo(ctypes.Structure):
@@ -59,13 +59,20 @@ class ProgramStep(ctypes.Structure):
                 ("sigma", ctypes.c_double), ("sigma_next", ctypes.c_double), ("timestep", ctypes.c_double)]
 
 
+# slim_progress: (user, phase, step, total) -> 0 to go on, non-zero to cancel (ABI 0.8)
+Progress = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32)
+PHASES = ("encode", "step", "decode")  # slim_phase
+PROMPT_CACHE_MAX = 1024  # SLIM_PROMPT_CACHE_MAX
+
+
 class GenerateParams(ctypes.Structure):
     _c_name_ = "slim_generate_params"
     _fields_ = [("struct_size", ctypes.c_uint32), ("prompt_embeds", ctypes.POINTER(SlimTensor)),
                 ("pooled_embeds", ctypes.POINTER(SlimTensor)), ("negative_prompt_embeds", ctypes.POINTER(SlimTensor)),
                 ("negative_pooled_embeds", ctypes.POINTER(SlimTensor)), ("latents", ctypes.POINTER(SlimTensor)),
                 ("seed", ctypes.c_uint64), ("guidance_scale", ctypes.c_float), ("step_cache_threshold", ctypes.c_float),
-                ("cache_policy", ctypes.c_char_p), ("num_steps", ctypes.c_int32), ("shift", ctypes.c_float)]
+                ("cache_policy", ctypes.c_char_p), ("num_steps", ctypes.c_int32), ("shift", ctypes.c_float),
+                ("progress", Progress), ("progress_user", ctypes.c_void_p)]
 
 
 class GenerateStats(ctypes.Structure):
@@ -81,7 +88,7 @@ class PromptParams(ctypes.Structure):
                 ("negative_prompts", ctypes.POINTER(ctypes.c_char_p)), ("seed", ctypes.c_uint64), ("height", ctypes.c_int32),
                 ("width", ctypes.c_int32), ("guidance_scale", ctypes.c_float), ("step_cache_threshold", ctypes.c_float),
                 ("cache_policy", ctypes.c_char_p), ("num_steps", ctypes.c_int32), ("shift", ctypes.c_float),
-                ("latents", ctypes.POINTER(SlimTensor))]
+                ("latents", ctypes.POINTER(SlimTensor)), ("progress", Progress), ("progress_user", ctypes.c_void_p)]
 
 
 class PromptStats(ctypes.Structure):
@@ -90,7 +97,10 @@ class PromptStats(ctypes.Structure):
                 ("steps", ctypes.c_int32), ("encoder_calls", ctypes.c_int32), ("total_ms", ctypes.c_double),
                 ("tokenize_ms", ctypes.c_double), ("clip_l_ms", ctypes.c_double), ("clip_g_ms", ctypes.c_double),
                 ("t5_ms", ctypes.c_double), ("steps_ms", ctypes.c_double), ("vae_decode_ms", ctypes.c_double),
-                ("effective_nfe", ctypes.c_double)]
+                ("effective_nfe", ctypes.c_double), ("prompt_cache_hits", ctypes.c_int32), ("prompt_cache_misses", ctypes.c_int32),
+                ("prompt_cache_size", ctypes.c_int32), ("prompt_cache_capacity", ctypes.c_int32), ("blocks_run", ctypes.c_int32),
+                ("stage_calls", ctypes.c_int32), ("flop_fraction", ctypes.c_double), ("backend_ms", ctypes.c_double),
+                ("transfer_bytes", ctypes.c_uint64)]
 
 
 class StepStats(ctypes.Structure):
@@ -250,6 +260,8 @@ def lib() -> ctypes.CDLL:
             "slim_engine_tokenizer_role": ([ctypes.c_void_p, ctypes.c_int32], ctypes.c_char_p),
             "slim_session_create": ([ctypes.c_void_p, p(ctypes.c_void_p)], ctypes.c_int),
             "slim_session_destroy": ([ctypes.c_void_p], None),
+            "slim_session_set_prompt_cache": ([ctypes.c_void_p, ctypes.c_int32], ctypes.c_int),
+            "slim_session_clear_prompt_cache": ([ctypes.c_void_p], ctypes.c_int),
             "slim_generate_default_params": ([], GenerateParams),
             "slim_generate": ([ctypes.c_void_p, p(GenerateParams), p(SlimTensor), p(GenerateStats)], ctypes.c_int),
             "slim_prompt_default_params": ([], PromptParams),

@@ -88,13 +88,16 @@ def generate(args: argparse.Namespace) -> int:
             from tqdm import tqdm
         except ImportError:
             tqdm = None
-        if tqdm is not None:  # one tick per phase: the sampling steps run inside one runtime call
-            bar = tqdm(total=3, unit="phase", leave=False, file=sys.stderr, disable=None)
+        if tqdm is not None:  # one tick per sampling step (the runtime reports each); its total is known at the first
+            bar = tqdm(total=None, unit="step", leave=False, file=sys.stderr, disable=None)
 
-    def progress(phase: str) -> None:
-        if bar is not None:
-            bar.update(0 if phase == "encode" else 1)
-            bar.set_description(phase)
+    def progress(phase: str, step: int, total: int) -> None:
+        if bar is None:
+            return
+        if phase == "step":
+            bar.total = total
+            bar.update(step + 1 - bar.n)
+        bar.set_description("sampling" if phase == "step" else phase)
 
     try:
         with Engine(args.engine, device=args.device) as engine:
@@ -102,8 +105,6 @@ def generate(args: argparse.Namespace) -> int:
             result = session.generate(prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, height=height, width=width,
                                       guidance_scale=args.guidance, num_steps=args.steps, cache=args.cache,
                                       progress=progress)
-        if bar is not None:
-            bar.update(1)
         result.pil().save(args.output, format="PNG")
     except (SlimError, ValueError, TypeError, OSError, ImportError) as e:
         print(f"slimengine generate: {e}", file=sys.stderr)

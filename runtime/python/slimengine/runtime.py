@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import ctypes
 import dataclasses
@@ -10,7 +9,6 @@ import json
 import math
 import os
 import threading
-import time
 import warnings
 import weakref
 from pathlib import Path
@@ -23,7 +21,7 @@ from .bundle import VERIFY_LEVELS, loads_strict
 from .xslim_policy import XSlimPolicy, parse_cache_spec
 
 STEP_LEVELS = ("full", "cached_range", "reused", "block_refresh", "token_refresh")  # slim_step_level
-EVENT_KINDS = ("generation", "prepare", "step", "stage", "bank", "block")  # slim_event_kind
+EVENT_KINDS = ("generation", "prepare", "step", "stage", "bank", "block", "tokenize", "decode", "image")  # slim_event_kind
 BLOCK_ACTIONS = ("run", "run_keep_kv", "run_tokens", "reuse", "skip", "add_delta")  # slim_block_action
 PROFILE_ON, PROFILE_BLOCKS = 1, 2  # slim_session_set_profiling flags
 
@@ -205,7 +203,7 @@ class GenerateResult:
     # the session's buffers: the request and the result), per_step, per_stage
     stats: dict
     # With Session.profiling on: the runtime's timed events, in the order they ended (slim_event), each
-    # {kind: generation|prepare|step|stage|bank|block, step, block, stage (name or None), level (step level name or None),
+    # {kind: generation|prepare|step|stage|bank|block (tokenize|decode|image: generate(prompt=...)'s, see ImageResult.spans), step, block, stage (name or None), level (step level name or None),
     #  action (block events: BLOCK_ACTIONS name, else None), start_ns, end_ns (host steady clock), device_ns (None: not
     #  measured)}. Block events only with Session.profiling = "blocks". Empty when profiling is off.
     # EmbedResult and ScoreResult carry the same list: the call ("generation"), its stage call and its "bank" work.
@@ -215,10 +213,28 @@ class GenerateResult:
 _ENCODER_ROLES = ("clip_l", "clip_g", "t5")
 
 
-def _span(spans: list, timing: dict, stage: str, start_ns: int, end_ns: int) -> None:
-    """One prompt-path phase: recorded in ImageResult.spans and added to stats["stage_ms"]."""
-    spans.append({"stage": stage, "start_ns": start_ns, "end_ns": end_ns})
-    timing[stage] = timing.get(stage, 0.0) + (end_ns - start_ns) / 1e6
+def _progress_callback(progress, raised: list):
+    """slim_progress for a Python `progress(phase, step, total)`: an exception it raises (Ctrl-C too) must not unwind
+    through C, so it is kept in `raised` and the call is cancelled; the caller raises it after the call returns."""
+    if progress is None:
+        return _native.Progress()
+
+    def report(_user, phase, step, total):
+        try:
+            progress(_native.PHASES[phase] if 0 <= phase < len(_native.PHASES) else str(phase), step, total)
+            return 0
+        except BaseException as e:
+            raised.append(e)
+            return 1
+
+    return _native.Progress(report)
+
+
+def _check_progress(status: int, raised: list) -> None:
+    """A call's status, or the exception its progress callback raised (which cancelled it)."""
+    if raised:
+        raise raised[0]
+    _check(status)
 
 
 @dataclasses.dataclass
@@ -227,13 +243,16 @@ class ImageResult:
 
     image: np.ndarray  # uint8 RGB, [H, W, 3] for a prompt given as a str, [B, H, W, 3] for a list of prompts
     latents: np.ndarray  # the sampled latents [B, C, h, w], before the VAE's scaling
-    # generate's stats (GenerateResult.stats), plus: stage_ms {tokenize, clip_l, clip_g, t5 (encoders run by this call; 0 on a
-    # cache hit), steps (the sampling call's total_ms), vae_decode (with the uint8 conversion)}; encoder_calls {role: calls};
-    # prompt_cache {hits, misses (this call's prompts, the negative ones included), size, capacity}
+    # generate's stats (GenerateResult.stats: total_ms is the sampling call's), plus: stage_ms {tokenize, clip_l, clip_g, t5
+    # (encoders run by this call; 0 on a cache hit), steps (the sampling call's total_ms), vae_decode (with the uint8
+    # conversion)}; encoder_calls {role: calls}; prompt_cache {hits, misses (per prompt text of the call, the negative ones
+    # included; a text found earlier in the same call is a hit), size, capacity} (slim_prompt_stats)
     stats: dict
     events: list[dict] = dataclasses.field(default_factory=list)  # the sampling call's events, as GenerateResult.events
-    # The prompt path's own phases, timed in Python on the runtime events' clock (the host's steady clock, time.monotonic_ns):
-    # {stage: tokenize|clip_l|clip_g|t5|vae_decode, start_ns, end_ns}, in order; stage_ms sums them (steps: see events).
+    # The prompt path's own phases, from the runtime's events (with Session.profiling on; slim_generate_prompt records them on the
+    # steady clock of every event): {stage: tokenize|clip_l|clip_g|t5|vae_decode, start_ns, end_ns}, in the order they ended;
+    # tokenize: one tokenizer call, clip_l/clip_g/t5: one encoder call (none for a text found in the prompt cache), vae_decode:
+    # the decode (scaling, the stage, the uint8 conversion). stage_ms sums them (steps: see events).
     spans: list[dict] = dataclasses.field(default_factory=list)
 
     def pil(self):
@@ -247,41 +266,6 @@ class ImageResult:
             raise ImportError("ImageResult.pil() needs Pillow: pip install pillow") from None
         images = self.image if self.image.ndim == 4 else self.image[None]
         return [Image.fromarray(image, mode="RGB") for image in images]
-
-
-def to_uint8_rgb(image: np.ndarray) -> np.ndarray:
-    """VAE output float [B, 3, H, W] (nominally in [-1, 1]) -> uint8 [B, H, W, 3], exactly as diffusers' VaeImageProcessor
-    postprocess and numpy_to_pil: (x * 0.5 + 0.5).clamp(0, 1), then (x * 255).round() (half to even, numpy's round)."""
-    x = np.clip(image.astype(np.float32) * np.float32(0.5) + np.float32(0.5), 0, 1).transpose(0, 2, 3, 1)
-    return (x * np.float32(255)).round().astype(np.uint8)
-
-
-class _PromptCache:
-    """LRU of encoded prompts: (prompt text, encoder roles) -> (prompt_embeds [1, L, D], pooled [1, P]), read-only arrays."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self._entries: collections.OrderedDict = collections.OrderedDict()
-
-    def get(self, key):
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-        return entry
-
-    def put(self, key, entry) -> None:
-        if self.capacity <= 0:
-            return
-        self._entries[key] = entry
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-    def __len__(self) -> int:
-        return len(self._entries)
 
 
 def parse_device(device: str) -> tuple[int, int]:
@@ -458,7 +442,8 @@ class Engine(_Closable):
             return [lib.slim_engine_tokenizer_role(self._handle, i).decode() for i in range(lib.slim_engine_tokenizer_count(self._handle))]
 
     def session(self, *, prompt_cache: int = 16) -> Session:
-        """A new session. `prompt_cache`: how many encoded prompts the session keeps for generate(prompt=...) (LRU; 0: none)."""
+        """A new session. `prompt_cache`: how many encoded prompt texts the session keeps for generate(prompt=...) (the
+        runtime's LRU, slim_session_set_prompt_cache; 0: none, at most 1024)."""
         with self._gate.call():
             session = Session(self, prompt_cache=prompt_cache)
             self._sessions.add(session)
@@ -479,11 +464,15 @@ class Session(_Closable):
     _handle = None
 
     def __init__(self, engine: Engine, *, prompt_cache: int = 16):
-        capacity = _integer(prompt_cache, "prompt_cache", 0, INT32_MAX)
+        capacity = _integer(prompt_cache, "prompt_cache", 0, _native.PROMPT_CACHE_MAX)
+        lib = _native.lib()
         handle = ctypes.c_void_p()
-        _check(_native.lib().slim_session_create(engine._handle, ctypes.byref(handle)))
+        _check(lib.slim_session_create(engine._handle, ctypes.byref(handle)))
+        status = lib.slim_session_set_prompt_cache(handle, capacity)
+        if status:
+            lib.slim_session_destroy(handle)
+            _check(status)
         self._engine = engine
-        self._prompts = _PromptCache(capacity)
         self._handle = handle
         self._profiling = False
         self._gate = _CallGate("session", exclusive=True)
@@ -520,8 +509,12 @@ class Session(_Closable):
         with pipeline stages (docs/pipeline.md, "Runtime"): the bundle's tokenizers and text encoders make the
         conditioning (`negative_prompt`, default "", for CFG), the program samples, the VAE decodes. height/width
         are then image pixels, and `num_steps`' plan takes the pipeline's scheduler shift unless `shift` is given.
-        Returns an ImageResult (uint8 RGB image). `progress(phase)` (prompt only) is called as each phase starts:
-        "encode", "sample", "decode" (the steps run inside one runtime call)."""
+        Returns an ImageResult (uint8 RGB image). One runtime call does it all (slim_generate_prompt); the session's
+        prompt cache (Engine.session(prompt_cache=N), clear_prompt_cache) spares the encoders a text seen before.
+
+        `progress(phase, step, total)` is called from this thread: "step" after each sampling step (step 0 to total - 1),
+        and with a prompt "encode" before the encoders and "decode" before the VAE (step 0, total 1). An exception it
+        raises cancels the call (nothing is returned; the session stays usable) and is raised here."""
         if prompt is not None:
             if prompt_embeds is not None or pooled_embeds is not None or negative_prompt_embeds is not None \
                     or negative_pooled_embeds is not None:
@@ -530,16 +523,17 @@ class Session(_Closable):
                 return self._generate_prompt(prompt, negative_prompt, seed=seed, latents=latents, guidance_scale=guidance_scale,
                                              height=height, width=width, step_cache_threshold=step_cache_threshold, cache=cache,
                                              num_steps=num_steps, shift=shift, progress=progress)
-        if negative_prompt is not None or progress is not None:
-            raise TypeError("generate: negative_prompt and progress go with prompt (text); with embeddings give negative_prompt_embeds")
+        if negative_prompt is not None:
+            raise TypeError("generate: negative_prompt goes with prompt (text); with embeddings give negative_prompt_embeds")
         with self._gate.call():
             return self._generate(prompt_embeds, pooled_embeds, seed=seed, latents=latents,
                                   negative_prompt_embeds=negative_prompt_embeds, negative_pooled_embeds=negative_pooled_embeds,
                                   guidance_scale=guidance_scale, height=height, width=width,
-                                  step_cache_threshold=step_cache_threshold, cache=cache, num_steps=num_steps, shift=shift)
+                                  step_cache_threshold=step_cache_threshold, cache=cache, num_steps=num_steps, shift=shift,
+                                  progress=progress)
 
     def _generate(self, prompt_embeds, pooled_embeds, *, seed, latents, negative_prompt_embeds, negative_pooled_embeds, guidance_scale,
-                  height, width, step_cache_threshold, cache, num_steps, shift) -> GenerateResult:
+                  height, width, step_cache_threshold, cache, num_steps, shift, progress) -> GenerateResult:
         """generate() with embeddings; the caller holds the session's gate."""
         lib = _native.lib()
         if self._engine.manifest.get("family") != "sd3":
@@ -576,19 +570,23 @@ class Session(_Closable):
             setattr(params, name, t.pointer())
         out_arg = _TensorArg(out)
         stats = GenerateStats(struct_size=ctypes.sizeof(GenerateStats))
-        _check(lib.slim_generate(self._handle, ctypes.byref(params), out_arg.pointer(), ctypes.byref(stats)))
+        raised = []
+        params.progress = callback = _progress_callback(progress, raised)  # kept alive (callback) until the call returns
+        status = lib.slim_generate(self._handle, ctypes.byref(params), out_arg.pointer(), ctypes.byref(stats))
+        del callback
+        _check_progress(status, raised)
         return GenerateResult(latents=out, stats=self._stats(stats), events=self._events())
 
     def _generate_prompt(self, prompt, negative_prompt, *, seed, latents, guidance_scale, height, width, step_cache_threshold, cache,
                          num_steps, shift, progress) -> ImageResult:
-        """Prompt to image (docs/pipeline.md): the caller holds the session's gate."""
-        engine = self._engine
+        """Prompt to image through slim_generate_prompt (docs/pipeline.md); the caller holds the session's gate."""
+        lib, engine = _native.lib(), self._engine
+        _native.set_extensions_library()  # the tokenizer stages' ops
         pipeline = engine.manifest.get("pipeline")
-        missing = [r for r in ("clip_l", "clip_g", "vae_decode") if r not in engine.stage_names]
-        if pipeline is None or missing:
-            raise SlimError("SLIM_ERR_INVALID_ARGUMENT", f"generate(prompt=...): {engine.path} has no pipeline stages ("
-                            f"{'no manifest pipeline block' if pipeline is None else 'missing ' + ', '.join(missing)}); export it "
-                            "with export-engine PIPELINE_FOLDER, or a transformer checkpoint with --pipeline PIPELINE_FOLDER")
+        if pipeline is None:
+            raise SlimError("SLIM_ERR_INVALID_ARGUMENT", f"generate(prompt=...): {engine.path} has no pipeline stages (no manifest "
+                            "pipeline block); export it with export-engine PIPELINE_FOLDER, or a transformer checkpoint with "
+                            "--pipeline PIPELINE_FOLDER")
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -597,55 +595,68 @@ class Session(_Closable):
             if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(negatives) != len(prompts) or not all(isinstance(p, str) for p in negatives):
             raise TypeError(f"negative_prompt must be a str or a list of str as long as prompt ({len(prompts)}), got {negative_prompt!r}")
-        scale = engine.info.guidance_scale if guidance_scale is None else _real(guidance_scale, "guidance_scale", 0)
-        vae = pipeline["vae"]
-        factor = vae["scale_factor"]
-        if latents is None:  # image pixels -> latent pixels (checked by _generate against the model)
-            height, width = (None if v is None else self._image_side(v, name, factor) for v, name in ((height, "height"), (width, "width")))
-        if num_steps is not None and shift is None and pipeline.get("scheduler_shift") is not None:
-            shift = pipeline["scheduler_shift"]  # the plan of the pipeline's own scheduler, as diffusers would use
-        timing = {"tokenize": 0.0, **{r: 0.0 for r in _ENCODER_ROLES if r in engine.stage_names}}
-        calls = {r: 0 for r in timing if r != "tokenize"}
-        spans = []
-        hits = misses = 0
+        if len(prompts) > MAX_BATCH:  # checked before the outputs are allocated
+            raise ValueError(f"prompt: batch {len(prompts)} is over the runtime's limit of {MAX_BATCH}")
+        # surrogatepass keeps a lone surrogate as bytes that are not UTF-8, for the runtime to refuse like any other caller's.
+        texts = [t.encode("utf-8", "surrogatepass") for t in prompts + negatives]
+        if any(b"\0" in t for t in texts):
+            raise ValueError("prompt and negative_prompt must not contain a NUL character")
+        factor, channels = pipeline["vae"]["scale_factor"], self._engine.config["out_channels"]
+        latents = _as_float32(latents, "latents")
+        if latents is not None and latents.ndim == 4:  # their size is the image's (checked by the runtime)
+            height, width = latents.shape[2] * factor, latents.shape[3] * factor
+        else:
+            height, width = (factor * (self._latent_side(None, name) if v is None else self._image_side(v, name, factor))
+                             for v, name in ((height, "height"), (width, "width")))
+        params = lib.slim_prompt_default_params()
+        batch = len(prompts)
+        params.prompts = (ctypes.c_char_p * batch)(*texts[:batch])
+        params.negative_prompts = (ctypes.c_char_p * batch)(*texts[batch:])
+        params.prompt_count, params.height, params.width = batch, height, width
+        params.seed = _integer(seed, "seed", 0, UINT64_MAX)
+        if guidance_scale is not None:  # None: the bundle's
+            params.guidance_scale = _real(guidance_scale, "guidance_scale", 0)
+        if step_cache_threshold is not None:
+            params.step_cache_threshold = _real(step_cache_threshold, "step_cache_threshold", 0)
+        if num_steps is not None:
+            params.num_steps = _integer(num_steps, "num_steps", 1, INT32_MAX)
+        if shift is not None:  # None: the pipeline's scheduler shift (the runtime's 0)
+            params.shift = _real(shift, "shift", 0, above=True)
+        if cache is not None:
+            params.cache_policy = engine.policy_json(cache, num_steps).encode()
+        latents_arg = _TensorArg(latents) if latents is not None else None
+        if latents_arg is not None:
+            params.latents = latents_arg.pointer()
+        image = np.empty((batch, height, width, 3), np.uint8)
+        out = np.empty((batch, channels, height // factor, width // factor), np.float32)
+        stats = _native.PromptStats(struct_size=ctypes.sizeof(_native.PromptStats))
+        raised = []
+        params.progress = callback = _progress_callback(progress, raised)
+        status = lib.slim_generate_prompt(self._handle, ctypes.byref(params), image.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)),
+                                          image.size, out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), out.size, ctypes.byref(stats))
+        del callback
+        _check_progress(status, raised)
 
-        def encode_all(texts):
-            nonlocal hits, misses
-            rows = []
-            for text in texts:
-                key = (text, tuple(calls))
-                entry = self._prompts.get(key)
-                if entry is None:
-                    misses += 1
-                    entry = self._encode(text, pipeline, timing, calls, spans)
-                    self._prompts.put(key, entry)
-                else:
-                    hits += 1
-                rows.append(entry)
-            return np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows])
-
-        report = progress if progress is not None else (lambda phase: None)
-        report("encode")
-        embeds, pooled = encode_all(prompts)
-        neg_embeds = neg_pooled = None
-        if scale > 1:  # CFG: the negative prompt's conditioning too (the program batches [negative; positive])
-            neg_embeds, neg_pooled = encode_all(negatives)
-        report("sample")
-        result = self._generate(embeds, pooled, seed=seed, latents=latents, negative_prompt_embeds=neg_embeds,
-                                negative_pooled_embeds=neg_pooled, guidance_scale=scale, height=height, width=width,
-                                step_cache_threshold=step_cache_threshold, cache=cache, num_steps=num_steps, shift=shift)
-        report("decode")
-        start = time.monotonic_ns()
-        z = result.latents / np.float32(vae["scaling_factor"]) + np.float32(vae["shift_factor"])
-        b, _, h, w = z.shape
-        decoded = self._run_stage("vae_decode", {"latents": z}, {"image": np.empty((b, 3, h * factor, w * factor), np.float32)})["image"]
-        image = to_uint8_rgb(decoded)
-        _span(spans, timing, "vae_decode", start, time.monotonic_ns())
-        stats = dict(result.stats)
-        stats["stage_ms"] = {**timing, "steps": result.stats["total_ms"]}
-        stats["encoder_calls"] = calls
-        stats["prompt_cache"] = {"hits": hits, "misses": misses, "size": len(self._prompts), "capacity": self._prompts.capacity}
-        return ImageResult(image=image[0] if single else image, latents=result.latents, stats=stats, events=result.events, spans=spans)
+        roles = [r for r in _ENCODER_ROLES if r in engine.stage_names]
+        result = self._stats(stats)  # the sampling's totals (PromptStats has slim_generate_stats' fields), steps and stages
+        result["total_ms"] = stats.steps_ms  # as generate's stats: the sampling call's
+        result["stage_ms"] = {"tokenize": stats.tokenize_ms, **{r: getattr(stats, f"{r}_ms") for r in roles}, "steps": stats.steps_ms,
+                              "vae_decode": stats.vae_decode_ms}
+        result["encoder_calls"] = {r: stats.prompt_cache_misses for r in roles}  # each text encoded runs every encoder once
+        result["prompt_cache"] = {"hits": stats.prompt_cache_hits, "misses": stats.prompt_cache_misses, "size": stats.prompt_cache_size,
+                                  "capacity": stats.prompt_cache_capacity}
+        # The runtime's events: the prompt path's phases become spans; the rest are the sampling call's (as generate's).
+        events, spans = [], []
+        for e in self._events():
+            phase = {"tokenize": "tokenize", "decode": "vae_decode"}.get(e["kind"])
+            if e["kind"] == "stage" and e["step"] == -1:  # an encoder's call, or the VAE's inside the decode span
+                phase = e["stage"] if e["stage"] in roles else None
+            elif phase is None and e["kind"] != "image":
+                events.append(e)
+                continue
+            if phase is not None:
+                spans.append({"stage": phase, "start_ns": e["start_ns"], "end_ns": e["end_ns"]})
+        return ImageResult(image=image[0] if single else image, latents=out, stats=result, events=events, spans=spans)
 
     def _image_side(self, size, name: str, factor: int) -> int:
         """An image height or width in pixels -> latent pixels, checked in image pixels."""
@@ -656,42 +667,10 @@ class Session(_Closable):
                              f"{cfg['patch_size']}) up to {limit} (image pixels), got {size}")
         return size // factor
 
-    def _encode(self, text: str, pipeline: dict, timing: dict, calls: dict, spans: list) -> tuple[np.ndarray, np.ndarray]:
-        """One prompt's conditioning, [1, 77 + max_sequence_length, joint_attention_dim] and [1, pooled dim], assembled as
-        diffusers' encode_prompt does (docs/pipeline.md, Conditioning)."""
-        engine, length, joint = self._engine, pipeline["clip_length"], pipeline["joint_attention_dim"]
-        hidden, pools = [], []
-        for role in ("clip_l", "clip_g"):
-            start = time.monotonic_ns()
-            ids = engine.tokenize(role, text)[None]
-            mid = time.monotonic_ns()
-            out = self._run_stage(role, {"input_ids": ids}, {"hidden_states": np.empty((1, length, pipeline[f"{role}_dim"]), np.float32),
-                                                              "pooled": np.empty((1, pipeline[f"{role}_pooled_dim"]), np.float32)})
-            _span(spans, timing, "tokenize", start, mid)
-            _span(spans, timing, role, mid, time.monotonic_ns())
-            calls[role] += 1
-            hidden.append(out["hidden_states"])
-            pools.append(out["pooled"])
-        clip = np.concatenate(hidden, axis=-1)
-        clip = np.pad(clip, ((0, 0), (0, 0), (0, joint - clip.shape[-1])))
-        if "t5" in calls:
-            start = time.monotonic_ns()
-            ids = engine.tokenize("t5", text)[None]
-            mid = time.monotonic_ns()
-            t5 = self._run_stage("t5", {"input_ids": ids}, {"hidden_states": np.empty((1, ids.shape[1], joint), np.float32)})["hidden_states"]
-            _span(spans, timing, "tokenize", start, mid)
-            _span(spans, timing, "t5", mid, time.monotonic_ns())
-            calls["t5"] += 1
-        else:  # SD3 without T5: zeros of the same length (diffusers' _get_t5_prompt_embeds with no text_encoder_3)
-            t5 = np.zeros((1, pipeline["max_sequence_length"], joint), np.float32)
-        embeds, pooled = np.concatenate([clip, t5], axis=1), np.concatenate(pools, axis=-1)
-        embeds.setflags(write=False)
-        pooled.setflags(write=False)
-        return embeds, pooled
-
     def clear_prompt_cache(self) -> None:
-        """Forget the encoded prompts generate(prompt=...) keeps."""
-        self._prompts.clear()
+        """Forget the encoded prompt texts the session keeps for generate(prompt=...) (slim_session_clear_prompt_cache)."""
+        with self._gate.call():
+            _check(_native.lib().slim_session_clear_prompt_cache(self._handle))
 
     def _latent_side(self, size, name: str) -> int:
         """A requested latent height or width, checked against the model before anything is allocated."""
@@ -707,7 +686,8 @@ class Session(_Closable):
             raise ValueError(f"{name} must be a multiple of {patch} up to {limit} (latent pixels), got {size}")
         return size
 
-    def _stats(self, s: GenerateStats) -> dict:
+    def _stats(self, s: GenerateStats | _native.PromptStats) -> dict:
+        """generate's stats dict from the call's totals (slim_generate_stats' fields) and the session's step and stage stats."""
         lib = _native.lib()
         per_step = []
         for i in range(lib.slim_session_step_count(self._handle)):
