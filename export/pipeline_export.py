@@ -31,7 +31,7 @@ from torch import nn
 from .errors import CheckpointError
 from .lowering import DTYPES, StageModule, trace_stage
 from .stage_spec import StageSpec, TensorSpec
-from .t5_export import T5EncoderStage, T5Source, export_t5_stage
+from .t5_export import T5EncoderStage, T5Source, export_t5_stage, module_weights
 
 CLIP_LENGTH = 77  # diffusers' tokenizer_max_length for SD3
 # role -> (folder, what it is, the class diffusers' SD3 pipeline loads)
@@ -249,7 +249,9 @@ def export_pipeline_stages(modules: dict, directory: Path, precision: str, max_s
     (directory / "stages").mkdir(parents=True, exist_ok=True)
     for spec in specs:
         if spec.role == "t5":
-            export_t5(modules["t5"].config, modules["t5"].weights(), directory / spec.file, precision, max_sequence_length)
+            t5 = modules["t5"]  # a folder's T5Source (streamed), or the module a single file was loaded into
+            weights = t5.weights() if isinstance(t5, T5Source) else module_weights(t5)
+            export_t5(t5.config, weights, directory / spec.file, precision, max_sequence_length)
             if progress is not None:
                 progress(spec.name)
             continue
@@ -278,7 +280,9 @@ def verify_pipeline_stages(modules: dict, directory: Path, specs: list[StageSpec
     options.log_severity_level = 3
     errors = {}
     for spec in specs:
-        module = modules[spec.role].load() if spec.role == "t5" else modules[spec.role]  # T5: loaded whole, for the check
+        module = modules[spec.role]
+        if isinstance(module, T5Source):  # a folder's T5: loaded whole, for the check
+            module = module.load()
         module = to_precision(spec.role, module, precision)
         x = example_input(spec.role, module, batch=3, text=11, height=5, width=7, seed=1)
         with torch.no_grad():

@@ -84,9 +84,10 @@ def single_file(sd3_pipeline, state):
 
 @pytest.fixture(scope="module")
 def bundle(sd3_pipeline, single_file):
-    """The single file with the folder's tokenizers, and the folder's scheduler shift (a single file has none)."""
+    """The single file with the folder's tokenizers, and the folder's scheduler shift (a single file has none); --verify
+    runs every stage, T5 included (whose weights the single file gives as a loaded module, not a folder), against PyTorch."""
     return export(single_file, single_file.parent / "sd3-single.engine", "--tokenizers", str(sd3_pipeline), "--shift", str(SCHEDULER_SHIFT),
-                  "--max-sequence-length", str(T5_LENGTH))
+                  "--max-sequence-length", str(T5_LENGTH), "--verify")
 
 
 def _run(bundle, stage, feed):
