@@ -20,13 +20,16 @@ $(VENV)/.installed: $(INSTALL_INPUTS)
 
 demo: setup
 	mkdir -p $(DEMO)
+	# Words to a picture: the toy pipeline trained by the project (models/toy-pipeline: tokenizers, text encoders, VAE;
+	# models/toy-sd3.safetensors: the 1.x-Distill transformer), exported into one bundle, run by the C runtime.
+	$(VENV)/bin/export-engine models/toy-sd3.safetensors --pipeline models/toy-pipeline -o $(DEMO)/toy.engine --force -q
+	$(VENV)/bin/slimengine generate $(DEMO)/toy.engine "a red circle" -o $(DEMO)/red-circle.png
+	$(PY) -m slimengine.tools.toy_demo $(DEMO)/toy.engine -o $(DEMO)/toy-shapes.png
+	# A small random 1.x-Distill SD3 checkpoint through export, verification and the C example program.
 	$(VENV)/bin/make-sd3-checkpoint --preset small -o $(DEMO)/sd3-small.pt
 	$(VENV)/bin/export-engine $(DEMO)/sd3-small.pt -o $(DEMO)/sd3-small.engine --force --verify
 	SLIMENGINE_ORT_LIBRARY=$$($(PY) -m slimengine.paths ort) $$($(PY) -m slimengine.paths example) \
 		$(DEMO)/sd3-small.engine --size 64 --text-len 77 --out $(DEMO)/latents.f32
-	# The trained toy model (models/toy-sd3.safetensors, made by train-toy-sd3): a picture per class, 1.x plan.
-	$(VENV)/bin/export-engine models/toy-sd3.safetensors -o $(DEMO)/toy-sd3.engine --force -q
-	$(PY) -m slimengine.tools.toy_demo $(DEMO)/toy-sd3.engine -o $(DEMO)/toy-shapes.png
 
 lint: setup
 	$(VENV)/bin/ruff check $(PY_SOURCES)

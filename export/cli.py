@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "in the bundle (the 1.x student case; docs/pipeline.md)")
     parser.add_argument("--no-t5", action="store_true", help="with a pipeline or a single file with encoders: export without the "
                         "T5 encoder and tokenizer (SD3 then runs with zeros in T5's place; a single file's T5 is dropped)")
-    parser.add_argument("--max-sequence-length", type=int, default=256,
-                        help="T5 tokens (tokenizer length and the T5 stage's limit) with a pipeline or --tokenizers (default 256)")
+    parser.add_argument("--max-sequence-length", type=int,
+                        help="T5 tokens (tokenizer length and the T5 stage's limit) with a pipeline or --tokenizers (default: the "
+                        "checkpoint's metadata pipeline.max_sequence_length, the length it was trained with, else 256)")
     parser.add_argument("--verify", action="store_true", help="run every stage in ONNX Runtime against PyTorch")
     parser.add_argument("--force", action="store_true", help="replace an existing bundle")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -96,6 +97,9 @@ def main(argv=None) -> int:
                          cache=args.cache)
     except (CheckpointError, ValueError) as e:
         return _fail(str(e))
+    if args.max_sequence_length is None:
+        trained = metadata.get("pipeline", {}).get("max_sequence_length") if isinstance(metadata.get("pipeline"), dict) else None
+        args.max_sequence_length = trained if isinstance(trained, int) and not isinstance(trained, bool) and 1 < trained <= 512 else 256
     c = checkpoint.config
     kind = f"cached blocks {plan.cache_blocks[0]}-{plan.cache_blocks[1]} ({plan.compensation} compensation)" if plan.cache_blocks else "full steps"
     kind = ("1.x-Distill student, " if checkpoint.has_compensation else "plain SD3, ") + kind

@@ -1,8 +1,8 @@
 """SD3's text encoders and VAE decoder as bundle stages, from a diffusers pipeline folder (docs/pipeline.md).
 
 Stages (roles):
-- clip_l, clip_g (text_encoder/, text_encoder_2/: CLIPTextModelWithProjection): input_ids int64 [B, 77] ->
-  hidden_states [B, 77, D] (the penultimate layer's, `hidden_states[-2]`, as diffusers' SD3 pipeline takes them) and
+- clip_l, clip_g (text_encoder/, text_encoder_2/: CLIPTextModelWithProjection): input_ids int64 [B, N] ->
+  hidden_states [B, N, D], N the CLIP tokenizers' model_max_length (77 for SD3; clip_length) (the penultimate layer's, `hidden_states[-2]`, as diffusers' SD3 pipeline takes them) and
   pooled [B, P] (the projection's text_embeds).
 - t5 (text_encoder_3/: T5EncoderModel): input_ids int64 [B, L], L up to max_sequence_length -> hidden_states [B, L, d_model].
 - vae_decode (vae/: AutoencoderKL): latents [B, C, h, w] -> image [B, 3, 8h, 8w], AutoencoderKL.decode's output in
@@ -33,7 +33,7 @@ from .lowering import DTYPES, StageModule, trace_stage
 from .stage_spec import StageSpec, TensorSpec
 from .t5_export import T5EncoderStage, T5Source, export_t5_stage, module_weights
 
-CLIP_LENGTH = 77  # diffusers' tokenizer_max_length for SD3
+DEFAULT_CLIP_LENGTH = 77  # SD3's CLIP tokenizers' model_max_length (diffusers' tokenizer_max_length when it has none)
 # role -> (folder, what it is, the class diffusers' SD3 pipeline loads)
 COMPONENTS = {
     "clip_l": ("text_encoder", "CLIP-L text encoder", "CLIPTextModelWithProjection"),
@@ -54,6 +54,7 @@ class PipelineFolder:
     path: Path
     t5: bool  # export the T5 stage (and its tokenizer)
     shift: float | None  # scheduler/scheduler_config.json's shift, when present
+    clip_length: int = DEFAULT_CLIP_LENGTH  # CLIP tokens: the CLIP tokenizers' model_max_length (clip_length)
 
     def roles(self) -> list[str]:
         return [r for r in COMPONENTS if r != "t5" or self.t5]
@@ -97,7 +98,20 @@ def open_pipeline(path: Path, t5: bool = True, transformer: bool = False) -> Pip
             raise CheckpointError(f"{scheduler}: not valid JSON ({e})") from None
         if shift is not None and not (isinstance(shift, (int, float)) and not isinstance(shift, bool) and shift > 0):
             raise CheckpointError(f"{scheduler}: shift must be a positive number, got {shift!r}")
-    return PipelineFolder(path=path, t5=t5, shift=None if shift is None else float(shift))
+    return PipelineFolder(path=path, t5=t5, shift=None if shift is None else float(shift), clip_length=clip_length(path))
+
+
+def clip_length(path: Path) -> int:
+    """The CLIP token count of a pipeline folder: its CLIP tokenizers' model_max_length, as diffusers' SD3 pipeline takes
+    it (tokenizer_max_length). SD3 joins the CLIP-L and CLIP-G hidden states token by token, so both must agree."""
+    from .tokenizer_export import clip_max_length
+
+    lengths = {folder: clip_max_length(path / folder) for folder in (TOKENIZERS["clip_l"], TOKENIZERS["clip_g"])}
+    if len(set(lengths.values())) != 1:
+        raise CheckpointError(f"{path}: the CLIP tokenizers disagree on their length (model_max_length: "
+                              f"{', '.join(f'{f}/ {n}' for f, n in lengths.items())}); SD3 joins CLIP-L's and CLIP-G's tokens "
+                              "one to one: set the same model_max_length in both tokenizer_config.json")
+    return lengths[TOKENIZERS["clip_l"]]
 
 
 def load_components(pipeline: PipelineFolder) -> dict[str, nn.Module]:
@@ -142,6 +156,11 @@ def check_against_transformer(modules: dict, config, pipeline: PipelineFolder) -
     if "t5" in modules and modules["t5"].config.d_model != config.joint_attention_dim:
         raise CheckpointError(f"{p}: T5's d_model {modules['t5'].config.d_model} is not the transformer's joint_attention_dim "
                               f"{config.joint_attention_dim}")
+    for role in ("clip_l", "clip_g"):
+        positions = modules[role].config.max_position_embeddings
+        if pipeline.clip_length > positions:
+            raise CheckpointError(f"{p}: the CLIP tokenizers give {pipeline.clip_length} tokens, the {COMPONENTS[role][1]} has "
+                                  f"{positions} positions (max_position_embeddings)")
     if modules["vae_decode"].config.latent_channels != config.in_channels:
         raise CheckpointError(f"{p}: the VAE has {modules['vae_decode'].config.latent_channels} latent channels, the transformer "
                               f"{config.in_channels}")
@@ -211,12 +230,12 @@ def t5_spec(config) -> StageSpec:
                      (TensorSpec("hidden_states", ("batch", "text", config.d_model)),), role="t5")
 
 
-def stage_specs(modules: dict, max_sequence_length: int) -> list[StageSpec]:
+def stage_specs(modules: dict, max_sequence_length: int, clip_length: int) -> list[StageSpec]:
     specs = []
     for role in ("clip_l", "clip_g"):
         c = modules[role].config
-        specs.append(StageSpec(role, (TensorSpec("input_ids", ("batch", CLIP_LENGTH), "int64"),),
-                               (TensorSpec("hidden_states", ("batch", CLIP_LENGTH, c.hidden_size)),
+        specs.append(StageSpec(role, (TensorSpec("input_ids", ("batch", clip_length), "int64"),),
+                               (TensorSpec("hidden_states", ("batch", clip_length, c.hidden_size)),
                                 TensorSpec("pooled", ("batch", c.projection_dim))), role=role))
     if "t5" in modules:
         specs.append(t5_spec(modules["t5"].config))
@@ -226,11 +245,12 @@ def stage_specs(modules: dict, max_sequence_length: int) -> list[StageSpec]:
     return specs
 
 
-def example_input(role: str, module: nn.Module, batch: int = 2, text: int = 7, height: int = 6, width: int = 4, seed: int = 0):
+def example_input(role: str, module: nn.Module, clip_length: int, batch: int = 2, text: int = 7, height: int = 6, width: int = 4,
+                  seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     if role in ("clip_l", "clip_g", "t5"):
         vocab = module.config.vocab_size
-        return torch.randint(0, vocab, (batch, CLIP_LENGTH if role != "t5" else text), generator=g)
+        return torch.randint(0, vocab, (batch, clip_length if role != "t5" else text), generator=g)
     return torch.randn(batch, module.config.latent_channels, height, width, generator=g)
 
 
@@ -243,9 +263,10 @@ def _dynamic_shapes(role: str, max_sequence_length: int):
     return ({0: batch, 2: torch.export.Dim("height", min=1, max=MAX_LATENT), 3: torch.export.Dim("width", min=1, max=MAX_LATENT)},)
 
 
-def export_pipeline_stages(modules: dict, directory: Path, precision: str, max_sequence_length: int, progress=None) -> list[StageSpec]:
+def export_pipeline_stages(modules: dict, directory: Path, precision: str, max_sequence_length: int, clip_length: int,
+                           progress=None) -> list[StageSpec]:
     """Write stages/ROLE.onnx (+ .data) for each encoder and the VAE decoder; returns their specs."""
-    specs = stage_specs(modules, max_sequence_length)
+    specs = stage_specs(modules, max_sequence_length, clip_length)
     (directory / "stages").mkdir(parents=True, exist_ok=True)
     for spec in specs:
         if spec.role == "t5":
@@ -256,7 +277,7 @@ def export_pipeline_stages(modules: dict, directory: Path, precision: str, max_s
                 progress(spec.name)
             continue
         module = to_precision(spec.role, modules[spec.role], precision)
-        program = trace_stage(stage_module(spec.role, module, precision), spec, (example_input(spec.role, module),),
+        program = trace_stage(stage_module(spec.role, module, precision), spec, (example_input(spec.role, module, clip_length),),
                               dynamic_shapes=_dynamic_shapes(spec.role, max_sequence_length))
         program.save(directory / spec.file, external_data=True)
         if progress is not None:
@@ -272,7 +293,7 @@ def export_t5(config, weights, path: Path, precision: str, max_sequence_length: 
     return spec
 
 
-def verify_pipeline_stages(modules: dict, directory: Path, specs: list[StageSpec], precision: str) -> dict[str, float]:
+def verify_pipeline_stages(modules: dict, directory: Path, specs: list[StageSpec], precision: str, clip_length: int) -> dict[str, float]:
     """max |ORT - PyTorch| per stage, on inputs of shapes other than the traced ones."""
     import onnxruntime as ort
 
@@ -284,7 +305,7 @@ def verify_pipeline_stages(modules: dict, directory: Path, specs: list[StageSpec
         if isinstance(module, T5Source):  # a folder's T5: loaded whole, for the check
             module = module.load()
         module = to_precision(spec.role, module, precision)
-        x = example_input(spec.role, module, batch=3, text=11, height=5, width=7, seed=1)
+        x = example_input(spec.role, module, clip_length, batch=3, text=11, height=5, width=7, seed=1)
         with torch.no_grad():
             expected = stage_module(spec.role, module, precision)(x)
         session = ort.InferenceSession(str(directory / spec.file), options, providers=["CPUExecutionProvider"])
@@ -299,7 +320,7 @@ def pipeline_manifest(modules: dict, pipeline: PipelineFolder, config, max_seque
     shift_factor = getattr(vae, "shift_factor", None)
     return {
         "source": str(pipeline.path),
-        "clip_length": CLIP_LENGTH,
+        "clip_length": pipeline.clip_length,
         "clip_l_dim": modules["clip_l"].config.hidden_size,
         "clip_g_dim": modules["clip_g"].config.hidden_size,
         "clip_l_pooled_dim": modules["clip_l"].config.projection_dim,

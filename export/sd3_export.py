@@ -68,9 +68,9 @@ def export_sd3(
             for name, err in errors.items():
                 report(f"verify {name:>12}: max |ORT - PyTorch| = {err:.3e}")
         if components is not None:
-            encoder_specs = export_pipeline_stages(components, tmp, precision, t5_max_length, progress=progress)
+            encoder_specs = export_pipeline_stages(components, tmp, precision, t5_max_length, pipeline.clip_length, progress=progress)
             if verify:
-                for name, err in verify_pipeline_stages(components, tmp, encoder_specs, precision).items():
+                for name, err in verify_pipeline_stages(components, tmp, encoder_specs, precision, pipeline.clip_length).items():
                     report(f"verify {name:>12}: max |ORT - PyTorch| = {err:.3e}")
             specs = specs + encoder_specs
         config = checkpoint.config

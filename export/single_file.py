@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
-from .pipeline_export import COMPONENTS, TOKENIZERS
+from .pipeline_export import COMPONENTS, DEFAULT_CLIP_LENGTH, TOKENIZERS, clip_length
 
 # role -> the prefix of its keys in the file
 PREFIXES = {"clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_encoders.clip_g.transformer.",
@@ -85,6 +85,7 @@ class SingleFile:
     tokenizers: Path  # the folder with tokenizer/, tokenizer_2/ (and tokenizer_3/ with T5)
     t5: bool
     shift: float | None = None  # a single file has no scheduler config: --shift stands for it
+    clip_length: int = DEFAULT_CLIP_LENGTH  # the --tokenizers folder's CLIP tokenizers' model_max_length
 
     def roles(self) -> list[str]:
         return [r for r in COMPONENTS if r != "t5" or self.t5]
@@ -122,7 +123,7 @@ def open_single_file(path: Path, present: list[str], tokenizers: Path | None, no
     if lacking:
         raise CheckpointError(f"{tokenizers}: --tokenizers folder is missing {', '.join(lacking)}"
                               + ("; pass --no-t5 to export without T5" if lacking == ["tokenizer_3/"] else ""))
-    return SingleFile(path=path, tokenizers=Path(tokenizers), t5=t5, shift=shift)
+    return SingleFile(path=path, tokenizers=Path(tokenizers), t5=t5, shift=shift, clip_length=clip_length(Path(tokenizers)))
 
 
 # --- reading -------------------------------------------------------------------------------------

@@ -81,11 +81,24 @@ def _model(nodes, inits, name: str, max_length: int) -> onnx.ModelProto:
     return model
 
 
+def _clip_length(tok) -> int:
+    """diffusers' SD3 tokenizer_max_length: the tokenizer's model_max_length (77 when it states none)."""
+    return tok.model_max_length if tok.model_max_length <= 4096 else ROLES["clip_l"][1]
+
+
+def clip_max_length(folder: Path) -> int:
+    """The token count a CLIP tokenizer folder pads and truncates prompts to in diffusers' SD3 pipeline."""
+    try:
+        return _clip_length(_load_clip(folder))
+    except Exception as e:  # a folder transformers cannot load: one line
+        raise TokenizerError(f"{folder}: cannot load it as a CLIPTokenizer ({type(e).__name__}: {str(e).strip()[:200]})") from None
+
+
 def clip_tokenizer_model(folder: Path, max_length: int | None = None):
     """(graph, transformers tokenizer) for a CLIP tokenizer folder (vocab.json + merges.txt, or tokenizer.json)."""
     tok = _load_clip(folder)
     if max_length is None:
-        max_length = tok.model_max_length if tok.model_max_length <= 4096 else 77
+        max_length = _clip_length(tok)
     # The tokenizer.json transformers itself runs (normalizer, pre-tokenizer, BPE), and the special tokens.
     config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": max_length,
               **{k: str(getattr(tok, k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}}

@@ -132,14 +132,26 @@ def cfg_bundle(workdir, plain_checkpoint) -> Path:
 
 
 TOY_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "toy-sd3.safetensors"
+TOY_PIPELINE = Path(__file__).resolve().parents[1] / "models" / "toy-pipeline"
 
 
 @pytest.fixture(scope="session")
 def toy_bundles(workdir) -> dict[str, Path]:
-    """The trained toy model with its own 1.x plan, and as a 28-step CFG baseline."""
-    return {"1x": export(TOY_CHECKPOINT, workdir / "toy-1x.engine"),
-            "28-step CFG": export(TOY_CHECKPOINT, workdir / "toy-28.engine", "--cache-blocks", "none", "--steps", "28",
-                                  "--guidance-scale", "4", "--token-stages")}
+    """The trained toy pipeline (prompt to image) with the student's own 1.x plan, and as a 28-step CFG baseline."""
+    return {"1x": export(TOY_CHECKPOINT, workdir / "toy-1x.engine", "--pipeline", str(TOY_PIPELINE)),
+            "28-step CFG": export(TOY_CHECKPOINT, workdir / "toy-28.engine", "--pipeline", str(TOY_PIPELINE), "--cache-blocks", "none",
+                                  "--steps", "28", "--guidance-scale", "4", "--token-stages")}
+
+
+@pytest.fixture(scope="session")
+def toy_class_embeds() -> dict[str, np.ndarray]:
+    """The 18 class prompts' conditioning ("a red circle", ...) and the empty negative's, by the toy pipeline's encoders."""
+    from slimengine.tools import toy_shapes
+
+    prompts = toy_shapes.class_prompts()
+    text, pooled = toy_shapes.prompt_embeds(TOY_PIPELINE, prompts)
+    neg_text, neg_pooled = toy_shapes.prompt_embeds(TOY_PIPELINE, [""] * len(prompts))
+    return {"prompt_embeds": text, "pooled_embeds": pooled, "negative_prompt_embeds": neg_text, "negative_pooled_embeds": neg_pooled}
 
 
 @pytest.fixture()

@@ -281,3 +281,52 @@ def test_missing_t5_suggests_no_t5(folder, tmp_path):
 def test_no_t5_needs_a_pipeline(folder, tmp_path):
     proc = run_cli("export-engine", str(folder / "transformer"), "-o", str(tmp_path / "x.engine"), "--no-t5", check=False)
     assert proc.returncode == 2 and "--no-t5 needs a pipeline" in proc.stderr
+
+
+def _clip_lengths(folder, lengths) -> None:
+    for name, length in zip(("tokenizer", "tokenizer_2"), lengths):
+        path = folder / name / "tokenizer_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "model_max_length": length}))
+
+
+def test_clip_length_comes_from_the_tokenizers(folder, tmp_path):
+    """CLIP tokenizers with model_max_length 12 (diffusers' SD3 pipeline then pads and truncates CLIP prompts to 12): the
+    encoder stages take 12 ids, the manifest says clip_length 12, and the engine's conditioning is diffusers' encode_prompt."""
+    import shutil
+
+    from diffusers import StableDiffusion3Pipeline
+
+    copy = tmp_path / "sd3"
+    shutil.copytree(folder, copy)
+    _clip_lengths(copy, (12, 12))
+    bundle = export(copy / "transformer", tmp_path / "short.engine", "--pipeline", str(copy), "--max-sequence-length", str(T5_LENGTH))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["pipeline"]["clip_length"] == 12
+    for role in ("clip_l", "clip_g"):
+        spec = next(s for s in manifest["stages"] if s["role"] == role)
+        assert spec["inputs"][0]["shape"] == ["batch", 12] and spec["outputs"][0]["shape"][1] == 12
+    assert {t["role"]: t["max_length"] for t in manifest["tokenizers"]} == {"clip_l": 12, "clip_g": 12, "t5": T5_LENGTH}
+    pipe = StableDiffusion3Pipeline.from_pretrained(copy, torch_dtype=torch.float32)
+    prompt = "a red circle on a blue square, and a long " + "very " * 20 + "long tail"
+    with torch.no_grad():
+        want, _, want_pooled, _ = pipe.encode_prompt(prompt, prompt, prompt, do_classifier_free_guidance=False, max_sequence_length=T5_LENGTH)
+    with Engine(bundle) as engine:
+        session = engine.session()
+        result = session.generate(prompt=prompt, guidance_scale=1.0, num_steps=1, height=64, width=64)
+        embeds, pooled = session._encode(prompt, manifest["pipeline"], {"tokenize": 0.0, "clip_l": 0.0, "clip_g": 0.0, "t5": 0.0},
+                                         {"clip_l": 0, "clip_g": 0, "t5": 0}, [])
+        session.close()
+    assert result.image.shape == (64, 64, 3)
+    assert embeds.shape == (1, 12 + T5_LENGTH, 96) and _rel(embeds, want) < 1e-5 and _rel(pooled, want_pooled) < 1e-5
+
+
+def test_clip_tokenizers_of_different_lengths_refused(folder, tmp_path):
+    import shutil
+
+    copy = tmp_path / "sd3"
+    shutil.copytree(folder, copy)
+    _clip_lengths(copy, (77, 12))
+    proc = run_cli("export-engine", str(copy), "-o", str(tmp_path / "x.engine"), "-q", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "the CLIP tokenizers disagree on their length (model_max_length: tokenizer/ 77, tokenizer_2/ 12)" in proc.stderr
+    assert not (tmp_path / "x.engine").exists()

@@ -96,14 +96,13 @@ def test_online_xslim_levels_run_the_reference_planners_actions(toy_bundles, pol
     from slimengine.export.checkpoint import load_checkpoint
     from slimengine.export.sampling_plan import make_plan
     from slimengine.tools import toy_shapes
-    from slimengine.tools.toy_demo import class_grid
 
-    from .conftest import TOY_CHECKPOINT
+    from .conftest import TOY_CHECKPOINT, TOY_PIPELINE
 
     ck = load_checkpoint(TOY_CHECKPOINT)
     model = ck.build_model()
     plan = make_plan(ck.config.num_layers, True, ck.metadata, cache_blocks="none", steps=28, guidance_scale=4.0)
-    text, pooled = toy_shapes.prompt_embeds(*class_grid())
+    text, pooled = toy_shapes.prompt_embeds(TOY_PIPELINE, toy_shapes.class_prompts())
     text, pooled = text[:2], pooled[:2]
     noise = gaussian_noise((2, model.config.in_channels, 16, 16), 0)
     zeros = dict(negative_prompt_embeds=np.zeros_like(text), negative_pooled_embeds=np.zeros_like(pooled))

@@ -16,9 +16,8 @@ from slimengine.export.sampling_plan import make_plan
 from slimengine.export.xslim import XSlimPolicy, load_schedule, parse_cache_spec
 from slimengine.noise import gaussian_noise
 from slimengine.tools import calibrate_xslim, toy_shapes
-from slimengine.tools.toy_demo import class_grid
 
-from .conftest import TOY_CHECKPOINT, CApiCall, edit_manifest, relative_error, run_cli
+from .conftest import TOY_CHECKPOINT, TOY_PIPELINE, CApiCall, edit_manifest, relative_error, run_cli
 
 LEVEL_NAMES = {"full": "full", "skip": "reused", "block": "block_refresh", "token": "token_refresh"}
 
@@ -31,7 +30,7 @@ def psnr(a, b) -> float:
 def toy_case(toy_bundles):
     ck = load_checkpoint(TOY_CHECKPOINT)
     plan = make_plan(ck.config.num_layers, True, ck.metadata, cache_blocks="none", steps=28, guidance_scale=4.0)
-    text, pooled = toy_shapes.prompt_embeds(*class_grid())
+    text, pooled = toy_shapes.prompt_embeds(TOY_PIPELINE, toy_shapes.class_prompts())
     session = se.open_engine(toy_bundles["28-step CFG"]).session()
     kwargs = dict(negative_prompt_embeds=np.zeros_like(text), negative_pooled_embeds=np.zeros_like(pooled), seed=0, height=16, width=16)
     full = session.generate(text, pooled, cache="none", **kwargs)
@@ -78,7 +77,8 @@ def test_block_level_refresh_between_the_two_lines(toy_case):
 
 @pytest.mark.parametrize("ratio", [0.25, 0.7])
 def test_token_level_refresh_between_the_two_lines(toy_case, ratio):
-    got, ref = run_both(toy_case, XSlimPolicy(early_warning=0.05, critical=0.4, refresh="token", sample_ratio=ratio))
+    # early warning 0.1: on the toy model's trajectories some steps fall under it (reuse), others between the lines
+    got, ref = run_both(toy_case, XSlimPolicy(early_warning=0.1, critical=0.4, refresh="token", sample_ratio=ratio))
     token_steps = [i for i, level in enumerate(ref.levels) if level == "token"]
     assert token_steps and "skip" in ref.levels
     assert all(ref.tokens_computed[i] == round(ratio * 64) for i in token_steps)  # 8x8 image tokens
@@ -225,7 +225,7 @@ def test_a_session_reused_across_policies_and_sizes_matches_a_fresh_one(toy_bund
 def test_token_counts_round_as_the_reference_does(toy_case):
     """0.7 x 15 tokens = 10.5 rounds to 11 in the reference (double precision) and in the runtime."""
     model, plan, text, pooled, session, _, _ = toy_case
-    noise = gaussian_noise((1, 12, 6, 10), 3)
+    noise = gaussian_noise((1, model.config.in_channels, 6, 10), 3)
     policy = XSlimPolicy(early_warning=0.05, critical=0.4, refresh="token", sample_ratio=0.7)
     got = session.generate(text[:1], pooled[:1], latents=noise, negative_prompt_embeds=np.zeros_like(text[:1]),
                            negative_pooled_embeds=np.zeros_like(pooled[:1]), cache=policy)
@@ -243,20 +243,22 @@ def test_calibrate_xslim_writes_the_cheapest_schedule_of_its_family_that_keeps_t
     ck = load_checkpoint(TOY_CHECKPOINT)
     steps, target = 12, 30.0
     out = tmp_path / "schedule.json"
-    args = [str(toy_bundles["28-step CFG"]), "--embeds", "toy", "-o", str(out), "--steps", str(steps), "--seeds", "1",
+    args = [str(toy_bundles["28-step CFG"]), "--embeds", f"toy:{TOY_PIPELINE}", "-o", str(out), "--steps", str(steps), "--seeds", "1",
             "--target-db", str(target), "--peak", "2", "--size", "16", "-q"]
     assert calibrate_xslim.main(args) == 0
     schedule = load_schedule(out, "fast", steps)
     chosen = [s for s, e in enumerate(schedule) if e["level"] == "full"]
 
     plan = make_plan(ck.config.num_layers, True, ck.metadata, cache_blocks="none", steps=steps, guidance_scale=4.0)
-    noise = torch.from_numpy(gaussian_noise((len(text), 12, 16, 16), 1))
+    noise = torch.from_numpy(gaussian_noise((len(text), model.config.in_channels, 16, 16), 1))
+    negatives = calibrate_xslim.load_embeds(f"toy:{TOY_PIPELINE}")  # the empty prompt's conditioning, as the tool used
 
     def reference(full_steps):
         policy = None if full_steps is None else XSlimPolicy(schedule=tuple(
             {"level": "full" if s in full_steps else "skip"} for s in range(steps)))
-        return reference_generate(model, plan, torch.from_numpy(text), torch.from_numpy(pooled), noise, torch.zeros(text.shape),
-                                  torch.zeros(pooled.shape), cache=policy).latents.numpy()
+        return reference_generate(model, plan, torch.from_numpy(text), torch.from_numpy(pooled), noise,
+                                  *(torch.from_numpy(negatives[k]) for k in ("negative_prompt_embeds", "negative_pooled_prompt_embeds")),
+                                  cache=policy).latents.numpy()
 
     full = reference(None)
     assert psnr(reference(chosen), full) >= target

@@ -11,8 +11,9 @@ X-Slim's format ({"MODE": {"fully_infer_step": [...]}}), ready for `--cache xsli
 Evaluate it on other seeds or prompts than the calibration ones.
 
 --embeds: an .npz with prompt_embeds [B, L, D] and pooled_prompt_embeds [B, P] (and optionally
-negative_prompt_embeds, negative_pooled_prompt_embeds; zeros otherwise), or `toy` for the 18 class
-prompts of the project's trained toy model.
+negative_prompt_embeds, negative_pooled_prompt_embeds; zeros otherwise), or `toy[:FOLDER]` for the 18 class
+prompts of the project's trained toy pipeline ("a red circle", ...; the empty prompt as the negative), encoded by
+the pipeline folder's text encoders (default models/toy-pipeline, from the source tree).
 """
 
 from __future__ import annotations
@@ -88,12 +89,18 @@ def calibrate(session: se.Session, embeds: dict, *, steps: int, seeds: list[int]
 
 
 def load_embeds(spec: str) -> dict:
-    if spec == "toy":
+    if spec == "toy" or spec.startswith("toy:"):
         from slimengine.tools import toy_shapes
-        from slimengine.tools.toy_demo import class_grid
 
-        text, pooled = toy_shapes.prompt_embeds(*class_grid())
-        embeds = {"prompt_embeds": text, "pooled_prompt_embeds": pooled}
+        folder = Path(spec[len("toy:"):] or "models/toy-pipeline")
+        if not (folder / "model_index.json").is_file():
+            raise ValueError(f"--embeds {spec}: {folder} is not the toy pipeline folder (models/toy-pipeline in the source tree); "
+                             "run from the source tree or pass toy:FOLDER")
+        prompts = toy_shapes.class_prompts()
+        text, pooled = toy_shapes.prompt_embeds(folder, prompts)
+        neg_text, neg_pooled = toy_shapes.prompt_embeds(folder, [""] * len(prompts))  # CFG's empty negative prompt
+        embeds = {"prompt_embeds": text, "pooled_prompt_embeds": pooled, "negative_prompt_embeds": neg_text,
+                  "negative_pooled_prompt_embeds": neg_pooled}
     else:
         embeds = _read_npz(spec)
     embeds.setdefault("negative_prompt_embeds", np.zeros_like(embeds["prompt_embeds"]))
@@ -117,7 +124,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="calibrate-xslim", description=__doc__.splitlines()[0],
                                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("engine", type=Path, help="SD3 engine bundle (NAME.engine)")
-    parser.add_argument("--embeds", required=True, help="calibration prompts: an .npz (see above) or 'toy'")
+    parser.add_argument("--embeds", required=True, help="calibration prompts: an .npz (see above) or 'toy[:FOLDER]'")
     parser.add_argument("-o", "--output", type=Path, required=True, help="schedule file to write (X-Slim's JSON format)")
     parser.add_argument("--steps", type=int, default=28, help="steps of the plain plan to calibrate (default 28)")
     parser.add_argument("--guidance-scale", type=float, help="CFG scale (default: the bundle's)")

@@ -1,9 +1,11 @@
-"""toy-demo: draw every class of the trained toy model through the engine and save one PNG.
+"""toy-demo: draw every class of the trained toy pipeline from its prompt ("a red circle", ...) and save one PNG.
 
     python -m slimengine.tools.toy_demo toy.engine -o shapes.png [--seed 0] [--guidance 4.0]
 
-Rows are shapes (circle, square, triangle), columns colours; generation runs in the C runtime
-through the Python binding, with the bundle's own program (1.x or full steps).
+The bundle is the toy student exported with its pipeline (export-engine models/toy-sd3.safetensors --pipeline
+models/toy-pipeline). Rows are shapes (circle, square, triangle), columns colours; each picture is made from its
+prompt string in the C runtime (tokenizers, text encoders, the bundle's own program, VAE) through the Python binding,
+and the demo prints how many show the prompted colour and shape (toy_shapes.dominant_colour, toy_shapes.shape_of).
 """
 
 from __future__ import annotations
@@ -19,39 +21,40 @@ import slimengine as se
 from slimengine.tools import toy_shapes
 
 
-def class_grid():
-    shapes = np.repeat(np.arange(len(toy_shapes.SHAPES)), len(toy_shapes.COLOURS))
-    colours = np.tile(np.arange(len(toy_shapes.COLOURS)), len(toy_shapes.SHAPES))
-    return shapes, colours
+def generate_classes(session: se.Session, seed: int, guidance: float | None = None, **kwargs):
+    """uint8 pictures [18, 32, 32, 3] of every class from its prompt, in toy_shapes.class_grid order, and the run's stats."""
+    result = session.generate(prompt=toy_shapes.class_prompts(), guidance_scale=guidance, seed=seed, height=toy_shapes.IMAGE_SIZE,
+                              width=toy_shapes.IMAGE_SIZE, **kwargs)
+    return result.image, result.stats
 
 
-def generate_classes(session: se.Session, seed: int, guidance: float | None = None):
-    """Latents for every (shape, colour) class in one batch, and the run's stats."""
-    shapes, colours = class_grid()
-    text, pooled = toy_shapes.prompt_embeds(shapes, colours)
-    size = toy_shapes.IMAGE_SIZE // 2
-    result = session.generate(text, pooled, negative_prompt_embeds=np.zeros_like(text), negative_pooled_embeds=np.zeros_like(pooled),
-                              guidance_scale=guidance, seed=seed, height=size, width=size)
-    return result.latents, result.stats
+def score(images: np.ndarray) -> tuple[int, int]:
+    """(pictures in the prompted colour, pictures of the prompted shape) among class-grid pictures."""
+    shapes, colours = toy_shapes.class_grid()
+    colour = sum(toy_shapes.dominant_colour(img) == c for img, c in zip(images, colours))
+    shape = sum(toy_shapes.shape_of(img) == s for img, s in zip(images, shapes))
+    return int(colour), int(shape)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="toy-demo", description=__doc__.splitlines()[0])
-    parser.add_argument("engine", type=Path, help="bundle exported from the toy checkpoint")
+    parser.add_argument("engine", type=Path, help="bundle exported from the toy checkpoint with --pipeline models/toy-pipeline")
     parser.add_argument("-o", "--output", type=Path, required=True, help="PNG to write")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance", type=float, help="CFG scale (default: the bundle's)")
     args = parser.parse_args(argv)
+    start = time.perf_counter()
     try:
         session = se.open_engine(args.engine).session()
+        images, stats = generate_classes(session, args.seed, args.guidance)
     except se.SlimError as e:
         print(f"toy-demo: error: {e}", file=sys.stderr)
         return 2
-    start = time.perf_counter()
-    latents, stats = generate_classes(session, args.seed, args.guidance)
-    toy_shapes.save_png(toy_shapes.to_images(latents), args.output)
-    print(f"{args.engine}: {len(latents)} images, {stats['steps']} steps, effective NFE {stats['effective_nfe']:.2f}, "
-          f"{stats['total_ms']:.1f} ms in the runtime ({(time.perf_counter() - start) * 1e3:.1f} ms with Python) -> {args.output}")
+    toy_shapes.save_png(images, args.output)
+    colour, shape = score(images)
+    print(f"{args.engine}: {len(images)} prompts (\"{toy_shapes.class_prompts()[0]}\", ...), {stats['steps']} steps, effective NFE "
+          f"{stats['effective_nfe']:.2f}, {(time.perf_counter() - start) * 1e3:.0f} ms; {colour}/{len(images)} in the prompted colour, "
+          f"{shape}/{len(images)} of the prompted shape -> {args.output}")
     return 0
 
 
