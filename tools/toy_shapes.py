@@ -118,15 +118,7 @@ def render(shape: int, colour: int, rng: np.random.Generator) -> np.ndarray:
     size = IMAGE_SIZE
     radius = rng.uniform(5, 10)
     cx, cy = rng.uniform(radius + 1, size - radius - 1, size=2)
-    y, x = np.mgrid[0:size, 0:size] + 0.5
-    if SHAPES[shape] == "circle":
-        mask = (x - cx) ** 2 + (y - cy) ** 2 <= radius**2
-    elif SHAPES[shape] == "square":
-        mask = (np.abs(x - cx) <= radius * 0.85) & (np.abs(y - cy) <= radius * 0.85)
-    else:  # upward triangle
-        top, bottom = cy - radius, cy + radius
-        half_width = (y - top) / (2 * radius) * radius
-        mask = (y >= top) & (y <= bottom) & (np.abs(x - cx) <= half_width)
+    mask = shape_mask(shape, cx, cy, radius, size)
     image = -np.ones((3, size, size), dtype=np.float32)
     image[:, mask] = np.array(list(COLOURS.values())[colour], dtype=np.float32)[:, None]
     return image
@@ -173,24 +165,45 @@ def dominant_colour(image: np.ndarray) -> int | None:
     return int(np.argmin(((foreground.mean(axis=0)[None] - palette) ** 2).sum(axis=1)))
 
 
-# Fill ratio of the foreground's bounding box: square 1, circle pi/4 ~ 0.79, triangle 1/2; the bounds are midway.
-SHAPE_FILL_BOUNDS = (0.65, 0.92)
+def shape_mask(shape: int, cx: float, cy: float, radius: float, size: int = IMAGE_SIZE) -> np.ndarray:
+    """[size, size] mask of SHAPES[shape] centred at (cx, cy) with `radius`, drawn as render() draws it."""
+    y, x = np.mgrid[0:size, 0:size] + 0.5
+    if SHAPES[shape] == "circle":
+        return (x - cx) ** 2 + (y - cy) ** 2 <= radius**2
+    if SHAPES[shape] == "square":
+        return (np.abs(x - cx) <= radius * 0.85) & (np.abs(y - cy) <= radius * 0.85)
+    top, bottom = cy - radius, cy + radius  # upward triangle
+    return (y >= top) & (y <= bottom) & (np.abs(x - cx) <= (y - top) / 2)
 
 
-def fill_ratio(image: np.ndarray) -> float | None:
-    """Foreground pixels / the area of their bounding box, for a uint8 image [H, W, 3]; None without a foreground."""
+# Area of each shape per radius^2 (circle pi, square 1.7^2, triangle base 2r x height 2r / 2), and how far its centroid
+# lies below its centre cy, per radius (the triangle's: r/3).
+_AREA_PER_R2 = {"circle": np.pi, "square": 1.7**2, "triangle": 2.0}
+_CENTROID_BELOW = {"circle": 0.0, "square": 0.0, "triangle": 1 / 3}
+
+
+def shape_scores(image: np.ndarray) -> list[float] | None:
+    """Per shape, the best intersection-over-union of the image's foreground with that shape drawn at the size its area
+    implies and around its centroid (a small search over radius and position); None without a foreground."""
     mask = _foreground(image)
-    if mask.sum() < 4:
+    area = mask.sum()
+    if area < 4:
         return None
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    box = (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
-    return float(mask.sum() / box)
+    ys, xs = np.nonzero(mask)
+    my, mx = ys.mean() + 0.5, xs.mean() + 0.5
+    scores = []
+    for shape, name in enumerate(SHAPES):
+        r0, best = np.sqrt(area / _AREA_PER_R2[name]), 0.0
+        for r in r0 * np.array([0.85, 0.93, 1.0, 1.08, 1.16]):
+            for dy in (-1.5, -0.75, 0, 0.75, 1.5):
+                for dx in (-1.5, -0.75, 0, 0.75, 1.5):
+                    drawn = shape_mask(shape, mx + dx, my - _CENTROID_BELOW[name] * r + dy, r, mask.shape[0])
+                    best = max(best, (drawn & mask).sum() / (drawn | mask).sum())
+        scores.append(float(best))
+    return scores
 
 
 def shape_of(image: np.ndarray) -> int | None:
-    """Index in SHAPES of the shape a uint8 image [H, W, 3] shows, by the fill ratio of its bounding box."""
-    ratio = fill_ratio(image)
-    if ratio is None:
-        return None
-    low, high = SHAPE_FILL_BOUNDS
-    return SHAPES.index("triangle" if ratio < low else "circle" if ratio < high else "square")
+    """Index in SHAPES of the shape a uint8 image [H, W, 3] shows: the one whose template fits its foreground best."""
+    scores = shape_scores(image)
+    return None if scores is None else int(np.argmax(scores))
