@@ -191,3 +191,19 @@ def test_c_call_arguments_checked(engine, bundle, tmp_path):
     edit_manifest(copy, lambda m: m.update(pipeline={**json.loads((bundle / "manifest.json").read_text())["pipeline"], "t5": False}))
     with pytest.raises(SlimError, match=r"pipeline\.t5.*is false but a stage has role t5"):
         Engine(copy)
+
+
+@pytest.mark.parametrize("field, value", [("scaling_factor", 1e-50), ("scaling_factor", 1e300), ("shift_factor", 1e300),
+                                          ("scheduler_shift", 1e300)])
+def test_pipeline_numbers_that_float32_cannot_hold_are_refused_at_open(bundle, tmp_path, field, value):
+    """The decode and the plan compute in float32: a scaling_factor of 1e-50 became 0 there (NaN latents at the VAE, an
+    error naming the VAE's input), 1e300 inf. Now the bundle is refused at open, naming the field."""
+    copy = tmp_path / "edited.engine"
+    shutil.copytree(bundle, copy)
+
+    def edit(m):
+        (m["pipeline"] if field == "scheduler_shift" else m["pipeline"]["vae"])[field] = value
+
+    edit_manifest(copy, edit)
+    with pytest.raises(SlimError, match=rf"pipeline\..*{field}"):
+        Engine(copy)
