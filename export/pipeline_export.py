@@ -125,7 +125,16 @@ def load_components(pipeline: PipelineFolder) -> dict[str, nn.Module]:
             text = str(e).strip().splitlines()
             raise CheckpointError(f"{folder}: cannot load the {COMPONENTS[role][1]} as {COMPONENTS[role][2]} "
                                   f"({type(e).__name__}: {text[0] if text else ''})") from None
+        if role != "t5":  # T5's weights are checked as they are streamed (t5_export.export_t5_stage)
+            check_finite_weights(modules[role], f"{folder}: the {COMPONENTS[role][1]}")
     return modules
+
+
+def check_finite_weights(module: nn.Module, what: str) -> None:
+    """Refuses NaN or Inf weights: an encoder with them makes NaN conditioning, a VAE NaN (then black) images."""
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{what}'s weight '{name}' contains NaN or Inf")
 
 
 def check_against_transformer(modules: dict, config, pipeline: PipelineFolder) -> None:

@@ -152,6 +152,8 @@ def export_t5_stage(config, weights: WeightSource, path: Path, spec: StageSpec, 
             tensor = weights(key)
             if tuple(tensor.shape) != shapes[key]:
                 raise ValueError(f"T5 weight {key} has shape {list(tensor.shape)}, the config implies {list(shapes[key])}")
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():  # NaN conditioning otherwise
+                raise ValueError(f"T5 weight {key} contains NaN or Inf")
             return ir.tensor(_to_numpy(tensor.to(dtype).contiguous()), name=name)
 
         value.const_value = ir.LazyTensor(load, dtype=value.const_value.dtype, shape=value.const_value.shape)
