@@ -207,3 +207,23 @@ def test_pipeline_numbers_that_float32_cannot_hold_are_refused_at_open(bundle, t
     edit_manifest(copy, edit)
     with pytest.raises(SlimError, match=rf"pipeline\..*{field}"):
         Engine(copy)
+
+
+def test_a_vae_that_makes_nan_is_an_error_not_a_black_image(bundle, tmp_path):
+    """A vae_decode stage with a NaN weight (a hostile or broken bundle: the exporter refuses NaN weights) made NaN
+    pixels, written as 0: a silently black image. Now SLIM_ERR_NUMERICS naming the stage, and no image is written."""
+    import hashlib
+
+    copy = tmp_path / "nan-vae.engine"
+    shutil.copytree(bundle, copy)
+    data = copy / "stages" / "vae_decode.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[:4] = np.array([np.nan], np.float32).tobytes()  # the first float32 of the VAE's weights
+    data.write_bytes(bytes(raw))
+    edit_manifest(copy, lambda m: m["files"]["stages/vae_decode.onnx.data"].update(sha256=hashlib.sha256(raw).hexdigest()))
+    with Engine(copy) as nan_engine:
+        session = nan_engine.session()
+        status, image, _, _, error = c_generate(session, ["a red circle"], num_steps=1)
+        assert status == 7 and "stage vae_decode produced NaN" in error, (status, error)
+        assert not image.any()
+        session.close()
