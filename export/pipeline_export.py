@@ -31,7 +31,7 @@ from torch import nn
 from .errors import CheckpointError
 from .lowering import DTYPES, StageModule, trace_stage
 from .stage_spec import StageSpec, TensorSpec
-from .t5_export import T5EncoderStage, T5Source, export_t5_stage, module_weights
+from .t5_export import T5EncoderStage, T5Source, all_finite, export_t5_stage, module_weights
 
 CLIP_LENGTH = 77  # diffusers' tokenizer_max_length for SD3
 # role -> (folder, what it is, the class diffusers' SD3 pipeline loads)
@@ -133,7 +133,7 @@ def load_components(pipeline: PipelineFolder) -> dict[str, nn.Module]:
 def check_finite_weights(module: nn.Module, what: str) -> None:
     """Refuses NaN or Inf weights: an encoder with them makes NaN conditioning, a VAE NaN (then black) images."""
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if not all_finite(tensor):
             raise CheckpointError(f"{what}'s weight '{name}' contains NaN or Inf")
 
 
