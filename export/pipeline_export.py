@@ -31,7 +31,7 @@ from torch import nn
 from .errors import CheckpointError
 from .lowering import DTYPES, StageModule, trace_stage
 from .stage_spec import StageSpec, TensorSpec
-from .t5_export import T5EncoderStage, T5Source, export_t5_stage, module_weights
+from .t5_export import T5EncoderStage, T5Source, all_finite, export_t5_stage, module_weights
 
 DEFAULT_CLIP_LENGTH = 77  # SD3's CLIP tokenizers' model_max_length (diffusers' tokenizer_max_length when it has none)
 # role -> (folder, what it is, the class diffusers' SD3 pipeline loads)
@@ -139,7 +139,16 @@ def load_components(pipeline: PipelineFolder) -> dict[str, nn.Module]:
             text = str(e).strip().splitlines()
             raise CheckpointError(f"{folder}: cannot load the {COMPONENTS[role][1]} as {COMPONENTS[role][2]} "
                                   f"({type(e).__name__}: {text[0] if text else ''})") from None
+        if role != "t5":  # T5's weights are checked as they are streamed (t5_export.export_t5_stage)
+            check_finite_weights(modules[role], f"{folder}: the {COMPONENTS[role][1]}")
     return modules
+
+
+def check_finite_weights(module: nn.Module, what: str) -> None:
+    """Refuses NaN or Inf weights: an encoder with them makes NaN conditioning, a VAE NaN (then black) images."""
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if not all_finite(tensor):
+            raise CheckpointError(f"{what}'s weight '{name}' contains NaN or Inf")
 
 
 def check_against_transformer(modules: dict, config, pipeline: PipelineFolder) -> None:

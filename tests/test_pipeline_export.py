@@ -330,3 +330,25 @@ def test_clip_tokenizers_of_different_lengths_refused(folder, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "the CLIP tokenizers disagree on their length (model_max_length: tokenizer/ 77, tokenizer_2/ 12)" in proc.stderr
     assert not (tmp_path / "x.engine").exists()
+
+
+@pytest.mark.parametrize("component, message", [("text_encoder", "the CLIP-L text encoder's weight"),
+                                                ("text_encoder_3", "T5 weight"), ("vae", "the VAE's weight")])
+def test_nan_weights_in_a_component_are_refused(folder, tmp_path, component, message):
+    """A folder's encoder or VAE with a NaN weight was exported as it was: NaN conditioning (a NUMERICS error naming the
+    sampling step), or with the VAE silently black images. Now refused, naming the weight; nothing is written."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "pipeline"
+    shutil.copytree(folder, copy)
+    weights = next((copy / component).glob("*.safetensors"))
+    state = load_file(weights)
+    key = next(k for k, v in state.items() if v.dim() >= 2)
+    state[key][0, 0] = float("nan")
+    save_file(state, weights, metadata={"format": "pt"})
+    out = tmp_path / "x.engine"
+    proc = run_cli("export-engine", str(copy), "-o", str(out), "-q", "--max-sequence-length", str(PIPELINE_T5_LENGTH), check=False)
+    assert proc.returncode == 2 and message in proc.stderr and "contains NaN or Inf" in proc.stderr, proc.stderr[-1000:]
+    assert not out.exists()

@@ -191,3 +191,39 @@ def test_c_call_arguments_checked(engine, bundle, tmp_path):
     edit_manifest(copy, lambda m: m.update(pipeline={**json.loads((bundle / "manifest.json").read_text())["pipeline"], "t5": False}))
     with pytest.raises(SlimError, match=r"pipeline\.t5.*is false but a stage has role t5"):
         Engine(copy)
+
+
+@pytest.mark.parametrize("field, value", [("scaling_factor", 1e-50), ("scaling_factor", 1e300), ("shift_factor", 1e300),
+                                          ("scheduler_shift", 1e300)])
+def test_pipeline_numbers_that_float32_cannot_hold_are_refused_at_open(bundle, tmp_path, field, value):
+    """The decode and the plan compute in float32: a scaling_factor of 1e-50 became 0 there (NaN latents at the VAE, an
+    error naming the VAE's input), 1e300 inf. Now the bundle is refused at open, naming the field."""
+    copy = tmp_path / "edited.engine"
+    shutil.copytree(bundle, copy)
+
+    def edit(m):
+        (m["pipeline"] if field == "scheduler_shift" else m["pipeline"]["vae"])[field] = value
+
+    edit_manifest(copy, edit)
+    with pytest.raises(SlimError, match=rf"pipeline\..*{field}"):
+        Engine(copy)
+
+
+def test_a_vae_that_makes_nan_is_an_error_not_a_black_image(bundle, tmp_path):
+    """A vae_decode stage with a NaN weight (a hostile or broken bundle: the exporter refuses NaN weights) made NaN
+    pixels, written as 0: a silently black image. Now SLIM_ERR_NUMERICS naming the stage, and no image is written."""
+    import hashlib
+
+    copy = tmp_path / "nan-vae.engine"
+    shutil.copytree(bundle, copy)
+    data = copy / "stages" / "vae_decode.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[:4] = np.array([np.nan], np.float32).tobytes()  # the first float32 of the VAE's weights
+    data.write_bytes(bytes(raw))
+    edit_manifest(copy, lambda m: m["files"]["stages/vae_decode.onnx.data"].update(sha256=hashlib.sha256(raw).hexdigest()))
+    with Engine(copy) as nan_engine:
+        session = nan_engine.session()
+        status, image, _, _, error = c_generate(session, ["a red circle"], num_steps=1)
+        assert status == 7 and "stage vae_decode produced NaN" in error, (status, error)
+        assert not image.any()
+        session.close()

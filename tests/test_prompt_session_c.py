@@ -10,11 +10,13 @@ import ctypes
 import threading
 import time
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from slimengine import Engine, _native
+from tests.conftest import run_python
 from tests.test_prompt_c import c_generate
 
 OK, INVALID, BUSY, CANCELLED = 0, 1, 11, 12
@@ -283,3 +285,80 @@ def test_an_engine_closed_under_a_running_call_stays_loaded_for_its_session(engi
     status, image, _, _, error = c_generate(session, *CALL[:2], **CALL[2])  # and the session still runs
     assert status == OK and np.array_equal(image, reference[0]), error
     lib.slim_session_destroy(handle)
+
+
+# Found by the issue-13 attack pass.
+HOSTILE = """
+import ctypes, sys, numpy as np
+sys.path.insert(0, {root!r})
+from slimengine import Engine, _native
+from tests.conftest import run_python
+from tests.test_prompt_c import c_generate
+lib = _native.lib()
+engine = Engine({bundle!r})
+"""
+
+
+def test_a_struct_size_ending_inside_a_field_is_refused(sd3_pipeline_bundle):
+    """A struct_size between two versions' sizes ended inside the progress pointer: the part copied was called (a crash).
+    Now refused unless a multiple of the struct's alignment (every version's sizeof is one); the callback is never called."""
+    code = HOSTILE.format(root=str(Path(__file__).parent.parent), bundle=str(sd3_pipeline_bundle)) + """
+session = engine.session()
+called = []
+callback = _native.Progress(lambda *a: called.append(a) or 0)
+for k in range(1, 8):
+    status, image, _, _, error = c_generate(session, ["a"], num_steps=1, progress=callback,
+                                            struct_size=_native.PromptParams.progress.offset + k)
+    assert status == 1 and "no version's sizeof(slim_prompt_params)" in error and not image.any(), (k, status, error)
+params = lib.slim_generate_default_params()
+params.progress = callback
+for offset in (_native.GenerateParams.progress.offset, _native.GenerateParams.cache_policy.offset):
+    params.struct_size = offset + 4
+    assert lib.slim_generate(session._handle, ctypes.byref(params), None, None) == 1
+    assert b"no version's sizeof(slim_generate_params)" in lib.slim_last_error()
+assert called == []
+# The versions' own sizes still work.
+for size in (_native.PromptParams.progress.offset, ctypes.sizeof(_native.PromptParams)):
+    assert c_generate(session, ["a"], num_steps=1, struct_size=size)[0] == 0
+print("ok")
+"""
+    proc = run_python(code, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_destroying_the_session_from_its_own_progress_callback(sd3_pipeline_bundle):
+    """slim_session_destroy (C) and Session.close() (Python) from the callback of a call on that session waited for that
+    call, that is for themselves: a hang. Now the session is freed when the call returns, which completes as usual."""
+    code = HOSTILE.format(root=str(Path(__file__).parent.parent), bundle=str(sd3_pipeline_bundle)) + """
+import types
+from pathlib import Path
+call = dict(seed=7, guidance_scale=3.0, num_steps=3)
+want = c_generate(engine.session(), ["a red circle"], ["blurry"], **call)[1]
+handle = ctypes.c_void_p()
+assert lib.slim_session_create(engine._handle, ctypes.byref(handle)) == 0
+raw = types.SimpleNamespace(_handle=handle, _engine=engine)
+seen = []
+def destroy(_user, phase, step, total):
+    seen.append((phase, step))
+    if (phase, step) == (1, 0):
+        lib.slim_session_destroy(handle)
+    return 0
+status, image, _, _, error = c_generate(raw, ["a red circle"], ["blurry"], progress=_native.Progress(destroy), **call)
+assert status == 0 and np.array_equal(image, want), error
+assert seen[-1] == (2, 0)  # the call went on to the decode
+session = engine.session()
+def close(phase, step, total):
+    if (phase, step) == ("step", 0):
+        session.close()
+result = session.generate(prompt="a red circle", negative_prompt="blurry", height=64, width=64, progress=close, **call)
+assert np.array_equal(result.image, want[0]) and session._handle is None
+try:
+    session.generate(prompt="a red circle", height=64, width=64)
+except Exception as e:
+    assert "closed" in str(e), e
+else:
+    raise AssertionError("a closed session ran")
+print("ok")
+"""
+    proc = run_python(code, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])

@@ -40,7 +40,8 @@ extern "C" {
 /* ABI version of this header; slim_abi_version() gives the library's at run time. A library serves every caller
  * of its major version built against a minor version up to its own (params and stats structs grow at their end;
  * an older caller's smaller struct_size keeps working). A struct_size larger than the library's own struct is
- * refused (SLIM_ERR_INVALID_ARGUMENT): the caller's header is newer than the library. */
+ * refused (SLIM_ERR_INVALID_ARGUMENT): the caller's header is newer than the library. So is a params struct_size that
+ * is no multiple of the struct's alignment (it would end inside a field; every version's sizeof is a multiple). */
 #define SLIM_ABI_VERSION_MAJOR 0
 #define SLIM_ABI_VERSION_MINOR                                                                                               \
     8 /* 2: X-Slim policies and stats, plan override, profiling events, LEMUR, generic stage call, device; 3: SLIM_ERR_BUSY; \
@@ -258,7 +259,8 @@ SLIM_API const char* slim_engine_tokenizer_role(const slim_engine* engine, int32
 
 /* A new session on `engine` (it keeps the engine's model alive). Status: INVALID_ARGUMENT, OUT_OF_MEMORY. */
 SLIM_API slim_status slim_session_create(slim_engine* engine, slim_session** out);
-/* Free a session, after waiting for a call running on it in another thread. NULL is accepted. */
+/* Free a session, after waiting for a call running on it in another thread. NULL is accepted. Called from the progress
+ * callback of a call on this session: the session is freed when that call returns (waiting would never end). */
 SLIM_API void slim_session_destroy(slim_session* session);
 
 /* The session's prompt-embedding cache (ABI 0.8): slim_generate_prompt keeps each prompt text's assembled conditioning

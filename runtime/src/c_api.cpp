@@ -100,6 +100,12 @@ T read_params(const T* given, T defaults, size_t required_size, const char* what
         throw slim::Error(SLIM_ERR_INVALID_ARGUMENT,
                           std::string(what) + ".struct_size is " + std::to_string(given->struct_size) + "; set it to sizeof(" + what + ")");
     check_not_newer(given->struct_size, sizeof(T), what);
+    // Every version's sizeof is a multiple of the struct's alignment (each version has a pointer). Any other size
+    // would end inside a field, and a pointer copied in part (a progress callback, a JSON string) would be followed.
+    if (given->struct_size % alignof(T) != 0)
+        throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, std::string(what) + ".struct_size is " + std::to_string(given->struct_size) +
+                                                         ", which is no version's sizeof(" + what + ") (those are multiples of " +
+                                                         std::to_string(alignof(T)) + "); set it to sizeof(" + what + ")");
     std::memcpy(&defaults, given, given->struct_size);
     defaults.struct_size = sizeof(T);
     return defaults;
@@ -411,6 +417,8 @@ slim_status slim_session_create(slim_engine* engine, slim_session** out) {
 
 void slim_session_destroy(slim_session* session) {
     if (!session) return;
+    // From the progress callback of a call on this session (same thread): freed when that call returns.
+    if (session->gate.close_later([session] { delete session; })) return;
     if (session->gate.close()) delete session;  // false: a forked child's copy of a handle a parent thread was using
 }
 

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -47,11 +48,12 @@ class CallGate {
         if (!calls_.compare_exchange_strong(idle, 1))
             throw Error(SLIM_ERR_BUSY, std::string(what) +
                                            " is in use by another thread (a session runs one call at a time: "
-                                           "create one session per thread)");
+                                           "create one session per thread; a progress callback must not call into its own session)");
         if (closing_.load()) {
             calls_.fetch_sub(1);
             throw Error(SLIM_ERR_INVALID_ARGUMENT, std::string(what) + " is being closed");
         }
+        owner_.store(std::this_thread::get_id());
     }
     bool try_enter_exclusive() {
         if (!adopt() || inherited_busy_) return false;
@@ -61,7 +63,24 @@ class CallGate {
         calls_.fetch_sub(1);
         return false;
     }
-    void leave() { calls_.fetch_sub(1); }
+    // The last call out frees the handle when close_later() was called from inside it.
+    void leave() {
+        owner_.store(std::thread::id());
+        if (calls_.fetch_sub(1) == 1 && free_later_) {
+            const std::function<void()> free_handle = std::move(free_later_);
+            free_handle();  // deletes the handle that holds this gate: nothing of *this is touched after
+        }
+    }
+    // close() from the thread whose exclusive call is running (a progress callback destroying its own session)
+    // would wait for itself forever: instead the handle is refused to new calls and `free_handle` runs when that
+    // call leaves. Returns false when the caller should use close() instead.
+    bool close_later(std::function<void()> free_handle) {
+        adopt();
+        if (inherited_busy_ || calls_.load() == 0 || owner_.load() != std::this_thread::get_id()) return false;
+        closing_.store(true);
+        free_later_ = std::move(free_handle);
+        return true;
+    }
     // Refuses new calls, then waits for those in flight to return. Returns whether the handle may now be
     // freed: not in a forked child whose parent had a call running on it (the handle's locks and buffers
     // are that call's, mid-way): such a handle is left allocated.
@@ -99,6 +118,8 @@ class CallGate {
 
     std::atomic<int> calls_{0};
     std::atomic<bool> closing_{false};
+    std::atomic<std::thread::id> owner_{};  // the thread in the exclusive call, if one runs
+    std::function<void()> free_later_;      // set by close_later, only from the owner thread
     std::atomic<uint64_t> forks_;
     std::mutex adopt_mutex_;
     bool inherited_busy_ = false;  // written once per fork under adopt_mutex_, before forks_ is published

@@ -300,15 +300,17 @@ void parse_fields(const Value& root, Manifest& m) {
         p.latent_channels = int_field(vae, "latent_channels", w + ".vae", 1, 1 << 16);
         p.scale_factor = int_field(vae, "scale_factor", w + ".vae", 1, 64);
         const double scaling = number_field(vae, "scaling_factor", w + ".vae"), shift = number_field(vae, "shift_factor", w + ".vae");
-        if (!std::isfinite(scaling) || scaling == 0) bad(w + ".vae.scaling_factor", "must be a finite nonzero number");
-        if (!std::isfinite(shift)) bad(w + ".vae.shift_factor", "must be finite");
+        // The decode computes in float32: a value that is 0 or inf there (1e-50, 1e300) would give NaN latents at the VAE.
+        const float scaling32 = static_cast<float>(scaling), shift32 = static_cast<float>(shift);
+        if (!std::isnormal(scaling32)) bad(w + ".vae.scaling_factor", "must be a finite nonzero number, as a float32 (not denormal)");
+        if (!std::isfinite(shift32)) bad(w + ".vae.shift_factor", "must be a finite float32 number");
         p.scaling_factor = static_cast<float>(scaling);
         p.shift_factor = static_cast<float>(shift);
         const Value* sched = pipeline->find("scheduler_shift");
         if (sched && !sched->is_null()) {
             p.scheduler_shift = number_field(*pipeline, "scheduler_shift", w);
-            if (!(std::isfinite(p.scheduler_shift) && p.scheduler_shift > 0))
-                bad(w + ".scheduler_shift", "must be a positive number or null");
+            if (!(std::isfinite(p.scheduler_shift) && p.scheduler_shift > 0 && p.scheduler_shift <= 1e6))
+                bad(w + ".scheduler_shift", "must be a positive number up to 1e6, or null");
         }
         const Sd3Config& c = m.config;
         if (p.joint_attention_dim != c.joint_attention_dim || p.pooled_projection_dim != c.pooled_projection_dim)

@@ -230,6 +230,12 @@ PromptStats generate_prompt(const Engine& engine, Sd3Session& session, PromptCac
     const Clock::time_point vae_start = Clock::now();
     run_named(engine.ort(), *engine.stages()[engine.vae_decode_stage], in, 1, out, 1);
     profiler.stage(engine.vae_decode_stage, vae_start, Clock::now());
+    // The steps refuse NaN latents; a NaN pixel has no defined uint8 either (it would pass as black): refuse it too.
+    for (size_t i = 0; i < image.size(); ++i)
+        if (std::isnan(image[i]))
+            throw Error(SLIM_ERR_NUMERICS, "stage vae_decode produced NaN (element " + std::to_string(i) +
+                                               ") from finite latents: the bundle's VAE is broken (NaN weights, or an fp16 overflow); "
+                                               "no image was written");
     to_rgb8(image.data(), B, request.height, request.width, request.image);
     const Clock::time_point end = Clock::now();
     profiler.decode(decode_start, end);

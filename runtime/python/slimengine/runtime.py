@@ -295,6 +295,7 @@ class _CallGate:
         self._what, self._exclusive = what, exclusive
         self._cond = threading.Condition()
         self._calls, self._closed, self._forked_busy = 0, False, False
+        self._owner, self._free_later = None, None  # the thread in the exclusive call; close(free) from inside it
         _CallGate._live.add(self)
 
     def _after_fork_in_child(self) -> None:
@@ -315,20 +316,32 @@ class _CallGate:
                 raise SlimError("SLIM_ERR_BUSY", f"the {self._what} is in use by another thread (a session runs one call at a "
                                                  "time: create one session per thread)")
             self._calls += 1
+            self._owner = threading.get_ident()
+        free = None
         try:
             yield
         finally:
             with self._cond:
                 self._calls -= 1
+                self._owner = None
+                if not self._calls:
+                    free, self._free_later = self._free_later, None
                 self._cond.notify_all()
+            if free is not None:
+                free()
 
-    def close(self) -> bool:
-        """True for the one caller that must now free the handle (no call runs, none can start)."""
+    def close(self, free=None) -> bool:
+        """True for the one caller that must now free the handle (no call runs, none can start). Called by the thread
+        whose call runs (a progress callback closing its own session), it would wait for itself: then `free` (when
+        given) runs as that call ends, and close() returns False."""
         with self._cond:
             if self._closed:
                 return False
             self._closed = True
             if self._forked_busy:
+                return False
+            if self._calls and self._owner == threading.get_ident() and free is not None:
+                self._free_later = free
                 return False
             while self._calls:
                 self._cond.wait()
@@ -800,10 +813,14 @@ class Session(_Closable):
         return out_arrays
 
     def close(self) -> None:
-        """Free the session, after the call another thread may be running on it returns."""
-        if self._gate.close():
-            _native.lib().slim_session_destroy(self._handle)
-            self._handle = None
+        """Free the session, after the call another thread may be running on it returns (called from that call's
+        progress callback: when the call returns)."""
+        if self._gate.close(free=self._free):
+            self._free()
+
+    def _free(self) -> None:
+        _native.lib().slim_session_destroy(self._handle)
+        self._handle = None
 
 
 @dataclasses.dataclass
