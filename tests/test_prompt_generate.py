@@ -206,6 +206,27 @@ def test_cli_refuses_a_bundle_without_pipeline(bundle, tmp_path):
         engine.session().generate(prompt="x")
 
 
+@pytest.mark.parametrize("args, message", [(("--size", "0"), "height"), (("--steps", "-1"), "num_steps"),
+                                           (("--size", "65"), "multiple of")])
+def test_cli_values_out_of_range_are_usage_errors(bundle, tmp_path, args, message):
+    """Out-of-range values exited 1 (a failed call) instead of 2 (a usage error, as docs/pipeline.md says)."""
+    proc = _cli(bundle, "a red circle", "-o", tmp_path / "x.png", "-q", *args)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_checks_the_output_path_before_generating(bundle, tmp_path):
+    """A missing output directory was found only after the whole generation; now at once, exit 2. A directory as the
+    output is refused too, and a successful write leaves no temporary beside the PNG."""
+    proc = _cli(bundle, "a red circle", "-o", tmp_path / "missing" / "x.png", "-q", "--steps", "1000")
+    assert proc.returncode == 2 and "no directory" in proc.stderr, proc.stderr
+    proc = _cli(bundle, "a red circle", "-o", tmp_path, "-q")
+    assert proc.returncode == 2 and "is a directory" in proc.stderr, proc.stderr
+    proc = _cli(bundle, "a red circle", "-o", tmp_path / "ok.png", "-q", "--steps", "1", "--size", "32")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.png"]
+
+
 @pytest.fixture(scope="module")
 def student(folder, workdir):
     """A 1.x-Distill student (compensation MLPs, cached blocks 1-2 of 4) that fits the tiny pipeline, written by

@@ -11,6 +11,7 @@ tritonserver of nvidia-pytriton (docs/serving.md). Exit status 0, 1 on failure, 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -82,6 +83,10 @@ def generate(args: argparse.Namespace) -> int:
     except ValueError:
         print(f"slimengine generate: --size must be H or HxW in pixels, got {args.size!r}", file=sys.stderr)
         return 2
+    if not args.output.parent.is_dir() or args.output.is_dir():  # found before the generation, not after it
+        print(f"slimengine generate: cannot write {args.output}: "
+              f"{'it is a directory' if args.output.is_dir() else f'no directory {args.output.parent}'}", file=sys.stderr)
+        return 2
     bar = None
     if not args.quiet:
         try:
@@ -105,8 +110,17 @@ def generate(args: argparse.Namespace) -> int:
             result = session.generate(prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, height=height, width=width,
                                       guidance_scale=args.guidance, num_steps=args.steps, cache=args.cache,
                                       progress=progress)
-        result.pil().save(args.output, format="PNG")
-    except (SlimError, ValueError, TypeError, OSError, ImportError) as e:
+        # Into a temporary beside it, then renamed: an interrupted write never leaves a truncated PNG at the path.
+        temporary = args.output.with_name(f".{args.output.name}.tmp-{os.getpid()}")
+        try:
+            result.pil().save(temporary, format="PNG")
+            os.replace(temporary, args.output)
+        finally:
+            temporary.unlink(missing_ok=True)
+    except (ValueError, TypeError) as e:  # an argument out of range (--size, --steps, --guidance, --cache): a usage error
+        print(f"slimengine generate: {e}", file=sys.stderr)
+        return 2
+    except (SlimError, OSError, ImportError) as e:
         print(f"slimengine generate: {e}", file=sys.stderr)
         return 1
     finally:
