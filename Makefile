@@ -23,8 +23,9 @@ demo: setup
 	# Words to a picture: the toy pipeline trained by the project (models/toy-pipeline: tokenizers, text encoders, VAE;
 	# models/toy-sd3.safetensors: the 1.x-Distill transformer), exported into one bundle, run by the C runtime.
 	$(VENV)/bin/export-engine models/toy-sd3.safetensors --pipeline models/toy-pipeline -o $(DEMO)/toy.engine --force -q
-	$(VENV)/bin/slimengine generate $(DEMO)/toy.engine "a red circle" -o $(DEMO)/red-circle.png
-	$(PY) -m slimengine.tools.toy_demo $(DEMO)/toy.engine -o $(DEMO)/toy-shapes.png
+	$(VENV)/bin/slimengine generate $(DEMO)/toy.engine "a red circle" -o $(DEMO)/red-circle.png --steps 28 --guidance 4
+	$(PY) -m slimengine.tools.toy_demo $(DEMO)/toy.engine -o $(DEMO)/toy-shapes.png --steps 28 --guidance 4
+	$(PY) -m slimengine.tools.toy_demo $(DEMO)/toy.engine -o $(DEMO)/toy-shapes-1x.png
 	# A small random 1.x-Distill SD3 checkpoint through export, verification and the C example program.
 	$(VENV)/bin/make-sd3-checkpoint --preset small -o $(DEMO)/sd3-small.pt
 	$(VENV)/bin/export-engine $(DEMO)/sd3-small.pt -o $(DEMO)/sd3-small.engine --force --verify

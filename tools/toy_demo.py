@@ -1,6 +1,6 @@
 """toy-demo: draw every class of the trained toy pipeline from its prompt ("a red circle", ...) and save one PNG.
 
-    python -m slimengine.tools.toy_demo toy.engine -o shapes.png [--seed 0] [--guidance 4.0]
+    python -m slimengine.tools.toy_demo toy.engine -o shapes.png [--seed 0] [--guidance 4.0] [--steps 28]
 
 The bundle is the toy student exported with its pipeline (export-engine models/toy-sd3.safetensors --pipeline
 models/toy-pipeline). Rows are shapes (circle, square, triangle), columns colours; each picture is made from its
@@ -42,12 +42,13 @@ def main(argv=None) -> int:
     parser.add_argument("-o", "--output", type=Path, required=True, help="PNG to write")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance", type=float, help="CFG scale (default: the bundle's)")
+    parser.add_argument("--steps", type=int, help="a plain plan of that many steps (default: the bundle's program, 1.x)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
         session = se.open_engine(args.engine).session()
-        images, stats = generate_classes(session, args.seed, args.guidance)
-    except se.SlimError as e:
+        images, stats = generate_classes(session, args.seed, args.guidance, num_steps=args.steps)
+    except (se.SlimError, ValueError) as e:
         print(f"toy-demo: error: {e}", file=sys.stderr)
         return 2
     toy_shapes.save_png(images, args.output)
