@@ -13,36 +13,14 @@ CAPTIONS = [
     "city skyline at night with neon lights", "café au lait, crème brûlée", "東京の夜景", "a bowl of ramen 🍜 with chopsticks",
     "Hello, World! It's 2024.",
 ] * 4
-CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-
-
-def _byte_chars() -> list[str]:
-    """GPT-2/CLIP's bytes-to-unicode table, in CLIP's vocab order."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    others = [b for b in range(256) if b not in printable]
-    return [chr(c) for c in printable + [256 + i for i in range(len(others))]]
 
 
 def make_clip(folder: Path, pad_token: str | None = None) -> Path:
-    """CLIP's vocab layout (bytes, bytes + </w>, one token per merge, the two specials) with merges trained on CAPTIONS."""
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    """CLIP's vocab layout (bytes, bytes + </w>, one token per merge, the two specials) with merges trained on CAPTIONS,
+    by the toy trainer's maker (slimengine.tools.train_toy_sd3.make_clip_tokenizer), model_max_length 77 as SD3's."""
+    from slimengine.tools.train_toy_sd3 import make_clip_tokenizer
 
-    folder.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token="<|endoftext|>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tok.train_from_iterator(CAPTIONS, trainers.BpeTrainer(vocab_size=600, end_of_word_suffix="</w>", show_progress=False,
-                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    merges = [m if isinstance(m, str) else " ".join(m) for m in json.loads(tok.to_str())["model"]["merges"]]
-    chars = _byte_chars()
-    vocab = chars + [c + "</w>" for c in chars] + [m.replace(" ", "") for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(dict.fromkeys(vocab))}, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77}
-    if pad_token:  # SD3's tokenizer_2 pads with "!" (id 0), tokenizer/ with <|endoftext|>
-        config["pad_token"] = pad_token
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    make_clip_tokenizer(folder, CAPTIONS, 77, pad_token, vocab_size=600)
     return folder
 
 

@@ -64,7 +64,7 @@ def _byte_chars() -> list[str]:
     return [chr(c) for c in printable + [256 + i for i in range(len(others))]]
 
 
-def make_clip_tokenizer(folder: Path, texts: list[str], max_length: int, pad_token: str | None = None) -> None:
+def make_clip_tokenizer(folder: Path, texts: list[str], max_length: int, pad_token: str | None = None, vocab_size: int = 700) -> None:
     """CLIP's vocab layout (bytes, bytes + </w>, one token per merge, the two specials) with BPE merges trained on
     `texts`: CLIPTokenizer loads it as it loads openai/clip-vit-large-patch14's."""
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
@@ -74,7 +74,7 @@ def make_clip_tokenizer(folder: Path, texts: list[str], max_length: int, pad_tok
     tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=700, end_of_word_suffix="</w>", show_progress=False,
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, end_of_word_suffix="</w>", show_progress=False,
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     merges = [m if isinstance(m, str) else " ".join(m) for m in json.loads(tok.to_str())["model"]["merges"]]
     chars = _byte_chars()
