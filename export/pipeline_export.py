@@ -49,18 +49,25 @@ def is_pipeline_folder(path: Path) -> bool:
     return Path(path).is_dir() and (Path(path) / "model_index.json").is_file()
 
 
-@dataclasses.dataclass(frozen=True)
-class PipelineFolder:
-    path: Path
-    t5: bool  # export the T5 stage (and its tokenizer)
-    shift: float | None  # scheduler/scheduler_config.json's shift, when present
-    clip_length: int = DEFAULT_CLIP_LENGTH  # CLIP tokens: the CLIP tokenizers' model_max_length (clip_length)
+class ComponentRoles:
+    """The stage and tokenizer roles an export of encoders and VAE writes: T5's only when `t5` (PipelineFolder,
+    single_file.SingleFile)."""
+
+    t5: bool
 
     def roles(self) -> list[str]:
         return [r for r in COMPONENTS if r != "t5" or self.t5]
 
     def tokenizer_roles(self) -> tuple[str, ...]:
         return tuple(r for r in TOKENIZERS if r != "t5" or self.t5)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineFolder(ComponentRoles):
+    path: Path
+    t5: bool  # export the T5 stage (and its tokenizer)
+    shift: float | None  # scheduler/scheduler_config.json's shift, when present
+    clip_length: int = DEFAULT_CLIP_LENGTH  # CLIP tokens: the CLIP tokenizers' model_max_length (clip_length)
 
     def load(self) -> dict[str, nn.Module]:
         return load_components(self)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
-from .pipeline_export import COMPONENTS, DEFAULT_CLIP_LENGTH, TOKENIZERS, clip_length
+from .pipeline_export import DEFAULT_CLIP_LENGTH, TOKENIZERS, ComponentRoles, clip_length
 
 # role -> the prefix of its keys in the file
 PREFIXES = {"clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_encoders.clip_g.transformer.",
@@ -78,7 +78,7 @@ def component_roles(path: Path) -> list[str]:
 
 
 @dataclasses.dataclass(frozen=True)
-class SingleFile:
+class SingleFile(ComponentRoles):
     """A single-file checkpoint's encoders and VAE, the counterpart of pipeline_export.PipelineFolder."""
 
     path: Path
@@ -86,12 +86,6 @@ class SingleFile:
     t5: bool
     shift: float | None = None  # a single file has no scheduler config: --shift stands for it
     clip_length: int = DEFAULT_CLIP_LENGTH  # the --tokenizers folder's CLIP tokenizers' model_max_length
-
-    def roles(self) -> list[str]:
-        return [r for r in COMPONENTS if r != "t5" or self.t5]
-
-    def tokenizer_roles(self) -> tuple[str, ...]:
-        return tuple(r for r in TOKENIZERS if r != "t5" or self.t5)
 
     def load(self) -> dict[str, nn.Module]:
         return load_single_file_components(self)
