@@ -499,6 +499,19 @@ def test_a_record_with_one_flipped_bit_is_corrected_and_worse_damage_refuses_unt
         with pytest.raises(se.SlimError, match=rf"byte {HEADER_BYTES + 3 * rb} is damaged beyond correction"):
             se.MemoryBank(path, read_only=read_only)
     assert path.stat().st_size == size
+    damaged = path.read_bytes()
+    path.write_bytes(clean[: HEADER_BYTES + 100 * rb])  # a reader's refresh onto such damage refuses too, and keeps what it had
+    with se.MemoryBank(path, read_only=True) as reader, se.MemoryBank(path) as writer:
+        with pytest.raises(se.SlimError, match="already open for writing"):
+            se.MemoryBank.repair(path)
+        writer.close()
+        later = bytearray(clean)
+        later[HEADER_BYTES + 150 * rb + 45] ^= 0x41  # two bits of record 150
+        path.write_bytes(bytes(later))
+        with pytest.raises(se.SlimError, match=rf"byte {HEADER_BYTES + 150 * rb} is damaged beyond correction"):
+            reader.refresh()
+        assert len(reader) == 150 and reader.lookup(ids[:150]).found.all()  # the whole calls before the damage
+    path.write_bytes(damaged)
     report = se.MemoryBank.repair(path)
     assert (report.unreadable_records, report.dropped_records, report.hidden_ids, report.ids) == (1, 9, 0, len(ids) - per_call)
     with se.MemoryBank(path, read_only=True) as reader:
