@@ -187,6 +187,9 @@ def test_lemur_and_bank_structs_larger_than_the_library_are_refused(lemur_bundle
     bank = se.MemoryBank(tmp_path / "docs.bank", dim=engine.info.embed_dim)
     refused(lib.slim_bank_recovery_info(bank._handle, as_struct(padded(_native.BankRecovery), _native.BankRecovery)),
             _native.BankRecovery)
+    refused(lib.slim_bank_repair(str(tmp_path / "docs.bank").encode(), as_struct(padded(_native.BankRepairReport),
+                                                                                 _native.BankRepairReport)),
+            _native.BankRepairReport)
     for default, fn, cls in [(lib.slim_embed_default_params, lib.slim_embed, _native.EmbedParams),
                              (lib.slim_score_default_params, lib.slim_score, _native.ScoreParams)]:
         params = padded(cls)

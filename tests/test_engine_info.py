@@ -21,11 +21,11 @@ def test_the_abi_version_is_queryable_at_run_time():
     lib = _native.lib()
     major, minor = ctypes.c_int32(-1), ctypes.c_int32(-1)
     lib.slim_abi_version(ctypes.byref(major), ctypes.byref(minor))
-    assert (major.value, minor.value) == se.abi_version() == (_native.ABI_MAJOR, 8)
+    assert (major.value, minor.value) == se.abi_version() == (_native.ABI_MAJOR, 9)
     assert lib.slim_abi_version_major() == major.value
     lib.slim_abi_version(None, None)  # either pointer may be NULL
     header = _native.header_path().read_text()
-    assert re.search(r"#define SLIM_ABI_VERSION_MAJOR 0\n#define SLIM_ABI_VERSION_MINOR\s*\\?\s*8 ", header)
+    assert re.search(r"#define SLIM_ABI_VERSION_MAJOR 0\n#define SLIM_ABI_VERSION_MINOR\s*\\?\s*9 ", header)
 
 
 def test_the_binding_refuses_a_library_of_another_abi(tmp_path):

@@ -44,13 +44,14 @@ extern "C" {
  * is no multiple of the struct's alignment (it would end inside a field; every version's sizeof is a multiple). */
 #define SLIM_ABI_VERSION_MAJOR 0
 #define SLIM_ABI_VERSION_MINOR                                                                                               \
-    8 /* 2: X-Slim policies and stats, plan override, profiling events, LEMUR, generic stage call, device; 3: SLIM_ERR_BUSY; \
+    9 /* 2: X-Slim policies and stats, plan override, profiling events, LEMUR, generic stage call, device; 3: SLIM_ERR_BUSY; \
          4: bundle format 2, slim_verify levels, slim_bundle_verify, block events (SLIM_PROFILE_BLOCKS),                     \
          slim_generate_stats.transfer_bytes; 5: slim_abi_version, slim_engine_info, slim_engine_program_step, struct_size    \
          larger than the library's refused; 6: slim_tokenize, slim_engine_tokenizer_count/role;                              \
          7: slim_generate_prompt; 8: the session's prompt-embedding cache (slim_session_set_prompt_cache,                    \
          slim_session_clear_prompt_cache, slim_prompt_stats' cache fields), progress callbacks (slim_progress) with          \
-         SLIM_ERR_CANCELLED, prompt events (SLIM_EVENT_TOKENIZE, _DECODE, _IMAGE) */
+         SLIM_ERR_CANCELLED, prompt events (SLIM_EVENT_TOKENIZE, _DECODE, _IMAGE); 9: slim_bank_repair,                      \
+         slim_bank_recovery.header_corrected */
 
 typedef enum slim_status {
     SLIM_OK = 0,
@@ -544,12 +545,15 @@ typedef struct slim_bank_params {
 SLIM_API slim_bank_params slim_bank_default_params(void);
 
 /* Open (or create) the bank file at `path` (format: docs/memory-bank.md). A torn tail left by a
- * crash is dropped (a writer truncates it); opening never fails because of one. A damaged record
- * inside the log (bit rot) is skipped with the rest of its write call, every later call is kept, and
- * slim_bank_recovery_info reports it: check it after opening. One writer per file at a time, across
- * processes; only the process that opened a handle may write through it (after fork(), open the bank
- * again in the child). On success *out owns the bank (free with slim_bank_close).
- * Status: INVALID_ARGUMENT, IO (missing, not a regular file, locked by another writer, not a bank file), SHAPE (dim mismatch). */
+ * crash is dropped (a writer truncates it); opening never fails because of one. Damage inside the
+ * file (bit rot) never brings a deleted id back: a record or header with one flipped bit is corrected
+ * in memory (a delete applied, an upserted id hidden until written again) and slim_bank_recovery_info
+ * reports it: check it after opening; a record or header damaged beyond that makes opening fail
+ * (SLIM_ERR_IO naming slim_bank_repair). One writer per file at a time, across processes; only the
+ * process that opened a handle may write through it (after fork(), open the bank again in the child).
+ * On success *out owns the bank (free with slim_bank_close).
+ * Status: INVALID_ARGUMENT, IO (missing, not a regular file, locked by another writer, not a bank file, damaged beyond
+ * correction), SHAPE (dim mismatch). */
 SLIM_API slim_status slim_bank_open(const char* path, const slim_bank_params* params, slim_bank** out);
 /* Close a bank (releasing the writer lock; a forked child's inherited handle holds it too until
  * closed), after waiting for calls running on it in other threads (lookups, an embed or score
@@ -582,17 +586,39 @@ SLIM_API slim_status slim_bank_flush(slim_bank* bank);
  * the writer's own handle, which is always current. Status: INVALID_ARGUMENT, IO. */
 SLIM_API slim_status slim_bank_refresh(slim_bank* bank, int64_t* added);
 
-/* What the scans of a bank handle found and left out: at open, and for a read-only handle up to its
- * last refresh (docs/memory-bank.md, "Damage"). ABI 0.2. */
+/* What the scans of a bank handle found: at open, and for a read-only handle up to its last refresh
+ * (docs/memory-bank.md, "Damage"). ABI 0.2. */
 typedef struct slim_bank_recovery {
     uint32_t struct_size;         /* set by the caller: sizeof(slim_bank_recovery) */
-    int64_t damaged_records;      /* records inside the log that failed their checks (bit rot): skipped */
-    int64_t dropped_records;      /* intact records skipped with them: the rest of the write calls they may belong to */
+    int64_t damaged_records;      /* records inside the log with one flipped bit, corrected in memory: a delete applied, an upserted
+                                     id hidden (not found) until written again or slim_bank_repair */
+    int64_t dropped_records;      /* intact records skipped with damaged ones: 0 since ABI 0.9 (a record is corrected, or opening fails) */
     int64_t first_damaged_offset; /* byte offset of the first damaged record; -1: none */
     int64_t tail_bytes;           /* at open: bytes after the last whole write call (a call a crash cut short); a writer truncated them */
+    int64_t header_corrected;     /* ABI 0.9: 1 when the header had one flipped bit, corrected in memory */
 } slim_bank_recovery;
-/* Fills *out. Status: INVALID_ARGUMENT (NULL, struct_size too small). */
+/* Fills *out (an ABI 0.2 struct, without header_corrected, too). Status: INVALID_ARGUMENT (NULL, struct_size too small). */
 SLIM_API slim_status slim_bank_recovery_info(const slim_bank* bank, slim_bank_recovery* out);
+
+/* What slim_bank_repair found and kept. ABI 0.9. */
+typedef struct slim_bank_repair_report {
+    uint32_t struct_size;       /* set by the caller: sizeof(slim_bank_repair_report) */
+    int32_t header;             /* 0: intact; 1: one flipped bit, corrected; 2: damaged beyond that, rebuilt from the records */
+    int64_t records;            /* records in the old file, up to the end of its last whole write call */
+    int64_t corrected_records;  /* records with one flipped bit: restored */
+    int64_t unreadable_records; /* records damaged beyond correction: which id each wrote or deleted is unknown */
+    int64_t dropped_records;    /* intact records of the write calls that held an unreadable record */
+    int64_t hidden_ids;         /* ids live before an unreadable record, left out: any of them may be the one it deleted */
+    int64_t ids;                /* ids in the repaired bank */
+    int64_t tail_bytes;         /* bytes after the last whole write call (a call a crash cut short), left out */
+} slim_bank_repair_report;
+/* Rewrite the bank file at `path` with one record per id it can prove live (docs/memory-bank.md, "Repair"): every
+ * corrected record restored, no deleted id, none of the ids written before a record damaged beyond correction; a
+ * header damaged beyond correction is rebuilt from the records. Takes the writer lock (no writer may have it open);
+ * the new file replaces the old one whole. Readers open on it must open it again. out may be NULL.
+ * Status: INVALID_ARGUMENT, IO (missing, locked by a writer, not a bank file, nothing to recover, a write failed:
+ * then the old file is left as it was). */
+SLIM_API slim_status slim_bank_repair(const char* path, slim_bank_repair_report* out);
 
 /* ---- LEMUR: embed and score ---- */
 

@@ -868,12 +868,31 @@ slim_status slim_bank_recovery_info(const slim_bank* bank, slim_bank_recovery* o
     if (!bank) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_bank_recovery_info: bank is NULL");
     if (!out) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_bank_recovery_info: out is NULL");
     return guarded([&] {
-        check_out_size(out->struct_size, sizeof(slim_bank_recovery), sizeof(slim_bank_recovery), "slim_bank_recovery");
+        check_out_size(out->struct_size, offsetof(slim_bank_recovery, header_corrected), sizeof(slim_bank_recovery), "slim_bank_recovery");
         slim::GateEntry use(bank->gate, "slim_bank_recovery_info: the bank", false);
         const slim::BankRecovery r = bank->bank->recovery();
         out->damaged_records = static_cast<int64_t>(r.damaged_records);
         out->dropped_records = static_cast<int64_t>(r.dropped_records);
         out->first_damaged_offset = r.first_damaged_offset;
+        out->tail_bytes = static_cast<int64_t>(r.tail_bytes);
+        if (out->struct_size >= sizeof(slim_bank_recovery)) out->header_corrected = r.header_corrected;  // ABI 0.9
+    });
+}
+
+slim_status slim_bank_repair(const char* path, slim_bank_repair_report* out) {
+    return guarded([&] {
+        if (!path || !*path) throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, "slim_bank_repair: path is empty");
+        if (out)
+            check_out_size(out->struct_size, sizeof(slim_bank_repair_report), sizeof(slim_bank_repair_report), "slim_bank_repair_report");
+        const slim::BankRepair r = slim::MemoryBank::repair(path);
+        if (!out) return;
+        out->header = r.header;
+        out->records = static_cast<int64_t>(r.records);
+        out->corrected_records = static_cast<int64_t>(r.corrected_records);
+        out->unreadable_records = static_cast<int64_t>(r.unreadable_records);
+        out->dropped_records = static_cast<int64_t>(r.dropped_records);
+        out->hidden_ids = static_cast<int64_t>(r.hidden_ids);
+        out->ids = static_cast<int64_t>(r.ids);
         out->tail_bytes = static_cast<int64_t>(r.tail_bytes);
     });
 }

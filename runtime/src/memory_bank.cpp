@@ -13,6 +13,7 @@
 #include <chrono>
 #include <csetjmp>
 #include <csignal>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <mutex>
@@ -81,6 +82,50 @@ uint32_t crc32c(const uint8_t* p, size_t n) {
 }
 
 uint64_t record_bytes_for(int dim) { return (kRecordHead + 4 * uint64_t(dim) + 4 + 7) / 8 * 8; }
+
+// `p` holds n bytes and then their CRC-32C. Returns 0 when they match, 1 after flipping back the one bit
+// (of the bytes or of the checksum) that explains the mismatch, -1 when no single bit does (p unchanged).
+// The CRC is affine: crc(m ^ e) = crc(m) ^ crc0(e), crc0 without the initial and final inversions. For e one
+// bit k bits before the end, crc0(e) is 1 shifted through the register k times; those values are distinct for
+// every k up to the polynomial's period (far above a record's 2^21 bits), and none is a single bit (two flipped
+// bits are always detected), so the bit is found by stepping the register once per bit of the record.
+int correct_one_bit(uint8_t* p, size_t n) {
+    uint32_t stored;
+    std::memcpy(&stored, p + n, 4);
+    const uint32_t syndrome = crc32c(p, n) ^ stored;
+    if (syndrome == 0) return 0;
+    if ((syndrome & (syndrome - 1)) == 0) {  // the flipped bit is in the stored checksum
+        stored ^= syndrome;
+        std::memcpy(p + n, &stored, 4);
+        return 1;
+    }
+    uint32_t reg = 1;
+    for (uint64_t k = 1; k <= 8 * uint64_t(n); ++k) {
+        reg = (reg & 1) ? (reg >> 1) ^ 0x82F63B78u : reg >> 1;
+        if (reg == syndrome) {  // bit (8 - k % 8) % 8 of the byte ceil(k / 8) from the end
+            const uint64_t from_end = (k + 7) / 8;
+            p[n - from_end] ^= static_cast<uint8_t>(1u << (8 * from_end - k));
+            return 1;
+        }
+    }
+    return -1;
+}
+
+FileHeader new_header(uint32_t version, int dim, int64_t created_us) {
+    FileHeader h{};
+    std::memcpy(h.magic, kFileMagic, 8);
+    h.version = version;
+    h.dim = static_cast<uint32_t>(dim);
+    h.record_bytes = static_cast<uint32_t>(record_bytes_for(dim));
+    h.header_bytes = sizeof(FileHeader);
+    h.created_us = created_us;
+    h.crc = crc32c(reinterpret_cast<const uint8_t*>(&h), offsetof(FileHeader, crc));
+    return h;
+}
+
+int64_t now_us() {
+    return std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
 
 uint64_t mix(uint64_t x) {  // splitmix64's finaliser: ids are often sequential
     x += 0x9E3779B97F4A7C15ull;
@@ -161,14 +206,7 @@ void fsync_parent(const std::string& path) {
 
 // A new bank file appears complete or not at all: the header goes to a temporary file, is synced, then renamed.
 void create_file(const std::string& path, int dim) {
-    FileHeader h{};
-    std::memcpy(h.magic, kFileMagic, 8);
-    h.version = kFileVersion;
-    h.dim = static_cast<uint32_t>(dim);
-    h.record_bytes = static_cast<uint32_t>(record_bytes_for(dim));
-    h.header_bytes = sizeof(FileHeader);
-    h.created_us = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::system_clock::now().time_since_epoch()).count();
-    h.crc = crc32c(reinterpret_cast<const uint8_t*>(&h), offsetof(FileHeader, crc));
+    const FileHeader h = new_header(kFileVersion, dim, now_us());
     static std::atomic<uint64_t> serial{0};  // distinct temporary names for threads of one process too
     std::string tmp = path + ".tmp-" + std::to_string(::getpid()) + "-" + std::to_string(serial++);
     int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
@@ -197,8 +235,15 @@ struct MemoryBank::RecordHead {
 };
 static_assert(sizeof(MemoryBank::RecordHead) == kRecordHead, "record head is 40 bytes");
 
-MemoryBank::MemoryBank(const std::string& path, const BankOptions& options)
-    : path_(path), read_only_(options.read_only), sync_writes_(options.sync_writes), owner_pid_(::getpid()), hash_key_(random_key()) {
+MemoryBank::MemoryBank(const std::string& path, const BankOptions& options) : MemoryBank(path, options, nullptr) {}
+
+MemoryBank::MemoryBank(const std::string& path, const BankOptions& options, BankRepair* repair)
+    : path_(path),
+      read_only_(options.read_only),
+      sync_writes_(options.sync_writes),
+      owner_pid_(::getpid()),
+      hash_key_(random_key()),
+      repair_(repair) {
     if (options.dim < 0 || options.dim > kMaxDim)
         throw Error(SLIM_ERR_INVALID_ARGUMENT, "memory bank: dim must be in [1, " + std::to_string(kMaxDim) + "]");
     struct stat st{};
@@ -218,34 +263,51 @@ MemoryBank::MemoryBank(const std::string& path, const BankOptions& options)
                 path,
                 errno == EWOULDBLOCK ? "is already open for writing (one writer per bank; open readers with read_only)" : "cannot lock",
                 errno == EWOULDBLOCK ? 0 : errno);
-        FileHeader h{};
-        if (::pread(fd_, &h, sizeof(h), 0) != static_cast<ssize_t>(sizeof(h)) || std::memcmp(h.magic, kFileMagic, 8) != 0)
-            io_error(path, "is not a slimengine memory bank (bad magic)");
-        if (h.crc != crc32c(reinterpret_cast<const uint8_t*>(&h), offsetof(FileHeader, crc))) io_error(path, "header checksum mismatch");
-        if (h.version != 1 && h.version != kFileVersion)
-            io_error(path, "format version " + std::to_string(h.version) + " is not supported (this runtime reads versions 1 and 2)");
-        marked_calls_ = h.version >= 2;
-        if (h.dim < 1 || h.dim > static_cast<uint32_t>(kMaxDim) || h.record_bytes != record_bytes_for(h.dim) ||
-            h.header_bytes != kHeaderBytes)
-            io_error(path, "header has an invalid dim or record size");
-        if (options.dim > 0 && static_cast<uint32_t>(options.dim) != h.dim)
-            throw Error(SLIM_ERR_SHAPE, "memory bank " + path + " holds " + std::to_string(h.dim) + "-d embeddings, not " +
-                                            std::to_string(options.dim) + "-d");
-        dim_ = static_cast<int>(h.dim);
-        record_bytes_ = h.record_bytes;
-        install_sigbus_guard();
-        slots_.assign(1024, Slot{kEmpty, 0});
         if (::fstat(fd_, &st) != 0) io_error(path, "cannot stat", errno);
         const uint64_t size = static_cast<uint64_t>(st.st_size);
+        // One flipped bit in the header is corrected in memory (the file is left as it is; repair rewrites it).
+        FileHeader h{};
+        const bool whole = ::pread(fd_, &h, sizeof(h), 0) == static_cast<ssize_t>(sizeof(h));
+        const bool magic = whole && std::memcmp(h.magic, kFileMagic, 8) == 0;
+        const int fix = whole ? correct_one_bit(reinterpret_cast<uint8_t*>(&h), offsetof(FileHeader, crc)) : -1;
+        if (fix < 0 || std::memcmp(h.magic, kFileMagic, 8) != 0) {
+            if (!repair_ && !magic) io_error(path, "is not a slimengine memory bank (bad magic)");
+            if (!repair_)
+                io_error(path,
+                         "header is damaged beyond correction (its checksum does not match, and no single flipped bit explains "
+                         "it): run `slimengine bank repair " +
+                             path + "`, which rebuilds it from the records");
+            repair_->header = 2;
+            header_from_records(size);
+        } else {
+            recovery_.header_corrected = fix == 1;
+            if (repair_) repair_->header = fix;
+            if (h.version != 1 && h.version != kFileVersion)
+                io_error(path, "format version " + std::to_string(h.version) + " is not supported (this runtime reads versions 1 and 2)");
+            if (h.dim < 1 || h.dim > static_cast<uint32_t>(kMaxDim) || h.record_bytes != record_bytes_for(h.dim) ||
+                h.header_bytes != kHeaderBytes)
+                io_error(path, "header has an invalid dim or record size");
+            marked_calls_ = h.version >= 2;
+            dim_ = static_cast<int>(h.dim);
+            record_bytes_ = h.record_bytes;
+            created_us_ = h.created_us;
+        }
+        if (options.dim > 0 && options.dim != dim_)
+            throw Error(SLIM_ERR_SHAPE, "memory bank " + path + " holds " + std::to_string(dim_) + "-d embeddings, not " +
+                                            std::to_string(options.dim) + "-d");
+        install_sigbus_guard();
+        slots_.assign(1024, Slot{kEmpty, 0});
         map_at_least(size);
         const uint64_t end = scan(size);
         recovery_.tail_bytes = size - end;
+        if (repair_) {  // the file is left as it is: rewrite() replaces it
+            repair_->records = records_;
+            repair_->tail_bytes = recovery_.tail_bytes;
+            return;
+        }
         // A writer cuts off what a crash left after the last whole call (an unfinished call, a torn
         // record), and appends after it. A reader keeps an unfinished call's records for its next refresh.
-        if (!read_only_) {
-            pending_.clear();
-            span_ = 0;
-        }
+        if (!read_only_) drop_span();
         if (!read_only_ && end < size) {
             if (::ftruncate(fd_, static_cast<off_t>(end)) != 0 || ::fsync(fd_) != 0) io_error(path, "cannot truncate a torn tail", errno);
         }
@@ -363,7 +425,7 @@ void MemoryBank::grow() {
 uint64_t MemoryBank::scan(uint64_t size) {
     // Read with pread, not through the mapping: past the log, a writer may be truncating the file
     // (its open or close), and a read there must come back short instead of faulting.
-    std::vector<uint8_t> chunk(std::max<uint64_t>(1, (uint64_t(4) << 20) / record_bytes_) * record_bytes_);
+    std::vector<uint8_t> chunk(std::max<uint64_t>(1, (uint64_t(4) << 20) / record_bytes_) * record_bytes_), fixed(record_bytes_);
     // A call's records are indexed together once its marked last record is found: a call cut short by
     // a crash, or still being written by another process, is not indexed at all. A record that fails
     // its checks does not end the log: every record sits at its own seq with its own checksum, so the
@@ -382,16 +444,24 @@ uint64_t MemoryBank::scan(uint64_t size) {
             RecordHead h;
             uint32_t crc;
             ++span_;
-            if (!valid_record(r, position, &h, &crc)) {
+            const Verdict verdict = inspect(r, position, &h, &crc, fixed.data());
+            if (verdict == Verdict::kDamaged) {
                 if (span_damaged_++ == 0) span_first_damaged_ = position;  // torn, or damaged: the next records tell which
                 continue;
             }
-            pending_.push_back((h.kind & ~kEndOfCall) == kUpsert ? h.id : -1 - h.id);
+            const bool upsert = (h.kind & ~kEndOfCall) == kUpsert;
+            if (verdict == Verdict::kCorrected) {
+                if (span_corrected_++ == 0) span_first_corrected_ = position;
+                if (repair_)
+                    corrected_[position] = fixed;
+                else if (upsert)  // lookups read the file, where its bytes are still damaged: its id is hidden until rewritten
+                    pending_hidden_.push_back(pending_.size());
+            }
+            pending_.push_back(upsert ? h.id : -1 - h.id);
             pending_crc_ = crc;
             if (marked_calls_ && !(h.kind & kEndOfCall)) continue;
             if (span_damaged_ && !damage_persists()) {  // read while a writer rewrote those records: not damage, read again later
-                pending_.clear();
-                span_ = span_damaged_ = 0;
+                drop_span();
                 return kHeaderBytes + records_ * record_bytes_;
             }
             end_span(crc);
@@ -401,11 +471,63 @@ uint64_t MemoryBank::scan(uint64_t size) {
     }
     // Damaged records with no valid call end after them are a torn tail (a crash mid-write), or a call
     // another process is still writing: left out, and checked again from the last whole call next time.
-    if (span_damaged_) {
-        pending_.clear();
-        span_ = span_damaged_ = 0;
-    }
+    if (span_damaged_) drop_span();
     return kHeaderBytes + records_ * record_bytes_;
+}
+
+void MemoryBank::drop_span() {
+    pending_.clear();
+    pending_hidden_.clear();
+    span_ = span_damaged_ = span_corrected_ = 0;
+}
+
+MemoryBank::Verdict MemoryBank::inspect(const uint8_t* r, uint64_t position, RecordHead* h, uint32_t* crc, uint8_t* fixed) const {
+    if (valid_record(r, position, h, crc)) return Verdict::kIntact;
+    // Bit rot flips one bit far more often than several. Only a record whose magic and seq are each within one
+    // flipped bit of their own is searched: a torn record or garbage is not worth it.
+    RecordHead raw;
+    std::memcpy(&raw, r, sizeof(raw));
+    if (__builtin_popcount(raw.magic ^ kRecordMagic) + __builtin_popcountll(raw.seq ^ position) > 1) return Verdict::kDamaged;
+    const size_t payload = kRecordHead + 4 * static_cast<size_t>(dim_);
+    std::memcpy(fixed, r, payload + 4);
+    uint32_t fixed_crc;
+    if (correct_one_bit(fixed, payload) != 1 || !valid_record(fixed, position, h, &fixed_crc)) return Verdict::kDamaged;
+    std::memcpy(crc, r + payload, 4);  // the checksum as the file holds it: what a refresh compares
+    return Verdict::kCorrected;
+}
+
+void MemoryBank::header_from_records(uint64_t size) {
+    // The first intact record found gives the width: its magic, a dim whose record size puts its seq at its
+    // offset, and its checksum. Records sit at multiples of 8 bytes.
+    std::vector<uint8_t> r;
+    for (uint64_t at = kHeaderBytes; dim_ == 0 && at + kRecordHead <= size; at += 8) {
+        RecordHead h;
+        if (::pread(fd_, &h, sizeof(h), static_cast<off_t>(at)) != static_cast<ssize_t>(sizeof(h))) break;
+        if (h.magic != kRecordMagic || h.dim < 1 || h.dim > static_cast<uint32_t>(kMaxDim)) continue;
+        const uint64_t rb = record_bytes_for(static_cast<int>(h.dim)), payload = kRecordHead + 4 * uint64_t(h.dim);
+        if (h.seq > size / rb || kHeaderBytes + h.seq * rb != at || at + rb > size) continue;
+        r.resize(rb);
+        uint32_t crc;
+        if (::pread(fd_, r.data(), rb, static_cast<off_t>(at)) != static_cast<ssize_t>(rb)) continue;
+        std::memcpy(&crc, r.data() + payload, 4);
+        if (crc != crc32c(r.data(), payload)) continue;
+        dim_ = static_cast<int>(h.dim);
+        record_bytes_ = rb;
+    }
+    if (dim_ == 0)
+        io_error(path_, "the header is damaged beyond correction, and no intact record was found to rebuild it from (nothing to recover)");
+    // Format 2 marks the last record of every call; format 1 has no marks (read as format 2, it would be one unfinished call).
+    marked_calls_ = true;
+    bool marked = false;
+    for (uint64_t i = 0; !marked && kHeaderBytes + (i + 1) * record_bytes_ <= size; ++i) {
+        RecordHead h;
+        uint32_t crc;
+        marked = ::pread(fd_, r.data(), record_bytes_, static_cast<off_t>(kHeaderBytes + i * record_bytes_)) ==
+                     static_cast<ssize_t>(record_bytes_) &&
+                 valid_record(r.data(), i, &h, &crc) && (h.kind & kEndOfCall);
+    }
+    marked_calls_ = marked;
+    created_us_ = now_us();
 }
 
 bool MemoryBank::valid_record(const uint8_t* r, uint64_t position, RecordHead* h, uint32_t* crc) const {
@@ -422,7 +544,8 @@ bool MemoryBank::damage_persists() const {
     // another in its place (a read is not atomic against writes). Real damage is still there when read again.
     const uint64_t end = records_ + span_;
     std::vector<uint8_t> chunk(std::min<uint64_t>(end - span_first_damaged_, std::max<uint64_t>(1, (uint64_t(4) << 20) / record_bytes_)) *
-                               record_bytes_);
+                               record_bytes_),
+        fixed(record_bytes_);
     uint64_t damaged = 0;
     for (uint64_t position = span_first_damaged_; position < end;) {
         const uint64_t n = std::min<uint64_t>(end - position, chunk.size() / record_bytes_);
@@ -435,36 +558,131 @@ bool MemoryBank::damage_persists() const {
         for (uint64_t i = 0; i < n; ++i, ++position) {
             RecordHead h;
             uint32_t crc;
-            damaged += !valid_record(chunk.data() + i * record_bytes_, position, &h, &crc);
+            damaged += inspect(chunk.data() + i * record_bytes_, position, &h, &crc, fixed.data()) == Verdict::kDamaged;
         }
     }
     return damaged == span_damaged_;
 }
 
 void MemoryBank::end_span(uint32_t crc) {
-    if (span_damaged_) {
-        recovery_.damaged_records += span_damaged_;
+    if (span_corrected_) {
+        recovery_.damaged_records += span_corrected_;
         if (recovery_.first_damaged_offset < 0)
-            recovery_.first_damaged_offset = static_cast<int64_t>(kHeaderBytes + span_first_damaged_ * record_bytes_);
+            recovery_.first_damaged_offset = static_cast<int64_t>(kHeaderBytes + span_first_corrected_ * record_bytes_);
+        if (repair_) repair_->corrected_records += span_corrected_;
     }
-    if (span_damaged_ && marked_calls_) {
-        // Calls are atomic, and a damaged record's kind (where its call ends) cannot be trusted: every
-        // valid record from the last whole call to this call end goes with it. That can include one
-        // intact call, when the damaged record was the last of its own call.
-        recovery_.dropped_records += pending_.size();
-    } else {  // a whole call (format 1: one record, after any damaged ones)
+    if (span_damaged_) {
+        // A record damaged beyond correction: its id and kind are unknown. Had it deleted an id, skipping it would
+        // bring that document back, so opening refuses. Its kind (where its call ends) is unknown too: every valid
+        // record from the last whole call to this call end goes with it.
+        if (!repair_) {
+            const uint64_t at = kHeaderBytes + span_first_damaged_ * record_bytes_;
+            drop_span();
+            io_error(path_, "the record at byte " + std::to_string(at) +
+                                " is damaged beyond correction (more than one flipped bit): which id it wrote or deleted is unknown, and "
+                                "opening could bring a deleted document back; run `slimengine bank repair " +
+                                path_ + "` (docs/memory-bank.md, Damage)");
+        }
+        // repair(): any id live before it may be the one it deleted or replaced: none of them is kept.
+        repair_->unreadable_records += span_damaged_;
+        repair_->dropped_records += pending_.size();
+        repair_->hidden_ids += live_;
+        slots_.assign(slots_.size(), Slot{kEmpty, 0});
+        live_ = used_ = 0;
+    } else {  // a whole call (format 1: one record)
         const uint64_t first = records_ + span_ - pending_.size();
+        size_t next_hidden = 0;
         for (size_t i = 0; i < pending_.size(); ++i) {
+            const int64_t id = pending_[i] >= 0 ? pending_[i] : -1 - pending_[i];
+            if (next_hidden < pending_hidden_.size() && pending_hidden_[next_hidden] == i) {
+                ++next_hidden;
+                erase(id);
+                hidden_.insert(id);
+                continue;
+            }
             if (pending_[i] >= 0)
-                insert(pending_[i], first + i);
+                insert(id, first + i);
             else
-                erase(-1 - pending_[i]);
+                erase(id);
+            if (!hidden_.empty()) hidden_.erase(id);
         }
     }
     records_ += span_;
-    pending_.clear();
-    span_ = span_damaged_ = 0;
+    drop_span();
     last_crc_ = crc;
+}
+
+void MemoryBank::rewrite() {
+    std::vector<std::pair<uint64_t, int64_t>> live;  // (record, id), in the order they were written
+    live.reserve(live_);
+    for (const Slot& s : slots_)
+        if (s.id >= 0) live.emplace_back(s.record, s.id);
+    std::sort(live.begin(), live.end());
+    // Beside the file it replaces (through a symlink: beside its target), synced, then renamed over it.
+    char* real = ::realpath(path_.c_str(), nullptr);
+    if (!real) io_error(path_, "cannot resolve", errno);
+    const std::string target(real);
+    std::free(real);
+    struct stat st{};
+    if (::fstat(fd_, &st) != 0) io_error(path_, "cannot stat", errno);
+    const std::string tmp = target + ".repair-" + std::to_string(::getpid());
+    const int out = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, st.st_mode & 07777);
+    if (out < 0) io_error(tmp, "cannot create", errno);
+    auto fail = [&](const char* what, int err) {
+        ::close(out);
+        ::unlink(tmp.c_str());
+        io_error(tmp, what, err);
+    };
+    auto write_all = [&](const uint8_t* p, size_t n) {
+        for (size_t done = 0; done < n;) {
+            const ssize_t w = ::write(out, p + done, n - done);
+            if (w < 0 && errno == EINTR) continue;
+            if (w <= 0) fail("write failed", w < 0 ? errno : ENOSPC);
+            done += static_cast<size_t>(w);
+        }
+    };
+    const FileHeader h = new_header(marked_calls_ ? kFileVersion : 1, dim_, created_us_);
+    write_all(reinterpret_cast<const uint8_t*>(&h), sizeof(h));
+    // One upsert per live id, each its own call: a later damaged record then costs no other.
+    std::vector<uint8_t> source(record_bytes_), buffer;
+    const size_t per_chunk = std::max<size_t>(1, (size_t(8) << 20) / record_bytes_);
+    for (size_t first = 0; first < live.size(); first += per_chunk) {
+        const size_t n = std::min(per_chunk, live.size() - first);
+        buffer.assign(n * record_bytes_, 0);
+        for (size_t i = 0; i < n; ++i) {
+            const auto [record, id] = live[first + i];
+            const auto corrected = corrected_.find(record);
+            const uint8_t* r = source.data();
+            if (corrected != corrected_.end())
+                r = corrected->second.data();
+            else if (::pread(fd_, source.data(), record_bytes_, static_cast<off_t>(kHeaderBytes + record * record_bytes_)) !=
+                     static_cast<ssize_t>(record_bytes_))
+                fail("cannot read the bank", errno);
+            RecordHead head;
+            std::memcpy(&head, r, sizeof(head));
+            write_record(buffer.data() + i * record_bytes_, first + i, kUpsert | end_mark(0, 1), id, head.write_time_us, head.model_version,
+                         reinterpret_cast<const float*>(r + kRecordHead));
+        }
+        write_all(buffer.data(), buffer.size());
+    }
+    if (::fsync(out) != 0) fail("fsync failed", errno);
+    ::close(out);
+    if (::rename(tmp.c_str(), target.c_str()) != 0) {
+        const int err = errno;
+        ::unlink(tmp.c_str());
+        io_error(path_, "cannot replace it with the repaired bank", err);
+    }
+    fsync_parent(target);
+}
+
+BankRepair MemoryBank::repair(const std::string& path) {
+    BankRepair report;
+    BankOptions options;
+    options.create = false;
+    MemoryBank bank(path, options, &report);
+    bank.rewrite();
+    report.ids = bank.live_;
+    return report;
 }
 
 void MemoryBank::append(size_t count, const std::function<void(uint8_t*, size_t)>& fill) {
@@ -519,26 +737,34 @@ void MemoryBank::upsert(const int64_t* ids, const float* embeddings, size_t n, u
     });
     std::unique_lock lock(index_mutex_);  // the records are complete: now readers may find them
     for (size_t i = 0; i < n; ++i) insert(ids[i], records_ + i);
+    if (!hidden_.empty())
+        for (size_t i = 0; i < n; ++i) hidden_.erase(ids[i]);
     records_ += n;
 }
 
 size_t MemoryBank::remove(const int64_t* ids, size_t n) {
     check_writable();
     std::lock_guard<std::mutex> writer(write_mutex_);
-    const int64_t now = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+    const int64_t now = now_us();
     std::vector<int64_t> present(ids, ids + n);
     std::sort(present.begin(), present.end());
     present.erase(std::unique(present.begin(), present.end()), present.end());
-    // Only the writer changes the index, so it can be read without the lock here.
-    present.erase(std::remove_if(present.begin(), present.end(), [&](int64_t id) { return !find(id); }), present.end());
+    // Only the writer changes the index, so it can be read without the lock here. A hidden id (its newest record
+    // corrected at open) is deleted too: repair would otherwise restore it.
+    present.erase(std::remove_if(present.begin(), present.end(), [&](int64_t id) { return !find(id) && !hidden_.count(id); }),
+                  present.end());
     if (present.empty()) return 0;
+    const size_t visible = static_cast<size_t>(std::count_if(present.begin(), present.end(), [&](int64_t id) { return find(id); }));
     append(present.size(), [&](uint8_t* r, size_t i) {
         write_record(r, records_ + i, kDelete | end_mark(i, present.size()), present[i], now, 0, nullptr);
     });
     std::unique_lock lock(index_mutex_);
-    for (int64_t id : present) erase(id);
+    for (int64_t id : present) {
+        erase(id);
+        hidden_.erase(id);
+    }
     records_ += present.size();
-    return present.size();
+    return visible;
 }
 
 size_t MemoryBank::lookup(const int64_t* ids, size_t n, float* out, int64_t* write_times, int64_t* model_versions) const {
@@ -621,18 +847,18 @@ size_t MemoryBank::refresh() {
     if (records_ > 0 && !record_unchanged(records_ - 1, last_crc_, size)) {  // index again from the start
         slots_.assign(1024, Slot{kEmpty, 0});
         live_ = used_ = 0;
-        records_ = span_ = span_damaged_ = 0;
-        pending_.clear();
-        const uint64_t tail_bytes = recovery_.tail_bytes;
+        records_ = 0;
+        drop_span();
+        hidden_.clear();
+        const BankRecovery before_reindex = recovery_;
         recovery_ = BankRecovery{};
-        recovery_.tail_bytes = tail_bytes;
+        recovery_.tail_bytes = before_reindex.tail_bytes;
+        recovery_.header_corrected = before_reindex.header_corrected;
         scan(size);
         return records_;
     }
-    if (span_ > 0 && !record_unchanged(records_ + span_ - 1, pending_crc_, size)) {  // the unfinished call seen last time was taken back
-        pending_.clear();
-        span_ = 0;
-    }
+    if (span_ > 0 && !record_unchanged(records_ + span_ - 1, pending_crc_, size))
+        drop_span();  // the unfinished call seen last time was taken back
     scan(size);
     return records_ - before;
 }

@@ -3,8 +3,10 @@
 // The file is an append-only log of fixed-size, checksummed records after a checksummed header
 // (docs/memory-bank.md). The last record of each write call is marked, and a scan indexes a call's
 // records only once it has found that mark: a crash (kill -9) loses at most the calls that had not
-// returned, never part of one; a writer truncates that torn tail. A damaged record inside the log (bit
-// rot) costs only the write call it belongs to: the scan goes on past it, and reports it (recovery()).
+// returned, never part of one; a writer truncates that torn tail. Damage inside the log (bit rot) never
+// brings a deleted id back: a record (or the header) with one flipped bit is corrected in memory (its
+// checksum locates the bit) and reported (recovery()); a record damaged beyond that makes opening refuse
+// until repair() rewrites the bank from what can be proven (docs/memory-bank.md, "Damage").
 // The id -> record index lives in memory, under a per-bank random hash key; records are appended with
 // pwrite (in the page cache once it returns: a killed process loses nothing it completed) and embeddings
 // are read from a read-only shared mapping of the file, sized to the file and moved as it grows. One
@@ -20,6 +22,8 @@
 #include <mutex>
 #include <shared_mutex>
 #include <string>
+#include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 namespace slim {
@@ -31,12 +35,25 @@ struct BankOptions {
     bool sync_writes = false;  // fdatasync after every write call (power-loss durability)
 };
 
+// What MemoryBank::repair found and kept (docs/memory-bank.md, "Repair").
+struct BankRepair {
+    int header = 0;                   // 0 intact; 1 one flipped bit, corrected; 2 damaged beyond that, rebuilt from the records
+    uint64_t records = 0;             // record positions up to the end of the last whole call
+    uint64_t corrected_records = 0;   // records with one flipped bit: restored
+    uint64_t unreadable_records = 0;  // records damaged beyond correction: their id and kind are unknown
+    uint64_t dropped_records = 0;     // intact records of the write calls that held an unreadable record
+    uint64_t hidden_ids = 0;          // ids left out because an unreadable record could have deleted or replaced them
+    uint64_t ids = 0;                 // ids in the repaired bank
+    uint64_t tail_bytes = 0;          // after the last whole call (a torn tail): left out
+};
+
 // What the scans of a handle found and left out (docs/memory-bank.md, "Damage").
 struct BankRecovery {
-    uint64_t damaged_records = 0;       // records inside the log that failed their checks (bit rot): skipped
-    uint64_t dropped_records = 0;       // intact records skipped with them: the rest of the write calls they may belong to
+    uint64_t damaged_records = 0;       // records inside the log with one flipped bit: corrected (a delete applied, an upsert's id hidden)
+    uint64_t dropped_records = 0;       // intact records skipped with damaged ones: 0 since records are corrected or opening refuses
     int64_t first_damaged_offset = -1;  // byte offset of the first damaged record; -1: none
     uint64_t tail_bytes = 0;            // at open: bytes after the last whole call (a call a crash cut short); a writer truncated them
+    bool header_corrected = false;      // the header had one flipped bit, corrected in memory
 };
 
 class MemoryBank {
@@ -44,8 +61,14 @@ class MemoryBank {
     static constexpr int kMaxDim = 65536;
     static constexpr uint64_t kMinMapBytes = uint64_t(64) << 20;  // the smallest address range a handle reserves
 
-    // Throws Error: IO (cannot create/open/lock, not a bank file), SHAPE (dim mismatch), INVALID_ARGUMENT.
+    // Throws Error: IO (cannot create/open/lock, not a bank file, damage beyond correction), SHAPE (dim mismatch),
+    // INVALID_ARGUMENT.
     MemoryBank(const std::string& path, const BankOptions& options);
+    // Rewrites the bank at `path` (taking the writer lock) with one record per id it can prove live: every
+    // corrected record restored, no deleted id, and, after a record damaged beyond correction, none of the ids
+    // written before it (it could have deleted any of them). A header damaged beyond correction is rebuilt from
+    // the records. The new file replaces the old one whole (written beside it, synced, renamed). Throws Error(IO).
+    static BankRepair repair(const std::string& path);
     ~MemoryBank();
     MemoryBank(const MemoryBank&) = delete;
     MemoryBank& operator=(const MemoryBank&) = delete;
@@ -76,6 +99,10 @@ class MemoryBank {
     struct RecordHead;  // a record's first 40 bytes (memory_bank.cpp)
 
   private:
+    // repair(): the writer lock, a header rebuilt from the records where it must be, damage beyond
+    // correction hides the ids before it instead of refusing, nothing truncated, corrected records kept.
+    MemoryBank(const std::string& path, const BankOptions& options, BankRepair* repair);
+    void rewrite();  // repair(): the proven state into a new file, renamed over the old one
     struct Slot {
         int64_t id;  // kEmpty, kDeleted or a document id (>= 0)
         uint64_t record;
@@ -108,8 +135,15 @@ class MemoryBank {
     void end_span(uint32_t crc);
     // Whether the record `r` read at `position` passes every check (fills its head and checksum).
     bool valid_record(const uint8_t* r, uint64_t position, RecordHead* h, uint32_t* crc) const;
+    // Whether the record `r` is intact, or `fixed` (record_bytes_) now holds it with one flipped bit corrected
+    // (fills its head), or it is damaged beyond that.
+    enum class Verdict { kIntact, kCorrected, kDamaged };
+    Verdict inspect(const uint8_t* r, uint64_t position, RecordHead* h, uint32_t* crc, uint8_t* fixed) const;
     // Whether the span's damaged records are still damaged when read again.
     bool damage_persists() const;
+    void drop_span();  // forgets the checked records after the last whole call
+    // repair(), header damaged beyond correction: dim and format from the records (the first intact one; any call mark).
+    void header_from_records(uint64_t size);
     // Appends `count` records, fill(record, i) building each, after the log; throws Error(SLIM_ERR_IO)
     // with the file cut back (nothing written) on failure.
     void append(size_t count, const std::function<void(uint8_t*, size_t)>& fill);
@@ -134,11 +168,19 @@ class MemoryBank {
     uint64_t span_ = 0;          // positions checked after records_: an unfinished call's, or a damaged span's
     uint64_t span_damaged_ = 0;  // damaged records among them
     uint64_t span_first_damaged_ = 0;
-    std::vector<int64_t> pending_;             // the span's valid records (id; -1 - id for a delete)
+    uint64_t span_corrected_ = 0, span_first_corrected_ = 0;  // records with one flipped bit among them
+    std::vector<int64_t> pending_;                            // the span's valid records (id; -1 - id for a delete)
+    std::vector<size_t> pending_hidden_;       // indices into pending_ of corrected upserts: their ids are hidden, not indexed
     uint32_t last_crc_ = 0, pending_crc_ = 0;  // checksums of the last indexed record and of the span's last record
     bool marked_calls_ = true;                 // format 2: calls end at a marked record; format 1: every record stands alone
+    int64_t created_us_ = 0;                   // the header's creation time
     std::vector<uint8_t> staging_;             // writer: records on their way into the file
     BankRecovery recovery_;
+    // Ids whose newest record is a corrected upsert: hidden (its bytes in the file are damaged) but not deleted,
+    // so the writer's delete of one still writes a delete record (repair restores the corrected upsert).
+    std::unordered_set<int64_t> hidden_;
+    BankRepair* repair_ = nullptr;                                  // set while repair() scans
+    std::unordered_map<uint64_t, std::vector<uint8_t>> corrected_;  // repair(): record index -> its corrected bytes
 
     mutable std::shared_mutex index_mutex_;  // readers share; the index update of a write is exclusive
     std::mutex write_mutex_;                 // one write (or refresh) at a time

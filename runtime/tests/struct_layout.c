@@ -168,6 +168,17 @@ int main(void) {
     FIELD(slim_bank_recovery, dropped_records);
     FIELD(slim_bank_recovery, first_damaged_offset);
     FIELD(slim_bank_recovery, tail_bytes);
+    FIELD(slim_bank_recovery, header_corrected);
+    STRUCT(slim_bank_repair_report);
+    FIELD(slim_bank_repair_report, struct_size);
+    FIELD(slim_bank_repair_report, header);
+    FIELD(slim_bank_repair_report, records);
+    FIELD(slim_bank_repair_report, corrected_records);
+    FIELD(slim_bank_repair_report, unreadable_records);
+    FIELD(slim_bank_repair_report, dropped_records);
+    FIELD(slim_bank_repair_report, hidden_ids);
+    FIELD(slim_bank_repair_report, ids);
+    FIELD(slim_bank_repair_report, tail_bytes);
     STRUCT(slim_lemur_stats);
     FIELD(slim_lemur_stats, struct_size);
     FIELD(slim_lemur_stats, batch);

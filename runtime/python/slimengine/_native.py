@@ -29,7 +29,7 @@ DEVICE_CPU, DEVICE_CUDA = 1, 2  # slim_device_type
 
 # The ABI this binding is written against (slimengine.h's SLIM_ABI_VERSION_*): the library must have this major
 # version and at least this minor one.
-ABI_MAJOR, ABI_MINOR = 0, 8
+ABI_MAJOR, ABI_MINOR = 0, 9
 
 
 class EngineInfo(ctypes.Structure):
@@ -136,7 +136,14 @@ class BankParams(ctypes.Structure):
 class BankRecovery(ctypes.Structure):
     _c_name_ = "slim_bank_recovery"
     _fields_ = [("struct_size", ctypes.c_uint32), ("damaged_records", ctypes.c_int64), ("dropped_records", ctypes.c_int64),
-                ("first_damaged_offset", ctypes.c_int64), ("tail_bytes", ctypes.c_int64)]
+                ("first_damaged_offset", ctypes.c_int64), ("tail_bytes", ctypes.c_int64), ("header_corrected", ctypes.c_int64)]
+
+
+class BankRepairReport(ctypes.Structure):
+    _c_name_ = "slim_bank_repair_report"
+    _fields_ = [("struct_size", ctypes.c_uint32), ("header", ctypes.c_int32), ("records", ctypes.c_int64),
+                ("corrected_records", ctypes.c_int64), ("unreadable_records", ctypes.c_int64), ("dropped_records", ctypes.c_int64),
+                ("hidden_ids", ctypes.c_int64), ("ids", ctypes.c_int64), ("tail_bytes", ctypes.c_int64)]
 
 
 class LemurStats(ctypes.Structure):
@@ -287,6 +294,7 @@ def lib() -> ctypes.CDLL:
             "slim_bank_flush": ([ctypes.c_void_p], ctypes.c_int),
             "slim_bank_refresh": ([ctypes.c_void_p, p(ctypes.c_int64)], ctypes.c_int),
             "slim_bank_recovery_info": ([ctypes.c_void_p, p(BankRecovery)], ctypes.c_int),
+            "slim_bank_repair": ([ctypes.c_char_p, p(BankRepairReport)], ctypes.c_int),
             "slim_embed_default_params": ([], EmbedParams),
             "slim_embed": ([ctypes.c_void_p, p(EmbedParams), p(SlimTensor), p(LemurStats)], ctypes.c_int),
             "slim_score_default_params": ([], ScoreParams),

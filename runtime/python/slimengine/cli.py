@@ -6,6 +6,8 @@
 tritonserver of nvidia-pytriton (docs/serving.md). Exit status 0, 1 on failure, 2 usage.
 `slimengine generate ENGINE "a prompt" -o out.png` goes from a prompt to a PNG on a bundle with pipeline stages
 (docs/pipeline.md). Exit status 0, 1 on failure (a bundle without pipeline stages too), 2 usage.
+`slimengine bank repair PATH` rewrites a damaged LEMUR memory bank with every id it can prove live
+(docs/memory-bank.md, Repair). Exit status 0, 1 on failure, 2 usage.
 """
 
 from __future__ import annotations
@@ -62,6 +64,16 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--cache", help='X-Slim policy override: "none" or a spec such as "xslim:step=0.1" (default: the bundle\'s)')
     gen.add_argument("--device", default="cpu", help='"cpu" (default) or "cuda[:N]"')
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")
+    bank = commands.add_parser("bank", help="LEMUR memory bank maintenance").add_subparsers(dest="bank_command", metavar="ACTION",
+                                                                                          required=True)
+    repair = bank.add_parser(
+        "repair", help="rewrite a damaged memory bank with every id it can prove live",
+        description="Rewrite the bank file with one record per live id (docs/memory-bank.md, Repair): records and a header "
+                    "with one flipped bit corrected, a header damaged beyond that rebuilt from the records, no deleted id, and "
+                    "none of the ids written before a record damaged beyond correction (it may have deleted any of them). No "
+                    "writer may have the bank open; readers must open it again. Exit 0 when repaired, 1 on failure, 2 on a "
+                    "usage error.")
+    repair.add_argument("path", type=Path, metavar="PATH", help="the bank file")
     return parser
 
 
@@ -241,9 +253,29 @@ def verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def bank_repair(args: argparse.Namespace) -> int:
+    from .runtime import MemoryBank, SlimError
+
+    if not args.path.is_file():
+        print(f"slimengine bank repair: {args.path} is not a file (give a memory bank file)", file=sys.stderr)
+        return 2
+    try:
+        r = MemoryBank.repair(args.path)
+    except SlimError as e:
+        print(f"slimengine bank repair: {e}", file=sys.stderr)
+        return 1
+    header = ("intact", "one flipped bit corrected", "rebuilt from the records")[r.header]
+    print(f"{args.path}: {r.ids} ids kept; header {header}; {r.corrected_records} record(s) corrected, {r.unreadable_records} "
+          f"unreadable (with {r.dropped_records} intact record(s) of their write calls), {r.hidden_ids} id(s) hidden as possibly "
+          f"deleted, {r.tail_bytes} torn tail bytes left out")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "bank":
+            return {"repair": bank_repair}[args.bank_command](args)
         return {"verify": verify, "triton-repo": triton_repo, "serve": serve, "generate": generate}[args.command](args)
     except KeyboardInterrupt:
         print("slimengine: interrupted", file=sys.stderr)

@@ -852,20 +852,35 @@ class LookupResult:
 
 @dataclasses.dataclass(frozen=True)
 class BankRecovery:
-    """What opening a bank (and a reader's refreshes) found and left out (docs/memory-bank.md, "Damage")."""
+    """What opening a bank (and a reader's refreshes) found (docs/memory-bank.md, "Damage")."""
 
-    damaged_records: int  # records inside the log that failed their checks (bit rot): skipped
-    dropped_records: int  # intact records skipped with them: the rest of the write calls they may belong to
+    damaged_records: int  # records with one flipped bit, corrected in memory: a delete applied, an upserted id hidden
+    dropped_records: int  # intact records skipped with damaged ones: 0 (a record is corrected, or opening refuses)
     first_damaged_offset: int  # byte offset of the first damaged record; -1: none
     tail_bytes: int  # at open: bytes after the last whole write call (a call a crash cut short); a writer truncated them
+    header_corrected: int = 0  # 1: the header had one flipped bit, corrected in memory
+
+
+@dataclasses.dataclass(frozen=True)
+class BankRepair:
+    """What MemoryBank.repair found and kept (docs/memory-bank.md, "Repair")."""
+
+    header: int  # 0 intact; 1 one flipped bit, corrected; 2 damaged beyond that, rebuilt from the records
+    records: int  # records in the old file, up to the end of its last whole write call
+    corrected_records: int  # records with one flipped bit: restored
+    unreadable_records: int  # records damaged beyond correction: which id each wrote or deleted is unknown
+    dropped_records: int  # intact records of the write calls that held an unreadable record
+    hidden_ids: int  # ids live before an unreadable record, left out: any may be the one it deleted
+    ids: int  # ids in the repaired bank
+    tail_bytes: int  # bytes after the last whole write call (a torn tail), left out
 
 
 class MemoryBank(_Closable):
     """The durable document-id -> embedding store (docs/memory-bank.md). One writer per file; readers
     open with read_only=True and call refresh() to see the writer's appends. Thread-safe. Only the
     process that opened a bank may write through it: after os.fork(), open it again in the child.
-    Damaged records found inside the log are skipped (with the rest of their write calls) and reported
-    by a RuntimeWarning and by `recovery`."""
+    Records (or a header) with one flipped bit are corrected in memory and reported by a RuntimeWarning and by
+    `recovery`; damage beyond that makes opening raise SlimError until `MemoryBank.repair(path)`."""
 
     _handle = None
 
@@ -890,15 +905,29 @@ class MemoryBank(_Closable):
         out = _native.BankRecovery(struct_size=ctypes.sizeof(_native.BankRecovery))
         with self._gate.call():
             _check(_native.lib().slim_bank_recovery_info(self._handle, ctypes.byref(out)))
-        return BankRecovery(out.damaged_records, out.dropped_records, out.first_damaged_offset, out.tail_bytes)
+        return BankRecovery(out.damaged_records, out.dropped_records, out.first_damaged_offset, out.tail_bytes, out.header_corrected)
+
+    @staticmethod
+    def repair(path: str | Path) -> BankRepair:
+        """Rewrite the bank at `path` with every id it can prove live (docs/memory-bank.md, "Repair"): corrected records
+        restored, no deleted id, none written before a record damaged beyond correction; a header damaged beyond
+        correction rebuilt from the records. No writer may have it open; readers must open it again."""
+        path_bytes = _path(path, "path")
+        out = _native.BankRepairReport(struct_size=ctypes.sizeof(_native.BankRepairReport))
+        _check(_native.lib().slim_bank_repair(path_bytes, ctypes.byref(out)))
+        return BankRepair(out.header, out.records, out.corrected_records, out.unreadable_records, out.dropped_records,
+                          out.hidden_ids, out.ids, out.tail_bytes)
 
     def _warn_about_damage(self) -> None:
         r = self.recovery
-        if r.damaged_records > self._warned_damage:
-            self._warned_damage = r.damaged_records
-            warnings.warn(f"memory bank {self.path}: {r.damaged_records} damaged record(s) inside the log (the first at byte "
-                          f"{r.first_damaged_offset}) were skipped, with {r.dropped_records} intact records of the same write calls "
-                          "(calls are atomic); every other call is kept (docs/memory-bank.md, Damage)", RuntimeWarning, stacklevel=3)
+        damage = r.damaged_records + r.header_corrected
+        if damage > self._warned_damage:
+            self._warned_damage = damage
+            what = [f"{r.damaged_records} record(s) inside the log (the first at byte {r.first_damaged_offset})"] if r.damaged_records else []
+            what += ["the header"] if r.header_corrected else []
+            warnings.warn(f"memory bank {self.path}: {' and '.join(what)} had one flipped bit, corrected in memory: deletes applied, "
+                          "upserted ids among them missing until written again; `slimengine bank repair` rewrites the file "
+                          "(docs/memory-bank.md, Damage)", RuntimeWarning, stacklevel=3)
 
     def __len__(self) -> int:
         with self._gate.call():
