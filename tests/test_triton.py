@@ -423,6 +423,19 @@ def test_a_huge_cache_policy_is_not_echoed_back_in_full(http, sd3_engine, tmp_pa
     assert "cannot read schedule" in str(e.value) and len(str(e.value)) < 1000
 
 
+def test_a_cache_policy_with_a_nul_byte_is_refused_naming_the_nul(http, sd3_engine):
+    """b"none\\x00" was answered "cache: one value per request" (numpy's bytes scalars drop trailing NULs), and
+    b"no\\x00ne" reached the runtime as "no" (a C string ends at the NUL): both are refused as what they are."""
+    good, _ = sd3_request(sd3_engine.config, 1, 4, seed=9)
+    for policy, offset in ((b"none\x00", 4), (b"no\x00ne", 2), (b"\x00", 0)):
+        with pytest.raises(InferenceServerException, match=re.escape(f"cache: a NUL byte at offset {offset}")) as e:
+            infer(http, "http", "sd3", dict(good, cache=np.array([[policy]], dtype=object)), "latents")
+        assert e.value.status() == "400" and "one value per request" not in str(e.value)
+    two_rows, _ = sd3_request(sd3_engine.config, 2, 4, seed=9)  # rows that differ only past a NUL still differ
+    with pytest.raises(InferenceServerException, match="cache: one value per request"):
+        infer(http, "http", "sd3", dict(two_rows, cache=np.array([[b"none"], [b"none\x00"]], dtype=object)), "latents")
+
+
 # ---- metrics, load ----
 
 

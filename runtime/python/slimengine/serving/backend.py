@@ -70,11 +70,16 @@ class _Model:
         if value is None:
             return None
         flat = value.reshape(-1)
-        # equal_nan: a NaN setting reaches the runtime, whose message says what a valid value is
-        if flat.size == 0 or not np.array_equal(flat, np.full_like(flat, flat[0]), equal_nan=flat.dtype.kind == "f"):
+        # Compared with the first row itself (np.full_like would turn b"none\x00" into b"none": numpy's bytes scalars
+        # drop trailing NULs). equal_nan: a NaN setting reaches the runtime, whose message says what a valid value is.
+        if flat.size == 0 or not np.array_equal(flat, np.repeat(flat[:1], flat.size), equal_nan=flat.dtype.kind == "f"):
             raise RequestError(f"{name}: one value per request (every row the same), got {excerpt(str(flat.tolist()))}")
         item = flat[0]
         if isinstance(item, bytes):
+            # A NUL would end the text where the runtime reads it (a C string): "none\0..." must not pass as "none"
+            nul = item.find(b"\0")
+            if nul >= 0:
+                raise RequestError(f"{name}: a NUL byte at offset {nul} (text holds no NULs), got {excerpt(repr(item))}")
             try:
                 return item.decode()
             except UnicodeDecodeError:
