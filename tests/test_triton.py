@@ -5,6 +5,8 @@ compared bit for bit with the same call made directly on the runtime."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import json
 import os
 import re
 import shutil
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from http.client import HTTPConnection, HTTPException
 
 import numpy as np
 import psutil
@@ -423,6 +426,19 @@ def test_a_huge_cache_policy_is_not_echoed_back_in_full(http, sd3_engine, tmp_pa
     assert "cannot read schedule" in str(e.value) and len(str(e.value)) < 1000
 
 
+def test_a_cache_policy_with_a_nul_byte_is_refused_naming_the_nul(http, sd3_engine):
+    """b"none\\x00" was answered "cache: one value per request" (numpy's bytes scalars drop trailing NULs), and
+    b"no\\x00ne" reached the runtime as "no" (a C string ends at the NUL): both are refused as what they are."""
+    good, _ = sd3_request(sd3_engine.config, 1, 4, seed=9)
+    for policy, offset in ((b"none\x00", 4), (b"no\x00ne", 2), (b"\x00", 0)):
+        with pytest.raises(InferenceServerException, match=re.escape(f"cache: a NUL byte at offset {offset}")) as e:
+            infer(http, "http", "sd3", dict(good, cache=np.array([[policy]], dtype=object)), "latents")
+        assert e.value.status() == "400" and "one value per request" not in str(e.value)
+    two_rows, _ = sd3_request(sd3_engine.config, 2, 4, seed=9)  # rows that differ only past a NUL still differ
+    with pytest.raises(InferenceServerException, match="cache: one value per request"):
+        infer(http, "http", "sd3", dict(two_rows, cache=np.array([[b"none"], [b"none\x00"]], dtype=object)), "latents")
+
+
 # ---- metrics, load ----
 
 
@@ -536,23 +552,105 @@ def test_a_model_that_fails_to_load_says_why(tmp_path, lemur_bundle):
         TritonServer(tmp_path / "repo").start(timeout=60)
 
 
-def test_slimengine_serve_runs_a_server_until_interrupted(lemur_bundle, lemur_engine):
-    port, grpc_port, metrics_port = free_port(), free_port(), free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "slimengine.cli", "serve", str(lemur_bundle), "--port", str(port), "--grpc-port",
-                             str(grpc_port), "--metrics-port", str(metrics_port), "--threads", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start_serve(bundle, *, ignore_sigint: bool = False) -> tuple[subprocess.Popen, tuple[int, int, int]]:
+    """`slimengine serve BUNDLE` on free ports, in a process group of its own (kill_tree), its first stdout line read:
+    (the process, (HTTP, gRPC, metrics ports)). ignore_sigint: started with SIGINT ignored, as a background job is."""
+    ports = free_port(), free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "slimengine.cli", "serve", str(bundle), "--port", str(ports[0]), "--grpc-port",
+                             str(ports[1]), "--metrics-port", str(ports[2]), "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None)
+    line = proc.stdout.readline()
+    if f"HTTP 127.0.0.1:{ports[0]}" not in line:
+        kill_tree(proc)
+        raise AssertionError(f"serve did not start: {line}{proc.stderr.read()}")
+    return proc, ports
+
+
+def kill_tree(proc: subprocess.Popen) -> list[psutil.Process]:
+    """For `finally`: SIGKILL to the process group of `proc` and of everything it started (its tritonserver has a group
+    of its own, with the stubs), then `proc` reaped. Returns the processes found, to check they are gone."""
+    tree = []
+    with contextlib.suppress(psutil.NoSuchProcess):
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    groups = set()
+    for p in tree:
+        with contextlib.suppress(ProcessLookupError):
+            groups.add(os.getpgid(p.pid))
+    for group in groups - {os.getpgrp()}:  # never the test run's own
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+    for p in tree[1:]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    proc.kill()
+    proc.communicate()
+    return tree
+
+
+def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
+    return [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_slimengine_serve_stops_on_sigint_even_when_started_with_sigint_ignored(lemur_bundle, lemur_engine):
+    """A background job (make test &, nohup) starts its children with SIGINT ignored, and Python then never installs its
+    Ctrl-C handler: serve ignored SIGINT and ran on (with its tritonserver and stubs) after the test gave up. serve
+    installs its own handler; it stops, exit 0, nothing it started left running, its ports free."""
+    proc, ports = start_serve(lemur_bundle, ignore_sigint=True)
+    tree = []
     try:
-        line = proc.stdout.readline()
-        assert f"HTTP 127.0.0.1:{port}" in line, proc.stderr.read() if proc.poll() is not None else line
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        text_ids, _, pixels = documents(lemur_engine.config, 2, 5, 1, seed=6)
+        with thttp.InferenceServerClient(f"127.0.0.1:{ports[0]}") as client:
+            got = infer(client, "http", "lemur_embed", {"text_ids": text_ids, "frames": pixels}, "embedding")
+        assert np.array_equal(got, lemur_engine.session().embed(text_ids, pixels).embeddings)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=45)
+        assert proc.returncode == 0, err
+        assert not alive(tree) and all(port_free(p) for p in ports)
+    finally:
+        kill_tree(proc)
+    assert len(tree) >= 3  # serve, its tritonserver, a backend stub: all checked above
+
+
+def wait_ready(port: int, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    with thttp.InferenceServerClient(f"127.0.0.1:{port}") as client:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"serve exited with {proc.returncode}: {proc.communicate()[1]}"
+            with contextlib.suppress(Exception):
+                if client.is_server_ready():
+                    return
+            time.sleep(0.3)
+    raise AssertionError(f"not ready again after {timeout} s")
+
+
+def test_slimengine_serve_restarts_a_tritonserver_that_a_request_aborts(lemur_bundle, lemur_engine):
+    """Triton 2.51's HTTP frontend allocates a JSON input's declared shape before anything checks it: [1, 2**40, 48]
+    INT64 with 336 values is std::bad_alloc, abort (status -6), every model down. serve restarts it on the same ports,
+    says so on stderr and counts it in slimengine_server_restarts; the next good request is answered."""
+    proc, (port, _, metrics_port) = start_serve(lemur_bundle)
+    try:
+        hostile = {"inputs": [{"name": "text_ids", "shape": [1, 2**40, 48], "datatype": "INT64", "data": list(range(336))}]}
+        connection = HTTPConnection("127.0.0.1", port, timeout=60)
+        with pytest.raises((HTTPException, OSError)):  # the server died without an answer
+            connection.request("POST", "/v2/models/lemur_embed/infer", json.dumps(hostile), {"Content-Type": "application/json"})
+            connection.getresponse()
+        connection.close()
+        wait_ready(port, proc, timeout=120)
         text_ids, _, pixels = documents(lemur_engine.config, 2, 5, 1, seed=6)
         with thttp.InferenceServerClient(f"127.0.0.1:{port}") as client:
             got = infer(client, "http", "lemur_embed", {"text_ids": text_ids, "frames": pixels}, "embedding")
         assert np.array_equal(got, lemur_engine.session().embed(text_ids, pixels).embeddings)
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
+        assert re.search(r"^slimengine_server_restarts(\{\})? 1$", metrics, re.M), metrics
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=45)
+        assert proc.returncode == 0, err
+        assert "tritonserver exited with signal 6 (Aborted); restarting it (restart 1;" in err, err
+        assert "serving lemur_embed again (restart 1)" in err
     finally:
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
-    assert all(port_free(p) for p in (port, grpc_port, metrics_port))
+        kill_tree(proc)
 
 
 def test_slimengine_serve_without_nvidia_pytriton_says_what_to_install(lemur_bundle):

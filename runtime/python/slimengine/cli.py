@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve", help="serve engine bundles on a local Triton Inference Server (nvidia-pytriton's tritonserver)",
         description="Write a Triton model repository for the bundles into a temporary directory and run the tritonserver of "
-                    "the nvidia-pytriton package on it until interrupted (Ctrl-C). KServe v2 HTTP on --port, gRPC on "
+                    "the nvidia-pytriton package on it until interrupted (Ctrl-C, SIGTERM), restarting it whenever it dies. KServe v2 HTTP on --port, gRPC on "
                     "--grpc-port, Prometheus metrics on --metrics-port. See docs/serving.md.")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for every interface)")
     serve.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
@@ -177,6 +177,8 @@ def triton_repo(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
+    """Run tritonserver on the bundles' repository until SIGINT or SIGTERM, restarting it whenever it dies (a request
+    that aborts Triton must not take the deployment down for good)."""
     import signal
     import tempfile
     import time
@@ -198,26 +200,44 @@ def serve(args: argparse.Namespace) -> int:
             return 1
         server = TritonServer(Path(tmp) / "repository", host=args.host, http_port=args.port, grpc_port=args.grpc_port,
                               metrics_port=args.metrics_port, log_file=Path(tmp) / "tritonserver.log")
+        stopping = False
 
-        def interrupt(*_):
-            raise KeyboardInterrupt  # SIGTERM (kill, Kubernetes) stops the server like Ctrl-C
+        def interrupt(signum, _frame):
+            if not stopping:  # once stopping, stop() runs to its end (bounded); a second signal must not cut it short
+                raise KeyboardInterrupt
 
+        # Installed explicitly, SIGINT too: Python leaves SIGINT ignored when it starts ignored (a background job,
+        # nohup), and Ctrl-C would then never stop us. SIGTERM (kill, Kubernetes) stops like Ctrl-C.
+        signal.signal(signal.SIGINT, interrupt)
         signal.signal(signal.SIGTERM, interrupt)
+        names = ", ".join(s.name for s in specs)
         try:
             server.start()
-            print(f"serving {', '.join(s.name for s in specs)}: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics "
-                  f"{server.metrics_url} (log {server.log_file}); Ctrl-C stops", flush=True)
-            while server.process.poll() is None:
+            print(f"serving {names}: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics {server.metrics_url} (log "
+                  f"{server.log_file}); Ctrl-C stops", flush=True)
+            while True:
                 time.sleep(0.5)
-            print(f"slimengine serve: {server.failure(f'tritonserver exited with status {server.process.returncode}')}", file=sys.stderr)
-            return 1
+                code = server.exit_status()
+                if code is None:
+                    continue
+                # Died under us (a request that aborts Triton's HTTP frontend, the OOM killer): restart it on the same
+                # ports; slimengine_server_restarts tells the metrics. A server that cannot start again ends `serve`.
+                what = f"status {code}" if code >= 0 else f"signal {-code} ({signal.strsignal(-code)})"
+                server.restarts += 1
+                print(f"slimengine serve: tritonserver exited with {what}; restarting it (restart {server.restarts}; its "
+                      f"log: {server.log_file})", file=sys.stderr, flush=True)
+                server.stop()
+                server.start()
+                print(f"slimengine serve: serving {names} again (restart {server.restarts})", file=sys.stderr, flush=True)
         except ServerError as e:
             print(f"slimengine serve: {e}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
-            print("slimengine serve: stopping", file=sys.stderr)
+            stopping = True
+            print(f"slimengine serve: stopping (at most {server.exit_timeout + 10} s)", file=sys.stderr, flush=True)
             return 0 if server.stop() == 0 else 1
         finally:
+            stopping = True
             server.stop()
 
 

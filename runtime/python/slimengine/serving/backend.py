@@ -23,6 +23,7 @@ import numpy as np
 from ..noise import gaussian_noise
 from ..runtime import MemoryBank, SlimError, open_engine
 from ..xslim_policy import excerpt
+from .server import RESTARTS_ENV
 
 
 class RequestError(ValueError):
@@ -52,9 +53,15 @@ class _Model:
         self.failure_family = self.pb_utils.MetricFamily(name="slimengine_request_failure", kind=self.pb_utils.MetricFamily.COUNTER,
                                             description="requests answered with an error by a slimengine model (bad input, runtime error)")
         self.failures = self.failure_family.Metric(labels={"model": self.name, "version": str(args.get("model_version", ""))})
+        # Restarts of a crashed tritonserver by `slimengine serve` before this one started (0 when run otherwise):
+        # on Triton's metrics endpoint, which is where a deployment already scrapes and alerts.
+        self.restart_family = self.pb_utils.MetricFamily(name="slimengine_server_restarts", kind=self.pb_utils.MetricFamily.GAUGE,
+                                                         description="times slimengine serve restarted a crashed tritonserver")
+        self.restarts = self.restart_family.Metric(labels={})
+        self.restarts.set(int(os.environ.get(RESTARTS_ENV) or 0))
 
     def finalize(self) -> None:
-        del self.failures  # before its family (Triton's rule)
+        del self.failures, self.restarts  # before their families (Triton's rule)
         self.session.close()
         self.engine.close()
 
@@ -70,11 +77,16 @@ class _Model:
         if value is None:
             return None
         flat = value.reshape(-1)
-        # equal_nan: a NaN setting reaches the runtime, whose message says what a valid value is
-        if flat.size == 0 or not np.array_equal(flat, np.full_like(flat, flat[0]), equal_nan=flat.dtype.kind == "f"):
+        # Compared with the first row itself (np.full_like would turn b"none\x00" into b"none": numpy's bytes scalars
+        # drop trailing NULs). equal_nan: a NaN setting reaches the runtime, whose message says what a valid value is.
+        if flat.size == 0 or not np.array_equal(flat, np.repeat(flat[:1], flat.size), equal_nan=flat.dtype.kind == "f"):
             raise RequestError(f"{name}: one value per request (every row the same), got {excerpt(str(flat.tolist()))}")
         item = flat[0]
         if isinstance(item, bytes):
+            # A NUL would end the text where the runtime reads it (a C string): "none\0..." must not pass as "none"
+            nul = item.find(b"\0")
+            if nul >= 0:
+                raise RequestError(f"{name}: a NUL byte at offset {nul} (text holds no NULs), got {excerpt(repr(item))}")
             try:
                 return item.decode()
             except UnicodeDecodeError:

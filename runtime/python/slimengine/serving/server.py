@@ -11,6 +11,8 @@ stub per Python version. Three things make it run the repository's Python models
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import glob
 import http.client
 import importlib.util
 import json
@@ -27,6 +29,9 @@ import uuid
 from pathlib import Path
 
 INSTALL_HINT = "pip install 'slimengine[serve]' (nvidia-pytriton==0.7.0 ships tritonserver)"
+# How many times `slimengine serve` restarted a crashed tritonserver before starting this one: set in the server's
+# environment, read by every model (backend.py), which publishes it as the slimengine_server_restarts metric.
+RESTARTS_ENV = "SLIMENGINE_SERVER_RESTARTS"
 
 
 class ServerError(RuntimeError):
@@ -78,6 +83,13 @@ def server_env() -> dict:
     return env
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the process that started it dies (even by SIGKILL), so that a killed
+    `slimengine serve` or test run never leaves a tritonserver behind (its stubs exit when it does)."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -92,7 +104,7 @@ class TritonServer:
 
     def __init__(self, repository: str | Path, *, host: str = "127.0.0.1", http_port: int = 0, grpc_port: int = 0,
                  metrics_port: int = 0, model_control: str = "none", models: list[str] | None = None, log_file: str | Path | None = None,
-                 extra_args: list[str] | None = None):
+                 extra_args: list[str] | None = None, exit_timeout: int = 30):
         self.repository = Path(repository).resolve()
         self.host = host
         self.http_port = http_port or free_port(host)
@@ -100,9 +112,14 @@ class TritonServer:
         self.metrics_port = metrics_port or free_port(host)
         self.model_control, self.models, self.extra_args = model_control, models or [], extra_args or []
         self.log_file = Path(log_file) if log_file else None
+        self.exit_timeout = exit_timeout  # Triton's own grace for in-flight requests when stopped; stop() kills after it
+        self.restarts = 0  # set by a supervisor (slimengine serve) before a restart: published as a metric
         # Our server's --id, checked by ready(): another server already on the HTTP port answers health checks too, and
         # this one would be taken for ready just before it exits for want of the port.
         self.server_id = f"slimengine-{uuid.uuid4().hex[:12]}"
+        # The Python backend's shared-memory regions (/dev/shm) get this prefix: a server that crashed leaves them
+        # behind, and stop() removes exactly ours.
+        self.shm_prefix = f"{self.server_id}-shm-"
         self.process: subprocess.Popen | None = None
         self._workdir: tempfile.TemporaryDirectory | None = None
 
@@ -123,7 +140,8 @@ class TritonServer:
         cmd = [str(server_dir / "bin" / "tritonserver"), "--model-repository", str(self.repository), "--backend-directory", str(backends),
                "--http-address", self.host, "--http-port", str(self.http_port), "--grpc-address", self.host,
                "--grpc-port", str(self.grpc_port), "--metrics-address", self.host, "--metrics-port", str(self.metrics_port),
-               "--model-control-mode", self.model_control, "--exit-timeout-secs", "30", "--id", self.server_id]
+               "--model-control-mode", self.model_control, "--exit-timeout-secs", str(self.exit_timeout), "--id", self.server_id,
+               "--backend-config", f"python,shm-region-prefix-name={self.shm_prefix}"]
         for model in self.models:
             cmd += ["--load-model", model]
         return cmd + self.extra_args
@@ -133,9 +151,11 @@ class TritonServer:
         backends = prepare_backends(Path(self._workdir.name) / "backends")
         if self.log_file is None:
             self.log_file = Path(self._workdir.name) / "tritonserver.log"
+        env = dict(server_env(), **{RESTARTS_ENV: str(self.restarts)})
         with open(self.log_file, "ab") as log:
-            self.process = subprocess.Popen(self.command(backends), env=server_env(), stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+            # Its own process group (the stubs join it): stop() kills the whole group
+            self.process = subprocess.Popen(self.command(backends), env=env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True, preexec_fn=_die_with_parent)
         try:
             self.wait_ready(timeout)
         except BaseException:
@@ -182,25 +202,48 @@ class TritonServer:
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise self.failure(f"tritonserver exited with status {self.process.returncode} while starting")
+            code = self.exit_status()
+            if code is not None:
+                raise self.failure(f"tritonserver exited with status {code} while starting")
             if self.ready():
                 return
             time.sleep(0.2)
         raise self.failure(f"tritonserver not ready after {timeout:.0f} s")
 
-    def stop(self, timeout: float = 60) -> int | None:
-        """SIGTERM (Triton finishes in-flight requests, unloads the models), SIGKILL after `timeout`; the exit status."""
+    def exit_status(self) -> int | None:
+        """None while the server runs, else its exit status (negative: the signal that ended it), as Popen gives it. The
+        process is left unreaped (a zombie), so its pid, the id of its process group, stays ours until stop() has
+        killed what is left of the group (Popen.poll() would reap it)."""
+        if self.process is None or self.process.returncode is not None:
+            return None if self.process is None else self.process.returncode
+        try:
+            info = os.waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:  # reaped elsewhere
+            return self.process.poll()
+        if info is None:
+            return None
+        return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+
+    def stop(self, timeout: float | None = None) -> int | None:
+        """SIGTERM (Triton finishes in-flight requests, unloads the models), and after `timeout` (default: Triton's exit
+        timeout + 10 s) or once the server has ended, SIGKILL to its whole process group (a hung server, the stubs of a
+        crashed one); then the server is reaped and its shared memory removed. Returns the exit status (negative: the
+        signal). Bounded: never waits past `timeout`."""
         code = None
         if self.process is not None:
-            if self.process.poll() is None:
-                self.process.send_signal(signal.SIGTERM)
-                try:
-                    self.process.wait(timeout)
-                except subprocess.TimeoutExpired:
+            if self.exit_status() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    self.process.send_signal(signal.SIGTERM)
+                deadline = time.monotonic() + (self.exit_timeout + 10 if timeout is None else timeout)
+                while self.exit_status() is None and time.monotonic() < deadline:
+                    time.sleep(0.1)
+            if self.process.returncode is None:  # not reaped yet: the group's id is still ours
+                with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(self.process.pid, signal.SIGKILL)
-                    self.process.wait()
-            code = self.process.returncode
+            code = self.process.wait()
+            for region in glob.glob(f"/dev/shm/{glob.escape(self.shm_prefix)}*"):
+                with contextlib.suppress(OSError):
+                    os.unlink(region)
         if self._workdir is not None:
             self._workdir.cleanup()
             self._workdir = None
