@@ -19,7 +19,7 @@ from pathlib import Path
 from slimengine.bundle import DIGEST, FORMAT, FORMAT_VERSION, MANIFEST, digest_line
 
 # The temporary directory, its lock and the publishing rename are shared with `slimengine triton-repo` (staging.py).
-from slimengine.staging import LOCK, hold_lock, publish, remove_stale_temporaries, sync_tree, temporary_path
+from slimengine.staging import LOCK, hold_lock, output_directory, publish, remove_stale_temporaries, sync_tree, temporary_path
 
 BUNDLE_FORMAT = FORMAT
 BUNDLE_FORMAT_VERSION = FORMAT_VERSION
@@ -39,19 +39,6 @@ def sha256_file(path: Path) -> str:
     return sha256_files([path])
 
 
-def write_file_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` writes a temporary sibling file, which then replaces `path` whole; on any failure it
-    is removed and `path` is left as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_manifest(directory: Path, manifest: dict) -> None:
     """Write `manifest` as directory/manifest.json and its digest as manifest.sha256 (docs/bundle-format.md,
     "Integrity"). The runtime refuses a manifest.json that no longer matches its manifest.sha256."""
@@ -65,9 +52,7 @@ def write_bundle(destination: Path, fill: Callable[[Path], dict], force: bool = 
     (without `files`); this function lists every file with its sha256 and size, writes the manifest and
     its digest, and publishes atomically. Stale
     temporaries of killed exports to the same destination are removed first, each told to `report`."""
-    destination = Path(destination)
-    if destination.exists() and not force:
-        raise FileExistsError(f"{destination} already exists (use --force to replace it)")
+    destination = output_directory(destination, force)  # with force, only a bundle directory is replaced
     for stale in remove_stale_temporaries(destination):
         if report is not None:
             report(f"removed stale temporary {stale} of an interrupted export")

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from slimengine.staging import OutputPathError, output_directory
+
 from .errors import CheckpointError
 
 
@@ -60,8 +62,10 @@ def main(argv=None) -> int:
         return _fail(f"--steps must be at least 1, got {args.steps}")
     if args.shift is not None and not args.shift > 0:
         return _fail(f"--shift must be positive, got {args.shift}")
-    if output.exists() and not args.force:
-        return _fail(f"{output} already exists (use --force to replace it)")
+    try:
+        output_directory(output, args.force)  # with --force only a bundle directory is replaced: never a file, link or device
+    except OutputPathError as e:
+        return _fail(str(e))
     # Heavy imports after argument checks, so --help and usage errors are instant.
 
     from .checkpoint import checkpoint_family, load_checkpoint

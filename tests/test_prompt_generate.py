@@ -206,7 +206,7 @@ def test_cli_refuses_a_bundle_without_pipeline(bundle, tmp_path):
         engine.session().generate(prompt="x")
 
 
-@pytest.mark.parametrize("args, message", [(("--size", "0"), "height"), (("--steps", "-1"), "num_steps"),
+@pytest.mark.parametrize("args, message", [(("--size", "0"), "height"), (("--steps", "-1"), "steps must be in"),
                                            (("--size", "65"), "multiple of")])
 def test_cli_values_out_of_range_are_usage_errors(bundle, tmp_path, args, message):
     """Out-of-range values exited 1 (a failed call) instead of 2 (a usage error, as docs/pipeline.md says)."""

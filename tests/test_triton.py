@@ -28,6 +28,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 import slimengine as se
 from slimengine.serving import RepositoryOptions, write_repository
 from slimengine.serving.server import ServerError, TritonServer, free_port
+from slimengine.staging import OutputPathError
 
 PROTOCOLS = {"http": thttp, "grpc": tgrpc}
 
@@ -135,7 +136,7 @@ def test_repository_layout_atomic_write_and_refusal_to_overwrite(repository, tmp
     assert subprocess.run([*cli, str(lemur_bundle), "-o", str(out)], capture_output=True, text=True).returncode == 0
     assert sorted(p.name for p in out.iterdir()) == ["lemur_embed"]  # no --bank: no lemur_score
     again = subprocess.run([*cli, str(distilled_bundle), "-o", str(out)], capture_output=True, text=True)
-    assert again.returncode == 1 and "exists: pass --force" in again.stderr
+    assert again.returncode == 2 and "already exists (use --force" in again.stderr  # a usage error, before opening bundles
     assert sorted(p.name for p in out.iterdir()) == ["lemur_embed"]  # untouched
     forced = subprocess.run([*cli, str(distilled_bundle), "-o", str(out), "--force"], capture_output=True, text=True)
     assert forced.returncode == 0, forced.stderr
@@ -152,7 +153,7 @@ def test_force_replaces_only_a_repository_directory(tmp_path, lemur_bundle):
     (tmp_path / "afile").write_text("keep me")
     (tmp_path / "alink").symlink_to(target)
     for name in ("afile", "alink"):
-        with pytest.raises(FileExistsError, match="is not a directory"):
+        with pytest.raises(OutputPathError, match="is not a directory"):
             write_repository([str(lemur_bundle)], tmp_path / name, force=True)
     assert (tmp_path / "afile").read_text() == "keep me" and (tmp_path / "alink").resolve() == target
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "alink", "target"] and not any(target.iterdir())

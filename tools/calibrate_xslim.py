@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 import slimengine as se
-from slimengine.export.bundle import write_file_atomically
+from slimengine.staging import OutputPathError, output_file, write_file_atomically
 
 WARMUPS = (2, 3, 4)
 SPACINGS = (1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0)
@@ -143,6 +143,10 @@ def main(argv=None) -> int:
 
     if args.steps < 3:
         return fail(f"--steps must be >= 3, got {args.steps}")
+    try:
+        output_file(args.output)  # never a device, FIFO, socket, directory or a link to nothing, even with --force
+    except OutputPathError as e:
+        return fail(str(e))
     if args.output.exists() and not args.force:
         return fail(f"{args.output} already exists (use --force to replace it)")
     try:
@@ -159,7 +163,10 @@ def main(argv=None) -> int:
         print(f"calibrate-xslim: no schedule of the family reaches {args.target_db:g} dB (best {top.psnr_db:.1f} dB with "
               f"{len(top.full)} full steps); nothing written", file=sys.stderr)
         return 1
-    write_schedule(args.output, best.full, args.mode)
+    try:
+        write_schedule(args.output, best.full, args.mode)
+    except OutputPathError as e:  # the path changed while calibrating
+        return fail(str(e))
     print(f"{args.output}: mode '{args.mode}', {len(best.full)} of {args.steps} steps full (warm-up {best.warmup}, every "
           f"{best.spacing:g}), {best.psnr_db:.1f} dB on seeds {' '.join(map(str, args.seeds))}; use --cache "
           f"xslim:schedule={args.output},mode={args.mode}")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from slimengine.export.bundle import write_file_atomically
 from slimengine.export.lemur_model import LemurConfig, LemurModel
+from slimengine.staging import OutputPathError, output_file, write_file_atomically
 
 PRESETS = {
     # Tests: seconds to export, still every piece of the structure.
@@ -58,7 +58,7 @@ def write_checkpoint(state: dict, config: LemurConfig, path: Path, fmt: str) -> 
 
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"slimengine": json.dumps(metadata)})
 
-    write_file_atomically(path, write)
+    write_file_atomically(path, write, parents=True)
 
 
 def main(argv=None) -> int:
@@ -68,6 +68,10 @@ def main(argv=None) -> int:
     parser.add_argument("--embed-dim", type=int, help="override the document embedding width")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    try:  # before any work: never a device, FIFO, socket, directory or a link to nothing (README.md, "Output files")
+        output_file(args.output, parents=True)
+    except OutputPathError as e:
+        parser.error(str(e))
     suffix = args.output.suffix.lower()
     if suffix not in (".pt", ".pth", ".safetensors"):
         parser.error(f"the output must end in .pt, .pth or .safetensors, got '{args.output.name}'")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from slimengine.export.bundle import write_file_atomically
 from slimengine.export.sd3_model import DistilledSD3, SD3Config
+from slimengine.staging import OutputPathError, output_file, write_file_atomically
 
 PRESETS = {
     # The small CPU configuration: 4 layers, 8 heads x 32.
@@ -152,6 +152,10 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    try:  # before any work: never a device, FIFO, socket, directory or a link to nothing (README.md, "Output files")
+        output_file(args.output, parents=True)
+    except OutputPathError as e:
+        parser.error(str(e))
 
     config = make_config(args.preset, args.layers)
     fmt = args.format or {".pt": "pt", ".pth": "pt", ".safetensors": "safetensors"}.get(args.output.suffix, "diffusers")
@@ -168,7 +172,7 @@ def main(argv=None) -> int:
     elif not args.plain and config.num_layers < 9:  # 2-7 does not fit: cache blocks 1..L-2
         sampling["cache_blocks"] = f"1-{config.num_layers - 2}"
     metadata = {"num_attention_heads": config.num_attention_heads, "sampling": sampling}
-    write_file_atomically(args.output, lambda tmp: write_checkpoint(state, config, metadata, tmp, fmt))
+    write_file_atomically(args.output, lambda tmp: write_checkpoint(state, config, metadata, tmp, fmt), parents=True)
     params = sum(v.numel() for v in state.values())
     print(f"wrote {args.output} ({args.preset}, {config.num_layers} layers, {params / 1e6:.1f} M params, {fmt}, "
           f"{'plain' if args.plain else '1.x-distill'})")

@@ -32,6 +32,7 @@ import numpy as np
 
 import slimengine as se
 from slimengine.bundle import loads_strict
+from slimengine.staging import OutputPathError, output_file, write_file_atomically
 from slimengine.xslim_policy import parse_cache_spec
 
 SCHEMA = "slimengine-profile"
@@ -109,12 +110,12 @@ def main(argv=None) -> int:
         report, trace = profile_sd3(args) if family == "sd3" else profile_lemur(args)
         print(report_table(report))
         if args.json:
-            args.json.write_text(json.dumps(report, indent=1) + "\n")
+            write_file_atomically(args.json, lambda tmp: tmp.write_text(json.dumps(report, indent=1) + "\n"))
         if args.trace:
-            args.trace.write_text(json.dumps(trace) + "\n")
+            write_file_atomically(args.trace, lambda tmp: tmp.write_text(json.dumps(trace) + "\n"))
         if args.plot:
-            write_plot(report, trace, args.plot)
-    except UsageError as e:
+            write_file_atomically(args.plot, lambda tmp: write_plot(report, trace, tmp))
+    except (UsageError, OutputPathError) as e:
         return _fail(str(e))
     except se.SlimError as e:  # the engine loaded but a generation failed
         return _fail(f"{args.engine}: {e}", code=1)
@@ -146,6 +147,9 @@ def check_arguments(args) -> None:
                          "max_sequence_length T5 tokens); drop --text-len")
     if args.plot and args.plot.suffix.lower() != ".png":
         raise UsageError(f"--plot writes a PNG: give a .png file name, got {args.plot}")
+    for name in ("json", "trace", "plot"):  # before profiling: never a device, FIFO, socket, directory or a link to nothing
+        if getattr(args, name) is not None:
+            output_file(getattr(args, name))
 
 
 def read_manifest(path: Path) -> dict:

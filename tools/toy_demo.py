@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 import slimengine as se
+from slimengine.staging import OutputPathError, output_file, write_file_atomically
 from slimengine.tools import toy_shapes
 
 
@@ -44,6 +45,11 @@ def main(argv=None) -> int:
     parser.add_argument("--guidance", type=float, help="CFG scale (default: the bundle's)")
     parser.add_argument("--steps", type=int, help="a plain plan of that many steps (default: the bundle's program, 1.x)")
     args = parser.parse_args(argv)
+    try:
+        output_file(args.output)  # before generating: never a device, FIFO, socket, directory or a link to nothing
+    except OutputPathError as e:
+        print(f"toy-demo: error: {e}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     try:
         session = se.open_engine(args.engine).session()
@@ -51,7 +57,11 @@ def main(argv=None) -> int:
     except (se.SlimError, ValueError) as e:
         print(f"toy-demo: error: {e}", file=sys.stderr)
         return 2
-    toy_shapes.save_png(images, args.output)
+    try:
+        write_file_atomically(args.output, lambda tmp: toy_shapes.save_png(images, tmp))
+    except OutputPathError as e:  # the path changed while generating
+        print(f"toy-demo: error: {e}", file=sys.stderr)
+        return 2
     colour, shape = score(images)
     print(f"{args.engine}: {len(images)} prompts (\"{toy_shapes.class_prompts()[0]}\", ...), {stats['steps']} steps, effective NFE "
           f"{stats['effective_nfe']:.2f}, {(time.perf_counter() - start) * 1e3:.0f} ms; {colour}/{len(images)} in the prompted colour, "

@@ -33,10 +33,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from slimengine.export.bundle import write_file_atomically
 from slimengine.export.sampling_plan import make_plan
 from slimengine.export.sd3_model import DistilledSD3, SD3Config
-from slimengine.staging import publish, remove_stale_temporaries, sync_tree, temporary_path
+from slimengine.staging import (
+    OutputPathError,
+    output_file,
+    publish,
+    remove_stale_temporaries,
+    sync_tree,
+    temporary_path,
+    write_file_atomically,
+)
 from slimengine.tools import toy_shapes
 
 CLIP_LENGTH = 10  # tokens of the CLIP tokenizers (their model_max_length): every toy caption fits
@@ -338,6 +345,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.output.suffix != ".safetensors":
         parser.error("the output must be a .safetensors file")
+    try:  # before any work: never a device, FIFO, socket, directory or a link to nothing (README.md, "Output files")
+        output_file(args.output, parents=True)
+    except OutputPathError as e:
+        parser.error(str(e))
     torch.set_num_threads(args.threads)
     progress = not args.quiet
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
@@ -392,7 +403,7 @@ def main(argv=None) -> int:
         publish(tmp, folder, force=True, writer="train-toy-sd3")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    write_file_atomically(args.output, lambda t: save_file(state, str(t), metadata={"slimengine": json.dumps(metadata)}))
+    write_file_atomically(args.output, lambda t: save_file(state, str(t), metadata={"slimengine": json.dumps(metadata)}), parents=True)
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) + args.output.stat().st_size
     log(f"wrote {folder} and {args.output} ({sum(v.numel() for v in state.values()) / 1e6:.2f} M transformer params, "
         f"{size / 2**20:.1f} MiB in all) in {time.perf_counter() - start:.0f} s")

@@ -53,6 +53,8 @@ thread_local std::string last_error;
 
 // Limits of the exported graphs' dynamic dimensions (export/onnx_export.py).
 constexpr int64_t kMaxBatch = 4096, kMaxText = 8192;
+// Steps of a plain plan (num_steps); the Python binding checks the same bound (runtime.py MAX_STEPS).
+constexpr int32_t kMaxSteps = 10000;
 
 slim_status fail(slim_status status, const std::string& message) {
     last_error = message;
@@ -477,9 +479,9 @@ slim_status slim_generate(slim_session* session, const slim_generate_params* par
         auto pooled = check_tensor(p.pooled_embeds, "pooled_embeds", {B, c.pooled_projection_dim}, "[" + std::to_string(B) + "," + P + "]");
         if (!std::isfinite(p.guidance_scale)) throw Error(SLIM_ERR_INVALID_ARGUMENT, "guidance_scale must be finite");
         if (!std::isfinite(p.step_cache_threshold)) throw Error(SLIM_ERR_INVALID_ARGUMENT, "step_cache_threshold must be finite");
-        if (p.num_steps < 0 || p.num_steps > 10000)
-            throw Error(SLIM_ERR_INVALID_ARGUMENT,
-                        "num_steps must be 0 (the bundle's program) or 1 to 10000, got " + std::to_string(p.num_steps));
+        if (p.num_steps < 0 || p.num_steps > kMaxSteps)
+            throw Error(SLIM_ERR_INVALID_ARGUMENT, "num_steps must be 0 (the bundle's program) or 1 to " + std::to_string(kMaxSteps) +
+                                                       ", got " + std::to_string(p.num_steps));
         if (p.num_steps > 0 && !(std::isfinite(p.shift) && p.shift > 0))
             throw Error(SLIM_ERR_INVALID_ARGUMENT, "shift must be a positive number, got " + std::to_string(p.shift));
         slim::Program plan;
@@ -610,9 +612,9 @@ slim_status slim_generate_prompt(slim_session* session, const slim_prompt_params
         const int64_t H = side(p.height, "height"), W = side(p.width, "width");
         if (!std::isfinite(p.guidance_scale)) throw Error(SLIM_ERR_INVALID_ARGUMENT, "guidance_scale must be finite");
         if (!std::isfinite(p.step_cache_threshold)) throw Error(SLIM_ERR_INVALID_ARGUMENT, "step_cache_threshold must be finite");
-        if (p.num_steps < 0 || p.num_steps > 10000)
-            throw Error(SLIM_ERR_INVALID_ARGUMENT,
-                        "num_steps must be 0 (the bundle's program) or 1 to 10000, got " + std::to_string(p.num_steps));
+        if (p.num_steps < 0 || p.num_steps > kMaxSteps)
+            throw Error(SLIM_ERR_INVALID_ARGUMENT, "num_steps must be 0 (the bundle's program) or 1 to " + std::to_string(kMaxSteps) +
+                                                       ", got " + std::to_string(p.num_steps));
         if (!(std::isfinite(p.shift) && p.shift >= 0))
             throw Error(SLIM_ERR_INVALID_ARGUMENT, "shift must be 0 (the pipeline's) or a positive number, got " + std::to_string(p.shift));
         // As the Python binding: a plain plan takes the pipeline's scheduler shift unless one is given.

@@ -3,17 +3,18 @@
 `slimengine verify BUNDLE` checks an engine bundle's integrity. Exit status: 0 intact, 1 the bundle fails the check
 (the message names the file or field), 2 usage.
 `slimengine triton-repo ENGINE... -o DIR` writes a Triton model repository; `slimengine serve ENGINE...` runs one on the
-tritonserver of nvidia-pytriton (docs/serving.md). Exit status 0, 1 on failure, 2 usage.
+tritonserver of nvidia-pytriton (docs/serving.md). Exit status 0, 1 on failure, 2 usage (an -o that is not a new path or,
+with --force, a repository directory, too).
 `slimengine generate ENGINE "a prompt" -o out.png` goes from a prompt to a PNG on a bundle with pipeline stages
 (docs/pipeline.md). Exit status 0, 1 on failure (a bundle without pipeline stages too), 2 usage.
 `slimengine bank repair PATH` rewrites a damaged LEMUR memory bank with every id it can prove live
 (docs/memory-bank.md, Repair). Exit status 0, 1 on failure, 2 usage.
+Outputs are written only where a command may write (staging.output_file; README.md, "Output files").
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -78,26 +79,35 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _size(text: str | None) -> tuple[int | None, int | None]:
+    from .runtime import INT32_MAX, _integer
+
     if text is None:
         return None, None
     height, _, width = text.lower().partition("x")
-    return int(height), int(width or height)
+    try:
+        height, width = int(height), int(width or height)
+    except ValueError:
+        raise ValueError(f"--size must be H or HxW in pixels, got {text!r}") from None
+    return _integer(height, "--size height", 1, INT32_MAX), _integer(width, "--size width", 1, INT32_MAX)
 
 
 def generate(args: argparse.Namespace) -> int:
-    from .runtime import Engine, SlimError
+    from .runtime import MAX_STEPS, UINT64_MAX, Engine, SlimError, _integer, _real
+    from .staging import output_file, write_file_atomically
 
     if not args.engine.is_dir():
         print(f"slimengine generate: {args.engine} is not a directory (give an engine bundle, NAME.engine)", file=sys.stderr)
         return 2
-    try:
+    try:  # the runtime's limits and the output path, before the engine is opened (the bundle's own limits come after)
         height, width = _size(args.size)
-    except ValueError:
-        print(f"slimengine generate: --size must be H or HxW in pixels, got {args.size!r}", file=sys.stderr)
-        return 2
-    if not args.output.parent.is_dir() or args.output.is_dir():  # found before the generation, not after it
-        print(f"slimengine generate: cannot write {args.output}: "
-              f"{'it is a directory' if args.output.is_dir() else f'no directory {args.output.parent}'}", file=sys.stderr)
+        _integer(args.seed, "--seed", 0, UINT64_MAX)
+        if args.steps is not None:
+            _integer(args.steps, "--steps", 1, MAX_STEPS)
+        if args.guidance is not None:
+            _real(args.guidance, "--guidance", 0)
+        output_file(args.output)
+    except ValueError as e:
+        print(f"slimengine generate: {e}", file=sys.stderr)
         return 2
     bar = None
     if not args.quiet:
@@ -122,14 +132,8 @@ def generate(args: argparse.Namespace) -> int:
             result = session.generate(prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, height=height, width=width,
                                       guidance_scale=args.guidance, num_steps=args.steps, cache=args.cache,
                                       progress=progress)
-        # Into a temporary beside it, then renamed: an interrupted write never leaves a truncated PNG at the path.
-        temporary = args.output.with_name(f".{args.output.name}.tmp-{os.getpid()}")
-        try:
-            result.pil().save(temporary, format="PNG")
-            os.replace(temporary, args.output)
-        finally:
-            temporary.unlink(missing_ok=True)
-    except (ValueError, TypeError) as e:  # an argument out of range (--size, --steps, --guidance, --cache): a usage error
+        write_file_atomically(args.output, lambda tmp: result.pil().save(tmp, format="PNG"))
+    except (ValueError, TypeError) as e:  # out of the bundle's range (--size, --cache), or the output path changed: a usage error
         print(f"slimengine generate: {e}", file=sys.stderr)
         return 2
     except (SlimError, OSError, ImportError) as e:
@@ -164,10 +168,14 @@ def _options(args: argparse.Namespace):
 def triton_repo(args: argparse.Namespace) -> int:
     from .runtime import SlimError
     from .serving import write_repository
+    from .staging import OutputPathError
 
     try:
         specs = write_repository(args.engines, args.output, _options(args), force=args.force,
                                  report=lambda line: print(f"slimengine triton-repo: {line}", file=sys.stderr))
+    except OutputPathError as e:  # checked before any bundle is opened
+        print(f"slimengine triton-repo: {e}", file=sys.stderr)
+        return 2
     except (OSError, ValueError, SlimError) as e:
         print(f"slimengine triton-repo: {e}", file=sys.stderr)
         return 1

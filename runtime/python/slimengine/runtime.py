@@ -179,6 +179,7 @@ def _path(path, name: str) -> bytes:
 
 
 MAX_BATCH, MAX_BANK_IDS = 4096, 2**24  # the C runtime's limits (c_api.cpp): checked here before outputs are allocated
+MAX_STEPS = 10000  # the C runtime's num_steps limit (c_api.cpp kMaxSteps), checked here so callers can check it first
 _DTYPES = {np.dtype(np.float32): 0, np.dtype(np.int64): 3, np.dtype(np.int32): 4}  # slim_dtype
 
 
@@ -572,7 +573,7 @@ class Session(_Closable):
         if step_cache_threshold is not None:  # None: the bundle's policy
             params.step_cache_threshold = _real(step_cache_threshold, "step_cache_threshold", 0)
         if num_steps is not None:
-            params.num_steps = _integer(num_steps, "num_steps", 1, INT32_MAX)
+            params.num_steps = _integer(num_steps, "num_steps", 1, MAX_STEPS)
         if shift is not None:
             params.shift = _real(shift, "shift", 0, above=True)
         if cache is not None:
@@ -632,7 +633,7 @@ class Session(_Closable):
         if step_cache_threshold is not None:
             params.step_cache_threshold = _real(step_cache_threshold, "step_cache_threshold", 0)
         if num_steps is not None:
-            params.num_steps = _integer(num_steps, "num_steps", 1, INT32_MAX)
+            params.num_steps = _integer(num_steps, "num_steps", 1, MAX_STEPS)
         if shift is not None:  # None: the pipeline's scheduler shift (the runtime's 0)
             params.shift = _real(shift, "shift", 0, above=True)
         if cache is not None:

@@ -1,5 +1,10 @@
-"""Publishing a directory atomically: built in a hidden `.NAME.tmp-PID/` sibling of its destination, then renamed into
-place. Torch-free: the exporter (bundles, export/bundle.py) and `slimengine triton-repo` (repositories) share it.
+"""Writing outputs atomically, and only where a command may write (README.md, "Output files").
+
+A file (`write_file_atomically`) is written to a hidden temporary beside it, synced and renamed over it. A directory
+is built in a hidden `.NAME.tmp-PID/` sibling of its destination, then renamed into place (`publish`). Torch-free:
+every command that writes a file or a directory uses it (slimengine generate and triton-repo, the exporter,
+profile-engine, calibrate-xslim, toy-demo, the checkpoint makers); each checks its output path with `output_file` or
+`output_directory` before any work, so a path that must not be written is a usage error found at once.
 
 A process killed outright (kill -9, power loss) cannot clean up its temporary: the next writer to the same destination
 removes such stale temporaries (remove_stale_temporaries), telling a dead writer's from a live one by a lock the writing
@@ -13,12 +18,109 @@ import errno
 import fcntl
 import os
 import shutil
+import stat
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 # Inside `.NAME.tmp-PID/`: flock-ed by the writing process for as long as it runs (the kernel drops the lock when the
 # process dies however it dies), so a free lock means a dead writer even if its PID has been reused. The name is the
 # one exporters have always used, so that their older temporaries are still recognised.
 LOCK = ".export-lock"
+
+
+class OutputPathError(ValueError):
+    """An output path a command must not write (a device, FIFO, socket, directory, a link to one or to nothing, no
+    directory to write in): a usage error, raised before any work."""
+
+
+_KINDS = ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "a special file")
+
+
+def output_file(path: str | os.PathLike, parents: bool = False) -> Path:
+    """Check `path` as a file to write and return the file a write replaces: `path` itself when it is missing or a
+    regular file; for a symbolic link to a regular file, that file (written through: the link stays a link and shows
+    the new content). Refused (OutputPathError): a directory, device, FIFO or socket (also behind a link; such a file
+    is never replaced nor unlinked), a link to nothing (we do not create files where a link points), and a missing
+    or unwritable directory (`parents`: a missing one is created at write time)."""
+    path = Path(path)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and stat.S_ISLNK(mode):
+        target = Path(os.path.realpath(path))
+        try:
+            mode = os.stat(target).st_mode
+        except OSError:  # dangling, a loop, or a target we cannot see
+            raise OutputPathError(f"cannot write {path}: a symbolic link to nothing ({os.readlink(path)}); give the file itself") from None
+        if not stat.S_ISREG(mode):
+            raise OutputPathError(f"cannot write {path}: it is a symbolic link to {_kind(mode)} ({target})")
+        path = target
+    elif mode is not None and not stat.S_ISREG(mode):
+        raise OutputPathError(f"cannot write {path}: it is {_kind(mode)}")
+    directory = path.parent
+    if not directory.is_dir():
+        if parents and not directory.exists():
+            return path
+        raise OutputPathError(f"cannot write {path}: no directory {directory}")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise OutputPathError(f"cannot write {path}: directory {directory} is not writable")
+    return path
+
+
+def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], None], parents: bool = False) -> Path:
+    """`write(tmp)` writes the output at `tmp`, a path of the target's name in a new private directory beside the target
+    (a writer that picks a format by the suffix still sees it); it is synced and renamed over the target
+    (output_file(path), checked again now), a replaced file's permissions kept. On any failure the target is left as
+    it was. Only that private directory and what is in it are ever removed. Returns the file written."""
+    target = output_file(path, parents)
+    if parents:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    private = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    try:
+        tmp = private / target.name
+        write(tmp)
+        if tmp.is_dir():  # a writer may make a folder (make-sd3-checkpoint --format diffusers)
+            sync_tree(tmp)
+        else:
+            if target.exists():
+                os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
+            fsync_path(tmp)
+        if output_file(path, parents) != target:  # the path changed under us: never rename over what it is now
+            raise OutputPathError(f"cannot write {path}: it changed while the output was written")
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+    fsync_path(target.parent)
+    return target
+
+
+def output_directory(path: str | os.PathLike, force: bool) -> Path:
+    """Check `path` as a directory to create (publish): missing, or with `force` an existing directory (not a link to
+    one) that publish swaps out. Refused (OutputPathError): a file, link, device, FIFO or socket at `path`, even with
+    `force` (only a directory is replaced: never a link, nor what it points at), an existing directory without
+    `force`, and a parent that exists but is not a directory."""
+    path = Path(path)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and stat.S_ISLNK(mode):
+        raise OutputPathError(f"{path} exists and is not a directory (a symbolic link): give a new path or an existing directory")
+    if mode is not None and not stat.S_ISDIR(mode):
+        raise OutputPathError(f"{path} exists and is not a directory ({_kind(mode)}): give a new path or an existing directory")
+    if mode is not None and not force:
+        raise OutputPathError(f"{path} already exists (use --force to replace it)")
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise OutputPathError(f"cannot write {path}: {parent} is not a directory")
+    return path
 
 
 def temporary_path(destination: Path) -> Path:
@@ -123,6 +225,7 @@ def publish(tmp: Path, destination: Path, force: bool, writer: str = "export") -
         if not force:
             raise FileExistsError(f"{destination} already exists (another {writer} to it finished first; use --force to "
                                   "replace it)") from None
+        output_directory(destination, force)  # only a directory is swapped out (and then removed): never a link or device
         if _exchange(tmp, destination):
             _remove_any(tmp)
         else:

@@ -17,7 +17,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from ..staging import LOCK, hold_lock, publish, remove_stale_temporaries, temporary_path
+from ..staging import LOCK, hold_lock, output_directory, publish, remove_stale_temporaries, temporary_path
 
 NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -158,7 +158,8 @@ CLASSES = {"sd3": "SD3Model", "lemur_embed": "LemurEmbedModel", "lemur_score": "
 def write_repository(engines: list[str], out: str | Path, options: RepositoryOptions | None = None, *, force: bool = False,
                      report: Callable[[str], None] | None = None) -> list[ModelSpec]:
     """Write the repository into `out` atomically: built in a temporary sibling directory, then renamed into place; an
-    existing `out` is replaced only with `force` (and only once the new one is complete). Temporaries that killed
+    existing `out` is replaced only with `force` (and only once the new one is complete), and only when it is a directory
+    (OutputPathError, before any bundle is opened: staging.output_directory). Temporaries that killed
     runs left beside `out` are removed first, each told to `report`."""
     options = options or RepositoryOptions()
     if options.instances < 1:
@@ -171,13 +172,7 @@ def write_repository(engines: list[str], out: str | Path, options: RepositoryOpt
         options = dataclasses.replace(options, bank=Path(options.bank).resolve())
         if not options.bank.is_file():
             raise ValueError(f"--bank {options.bank}: no such memory bank file (lemur_score opens it read-only; its writer creates it)")
-    out = Path(out)
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        # --force replaces a repository (a directory) only: not a file or a link given as -o by mistake
-        raise FileExistsError(f"{out} exists and is not a directory{' (a symbolic link)' if out.is_symlink() else ''}: "
-                              "give a new path or an existing repository directory")
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} exists: pass --force to replace it")
+    out = output_directory(out, force)  # --force replaces a repository (a directory) only: never a file, link or device
     specs = plan_models(engines, options)
     if not specs:
         raise ValueError("no models to write: give at least one SD3 or LEMUR bundle")
