@@ -412,7 +412,7 @@ typedef struct slim_prompt_stats {
  * per tokenizer call and one SLIM_EVENT_STAGE (step -1) per encoder call, for each text encoded; the sampling's events
  * (as slim_generate's, its SLIM_EVENT_GENERATION included); SLIM_EVENT_DECODE holding the vae_decode stage's event;
  * SLIM_EVENT_IMAGE for the whole call, last.
- * Status: INVALID_ARGUMENT (NULL session/params/prompts, a prompt not UTF-8 or too long, a size not a multiple of
+ * Status: INVALID_ARGUMENT (NULL session/params/prompts/image_out, a prompt not UTF-8 or too long, a size not a multiple of
  * the VAE's scale factor x the patch size, a capacity too small, a bundle without pipeline stages: the message says
  * to re-export with export-engine PIPELINE_FOLDER), SHAPE, DTYPE, NUMERICS, BACKEND, OUT_OF_MEMORY, BUSY, CANCELLED
  * (params.progress; nothing written to image_out, latents_out or stats; the texts encoded before stay cached). */
