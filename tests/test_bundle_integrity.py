@@ -345,3 +345,55 @@ def test_slimengine_verify_exit_codes(bundle_copy, tmp_path):
     helped = _slimengine("verify", "--help")
     assert helped.returncode == 0 and "Exit 0 when intact, 1 when not" in helped.stdout
     assert shutil.which("slimengine", path=os.path.dirname(sys.executable)), "the slimengine console script is installed"
+
+
+# --- an open engine is immune to later changes of its files ------------------------------------------------------
+
+_CHANGE_AFTER_OPEN = """
+import glob, os, sys
+import numpy as np
+import slimengine as se
+bundle, change = sys.argv[1], sys.argv[2]
+engine = se.open_engine(bundle)
+session, c = engine.session(), engine.config
+rng = np.random.default_rng(0)
+text = rng.standard_normal((1, 8, c["joint_attention_dim"]), dtype=np.float32)
+pooled = rng.standard_normal((1, c["pooled_projection_dim"]), dtype=np.float32)
+def generate():
+    return session.generate(prompt_embeds=text, pooled_embeds=pooled, seed=3, height=32, width=32).latents
+before = generate()
+for path in sorted(glob.glob(os.path.join(bundle, "stages", "*"))):
+    if change == "truncate":
+        os.truncate(path, 0)
+    else:  # rewritten in place: same size, other bytes (what an mmap of the file sees)
+        with open(path, "r+b") as f:
+            f.write(rng.standard_normal(os.path.getsize(path) // 4 + 1).astype(np.float32).tobytes()[: os.path.getsize(path)])
+try:
+    after = generate()
+except se.SlimError as e:
+    print("failed cleanly:", e.status, e); sys.exit(3)
+print("same" if np.array_equal(before, after) else "changed")
+"""
+
+
+@pytest.mark.parametrize("change", ["truncate", "rewrite"])
+def test_an_open_engine_answers_as_before_when_its_files_change(bundle_copy, change):
+    """Weights were mapped from the bundle's files by ONNX Runtime after open: a truncated weight file killed the
+    process with SIGBUS, one rewritten in place silently changed the output. The engine reads every file it uses into
+    its own memory at open: it answers exactly as before."""
+    proc = subprocess.run([sys.executable, "-c", _CHANGE_AFTER_OPEN, str(bundle_copy), change], capture_output=True, text=True,
+                          timeout=HANG_LIMIT_S)
+    assert proc.returncode == 0 and proc.stdout.strip() == "same", (proc.returncode, proc.stdout, proc.stderr[-2000:])
+
+
+def test_a_tokenizer_changed_after_open_is_not_read(tmp_path, sd3_pipeline_bundle):
+    """Tokenizer graphs were read from the bundle at the first tokenize, after open (and after its checks)."""
+    bundle = tmp_path / "copy.engine"
+    shutil.copytree(sd3_pipeline_bundle, bundle)
+    with se.open_engine(bundle) as engine:
+        for path in (bundle / "tokenizers").iterdir():
+            os.truncate(path, 0)
+        fresh = se.open_engine(sd3_pipeline_bundle)
+        for role in engine.tokenizer_roles:
+            assert np.array_equal(engine.tokenize(role, "a red circle"), fresh.tokenize(role, "a red circle"))
+        fresh.close()

@@ -227,3 +227,19 @@ def test_a_vae_that_makes_nan_is_an_error_not_a_black_image(bundle, tmp_path):
         assert status == 7 and "stage vae_decode produced NaN" in error, (status, error)
         assert not image.any()
         session.close()
+
+
+def test_a_null_image_out_is_named_as_null(engine):
+    """image_out NULL was reported as "image_out must hold ... 3072 bytes, image_capacity is 3072": a capacity that
+    looked right. The message names the NULL."""
+    _native.set_extensions_library()
+    lib = _native.lib()
+    params = lib.slim_prompt_default_params()
+    params.prompts = (ctypes.c_char_p * 1)(b"a")
+    params.prompt_count, params.height, params.width, params.num_steps = 1, 32, 32, 1
+    session = engine.session()
+    try:
+        assert lib.slim_generate_prompt(session._handle, ctypes.byref(params), None, 32 * 32 * 3, None, 0, None) == 1
+        assert "slim_generate_prompt: image_out is NULL" in lib.slim_last_error().decode()
+    finally:
+        session.close()

@@ -139,6 +139,36 @@ def test_c_boundary_errors(engine):
         engine.tokenize("clip_l", "a\0b")
 
 
+def test_a_nul_in_any_name_or_path_passed_to_c_is_refused(engine, tok_bundle, tmp_path):
+    """C ends a string at its first NUL: tokenize("t5\\0x", ...) silently tokenized with "t5", and Engine("b\\0x") opened
+    "b". Every str the binding hands to C goes through one check (_native.c_string) that refuses a NUL."""
+    import slimengine as se
+
+    with pytest.raises(ValueError, match="role contains a NUL"):
+        engine.tokenize("t5\0x", "a cat")
+    with pytest.raises(ValueError, match="prompt contains a NUL"):
+        engine.tokenize("t5", "a\0b")
+    with pytest.raises(ValueError, match="path contains a NUL"):
+        Engine(f"{tok_bundle}\0x")
+    with pytest.raises(ValueError, match="onnxruntime_library contains a NUL"):
+        Engine(tok_bundle, onnxruntime_library=f"{_native.onnxruntime_library()}\0x")
+    with pytest.raises(ValueError, match="path contains a NUL"):
+        se.verify_bundle(f"{tok_bundle}\0x")
+    with pytest.raises(ValueError, match="path contains a NUL"):
+        se.MemoryBank(f"{tmp_path / 'bank'}\0x", 4)
+    assert not list(tmp_path.iterdir())  # no bank file made under the name cut at the NUL
+    session = engine.session()
+    try:
+        ids = np.zeros((1, 77), np.int64)
+        hidden, pooled = np.zeros((1, 77, 8), np.float32), np.zeros((1, 8), np.float32)
+        with pytest.raises(ValueError, match="stage contains a NUL"):
+            session.run_stage(f"{engine.stage_names[0]}\0x", {"input_ids": ids}, {"hidden_states": hidden, "pooled": pooled})
+        with pytest.raises(ValueError, match="tensor name contains a NUL"):
+            session.run_stage(engine.stage_names[0], {"input_ids\0x": ids}, {})
+    finally:
+        session.close()
+
+
 def test_without_tokenizers(identity_bundle):
     """A bundle exported without --tokenizers has none, and says how to get them."""
     with Engine(identity_bundle) as e:

@@ -141,8 +141,10 @@ SLIM_API slim_engine_params slim_engine_default_params(void);
 /* Load the bundle directory at `path`, or a plain ONNX model (a path ending in .onnx: a one-stage
  * engine whose stage "model" runs through slim_stage_run). On success *out owns a new engine (free
  * with slim_engine_close). params may be NULL (defaults). The bundle is checked at params'
- * verify_checksums level first. Status: INVALID_ARGUMENT, IO, BUNDLE (naming the field or file at
- * fault; a format 1 bundle is refused with how to re-export it), BACKEND, OUT_OF_MEMORY. */
+ * verify_checksums level first; every file the engine uses is read into memory here, so the engine
+ * never reads the bundle again (changing its files after open changes nothing). Status:
+ * INVALID_ARGUMENT, IO, BUNDLE (naming the field or file at fault; a format 1 bundle is refused with
+ * how to re-export it), BACKEND, OUT_OF_MEMORY. */
 SLIM_API slim_status slim_engine_open(const char* path, const slim_engine_params* params, slim_engine** out);
 
 /* Progress of slim_bundle_verify: the bundle-relative file being hashed, and bytes hashed so far / to hash in all.
@@ -413,7 +415,7 @@ typedef struct slim_prompt_stats {
  * per tokenizer call and one SLIM_EVENT_STAGE (step -1) per encoder call, for each text encoded; the sampling's events
  * (as slim_generate's, its SLIM_EVENT_GENERATION included); SLIM_EVENT_DECODE holding the vae_decode stage's event;
  * SLIM_EVENT_IMAGE for the whole call, last.
- * Status: INVALID_ARGUMENT (NULL session/params/prompts, a prompt not UTF-8 or too long, a size not a multiple of
+ * Status: INVALID_ARGUMENT (NULL session/params/prompts/image_out, a prompt not UTF-8 or too long, a size not a multiple of
  * the VAE's scale factor x the patch size, a capacity too small, a bundle without pipeline stages: the message says
  * to re-export with export-engine PIPELINE_FOLDER), SHAPE, DTYPE, NUMERICS, BACKEND, OUT_OF_MEMORY, BUSY, CANCELLED
  * (params.progress; nothing written to image_out, latents_out or stats; the texts encoded before stay cached). */

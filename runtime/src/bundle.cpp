@@ -7,7 +7,6 @@
 
 #include <cerrno>
 #include <cstring>
-#include <unordered_set>
 #include <vector>
 
 #include "error.hpp"
@@ -174,7 +173,7 @@ std::string BundleDir::sha256(const std::string& rel, int64_t size, const std::f
     return sha256_fd(fd.fd, path_ + "/" + rel, on_chunk);
 }
 
-void verify_files(const BundleDir& dir, const Manifest& manifest, Verify level, const VerifyProgress& progress) {
+void check_listing(const BundleDir& dir, const Manifest& manifest) {
     std::map<std::string, int64_t> on_disk = dir.files();
     on_disk.erase(kManifestFile);
     on_disk.erase(kDigestFile);
@@ -197,27 +196,74 @@ void verify_files(const BundleDir& dir, const Manifest& manifest, Verify level, 
                         " is not listed in the manifest: a bundle holds only the files its manifest lists (remove it, or "
                         "re-export the bundle)" +
                         (on_disk.size() > 1 ? " [and " + std::to_string(on_disk.size() - 1) + " more unlisted files]" : ""));
+}
 
-    std::unordered_set<std::string> graphs;  // Fast: the stage graph files (small: their weights are external data)
-    for (const StageDecl& s : manifest.stages) graphs.insert(s.file);
+std::unordered_set<std::string> hashed_files(const Manifest& manifest, Verify level) {
+    std::unordered_set<std::string> files;
+    if (level == Verify::Full)
+        for (const FileEntry& f : manifest.files) files.insert(f.path);
+    for (const StageDecl& s : manifest.stages) files.insert(s.file);
+    return files;
+}
+
+namespace {
+
+void check_digest(const BundleDir& dir, const FileEntry& f, const std::string& actual) {
+    if (actual != f.sha256)
+        throw Error(SLIM_ERR_BUNDLE,
+                    "checksum mismatch for " + dir.path() + "/" + f.path + " (the file changed after export; re-export the bundle)");
+}
+
+}  // namespace
+
+void verify_files(const BundleDir& dir, const Manifest& manifest, Verify level, const VerifyProgress& progress) {
+    check_listing(dir, manifest);
+    const std::unordered_set<std::string> hashed = hashed_files(manifest, level);
     std::vector<const FileEntry*> to_hash;
     uint64_t total = 0, done = 0;
     for (const FileEntry& f : manifest.files) {
-        if (level == Verify::Full || graphs.count(f.path)) {
+        if (hashed.count(f.path)) {
             to_hash.push_back(&f);
             total += static_cast<uint64_t>(f.size);
         }
     }
     for (const FileEntry* f : to_hash) {
         if (progress) progress(f->path, done, total);
-        const std::string actual = dir.sha256(f->path, f->size, [&](size_t n) {
+        check_digest(dir, *f, dir.sha256(f->path, f->size, [&](size_t n) {
             done += n;
             if (progress) progress(f->path, done, total);
-        });
-        if (actual != f->sha256)
-            throw Error(SLIM_ERR_BUNDLE,
-                        "checksum mismatch for " + root + "/" + f->path + " (the file changed after export; re-export the bundle)");
+        }));
     }
+}
+
+BundleReader::BundleReader(const BundleDir& dir, const Manifest& manifest, Verify level)
+    : dir_(dir), hashed_(hashed_files(manifest, level)) {
+    check_listing(dir, manifest);
+    for (const FileEntry& f : manifest.files) listed_[f.path] = &f;
+    unread_ = listed_;
+}
+
+bool BundleReader::listed(const std::string& rel) const { return listed_.count(rel) > 0; }
+
+std::string BundleReader::read(const std::string& rel) {
+    const auto found = listed_.find(rel);
+    if (found == listed_.end()) throw Error(SLIM_ERR_BUNDLE, "bundle file " + dir_.path() + "/" + rel + " is not listed in the manifest");
+    const FileEntry& entry = *found->second;
+    // read() refuses a file grown past its listed size; one cut short since the listing is caught here.
+    std::string bytes = dir_.read(rel, entry.size);
+    if (static_cast<int64_t>(bytes.size()) != entry.size)
+        throw Error(SLIM_ERR_BUNDLE, "bundle file " + dir_.path() + "/" + rel + " is " + std::to_string(bytes.size()) +
+                                         " bytes but the manifest lists " + std::to_string(entry.size) +
+                                         " (it changed after export; re-export the bundle)");
+    if (hashed_.count(rel)) check_digest(dir_, entry, sha256_bytes(bytes));
+    unread_.erase(rel);
+    return bytes;
+}
+
+void BundleReader::finish() {
+    for (const auto& [rel, f] : unread_)
+        if (hashed_.count(rel)) check_digest(dir_, *f, dir_.sha256(rel, f->size));
+    unread_.clear();
 }
 
 }  // namespace slim

@@ -7,6 +7,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <unordered_set>
 
 #include "manifest.hpp"
 
@@ -44,6 +45,32 @@ class BundleDir {
     int open_regular(const std::string& rel, int64_t* size) const;  // a descriptor the caller closes
     std::string path_;
     int fd_ = -1;
+};
+
+// The listing: every file on disk is listed in the manifest and every listed file is there, regular, of
+// its listed size. Reads no file. Throws Error(BUNDLE) naming the file.
+void check_listing(const BundleDir& dir, const Manifest& manifest);
+
+// The files a check at `level` hashes: the stage graphs at every level (small: their weights are external
+// data), every file at Full.
+std::unordered_set<std::string> hashed_files(const Manifest& manifest, Verify level);
+
+// An engine's reads of its bundle at open: check_listing first, then each file the engine uses read
+// whole into memory, checked to be its listed size and, when `level` hashes it, its sha256 checked on
+// the very bytes returned (what ONNX Runtime is given is what was verified).
+class BundleReader {
+  public:
+    BundleReader(const BundleDir& dir, const Manifest& manifest, Verify level);
+    bool listed(const std::string& rel) const;
+    // The bytes of listed file `rel`. Error(BUNDLE) when it is not listed, changed size, or its digest differs.
+    std::string read(const std::string& rel);
+    // At Full, hashes (from disk) the listed files no read() took, so the open checked every file.
+    void finish();
+
+  private:
+    const BundleDir& dir_;
+    std::map<std::string, const FileEntry*> listed_, unread_;
+    std::unordered_set<std::string> hashed_;
 };
 
 // Called while files are hashed: the file (bundle-relative), and bytes hashed / to hash in all.

@@ -625,7 +625,8 @@ slim_status slim_generate_prompt(slim_session* session, const slim_prompt_params
         const slim::XSlimPolicy cache =
             slim::resolve_policy(m.program.cache, p.cache_policy, p.step_cache_threshold, program.steps.size(), engine.has_token_stages);
         const int64_t image_bytes = B * H * W * 3, latent_count = B * c.out_channels * (H / f) * (W / f);
-        if (!image_out || image_capacity < static_cast<size_t>(image_bytes))
+        if (!image_out) throw Error(SLIM_ERR_INVALID_ARGUMENT, "slim_generate_prompt: image_out is NULL");
+        if (image_capacity < static_cast<size_t>(image_bytes))
             throw Error(SLIM_ERR_INVALID_ARGUMENT, "slim_generate_prompt: image_out must hold uint8 [" + std::to_string(B) + "," +
                                                        std::to_string(H) + "," + std::to_string(W) +
                                                        ",3] = " + std::to_string(image_bytes) + " bytes, image_capacity is " +

@@ -45,24 +45,59 @@ std::string custom_op_library_path(const char* name) {
     return (slash == std::string::npos ? std::string(".") : self.substr(0, slash)) + "/" + name;
 }
 
-// The bundle's manifest, its files checked at `level`; a plain ONNX model's one-stage manifest.
-Manifest load_and_verify(const std::string& path, Verify level) {
-    if (is_plain_onnx(path)) return plain_onnx_manifest(path);
-    BundleDir dir(path);
-    Manifest manifest = load_manifest(dir);
-    verify_files(dir, manifest, level);
-    return manifest;
+// Bundle file `rel`, a stage or tokenizer graph, read into memory through `files` (docs/bundle-format.md,
+// "After open"); its weights come with read_weights.
+StageModel read_graph(BundleReader& files, const std::string& root, const std::string& rel) {
+    StageModel model;
+    model.path = root + "/" + rel;
+    model.in_memory = true;
+    model.graph = files.read(rel);
+    model.weights_name = rel.substr(rel.rfind('/') + 1) + ".data";  // the exporter's external-data location, beside the graph
+    return model;
+}
+
+// The weights file of graph `rel`, `rel`.data, when the manifest lists one.
+void read_weights(BundleReader& files, const std::string& rel, StageModel& model) {
+    if (files.listed(rel + ".data")) model.weights = files.read(rel + ".data");
 }
 
 }  // namespace
 
-Engine::Engine(const std::string& path, const EngineOptions& options) : manifest_(load_and_verify(path, options.verify)) {
-    const std::string& bundle_dir = path;
+Engine::Engine(const std::string& path, const EngineOptions& options) {
+    // A bundle's files are checked and read through its directory's descriptor; every file the engine uses is read
+    // into memory here, once, so nothing is read from the bundle after open.
+    std::unique_ptr<BundleDir> dir;
+    std::unique_ptr<BundleReader> files;
+    if (is_plain_onnx(path)) {
+        manifest_ = plain_onnx_manifest(path);
+    } else {
+        dir = std::make_unique<BundleDir>(path);
+        manifest_ = load_manifest(*dir);
+        files = std::make_unique<BundleReader>(*dir, manifest_, options.verify);
+    }
     if (manifest_.kind == Family::Sd3) bind_sd3_stages();
     if (manifest_.kind == Family::Lemur) bind_lemur_stages();
 
+    // Every graph (small) read and, as the level says, hashed before any session is built; a stage's weights are
+    // read (and at Full hashed) just before its session is built, and freed once ONNX Runtime has copied them.
+    std::vector<StageModel> models(manifest_.stages.size()), tokenizer_models;
+    for (size_t i = 0; i < models.size(); ++i) {
+        if (files) {
+            models[i] = read_graph(*files, path, manifest_.stages[i].file);
+        } else {  // a plain .onnx file: ONNX Runtime opens it (and any external data) itself
+            struct stat st{};
+            models[i].path = manifest_.stages[i].file;
+            if (::stat(models[i].path.c_str(), &st) != 0 || !S_ISREG(st.st_mode))
+                throw Error(SLIM_ERR_IO, models[i].path + ": not a readable regular file (ONNX Runtime would wait forever on a FIFO)");
+        }
+    }
+    for (const TokenizerDecl& t : manifest_.tokenizers) {  // only bundles have tokenizers
+        tokenizer_models.push_back(read_graph(*files, path, t.file));
+        read_weights(*files, t.file, tokenizer_models.back());
+    }
+
     ort_ = OrtRuntime::get(options.onnxruntime_library, options.intra_op_threads);
-    tokenizers_ = std::make_unique<Tokenizers>(ort_, bundle_dir, manifest_.tokenizers);
+    tokenizers_ = std::make_unique<Tokenizers>(ort_, manifest_.tokenizers, std::move(tokenizer_models));
     std::string ops;
     if (manifest_.uses_custom_ops) {
         // On CUDA the ops library built with nvcc: the same CPU kernels plus CUDA kernels for the CUDA EP.
@@ -71,12 +106,11 @@ Engine::Engine(const std::string& path, const EngineOptions& options) : manifest
             throw Error(SLIM_ERR_BACKEND, "this bundle's token stages need " + ops +
                                               " on CUDA, which is built only where nvcc exists; rebuild slimengine with the CUDA toolkit");
     }
-    for (const StageDecl& s : manifest_.stages) {
-        std::string file = manifest_.kind == Family::PlainOnnx ? s.file : bundle_dir + "/" + s.file;
-        struct stat st{};  // a bundle's files were checked by BundleDir; a plain .onnx path only here
-        if (manifest_.kind == Family::PlainOnnx && (::stat(file.c_str(), &st) != 0 || !S_ISREG(st.st_mode)))
-            throw Error(SLIM_ERR_IO, file + ": not a readable regular file (ONNX Runtime would wait forever on a FIFO)");
-        stages_.push_back(std::make_unique<StageSession>(ort_, file, s.name, s.inputs, s.outputs, ops, options.cuda_device));
+    for (size_t k = 0; k < manifest_.stages.size(); ++k) {
+        const StageDecl& s = manifest_.stages[k];
+        if (files) read_weights(*files, s.file, models[k]);
+        stages_.push_back(std::make_unique<StageSession>(ort_, models[k], s.name, s.inputs, s.outputs, ops, options.cuda_device));
+        models[k] = StageModel{};  // ONNX Runtime holds its own copy
         const StageSession& stage = *stages_.back();
         for (size_t i = 0; i < s.input_dtypes.size(); ++i)  // the manifest's dtypes must be the graph's
             if (s.input_dtypes[i] != dtype_name(stage.inputs()[i].type))
@@ -88,6 +122,7 @@ Engine::Engine(const std::string& path, const EngineOptions& options) : manifest
                                                  dtype_name(stage.outputs()[i].type) + " in the graph but " + s.output_dtypes[i] +
                                                  " in the manifest");
     }
+    if (files) files->finish();  // Full: a listed file no stage or tokenizer uses is hashed too
 }
 
 int Engine::stage_index(const std::string& name) const {

@@ -154,7 +154,7 @@ OrtStatus* append_cuda_provider(const OrtApi* api, OrtSessionOptions* options, i
 
 }  // namespace
 
-StageSession::StageSession(std::shared_ptr<OrtRuntime> ort, const std::string& model_path, const std::string& stage_name,
+StageSession::StageSession(std::shared_ptr<OrtRuntime> ort, const StageModel& model, const std::string& stage_name,
                            const std::vector<std::string>& inputs, const std::vector<std::string>& outputs, const std::string& custom_ops,
                            int cuda_device)
     : ort_(std::move(ort)), cuda_device_(cuda_device), name_(stage_name), input_names_(inputs), output_names_(outputs) {
@@ -175,9 +175,20 @@ StageSession::StageSession(std::shared_ptr<OrtRuntime> ort, const std::string& m
         }
     }
     if (!status && !custom_ops.empty()) status = api->RegisterCustomOpsLibrary_V2(options, custom_ops.c_str());
-    if (!status) status = api->CreateSession(ort_->env, model_path.c_str(), options, &session_);
+    if (!model.in_memory) {
+        if (!status) status = api->CreateSession(ort_->env, model.path.c_str(), options, &session_);
+    } else {
+        // Always one entry, even for no weights file: with a table given, ONNX Runtime refuses a location not
+        // in it instead of reading that path from disk. It copies the bytes (they may be freed after this).
+        static char no_weights = 0;
+        const char* names[] = {model.weights_name.c_str()};
+        char* buffers[] = {model.weights.empty() ? &no_weights : const_cast<char*>(model.weights.data())};
+        const size_t lengths[] = {model.weights.size()};
+        if (!status) status = api->AddExternalInitializersFromFilesInMemory(options, names, buffers, lengths, 1);
+        if (!status) status = api->CreateSessionFromArray(ort_->env, model.graph.data(), model.graph.size(), options, &session_);
+    }
     api->ReleaseSessionOptions(options);
-    check(api, status, "stage " + name_ + " (" + model_path + ")");
+    check(api, status, "stage " + name_ + " (" + model.path + ")");
 
     // The graph's own I/O names must be exactly the manifest's.
     OrtAllocator* allocator = nullptr;

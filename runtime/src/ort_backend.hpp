@@ -65,6 +65,19 @@ struct IoSpec {
     std::vector<int64_t> dims;
 };
 
+// A stage's ONNX model as ONNX Runtime gets it. A bundle's stage is handed over in memory: its graph
+// and its one weights file (`<graph file>.data`, the external-data location the exporter writes), read
+// at open; ONNX Runtime copies the weights, refuses any other external-data location, and reads
+// nothing from disk, so no later change to the files reaches the session. A plain .onnx file is opened
+// by path (ONNX Runtime reads and maps it, and its external data, itself).
+struct StageModel {
+    std::string path;  // the graph's path, for messages; what ONNX Runtime opens when !in_memory
+    bool in_memory = false;
+    std::string graph;         // the ModelProto bytes
+    std::string weights_name;  // the external-data location the weights are given for
+    std::string weights;       // empty: no weights file (external data in the graph is then refused)
+};
+
 // One compiled stage graph.
 class StageSession {
   public:
@@ -73,7 +86,7 @@ class StageSession {
     // `custom_ops`: path of a custom-op library to register for this stage, or "" for none.
     // `cuda_device` >= 0: run on ONNX Runtime's CUDA execution provider on that device (nodes it
     // cannot take fall back to the CPU); Error(BACKEND) naming the provider when the library lacks it.
-    StageSession(std::shared_ptr<OrtRuntime> ort, const std::string& model_path, const std::string& stage_name,
+    StageSession(std::shared_ptr<OrtRuntime> ort, const StageModel& model, const std::string& stage_name,
                  const std::vector<std::string>& inputs, const std::vector<std::string>& outputs, const std::string& custom_ops,
                  int cuda_device = -1);
     ~StageSession();

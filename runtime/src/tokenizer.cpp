@@ -37,8 +37,8 @@ bool is_utf8(const char* text, size_t length) {
     return true;
 }
 
-Tokenizers::Tokenizers(std::shared_ptr<OrtRuntime> ort, std::string bundle_dir, std::vector<TokenizerDecl> decls)
-    : ort_(std::move(ort)), bundle_dir_(std::move(bundle_dir)), decls_(std::move(decls)) {
+Tokenizers::Tokenizers(std::shared_ptr<OrtRuntime> ort, std::vector<TokenizerDecl> decls, std::vector<StageModel> models)
+    : ort_(std::move(ort)), decls_(std::move(decls)), models_(std::move(models)) {
     sessions_.resize(decls_.size());
 }
 
@@ -62,8 +62,8 @@ const StageSession& Tokenizers::session(const TokenizerDecl& decl) const {
                             "the Python package sets it itself)");
         try {
             sessions_[index] =
-                std::make_unique<StageSession>(ort_, bundle_dir_ + "/" + decl.file, "tokenizer_" + decl.role,
-                                               std::vector<std::string>{"prompt"}, std::vector<std::string>{"input_ids"}, library);
+                std::make_unique<StageSession>(ort_, models_[index], "tokenizer_" + decl.role, std::vector<std::string>{"prompt"},
+                                               std::vector<std::string>{"input_ids"}, library);
         } catch (const Error& e) {
             std::string message = e.what();
             // The Python wheel's build of the library needs libpython's symbols (docs/tokenizers.md).
@@ -78,6 +78,7 @@ const StageSession& Tokenizers::session(const TokenizerDecl& decl) const {
             sessions_[index].reset();
             throw Error(SLIM_ERR_BUNDLE, "tokenizer " + decl.role + ": the graph must map a string prompt to int64 input_ids");
         }
+        models_[index] = StageModel{};  // ONNX Runtime holds its own copy now
     }
     return *sessions_[index];
 }

@@ -1,6 +1,7 @@
 // Prompt tokenization: the bundle's tokenizer stages (manifest `tokenizers`, docs/tokenizers.md), ONNX
 // graphs of onnxruntime-extensions' tokenizer ops, run on one UTF-8 prompt each. Their sessions are made
-// on first use, so an engine used only with embeddings never needs the extensions library.
+// on first use, so an engine used only with embeddings never needs the extensions library; their graphs
+// are read at open (as every bundle file the engine uses), so a change to the files after open is never seen.
 #pragma once
 
 #include <cstdint>
@@ -23,7 +24,8 @@ constexpr size_t kMaxPromptBytes = 64 * 1024;
 
 class Tokenizers {
   public:
-    Tokenizers(std::shared_ptr<OrtRuntime> ort, std::string bundle_dir, std::vector<TokenizerDecl> decls);
+    // `models[i]`: decls[i]'s graph, read at open.
+    Tokenizers(std::shared_ptr<OrtRuntime> ort, std::vector<TokenizerDecl> decls, std::vector<StageModel> models);
     ~Tokenizers();
 
     // The declaration of `role`, or nullptr when the bundle has no such tokenizer.
@@ -39,9 +41,9 @@ class Tokenizers {
     const StageSession& session(const TokenizerDecl& decl) const;
 
     std::shared_ptr<OrtRuntime> ort_;
-    std::string bundle_dir_;
     std::vector<TokenizerDecl> decls_;
-    mutable std::mutex mutex_;                                     // guards sessions_ while they are made
+    mutable std::vector<StageModel> models_;                       // by index in decls_; freed once its session is made
+    mutable std::mutex mutex_;                                     // guards models_ and sessions_ while sessions are made
     mutable std::vector<std::unique_ptr<StageSession>> sessions_;  // by index in decls_; null until first use
 };
 

@@ -216,6 +216,24 @@ def header_path() -> Path:
     return _installed("include/slimengine.h")
 
 
+def c_string(value: str | bytes, what: str) -> bytes:
+    """`value` as the bytes of a C string: a str as UTF-8 (surrogatepass keeps a lone surrogate as bytes that are not
+    UTF-8, for the runtime to refuse like any other caller's), bytes as they are. A NUL is refused: C would end the
+    string there and silently use what comes before (tokenize("t5\\0x") tokenized with "t5")."""
+    data = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else bytes(value)
+    if b"\0" in data:
+        raise ValueError(f"{what} contains a NUL character (at byte {data.index(0)}), where C would end the string")
+    return data
+
+
+def c_path(path, what: str) -> bytes:
+    """A str, bytes or os.PathLike path encoded for C as the os module encodes it (os.fsencode), NUL refused
+    (c_string); anything else (None, a number) is a TypeError rather than a file named after it."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"{what} must be a path (str, bytes or os.PathLike), got {path!r}")
+    return c_string(os.fsencode(path), what)
+
+
 # slim_verify_progress: (user, file, bytes_done, bytes_total) -> 0 to go on
 VerifyProgress = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint64, ctypes.c_uint64)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _native
-from ._native import Event, GenerateStats, LemurStats, NamedTensor, SlimTensor, StageStats, StepStats
+from ._native import Event, GenerateStats, LemurStats, NamedTensor, SlimTensor, StageStats, StepStats, c_path, c_string
 from .bundle import VERIFY_LEVELS, loads_strict
 from .xslim_policy import XSlimPolicy, parse_cache_spec
 
@@ -168,14 +168,6 @@ def _real(value, name: str, low: float, *, above: bool = False) -> float:
     if not math.isfinite(value) or not (value > low if above else value >= low):
         raise ValueError(f"{name} must be a finite number {'>' if above else '>='} {low:g}, got {value}")
     return value
-
-
-def _path(path, name: str) -> bytes:
-    """A str, bytes or os.PathLike path, encoded for C; anything else (None, a number) is a TypeError rather than
-    a file named after it."""
-    if not isinstance(path, (str, bytes, os.PathLike)):
-        raise TypeError(f"{name} must be a path (str, bytes or os.PathLike), got {path!r}")
-    return os.fsencode(path)
 
 
 MAX_BATCH, MAX_BANK_IDS = 4096, 2**24  # the C runtime's limits (c_api.cpp): checked here before outputs are allocated
@@ -388,7 +380,7 @@ class Engine(_Closable):
                  intra_op_threads: int = 0, device: str = "cpu", *, verify: str | None = None):
         level = _verify_level(verify, verify_checksums)
         lib = _native.lib()
-        path_bytes = _path(path, "path")
+        path_bytes = c_path(path, "path")
         params = lib.slim_engine_default_params()
         params.device_type, params.device_id = parse_device(device)
         params.intra_op_threads = _integer(intra_op_threads, "intra_op_threads", 0, INT32_MAX)
@@ -397,7 +389,7 @@ class Engine(_Closable):
 
             if hasattr(onnxruntime, "preload_dlls"):  # onnxruntime-gpu >= 1.21: CUDA, cuDNN from pip packages or torch
                 onnxruntime.preload_dlls()
-        self._ort_path = _path(onnxruntime_library if onnxruntime_library is not None else _native.onnxruntime_library(),
+        self._ort_path = c_path(onnxruntime_library if onnxruntime_library is not None else _native.onnxruntime_library(),
                                "onnxruntime_library")
         params.onnxruntime_library = self._ort_path
         params.verify_checksums = level
@@ -435,10 +427,7 @@ class Engine(_Closable):
             raise TypeError(f"role and prompt must be str, got {type(role).__name__} and {type(prompt).__name__}")
         _native.set_extensions_library()
         lib = _native.lib()
-        # surrogatepass keeps a lone surrogate as bytes that are not UTF-8, for the runtime to refuse like any other caller's.
-        role_b, prompt_b = role.encode(), prompt.encode("utf-8", "surrogatepass")
-        if b"\0" in prompt_b:
-            raise ValueError("prompt contains a NUL character")
+        role_b, prompt_b = c_string(role, "role"), c_string(prompt, "prompt")
         count = ctypes.c_size_t()
         with self._gate.call():
             # Capacity 0 only sizes the buffer (its own failure, e.g. an unknown role, is reported by the second call).
@@ -577,7 +566,7 @@ class Session(_Closable):
         if shift is not None:
             params.shift = _real(shift, "shift", 0, above=True)
         if cache is not None:
-            params.cache_policy = self._engine.policy_json(cache, num_steps).encode()
+            params.cache_policy = c_string(self._engine.policy_json(cache, num_steps), "cache")
         out = np.empty(shape, dtype=np.float32)
         tensors = {k: _TensorArg(v) for k, v in args.items() if v is not None}
         for name, t in tensors.items():
@@ -611,10 +600,7 @@ class Session(_Closable):
             raise TypeError(f"negative_prompt must be a str or a list of str as long as prompt ({len(prompts)}), got {negative_prompt!r}")
         if len(prompts) > MAX_BATCH:  # checked before the outputs are allocated
             raise ValueError(f"prompt: batch {len(prompts)} is over the runtime's limit of {MAX_BATCH}")
-        # surrogatepass keeps a lone surrogate as bytes that are not UTF-8, for the runtime to refuse like any other caller's.
-        texts = [t.encode("utf-8", "surrogatepass") for t in prompts + negatives]
-        if any(b"\0" in t for t in texts):
-            raise ValueError("prompt and negative_prompt must not contain a NUL character")
+        texts = [c_string(t, "prompt") for t in prompts] + [c_string(t, "negative_prompt") for t in negatives]
         factor, channels = pipeline["vae"]["scale_factor"], self._engine.config["out_channels"]
         latents = _as_float32(latents, "latents")
         if latents is not None and latents.ndim == 4:  # their size is the image's (checked by the runtime)
@@ -637,7 +623,7 @@ class Session(_Closable):
         if shift is not None:  # None: the pipeline's scheduler shift (the runtime's 0)
             params.shift = _real(shift, "shift", 0, above=True)
         if cache is not None:
-            params.cache_policy = engine.policy_json(cache, num_steps).encode()
+            params.cache_policy = c_string(engine.policy_json(cache, num_steps), "cache")
         latents_arg = _TensorArg(latents) if latents is not None else None
         if latents_arg is not None:
             params.latents = latents_arg.pointer()
@@ -802,7 +788,7 @@ class Session(_Closable):
             for i, (name, arr) in enumerate(items.items()):
                 t = _TensorArg(np.ascontiguousarray(arr) if isinstance(arr, np.ndarray) else np.asarray(arr))
                 keep.append(t)
-                array[i] = NamedTensor(name.encode(), t.struct)
+                array[i] = NamedTensor(c_string(name, "tensor name"), t.struct)
             return array
 
         out_arrays = {}
@@ -810,7 +796,7 @@ class Session(_Closable):
             if not isinstance(arr, np.ndarray) or not arr.flags.c_contiguous:
                 raise TypeError(f"output {name}: pass a C-contiguous numpy array to fill")
             out_arrays[name] = arr
-        _check(lib.slim_stage_run(self._handle, stage.encode(), named(inputs), len(inputs), named(out_arrays), len(out_arrays)))
+        _check(lib.slim_stage_run(self._handle, c_string(stage, "stage"), named(inputs), len(inputs), named(out_arrays), len(out_arrays)))
         return out_arrays
 
     def close(self) -> None:
@@ -887,7 +873,7 @@ class MemoryBank(_Closable):
 
     def __init__(self, path: str | Path, dim: int = 0, *, read_only: bool = False, create: bool = True, sync_writes: bool = False):
         lib = _native.lib()
-        path_bytes = _path(path, "path")  # checked first: MemoryBank(None) created a file named "None", and kept it open
+        path_bytes = c_path(path, "path")  # checked first: MemoryBank(None) created a file named "None", and kept it open
         params = lib.slim_bank_default_params()
         params.dim = _integer(dim, "dim", 0, INT32_MAX)
         params.read_only, params.create, params.sync_writes = int(read_only), int(create), int(sync_writes)
@@ -1013,7 +999,7 @@ def verify_bundle(path: str | Path, verify: str = "full", progress=None) -> None
             return 1
 
     callback = _native.VerifyProgress(report) if progress is not None else _native.VerifyProgress()
-    status = _native.lib().slim_bundle_verify(str(path).encode(), level, callback, None)
+    status = _native.lib().slim_bundle_verify(c_path(path, "path"), level, callback, None)
     if raised:
         raise raised[0]
     _check(status)

@@ -23,6 +23,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from ._native import c_path
+
 # Inside `.NAME.tmp-PID/`: flock-ed by the writing process for as long as it runs (the kernel drops the lock when the
 # process dies however it dies), so a free lock means a dead writer even if its PID has been reused. The name is the
 # one exporters have always used, so that their older temporaries are still recognised.
@@ -248,7 +250,7 @@ def _exchange(a: Path, b: Path) -> bool:
     except (OSError, AttributeError):
         return False
     at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+    if renameat2(at_fdcwd, c_path(a, "path"), at_fdcwd, c_path(b, "path"), rename_exchange) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
