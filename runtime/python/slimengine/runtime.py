@@ -899,7 +899,7 @@ class MemoryBank(_Closable):
         """Rewrite the bank at `path` with every id it can prove live (docs/memory-bank.md, "Repair"): corrected records
         restored, no deleted id, none written before a record damaged beyond correction; a header damaged beyond
         correction rebuilt from the records. No writer may have it open; readers must open it again."""
-        path_bytes = _path(path, "path")
+        path_bytes = c_path(path, "path")
         out = _native.BankRepairReport(struct_size=ctypes.sizeof(_native.BankRepairReport))
         _check(_native.lib().slim_bank_repair(path_bytes, ctypes.byref(out)))
         return BankRepair(out.header, out.records, out.corrected_records, out.unreadable_records, out.dropped_records,
