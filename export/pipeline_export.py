@@ -262,16 +262,14 @@ def check_finite_weights(module: nn.Module, what: str) -> None:
 
 
 def check_against_transformer(modules: dict, config, pipeline: PipelineFolder) -> None:
-    """The encoders' widths and the VAE's channels must be what the transformer takes."""
+    """The encoders' widths and the VAE's channels must be what the transformer takes. CLIP-L + CLIP-G may be wider
+    than joint_attention_dim: diffusers' encode_prompt pads their concatenation to it with F.pad, which truncates then,
+    and the runtime keeps the first joint_attention_dim features as well (docs/pipeline.md, Conditioning)."""
     p = pipeline.path
-    clip_dims = [modules[r].config.hidden_size for r in ("clip_l", "clip_g")]
     pooled = sum(modules[r].config.projection_dim for r in ("clip_l", "clip_g"))
     if pooled != config.pooled_projection_dim:
         raise CheckpointError(f"{p}: CLIP-L and CLIP-G project to {pooled} pooled features in all, the transformer takes "
                               f"pooled_projection_dim {config.pooled_projection_dim}")
-    if sum(clip_dims) > config.joint_attention_dim:
-        raise CheckpointError(f"{p}: CLIP-L + CLIP-G hidden sizes ({sum(clip_dims)}) exceed the transformer's joint_attention_dim "
-                              f"{config.joint_attention_dim}")
     if "t5" in modules and modules["t5"].config.d_model != config.joint_attention_dim:
         raise CheckpointError(f"{p}: T5's d_model {modules['t5'].config.d_model} is not the transformer's joint_attention_dim "
                               f"{config.joint_attention_dim}")

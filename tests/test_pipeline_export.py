@@ -476,3 +476,30 @@ def test_damaged_spiece_model_refused_at_once(folder, tmp_path, capsys, damage):
     spiece.write_bytes(b"not a sentencepiece model \x00\xff" * 10 if damage == "garbage" else data[: len(data) // 2])
     _refused_quickly(capsys, copy, tmp_path, "tokenizer_3/spiece.model")
 
+
+def test_clip_wider_than_t5_matches_diffusers(tmp_path):
+    """diffusers' own dummy SD3 components (CLIP-L + CLIP-G hidden 32 + 32 wider than T5's and joint_attention_dim 32)
+    run in StableDiffusion3Pipeline: its encode_prompt pads the CLIP concatenation to T5's width with F.pad, and a
+    negative pad truncates it. The exporter refused them; now the engine keeps the first joint_attention_dim features,
+    and its image (two steps, CFG 5, as diffusers' dummy inputs) is diffusers' pipeline's from the same folder."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from tests.pipeline_files import make_sd3_pipeline
+
+    folder = make_sd3_pipeline(tmp_path / "dummy", preset="diffusers")
+    bundle = export(folder, tmp_path / "dummy.engine", "--max-sequence-length", str(T5_LENGTH))
+    pipeline = json.loads((bundle / "manifest.json").read_text())["pipeline"]
+    assert (pipeline["clip_l_dim"], pipeline["clip_g_dim"], pipeline["joint_attention_dim"]) == (32, 32, 32)
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    prompt = "A painting of a squirrel eating a burger"
+    noise = np.random.default_rng(4).standard_normal((1, 4, 32, 32)).astype(np.float32)
+    with Engine(bundle) as engine:
+        session = engine.session()
+        result = session.generate(prompt=prompt, latents=noise, guidance_scale=5.0, num_steps=2)
+        session.close()
+    with torch.no_grad():
+        want = pipe(prompt, latents=torch.from_numpy(noise), guidance_scale=5.0, num_inference_steps=2, height=32, width=32,
+                    max_sequence_length=T5_LENGTH, output_type="np").images
+    diff = np.abs(result.image.astype(np.int16) - (want[0] * 255).round().astype(np.int16))
+    assert result.image.shape == (32, 32, 3) and diff.mean() <= 0.5 and diff.max() <= 2, (diff.mean(), diff.max())
