@@ -477,6 +477,16 @@ def test_damaged_spiece_model_refused_at_once(folder, tmp_path, capsys, damage):
     _refused_quickly(capsys, copy, tmp_path, "tokenizer_3/spiece.model")
 
 
+@pytest.mark.parametrize("length, args", [(0, ()), (513, ()), (1, ("--no-t5",))])
+def test_max_sequence_length_out_of_range_refused_at_once(folder, tmp_path, capsys, length, args):
+    """--max-sequence-length outside T5's 2..512 failed after the whole export (the T5 tokenizer's check), or with
+    --no-t5 wrote a bundle whose pipeline.max_sequence_length the runtime's open refuses: now refused first."""
+    out = tmp_path / "x.engine"
+    code, errors, seconds = _export_in_process(capsys, folder, out, "--max-sequence-length", str(length), *args)
+    assert code == 2 and errors == [f"export-engine: error: --max-sequence-length must be from 2 to 512 (T5 tokens), got {length}"], errors
+    assert seconds < 5 and not out.exists()
+
+
 def test_clip_wider_than_t5_matches_diffusers(tmp_path):
     """diffusers' own dummy SD3 components (CLIP-L + CLIP-G hidden 32 + 32 wider than T5's and joint_attention_dim 32)
     run in StableDiffusion3Pipeline: its encode_prompt pads the CLIP concatenation to T5's width with F.pad, and a
