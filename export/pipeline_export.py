@@ -31,7 +31,7 @@ from torch import nn
 from .errors import CheckpointError
 from .lowering import DTYPES, StageModule, trace_stage
 from .stage_spec import StageSpec, TensorSpec
-from .t5_export import T5EncoderStage, T5Source, all_finite, export_t5_stage, module_weights
+from .t5_export import T5EncoderStage, T5Source, all_finite, export_t5_stage, module_weights, stored_shapes
 
 DEFAULT_CLIP_LENGTH = 77  # SD3's CLIP tokenizers' model_max_length (diffusers' tokenizer_max_length when it has none)
 # role -> (folder, what it is, the class diffusers' SD3 pipeline loads)
@@ -43,6 +43,20 @@ COMPONENTS = {
 }
 TOKENIZERS = {"clip_l": "tokenizer", "clip_g": "tokenizer_2", "t5": "tokenizer_3"}
 MAX_LATENT = 1024  # latent height/width limit of the VAE stage's dynamic dimensions (8192 pixels)
+# role -> the config fields that count layers, each with the weight-key pattern whose indices are those layers: the
+# config must claim the layers its weights hold, checked on the key names before a module is built (a config of 10^7
+# layers is otherwise built first, for minutes).
+LAYERS = {
+    "clip_l": (("num_hidden_layers", r"text_model\.encoder\.layers\.(\d+)\."),),
+    "clip_g": (("num_hidden_layers", r"text_model\.encoder\.layers\.(\d+)\."),),
+    "t5": (("num_layers", r"encoder\.block\.(\d+)\."),),
+    "vae_decode": (("block_out_channels", r"encoder\.down_blocks\.(\d+)\."), ("layers_per_block", r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")),
+}
+# The manifest's pipeline numbers as the runtime's open checks them (runtime/src/manifest.cpp, the pipeline block):
+# the integers' ranges (clip_length from 2: a tokenizer's max_length, bos and eos); scaling_factor and shift_factor are
+# check_pipeline_number's. What depends on the transformer is check_against_transformer's.
+RANGES = {"clip_length": (2, 4096), "clip_l_dim": (1, 1 << 20), "clip_g_dim": (1, 1 << 20), "clip_l_pooled_dim": (1, 1 << 20),
+          "clip_g_pooled_dim": (1, 1 << 20), "latent_channels": (1, 1 << 16), "scale_factor": (1, 64)}
 
 
 def is_pipeline_folder(path: Path) -> bool:
@@ -96,6 +110,14 @@ def open_pipeline(path: Path, t5: bool = True, transformer: bool = False) -> Pip
     if missing:
         hint = "; pass --no-t5 to export without T5" if t5 and all("text_encoder_3" in m or "tokenizer_3" in m for m in missing) else ""
         raise CheckpointError(f"{path}: pipeline folder is missing {', '.join(missing)}{hint}")
+    roles = [r for r in COMPONENTS if r != "t5" or t5]
+    configs = {role: component_config(path / COMPONENTS[role][0], role) for role in roles}
+    length = clip_length(path)
+    check_pipeline_numbers(path, configs)
+    if t5:
+        from .tokenizer_export import check_t5_tokenizer
+
+        check_t5_tokenizer(path / TOKENIZERS["t5"])
     shift = None
     scheduler = path / "scheduler" / "scheduler_config.json"
     if scheduler.is_file():
@@ -105,7 +127,7 @@ def open_pipeline(path: Path, t5: bool = True, transformer: bool = False) -> Pip
             raise CheckpointError(f"{scheduler}: not valid JSON ({e})") from None
         if shift is not None and not (isinstance(shift, (int, float)) and not isinstance(shift, bool) and shift > 0):
             raise CheckpointError(f"{scheduler}: shift must be a positive number, got {shift!r}")
-    return PipelineFolder(path=path, t5=t5, shift=None if shift is None else float(shift), clip_length=clip_length(path))
+    return PipelineFolder(path=path, t5=t5, shift=None if shift is None else float(shift), clip_length=length)
 
 
 def clip_length(path: Path) -> int:
@@ -114,11 +136,84 @@ def clip_length(path: Path) -> int:
     from .tokenizer_export import clip_max_length
 
     lengths = {folder: clip_max_length(path / folder) for folder in (TOKENIZERS["clip_l"], TOKENIZERS["clip_g"])}
+    for folder, length in lengths.items():
+        check_pipeline_number("clip_length", length, f"{path}/{folder}/tokenizer_config.json: model_max_length")
     if len(set(lengths.values())) != 1:
         raise CheckpointError(f"{path}: the CLIP tokenizers disagree on their length (model_max_length: "
                               f"{', '.join(f'{f}/ {n}' for f, n in lengths.items())}); SD3 joins CLIP-L's and CLIP-G's tokens "
                               "one to one: set the same model_max_length in both tokenizer_config.json")
     return lengths[TOKENIZERS["clip_l"]]
+
+
+def component_config(folder: Path, role: str):
+    """The config of a pipeline folder's component (transformers' config class; the VAE's config.json over
+    AutoencoderKL's defaults), whose layer counts are checked against the weights present (LAYERS) before any module
+    is built; one line naming config.json and the field otherwise."""
+    import re
+
+    what, cls = COMPONENTS[role][1], COMPONENTS[role][2]
+    try:
+        if role == "vae_decode":
+            import inspect
+            import types
+
+            from diffusers import AutoencoderKL
+
+            defaults = {k: p.default for k, p in inspect.signature(AutoencoderKL.__init__).parameters.items()
+                        if p.default is not inspect.Parameter.empty}
+            config = types.SimpleNamespace(**{**defaults, **AutoencoderKL.load_config(str(folder))})
+        else:
+            from transformers import CLIPTextConfig, T5Config
+
+            config = (T5Config if role == "t5" else CLIPTextConfig).from_pretrained(str(folder))
+    except Exception as e:  # no or an unreadable config.json: one line
+        text = str(e).strip().splitlines()
+        raise CheckpointError(f"{folder}/config.json: cannot read the {what}'s config as {cls}'s ({type(e).__name__}: "
+                              f"{text[0] if text else ''})") from None
+    keys = list(stored_shapes(folder))
+    for field, pattern in LAYERS[role]:
+        value = getattr(config, field)
+        claimed = len(value) if isinstance(value, (list, tuple)) else value  # block_out_channels: one width per block
+        held = {int(m.group(1)) for k in keys if (m := re.match(pattern, k))}
+        if claimed != len(held):
+            shown = pattern.replace("\\.", ".").replace("(\\d+)", "N").rstrip(".")
+            raise CheckpointError(f"{folder}/config.json: {field} {value!r} does not match the {what}'s weights, which hold "
+                                  f"{len(held)} ({shown})")
+    return config
+
+
+def check_pipeline_numbers(path: Path, configs: dict) -> None:
+    """The pipeline block's numbers that come from the components' configs, each checked by check_pipeline_number."""
+    vae, folder = configs["vae_decode"], f"{path}/vae/config.json"
+    numbers = [("latent_channels", vae.latent_channels, f"{folder}: latent_channels"),
+               ("scale_factor", 2 ** (len(vae.block_out_channels) - 1), f"{folder}: block_out_channels' scale factor"),
+               ("scaling_factor", vae.scaling_factor, f"{folder}: scaling_factor")]
+    if vae.shift_factor is not None:  # none: no shift (diffusers), 0 in the manifest
+        numbers.append(("shift_factor", vae.shift_factor, f"{folder}: shift_factor"))
+    for role in ("clip_l", "clip_g"):
+        config, folder = configs[role], f"{path}/{COMPONENTS[role][0]}/config.json"
+        numbers += [(f"{role}_dim", config.hidden_size, f"{folder}: hidden_size"),
+                    (f"{role}_pooled_dim", config.projection_dim, f"{folder}: projection_dim")]
+    for field, value, source in numbers:
+        check_pipeline_number(field, value, source)
+
+
+def check_pipeline_number(field: str, value, source: str) -> None:
+    """One number of the manifest's pipeline block as the runtime's open checks it (runtime/src/manifest.cpp): the
+    integers' RANGES, scaling_factor a normal float32 (the latents are divided by it in float32: 0 or a denormal gives
+    inf or NaN), shift_factor a finite float32. Refused here, one line naming `source` (the file and its field), before
+    any work, rather than exported into a bundle that open refuses."""
+    if field in RANGES:
+        low, high = RANGES[field]
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise CheckpointError(f"{source} {value!r} is not an integer from {low} to {high} (the bundle's pipeline.{field})")
+        return
+    with np.errstate(over="ignore"):  # a float beyond float32's range becomes inf, refused below
+        as32 = float(np.float32(value)) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
+    if field == "scaling_factor" and not (np.isfinite(as32) and abs(as32) >= np.finfo(np.float32).tiny):
+        raise CheckpointError(f"{source} {value!r} is not a finite, nonzero and normal float32 number")
+    if field == "shift_factor" and not np.isfinite(as32):
+        raise CheckpointError(f"{source} {value!r} is not a finite float32 number")
 
 
 def load_components(pipeline: PipelineFolder) -> dict[str, nn.Module]:
@@ -141,12 +236,20 @@ def load_components(pipeline: PipelineFolder) -> dict[str, nn.Module]:
             if role == "t5":  # read lazily, one weight at a time (t5_export.py): a T5-XXL is 19 GB in float32
                 modules[role] = T5Source(folder)
             else:
-                modules[role] = classes[role].from_pretrained(str(folder), torch_dtype=torch.float32).eval()
+                modules[role], info = classes[role].from_pretrained(str(folder), torch_dtype=torch.float32, output_loading_info=True)
+                modules[role].eval()
         except Exception as e:  # a folder diffusers/transformers cannot load: one line
             text = str(e).strip().splitlines()
             raise CheckpointError(f"{folder}: cannot load the {COMPONENTS[role][1]} as {COMPONENTS[role][2]} "
                                   f"({type(e).__name__}: {text[0] if text else ''})") from None
-        if role != "t5":  # T5's weights are checked as they are streamed (t5_export.export_t5_stage)
+        if role != "t5":  # T5's keys are checked by T5Source, its values as they are streamed (t5_export.export_t5_stage)
+            missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
+            if missing:  # initialised at random by the loader
+                raise CheckpointError(f"{folder}: the {COMPONENTS[role][1]} is missing {len(missing)} weights its config implies, "
+                                      f"e.g. {', '.join(missing[:3])}")
+            if unexpected:  # dropped by the loader
+                raise CheckpointError(f"{folder}: the {COMPONENTS[role][1]} has {len(unexpected)} unexpected weights its config has "
+                                      f"no place for, e.g. {', '.join(unexpected[:3])}")
             check_finite_weights(modules[role], f"{folder}: the {COMPONENTS[role][1]}")
     return modules
 
@@ -159,16 +262,14 @@ def check_finite_weights(module: nn.Module, what: str) -> None:
 
 
 def check_against_transformer(modules: dict, config, pipeline: PipelineFolder) -> None:
-    """The encoders' widths and the VAE's channels must be what the transformer takes."""
+    """The encoders' widths and the VAE's channels must be what the transformer takes. CLIP-L + CLIP-G may be wider
+    than joint_attention_dim: diffusers' encode_prompt pads their concatenation to it with F.pad, which truncates then,
+    and the runtime keeps the first joint_attention_dim features as well (docs/pipeline.md, Conditioning)."""
     p = pipeline.path
-    clip_dims = [modules[r].config.hidden_size for r in ("clip_l", "clip_g")]
     pooled = sum(modules[r].config.projection_dim for r in ("clip_l", "clip_g"))
     if pooled != config.pooled_projection_dim:
         raise CheckpointError(f"{p}: CLIP-L and CLIP-G project to {pooled} pooled features in all, the transformer takes "
                               f"pooled_projection_dim {config.pooled_projection_dim}")
-    if sum(clip_dims) > config.joint_attention_dim:
-        raise CheckpointError(f"{p}: CLIP-L + CLIP-G hidden sizes ({sum(clip_dims)}) exceed the transformer's joint_attention_dim "
-                              f"{config.joint_attention_dim}")
     if "t5" in modules and modules["t5"].config.d_model != config.joint_attention_dim:
         raise CheckpointError(f"{p}: T5's d_model {modules['t5'].config.d_model} is not the transformer's joint_attention_dim "
                               f"{config.joint_attention_dim}")

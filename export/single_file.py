@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
-from .pipeline_export import DEFAULT_CLIP_LENGTH, TOKENIZERS, ComponentRoles, clip_length
+from .pipeline_export import DEFAULT_CLIP_LENGTH, TOKENIZERS, ComponentRoles, check_pipeline_number, clip_length
+from .tokenizer_export import check_t5_tokenizer
 
 # role -> the prefix of its keys in the file
 PREFIXES = {"clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_encoders.clip_g.transformer.",
@@ -117,7 +118,13 @@ def open_single_file(path: Path, present: list[str], tokenizers: Path | None, no
     if lacking:
         raise CheckpointError(f"{tokenizers}: --tokenizers folder is missing {', '.join(lacking)}"
                               + ("; pass --no-t5 to export without T5" if lacking == ["tokenizer_3/"] else ""))
-    return SingleFile(path=path, tokenizers=Path(tokenizers), t5=t5, shift=shift, clip_length=clip_length(Path(tokenizers)))
+    length = clip_length(Path(tokenizers))
+    vae = {**DEFAULTS["vae_decode"], **_overrides(path).get("vae_decode", {})}  # the numbers the shapes cannot tell
+    for field in ("scaling_factor", "shift_factor"):
+        check_pipeline_number(field, vae[field], f"{path}: metadata components.vae.{field}")
+    if t5:
+        check_t5_tokenizer(Path(tokenizers) / TOKENIZERS["t5"])
+    return SingleFile(path=path, tokenizers=Path(tokenizers), t5=t5, shift=shift, clip_length=length)
 
 
 # --- reading -------------------------------------------------------------------------------------

@@ -196,6 +196,23 @@ def safetensors_weights(folder: Path) -> WeightSource:
     return read
 
 
+def stored_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the weights a saved model folder holds, from its .safetensors headers (no tensor is read; every
+    file, so a sharded or variant save counts whole), else from its PyTorch .bin files (memory-mapped)."""
+    from safetensors import safe_open
+
+    shapes = {}
+    files = sorted(Path(folder).glob("*.safetensors"))
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            shapes.update({k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()})
+    if not files:
+        for f in sorted(Path(folder).glob("*.bin")):
+            state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            shapes.update({k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)})
+    return shapes
+
+
 def random_weights(config, seed: int = 0) -> WeightSource:
     """Random weights of `config` generated per tensor on demand (deterministic per key), at transformers' init scales:
     a T5-XXL-sized source without 19 GB of memory."""
@@ -225,22 +242,21 @@ class T5Source:
         self.config = T5Config.from_pretrained(str(folder))
         self.config._attn_implementation = "eager"
         self._module = None
-        if not any(self.folder.glob("*.safetensors")):
-            self._module = self.load()
-            return
-        from safetensors import safe_open
-
-        stored = {}
-        for f in sorted(self.folder.glob("*.safetensors")):
-            with safe_open(str(f), framework="pt") as handle:
-                stored.update({k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()})
+        stored = stored_shapes(self.folder)
         if "shared.weight" not in stored and "encoder.embed_tokens.weight" in stored:
             stored["shared.weight"] = stored["encoder.embed_tokens.weight"]
-        for key, shape in parameter_shapes(self.config).items():
-            if key not in stored:
-                raise ValueError(f"no tensor {key} in its safetensors files")
+        expected = parameter_shapes(self.config)
+        missing = sorted(set(expected) - set(stored))
+        unexpected = sorted(set(stored) - set(expected) - set(TIED))
+        if missing:  # transformers would initialise them at random
+            raise ValueError(f"missing {len(missing)} weights its config implies, e.g. {', '.join(missing[:3])}")
+        if unexpected:  # transformers would drop them
+            raise ValueError(f"{len(unexpected)} unexpected weights its config has no place for, e.g. {', '.join(unexpected[:3])}")
+        for key, shape in expected.items():
             if stored[key] != shape:
                 raise ValueError(f"{key} has shape {list(stored[key])}, its config implies {list(shape)}")
+        if not any(self.folder.glob("*.safetensors")):  # PyTorch .bin weights only: loaded whole
+            self._module = self.load()
 
     def weights(self) -> WeightSource:
         return module_weights(self._module) if self._module is not None else safetensors_weights(self.folder)

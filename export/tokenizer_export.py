@@ -94,6 +94,25 @@ def clip_max_length(folder: Path) -> int:
         raise TokenizerError(f"{folder}: cannot load it as a CLIPTokenizer ({type(e).__name__}: {str(e).strip()[:200]})") from None
 
 
+def check_t5_tokenizer(folder: Path) -> None:
+    """Refuse, in one line naming the file, a T5 tokenizer folder the T5 tokenizer stage cannot be made from: its
+    spiece.model missing or not a SentencePiece model (the stage's op runs it), or a folder transformers cannot load
+    (what the stage is checked against). Checked before the export's work, which would fail on it at the end."""
+    spiece = folder / "spiece.model"
+    if not spiece.is_file():
+        raise TokenizerError(f"{folder}: no spiece.model (the T5 tokenizer stage is built from the SentencePiece model)")
+    import sentencepiece
+
+    try:
+        sentencepiece.SentencePieceProcessor(model_proto=spiece.read_bytes())
+    except Exception as e:  # a corrupt or truncated model: protobuf's or sentencepiece's error, one line
+        raise TokenizerError(f"{spiece}: not a SentencePiece model ({type(e).__name__}: {str(e).strip()[:200]})") from None
+    try:
+        _load_t5(folder)
+    except Exception as e:
+        raise TokenizerError(f"{folder}: cannot load it as a T5TokenizerFast ({type(e).__name__}: {str(e).strip()[:200]})") from None
+
+
 def clip_tokenizer_model(folder: Path, max_length: int | None = None):
     """(graph, transformers tokenizer) for a CLIP tokenizer folder (vocab.json + merges.txt, or tokenizer.json)."""
     tok = _load_clip(folder)

@@ -359,3 +359,157 @@ def test_nan_weights_in_a_component_are_refused(folder, tmp_path, component, mes
     proc = run_cli("export-engine", str(copy), "-o", str(out), "-q", "--max-sequence-length", str(PIPELINE_T5_LENGTH), check=False)
     assert proc.returncode == 2 and message in proc.stderr and "contains NaN or Inf" in proc.stderr, proc.stderr[-1000:]
     assert not out.exists()
+
+
+# --- usage errors: one line naming the file and the field, exit 2, nothing written, in seconds --------------------
+
+
+def _export_in_process(capsys, folder, out, *args) -> tuple[int, list[str], float]:
+    """export-engine's main(argv) in this process (no interpreter start): (exit code, its error lines, seconds)."""
+    import time
+
+    from slimengine.export.cli import main
+
+    capsys.readouterr()
+    start = time.perf_counter()
+    code = main([str(folder), "-o", str(out), "-q", "--max-sequence-length", str(T5_LENGTH), *args])
+    seconds = time.perf_counter() - start
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("export-engine: error:")]
+    return code, errors, seconds
+
+
+def _edit_json(path, **fields) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+def _refused_quickly(capsys, copy, tmp_path, *needles, limit=5.0) -> str:
+    out = tmp_path / "x.engine"
+    code, errors, seconds = _export_in_process(capsys, copy, out)
+    assert code == 2 and len(errors) == 1, (code, errors)
+    assert all(n in errors[0] for n in needles), errors[0]
+    assert seconds < limit, f"refused after {seconds:.1f} s: {errors[0]}"
+    assert not out.exists() and not list(tmp_path.glob("x.engine*")) and not list(tmp_path.glob(".x.engine*"))
+    return errors[0]
+
+
+@pytest.mark.parametrize("component, field, value", [("text_encoder", "num_hidden_layers", 10**7), ("text_encoder_2", "num_hidden_layers", 4),
+                                                     ("text_encoder_3", "num_layers", 10**6), ("vae", "layers_per_block", 10**6)])
+def test_absurd_layer_count_refused_in_seconds(folder, tmp_path, capsys, component, field, value):
+    """A component config claiming more (or other) layers than its weights hold was built first (a CLIP of 10^7 layers ran
+    past 200 s, a T5 of 10^6 was refused after 178 s): now checked against the weights' keys before any module is built."""
+    import shutil
+
+    copy = tmp_path / "sd3"
+    shutil.copytree(folder, copy)
+    _edit_json(copy / component / "config.json", **{field: value})
+    _refused_quickly(capsys, copy, tmp_path, f"{component}/config.json", f"{field} {value}")
+
+
+def _edit_weights(folder, edit) -> str:
+    from safetensors.torch import load_file, save_file
+
+    weights = next(folder.glob("*.safetensors"))
+    state = load_file(weights)
+    key = edit(state)
+    save_file(state, weights, metadata={"format": "pt"})
+    return key
+
+
+def _drop_one(state) -> str:
+    key = sorted(k for k in state if "layers.1." in k or "block.1." in k or "up_blocks.1." in k)[0]
+    del state[key]
+    return key
+
+
+def _add_one(state) -> str:
+    state["encoder.extra.weight"] = torch.zeros(3)
+    return "encoder.extra.weight"
+
+
+@pytest.mark.parametrize("component, edit", [("text_encoder", _drop_one), ("text_encoder_2", _add_one), ("text_encoder_3", _drop_one),
+                                             ("text_encoder_3", _add_one), ("vae", _drop_one), ("vae", _add_one)])
+def test_missing_or_extra_component_weight_refused(folder, tmp_path, capsys, component, edit):
+    """A folder's encoder or VAE with a weight missing (transformers initialised it at random) or one the model has no
+    place for (dropped) exported silently: now refused, naming the key."""
+    import shutil
+
+    copy = tmp_path / "sd3"
+    shutil.copytree(folder, copy)
+    key = _edit_weights(copy / component, edit)
+    line = _refused_quickly(capsys, copy, tmp_path, f"{component}", key)
+    assert ("missing" if edit is _drop_one else "unexpected") in line, line
+
+
+@pytest.mark.parametrize("component, edit, needles", [
+    ("vae", {"scaling_factor": 0}, ["vae/config.json", "scaling_factor"]),
+    ("vae", {"scaling_factor": float("nan")}, ["vae/config.json", "scaling_factor"]),
+    ("vae", {"scaling_factor": 1e-50}, ["vae/config.json", "scaling_factor"]),
+    ("vae", {"shift_factor": float("inf")}, ["vae/config.json", "shift_factor"]),
+    ("vae", {"block_out_channels": [8] * 8, "down_block_types": ["DownEncoderBlock2D"] * 8}, ["vae/config.json", "block_out_channels"]),
+    ("tokenizer", {"model_max_length": 0}, ["tokenizer/tokenizer_config.json", "model_max_length 0"]),
+    ("tokenizer", {"model_max_length": -5}, ["tokenizer/tokenizer_config.json", "model_max_length -5"]),
+    ("tokenizer_2", {"model_max_length": 9.5}, ["tokenizer_2/tokenizer_config.json", "model_max_length 9.5"]),
+])
+def test_pipeline_numbers_the_runtime_refuses_are_refused_at_export(folder, tmp_path, capsys, component, edit, needles):
+    """Numbers the runtime's open refuses (runtime/src/manifest.cpp: a VAE scaling_factor 0 or NaN, ...) or transformers
+    and torch fail on late (model_max_length 0, -5, 9.5) exported, or failed with a traceback after 40-77 s: now one
+    line naming the file and the field, before any work."""
+    import shutil
+
+    copy = tmp_path / "sd3"
+    shutil.copytree(folder, copy)
+    config = copy / component / ("config.json" if component == "vae" else "tokenizer_config.json")
+    _edit_json(config, **edit)
+    _refused_quickly(capsys, copy, tmp_path, *needles)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_damaged_spiece_model_refused_at_once(folder, tmp_path, capsys, damage):
+    """A corrupt or truncated tokenizer_3/spiece.model failed after the whole export with transformers' "`tiktoken` is
+    required...": now one line naming the file, before any work."""
+    import shutil
+
+    copy = tmp_path / "sd3"
+    shutil.copytree(folder, copy)
+    spiece = copy / "tokenizer_3" / "spiece.model"
+    data = spiece.read_bytes()
+    spiece.write_bytes(b"not a sentencepiece model \x00\xff" * 10 if damage == "garbage" else data[: len(data) // 2])
+    _refused_quickly(capsys, copy, tmp_path, "tokenizer_3/spiece.model")
+
+
+@pytest.mark.parametrize("length, args", [(0, ()), (513, ()), (1, ("--no-t5",))])
+def test_max_sequence_length_out_of_range_refused_at_once(folder, tmp_path, capsys, length, args):
+    """--max-sequence-length outside T5's 2..512 failed after the whole export (the T5 tokenizer's check), or with
+    --no-t5 wrote a bundle whose pipeline.max_sequence_length the runtime's open refuses: now refused first."""
+    out = tmp_path / "x.engine"
+    code, errors, seconds = _export_in_process(capsys, folder, out, "--max-sequence-length", str(length), *args)
+    assert code == 2 and errors == [f"export-engine: error: --max-sequence-length must be from 2 to 512 (T5 tokens), got {length}"], errors
+    assert seconds < 5 and not out.exists()
+
+
+def test_clip_wider_than_t5_matches_diffusers(tmp_path):
+    """diffusers' own dummy SD3 components (CLIP-L + CLIP-G hidden 32 + 32 wider than T5's and joint_attention_dim 32)
+    run in StableDiffusion3Pipeline: its encode_prompt pads the CLIP concatenation to T5's width with F.pad, and a
+    negative pad truncates it. The exporter refused them; now the engine keeps the first joint_attention_dim features,
+    and its image (two steps, CFG 5, as diffusers' dummy inputs) is diffusers' pipeline's from the same folder."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from tests.pipeline_files import make_sd3_pipeline
+
+    folder = make_sd3_pipeline(tmp_path / "dummy", preset="diffusers")
+    bundle = export(folder, tmp_path / "dummy.engine", "--max-sequence-length", str(T5_LENGTH))
+    pipeline = json.loads((bundle / "manifest.json").read_text())["pipeline"]
+    assert (pipeline["clip_l_dim"], pipeline["clip_g_dim"], pipeline["joint_attention_dim"]) == (32, 32, 32)
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    prompt = "A painting of a squirrel eating a burger"
+    noise = np.random.default_rng(4).standard_normal((1, 4, 32, 32)).astype(np.float32)
+    with Engine(bundle) as engine:
+        session = engine.session()
+        result = session.generate(prompt=prompt, latents=noise, guidance_scale=5.0, num_steps=2)
+        session.close()
+    with torch.no_grad():
+        want = pipe(prompt, latents=torch.from_numpy(noise), guidance_scale=5.0, num_inference_steps=2, height=32, width=32,
+                    max_sequence_length=T5_LENGTH, output_type="np").images
+    diff = np.abs(result.image.astype(np.int16) - (want[0] * 255).round().astype(np.int16))
+    assert result.image.shape == (32, 32, 3) and diff.mean() <= 0.5 and diff.max() <= 2, (diff.mean(), diff.max())

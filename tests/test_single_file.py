@@ -239,6 +239,16 @@ def test_contradicting_shapes(tmp_path, state, sd3_pipeline):
     assert "VAE" in line and "expected" in line, line
 
 
+@pytest.mark.parametrize("field, value", [("scaling_factor", 0), ("scaling_factor", "NaN"), ("shift_factor", 1e300)])
+def test_vae_numbers_the_runtime_refuses_are_refused_at_export(tmp_path, state, sd3_pipeline, field, value):
+    """A VAE scaling_factor 0 (or NaN, or a shift_factor beyond float32) from the file's metadata was exported into a
+    bundle that the runtime's open refuses: now one line naming the metadata field, before any work."""
+    components = {**COMPONENT_METADATA, "vae": {**COMPONENT_METADATA["vae"], field: float(value)}}
+    line = _refused(_variant(tmp_path, state, components=components), tmp_path, "--tokenizers", str(sd3_pipeline),
+                    "--max-sequence-length", str(T5_LENGTH))
+    assert f"metadata components.vae.{field}" in line and "float32" in line, line
+
+
 def test_heads_the_shapes_cannot_tell(tmp_path, state, sd3_pipeline):
     """Without the metadata, CLIP's heads are 64 wide (SD3's): a width of 32 cannot be split, said in one line."""
     line = _refused(_variant(tmp_path, state, components=None), tmp_path, "--tokenizers", str(sd3_pipeline))

@@ -315,7 +315,6 @@ void parse_fields(const Value& root, Manifest& m) {
         const Sd3Config& c = m.config;
         if (p.joint_attention_dim != c.joint_attention_dim || p.pooled_projection_dim != c.pooled_projection_dim)
             bad(w, "joint_attention_dim and pooled_projection_dim must equal config's");
-        if (p.clip_l_dim + p.clip_g_dim > p.joint_attention_dim) bad(w, "clip_l_dim + clip_g_dim must be <= joint_attention_dim");
         if (p.clip_l_pooled_dim + p.clip_g_pooled_dim != p.pooled_projection_dim)
             bad(w, "clip_l_pooled_dim + clip_g_pooled_dim must equal pooled_projection_dim");
         if (p.latent_channels != c.in_channels) bad(w + ".vae.latent_channels", "must equal config.in_channels");

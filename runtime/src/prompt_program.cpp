@@ -43,7 +43,10 @@ class Encoder {
             const slim_named_tensor out[] = {{"hidden_states", tensor_of(hidden.data(), SLIM_DTYPE_FLOAT32, hidden_shape)},
                                              {"pooled", tensor_of(pooled.data(), SLIM_DTYPE_FLOAT32, pooled_shape)}};
             run(g ? engine_.clip_g_stage : engine_.clip_l_stage, in, out, 2, g ? stats_.clip_g_ms : stats_.clip_l_ms);
-            for (int64_t t = 0; t < L; ++t) std::copy_n(hidden.begin() + t * D, D, e.embeds.begin() + t * J + offset);
+            // diffusers pads the CLIP concatenation to J features with F.pad, which truncates when CLIP-L + CLIP-G are
+            // wider than J (a negative pad): only the first J features of the concatenation are kept.
+            const int64_t kept = std::clamp<int64_t>(J - offset, 0, D);
+            for (int64_t t = 0; t < L; ++t) std::copy_n(hidden.begin() + t * D, kept, e.embeds.begin() + t * J + offset);
             e.pooled.insert(e.pooled.end(), pooled.begin(), pooled.end());
             offset += D;
         }
