@@ -138,22 +138,30 @@ int BundleDir::open_regular(const std::string& rel, int64_t* size) const {
 }
 
 std::string BundleDir::read(const std::string& rel, int64_t max_bytes) const {
+    std::string bytes;
+    read(rel, max_bytes, bytes);
+    return bytes;
+}
+
+void BundleDir::read(const std::string& rel, int64_t max_bytes, std::string& bytes) const {
     int64_t size = 0;
     Fd fd(open_regular(rel, &size));
     const std::string full = path_ + "/" + rel;
     if (size > max_bytes)
         throw Error(SLIM_ERR_BUNDLE,
                     full + " is " + std::to_string(size) + " bytes, more than the " + std::to_string(max_bytes) + " allowed");
-    std::string bytes(static_cast<size_t>(size), '\0');
+    // Grown only (zero-filling just the new part), then cut to size: a reused buffer is not rewritten first.
+    const size_t want = static_cast<size_t>(size);
+    if (bytes.size() < want) bytes.resize(want);
     size_t done = 0;
-    while (done < bytes.size()) {
-        const ssize_t n = ::read(fd.fd, &bytes[done], bytes.size() - done);
+    while (done < want) {
+        const ssize_t n = ::read(fd.fd, &bytes[done], want - done);
         if (n < 0 && errno == EINTR) continue;
         if (n < 0) throw Error(SLIM_ERR_IO, "cannot read " + full + ": " + std::strerror(errno));
         if (n == 0) throw Error(SLIM_ERR_IO, "cannot read " + full + ": it shrank while being read");
         done += static_cast<size_t>(n);
     }
-    return bytes;
+    bytes.resize(want);
 }
 
 std::map<std::string, int64_t> BundleDir::files() const {
@@ -246,18 +254,23 @@ BundleReader::BundleReader(const BundleDir& dir, const Manifest& manifest, Verif
 bool BundleReader::listed(const std::string& rel) const { return listed_.count(rel) > 0; }
 
 std::string BundleReader::read(const std::string& rel) {
+    std::string bytes;
+    read(rel, bytes);
+    return bytes;
+}
+
+void BundleReader::read(const std::string& rel, std::string& bytes) {
     const auto found = listed_.find(rel);
     if (found == listed_.end()) throw Error(SLIM_ERR_BUNDLE, "bundle file " + dir_.path() + "/" + rel + " is not listed in the manifest");
     const FileEntry& entry = *found->second;
     // read() refuses a file grown past its listed size; one cut short since the listing is caught here.
-    std::string bytes = dir_.read(rel, entry.size);
+    dir_.read(rel, entry.size, bytes);
     if (static_cast<int64_t>(bytes.size()) != entry.size)
         throw Error(SLIM_ERR_BUNDLE, "bundle file " + dir_.path() + "/" + rel + " is " + std::to_string(bytes.size()) +
                                          " bytes but the manifest lists " + std::to_string(entry.size) +
                                          " (it changed after export; re-export the bundle)");
     if (hashed_.count(rel)) check_digest(dir_, entry, sha256_bytes(bytes));
     unread_.erase(rel);
-    return bytes;
 }
 
 void BundleReader::finish() {

@@ -36,6 +36,8 @@ class BundleDir {
     const std::string& path() const { return path_; }
     // The whole of regular file `rel`, of at most `max_bytes`. IO when missing, BUNDLE when not a regular file or larger.
     std::string read(const std::string& rel, int64_t max_bytes) const;
+    // The same into `bytes`, reusing its buffer: no fresh pages to fault in when it is already that large.
+    void read(const std::string& rel, int64_t max_bytes, std::string& bytes) const;
     // Every regular file under the directory, relative path -> size; BUNDLE naming anything else found.
     std::map<std::string, int64_t> files() const;
     // sha256 of regular file `rel`, checked to be `size` bytes before it is read; `on_chunk(n)` per chunk read.
@@ -64,6 +66,7 @@ class BundleReader {
     bool listed(const std::string& rel) const;
     // The bytes of listed file `rel`. Error(BUNDLE) when it is not listed, changed size, or its digest differs.
     std::string read(const std::string& rel);
+    void read(const std::string& rel, std::string& bytes);  // the same into `bytes`, reusing its buffer
     // At Full, hashes (from disk) the listed files no read() took, so the open checked every file.
     void finish();
 

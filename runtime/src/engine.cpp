@@ -1,6 +1,7 @@
 #include "engine.hpp"
 
 #include <dlfcn.h>
+#include <malloc.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -56,9 +57,21 @@ StageModel read_graph(BundleReader& files, const std::string& root, const std::s
     return model;
 }
 
-// The weights file of graph `rel`, `rel`.data, when the manifest lists one.
+// The weights file of graph `rel`, `rel`.data, when the manifest lists one, into model.weights (its buffer reused).
 void read_weights(BundleReader& files, const std::string& rel, StageModel& model) {
-    if (files.listed(rel + ".data")) model.weights = files.read(rel + ".data");
+    if (files.listed(rel + ".data"))
+        files.read(rel + ".data", model.weights);
+    else
+        model.weights.clear();
+}
+
+// Hands the heap's free pages back to the system. ONNX Runtime's copy of a stage's weights and its temporaries
+// are freed once the session is built, but glibc keeps most of them: without this an open engine's RSS was ~9%
+// more than with ONNX Runtime's own file load, and the peak grew with each stage.
+void return_free_memory() {
+#ifdef __GLIBC__
+    malloc_trim(0);
+#endif
 }
 
 }  // namespace
@@ -79,7 +92,8 @@ Engine::Engine(const std::string& path, const EngineOptions& options) {
     if (manifest_.kind == Family::Lemur) bind_lemur_stages();
 
     // Every graph (small) read and, as the level says, hashed before any session is built; a stage's weights are
-    // read (and at Full hashed) just before its session is built, and freed once ONNX Runtime has copied them.
+    // read (and at Full hashed) just before its session is built, into one buffer that every stage reuses in turn
+    // (ONNX Runtime copies them) and that is freed at the end of the open.
     std::vector<StageModel> models(manifest_.stages.size()), tokenizer_models;
     for (size_t i = 0; i < models.size(); ++i) {
         if (files) {
@@ -106,11 +120,15 @@ Engine::Engine(const std::string& path, const EngineOptions& options) {
             throw Error(SLIM_ERR_BACKEND, "this bundle's token stages need " + ops +
                                               " on CUDA, which is built only where nvcc exists; rebuild slimengine with the CUDA toolkit");
     }
+    std::string weights;  // the buffer above: its pages are faulted in once, not once per stage (open time)
     for (size_t k = 0; k < manifest_.stages.size(); ++k) {
         const StageDecl& s = manifest_.stages[k];
+        models[k].weights.swap(weights);
         if (files) read_weights(*files, s.file, models[k]);
         stages_.push_back(std::make_unique<StageSession>(ort_, models[k], s.name, s.inputs, s.outputs, ops, options.cuda_device));
-        models[k] = StageModel{};  // ONNX Runtime holds its own copy
+        models[k].weights.swap(weights);
+        models[k].release();  // ONNX Runtime holds its own copy
+        return_free_memory();
         const StageSession& stage = *stages_.back();
         for (size_t i = 0; i < s.input_dtypes.size(); ++i)  // the manifest's dtypes must be the graph's
             if (s.input_dtypes[i] != dtype_name(stage.inputs()[i].type))

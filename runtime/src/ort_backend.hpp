@@ -76,6 +76,13 @@ struct StageModel {
     std::string graph;         // the ModelProto bytes
     std::string weights_name;  // the external-data location the weights are given for
     std::string weights;       // empty: no weights file (external data in the graph is then refused)
+
+    // Frees the bytes once ONNX Runtime has its copy. (`model = StageModel{}` would not: libstdc++'s
+    // move-assignment from an empty string keeps the target's buffer, so every stage's weights stayed.)
+    void release() {
+        std::string().swap(graph);
+        std::string().swap(weights);
+    }
 };
 
 // One compiled stage graph.

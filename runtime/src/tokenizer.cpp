@@ -78,7 +78,7 @@ const StageSession& Tokenizers::session(const TokenizerDecl& decl) const {
             sessions_[index].reset();
             throw Error(SLIM_ERR_BUNDLE, "tokenizer " + decl.role + ": the graph must map a string prompt to int64 input_ids");
         }
-        models_[index] = StageModel{};  // ONNX Runtime holds its own copy now
+        models_[index].release();  // ONNX Runtime holds its own copy now
     }
     return *sessions_[index];
 }
