@@ -29,17 +29,18 @@ def test_the_abi_version_is_queryable_at_run_time():
 
 
 def test_the_binding_refuses_a_library_of_another_abi(tmp_path):
-    """_native.lib() checks the library's ABI: here one built as 0.7 (a minor below the binding's) and as 1.8."""
+    """_native.lib() checks the library's ABI: here one built with a minor below the binding's, and as 1.8."""
     cxx = shutil.which("c++") or shutil.which("g++")
     if cxx is None:
         pytest.skip("no C++ compiler")
-    for major, minor, expected in [(0, 7, "C ABI 0.7"), (1, 8, "C ABI 1.8")]:
+    older = _native.ABI_MINOR - 1
+    for major, minor, expected in [(0, older, f"C ABI 0.{older}"), (1, 8, "C ABI 1.8")]:
         src = tmp_path / "fake.cpp"
         src.write_text(f'extern "C" int slim_abi_version_major() {{ return {major}; }}\n'
                        f'extern "C" void slim_abi_version(int* a, int* b) {{ if (a) *a = {major}; if (b) *b = {minor}; }}\n')
         lib = tmp_path / f"libfake{major}{minor}.so"
         subprocess.run([cxx, "-shared", "-fPIC", str(src), "-o", str(lib)], check=True)
-        with pytest.raises(RuntimeError, match=rf"{expected}; this Python binding needs ABI 0\.8 or a newer 0\.x"):
+        with pytest.raises(RuntimeError, match=rf"{expected}; this Python binding needs ABI 0\.{_native.ABI_MINOR} or a newer 0\.x"):
             _native._check_abi(ctypes.CDLL(str(lib)), lib)
     old = tmp_path / "old.cpp"  # before 0.5 there is no slim_abi_version
     old.write_text('extern "C" int slim_abi_version_major() { return 0; }\n')
