@@ -44,6 +44,14 @@ def _kind(mode: int) -> str:
     return next((name for test, name in _KINDS if test(mode)), "a special file")
 
 
+def _lstat_mode(path: Path) -> int | None:
+    """The mode of `path` itself (a link not followed), None when nothing is there."""
+    try:
+        return os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+
+
 def output_file(path: str | os.PathLike, parents: bool = False) -> Path:
     """Check `path` as a file to write and return the file a write replaces: `path` itself when it is missing or a
     regular file; for a symbolic link to a regular file, that file (written through: the link stays a link and shows
@@ -51,10 +59,7 @@ def output_file(path: str | os.PathLike, parents: bool = False) -> Path:
     is never replaced nor unlinked), a link to nothing (we do not create files where a link points), and a missing
     or unwritable directory (`parents`: a missing one is created at write time)."""
     path = Path(path)
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        mode = None
+    mode = _lstat_mode(path)
     if mode is not None and stat.S_ISLNK(mode):
         target = Path(os.path.realpath(path))
         try:
@@ -109,10 +114,7 @@ def output_directory(path: str | os.PathLike, force: bool) -> Path:
     `force` (only a directory is replaced: never a link, nor what it points at), an existing directory without
     `force`, and a parent that exists but is not a directory."""
     path = Path(path)
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        mode = None
+    mode = _lstat_mode(path)
     if mode is not None and stat.S_ISLNK(mode):
         raise OutputPathError(f"{path} exists and is not a directory (a symbolic link): give a new path or an existing directory")
     if mode is not None and not stat.S_ISDIR(mode):
