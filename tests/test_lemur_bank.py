@@ -140,18 +140,59 @@ def test_a_torn_or_corrupt_tail_is_dropped_and_reopening_succeeds(tmp_path):
     with se.MemoryBank(path) as bank:  # the writer cuts it off and appends after the last whole record
         assert len(bank) == 10 and path.stat().st_size == whole
         bank.upsert([10], values([10], dim), model_version=1)
-    # records damaged beyond correction (two bits each), with no valid record after them (a damaged tail), end
-    # the log there: the records from the first of them on are dropped. (Damage with valid records after it is
-    # not a tail: test_a_record_with_one_flipped_bit_is_corrected_and_worse_damage_refuses_until_repair.)
+    # records damaged beyond correction (two bits each), with no valid record after them: whole, non-zero records
+    # at the tail are damage, not a torn tail (test_a_damaged_last_call_is_damage_not_a_torn_tail): opening refuses
     data = bytearray(path.read_bytes())
     for record in range(7, 11):
         data[HEADER_BYTES + record * record_bytes(dim) + 45] ^= 0x40
         data[HEADER_BYTES + record * record_bytes(dim) + 46] ^= 0x40
     path.write_bytes(bytes(data))
+    with pytest.raises(se.SlimError, match=rf"byte {HEADER_BYTES + 7 * record_bytes(dim)} is damaged beyond correction"):
+        se.MemoryBank(path)
+    assert path.read_bytes() == data
+
+
+def test_a_damaged_last_call_is_damage_not_a_torn_tail(tmp_path):
+    """Two bits flipped in the record of the last write call (a delete, an upsert): no valid call end follows it, but
+    a whole, non-zero record is damage, not a torn tail (a crash mid-append leaves a short record or zeros). Reader
+    (open and refresh) and writer refuse, the file untouched: dropping it would bring the deleted id back, and the
+    writer would cut the delete off for good. Repair hides every id live before it. A real torn tail still opens."""
+    dim, rb = 4, record_bytes(4)
+    at = HEADER_BYTES + 2 * rb  # the third record: the last call's
+    for last in ("delete", "upsert"):
+        path = tmp_path / f"{last}.bank"
+        with se.MemoryBank(path, dim) as bank:
+            bank.upsert([1, 2], values([1, 2], dim))
+        with se.MemoryBank(path, read_only=True) as reader, se.MemoryBank(path) as bank:
+            if last == "delete":
+                bank.delete([1])
+            else:
+                bank.upsert([3], values([3], dim))
+            bank.close()
+            data = bytearray(path.read_bytes())
+            data[at + 16] ^= 0x03  # two bits of the id
+            path.write_bytes(bytes(data))
+            with pytest.raises(se.SlimError, match=rf"byte {at} is damaged beyond correction"):
+                reader.refresh()
+            assert reader.lookup([1, 2]).found.tolist() == [True, True]  # what it had indexed before
+        for read_only in (True, False):
+            with pytest.raises(se.SlimError, match=rf"byte {at} is damaged beyond correction.*slimengine bank repair"):
+                se.MemoryBank(path, read_only=read_only)
+        assert path.read_bytes() == data  # the writer cut nothing
+        report = se.MemoryBank.repair(path)
+        assert (report.unreadable_records, report.hidden_ids, report.ids, report.tail_bytes) == (1, 2, 0, 0)
+        with se.MemoryBank(path) as bank:
+            assert bank.lookup([1, 2, 3]).found.tolist() == [False, False, False]
+    path = tmp_path / "torn.bank"
+    with se.MemoryBank(path, dim) as bank:
+        bank.upsert([1, 2], values([1, 2], dim))
+    whole = path.stat().st_size
+    with open(path, "ab") as f:  # what a crash mid-append leaves: zeros, then part of a record
+        f.write(bytes(2 * rb) + os.urandom(rb // 2))
+    with se.MemoryBank(path, read_only=True) as reader:
+        assert len(reader) == 2 and reader.recovery.tail_bytes == 2 * rb + rb // 2
     with se.MemoryBank(path) as bank:
-        assert len(bank) == 7 and bank.lookup([6, 7, 10]).found.tolist() == [True, False, False]
-        assert bank.recovery.tail_bytes == 4 * record_bytes(dim)
-        assert np.array_equal(bank.lookup(np.arange(7)).embeddings, values(np.arange(7), dim))
+        assert len(bank) == 2 and path.stat().st_size == whole
 
 
 def test_a_write_call_cut_short_is_indexed_not_at_all_never_in_part(tmp_path):
@@ -703,6 +744,77 @@ def test_a_header_damaged_beyond_correction_is_rebuilt_from_the_records(tmp_path
     missing = subprocess.run([sys.executable, "-m", "slimengine.cli", "bank", "repair", str(tmp_path / "nope.bank")],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "not a file" in missing.stderr
+
+
+def test_a_writer_that_opens_while_the_bank_is_replaced_writes_to_the_new_file(tmp_path):
+    """Repair renames its new file over the bank, then lets go of the lock. A writer that opened the old file just
+    before and locks it just after would write to the old, unlinked file: its acknowledged upsert lost. A writer (and a
+    repair) checks that the path still names the file it locked, and opens again if not. An LD_PRELOAD shim makes the
+    race deterministic: it renames another bank over the path just before the library's flock."""
+    shim = tmp_path / "shim.so"
+    (tmp_path / "shim.c").write_text(textwrap.dedent("""\
+        #define _GNU_SOURCE
+        #include <dlfcn.h>
+        #include <stdio.h>
+        #include <stdlib.h>
+        int flock(int fd, int op) {
+            static int done;
+            const char *from = getenv("SHIM_RENAME_FROM"), *to = getenv("SHIM_RENAME_TO");
+            if (!done && from && to) {
+                done = 1;
+                rename(from, to);
+            }
+            return ((int (*)(int, int))dlsym(RTLD_NEXT, "flock"))(fd, op);
+        }
+    """))
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(shim), str(tmp_path / "shim.c"), "-ldl"], check=True)
+    path, new, dim = tmp_path / "b.bank", tmp_path / "new.bank", 4
+    for p, ids in ((path, [1]), (new, [2])):
+        with se.MemoryBank(p, dim) as bank:
+            bank.upsert(ids, values(ids, dim))
+    code = f"import numpy as np, slimengine as se\nwith se.MemoryBank({str(path)!r}) as b:\n    b.upsert([3], np.ones((1, {dim}), np.float32))"
+    env = dict(os.environ, LD_PRELOAD=str(shim), SHIM_RENAME_FROM=str(new), SHIM_RENAME_TO=str(path))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert not new.exists()  # the shim did replace the bank
+    with se.MemoryBank(path, read_only=True) as reader:
+        assert reader.lookup([1, 2, 3]).found.tolist() == [False, True, True]
+
+
+def test_repair_is_not_blocked_by_a_leftover_temporary_of_a_killed_repair(tmp_path):
+    """`bank repair` killed mid-run leaves its temporary file; a later repair (same pid or not) removes it (it holds
+    the writer lock: no repair is running) and writes its own under a name that cannot collide."""
+    path = tmp_path / "b.bank"
+    _small_bank(path)
+    (tmp_path / f"b.bank.repair-{os.getpid()}").write_bytes(b"half a repair")
+    (tmp_path / "b.bank.repaired").write_bytes(b"not a temporary")  # left alone
+    assert se.MemoryBank.repair(path).ids == len(LIVE)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.bank", "b.bank.repaired"]
+    with se.MemoryBank(path) as bank:
+        _assert_no_deleted_id_and_no_wrong_row(bank, 2, complete=True)
+
+
+def test_a_bank_with_a_long_file_name_can_be_repaired(tmp_path):
+    """A 250-character file name: the temporary gets a short name (`.slimbank-repair-...`) in the same directory.
+    A path too long for the system is a one-line error, exit 2."""
+    path = tmp_path / ("b" * 250)
+    _small_bank(path)
+    assert se.MemoryBank.repair(path).ids == len(LIVE)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    with se.MemoryBank(path) as bank:
+        _assert_no_deleted_id_and_no_wrong_row(bank, 2, complete=True)
+    proc = subprocess.run([sys.executable, "-m", "slimengine.cli", "bank", "repair", str(tmp_path / ("b" * 256))],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "too long" in proc.stderr, proc.stderr
+
+
+def test_repairing_a_file_that_is_not_a_bank_says_so(tmp_path):
+    for content in (b"", b"hello world" * 100):
+        path = tmp_path / "x.bank"
+        path.write_bytes(content)
+        with pytest.raises(se.SlimError, match="not a memory bank"):
+            se.MemoryBank.repair(path)
+        assert path.read_bytes() == content
 
 
 def test_a_forked_child_cannot_write_through_the_writer_it_inherited(tmp_path):

@@ -1,5 +1,6 @@
 #include "memory_bank.hpp"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <sys/file.h>
 #include <sys/mman.h>
@@ -9,10 +10,13 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <cerrno>
 #include <chrono>
+#include <climits>
 #include <csetjmp>
 #include <csignal>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
@@ -204,11 +208,41 @@ void fsync_parent(const std::string& path) {
     }
 }
 
+// The name of a temporary file (`what`: tmp, repair) beside the bank file `path`: PATH.WHAT-..., or, where that
+// would be longer than a file name may be, DIR/.slimbank-WHAT-HASH-... (HASH: of the bank's name, so that no
+// other bank's temporaries share the prefix). Returns the path up to the '-' after which the caller's unique part goes.
+std::string temporary_prefix(const std::string& path, const char* what) {
+    const size_t slash = path.rfind('/'), start = slash == std::string::npos ? 0 : slash + 1;
+    const std::string name = path.substr(start);
+    if (name.size() + 48 <= NAME_MAX) return path + "." + what + "-";
+    uint64_t h = 0xCBF29CE484222325ull;  // FNV-1a
+    for (const char c : name) h = (h ^ static_cast<uint8_t>(c)) * 0x100000001B3ull;
+    char hex[17];
+    std::snprintf(hex, sizeof(hex), "%016llx", static_cast<unsigned long long>(h));
+    return path.substr(0, start) + ".slimbank-" + what + "-" + hex + "-";
+}
+
+// Removes the temporaries a repair killed mid-run left: names of `prefix` (a temporary_prefix) then only digits, hex
+// and '-'. Called under the bank's writer lock, so no repair of this bank is running.
+void remove_stale_temporaries(const std::string& prefix_path) {
+    const size_t start = prefix_path.rfind('/') + 1;  // npos + 1 == 0
+    const std::string prefix = prefix_path.substr(start);
+    DIR* d = ::opendir(start ? prefix_path.substr(0, start).c_str() : ".");
+    if (!d) return;
+    while (const dirent* e = ::readdir(d)) {
+        const std::string name(e->d_name);
+        if (name.size() > prefix.size() && name.compare(0, prefix.size(), prefix) == 0 &&
+            std::all_of(name.begin() + prefix.size(), name.end(), [](char c) { return std::isxdigit(c) || c == '-'; }))
+            ::unlinkat(::dirfd(d), name.c_str(), 0);
+    }
+    ::closedir(d);
+}
+
 // A new bank file appears complete or not at all: the header goes to a temporary file, is synced, then renamed.
 void create_file(const std::string& path, int dim) {
     const FileHeader h = new_header(kFileVersion, dim, now_us());
     static std::atomic<uint64_t> serial{0};  // distinct temporary names for threads of one process too
-    std::string tmp = path + ".tmp-" + std::to_string(::getpid()) + "-" + std::to_string(serial++);
+    const std::string tmp = temporary_prefix(path, "tmp") + std::to_string(::getpid()) + "-" + std::to_string(serial++);
     int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     if (fd < 0) io_error(path, "cannot create", errno);
     bool ok = ::write(fd, &h, sizeof(h)) == static_cast<ssize_t>(sizeof(h)) && ::fsync(fd) == 0;
@@ -247,22 +281,37 @@ MemoryBank::MemoryBank(const std::string& path, const BankOptions& options, Bank
     if (options.dim < 0 || options.dim > kMaxDim)
         throw Error(SLIM_ERR_INVALID_ARGUMENT, "memory bank: dim must be in [1, " + std::to_string(kMaxDim) + "]");
     struct stat st{};
-    if (::stat(path.c_str(), &st) != 0) {
-        if (errno != ENOENT) io_error(path, "cannot open", errno);
-        if (read_only_ || !options.create) io_error(path, "does not exist", ENOENT);
-        if (options.dim <= 0) throw Error(SLIM_ERR_INVALID_ARGUMENT, "memory bank " + path + ": dim is required to create a new bank");
-        create_file(path, options.dim);
+    // A repair renames a new file over the bank while it holds the lock: a writer that opened the old file just
+    // before would lock it just after, and write to a file no path names. So a writer checks that the path still
+    // names the file it locked, and opens again if not.
+    for (int attempt = 0;; ++attempt) {
+        if (::stat(path.c_str(), &st) != 0) {
+            if (errno != ENOENT) io_error(path, "cannot open", errno);
+            if (read_only_ || !options.create) io_error(path, "does not exist", ENOENT);
+            if (options.dim <= 0) throw Error(SLIM_ERR_INVALID_ARGUMENT, "memory bank " + path + ": dim is required to create a new bank");
+            create_file(path, options.dim);
+        }
+        // O_NONBLOCK: a reader's open of a FIFO would wait for a writer forever (a regular file ignores the flag).
+        fd_ = ::open(path.c_str(), (read_only_ ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NONBLOCK);
+        if (fd_ < 0) io_error(path, "cannot open", errno);
+        if (::fstat(fd_, &st) != 0 || !S_ISREG(st.st_mode)) {
+            ::close(fd_);
+            io_error(path, "is not a regular file (a directory, FIFO or device)");
+        }
+        if (read_only_) break;
+        if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+            const int err = errno;
+            ::close(fd_);
+            io_error(path,
+                     err == EWOULDBLOCK ? "is already open for writing (one writer per bank; open readers with read_only)" : "cannot lock",
+                     err == EWOULDBLOCK ? 0 : err);
+        }
+        struct stat named{};
+        if (::stat(path.c_str(), &named) == 0 && named.st_dev == st.st_dev && named.st_ino == st.st_ino) break;
+        ::close(fd_);
+        if (attempt == 9) io_error(path, "was replaced by another file each time it was opened (10 times)");
     }
-    // O_NONBLOCK: a reader's open of a FIFO would wait for a writer forever (a regular file ignores the flag).
-    fd_ = ::open(path.c_str(), (read_only_ ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NONBLOCK);
-    if (fd_ < 0) io_error(path, "cannot open", errno);
     try {
-        if (::fstat(fd_, &st) != 0 || !S_ISREG(st.st_mode)) io_error(path, "is not a regular file (a directory, FIFO or device)");
-        if (!read_only_ && ::flock(fd_, LOCK_EX | LOCK_NB) != 0)
-            io_error(
-                path,
-                errno == EWOULDBLOCK ? "is already open for writing (one writer per bank; open readers with read_only)" : "cannot lock",
-                errno == EWOULDBLOCK ? 0 : errno);
         if (::fstat(fd_, &st) != 0) io_error(path, "cannot stat", errno);
         const uint64_t size = static_cast<uint64_t>(st.st_size);
         // One flipped bit in the header is corrected in memory (the file is left as it is; repair rewrites it).
@@ -278,7 +327,7 @@ MemoryBank::MemoryBank(const std::string& path, const BankOptions& options, Bank
                          "it): run `slimengine bank repair " +
                              path + "`, which rebuilds it from the records");
             repair_->header = 2;
-            header_from_records(size);
+            header_from_records(size, magic);
         } else {
             recovery_.header_corrected = fix == 1;
             if (repair_) repair_->header = fix;
@@ -469,10 +518,22 @@ uint64_t MemoryBank::scan(uint64_t size) {
         offset += whole;
         if (whole < want) break;  // the file ended early (truncated while we read)
     }
-    // Damaged records with no valid call end after them are a torn tail (a crash mid-write), or a call
-    // another process is still writing: left out, and checked again from the last whole call next time.
+    if (span_damaged_ && tail_is_damage()) end_span(pending_crc_);  // refuses (repair: hides what it may have deleted)
     if (span_damaged_) drop_span();
     return kHeaderBytes + records_ * record_bytes_;
+}
+
+bool MemoryBank::tail_is_damage() {
+    // Damaged records with no valid call end after them. A crash mid-append leaves a short last record (never
+    // scanned) or zeros (ext4 data=ordered never shows stale bytes past the old size): a torn tail, left out. A
+    // whole record holding anything else was written whole and damaged since: which id it wrote or deleted is
+    // unknown, as inside the log. A reader may also have read a call another process is still writing: while a
+    // writer holds the lock that is left for a later refresh; with none, the file cannot change while it is read again.
+    if (read_only_ && ::flock(fd_, LOCK_SH | LOCK_NB) != 0) return false;
+    bool written = false;
+    const bool damage = damaged_now(&written) > 0 && written;
+    if (read_only_) ::flock(fd_, LOCK_UN);
+    return damage;
 }
 
 void MemoryBank::drop_span() {
@@ -496,7 +557,7 @@ MemoryBank::Verdict MemoryBank::inspect(const uint8_t* r, uint64_t position, Rec
     return Verdict::kCorrected;
 }
 
-void MemoryBank::header_from_records(uint64_t size) {
+void MemoryBank::header_from_records(uint64_t size, bool magic) {
     // The first intact record found gives the width: its magic, a dim whose record size puts its seq at its
     // offset, and its checksum. Records sit at multiples of 8 bytes.
     std::vector<uint8_t> r;
@@ -514,6 +575,7 @@ void MemoryBank::header_from_records(uint64_t size) {
         dim_ = static_cast<int>(h.dim);
         record_bytes_ = rb;
     }
+    if (dim_ == 0 && !magic) io_error(path_, "is not a memory bank (no bank header and no intact record)");
     if (dim_ == 0)
         io_error(path_, "the header is damaged beyond correction, and no intact record was found to rebuild it from (nothing to recover)");
     // Format 2 marks the last record of every call; format 1 has no marks (read as format 2, it would be one unfinished call).
@@ -542,11 +604,17 @@ bool MemoryBank::valid_record(const uint8_t* r, uint64_t position, RecordHead* h
 bool MemoryBank::damage_persists() const {
     // A scan can read a record half before and half after a writer took its failed call back and wrote
     // another in its place (a read is not atomic against writes). Real damage is still there when read again.
+    return damaged_now(nullptr) == static_cast<int64_t>(span_damaged_);
+}
+
+int64_t MemoryBank::damaged_now(bool* written) const {
+    // The span's damaged records, read again from the first of them; -1 when the file was cut back meanwhile.
+    // `written`: one of them is not all zeros.
     const uint64_t end = records_ + span_;
     std::vector<uint8_t> chunk(std::min<uint64_t>(end - span_first_damaged_, std::max<uint64_t>(1, (uint64_t(4) << 20) / record_bytes_)) *
                                record_bytes_),
         fixed(record_bytes_);
-    uint64_t damaged = 0;
+    int64_t damaged = 0;
     for (uint64_t position = span_first_damaged_; position < end;) {
         const uint64_t n = std::min<uint64_t>(end - position, chunk.size() / record_bytes_);
         const ssize_t want = static_cast<ssize_t>(n * record_bytes_);
@@ -554,14 +622,17 @@ bool MemoryBank::damage_persists() const {
         do got = ::pread(fd_, chunk.data(), static_cast<size_t>(want), static_cast<off_t>(kHeaderBytes + position * record_bytes_));
         while (got < 0 && errno == EINTR);
         if (got < 0) io_error(path_, "cannot read", errno);
-        if (got != want) return false;  // the file was cut back meanwhile
+        if (got != want) return -1;
         for (uint64_t i = 0; i < n; ++i, ++position) {
+            const uint8_t* r = chunk.data() + i * record_bytes_;
             RecordHead h;
             uint32_t crc;
-            damaged += inspect(chunk.data() + i * record_bytes_, position, &h, &crc, fixed.data()) == Verdict::kDamaged;
+            if (inspect(r, position, &h, &crc, fixed.data()) != Verdict::kDamaged) continue;
+            ++damaged;
+            if (written && !*written) *written = std::any_of(r, r + record_bytes_, [](uint8_t b) { return b != 0; });
         }
     }
-    return damaged == span_damaged_;
+    return damaged;
 }
 
 void MemoryBank::end_span(uint32_t crc) {
@@ -625,8 +696,17 @@ void MemoryBank::rewrite() {
     std::free(real);
     struct stat st{};
     if (::fstat(fd_, &st) != 0) io_error(path_, "cannot stat", errno);
-    const std::string tmp = target + ".repair-" + std::to_string(::getpid());
-    const int out = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, st.st_mode & 07777);
+    const std::string prefix = temporary_prefix(target, "repair");
+    remove_stale_temporaries(prefix);
+    std::string tmp;
+    int out = -1;
+    for (int attempt = 0; out < 0 && attempt < 8; ++attempt) {  // a random part: a name left by a process of the same pid cannot collide
+        char random[17];
+        std::snprintf(random, sizeof(random), "%016llx", static_cast<unsigned long long>(random_key()));
+        tmp = prefix + std::to_string(::getpid()) + "-" + random;
+        out = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, st.st_mode & 07777);
+        if (out < 0 && errno != EEXIST) break;
+    }
     if (out < 0) io_error(tmp, "cannot create", errno);
     auto fail = [&](const char* what, int err) {
         ::close(out);

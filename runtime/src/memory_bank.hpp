@@ -141,9 +141,13 @@ class MemoryBank {
     Verdict inspect(const uint8_t* r, uint64_t position, RecordHead* h, uint32_t* crc, uint8_t* fixed) const;
     // Whether the span's damaged records are still damaged when read again.
     bool damage_persists() const;
+    // How many of the span's records are damaged when read again (-1: the file was cut back); `written`: one of them is not all zeros.
+    int64_t damaged_now(bool* written) const;
+    // Whether damaged records at the end of the file, with no call end after them, are damage rather than a torn tail.
+    bool tail_is_damage();
     void drop_span();  // forgets the checked records after the last whole call
     // repair(), header damaged beyond correction: dim and format from the records (the first intact one; any call mark).
-    void header_from_records(uint64_t size);
+    void header_from_records(uint64_t size, bool magic);
     // Appends `count` records, fill(record, i) building each, after the log; throws Error(SLIM_ERR_IO)
     // with the file cut back (nothing written) on failure.
     void append(size_t count, const std::function<void(uint8_t*, size_t)>& fill);

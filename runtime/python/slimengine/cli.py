@@ -284,7 +284,12 @@ def verify(args: argparse.Namespace) -> int:
 def bank_repair(args: argparse.Namespace) -> int:
     from .runtime import MemoryBank, SlimError
 
-    if not args.path.is_file():
+    try:
+        is_file = args.path.is_file()
+    except OSError as e:  # a name too long for the system, say
+        print(f"slimengine bank repair: {args.path}: {e.strerror}", file=sys.stderr)
+        return 2
+    if not is_file:
         print(f"slimengine bank repair: {args.path} is not a file (give a memory bank file)", file=sys.stderr)
         return 2
     try:
