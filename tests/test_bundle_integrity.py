@@ -30,7 +30,7 @@ def _open_error(path, **options) -> se.SlimError:
     return info.value
 
 
-def _open_in_subprocess(path, verify="fast") -> subprocess.CompletedProcess:
+def _open_in_subprocess(path, verify="fast", cwd=None) -> subprocess.CompletedProcess:
     """Open in a child process, so that an open that hangs fails the test instead of hanging it."""
     code = ("import sys, slimengine as se\n"
             "try:\n"
@@ -38,7 +38,8 @@ def _open_in_subprocess(path, verify="fast") -> subprocess.CompletedProcess:
             "except se.SlimError as e:\n"
             "    print(e.status, e, file=sys.stderr); sys.exit(3)\n")
     try:
-        return subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=HANG_LIMIT_S)
+        return subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=HANG_LIMIT_S,
+                              cwd=cwd)
     except subprocess.TimeoutExpired:
         pytest.fail(f"opening {path} hung for {HANG_LIMIT_S} s")
 
@@ -346,6 +347,65 @@ def test_slimengine_verify_exit_codes(bundle_copy, tmp_path):
     helped = _slimengine("verify", "--help")
     assert helped.returncode == 0 and "Exit 0 when intact, 1 when not" in helped.stdout
     assert shutil.which("slimengine", path=os.path.dirname(sys.executable)), "the slimengine console script is installed"
+
+
+# --- external data outside the bundle's table ---------------------------------------------------------------------
+
+
+def _with_external_data_outside_the_table(bundle, kind: str, location: str) -> None:
+    """Give the bundle's first stage graph an initializer stored externally at `location` (a name other than the
+    stage's weight file) where ONNX Runtime does not look it up in the in-memory table: in an If branch ("subgraph")
+    or as the values of a sparse initializer ("sparse"); add it to the stage's output (as zero) and re-sign."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rel = _stages(bundle)[0]["file"]
+    graph = onnx.load(str(bundle / rel), load_external_data=False)
+    out = graph.graph.output[0]
+    producer = next(n for n in graph.graph.node if out.name in n.output)
+    producer.output[list(producer.output).index(out.name)] = out.name + "_pre"
+    dtype = out.type.tensor_type.elem_type
+    stored = TensorProto(name="stored", data_type=dtype, dims=[1], data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", location), ("offset", "0"), ("length", "4")):
+        entry = stored.external_data.add()
+        entry.key, entry.value = key, value
+    if kind == "subgraph":
+        then = helper.make_graph([helper.make_node("Sub", ["stored", "stored"], ["z"])], "then", [],
+                                 [helper.make_tensor_value_info("z", dtype, [1])], initializer=[stored])
+        zero = helper.make_tensor("zero_value", dtype, [1], [0])
+        other = helper.make_graph([helper.make_node("Constant", [], ["z2"], value=zero)], "else", [],
+                                  [helper.make_tensor_value_info("z2", dtype, [1])])
+        graph.graph.initializer.append(numpy_helper.from_array(np.array(True), "cond"))
+        graph.graph.node.extend([helper.make_node("If", ["cond"], ["zero"], then_branch=then, else_branch=other),
+                                 helper.make_node("Add", [out.name + "_pre", "zero"], [out.name])])
+    else:
+        indices = numpy_helper.from_array(np.array([0], np.int64), "stored_indices")
+        graph.graph.sparse_initializer.append(helper.make_sparse_tensor(stored, indices, [1]))
+        graph.graph.node.extend([helper.make_node("Sub", ["stored", "stored"], ["zero"]),
+                                 helper.make_node("Add", [out.name + "_pre", "zero"], [out.name])])
+    (bundle / rel).write_bytes(graph.SerializeToString())
+
+    def resize(manifest):
+        manifest["files"][rel] = {"sha256": sha256_file(bundle / rel), "size": (bundle / rel).stat().st_size}
+
+    edit_manifest(bundle, resize)
+
+
+@pytest.mark.parametrize("kind", ["subgraph", "sparse"])
+def test_open_never_reads_external_data_from_the_working_directory(bundle_copy, tmp_path, kind):
+    """ONNX Runtime looks up the external data of an If/Loop/Scan branch's initializers and of sparse initializers
+    outside the in-memory weights table, relative to the process's working directory: a file there became a weight,
+    and whether the open succeeded depended on the caller's cwd. Now every such lookup is refused, file or not."""
+    _with_external_data_outside_the_table(bundle_copy, kind, "outside.bin")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    for present in (True, False):
+        if present:
+            (cwd / "outside.bin").write_bytes(np.zeros(1, np.float32).tobytes())
+        else:
+            (cwd / "outside.bin").unlink()
+        proc = _open_in_subprocess(bundle_copy, cwd=cwd)
+        assert proc.returncode == 3 and "outside.bin" in proc.stderr, (present, proc.returncode, proc.stderr[-2000:])
 
 
 # --- an open engine is immune to later changes of its files ------------------------------------------------------

@@ -1,6 +1,7 @@
 #include "ort_backend.hpp"
 
 #include <dlfcn.h>
+#include <onnxruntime_session_options_config_keys.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -185,6 +186,10 @@ StageSession::StageSession(std::shared_ptr<OrtRuntime> ort, const StageModel& mo
         char* buffers[] = {model.weights.empty() ? &no_weights : const_cast<char*>(model.weights.data())};
         const size_t lengths[] = {model.weights.size()};
         if (!status) status = api->AddExternalInitializersFromFilesInMemory(options, names, buffers, lengths, 1);
+        // The table does not cover initializers in If/Loop/Scan branches nor sparse ones: ONNX Runtime reads those
+        // from the folder given here, else from the working directory. /dev/null can hold no file (ENOTDIR), so
+        // any such lookup fails and nothing outside the table is ever read.
+        if (!status) status = api->AddSessionConfigEntry(options, kOrtSessionOptionsModelExternalInitializersFileFolderPath, "/dev/null");
         if (!status) status = api->CreateSessionFromArray(ort_->env, model.graph.data(), model.graph.size(), options, &session_);
     }
     api->ReleaseSessionOptions(options);
