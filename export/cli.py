@@ -63,7 +63,8 @@ def main(argv=None) -> int:
     if args.shift is not None and not args.shift > 0:
         return _fail(f"--shift must be positive, got {args.shift}")
     try:
-        output_directory(output, args.force)  # with --force only a bundle directory is replaced: never a file, link or device
+        # with --force only a bundle directory is replaced: never a file, link or device, nor an input or a folder holding one
+        output_directory(output, args.force, [p for p in (args.checkpoint, args.pipeline, args.tokenizers) if p is not None])
     except OutputPathError as e:
         return _fail(str(e))
     # Heavy imports after argument checks, so --help and usage errors are instant.

@@ -9,15 +9,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import stat
+import subprocess
+import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from slimengine.cli import main as slimengine_main
+from slimengine.staging import OutputPathError, write_file_atomically
 from slimengine.tools import calibrate_xslim, profile_engine, toy_demo
 from tests.conftest import TOY_PIPELINE, run_cli
 
@@ -269,3 +274,97 @@ def test_generate_accepts_the_runtimes_largest_step_count(sd3_pipeline_bundle):
         with pytest.raises(Stop):
             session.generate(prompt="a red circle", num_steps=MAX_STEPS, height=32, width=32, progress=stop)
     assert seen == [MAX_STEPS]
+
+
+# ---- outputs that are, hold or sit inside the command's own inputs: refused before any work ----
+
+
+def test_triton_repo_refuses_to_replace_its_own_bundle(lemur_bundle, tmp_path):
+    """`slimengine triton-repo B -o B --force` (or -o a folder holding B) deleted the bundle B and wrote a repository
+    that points at it, exit 0."""
+    bundle = tmp_path / "b.engine"
+    shutil.copytree(lemur_bundle, bundle)
+    for out in (bundle, tmp_path, bundle / "repo"):
+        proc = subprocess.run([sys.executable, "-m", "slimengine.cli", "triton-repo", str(bundle), "-o", str(out), "--force"],
+                              capture_output=True, text=True)
+        assert (bundle / "manifest.json").is_file(), f"-o {out}: the bundle was deleted (exit {proc.returncode})"
+        assert proc.returncode == 2, proc.stderr
+        assert "input" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert sorted(p.name for p in bundle.iterdir()) == sorted(p.name for p in lemur_bundle.iterdir())
+
+
+def test_export_refuses_to_replace_its_own_pipeline_folder(tmp_path):
+    """`export-engine pipe/ckpt.safetensors --pipeline pipe -o pipe --force` deleted the pipeline folder. Refused before
+    any export work: the files here are not even a checkpoint."""
+    pipe = tmp_path / "pipe"
+    pipe.mkdir()
+    (pipe / "ckpt.safetensors").write_bytes(b"not a checkpoint")
+    for out in (pipe, tmp_path):
+        proc = run_cli("export-engine", str(pipe / "ckpt.safetensors"), "--pipeline", str(pipe), "-o", str(out), "--force", "-q",
+                       check=False)
+        assert proc.returncode == 2 and "input" in proc.stderr, proc.stderr
+        assert (pipe / "ckpt.safetensors").read_bytes() == b"not a checkpoint"
+
+
+def test_generate_refuses_to_write_into_its_own_bundle(tmp_path, capsys):
+    """`slimengine generate B x -o B/manifest.json` overwrote the manifest with a PNG. Refused before the engine is
+    opened (this bundle could not even be opened)."""
+    bundle = tmp_path / "b.engine"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text("{}")
+    for out in (bundle / "manifest.json", bundle / "new.png"):
+        assert slimengine_main(["generate", str(bundle), "x", "-q", "-o", str(out)]) == 2
+        assert "input" in capsys.readouterr().err
+    assert sorted(p.name for p in bundle.iterdir()) == ["manifest.json"] and (bundle / "manifest.json").read_text() == "{}"
+
+
+# ---- names: the helpers' temporaries fit beside any name that fits; a name that does not is a usage error ----
+
+
+def test_a_file_output_with_a_name_near_name_max_is_written(tmp_path):
+    """A 240-byte `generate -o` name failed after the whole generation: the temporary's name held a copy of it."""
+    out = tmp_path / ("a" * 250 + ".png")
+    write_file_atomically(out, lambda tmp: tmp.write_bytes(b"png"))
+    assert out.read_bytes() == b"png" and [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def test_names_longer_than_name_max_are_usage_errors_before_any_work(tmp_path, capsys):
+    """`generate -o <256 bytes>` was a traceback (exit 1); `triton-repo -o <245 bytes>` exit 1 (its .NAME.tmp-PID
+    temporary cannot fit): now one line, exit 2, before the engine is opened."""
+    bundle = tmp_path / "b.engine"
+    bundle.mkdir()
+    assert slimengine_main(["generate", str(bundle), "x", "-q", "-o", str(tmp_path / ("q" * 256))]) == 2
+    assert "longer than" in capsys.readouterr().err
+    assert slimengine_main(["triton-repo", str(bundle), "-o", str(tmp_path / ("r" * 245))]) == 2
+    assert "longer than 242 bytes" in capsys.readouterr().err
+    with pytest.raises(OutputPathError, match="longer than"):
+        write_file_atomically(tmp_path / ("q" * 256), lambda tmp: tmp.write_bytes(b""))
+    assert [p.name for p in tmp_path.iterdir()] == ["b.engine"]
+
+
+def test_generate_refuses_a_directory_name_and_a_half_size(tmp_path, capsys):
+    """`-o newdir/` wrote a file named `newdir`; `--size 64x` was taken as 64x64."""
+    bundle = tmp_path / "b.engine"
+    bundle.mkdir()
+    assert slimengine_main(["generate", str(bundle), "x", "-q", "-o", str(tmp_path / "newdir") + "/"]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert slimengine_main(["generate", str(bundle), "x", "-q", "--size", "64x", "-o", str(tmp_path / "x.png")]) == 2
+    assert "--size must be H or HxW" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["b.engine"]
+
+
+def test_ctrl_c_while_generate_samples_exits_130_quietly(sd3_pipeline_bundle, tmp_path):
+    """Ctrl-C while the runtime sampled printed "Exception ignored on calling ctypes callback function ...
+    KeyboardInterrupt" and exited 1: the interrupt was raised at the progress callback's entry, outside its try."""
+    out = tmp_path / "x.png"
+    proc = subprocess.Popen([sys.executable, "-m", "slimengine.cli", "generate", str(sd3_pipeline_bundle), "x", "--steps", "10000",
+                             "--size", "32", "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(4)  # the tiny engine is open by then and sampling its 10000 steps
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert not out.exists()

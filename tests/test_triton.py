@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from http.client import HTTPConnection, HTTPException
@@ -652,6 +653,60 @@ def test_slimengine_serve_restarts_a_tritonserver_that_a_request_aborts(lemur_bu
         assert "serving lemur_embed again (restart 1)" in err
     finally:
         kill_tree(proc)
+
+
+def tritonserver_of(proc: subprocess.Popen, other_than: int | None = None, timeout: float = 60) -> psutil.Process:
+    """The tritonserver `serve` (proc) runs, once one other than pid `other_than` is there."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in psutil.Process(proc.pid).children():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if child.name() == "tritonserver" and child.pid != other_than:
+                    return child
+        time.sleep(0.02)
+    raise AssertionError(f"no new tritonserver after {timeout} s")
+
+
+def test_slimengine_serve_keeps_restarting_a_tritonserver_killed_while_it_starts(lemur_bundle):
+    """A restarted tritonserver killed before serve saw it ready (killed again, a client retrying the request that
+    aborts it) made serve exit 1 for good ("exited with status -9 while starting"). serve tries again after a backoff
+    and serves again."""
+    proc, (port, _, metrics_port) = start_serve(lemur_bundle)
+    try:
+        first = tritonserver_of(proc)
+        first.kill()
+        tritonserver_of(proc, other_than=first.pid).kill()  # at once: long before it can be ready
+        err = ""
+        while "serving lemur_embed again" not in err:  # serve's own word that it saw the server ready (EOF: it exited)
+            line = proc.stderr.readline()
+            assert line, f"serve exited: {err}"
+            err += line
+        assert "restart 1 failed (tritonserver exited with status -9 while starting); trying again in 1 s" in err, err
+        assert "serving lemur_embed again (restart 2)" in err, err
+        wait_ready(port, proc, timeout=10)
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
+        assert re.search(r"^slimengine_server_restarts(\{\})? 2$", metrics, re.M), metrics
+        proc.send_signal(signal.SIGTERM)
+        _, rest = proc.communicate(timeout=45)
+        assert proc.returncode == 0, err + rest
+    finally:
+        kill_tree(proc)
+
+
+def test_a_server_started_from_another_thread_outlives_that_thread(tmp_path):
+    """PR_SET_PDEATHSIG fires when the thread that forked ends, not the process: a server started from a worker thread
+    was SIGKILLed as soon as that thread returned."""
+    (tmp_path / "repo").mkdir()
+    server = TritonServer(tmp_path / "repo", model_control="explicit")
+    worker = threading.Thread(target=server.start)
+    worker.start()
+    worker.join()
+    try:
+        assert server.process is not None, server.log_tail()
+        time.sleep(1)
+        assert server.exit_status() is None and server.ready(), server.log_tail()
+    finally:
+        assert server.stop() == 0, server.log_tail()
 
 
 def test_slimengine_serve_without_nvidia_pytriton_says_what_to_install(lemur_bundle):

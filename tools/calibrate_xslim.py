@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     if args.steps < 3:
         return fail(f"--steps must be >= 3, got {args.steps}")
     try:
-        output_file(args.output)  # never a device, FIFO, socket, directory or a link to nothing, even with --force
+        output_file(args.output, inputs=[args.engine])  # never into the bundle; never a device, FIFO, socket, directory or a link to nothing, even with --force
     except OutputPathError as e:
         return fail(str(e))
     if args.output.exists() and not args.force:

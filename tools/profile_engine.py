@@ -149,7 +149,7 @@ def check_arguments(args) -> None:
         raise UsageError(f"--plot writes a PNG: give a .png file name, got {args.plot}")
     for name in ("json", "trace", "plot"):  # before profiling: never a device, FIFO, socket, directory or a link to nothing
         if getattr(args, name) is not None:
-            output_file(getattr(args, name))
+            output_file(getattr(args, name), inputs=[args.engine] if args.engine is not None else [])  # never into the bundle
 
 
 def read_manifest(path: Path) -> dict:

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, help="a plain plan of that many steps (default: the bundle's program, 1.x)")
     args = parser.parse_args(argv)
     try:
-        output_file(args.output)  # before generating: never a device, FIFO, socket, directory or a link to nothing
+        output_file(args.output, inputs=[args.engine])  # never into the bundle; before generating: never a device, FIFO, socket, directory or a link to nothing
     except OutputPathError as e:
         print(f"toy-demo: error: {e}", file=sys.stderr)
         return 2

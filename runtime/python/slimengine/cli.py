@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
                     "PIPELINE_FOLDER, or a transformer checkpoint with --pipeline PIPELINE_FOLDER). See docs/pipeline.md.")
     gen.add_argument("engine", type=Path, metavar="ENGINE", help="the engine bundle directory (NAME.engine)")
     gen.add_argument("prompt", help="the prompt")
-    gen.add_argument("-o", "--output", type=Path, required=True, metavar="PNG", help="the image to write")
+    gen.add_argument("-o", "--output", required=True, metavar="PNG", help="the image to write")  # str: keeps a trailing "/"
     gen.add_argument("--negative", default="", help='the negative prompt for CFG (default "")')
     gen.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     gen.add_argument("--size", metavar="H[xW]", help="image size in pixels, a multiple of the VAE's factor (default: the bundle's)")
@@ -83,15 +83,17 @@ def _size(text: str | None) -> tuple[int | None, int | None]:
 
     if text is None:
         return None, None
-    height, _, width = text.lower().partition("x")
+    height, sep, width = text.lower().partition("x")
     try:
-        height, width = int(height), int(width or height)
+        height, width = int(height), int(width if sep else height)  # "64x" is no size: int("") refuses it
     except ValueError:
         raise ValueError(f"--size must be H or HxW in pixels, got {text!r}") from None
     return _integer(height, "--size height", 1, INT32_MAX), _integer(width, "--size width", 1, INT32_MAX)
 
 
 def generate(args: argparse.Namespace) -> int:
+    import signal
+
     from .runtime import MAX_STEPS, UINT64_MAX, Engine, SlimError, _integer, _real
     from .staging import output_file, write_file_atomically
 
@@ -105,7 +107,7 @@ def generate(args: argparse.Namespace) -> int:
             _integer(args.steps, "--steps", 1, MAX_STEPS)
         if args.guidance is not None:
             _real(args.guidance, "--guidance", 0)
-        output_file(args.output)
+        output_file(args.output, inputs=[args.engine])  # never into the bundle it reads
     except ValueError as e:
         print(f"slimengine generate: {e}", file=sys.stderr)
         return 2
@@ -118,7 +120,20 @@ def generate(args: argparse.Namespace) -> int:
         if tqdm is not None:  # one tick per sampling step (the runtime reports each); its total is known at the first
             bar = tqdm(total=None, unit="step", leave=False, file=sys.stderr, disable=None)
 
+    # Ctrl-C while the runtime samples: a KeyboardInterrupt raised at a ctypes callback's entry, before its `try`,
+    # is printed ("Exception ignored") and lost. So in that call the handler only marks it, and progress() raises it
+    # inside the callback's try (the call is cancelled and re-raises it); elsewhere it is raised at once.
+    interrupted, in_runtime = False, False
+
+    def on_sigint(_signum, _frame):
+        nonlocal interrupted
+        interrupted = True
+        if not in_runtime:
+            raise KeyboardInterrupt
+
     def progress(phase: str, step: int, total: int) -> None:
+        if interrupted:
+            raise KeyboardInterrupt
         if bar is None:
             return
         if phase == "step":
@@ -126,12 +141,22 @@ def generate(args: argparse.Namespace) -> int:
             bar.update(step + 1 - bar.n)
         bar.set_description("sampling" if phase == "step" else phase)
 
+    # Only over Python's own Ctrl-C handler: an ignored SIGINT (a background job) stays ignored
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.default_int_handler:
+        signal.signal(signal.SIGINT, on_sigint)
     try:
         with Engine(args.engine, device=args.device) as engine:
             session = engine.session()
-            result = session.generate(prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, height=height, width=width,
-                                      guidance_scale=args.guidance, num_steps=args.steps, cache=args.cache,
-                                      progress=progress)
+            in_runtime = True
+            try:
+                result = session.generate(prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, height=height,
+                                          width=width, guidance_scale=args.guidance, num_steps=args.steps, cache=args.cache,
+                                          progress=progress)
+            finally:
+                in_runtime = False
+            if interrupted:  # after the last callback
+                raise KeyboardInterrupt
         write_file_atomically(args.output, lambda tmp: result.pil().save(tmp, format="PNG"))
     except (ValueError, TypeError) as e:  # out of the bundle's range (--size, --cache), or the output path changed: a usage error
         print(f"slimengine generate: {e}", file=sys.stderr)
@@ -140,6 +165,7 @@ def generate(args: argparse.Namespace) -> int:
         print(f"slimengine generate: {e}", file=sys.stderr)
         return 1
     finally:
+        signal.signal(signal.SIGINT, previous)
         if bar is not None:
             bar.close()
     if not args.quiet:
@@ -182,6 +208,10 @@ def triton_repo(args: argparse.Namespace) -> int:
     for spec in specs:
         print(f"{args.output}/{spec.name}: {spec.kind} of {spec.engine}")
     return 0
+
+
+# `slimengine serve`: consecutive failed starts of a restarted tritonserver (1, 2, 4, 8 s apart) before serve gives up
+RESTART_ATTEMPTS = 5
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -229,13 +259,25 @@ def serve(args: argparse.Namespace) -> int:
                 if code is None:
                     continue
                 # Died under us (a request that aborts Triton's HTTP frontend, the OOM killer): restart it on the same
-                # ports; slimengine_server_restarts tells the metrics. A server that cannot start again ends `serve`.
+                # ports; slimengine_server_restarts tells the metrics. A restart that dies before it is ready (killed
+                # again, a client retrying the request that aborts it) is tried again after a backoff; only
+                # RESTART_ATTEMPTS failed starts in a row end `serve`. A server seen ready starts the count afresh.
                 what = f"status {code}" if code >= 0 else f"signal {-code} ({signal.strsignal(-code)})"
-                server.restarts += 1
-                print(f"slimengine serve: tritonserver exited with {what}; restarting it (restart {server.restarts}; its "
-                      f"log: {server.log_file})", file=sys.stderr, flush=True)
-                server.stop()
-                server.start()
+                print(f"slimengine serve: tritonserver exited with {what}; restarting it (restart {server.restarts + 1}; "
+                      f"its log: {server.log_file})", file=sys.stderr, flush=True)
+                for attempt in range(1, RESTART_ATTEMPTS + 1):
+                    server.restarts += 1
+                    server.stop()
+                    try:
+                        server.start()
+                        break
+                    except ServerError as e:
+                        if attempt == RESTART_ATTEMPTS:
+                            raise ServerError(f"tritonserver failed to start {attempt} times in a row; giving up: {e}") from None
+                        delay = min(2 ** (attempt - 1), 30)  # a SIGINT/SIGTERM in this sleep stops serve at once
+                        print(f"slimengine serve: restart {server.restarts} failed ({str(e).splitlines()[0].rstrip(':')}); trying again in "
+                              f"{delay} s", file=sys.stderr, flush=True)
+                        time.sleep(delay)
                 print(f"slimengine serve: serving {names} again (restart {server.restarts})", file=sys.stderr, flush=True)
         except ServerError as e:
             print(f"slimengine serve: {e}", file=sys.stderr)

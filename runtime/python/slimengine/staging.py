@@ -20,7 +20,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ._native import c_path
@@ -33,7 +33,42 @@ LOCK = ".export-lock"
 
 class OutputPathError(ValueError):
     """An output path a command must not write (a device, FIFO, socket, directory, a link to one or to nothing, no
-    directory to write in): a usage error, raised before any work."""
+    directory to write in, a name too long, one of the command's own inputs): a usage error, raised before any work."""
+
+
+# The most a directory output's name may be shorter than NAME_MAX by: its temporaries `.NAME.tmp-PID` and
+# `.NAME.old-PID` must fit too (a PID has at most 7 digits: Linux's pid_max is at most 2**22).
+DIRECTORY_NAME_RESERVE = len("..tmp-") + 7
+
+
+def _name_max(directory: Path) -> int:
+    """NAME_MAX of the filesystem `directory` (or its nearest existing ancestor) is on; 255 where it cannot tell."""
+    for folder in [directory, *directory.parents]:
+        try:
+            return os.pathconf(folder, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            continue
+    return 255
+
+
+def _check_name(path: Path, reserve: int = 0) -> None:
+    limit = _name_max(path.parent) - reserve
+    if len(os.fsencode(path.name)) > limit:
+        why = f" (its temporaries .NAME.tmp-PID must fit in {limit + reserve})" if reserve else ""
+        raise OutputPathError(f"cannot write {path}: its name is longer than {limit} bytes{why}")
+
+
+def _check_inputs(path: Path, inputs: Iterable[str | os.PathLike], directory: bool) -> None:
+    """Refuse an output that is one of the command's inputs or inside one (written over it), or, for a directory
+    output (replaced whole with --force), one that holds an input. Compared as resolved real paths."""
+    out = Path(os.path.realpath(path))
+    for given in inputs:
+        source = Path(os.path.realpath(given))
+        if out == source or source in out.parents:
+            raise OutputPathError(f"cannot write {path}: it is the input {given}" if out == source
+                                  else f"cannot write {path}: it is inside the input {given}")
+        if directory and out in source.parents:
+            raise OutputPathError(f"cannot write {path}: it holds the input {given} (it would be replaced with it)")
 
 
 _KINDS = ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
@@ -50,15 +85,23 @@ def _lstat_mode(path: Path) -> int | None:
         return os.lstat(path).st_mode
     except FileNotFoundError:
         return None
+    except OSError as e:  # a path too long, a loop, a parent that is a file: not a path we can write
+        if e.errno == errno.ENOTDIR:
+            return None  # told by the parent's check
+        raise OutputPathError(f"cannot write {path}: {e.strerror}") from None
 
 
-def output_file(path: str | os.PathLike, parents: bool = False) -> Path:
+def output_file(path: str | os.PathLike, parents: bool = False, inputs: Iterable[str | os.PathLike] = ()) -> Path:
     """Check `path` as a file to write and return the file a write replaces: `path` itself when it is missing or a
     regular file; for a symbolic link to a regular file, that file (written through: the link stays a link and shows
     the new content). Refused (OutputPathError): a directory, device, FIFO or socket (also behind a link; such a file
-    is never replaced nor unlinked), a link to nothing (we do not create files where a link points), and a missing
-    or unwritable directory (`parents`: a missing one is created at write time)."""
+    is never replaced nor unlinked), a link to nothing (we do not create files where a link points), a missing
+    or unwritable directory (`parents`: a missing one is created at write time), a name longer than the filesystem's
+    NAME_MAX, and one of the command's `inputs` (files or folders) or a file inside one."""
+    if os.fspath(path).endswith("/") or Path(path).name in ("", ".", ".."):  # Path() would drop a trailing slash
+        raise OutputPathError(f"cannot write {os.fspath(path)}: give a file name, not a directory")
     path = Path(path)
+    _check_name(path)
     mode = _lstat_mode(path)
     if mode is not None and stat.S_ISLNK(mode):
         target = Path(os.path.realpath(path))
@@ -71,6 +114,7 @@ def output_file(path: str | os.PathLike, parents: bool = False) -> Path:
         path = target
     elif mode is not None and not stat.S_ISREG(mode):
         raise OutputPathError(f"cannot write {path}: it is {_kind(mode)}")
+    _check_inputs(path, inputs, directory=False)
     directory = path.parent
     if not directory.is_dir():
         if parents and not directory.exists():
@@ -89,7 +133,8 @@ def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], None]
     target = output_file(path, parents)
     if parents:
         target.parent.mkdir(parents=True, exist_ok=True)
-    private = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    # A short name: the target's own name (kept inside, for writers that pick a format by the suffix) may be NAME_MAX long
+    private = Path(tempfile.mkdtemp(prefix=f".slim-tmp-{os.getpid()}-", dir=target.parent))
     try:
         tmp = private / target.name
         write(tmp)
@@ -108,12 +153,16 @@ def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], None]
     return target
 
 
-def output_directory(path: str | os.PathLike, force: bool) -> Path:
+def output_directory(path: str | os.PathLike, force: bool, inputs: Iterable[str | os.PathLike] = ()) -> Path:
     """Check `path` as a directory to create (publish): missing, or with `force` an existing directory (not a link to
     one) that publish swaps out. Refused (OutputPathError): a file, link, device, FIFO or socket at `path`, even with
     `force` (only a directory is replaced: never a link, nor what it points at), an existing directory without
-    `force`, and a parent that exists but is not a directory."""
+    `force`, a parent that exists but is not a directory, a name too long for its temporaries (NAME_MAX less
+    DIRECTORY_NAME_RESERVE), and a path that is, is inside or holds one of the command's `inputs`."""
     path = Path(path)
+    if path.name in ("", ".", ".."):
+        raise OutputPathError(f"cannot write {path}: give the directory's own name")
+    _check_name(path, DIRECTORY_NAME_RESERVE)
     mode = _lstat_mode(path)
     if mode is not None and stat.S_ISLNK(mode):
         raise OutputPathError(f"{path} exists and is not a directory (a symbolic link): give a new path or an existing directory")
@@ -124,6 +173,7 @@ def output_directory(path: str | os.PathLike, force: bool) -> Path:
     parent = path.parent
     if parent.exists() and not parent.is_dir():
         raise OutputPathError(f"cannot write {path}: {parent} is not a directory")
+    _check_inputs(path, inputs, directory=True)
     return path
 
 

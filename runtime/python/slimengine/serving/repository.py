@@ -51,15 +51,20 @@ def _family(path: Path) -> tuple[str, dict]:
         return engine.manifest.get("family"), dict(engine.config)
 
 
+def engine_argument(arg: str) -> tuple[str | None, Path]:
+    """ENGINE or NAME=ENGINE -> (NAME or None, the bundle's resolved path)."""
+    name, sep, path = arg.partition("=")
+    if not sep or not NAME_PATTERN.match(name):
+        name, path = None, arg
+    return name, Path(path).resolve()
+
+
 def plan_models(engines: list[str], options: RepositoryOptions) -> list[ModelSpec]:
     """ENGINE or NAME=ENGINE arguments -> the models to write. NAME replaces `sd3` for an SD3 bundle and the `lemur`
     prefix for a LEMUR one (two bundles of one family need names)."""
     specs: list[ModelSpec] = []
     for arg in engines:
-        name, sep, path = arg.partition("=")
-        if not sep or not NAME_PATTERN.match(name):
-            name, path = None, arg
-        path = Path(path).resolve()
+        name, path = engine_argument(arg)
         if not path.is_dir():
             raise ValueError(f"{arg}: not an engine bundle directory (NAME.engine)")
         family, config = _family(path)
@@ -159,7 +164,8 @@ def write_repository(engines: list[str], out: str | Path, options: RepositoryOpt
                      report: Callable[[str], None] | None = None) -> list[ModelSpec]:
     """Write the repository into `out` atomically: built in a temporary sibling directory, then renamed into place; an
     existing `out` is replaced only with `force` (and only once the new one is complete), and only when it is a directory
-    (OutputPathError, before any bundle is opened: staging.output_directory). Temporaries that killed
+    that neither is nor holds nor sits in one of the bundles or the bank (OutputPathError, before any bundle is opened:
+    staging.output_directory). Temporaries that killed
     runs left beside `out` are removed first, each told to `report`."""
     options = options or RepositoryOptions()
     if options.instances < 1:
@@ -172,7 +178,9 @@ def write_repository(engines: list[str], out: str | Path, options: RepositoryOpt
         options = dataclasses.replace(options, bank=Path(options.bank).resolve())
         if not options.bank.is_file():
             raise ValueError(f"--bank {options.bank}: no such memory bank file (lemur_score opens it read-only; its writer creates it)")
-    out = output_directory(out, force)  # --force replaces a repository (a directory) only: never a file, link or device
+    # --force replaces a repository (a directory) only: never a file, link or device, nor a bundle or bank it serves
+    inputs = [engine_argument(arg)[1] for arg in engines] + ([options.bank] if options.bank is not None else [])
+    out = output_directory(out, force, inputs)
     specs = plan_models(engines, options)
     if not specs:
         raise ValueError("no models to write: give at least one SD3 or LEMUR bundle")

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -85,7 +86,8 @@ def server_env() -> dict:
 
 def _die_with_parent() -> None:
     """In the child before exec: SIGKILL when the process that started it dies (even by SIGKILL), so that a killed
-    `slimengine serve` or test run never leaves a tritonserver behind (its stubs exit when it does)."""
+    `slimengine serve` or test run never leaves a tritonserver behind (its stubs exit when it does). The kernel ties
+    this to the *thread* that forked, so it is set only for a start from the main thread (start())."""
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
@@ -100,7 +102,8 @@ class TritonServer:
     """tritonserver on `repository`, bound to `host` (loopback by default). Ports 0: free ones are picked.
 
     model_control: "none" (every model loaded at start) or "explicit" (load/unload through the repository API; `models`
-    are loaded at start). Use as a context manager, or start() / stop()."""
+    are loaded at start). Use as a context manager, or start() / stop(). Started from the main thread, the server is
+    killed with the process however it ends; started from another thread, only stop() ends it."""
 
     def __init__(self, repository: str | Path, *, host: str = "127.0.0.1", http_port: int = 0, grpc_port: int = 0,
                  metrics_port: int = 0, model_control: str = "none", models: list[str] | None = None, log_file: str | Path | None = None,
@@ -154,8 +157,11 @@ class TritonServer:
         env = dict(server_env(), **{RESTARTS_ENV: str(self.restarts)})
         with open(self.log_file, "ab") as log:
             # Its own process group (the stubs join it): stop() kills the whole group
+            # PR_SET_PDEATHSIG fires when the forking thread ends: from another thread the server would be killed with
+            # that thread, so there it is not set and stop() (or the context manager) is the caller's job alone.
+            main = threading.current_thread() is threading.main_thread()
             self.process = subprocess.Popen(self.command(backends), env=env, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True, preexec_fn=_die_with_parent)
+                                            start_new_session=True, preexec_fn=_die_with_parent if main else None)
         try:
             self.wait_ready(timeout)
         except BaseException:
