@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,8 @@ def open_pipeline(path: Path, t5: bool = True, transformer: bool = False) -> Pip
     if missing:
         hint = "; pass --no-t5 to export without T5" if t5 and all("text_encoder_3" in m or "tokenizer_3" in m for m in missing) else ""
         raise CheckpointError(f"{path}: pipeline folder is missing {', '.join(missing)}{hint}")
+    for folder, _ in needed:
+        _refuse_special_files(path / folder)
     roles = [r for r in COMPONENTS if r != "t5" or t5]
     configs = {role: component_config(path / COMPONENTS[role][0], role) for role in roles}
     length = clip_length(path)
@@ -128,6 +131,19 @@ def open_pipeline(path: Path, t5: bool = True, transformer: bool = False) -> Pip
         if shift is not None and not (isinstance(shift, (int, float)) and not isinstance(shift, bool) and shift > 0):
             raise CheckpointError(f"{scheduler}: shift must be a positive number, got {shift!r}")
     return PipelineFolder(path=path, t5=t5, shift=None if shift is None else float(shift), clip_length=length)
+
+
+def _refuse_special_files(folder: Path) -> None:
+    """Every file of a component folder must be a regular file (a link to one is fine): a FIFO or device where a weight,
+    config or vocab file is expected would block or feed endless bytes to the readers (a FIFO as the VAE's weights hung
+    the export)."""
+    for entry in sorted(folder.rglob("*")):
+        try:
+            mode = entry.stat().st_mode
+        except OSError as e:
+            raise CheckpointError(f"{entry}: cannot read it ({e.strerror or e})") from None
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise CheckpointError(f"{entry}: not a regular file (a FIFO, socket or device); give the component's files themselves")
 
 
 def clip_length(path: Path) -> int:

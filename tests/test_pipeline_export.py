@@ -440,6 +440,20 @@ def test_missing_or_extra_component_weight_refused(folder, tmp_path, capsys, com
     assert ("missing" if edit is _drop_one else "unexpected") in line, line
 
 
+@pytest.mark.parametrize("name", ["vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json", "tokenizer_3/spiece.model"])
+def test_a_fifo_in_a_component_folder_is_refused_at_once(folder, tmp_path, capsys, name):
+    """A FIFO where a component's weights, config or vocab belong blocked the exporter's reader (the VAE's weights: past
+    90 s); now one line naming it, exit 2, before any file is read."""
+    import os
+    import shutil
+
+    copy = tmp_path / "sd3"
+    shutil.copytree(folder, copy)
+    (copy / name).unlink()
+    os.mkfifo(copy / name)
+    _refused_quickly(capsys, copy, tmp_path, name, "not a regular file")
+
+
 @pytest.mark.parametrize("component, edit, needles", [
     ("vae", {"scaling_factor": 0}, ["vae/config.json", "scaling_factor"]),
     ("vae", {"scaling_factor": float("nan")}, ["vae/config.json", "scaling_factor"]),
