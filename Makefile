@@ -3,8 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO := out/demo
 C_SOURCES := runtime/include/*.h runtime/src/*.cpp runtime/src/*.hpp runtime/tests/*.cpp runtime/tests/*.c runtime/examples/*.c kernels/*/*.cpp kernels/cuda/*.cu kernels/tests/*.cu kernels/include/*.h
-PY_SOURCES := export tools runtime/python tests benchmarks
-INSTALL_INPUTS := $(shell find runtime export tools kernels -type f -not -path '*/__pycache__/*' 2>/dev/null) pyproject.toml CMakeLists.txt
+PY_SOURCES := export tools distill runtime/python tests benchmarks
+INSTALL_INPUTS := $(shell find runtime export tools distill kernels -type f -not -path '*/__pycache__/*' 2>/dev/null) pyproject.toml CMakeLists.txt
 
 .PHONY: demo test setup lint format
 
@@ -21,11 +21,15 @@ $(VENV)/.installed: $(INSTALL_INPUTS)
 demo: setup
 	mkdir -p $(DEMO)
 	# Words to a picture: the toy pipeline trained by the project (models/toy-pipeline: tokenizers, text encoders, VAE;
-	# models/toy-sd3.safetensors: the 1.x-Distill transformer), exported into one bundle, run by the C runtime.
+	# models/toy-sd3.safetensors: the 1.x student distilled by distill-1x from models/toy-sd3-teacher.safetensors),
+	# each transformer exported with the pipeline into one bundle, run by the C runtime.
 	$(VENV)/bin/export-engine models/toy-sd3.safetensors --pipeline models/toy-pipeline -o $(DEMO)/toy.engine --force -q
-	$(VENV)/bin/slimengine generate $(DEMO)/toy.engine "a red circle" -o $(DEMO)/red-circle.png --steps 28 --guidance 4
-	$(PY) -m slimengine.tools.toy_demo $(DEMO)/toy.engine -o $(DEMO)/toy-shapes.png --steps 28 --guidance 4
-	$(PY) -m slimengine.tools.toy_demo $(DEMO)/toy.engine -o $(DEMO)/toy-shapes-1x.png
+	$(VENV)/bin/export-engine models/toy-sd3-teacher.safetensors --pipeline models/toy-pipeline -o $(DEMO)/toy-teacher.engine --force -q
+	$(VENV)/bin/slimengine generate $(DEMO)/toy.engine "a red circle" -o $(DEMO)/red-circle.png
+	# The 18 class prompts: the teacher's grid (28 steps, CFG 4: 56 NFE), the student's (1.x: 1.5 NFE), both side by side.
+	$(PY) -m slimengine.tools.toy_demo $(DEMO)/toy-teacher.engine -o $(DEMO)/toy-shapes.png
+	$(PY) -m slimengine.tools.toy_demo $(DEMO)/toy.engine -o $(DEMO)/toy-shapes-1x.png --teacher $(DEMO)/toy-teacher.engine \
+		--compare $(DEMO)/toy-teacher-vs-1x.png
 	# A small random 1.x-Distill SD3 checkpoint through export, verification and the C example program.
 	$(VENV)/bin/make-sd3-checkpoint --preset small -o $(DEMO)/sd3-small.pt
 	$(VENV)/bin/export-engine $(DEMO)/sd3-small.pt -o $(DEMO)/sd3-small.engine --force --verify

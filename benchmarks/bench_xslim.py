@@ -22,7 +22,8 @@ from common import cli, median_ms
 import slimengine as se
 from slimengine.tools.calibrate_xslim import calibrate, load_embeds, psnr_db, write_schedule
 
-TOY = Path(__file__).resolve().parents[1] / "models" / "toy-sd3.safetensors"
+TOY = Path(__file__).resolve().parents[1] / "models" / "toy-sd3.safetensors"  # the 1.x student
+TEACHER = Path(__file__).resolve().parents[1] / "models" / "toy-sd3-teacher.safetensors"  # its 28-step teacher
 TOY_PIPELINE = Path(__file__).resolve().parents[1] / "models" / "toy-pipeline"
 GOAL_DB = 30.0
 PEAK = 8.0  # PSNR peak: the toy model's latents (the VAE's, scaled to unit variance) span about [-4, 4]
@@ -98,7 +99,7 @@ def main() -> None:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         full_bundle, student_bundle = work / "toy-28.engine", work / "toy-1x.engine"
-        cli("slimengine.export.cli", str(TOY), "-o", str(full_bundle), "-q", "--force", "--cache-blocks", "none", "--steps", "28",
+        cli("slimengine.export.cli", str(TEACHER), "-o", str(full_bundle), "-q", "--force", "--cache-blocks", "none", "--steps", "28",
             "--guidance-scale", "4", "--token-stages")
         cli("slimengine.export.cli", str(TOY), "-o", str(student_bundle), "-q", "--force")
         embeds = load_embeds(f"toy:{TOY_PIPELINE}")  # the 18 class prompts; the empty prompt as CFG's negative

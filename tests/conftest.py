@@ -131,15 +131,17 @@ def cfg_bundle(workdir, plain_checkpoint) -> Path:
     return export(plain_checkpoint, workdir / "cfg.engine", "--steps", "3", "--guidance-scale", "4.5")
 
 
-TOY_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "toy-sd3.safetensors"
+TOY_CHECKPOINT = Path(__file__).resolve().parents[1] / "models" / "toy-sd3.safetensors"  # the distilled 1.x student
+TOY_TEACHER = Path(__file__).resolve().parents[1] / "models" / "toy-sd3-teacher.safetensors"  # its flow-matching teacher
+TOY_PROMPTS = Path(__file__).resolve().parents[1] / "models" / "toy-prompts.txt"  # distill-1x's prompts (template 0 held out)
 TOY_PIPELINE = Path(__file__).resolve().parents[1] / "models" / "toy-pipeline"
 
 
 @pytest.fixture(scope="session")
 def toy_bundles(workdir) -> dict[str, Path]:
-    """The trained toy pipeline (prompt to image) with the student's own 1.x plan, and as a 28-step CFG baseline."""
+    """The trained toy pipeline (prompt to image): the student with its own 1.x plan, and the teacher with 28 steps and CFG."""
     return {"1x": export(TOY_CHECKPOINT, workdir / "toy-1x.engine", "--pipeline", str(TOY_PIPELINE)),
-            "28-step CFG": export(TOY_CHECKPOINT, workdir / "toy-28.engine", "--pipeline", str(TOY_PIPELINE), "--cache-blocks", "none",
+            "28-step CFG": export(TOY_TEACHER, workdir / "toy-28.engine", "--pipeline", str(TOY_PIPELINE), "--cache-blocks", "none",
                                   "--steps", "28", "--guidance-scale", "4", "--token-stages")}
 
 

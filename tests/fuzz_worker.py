@@ -100,7 +100,7 @@ def ensure_bundles(folder: Path) -> tuple[Path, Path, Path]:
         subprocess.run([py, "-m", "slimengine.tools.make_lemur_checkpoint", "-o", str(lemur_checkpoint), "--preset", "tiny", "--seed", "3"],
                        check=True, stdout=subprocess.DEVNULL)
     models = Path(__file__).resolve().parents[1] / "models"
-    toy, toy_pipeline = models / "toy-sd3.safetensors", models / "toy-pipeline"
+    toy, toy_pipeline = models / "toy-sd3-teacher.safetensors", models / "toy-pipeline"
     return (export(sd3_checkpoint, folder / "distilled.engine", "--verify"),
             export(lemur_checkpoint, folder / "lemur-tiny.engine", "--verify", "--model-version", "7"),
             export(toy, folder / "toy-28.engine", "--pipeline", str(toy_pipeline), "--cache-blocks", "none", "--steps", "28", "--guidance-scale", "4", "--token-stages"))

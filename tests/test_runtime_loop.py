@@ -97,11 +97,11 @@ def test_online_xslim_levels_run_the_reference_planners_actions(toy_bundles, pol
     from slimengine.export.sampling_plan import make_plan
     from slimengine.tools import toy_shapes
 
-    from .conftest import TOY_CHECKPOINT, TOY_PIPELINE
+    from .conftest import TOY_PIPELINE, TOY_TEACHER
 
-    ck = load_checkpoint(TOY_CHECKPOINT)
+    ck = load_checkpoint(TOY_TEACHER)
     model = ck.build_model()
-    plan = make_plan(ck.config.num_layers, True, ck.metadata, cache_blocks="none", steps=28, guidance_scale=4.0)
+    plan = make_plan(ck.config.num_layers, False, ck.metadata, cache_blocks="none", steps=28, guidance_scale=4.0)
     text, pooled = toy_shapes.prompt_embeds(TOY_PIPELINE, toy_shapes.class_prompts())
     text, pooled = text[:2], pooled[:2]
     noise = gaussian_noise((2, model.config.in_channels, 16, 16), 0)

@@ -17,7 +17,7 @@ from slimengine.export.xslim import XSlimPolicy, load_schedule, parse_cache_spec
 from slimengine.noise import gaussian_noise
 from slimengine.tools import calibrate_xslim, toy_shapes
 
-from .conftest import TOY_CHECKPOINT, TOY_PIPELINE, CApiCall, edit_manifest, relative_error, run_cli
+from .conftest import TOY_CHECKPOINT, TOY_PIPELINE, TOY_TEACHER, CApiCall, edit_manifest, relative_error, run_cli
 
 LEVEL_NAMES = {"full": "full", "skip": "reused", "block": "block_refresh", "token": "token_refresh"}
 
@@ -28,8 +28,8 @@ def psnr(a, b) -> float:
 
 @pytest.fixture(scope="module")
 def toy_case(toy_bundles):
-    ck = load_checkpoint(TOY_CHECKPOINT)
-    plan = make_plan(ck.config.num_layers, True, ck.metadata, cache_blocks="none", steps=28, guidance_scale=4.0)
+    ck = load_checkpoint(TOY_TEACHER)
+    plan = make_plan(ck.config.num_layers, False, ck.metadata, cache_blocks="none", steps=28, guidance_scale=4.0)
     text, pooled = toy_shapes.prompt_embeds(TOY_PIPELINE, toy_shapes.class_prompts())
     session = se.open_engine(toy_bundles["28-step CFG"]).session()
     kwargs = dict(negative_prompt_embeds=np.zeros_like(text), negative_pooled_embeds=np.zeros_like(pooled), seed=0, height=16, width=16)
@@ -240,7 +240,7 @@ def test_calibrate_xslim_writes_the_cheapest_schedule_of_its_family_that_keeps_t
     """calibrate-xslim's schedule, run by the PyTorch reference, stays within the target PSNR of full
     computation on the calibration seed, and every schedule of its family with fewer full steps does not."""
     model, _, text, pooled, _, _, _ = toy_case
-    ck = load_checkpoint(TOY_CHECKPOINT)
+    ck = load_checkpoint(TOY_TEACHER)
     steps, target = 12, 30.0
     out = tmp_path / "schedule.json"
     args = [str(toy_bundles["28-step CFG"]), "--embeds", f"toy:{TOY_PIPELINE}", "-o", str(out), "--steps", str(steps), "--seeds", "1",
