@@ -239,6 +239,30 @@ def test_distill_numbers_and_teacher_metadata_are_checked_before_any_work(flags,
     assert time.perf_counter() - start < 30
 
 
+@pytest.mark.parametrize("make,message", [
+    (lambda p: p.mkdir(), "it is a directory"),
+    (lambda p: os.mkfifo(p), "it is a FIFO"),
+], ids=["directory", "FIFO"])
+def test_a_resume_path_that_is_not_a_file_is_named_for_what_it_is(make, message, few_prompts, tmp_path, capsys):
+    """A directory at OUT.resume was reported as "exists (an interrupted run)" or, with --resume, as missing."""
+    out = tmp_path / "student.safetensors"
+    make(tmp_path / "student.safetensors.resume")
+    args = [str(TOY_TEACHER), "--pipeline", str(TOY_PIPELINE), "--prompts", str(few_prompts), "-o", str(out), *SMALL]
+    for extra in ([], ["--resume"]):
+        assert distill_main([*args, *extra]) == 2
+        err = capsys.readouterr().err
+        assert f"student.safetensors.resume: {message}" in err and err.count("\n") == 1, err
+
+
+def test_an_output_name_too_long_for_its_resume_file_is_refused_at_once(few_prompts, tmp_path, capsys):
+    """A 250-byte output name fits, its .resume does not: a raw "[Errno 36]" came after the pipeline had loaded."""
+    out = tmp_path / ("s" * 238 + ".safetensors")
+    start = time.perf_counter()
+    assert distill_main([str(TOY_TEACHER), "--pipeline", str(TOY_PIPELINE), "--prompts", str(few_prompts), "-o", str(out), *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "its name is longer than 255 bytes" in err and err.count("\n") == 1 and time.perf_counter() - start < 5, err
+
+
 def test_a_second_run_to_the_same_output_is_refused_while_the_first_runs(few_prompts, tmp_path, capsys):
     from slimengine.distill.cli import _lock, _unlock
 
