@@ -307,8 +307,8 @@ def _distill(args, checkpoint, plan, shift, prompts, pipe, length, guidance, res
     try:
         save(state)
         train(student, plan, data, state, args.train_steps, args.batch_size, args.lr, args.device, not args.quiet, save, args.save_every)
-    except (RuntimeError, KeyError, TypeError, ValueError) as e:  # only a resume file's contents get here (checked above)
-        if "optimizer" not in state and "student" not in state:
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:  # what _checked_state cannot see: the optimiser's state
+        if not args.resume:
             raise
         raise UsageError(f"{resume}: not a valid resume file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     losses = state["losses"]
@@ -316,7 +316,8 @@ def _distill(args, checkpoint, plan, shift, prompts, pipe, length, guidance, res
         raise UsageError(f"training diverged (a non-finite loss or weight): nothing written; lower --lr ({resume} holds the last save)")
     record = {"teacher_sha256": checkpoint.sha256, "prompts": len(prompts), "samples_per_prompt": args.samples_per_prompt,
               "teacher_steps": args.teacher_steps, "guidance": guidance, "train_steps": args.train_steps, "batch_size": args.batch_size,
-              "lr": args.lr, "seed": args.seed, "teacher_seconds": round(state["teacher_seconds"]), "first_loss": mean_loss(losses, first=True), "final_loss": mean_loss(losses, first=False),
+              "lr": args.lr, "seed": args.seed, "teacher_seconds": round(state["teacher_seconds"]),
+              "first_loss": mean_loss(losses, first=True), "final_loss": mean_loss(losses, first=False),
               "seconds": round(time.perf_counter() - start)}
     save_student(args.output, student, checkpoint, plan, shift, record, "distill")
     resume.unlink(missing_ok=True)
@@ -434,6 +435,8 @@ def _checked_state(state: dict, resume: Path, prompts: int, samples: int, config
         raise bad("its losses")
     if not isinstance(data, dict) or not isinstance(state.get("student"), dict) or not isinstance(state.get("order_rng"), torch.Tensor):
         raise bad("missing data, student or batch order")
+    if not isinstance(state.get("teacher_seconds"), float):
+        raise bad("teacher_seconds")
     pairs, latent = prompts * samples, (config.in_channels, config.sample_size, config.sample_size)
     expected = {"prompt": ((pairs,), torch.int64), "noise": ((pairs, *latent), torch.float32), "target": ((pairs, *latent), torch.float32)}
     for name, (shape, dtype) in expected.items():
