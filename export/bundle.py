@@ -47,10 +47,12 @@ def write_manifest(directory: Path, manifest: dict) -> None:
     (Path(directory) / DIGEST).write_bytes(digest_line(data))
 
 
-def write_bundle(destination: Path, fill: Callable[[Path], dict], force: bool = False, report: Callable[[str], None] | None = None) -> dict:
+def write_bundle(destination: Path, fill: Callable[[Path], dict], force: bool = False, report: Callable[[str], None] | None = None,
+                 check: Callable[[Path], None] | None = None) -> dict:
     """Create the bundle at `destination`: `fill(tmpdir)` writes the files and returns the manifest
     (without `files`); this function lists every file with its sha256 and size, writes the manifest and
-    its digest, and publishes atomically. Stale
+    its digest, runs `check(tmpdir)` on the complete bundle (an exception there publishes nothing), and
+    publishes atomically. Stale
     temporaries of killed exports to the same destination are removed first, each told to `report`."""
     destination = output_directory(destination, force)  # with force, only a bundle directory is replaced
     for stale in remove_stale_temporaries(destination):
@@ -71,6 +73,8 @@ def write_bundle(destination: Path, fill: Callable[[Path], dict], force: bool = 
         # Not part of the bundle. Still locked through our descriptor; until the rename, our live PID marks
         # the directory as in use (remove_stale_temporaries).
         (tmp / LOCK).unlink()
+        if check is not None:
+            check(tmp)
         sync_tree(tmp)  # on disk before it becomes visible: a power loss cannot publish a torn bundle
         publish(tmp, destination, force)
         return manifest

@@ -23,7 +23,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "(model_index.json: transformer, text encoders, VAE and tokenizers all become stages; docs/pipeline.md), or "
                         "an SD3 single file with its text encoders and VAE (text_encoders.*, first_stage_model.*; give --tokenizers)")
     parser.add_argument("-o", "--output", type=Path, help="bundle directory to write (default: CHECKPOINT.engine)")
-    parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="compute precision (default fp32)")
+    parser.add_argument("--precision", choices=["fp32", "fp16", "bf16", "int8"], default="fp32",
+                        help="compute precision (default fp32); int8: the transformer's matmuls in 8 bits where calibration "
+                        "measures it holds (CPU; needs --calibrate; docs/int8.md)")
+    parser.add_argument("--calibrate", type=Path, metavar="FILE",
+                        help="int8: calibration prompts (a text file, one per line; needs the pipeline's text encoders) or "
+                        "embeddings (.safetensors: prompt_embeds, pooled_prompt_embeds, and the negative_ pair for CFG)")
+    parser.add_argument("--int8-tolerance", type=float, metavar="E",
+                        help="int8: the worst relative L2 error a stage may have against its float32 graph on the calibration "
+                        "inputs; the most sensitive matmuls stay float until it holds (default 0.02)")
     parser.add_argument("--steps", type=int, help="sampling steps (default: metadata, else 2 for 1.x-Distill, 28 for plain SD3)")
     parser.add_argument("--shift", type=float, help="sigma shift (default: metadata, else the pipeline's scheduler/scheduler_config.json, else 3.0)")
     parser.add_argument("--cache-blocks", help="joint blocks skipped after step 1, e.g. 2-7, or 'none' for a plain plan (default: metadata)")
@@ -62,6 +70,14 @@ def main(argv=None) -> int:
         return _fail(f"--steps must be at least 1, got {args.steps}")
     if args.shift is not None and not args.shift > 0:
         return _fail(f"--shift must be positive, got {args.shift}")
+    if args.precision == "int8" and args.calibrate is None:
+        return _fail("--precision int8 needs --calibrate FILE (prompts, or an embeddings .safetensors): what stays float is measured on it")
+    if args.precision != "int8" and (args.calibrate is not None or args.int8_tolerance is not None):
+        return _fail("--calibrate and --int8-tolerance are for --precision int8")
+    if args.int8_tolerance is not None and not 0 < args.int8_tolerance <= 1:
+        return _fail(f"--int8-tolerance must be in (0, 1], got {args.int8_tolerance}")
+    if args.calibrate is not None and not args.calibrate.is_file():
+        return _fail(f"--calibrate {args.calibrate}: not a file")
     try:
         # with --force only a bundle directory is replaced: never a file, link or device, nor an input or a folder holding one
         output_directory(output, args.force, [p for p in (args.checkpoint, args.pipeline, args.tokenizers) if p is not None])
@@ -111,6 +127,16 @@ def main(argv=None) -> int:
     if args.max_sequence_length is None:
         trained = metadata.get("pipeline", {}).get("max_sequence_length") if isinstance(metadata.get("pipeline"), dict) else None
         args.max_sequence_length = trained if isinstance(trained, int) and not isinstance(trained, bool) and 1 < trained <= 512 else 256
+    calibration = None
+    if args.calibrate is not None:
+        from .quantize import CalibrationError, load_calibration
+
+        c = checkpoint.config
+        try:
+            calibration = load_calibration(args.calibrate, getattr(pipeline, "path", None), args.max_sequence_length,
+                                           c.joint_attention_dim, c.pooled_projection_dim, plan.guidance_scale > 1)
+        except CalibrationError as e:
+            return _fail(str(e))
     c = checkpoint.config
     kind = f"cached blocks {plan.cache_blocks[0]}-{plan.cache_blocks[1]} ({plan.compensation} compensation)" if plan.cache_blocks else "full steps"
     kind = ("1.x-Distill student, " if checkpoint.has_compensation else "plain SD3, ") + kind
@@ -120,11 +146,14 @@ def main(argv=None) -> int:
     stages = c.num_layers + 2 + checkpoint.has_compensation
     if token_stages:
         stages += c.num_layers - len(c.dual_attention_layers)
+    if args.precision == "int8":
+        stages += c.num_layers + 2 + checkpoint.has_compensation  # each quantized stage: a second step of the bar
     if pipeline is not None:
         stages += len(pipeline.roles())
     failed = _run_export(args, output, stages, lambda progress, report: export_sd3(
         checkpoint, plan, output, precision=args.precision, verify=args.verify, force=args.force, token_stages=token_stages,
-        tokenizers=args.tokenizers, t5_max_length=args.max_sequence_length, pipeline=pipeline, progress=progress, report=report))
+        tokenizers=args.tokenizers, t5_max_length=args.max_sequence_length, pipeline=pipeline, progress=progress, report=report,
+        calibration=calibration, int8_tolerance=args.int8_tolerance))
     if failed is not None:
         return failed
     print(f"wrote {output} ({args.precision}, {stages} stages) in {time.perf_counter() - start:.1f} s", file=sys.stderr)

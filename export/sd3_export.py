@@ -43,6 +43,8 @@ def export_sd3(
     tokenizers: Path | None = None,
     t5_max_length: int = 256,
     pipeline: PipelineFolder | SingleFile | None = None,
+    calibration=None,
+    int8_tolerance: float | None = None,
 ) -> dict:
     """Write the bundle for `checkpoint` with `plan`; with `verify`, check every stage in ONNX Runtime.
     `token_stages` adds the X-Slim token-level stages (always when the plan's policy uses that level).
@@ -50,8 +52,10 @@ def export_sd3(
     tokenizer stages (docs/tokenizers.md); T5's keeps `t5_max_length` tokens. `pipeline`: a checked diffusers SD3
     pipeline folder whose text encoders and VAE become stages too (docs/pipeline.md), and whose tokenizers are
     exported unless `tokenizers` names another folder; or a checked single file's encoders and VAE
-    (export/single_file.py), whose tokenizers `tokenizers` names."""
-    model = checkpoint.build_model(DTYPES[precision])  # no float32 copy of a half-precision model
+    (export/single_file.py), whose tokenizers `tokenizers` names. `precision` "int8" quantizes the transformer's
+    stages, measured on `calibration` (quantize.py: a Calibration) within `int8_tolerance`; the rest stays float32."""
+    compute = "fp32" if precision == "int8" else precision  # what the graphs are traced in
+    model = checkpoint.build_model(DTYPES[compute])  # no float32 copy of a half-precision model
     plan.validate(model.num_layers, model.has_compensation)
     token_stages = token_stages or needs_token_stages(plan)
     components = None
@@ -62,15 +66,18 @@ def export_sd3(
     tokenizer_roles = pipeline.tokenizer_roles() if pipeline is not None else ("clip_l", "clip_g", "t5")
 
     def fill(tmp: Path) -> dict:
-        specs = export_stages(model, tmp, precision, progress=progress, token_stages=token_stages)
+        specs = export_stages(model, tmp, compute, progress=progress, token_stages=token_stages)
         if verify:
-            errors = verify_stages(model, tmp, specs, precision)
+            errors = verify_stages(model, tmp, specs, compute)
             for name, err in errors.items():
                 report(f"verify {name:>12}: max |ORT - PyTorch| = {err:.3e}")
+        quantization = {}
+        if precision == "int8":
+            quantization = {"quantization": quantize_transformer(model, plan, specs, tmp, calibration, int8_tolerance, progress, report)}
         if components is not None:
-            encoder_specs = export_pipeline_stages(components, tmp, precision, t5_max_length, pipeline.clip_length, progress=progress)
+            encoder_specs = export_pipeline_stages(components, tmp, compute, t5_max_length, pipeline.clip_length, progress=progress)
             if verify:
-                for name, err in verify_pipeline_stages(components, tmp, encoder_specs, precision, pipeline.clip_length).items():
+                for name, err in verify_pipeline_stages(components, tmp, encoder_specs, compute, pipeline.clip_length).items():
                     report(f"verify {name:>12}: max |ORT - PyTorch| = {err:.3e}")
             specs = specs + encoder_specs
         config = checkpoint.config
@@ -89,6 +96,38 @@ def export_sd3(
             "custom_op_library": CUSTOM_OP_LIBRARY if token_stages else None,
             "tokenizers": export_tokenizers(tokenizers, tmp, t5_max_length, tokenizer_roles) if tokenizers is not None else [],
             **({"pipeline": pipeline_manifest(components, pipeline, config, t5_max_length)} if components is not None else {}),
+            **quantization,
         }
 
-    return write_bundle(destination, fill, force=force, report=report)
+    def check(bundle: Path) -> None:
+        if verify and precision == "int8":
+            from .quantize import verify_program
+
+            error, psnr = verify_program(bundle, model, plan, calibration)
+            report(f"verify      program: final latents vs the float32 PyTorch program: relative L2 {error:.4f}, PSNR {psnr:.1f} dB")
+
+    return write_bundle(destination, fill, force=force, report=report, check=check)
+
+
+def quantize_transformer(model, plan: SamplingPlan, specs, directory: Path, calibration, tolerance: float | None, progress, report) -> dict:
+    """Quantize the transformer's stages under `directory` in place (quantize.py) and return the manifest's
+    `quantization` record; each stage's result goes to `report`."""
+    from . import quantize
+
+    tolerance = quantize.DEFAULT_TOLERANCE if tolerance is None else tolerance
+    c = model.config
+    latent_size = min(c.sample_size, c.pos_embed_max_size * c.patch_size)
+    records = quantize.record_stage_inputs(model, plan, calibration, specs, latent_size)
+    stages = quantize.quantize_stages(directory, specs, records, tolerance, progress=progress)
+    for name, q in stages.items():
+        kept = f"; float: {', '.join(q.modules.get(n) or n for n in q.float_nodes)}" if q.float_nodes else ""
+        report(f"int8 {name:>12}: {len(q.int8_nodes)} of {len(q.int8_nodes) + len(q.float_nodes)} matmuls int8, "
+               f"error {q.error:.4f} (all int8: {q.error_all_int8:.4f}){kept}")
+    return {
+        "method": quantize.METHOD,
+        "calibration": {"source": calibration.source, "steps": quantize.recorded_steps(plan.steps), "latent_size": latent_size,
+                        "seed": 0},
+        "tolerance": tolerance,
+        "stages": {name: q.to_json() for name, q in stages.items()},
+        "float_stages": [s.name for s in specs if s.name not in stages],
+    }

@@ -257,7 +257,8 @@ def profile_sd3(args) -> tuple[dict, dict]:
         "schema_version": SCHEMA_VERSION,
         "family": "sd3",
         "engine": {"path": str(args.engine), "family": engine.manifest["family"], "precision": engine.manifest["precision"],
-                   "num_layers": config["num_layers"], "stages": stage_names, "runtime_version": se.version()},
+                   "num_layers": config["num_layers"], "stages": stage_names, "runtime_version": se.version(),
+                   "quantization": engine.manifest.get("quantization")},
         "settings": {"warmup": args.warmup, "iters": args.iters, "batch": args.batch, "latent_size": [height, width],
                      "text_len": text_len, "cache": args.cache or "bundle", "guidance_scale": guidance, "seed": 0,
                      "device": "cpu", "device_time": False},
@@ -559,6 +560,12 @@ def report_table(report: dict) -> str:
              f"{s['iters']} timed generations after {s['warmup']} warm-up; host time from the runtime's events (ms); "
              "device time: not measured (CPU)", "", TABLE_HEADER]
     row = _table_row
+    if e.get("quantization"):  # int8: what is int8 and what calibration kept float, stage by stage
+        q = e["quantization"]
+        stages = q["stages"]
+        kept = [f"{name}: {', '.join(n['module'] or n['node'] for n in st['float_nodes'])}" for name, st in stages.items() if st["float_nodes"]]
+        lines.insert(1, f"int8 ({q['method']}): {sum(st['int8_nodes'] for st in stages.values())} matmuls int8 in {len(stages)} stages; "
+                     f"kept float: {'; '.join(kept) if kept else 'no matmul'}; float stages: {', '.join(q['float_stages']) or 'none'}")
 
     if report.get("prompt"):  # prompt to image and its phases (share: of prompt to image); the sampling call below
         p = report["prompt"]

@@ -43,15 +43,15 @@ extern "C" {
  * refused (SLIM_ERR_INVALID_ARGUMENT): the caller's header is newer than the library. So is a params struct_size that
  * is no multiple of the struct's alignment (it would end inside a field; every version's sizeof is a multiple). */
 #define SLIM_ABI_VERSION_MAJOR 0
-#define SLIM_ABI_VERSION_MINOR                                                                                               \
-    9 /* 2: X-Slim policies and stats, plan override, profiling events, LEMUR, generic stage call, device; 3: SLIM_ERR_BUSY; \
-         4: bundle format 2, slim_verify levels, slim_bundle_verify, block events (SLIM_PROFILE_BLOCKS),                     \
-         slim_generate_stats.transfer_bytes; 5: slim_abi_version, slim_engine_info, slim_engine_program_step, struct_size    \
-         larger than the library's refused; 6: slim_tokenize, slim_engine_tokenizer_count/role;                              \
-         7: slim_generate_prompt; 8: the session's prompt-embedding cache (slim_session_set_prompt_cache,                    \
-         slim_session_clear_prompt_cache, slim_prompt_stats' cache fields), progress callbacks (slim_progress) with          \
-         SLIM_ERR_CANCELLED, prompt events (SLIM_EVENT_TOKENIZE, _DECODE, _IMAGE); 9: slim_bank_repair,                      \
-         slim_bank_recovery.header_corrected */
+#define SLIM_ABI_VERSION_MINOR                                                                                                \
+    10 /* 2: X-Slim policies and stats, plan override, profiling events, LEMUR, generic stage call, device; 3: SLIM_ERR_BUSY; \
+         4: bundle format 2, slim_verify levels, slim_bundle_verify, block events (SLIM_PROFILE_BLOCKS),                      \
+         slim_generate_stats.transfer_bytes; 5: slim_abi_version, slim_engine_info, slim_engine_program_step, struct_size     \
+         larger than the library's refused; 6: slim_tokenize, slim_engine_tokenizer_count/role;                               \
+         7: slim_generate_prompt; 8: the session's prompt-embedding cache (slim_session_set_prompt_cache,                     \
+         slim_session_clear_prompt_cache, slim_prompt_stats' cache fields), progress callbacks (slim_progress) with           \
+         SLIM_ERR_CANCELLED, prompt events (SLIM_EVENT_TOKENIZE, _DECODE, _IMAGE); 9: slim_bank_repair,                       \
+         slim_bank_recovery.header_corrected; 10: SLIM_DTYPE_INT8 (an int8 bundle's slim_engine_info.precision) */
 
 typedef enum slim_status {
     SLIM_OK = 0,
@@ -75,7 +75,8 @@ typedef enum slim_dtype {
     SLIM_DTYPE_FLOAT16 = 1,
     SLIM_DTYPE_BFLOAT16 = 2,
     SLIM_DTYPE_INT64 = 3,
-    SLIM_DTYPE_INT32 = 4
+    SLIM_DTYPE_INT32 = 4,
+    SLIM_DTYPE_INT8 = 5 /* only as slim_engine_info.precision: an int8 bundle (docs/int8.md); ABI 0.10 */
 } slim_dtype;
 
 /* Device types use DLPack's numbering. */
@@ -191,7 +192,7 @@ typedef enum slim_xslim_mode {
 typedef struct slim_engine_info {
     uint32_t struct_size; /* set by the caller: sizeof(slim_engine_info) */
     int32_t family;       /* slim_family */
-    int32_t precision;    /* slim_dtype of the weights: SLIM_DTYPE_FLOAT32, FLOAT16 or BFLOAT16 (manifest "precision") */
+    int32_t precision;    /* slim_dtype of the weights: SLIM_DTYPE_FLOAT32, FLOAT16, BFLOAT16 or INT8 (manifest "precision") */
     int32_t stage_count;  /* as slim_engine_stage_count */
     /* SD3 (manifest config and program): */
     int32_t num_blocks;            /* joint transformer blocks (config.num_layers) */

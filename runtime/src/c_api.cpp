@@ -308,7 +308,10 @@ slim_status slim_engine_get_info(const slim_engine* engine, slim_engine_info* ou
         slim_engine_info info{};
         info.struct_size = sizeof(info);
         info.family = m.kind == slim::Family::Sd3 ? SLIM_FAMILY_SD3 : m.kind == slim::Family::Lemur ? SLIM_FAMILY_LEMUR : SLIM_FAMILY_ONNX;
-        info.precision = m.precision == "fp16" ? SLIM_DTYPE_FLOAT16 : m.precision == "bf16" ? SLIM_DTYPE_BFLOAT16 : SLIM_DTYPE_FLOAT32;
+        info.precision = m.precision == "fp16"   ? SLIM_DTYPE_FLOAT16
+                         : m.precision == "bf16" ? SLIM_DTYPE_BFLOAT16
+                         : m.precision == "int8" ? SLIM_DTYPE_INT8
+                                                 : SLIM_DTYPE_FLOAT32;
         info.stage_count = static_cast<int32_t>(e.stages().size());
         info.cache_first_block = info.cache_last_block = -1;
         if (m.kind == slim::Family::Sd3) {

@@ -194,7 +194,8 @@ void check_format(const Value& root) {
 void parse_fields(const Value& root, Manifest& m) {
     m.family = string_field(root, "family", "");
     m.precision = string_field(root, "precision", "");
-    if (m.precision != "fp32" && m.precision != "fp16" && m.precision != "bf16") bad(".precision", "must be fp32, fp16 or bf16");
+    if (m.precision != "fp32" && m.precision != "fp16" && m.precision != "bf16" && m.precision != "int8")
+        bad(".precision", "must be fp32, fp16, bf16 or int8");
     const Value& ops = field(root, "custom_op_library", "");
     if (!ops.is_null() && !(ops.kind == Value::Kind::String && ops.string == kCustomOpLibrary))
         bad(".custom_op_library", std::string("must be null or \"") + kCustomOpLibrary + "\" (the runtime's own custom ops)");

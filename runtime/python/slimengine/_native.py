@@ -29,7 +29,7 @@ DEVICE_CPU, DEVICE_CUDA = 1, 2  # slim_device_type
 
 # The ABI this binding is written against (slimengine.h's SLIM_ABI_VERSION_*): the library must have this major
 # version and at least this minor one.
-ABI_MAJOR, ABI_MINOR = 0, 9
+ABI_MAJOR, ABI_MINOR = 0, 10
 
 
 class EngineInfo(ctypes.Structure):
@@ -48,7 +48,7 @@ class EngineInfo(ctypes.Structure):
 
 
 FAMILIES = {0: "sd3", 1: "lemur", 2: "onnx"}  # slim_family
-PRECISIONS = {0: "fp32", 1: "fp16", 2: "bf16"}  # slim_dtype of the weights
+PRECISIONS = {0: "fp32", 1: "fp16", 2: "bf16", 5: "int8"}  # slim_dtype of the weights
 COMPENSATIONS = {0: "none", 1: "mlp", 2: "identity"}  # slim_compensation
 XSLIM_MODES = {0: "none", 1: "online", 2: "schedule"}  # slim_xslim_mode
 

@@ -69,7 +69,7 @@ class EngineInfo:
     """What the engine's manifest says, typed (slim_engine_get_info; fields of another family are 0, the cache range -1)."""
 
     family: str  # "sd3", "lemur" or "onnx"
-    precision: str  # "fp32", "fp16" or "bf16"
+    precision: str  # "fp32", "fp16", "bf16" or "int8"
     stage_count: int
     # SD3
     num_blocks: int

@@ -1,0 +1,336 @@
+"""8-bit stage graphs: `export-engine --precision int8` (docs/int8.md has the method and the measurements).
+
+What is quantized: the MatMul and Gemm nodes with a constant weight in the transformer's stages (embed, joint blocks,
+compensation, final). Weights become int8, symmetric, one scale per output channel; activations are quantized to
+uint8 per tensor *at run time*, from the values of that call (ONNX Runtime's dynamic quantization:
+DynamicQuantizeMatMul / MatMulIntegerToFloat). Run-time scales follow the activations' range as it changes with the
+timestep, so no range is fixed at export. Static activation ranges (QDQ) measured slower and less accurate here
+(docs/int8.md), and ONNX Runtime's CPU kernels have no int8 attention, softmax or norm: those stay float by construction.
+
+What stays float is measured, stage by stage, on calibration data (the stage's inputs recorded while the PyTorch
+program runs on the calibration prompts, at every recorded step): each candidate node is quantized alone and its
+error on the stage's outputs measured; then the whole stage is quantized, and the most sensitive node is put back to
+float until the stage's worst relative L2 error over the calibration inputs is within the tolerance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .stage_spec import StageSpec
+
+QUANTIZED_ROLES = ("embed", "block", "compensate", "final")  # token stages (X-Slim) stay float: docs/int8.md
+DEFAULT_TOLERANCE = 0.02  # worst relative L2 error of a stage's outputs against its float32 graph
+METHOD = "dynamic-int8"  # int8 per-channel weights, uint8 per-tensor activations quantized at run time
+
+
+class CalibrationError(ValueError):
+    """Unusable calibration input: one line for the user."""
+
+
+@dataclasses.dataclass
+class Calibration:
+    """The conditioning the program runs on while stage inputs are recorded: [P, L, J] and [P, D], and the
+    negative (empty prompt) conditioning that CFG pairs with it."""
+
+    source: str
+    prompt_embeds: torch.Tensor
+    pooled_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None
+    negative_pooled_embeds: torch.Tensor | None
+
+
+EMBEDDING_KEYS = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds")
+MAX_CALIBRATION_PROMPTS = 64
+
+
+def load_calibration(path: Path, pipeline_folder: Path | None, max_sequence_length: int, joint_dim: int, pooled_dim: int,
+                     cfg: bool) -> Calibration:
+    """Prompts (a text file, one per line, encoded by the pipeline's own encoders as diffusers does) or an
+    embeddings file (.safetensors with EMBEDDING_KEYS; the negative pair is needed when the program uses CFG)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        calib = _embeddings_file(path, cfg)
+    else:
+        if pipeline_folder is None:
+            raise CalibrationError(f"--calibrate {path}: prompts need the pipeline's text encoders (a pipeline folder or --pipeline); "
+                                   "without them give an embeddings file (.safetensors with prompt_embeds and pooled_prompt_embeds)")
+        from slimengine.distill.data import DataError, encode_prompts, load_encoder_pipeline, read_prompts
+
+        try:
+            prompts = read_prompts(path)[:MAX_CALIBRATION_PROMPTS]
+            pipe = load_encoder_pipeline(pipeline_folder)
+        except DataError as e:
+            raise CalibrationError(f"--calibrate: {e}") from None
+        text, pooled = encode_prompts(pipe, prompts, max_sequence_length)
+        neg_text, neg_pooled = encode_prompts(pipe, [""], max_sequence_length) if cfg else (None, None)
+        calib = Calibration(f"{path} ({len(prompts)} prompts)", text, pooled, neg_text, neg_pooled)
+    if calib.prompt_embeds.shape[-1] != joint_dim or calib.pooled_embeds.shape[-1] != pooled_dim:
+        raise CalibrationError(f"--calibrate {path}: embeddings of width {calib.prompt_embeds.shape[-1]} / {calib.pooled_embeds.shape[-1]}, "
+                               f"the transformer takes {joint_dim} / {pooled_dim}")
+    return calib
+
+
+def _embeddings_file(path: Path, cfg: bool) -> Calibration:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise CalibrationError(f"--calibrate {path}: not a readable safetensors file ({e})") from None
+    needed = EMBEDDING_KEYS if cfg else EMBEDDING_KEYS[:2]
+    missing = [k for k in needed if k not in tensors]
+    if missing:
+        raise CalibrationError(f"--calibrate {path}: missing {', '.join(missing)}" + (" (the program uses CFG)" if cfg else ""))
+    t = {k: v.float() for k, v in tensors.items() if k in EMBEDDING_KEYS}
+    text, pooled = t["prompt_embeds"], t["pooled_prompt_embeds"]
+    if text.ndim != 3 or pooled.ndim != 2 or text.shape[0] != pooled.shape[0] or not 1 <= text.shape[0] <= MAX_CALIBRATION_PROMPTS:
+        raise CalibrationError(f"--calibrate {path}: prompt_embeds must be [P, L, J] and pooled_prompt_embeds [P, D] with the same "
+                               f"P from 1 to {MAX_CALIBRATION_PROMPTS}; got {list(text.shape)} and {list(pooled.shape)}")
+    neg_text, neg_pooled = (t["negative_prompt_embeds"][:1], t["negative_pooled_prompt_embeds"][:1]) if cfg else (None, None)
+    if cfg and (neg_text.shape[1:] != text.shape[1:] or neg_pooled.shape[1:] != pooled.shape[1:]):
+        raise CalibrationError(f"--calibrate {path}: the negative embeddings' shapes do not match the prompts'")
+    if not all(torch.isfinite(x).all() for x in t.values()):
+        raise CalibrationError(f"--calibrate {path}: holds NaN or infinite values")
+    return Calibration(f"{path} ({text.shape[0]} prompts)", text, pooled, neg_text, neg_pooled)
+
+
+def recorded_steps(steps: int, max_steps: int = 8) -> list[int]:
+    """Evenly spaced steps of the program, first and last included, at most `max_steps`."""
+    count = min(steps, max_steps)
+    return sorted({round(i * (steps - 1) / max(count - 1, 1)) for i in range(count)})
+
+
+@torch.no_grad()
+def record_stage_inputs(model, plan, calib: Calibration, specs: list[StageSpec], latent_size: int, seed: int = 0,
+                        max_steps: int = 8) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Each quantized stage's float32 inputs, by input name, at the recorded steps of the PyTorch program (the
+    plan's steps, CFG and 1.x cache; X-Slim off) run on the calibration conditioning from seeded noise."""
+    from .reference_sampler import reference_generate
+
+    c = model.config
+    keep = set(recorded_steps(plan.steps, max_steps))
+    by_role: dict[str, list[StageSpec]] = {}
+    for spec in specs:
+        if spec.role in QUANTIZED_ROLES:
+            by_role.setdefault(spec.role if spec.block is None else f"block_{spec.block}", []).append(spec)
+    records: dict[str, list[dict[str, np.ndarray]]] = {s.name: [] for group in by_role.values() for s in group}
+    step = [-1]
+
+    def record(key, args):
+        if step[0] in keep:
+            for spec in by_role.get(key, ()):
+                records[spec.name].append({t.name: a.detach().float().numpy().copy() for t, a in zip(spec.inputs, args)})
+
+    embed, block, compensate, final = model.embed, model.block, model.compensate, model.final
+
+    def embed_hook(*args):
+        step[0] += 1
+        record("embed", args)
+        return embed(*args)
+
+    def block_hook(index, *args):
+        record(f"block_{index}", args)
+        return block(index, *args)
+
+    def compensate_hook(*args):
+        record("compensate", args)
+        return compensate(*args)
+
+    def final_hook(*args):
+        record("final", args)
+        return final(*args)
+
+    model.embed, model.block, model.compensate, model.final = embed_hook, block_hook, compensate_hook, final_hook
+    try:
+        count = calib.prompt_embeds.shape[0]
+        latents = torch.randn(count, c.in_channels, latent_size, latent_size, generator=torch.Generator().manual_seed(seed))
+        neg = {}
+        if calib.negative_prompt_embeds is not None:
+            neg = {"negative_prompt_embeds": calib.negative_prompt_embeds.expand(count, -1, -1),
+                   "negative_pooled_embeds": calib.negative_pooled_embeds.expand(count, -1)}
+        reference_generate(model, plan, calib.prompt_embeds, calib.pooled_embeds, latents, cache=None, **neg)
+    finally:
+        del model.embed, model.block, model.compensate, model.final  # the class's methods again
+    return records
+
+
+def _quiet_quantizer():
+    # ORT's quantizer logs a pre-processing hint per call at WARNING; the report says what was done.
+    logging.getLogger("root").setLevel(logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)
+
+
+def candidate_nodes(path: Path) -> list[str]:
+    """The MatMul and Gemm nodes whose second input is a weight (an initializer): what dynamic quantization takes."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    weights = {i.name for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in weights]
+
+
+def node_modules(path: Path) -> dict[str, str]:
+    """Node name -> the torch module it was traced from (the exporter's name scopes), for reports a user can read."""
+    import ast
+
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    modules = {}
+    for node in model.graph.node:
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None)
+        try:
+            # [..., the module's path, the aten op's name]: the module is the scope before the op
+            modules[node.name] = [s for s in ast.literal_eval(scopes) if s][-2] if scopes else ""
+        except (ValueError, SyntaxError, IndexError):
+            modules[node.name] = ""
+    return modules
+
+
+def quantize_graph(source: Path, target: Path, nodes: list[str]) -> None:
+    """Write `source` with `nodes` quantized (int8 per-channel weights, dynamic uint8 activations) to `target`
+    (+ target.data), and the tanh-approximate Gelu the quantized MatMul leaves unfused as ONNX Runtime's FastGelu."""
+    import onnx
+    from onnx import helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    _quiet_quantizer()
+    with tempfile.TemporaryDirectory(prefix="slim-int8-") as tmp:
+        raw = Path(tmp) / target.name
+        if nodes:
+            quantize_dynamic(str(source), str(raw), op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=list(nodes),
+                             per_channel=True, weight_type=QuantType.QInt8, use_external_data_format=True)
+            model = onnx.load(str(raw))
+        else:
+            model = onnx.load(str(source))
+        for i, node in enumerate(model.graph.node):
+            approx = next((a.s for a in node.attribute if a.name == "approximate"), b"none")
+            if node.op_type == "Gelu" and node.domain in ("", "ai.onnx") and approx == b"tanh":
+                model.graph.node[i].CopyFrom(helper.make_node("FastGelu", list(node.input), list(node.output), name=node.name,
+                                                              domain="com.microsoft"))
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        target.unlink(missing_ok=True)
+        Path(str(target) + ".data").unlink(missing_ok=True)
+        onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=target.name + ".data")
+
+
+class StageRunner:
+    """Runs one stage graph on recorded inputs in ONNX Runtime (the CPU kernels the engine uses)."""
+
+    def __init__(self, path: Path, threads: int = 0):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def run(self, inputs: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
+        return [self.session.run(None, feed) for feed in inputs]
+
+
+def relative_error(got: list[list[np.ndarray]], expected: list[list[np.ndarray]]) -> float:
+    """Worst relative L2 error over records and outputs."""
+    worst = 0.0
+    for g_outs, e_outs in zip(got, expected):
+        for g, e in zip(g_outs, e_outs):
+            norm = float(np.linalg.norm(e.astype(np.float64)))
+            err = float(np.linalg.norm(g.astype(np.float64) - e))
+            worst = max(worst, err / norm if norm > 0 else (0.0 if err == 0 else float("inf")))
+    return worst
+
+
+@dataclasses.dataclass
+class StageQuantization:
+    int8_nodes: list[str]
+    float_nodes: list[str]  # candidates kept float because quantizing them cost more than the tolerance allows
+    error: float  # worst relative L2 error of the stage's outputs on the calibration inputs
+    error_all_int8: float  # ... with every candidate quantized (what keeping nodes float bought)
+    sensitivity: dict[str, float]  # each candidate's error when quantized alone
+    modules: dict[str, str]  # node -> the torch module it computes
+
+    def to_json(self) -> dict:
+        return {"int8_nodes": len(self.int8_nodes),
+                "float_nodes": [{"node": n, "module": self.modules.get(n, ""), "error_alone": self.sensitivity[n]} for n in self.float_nodes],
+                "error": self.error, "error_all_int8": self.error_all_int8}
+
+
+def quantize_stage(path: Path, inputs: list[dict[str, np.ndarray]], tolerance: float, threads: int = 0) -> StageQuantization:
+    """Quantize the stage graph at `path` in place (module docstring: sensitivity, then float nodes until the
+    stage's error on `inputs` is within `tolerance`)."""
+    candidates = candidate_nodes(path)
+    modules = node_modules(path)
+    expected = StageRunner(path, threads).run(inputs)
+    with tempfile.TemporaryDirectory(prefix="slim-int8-") as tmp:
+        trial = Path(tmp) / path.name
+
+        def error_with(nodes: list[str]) -> float:
+            quantize_graph(path, trial, nodes)
+            return relative_error(StageRunner(trial, threads).run(inputs), expected)
+
+        sensitivity = {n: error_with([n]) for n in candidates}
+        order = sorted(candidates, key=lambda n: (-sensitivity[n], candidates.index(n)))
+        kept: list[str] = []
+        error_all = error = error_with(candidates)
+        while error > tolerance and len(kept) < len(order):
+            kept.append(order[len(kept)])
+            error = error_with([n for n in candidates if n not in kept])
+        quantized = [n for n in candidates if n not in kept]
+        quantize_graph(path, trial, quantized)
+        shutil.move(str(trial), str(path))
+        shutil.move(str(trial) + ".data", str(path) + ".data")
+    return StageQuantization(quantized, kept, error, error_all, sensitivity, modules)
+
+
+def quantize_stages(directory: Path, specs: list[StageSpec], records: dict[str, list[dict[str, np.ndarray]]], tolerance: float,
+                    progress=None, threads: int = 0) -> dict[str, StageQuantization]:
+    """Quantize every stage of QUANTIZED_ROLES under `directory` in place; `records` from record_stage_inputs."""
+    result = {}
+    for spec in specs:
+        if spec.role not in QUANTIZED_ROLES:
+            continue
+        if not records.get(spec.name):
+            raise CalibrationError(f"stage {spec.name} never ran on the calibration program: nothing to measure its quantization on")
+        result[spec.name] = quantize_stage(Path(directory) / spec.file, records[spec.name], tolerance, threads)
+        if progress is not None:
+            progress(f"int8 {spec.name}")
+    return result
+
+
+@torch.no_grad()
+def verify_program(bundle: Path, model, plan, calib: Calibration, prompts: int = 4, seed: int = 1) -> tuple[float, float]:
+    """The bundle's whole program (the engine) against the float32 PyTorch program on up to `prompts` calibration prompts
+    from seeded noise: relative L2 error of the final latents, and their PSNR (peak: the reference's value range)."""
+    import slimengine as se
+
+    from .reference_sampler import reference_generate
+
+    c = model.config
+    n = min(prompts, calib.prompt_embeds.shape[0])
+    size = min(c.sample_size, c.pos_embed_max_size * c.patch_size)
+    latents = torch.randn(n, c.in_channels, size, size, generator=torch.Generator().manual_seed(seed))
+    text, pooled = calib.prompt_embeds[:n], calib.pooled_embeds[:n]
+    neg = {}
+    if calib.negative_prompt_embeds is not None:
+        neg = {"negative_prompt_embeds": calib.negative_prompt_embeds.expand(n, -1, -1).contiguous(),
+               "negative_pooled_embeds": calib.negative_pooled_embeds.expand(n, -1).contiguous()}
+    expected = reference_generate(model, plan, text, pooled, latents, cache=None, **neg).latents.numpy().astype(np.float64)
+    with se.open_engine(bundle) as engine, engine.session() as session:
+        got = session.generate(text.numpy(), pooled.numpy(), latents=latents.numpy(), cache="none",
+                               **{k: v.numpy() for k, v in neg.items()}).latents
+    got = np.asarray(got, dtype=np.float64)
+    error = float(np.linalg.norm(got - expected) / np.linalg.norm(expected))
+    mse = float(np.mean((got - expected) ** 2))
+    peak = float(expected.max() - expected.min())
+    return error, float("inf") if mse == 0 else 10 * float(np.log10(peak**2 / mse))
