@@ -129,12 +129,15 @@ def main(argv=None) -> int:
         args.max_sequence_length = trained if isinstance(trained, int) and not isinstance(trained, bool) and 1 < trained <= 512 else 256
     calibration = None
     if args.calibrate is not None:
+        from .pipeline_export import PipelineFolder
         from .quantize import CalibrationError, load_calibration
 
         c = checkpoint.config
+        folder = pipeline.path if isinstance(pipeline, PipelineFolder) else None  # a single file has no encoder pipeline
+        no_t5 = pipeline.clip_length if pipeline is not None and not pipeline.t5 else None
         try:
-            calibration = load_calibration(args.calibrate, getattr(pipeline, "path", None), args.max_sequence_length,
-                                           c.joint_attention_dim, c.pooled_projection_dim, plan.guidance_scale > 1)
+            calibration = load_calibration(args.calibrate, folder, args.max_sequence_length, c.joint_attention_dim,
+                                           c.pooled_projection_dim, plan.guidance_scale > 1, t5_rows_from=no_t5)
         except CalibrationError as e:
             return _fail(str(e))
     c = checkpoint.config

@@ -9,14 +9,16 @@ timestep, so no range is fixed at export. Static activation ranges (QDQ) measure
 
 What stays float is measured, stage by stage, on calibration data (the stage's inputs recorded while the PyTorch
 program runs on the calibration prompts, at every recorded step): each candidate node is quantized alone and its
-error on the stage's outputs measured; then the whole stage is quantized, and the most sensitive node is put back to
-float until the stage's worst relative L2 error over the calibration inputs is within the tolerance.
+the whole stage is quantized and its worst relative L2 error over the calibration inputs measured; if that is above
+the tolerance, each candidate node is quantized alone and its error measured, and the most sensitive node still int8
+goes back to float until the stage is within the tolerance.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -52,9 +54,10 @@ MAX_CALIBRATION_PROMPTS = 64
 
 
 def load_calibration(path: Path, pipeline_folder: Path | None, max_sequence_length: int, joint_dim: int, pooled_dim: int,
-                     cfg: bool) -> Calibration:
+                     cfg: bool, t5_rows_from: int | None = None) -> Calibration:
     """Prompts (a text file, one per line, encoded by the pipeline's own encoders as diffusers does) or an
-    embeddings file (.safetensors with EMBEDDING_KEYS; the negative pair is needed when the program uses CFG)."""
+    embeddings file (.safetensors with EMBEDDING_KEYS; the negative pair is needed when the program uses CFG).
+    `t5_rows_from`: a bundle without T5 (--no-t5) feeds zeros from this token on (the CLIP length), as the runtime does."""
     path = Path(path)
     if path.suffix == ".safetensors":
         calib = _embeddings_file(path, cfg)
@@ -72,9 +75,16 @@ def load_calibration(path: Path, pipeline_folder: Path | None, max_sequence_leng
         text, pooled = encode_prompts(pipe, prompts, max_sequence_length)
         neg_text, neg_pooled = encode_prompts(pipe, [""], max_sequence_length) if cfg else (None, None)
         calib = Calibration(f"{path} ({len(prompts)} prompts)", text, pooled, neg_text, neg_pooled)
+        if t5_rows_from is not None:
+            for embeds in (calib.prompt_embeds, calib.negative_prompt_embeds):
+                if embeds is not None:
+                    embeds[:, t5_rows_from:] = 0
     if calib.prompt_embeds.shape[-1] != joint_dim or calib.pooled_embeds.shape[-1] != pooled_dim:
-        raise CalibrationError(f"--calibrate {path}: embeddings of width {calib.prompt_embeds.shape[-1]} / {calib.pooled_embeds.shape[-1]}, "
+        source = "the pipeline's text encoders give" if path.suffix != ".safetensors" else "embeddings of"
+        raise CalibrationError(f"--calibrate {path}: {source} width {calib.prompt_embeds.shape[-1]} / {calib.pooled_embeds.shape[-1]}, "
                                f"the transformer takes {joint_dim} / {pooled_dim}")
+    if not calib.prompt_embeds.any():
+        raise CalibrationError(f"--calibrate {path}: the prompt embeddings are all zero: nothing to calibrate on")
     return calib
 
 
@@ -90,14 +100,19 @@ def _embeddings_file(path: Path, cfg: bool) -> Calibration:
     missing = [k for k in needed if k not in tensors]
     if missing:
         raise CalibrationError(f"--calibrate {path}: missing {', '.join(missing)}" + (" (the program uses CFG)" if cfg else ""))
-    t = {k: v.float() for k, v in tensors.items() if k in EMBEDDING_KEYS}
+    t = {k: tensors[k].float() for k in needed}  # the negative pair is unused without CFG
     text, pooled = t["prompt_embeds"], t["pooled_prompt_embeds"]
-    if text.ndim != 3 or pooled.ndim != 2 or text.shape[0] != pooled.shape[0] or not 1 <= text.shape[0] <= MAX_CALIBRATION_PROMPTS:
+    if text.ndim != 3 or pooled.ndim != 2 or text.shape[0] != pooled.shape[0] or not 1 <= text.shape[0] <= MAX_CALIBRATION_PROMPTS \
+            or text.shape[1] < 1:
         raise CalibrationError(f"--calibrate {path}: prompt_embeds must be [P, L, J] and pooled_prompt_embeds [P, D] with the same "
-                               f"P from 1 to {MAX_CALIBRATION_PROMPTS}; got {list(text.shape)} and {list(pooled.shape)}")
-    neg_text, neg_pooled = (t["negative_prompt_embeds"][:1], t["negative_pooled_prompt_embeds"][:1]) if cfg else (None, None)
-    if cfg and (neg_text.shape[1:] != text.shape[1:] or neg_pooled.shape[1:] != pooled.shape[1:]):
-        raise CalibrationError(f"--calibrate {path}: the negative embeddings' shapes do not match the prompts'")
+                               f"P from 1 to {MAX_CALIBRATION_PROMPTS} and L >= 1; got {list(text.shape)} and {list(pooled.shape)}")
+    neg_text = neg_pooled = None
+    if cfg:
+        neg_text, neg_pooled = t["negative_prompt_embeds"], t["negative_pooled_prompt_embeds"]
+        if neg_text.ndim != 3 or neg_pooled.ndim != 2 or neg_text.shape[1:] != text.shape[1:] or neg_pooled.shape[1:] != pooled.shape[1:] \
+                or neg_text.shape[0] != neg_pooled.shape[0] or neg_text.shape[0] not in (1, text.shape[0]):
+            raise CalibrationError(f"--calibrate {path}: negative_prompt_embeds must be [1 or P, L, J] and negative_pooled_prompt_embeds "
+                                   f"[1 or P, D] like the prompts'; got {list(neg_text.shape)} and {list(neg_pooled.shape)}")
     if not all(torch.isfinite(x).all() for x in t.values()):
         raise CalibrationError(f"--calibrate {path}: holds NaN or infinite values")
     return Calibration(f"{path} ({text.shape[0]} prompts)", text, pooled, neg_text, neg_pooled)
@@ -107,6 +122,29 @@ def recorded_steps(steps: int, max_steps: int = 8) -> list[int]:
     """Evenly spaced steps of the program, first and last included, at most `max_steps`."""
     count = min(steps, max_steps)
     return sorted({round(i * (steps - 1) / max(count - 1, 1)) for i in range(count)})
+
+
+def record_bytes(model, plan, calib: Calibration, latent_size: int, max_steps: int = 8) -> int:
+    """What record_stage_inputs will hold: every recorded step's float32 inputs of every quantized stage."""
+    c = model.config
+    rows = calib.prompt_embeds.shape[0] * (2 if calib.negative_prompt_embeds is not None and plan.guidance_scale > 1 else 1)
+    tokens = (latent_size // c.patch_size) ** 2
+    text = calib.prompt_embeds.shape[1]
+    per_step = (model.num_layers + 2) * (tokens + text + 1) * c.inner_dim + (tokens + text) * c.inner_dim  # blocks, final, compensate
+    per_step += c.in_channels * latent_size**2 * 2 + text * c.joint_attention_dim + c.pooled_projection_dim  # embed, final's latents
+    return 4 * rows * per_step * len(recorded_steps(plan.steps, max_steps))
+
+
+def check_memory(model, plan, calib: Calibration, latent_size: int) -> None:
+    """Refuse, before any work, a calibration whose recorded inputs would not fit in half of this machine's memory."""
+    need = record_bytes(model, plan, calib, latent_size)
+    have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    if need > have:
+        prompts = calib.prompt_embeds.shape[0]
+        fit = prompts * have // need
+        raise CalibrationError(f"--calibrate: recording the stages' inputs of {prompts} prompts needs {need / 2**30:.1f} GiB, more than half "
+                               f"of this machine's memory ({have / 2**30:.1f} GiB): " + (f"use at most {fit} prompts" if fit else
+                               "the model is too large to calibrate here"))
 
 
 @torch.no_grad()
@@ -156,7 +194,7 @@ def record_stage_inputs(model, plan, calib: Calibration, specs: list[StageSpec],
         neg = {}
         if calib.negative_prompt_embeds is not None:
             neg = {"negative_prompt_embeds": calib.negative_prompt_embeds.expand(count, -1, -1),
-                   "negative_pooled_embeds": calib.negative_pooled_embeds.expand(count, -1)}
+                   "negative_pooled_embeds": calib.negative_pooled_embeds.expand(count, -1)}  # 1 row, or one per prompt
         reference_generate(model, plan, calib.prompt_embeds, calib.pooled_embeds, latents, cache=None, **neg)
     finally:
         del model.embed, model.block, model.compensate, model.final  # the class's methods again
@@ -170,12 +208,23 @@ def _quiet_quantizer():
 
 
 def candidate_nodes(path: Path) -> list[str]:
-    """The MatMul and Gemm nodes whose second input is a weight (an initializer): what dynamic quantization takes."""
+    """The MatMul nodes whose second input is a weight (an initializer): what dynamic quantization turns into integer
+    matmuls. Gemm nodes (the timestep, pooled and modulation projections: one row per image) are not candidates:
+    ONNX Runtime's dynamic quantizer rewrites them into float MatMul + Add, and one row has nothing to gain."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     weights = {i.name for i in model.graph.initializer}
-    return [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in weights]
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in weights]
+
+
+INTEGER_MATMULS = ("DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulInteger")
+
+
+def integer_matmuls(path: Path) -> int:
+    import onnx
+
+    return sum(n.op_type in INTEGER_MATMULS for n in onnx.load(str(path), load_external_data=False).graph.node)
 
 
 def node_modules(path: Path) -> dict[str, str]:
@@ -207,7 +256,7 @@ def quantize_graph(source: Path, target: Path, nodes: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="slim-int8-") as tmp:
         raw = Path(tmp) / target.name
         if nodes:
-            quantize_dynamic(str(source), str(raw), op_types_to_quantize=["MatMul", "Gemm"], nodes_to_quantize=list(nodes),
+            quantize_dynamic(str(source), str(raw), op_types_to_quantize=["MatMul"], nodes_to_quantize=list(nodes),
                              per_channel=True, weight_type=QuantType.QInt8, use_external_data_format=True)
             model = onnx.load(str(raw))
         else:
@@ -257,7 +306,7 @@ class StageQuantization:
     float_nodes: list[str]  # candidates kept float because quantizing them cost more than the tolerance allows
     error: float  # worst relative L2 error of the stage's outputs on the calibration inputs
     error_all_int8: float  # ... with every candidate quantized (what keeping nodes float bought)
-    sensitivity: dict[str, float]  # each candidate's error when quantized alone
+    sensitivity: dict[str, float]  # each candidate's error when quantized alone (measured only when all-int8 missed the tolerance)
     modules: dict[str, str]  # node -> the torch module it computes
 
     def to_json(self) -> dict:
@@ -272,6 +321,9 @@ def quantize_stage(path: Path, inputs: list[dict[str, np.ndarray]], tolerance: f
     candidates = candidate_nodes(path)
     modules = node_modules(path)
     expected = StageRunner(path, threads).run(inputs)
+    if not all(np.isfinite(o).all() for outs in expected for o in outs):
+        raise CalibrationError(f"stage {path.stem}: the float32 program gives NaN or infinite values on the calibration inputs "
+                               "(embeddings far outside what the model takes?): nothing to measure quantization against")
     with tempfile.TemporaryDirectory(prefix="slim-int8-") as tmp:
         trial = Path(tmp) / path.name
 
@@ -279,15 +331,20 @@ def quantize_stage(path: Path, inputs: list[dict[str, np.ndarray]], tolerance: f
             quantize_graph(path, trial, nodes)
             return relative_error(StageRunner(trial, threads).run(inputs), expected)
 
-        sensitivity = {n: error_with([n]) for n in candidates}
-        order = sorted(candidates, key=lambda n: (-sensitivity[n], candidates.index(n)))
-        kept: list[str] = []
         error_all = error = error_with(candidates)
-        while error > tolerance and len(kept) < len(order):
-            kept.append(order[len(kept)])
-            error = error_with([n for n in candidates if n not in kept])
+        sensitivity: dict[str, float] = {}
+        kept: list[str] = []
+        if not error <= tolerance:  # (NaN included) only then is each node's own error worth measuring (one quantization per candidate)
+            sensitivity = {n: error_with([n]) for n in candidates}
+            order = sorted(candidates, key=lambda n: (-sensitivity[n], candidates.index(n)))
+            while not error <= tolerance and len(kept) < len(order):
+                kept.append(order[len(kept)])
+                error = error_with([n for n in candidates if n not in kept])
         quantized = [n for n in candidates if n not in kept]
         quantize_graph(path, trial, quantized)
+        if integer_matmuls(trial) != len(quantized):  # the report and manifest count what the graph holds
+            raise RuntimeError(f"stage {path.stem}: {len(quantized)} matmuls were to be int8, the quantized graph holds "
+                               f"{integer_matmuls(trial)}")
         shutil.move(str(trial), str(path))
         shutil.move(str(trial) + ".data", str(path) + ".data")
     return StageQuantization(quantized, kept, error, error_all, sensitivity, modules)
@@ -309,7 +366,7 @@ def quantize_stages(directory: Path, specs: list[StageSpec], records: dict[str, 
 
 
 @torch.no_grad()
-def verify_program(bundle: Path, model, plan, calib: Calibration, prompts: int = 4, seed: int = 1) -> tuple[float, float]:
+def verify_program(bundle: Path, model, plan, calib: Calibration, latent_size: int, prompts: int = 4, seed: int = 1) -> tuple[float, float]:
     """The bundle's whole program (the engine) against the float32 PyTorch program on up to `prompts` calibration prompts
     from seeded noise: relative L2 error of the final latents, and their PSNR (peak: the reference's value range)."""
     import slimengine as se
@@ -318,13 +375,12 @@ def verify_program(bundle: Path, model, plan, calib: Calibration, prompts: int =
 
     c = model.config
     n = min(prompts, calib.prompt_embeds.shape[0])
-    size = min(c.sample_size, c.pos_embed_max_size * c.patch_size)
-    latents = torch.randn(n, c.in_channels, size, size, generator=torch.Generator().manual_seed(seed))
+    latents = torch.randn(n, c.in_channels, latent_size, latent_size, generator=torch.Generator().manual_seed(seed))
     text, pooled = calib.prompt_embeds[:n], calib.pooled_embeds[:n]
     neg = {}
     if calib.negative_prompt_embeds is not None:
-        neg = {"negative_prompt_embeds": calib.negative_prompt_embeds.expand(n, -1, -1).contiguous(),
-               "negative_pooled_embeds": calib.negative_pooled_embeds.expand(n, -1).contiguous()}
+        neg = {"negative_prompt_embeds": calib.negative_prompt_embeds[:n].expand(n, -1, -1).contiguous(),
+               "negative_pooled_embeds": calib.negative_pooled_embeds[:n].expand(n, -1).contiguous()}
     expected = reference_generate(model, plan, text, pooled, latents, cache=None, **neg).latents.numpy().astype(np.float64)
     with se.open_engine(bundle) as engine, engine.session() as session:
         got = session.generate(text.numpy(), pooled.numpy(), latents=latents.numpy(), cache="none",

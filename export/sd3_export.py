@@ -56,6 +56,10 @@ def export_sd3(
     stages, measured on `calibration` (quantize.py: a Calibration) within `int8_tolerance`; the rest stays float32."""
     compute = "fp32" if precision == "int8" else precision  # what the graphs are traced in
     model = checkpoint.build_model(DTYPES[compute])  # no float32 copy of a half-precision model
+    if precision == "int8":
+        from .quantize import check_memory
+
+        check_memory(model, plan, calibration, _latent_size(model))
     plan.validate(model.num_layers, model.has_compensation)
     token_stages = token_stages or needs_token_stages(plan)
     components = None
@@ -103,7 +107,7 @@ def export_sd3(
         if verify and precision == "int8":
             from .quantize import verify_program
 
-            error, psnr = verify_program(bundle, model, plan, calibration)
+            error, psnr = verify_program(bundle, model, plan, calibration, _latent_size(model))
             report(f"verify      program: final latents vs the float32 PyTorch program: relative L2 {error:.4f}, PSNR {psnr:.1f} dB")
 
     return write_bundle(destination, fill, force=force, report=report, check=check)
@@ -115,8 +119,7 @@ def quantize_transformer(model, plan: SamplingPlan, specs, directory: Path, cali
     from . import quantize
 
     tolerance = quantize.DEFAULT_TOLERANCE if tolerance is None else tolerance
-    c = model.config
-    latent_size = min(c.sample_size, c.pos_embed_max_size * c.patch_size)
+    latent_size = _latent_size(model)
     records = quantize.record_stage_inputs(model, plan, calibration, specs, latent_size)
     stages = quantize.quantize_stages(directory, specs, records, tolerance, progress=progress)
     for name, q in stages.items():
@@ -131,3 +134,9 @@ def quantize_transformer(model, plan: SamplingPlan, specs, directory: Path, cali
         "stages": {name: q.to_json() for name, q in stages.items()},
         "float_stages": [s.name for s in specs if s.name not in stages],
     }
+
+
+def _latent_size(model) -> int:
+    """The bundle's default latent size: what calibration runs at."""
+    c = model.config
+    return min(c.sample_size, c.pos_embed_max_size * c.patch_size)

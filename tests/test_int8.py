@@ -84,7 +84,10 @@ def test_int8_bundle_runs_and_says_what_it_is(int8_bundles):
     q = manifest["quantization"]
     assert q["method"] == "dynamic-int8" and q["tolerance"] == 0.02
     assert set(q["stages"]) == {"embed", "block_0", "block_1", "block_2", "block_3", "compensate", "final"}
-    assert all(s["int8_nodes"] > 0 for s in q["stages"].values())
+    assert all(s["int8_nodes"] > 0 for name, s in q["stages"].items() if name.startswith("block_"))
+    for name, stage in q["stages"].items():  # the count is what the graph holds (Gemm nodes were once counted, not quantized)
+        graph = onnx.load(str(int8_bundles["int8"] / f"stages/{name}.onnx"), load_external_data=False).graph
+        assert sum(n.op_type == "MatMulInteger" for n in graph.node) == stage["int8_nodes"], name  # fused at load
     assert all(s["error"] <= 0.02 for s in q["stages"].values())
     with se.open_engine(int8_bundles["int8"]) as engine:
         assert engine.info.precision == "int8"
@@ -134,19 +137,32 @@ def test_profile_engine_shows_what_is_int8_and_what_stayed_float(int8_bundles):
     (["--precision", "int8", "--calibrate", "WIDE"], "the transformer takes"),
     (["--precision", "int8", "--calibrate", "NAN"], "holds NaN or infinite values"),
     (["--precision", "int8", "--calibrate", "GARBAGE"], "not a readable safetensors file"),
+    (["--precision", "int8", "--calibrate", "EMPTYTEXT"], "L >= 1"),
+    (["--precision", "int8", "--calibrate", "ZEROS"], "the prompt embeddings are all zero"),
+    (["--precision", "int8", "--calibrate", "HUGE"], "the float32 program gives NaN or infinite values"),
+    (["--precision", "int8", "--calibrate", "NONEG", "--steps", "2", "--guidance-scale", "3"], "missing negative_prompt_embeds"),
+    (["--precision", "int8", "--calibrate", "NEG0", "--steps", "2", "--guidance-scale", "3"], "negative_prompt_embeds must be [1 or P"),
 ])
-def test_int8_refusals_are_one_line_before_any_work(tmp_path, student, calibration, args, message):
+def test_int8_refusals_are_one_line_and_write_nothing(tmp_path, student, calibration, args, message):
     model, _ = reference_for(student)
     c = model.config
     good = conditioning(c, 2, seed=0)
     files = {"CALIB": calibration, "MISSING": tmp_path / "missing.safetensors", "PROMPTS": tmp_path / "prompts.txt",
              "NOKEYS": tmp_path / "nokeys.safetensors", "WIDE": tmp_path / "wide.safetensors", "NAN": tmp_path / "nan.safetensors",
-             "GARBAGE": tmp_path / "garbage.safetensors"}
+             "GARBAGE": tmp_path / "garbage.safetensors", "EMPTYTEXT": tmp_path / "empty.safetensors",
+             "ZEROS": tmp_path / "zeros.safetensors", "HUGE": tmp_path / "huge.safetensors", "NONEG": tmp_path / "noneg.safetensors",
+             "NEG0": tmp_path / "neg0.safetensors"}
     files["PROMPTS"].write_text("a red circle\n")
     save_file({"prompt_embeds": good["prompt_embeds"]}, str(files["NOKEYS"]))
     save_file({**good, "prompt_embeds": torch.zeros(2, 7, c.joint_attention_dim + 1)}, str(files["WIDE"]))
     save_file({**good, "pooled_prompt_embeds": torch.full_like(good["pooled_prompt_embeds"], float("nan"))}, str(files["NAN"]))
     files["GARBAGE"].write_bytes(b"\xff" * 64)
+    save_file({**good, "prompt_embeds": torch.zeros(2, 0, c.joint_attention_dim)}, str(files["EMPTYTEXT"]))
+    save_file({**good, "prompt_embeds": torch.zeros_like(good["prompt_embeds"])}, str(files["ZEROS"]))
+    save_file({**good, "prompt_embeds": torch.full_like(good["prompt_embeds"], 3e38)}, str(files["HUGE"]))
+    save_file({k: good[k] for k in ("prompt_embeds", "pooled_prompt_embeds")}, str(files["NONEG"]))
+    save_file({**good, "negative_prompt_embeds": torch.zeros(0, 7, c.joint_attention_dim),
+               "negative_pooled_prompt_embeds": torch.zeros(0, c.pooled_projection_dim)}, str(files["NEG0"]))
     out = tmp_path / "out.engine"
     proc = run_cli("export-engine", str(student), "-o", str(out), "-q", *[str(files.get(a, a)) for a in args], check=False)
     assert proc.returncode == 2, proc.stderr
@@ -159,6 +175,25 @@ def test_lemur_int8_is_refused(tmp_path, lemur_checkpoint, calibration):
     proc = run_cli("export-engine", str(lemur_checkpoint), "-o", str(tmp_path / "l.engine"), "--precision", "int8", "--calibrate",
                    str(calibration), check=False)
     assert proc.returncode == 2 and "LEMUR bundles are fp32 only" in proc.stderr
+
+
+def test_calibration_without_t5_sees_zeros_in_t5s_place_as_the_bundle_does(tmp_path):
+    from slimengine.export.quantize import load_calibration
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    from slimengine.export.checkpoint import load_checkpoint
+
+    from slimengine.export.pipeline_export import open_pipeline
+
+    c = load_checkpoint(TOY_TEACHER).config
+    clip = open_pipeline(TOY_PIPELINE).clip_length  # the CLIP rows come first, T5's after them
+    full = load_calibration(prompts, TOY_PIPELINE, 16, c.joint_attention_dim, c.pooled_projection_dim, cfg=True)
+    no_t5 = load_calibration(prompts, TOY_PIPELINE, 16, c.joint_attention_dim, c.pooled_projection_dim, cfg=True, t5_rows_from=clip)
+    assert full.prompt_embeds.shape == no_t5.prompt_embeds.shape == (2, clip + 16, c.joint_attention_dim)
+    assert full.prompt_embeds[:, clip:].abs().sum() > 0
+    for a, b in ((full.prompt_embeds, no_t5.prompt_embeds), (full.negative_prompt_embeds, no_t5.negative_prompt_embeds)):
+        assert torch.equal(a[:, :clip], b[:, :clip]) and not b[:, clip:].any()
 
 
 @pytest.mark.slow

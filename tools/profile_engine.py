@@ -550,6 +550,18 @@ def _family(report: dict) -> str:
     return report.get("family", "sd3")  # reports written before LEMUR profiling have no "family": SD3
 
 
+def _quantization_line(q) -> str:
+    """int8 bundles: what is int8 and what calibration kept float, stage by stage (the manifest's record, which the
+    runtime does not read: a record of another shape is named, not trusted)."""
+    try:
+        stages = q["stages"]
+        kept = [f"{name}: {', '.join(n['module'] or n['node'] for n in st['float_nodes'])}" for name, st in stages.items() if st["float_nodes"]]
+        return (f"int8 ({q['method']}): {sum(st['int8_nodes'] for st in stages.values())} matmuls int8 in {len(stages)} stages; "
+                f"kept float: {'; '.join(kept) if kept else 'no matmul'}; float stages: {', '.join(q['float_stages']) or 'none'}")
+    except (KeyError, TypeError, AttributeError):
+        return "int8: the manifest's quantization record is not in the expected form"
+
+
 def report_table(report: dict) -> str:
     if _family(report) == "lemur":
         return lemur_table(report)
@@ -560,12 +572,8 @@ def report_table(report: dict) -> str:
              f"{s['iters']} timed generations after {s['warmup']} warm-up; host time from the runtime's events (ms); "
              "device time: not measured (CPU)", "", TABLE_HEADER]
     row = _table_row
-    if e.get("quantization"):  # int8: what is int8 and what calibration kept float, stage by stage
-        q = e["quantization"]
-        stages = q["stages"]
-        kept = [f"{name}: {', '.join(n['module'] or n['node'] for n in st['float_nodes'])}" for name, st in stages.items() if st["float_nodes"]]
-        lines.insert(1, f"int8 ({q['method']}): {sum(st['int8_nodes'] for st in stages.values())} matmuls int8 in {len(stages)} stages; "
-                     f"kept float: {'; '.join(kept) if kept else 'no matmul'}; float stages: {', '.join(q['float_stages']) or 'none'}")
+    if e.get("quantization"):
+        lines.insert(1, _quantization_line(e["quantization"]))
 
     if report.get("prompt"):  # prompt to image and its phases (share: of prompt to image); the sampling call below
         p = report["prompt"]
