@@ -1,6 +1,6 @@
 """8-bit stage graphs: `export-engine --precision int8` (docs/int8.md has the method and the measurements).
 
-What is quantized: the MatMul and Gemm nodes with a constant weight in the transformer's stages (embed, joint blocks,
+What is quantized: the MatMul nodes with a constant weight in the transformer's stages (embed, joint blocks,
 compensation, final). Weights become int8, symmetric, one scale per output channel; activations are quantized to
 uint8 per tensor *at run time*, from the values of that call (ONNX Runtime's dynamic quantization:
 DynamicQuantizeMatMul / MatMulIntegerToFloat). Run-time scales follow the activations' range as it changes with the
