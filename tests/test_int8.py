@@ -171,6 +171,18 @@ def test_int8_refusals_are_one_line_and_write_nothing(tmp_path, student, calibra
     assert not out.exists()
 
 
+def test_profile_engine_names_a_quantization_record_of_another_shape(tmp_path, int8_bundles):
+    import shutil
+
+    from .conftest import edit_manifest
+
+    bundle = tmp_path / "odd.engine"
+    shutil.copytree(int8_bundles["int8"], bundle)
+    edit_manifest(bundle, lambda m: m.update(quantization="bogus"))  # re-signed: the runtime does not read this record
+    proc = run_cli("profile-engine", str(bundle), "--iters", "1", "--warmup", "0")
+    assert proc.stdout.splitlines()[1] == "int8: the manifest's quantization record is not in the expected form", proc.stdout
+
+
 def test_lemur_int8_is_refused(tmp_path, lemur_checkpoint, calibration):
     proc = run_cli("export-engine", str(lemur_checkpoint), "-o", str(tmp_path / "l.engine"), "--precision", "int8", "--calibrate",
                    str(calibration), check=False)
@@ -183,7 +195,6 @@ def test_calibration_without_t5_sees_zeros_in_t5s_place_as_the_bundle_does(tmp_p
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\n")
     from slimengine.export.checkpoint import load_checkpoint
-
     from slimengine.export.pipeline_export import open_pipeline
 
     c = load_checkpoint(TOY_TEACHER).config
