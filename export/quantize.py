@@ -16,6 +16,7 @@ goes back to float until the stage is within the tolerance.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -201,10 +202,16 @@ def record_stage_inputs(model, plan, calib: Calibration, specs: list[StageSpec],
     return records
 
 
+@contextlib.contextmanager
 def _quiet_quantizer():
-    # ORT's quantizer logs a pre-processing hint per call at WARNING; the report says what was done.
-    logging.getLogger("root").setLevel(logging.ERROR)
-    logging.getLogger().setLevel(logging.ERROR)
+    # ORT's quantizer logs a pre-processing hint per call at WARNING on the root logger; the report says what was done.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def candidate_nodes(path: Path) -> list[str]:
@@ -252,12 +259,12 @@ def quantize_graph(source: Path, target: Path, nodes: list[str]) -> None:
     from onnx import helper
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    _quiet_quantizer()
     with tempfile.TemporaryDirectory(prefix="slim-int8-") as tmp:
         raw = Path(tmp) / target.name
         if nodes:
-            quantize_dynamic(str(source), str(raw), op_types_to_quantize=["MatMul"], nodes_to_quantize=list(nodes),
-                             per_channel=True, weight_type=QuantType.QInt8, use_external_data_format=True)
+            with _quiet_quantizer():
+                quantize_dynamic(str(source), str(raw), op_types_to_quantize=["MatMul"], nodes_to_quantize=list(nodes),
+                                 per_channel=True, weight_type=QuantType.QInt8, use_external_data_format=True)
             model = onnx.load(str(raw))
         else:
             model = onnx.load(str(source))
