@@ -10,9 +10,13 @@
    28-step CFG teacher (goal >= 17/18 colours and shapes) and the 1.x student (goal: within 1 of the fp32 bundle's),
    and PSNR of every int8 picture against the fp32 bundle's (goal >= 28 dB; median and worst).
 3. Bundle size on disk and open time, int8 vs fp32 (the toy student and the small preset).
+4. LEMUR towers in int8 (the "small" preset, random seeded weights): documents/s of `embed` (batch 64, 128 tokens,
+   4 frames of 32x32) through the int8 engine vs the fp32 engine and PyTorch eager (same threads, interleaved,
+   medians), and the worst cosine of the int8 engine's embeddings against PyTorch float32 on 256 documents
+   (goal >= 0.995); bundle size and open time.
 
     pip install -e ".[bench-int8]"   # OpenVINO and NNCF, for the baselines of part 1
-    python benchmarks/bench_int8.py [--repeats 9] [--threads 2] [--skip-openvino]
+    python benchmarks/bench_int8.py [--repeats 9] [--threads 2] [--skip-openvino] [--parts 1,2,4]
 """
 
 from __future__ import annotations
@@ -180,43 +184,125 @@ def toy_quality(tmp: Path, seeds: int) -> dict:
     return rows
 
 
+def lemur_speed(tmp: Path, repeats: int, threads: int) -> dict:
+    """Part 4: the small LEMUR preset's embed program, int8 and fp32 engines and PyTorch eager."""
+    import torch
+
+    from slimengine.export.checkpoint import load_lemur_checkpoint
+
+    checkpoint = tmp / "lemur-small.safetensors"
+    cli("slimengine.tools.make_lemur_checkpoint", "--preset", "small", "--seed", "0", "-o", str(checkpoint))
+    start = time.perf_counter()
+    bundles = {"fp32": export(checkpoint, tmp / "lemur-fp32.engine")}
+    bundles["int8"] = export(checkpoint, tmp / "lemur-int8.engine", "--precision", "int8")
+    export_s = time.perf_counter() - start
+    model = load_lemur_checkpoint(checkpoint).build_model()
+    c = model.config
+    rng = np.random.default_rng(1)
+
+    def documents(batch: int):
+        text_ids = rng.integers(1, c.vocab_size, (batch, 128))
+        segment_ids = np.repeat(np.array([0] * 32 + [1] * 32 + [2] * 64)[None], batch, 0)
+        return text_ids, segment_ids, rng.standard_normal((batch, 4, 3, c.image_size, c.image_size), dtype=np.float32)
+
+    text_ids, segment_ids, frames = documents(64)
+    torch.set_num_threads(threads)
+    engines = {p: se.open_engine(b, intra_op_threads=threads) for p, b in bundles.items()}
+    sessions = {p: e.session() for p, e in engines.items()}
+    calls = {f"engine {p}": (lambda s=s: s.embed(text_ids, frames, segment_ids=segment_ids)) for p, s in sessions.items()}
+    t_args = [torch.from_numpy(a) for a in (text_ids, segment_ids, frames)]
+
+    def eager():
+        with torch.no_grad():
+            model.embed(*t_args)
+
+    calls["PyTorch eager fp32"] = eager
+    times = {name: [] for name in calls}
+    for fn in calls.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    docs_per_s = {name: 64 / statistics.median(t) for name, t in times.items()}
+    held_out = documents(256)
+    with torch.no_grad():
+        expected = model.embed(*[torch.from_numpy(a) for a in held_out]).numpy().astype(np.float64)
+    got = sessions["int8"].embed(held_out[0], held_out[2], segment_ids=held_out[1]).embeddings.astype(np.float64)
+    cosine = float(((got * expected).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1))).min())
+    for s in sessions.values():
+        s.close()
+    for e in engines.values():
+        e.close()
+    return {"docs_per_s": docs_per_s, "cosine": cosine, "export_s": export_s, "bundles": bundles}
+
+
+def nfe_rows(tmp: Path, args) -> None:
+    speed = nfe_speed(tmp, args.repeats, args.threads, not args.skip_openvino)
+    ms = speed["ms"]
+    base = ms["engine fp32"]
+    print(f"1. One NFE, small preset (4 layers, 8x32 heads, 64x64 latent, 77 tokens, batch 1), {args.threads} threads, "
+          f"median of {args.repeats} interleaved:")
+    for name, t in ms.items():
+        vs_ov = f", {ms['OpenVINO f32'] / t:.2f}x OpenVINO f32" if "OpenVINO f32" in ms else ""
+        print(f"   {name:40s} {t:8.1f} ms   {base / t:.2f}x engine fp32{vs_ov}")
+    int8 = ms["engine int8"]
+    for name in [n for n in ms if n.startswith("OpenVINO")]:
+        print(f"   engine int8 vs {name}: {ms[name] / int8:.2f}x")
+    print(f"   int8 one-step latents vs fp32: relative L2 of the update {speed['nfe_error']:.4f}; int8 export took "
+          f"{speed['int8_export_s']:.0f} s")
+    for precision, bundle in speed["bundles"].items():
+        print(f"   small preset {precision}: {bundle_bytes(bundle) / 1e6:.1f} MB on disk, open {open_ms(bundle):.0f} ms")
+
+
+def toy_rows(tmp: Path, args) -> None:
+    print(f"2. Toy pipeline through the engine, 18 class prompts x seeds 0-{args.seeds - 1}:")
+    for name, row in toy_quality(tmp, args.seeds).items():
+        for precision in ("fp32", "int8"):
+            counts = row["counts"][precision]
+            print(f"   {name:22s} {precision}: colours {' '.join(str(c) for c, _ in counts)}, shapes "
+                  f"{' '.join(str(s) for _, s in counts)} (of 18 per seed)")
+        print(f"   {name:22s} PSNR int8 vs fp32: median {row['psnr_median']:.1f} dB, worst {row['psnr_worst']:.1f} dB")
+        b, o = row["bytes"], row["open_ms"]
+        print(f"   {name:22s} bundle {b['int8'] / 1e6:.2f} MB int8 vs {b['fp32'] / 1e6:.2f} MB fp32 ({b['int8'] / b['fp32']:.2f}x); "
+              f"open {o['int8']:.0f} ms vs {o['fp32']:.0f} ms ({o['int8'] / o['fp32']:.2f}x)")
+
+
+def lemur_rows(tmp: Path, args) -> None:
+    row = lemur_speed(tmp, args.repeats, args.threads)
+    rate = row["docs_per_s"]
+    print(f"4. LEMUR small preset, embed: batch 64, 128 tokens, 4 frames of 32x32, {args.threads} threads, median of "
+          f"{args.repeats} interleaved:")
+    for name, r in rate.items():
+        print(f"   {name:40s} {r:8.0f} documents/s   {r / rate['engine fp32']:.2f}x engine fp32, "
+              f"{r / rate['PyTorch eager fp32']:.2f}x PyTorch eager")
+    print(f"   engine int8 vs engine fp32: {rate['engine int8'] / rate['engine fp32']:.2f}x; vs PyTorch eager: "
+          f"{rate['engine int8'] / rate['PyTorch eager fp32']:.2f}x")
+    print(f"   int8 embeddings vs PyTorch float32, 256 documents: worst cosine {row['cosine']:.5f} (goal >= 0.995); exports took "
+          f"{row['export_s']:.0f} s")
+    for precision, bundle in row["bundles"].items():
+        print(f"   LEMUR small {precision}: {bundle_bytes(bundle) / 1e6:.1f} MB on disk, open {open_ms(bundle):.0f} ms")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--skip-openvino", action="store_true", help="engine rows only (no OpenVINO/NNCF installed)")
+    parser.add_argument("--parts", default="1,2,4", help="which parts to run (default all: 1,2,4; part 3 is printed with 1 and 2)")
     args = parser.parse_args()
+    parts = {p.strip() for p in args.parts.split(",")}
     with tempfile.TemporaryDirectory(prefix="bench-int8-") as tmp:
         tmp = Path(tmp)
-        speed = nfe_speed(tmp, args.repeats, args.threads, not args.skip_openvino)
-        ms = speed["ms"]
-        base = ms["engine fp32"]
-        print(f"1. One NFE, small preset (4 layers, 8x32 heads, 64x64 latent, 77 tokens, batch 1), {args.threads} threads, "
-              f"median of {args.repeats} interleaved:")
-        for name, t in ms.items():
-            vs_ov = f", {ms['OpenVINO f32'] / t:.2f}x OpenVINO f32" if "OpenVINO f32" in ms else ""
-            print(f"   {name:40s} {t:8.1f} ms   {base / t:.2f}x engine fp32{vs_ov}")
-        int8 = ms["engine int8"]
-        for name in [n for n in ms if n.startswith("OpenVINO")]:
-            print(f"   engine int8 vs {name}: {ms[name] / int8:.2f}x")
-        print(f"   int8 one-step latents vs fp32: relative L2 of the update {speed['nfe_error']:.4f}; int8 export took "
-              f"{speed['int8_export_s']:.0f} s")
-        for precision, bundle in speed["bundles"].items():
-            print(f"   small preset {precision}: {bundle_bytes(bundle) / 1e6:.1f} MB on disk, open {open_ms(bundle):.0f} ms")
-        print(f"2. Toy pipeline through the engine, 18 class prompts x seeds 0-{args.seeds - 1}:")
-        for name, row in toy_quality(tmp, args.seeds).items():
-            for precision in ("fp32", "int8"):
-                counts = row["counts"][precision]
-                print(f"   {name:22s} {precision}: colours {' '.join(str(c) for c, _ in counts)}, shapes "
-                      f"{' '.join(str(s) for _, s in counts)} (of 18 per seed)")
-            print(f"   {name:22s} PSNR int8 vs fp32: median {row['psnr_median']:.1f} dB, worst {row['psnr_worst']:.1f} dB")
-            b, o = row["bytes"], row["open_ms"]
-            print(f"   {name:22s} bundle {b['int8'] / 1e6:.2f} MB int8 vs {b['fp32'] / 1e6:.2f} MB fp32 ({b['int8'] / b['fp32']:.2f}x); "
-                  f"open {o['int8']:.0f} ms vs {o['fp32']:.0f} ms ({o['int8'] / o['fp32']:.2f}x)")
-    print("3. LEMUR towers in int8: not exported yet (export-engine refuses --precision int8 for LEMUR; docs/int8.md)")
+        if "1" in parts:
+            nfe_rows(tmp, args)
+        if "2" in parts:
+            toy_rows(tmp, args)
+        if "4" in parts:
+            lemur_rows(tmp, args)
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

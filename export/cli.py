@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", type=Path, help="bundle directory to write (default: CHECKPOINT.engine)")
     parser.add_argument("--precision", choices=["fp32", "fp16", "bf16", "int8"], default="fp32",
                         help="compute precision (default fp32); int8: the transformer's matmuls in 8 bits where calibration "
-                        "measures it holds (CPU; needs --calibrate; docs/int8.md)")
+                        "measures it holds (CPU; SD3 needs --calibrate, LEMUR calibrates on synthetic documents; docs/int8.md)")
     parser.add_argument("--calibrate", type=Path, metavar="FILE",
                         help="int8: calibration prompts (a text file, one per line; needs the pipeline's text encoders) or "
                         "embeddings (.safetensors: prompt_embeds, pooled_prompt_embeds, and the negative_ pair for CFG)")
@@ -70,8 +70,6 @@ def main(argv=None) -> int:
         return _fail(f"--steps must be at least 1, got {args.steps}")
     if args.shift is not None and not args.shift > 0:
         return _fail(f"--shift must be positive, got {args.shift}")
-    if args.precision == "int8" and args.calibrate is None:
-        return _fail("--precision int8 needs --calibrate FILE (prompts, or an embeddings .safetensors): what stays float is measured on it")
     if args.precision != "int8" and (args.calibrate is not None or args.int8_tolerance is not None):
         return _fail("--calibrate and --int8-tolerance are for --precision int8")
     if args.int8_tolerance is not None and not 0 < args.int8_tolerance <= 1:
@@ -98,6 +96,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     if checkpoint_family(args.checkpoint) == "lemur":
         return _export_lemur(args, output, start)
+    if args.precision == "int8" and args.calibrate is None:
+        return _fail("--precision int8 needs --calibrate FILE (prompts, or an embeddings .safetensors): what stays float is measured on it")
     pipeline = None
     try:
         whole = is_pipeline_folder(args.checkpoint)
@@ -168,8 +168,10 @@ def _export_lemur(args, output: Path, start: float) -> int:
     from .checkpoint import load_lemur_checkpoint
     from .lemur_export import export_lemur, stage_specs
 
-    if args.precision != "fp32":
-        return _fail(f"LEMUR bundles are fp32 only, got --precision {args.precision}")
+    if args.precision not in ("fp32", "int8"):
+        return _fail(f"LEMUR bundles are fp32 or int8, got --precision {args.precision}")
+    if args.calibrate is not None:
+        return _fail("--calibrate is for SD3 bundles: a LEMUR int8 export calibrates on synthetic documents (docs/int8.md)")
     try:
         checkpoint = load_lemur_checkpoint(args.checkpoint)
     except (CheckpointError, ValueError) as e:
@@ -177,12 +179,13 @@ def _export_lemur(args, output: Path, start: float) -> int:
     c = checkpoint.config
     print(f"{args.checkpoint}: LEMUR recommender, {c.embed_dim}-d document embeddings, text {c.text_layers}x{c.text_dim}, "
           f"image {c.image_layers}x{c.image_dim}, model version {args.model_version}", file=sys.stderr)
-    stages = len(stage_specs(c))
+    stages = len(stage_specs(c)) * (2 if args.precision == "int8" else 1)  # each quantized stage: a second step of the bar
     failed = _run_export(args, output, stages, lambda progress, report: export_lemur(
-        checkpoint, output, model_version=args.model_version, verify=args.verify, force=args.force, progress=progress, report=report))
+        checkpoint, output, model_version=args.model_version, verify=args.verify, force=args.force, progress=progress, report=report,
+        precision=args.precision, int8_tolerance=args.int8_tolerance))
     if failed is not None:
         return failed
-    print(f"wrote {output} (lemur, fp32, {stages} stages) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    print(f"wrote {output} (lemur, {args.precision}, {len(stage_specs(c))} stages) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0
 
 

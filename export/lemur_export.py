@@ -116,11 +116,73 @@ def verify_stages(model: LemurModel, directory: Path, specs: list[StageSpec]) ->
     return errors
 
 
+# int8 (docs/int8.md, "LEMUR"): the stages' matmuls are quantized on synthetic documents and histories, which suit a
+# tower whose inputs are token ids, pixels and unit-norm embeddings; the embeddings of other documents are then checked.
+CALIBRATION_SEEDS = (0, 1)
+CALIBRATION_BATCH = 8
+HELD_OUT_SEED = 2
+MIN_COSINE = 0.995  # the worst document's cosine between its int8 and float32 embedding, --verify's floor
+
+
+def calibration_inputs(c: LemurConfig, seed: int, batch: int = CALIBRATION_BATCH) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Seeded random documents and histories of the sizes a service sends (up to 128 text tokens, 4 frames, 64 history
+    embeddings, the longest query), each stage's inputs."""
+    return example_inputs(c, batch=batch, text=min(128, c.max_text_len), frames=min(4, c.max_frames), history=64, query=c.max_query_len,
+                          seed=seed)
+
+
+def quantize_lemur(model: LemurModel, directory: Path, specs: list[StageSpec], tolerance: float | None, progress, report) -> dict:
+    """Quantize both stages under `directory` in place (quantize.py's sensitivity rule) and return the manifest's
+    `quantization` record."""
+    from . import quantize
+
+    tolerance = quantize.DEFAULT_TOLERANCE if tolerance is None else tolerance
+    records = [calibration_inputs(model.config, seed) for seed in CALIBRATION_SEEDS]
+    stages = {}
+    for spec in specs:
+        feeds = [{t.name: x.numpy() for t, x in zip(spec.inputs, r[spec.name])} for r in records]
+        stages[spec.name] = quantize.quantize_stage(directory / spec.file, feeds, tolerance)
+        report(quantize.report_line(spec.name, stages[spec.name]))
+        if progress is not None:
+            progress(f"int8 {spec.name}")
+    return {
+        "method": quantize.METHOD,
+        "calibration": {"source": "synthetic documents and histories", "documents": CALIBRATION_BATCH * len(CALIBRATION_SEEDS),
+                        "seeds": list(CALIBRATION_SEEDS)},
+        "tolerance": tolerance,
+        "stages": {name: q.to_json() for name, q in stages.items()},
+        "float_stages": [],
+    }
+
+
+@torch.no_grad()
+def verify_embeddings(bundle: Path, model: LemurModel, batch: int = 32) -> tuple[float, float]:
+    """The bundle's `embed` program (the engine) against the float32 PyTorch model on held-out documents: the worst
+    document's cosine between the two embeddings, and the `score` stage's worst relative error on held-out histories."""
+    import slimengine as se
+
+    text_ids, segment_ids, frames = calibration_inputs(model.config, HELD_OUT_SEED, batch)["embed"]
+    expected = model.embed(text_ids, segment_ids, frames).numpy().astype(np.float64)
+    history, mask, query_ids = calibration_inputs(model.config, HELD_OUT_SEED, batch)["score"]
+    expected_score = model.score(history, mask, query_ids).numpy().astype(np.float64)
+    with se.open_engine(bundle) as engine, engine.session() as session:
+        got = np.asarray(session.embed(text_ids.numpy(), frames.numpy(), segment_ids=segment_ids.numpy()).embeddings, dtype=np.float64)
+        score = session.run_stage("score", {"history": history.numpy(), "history_mask": mask.numpy(), "query_ids": query_ids.numpy()},
+                                  {"score": np.empty(batch, np.float32)})["score"]
+    cosine = (got * expected).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1))
+    score_error = np.abs(np.asarray(score, dtype=np.float64) - expected_score).max() / max(np.abs(expected_score).max(), 1e-12)
+    return float(cosine.min()), float(score_error)
+
+
 def export_lemur(checkpoint: LemurCheckpoint, destination: Path, model_version: int = 1, verify: bool = False, force: bool = False,
-                 progress=None, report=print) -> dict:
-    """Write the LEMUR bundle for `checkpoint`; with `verify`, check both stages in ONNX Runtime (relative error <= 1e-5)."""
+                 progress=None, report=print, precision: str = "fp32", int8_tolerance: float | None = None) -> dict:
+    """Write the LEMUR bundle for `checkpoint`; with `verify`, check both stages in ONNX Runtime (relative error <= 1e-5;
+    int8: the engine's embeddings of held-out documents, cosine >= MIN_COSINE). `precision` "int8" quantizes both
+    stages (quantize_lemur)."""
     if not 0 <= model_version < 2**31:
         raise ValueError(f"--model-version must be in [0, 2^31), got {model_version}")
+    if precision not in ("fp32", "int8"):
+        raise ValueError(f"LEMUR bundles are fp32 or int8, got --precision {precision}")
     model = checkpoint.build_model()
     c = model.config
 
@@ -131,11 +193,15 @@ def export_lemur(checkpoint: LemurCheckpoint, destination: Path, model_version: 
                 report(f"verify {name:>6}: relative |ORT - PyTorch| = {err:.3e}")
                 if not err <= 1e-5:
                     raise ValueError(f"stage {name} does not match PyTorch (relative error {err:.3e} > 1e-5)")
+        quantization = {}
+        if precision == "int8":
+            quantization = {"quantization": quantize_lemur(model, tmp, specs, int8_tolerance, progress, report)}
         return {
             "format": BUNDLE_FORMAT,
             "format_version": BUNDLE_FORMAT_VERSION,
             "family": "lemur",
-            "precision": "fp32",
+            "precision": precision,
+            **quantization,
             "exporter": {"name": "slimengine", "version": EXPORTER_VERSION, "torch": torch.__version__, "onnx": onnx.__version__,
                          "opset": OPSET},
             "source": {"path": str(checkpoint.path), "sha256": checkpoint.sha256},
@@ -146,4 +212,13 @@ def export_lemur(checkpoint: LemurCheckpoint, destination: Path, model_version: 
             "custom_op_library": None,
         }
 
-    return write_bundle(destination, fill, force=force, report=report)
+    def check(tmp: Path) -> None:
+        if precision == "int8":
+            cosine, score_error = verify_embeddings(tmp, model)
+            report(f"int8 embeddings of held-out documents vs float32 PyTorch: worst cosine {cosine:.5f}; "
+                   f"score: worst relative error {score_error:.4f}")
+            if verify and not cosine >= MIN_COSINE:
+                raise ValueError(f"int8 embeddings fall below cosine {MIN_COSINE} of float32 ({cosine:.5f}): export with a lower "
+                                 "--int8-tolerance, or in fp32")
+
+    return write_bundle(destination, fill, force=force, report=report, check=check)

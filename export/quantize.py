@@ -347,14 +347,20 @@ def quantize_stage(path: Path, inputs: list[dict[str, np.ndarray]], tolerance: f
             while not error <= tolerance and len(kept) < len(order):
                 kept.append(order[len(kept)])
                 error = error_with([n for n in candidates if n not in kept])
-        quantized = [n for n in candidates if n not in kept]
-        quantize_graph(path, trial, quantized)
+        quantized = [n for n in candidates if n not in kept]  # what the last error_with wrote to `trial`
         if integer_matmuls(trial) != len(quantized):  # the report and manifest count what the graph holds
             raise RuntimeError(f"stage {path.stem}: {len(quantized)} matmuls were to be int8, the quantized graph holds "
                                f"{integer_matmuls(trial)}")
         shutil.move(str(trial), str(path))
         shutil.move(str(trial) + ".data", str(path) + ".data")
     return StageQuantization(quantized, kept, error, error_all, sensitivity, modules)
+
+
+def report_line(name: str, q: StageQuantization) -> str:
+    """The export report's line for one quantized stage."""
+    kept = f"; float: {', '.join(q.modules.get(n) or n for n in q.float_nodes)}" if q.float_nodes else ""
+    return (f"int8 {name:>12}: {len(q.int8_nodes)} of {len(q.int8_nodes) + len(q.float_nodes)} matmuls int8, "
+            f"error {q.error:.4f} (all int8: {q.error_all_int8:.4f}){kept}")
 
 
 def quantize_stages(directory: Path, specs: list[StageSpec], records: dict[str, list[dict[str, np.ndarray]]], tolerance: float,

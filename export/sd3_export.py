@@ -123,9 +123,7 @@ def quantize_transformer(model, plan: SamplingPlan, specs, directory: Path, cali
     records = quantize.record_stage_inputs(model, plan, calibration, specs, latent_size)
     stages = quantize.quantize_stages(directory, specs, records, tolerance, progress=progress)
     for name, q in stages.items():
-        kept = f"; float: {', '.join(q.modules.get(n) or n for n in q.float_nodes)}" if q.float_nodes else ""
-        report(f"int8 {name:>12}: {len(q.int8_nodes)} of {len(q.int8_nodes) + len(q.float_nodes)} matmuls int8, "
-               f"error {q.error:.4f} (all int8: {q.error_all_int8:.4f}){kept}")
+        report(quantize.report_line(name, q))
     return {
         "method": quantize.METHOD,
         "calibration": {"source": calibration.source, "steps": quantize.recorded_steps(plan.steps), "latent_size": latent_size,

@@ -333,7 +333,7 @@ def profile_lemur(args) -> tuple[dict, dict]:
         "schema_version": SCHEMA_VERSION,
         "family": "lemur",
         "engine": {"path": str(args.engine), "family": "lemur", "precision": engine.manifest["precision"], "embed_dim": c["embed_dim"],
-                   "stages": engine.stage_names, "runtime_version": se.version()},
+                   "stages": engine.stage_names, "runtime_version": se.version(), "quantization": engine.manifest.get("quantization")},
         "settings": {"warmup": args.warmup, "iters": args.iters, "programs": list(programs), "batch": batch, "history": history,
                      "text_len": text_len, "frames": frames, "query_len": query_len, "bank_documents": filled, "seed": 0,
                      "device": "cpu", "device_time": False},
@@ -609,6 +609,8 @@ def lemur_table(report: dict) -> str:
              f"text {s['text_len']}, frames {s['frames']}, query {s['query_len']}",
              f"{s['iters']} timed calls of each program after {s['warmup']} warm-up, bank of {s['bank_documents']} documents; "
              "host time from the runtime's events (ms); device time: not measured (CPU)", "", TABLE_HEADER]
+    if e.get("quantization"):
+        lines.insert(1, _quantization_line(e["quantization"]))
     for program, p in report["programs"].items():
         lines.append(_table_row(f"{program} call", p["call"], 1.0))
         lines += [_table_row(f"  stage {name}", st, st["share"]) for name, st in p["stages"].items()]

@@ -207,7 +207,8 @@ void parse_fields(const Value& root, Manifest& m) {
         m.program = parse_program(root, m.config);
     } else if (m.family == "lemur") {
         m.kind = Family::Lemur;
-        if (m.precision != "fp32") bad(".precision", "must be fp32 for a lemur bundle");
+        // int8 stages take and give float32 like fp32 ones (docs/int8.md)
+        if (m.precision != "fp32" && m.precision != "int8") bad(".precision", "must be fp32 or int8 for a lemur bundle");
         m.lemur = parse_lemur_config(root);
     } else {
         bad(".family", "'" + m.family + "' is not supported by this runtime (expected sd3 or lemur)");
