@@ -153,6 +153,8 @@ def main(argv=None) -> int:
         stages += c.num_layers + 2 + checkpoint.has_compensation  # each quantized stage: a second step of the bar
     if pipeline is not None:
         stages += len(pipeline.roles())
+        if calibration is not None and calibration.token_ids is not None:  # each text encoder's quantization
+            stages += sum(role in calibration.token_ids for role in pipeline.roles())
     failed = _run_export(args, output, stages, lambda progress, report: export_sd3(
         checkpoint, plan, output, precision=args.precision, verify=args.verify, force=args.force, token_stages=token_stages,
         tokenizers=args.tokenizers, t5_max_length=args.max_sequence_length, pipeline=pipeline, progress=progress, report=report,

@@ -48,6 +48,9 @@ class Calibration:
     pooled_embeds: torch.Tensor
     negative_prompt_embeds: torch.Tensor | None
     negative_pooled_embeds: torch.Tensor | None
+    # Calibration from prompts: each text encoder's token ids of the prompts and the empty prompt (role -> [P + 1, L]),
+    # tokenized as diffusers does; what the encoders' quantization is measured on. None for an embeddings file.
+    token_ids: dict[str, np.ndarray] | None = None
 
 
 EMBEDDING_KEYS = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds")
@@ -75,7 +78,8 @@ def load_calibration(path: Path, pipeline_folder: Path | None, max_sequence_leng
             raise CalibrationError(f"--calibrate: {e}") from None
         text, pooled = encode_prompts(pipe, prompts, max_sequence_length)
         neg_text, neg_pooled = encode_prompts(pipe, [""], max_sequence_length) if cfg else (None, None)
-        calib = Calibration(f"{path} ({len(prompts)} prompts)", text, pooled, neg_text, neg_pooled)
+        calib = Calibration(f"{path} ({len(prompts)} prompts)", text, pooled, neg_text, neg_pooled,
+                            encoder_token_ids(pipe, prompts + [""], max_sequence_length))
         if t5_rows_from is not None:
             for embeds in (calib.prompt_embeds, calib.negative_prompt_embeds):
                 if embeds is not None:
@@ -87,6 +91,15 @@ def load_calibration(path: Path, pipeline_folder: Path | None, max_sequence_leng
     if not calib.prompt_embeds.any():
         raise CalibrationError(f"--calibrate {path}: the prompt embeddings are all zero: nothing to calibrate on")
     return calib
+
+
+def encoder_token_ids(pipe, prompts: list[str], max_sequence_length: int) -> dict[str, np.ndarray]:
+    """Each text encoder stage's input_ids for `prompts`, padded and truncated as diffusers' SD3 pipeline does."""
+    tokenizers = {"clip_l": (pipe.tokenizer, pipe.tokenizer_max_length), "clip_g": (pipe.tokenizer_2, pipe.tokenizer_max_length)}
+    if pipe.tokenizer_3 is not None:
+        tokenizers["t5"] = (pipe.tokenizer_3, max_sequence_length)
+    return {role: tok(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="np").input_ids.astype(np.int64)
+            for role, (tok, length) in tokenizers.items()}
 
 
 def _embeddings_file(path: Path, cfg: bool) -> Calibration:
@@ -374,6 +387,75 @@ def quantize_stages(directory: Path, specs: list[StageSpec], records: dict[str, 
             raise CalibrationError(f"stage {spec.name} never ran on the calibration program: nothing to measure its quantization on")
         result[spec.name] = quantize_stage(Path(directory) / spec.file, records[spec.name], tolerance, threads)
         if progress is not None:
+            progress(f"int8 {spec.name}")
+    return result
+
+
+def fold_weight_transposes(path: Path) -> int:
+    """Rewrite MatMul(x, Transpose(W)) with initializer W as MatMul(x, Wᵀ) stored as an initializer, in place: the T5
+    stage is traced unoptimized (t5_export.py), so its weights reach the MatMuls through Transpose nodes, which dynamic
+    quantization cannot see through. ONNX Runtime folds the same Transpose at load, so the float math is unchanged.
+    Returns how many were folded."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    weights = {i.name: i for i in graph.initializer}
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    folded, keep = 0, []
+    for node in graph.node:
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        source = weights.get(node.input[0]) if node.op_type == "Transpose" and node.input else None
+        if source is not None and len(source.dims) == 2 and perm in (None, [1, 0]):
+            transposed = numpy_helper.from_array(numpy_helper.to_array(source).T.copy(), node.output[0])
+            graph.initializer.append(transposed)
+            consumers[source.name] -= 1
+            folded += 1
+        else:
+            keep.append(node)
+    if not folded:
+        return 0
+    del graph.node[:]
+    graph.node.extend(keep)
+    unused = [i for i in graph.initializer if consumers.get(i.name, 0) == 0 and i.name in weights]
+    for init in unused:
+        graph.initializer.remove(init)
+    Path(str(path) + ".data").unlink(missing_ok=True)
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data")
+    return folded
+
+
+ENCODER_ROLES = ("clip_l", "clip_g", "t5")
+MAX_ENCODER_BYTES = 4 << 30  # quantize_dynamic holds a graph's float weights and their int8 copy in memory (T5-XXL: 19 GB)
+
+
+def quantize_encoders(directory: Path, specs: list[StageSpec], calib: Calibration, tolerance: float, report, progress=None,
+                      batch: int = 8) -> dict[str, StageQuantization]:
+    """Quantize the text encoder stages under `directory` in place, measured on the calibration prompts' token ids (the
+    same rule as the transformer's stages). The VAE stays float32 (docs/int8.md); so do encoders calibration cannot run
+    (an embeddings file has no prompts) and those too large to quantize in memory."""
+    if calib.token_ids is None:
+        report("int8 text encoders: float32 (calibration by embeddings has no prompts to run them on)")
+        return {}
+    result = {}
+    for spec in specs:
+        if spec.role not in ENCODER_ROLES or spec.role not in calib.token_ids:
+            continue
+        path = Path(directory) / spec.file
+        size = path.stat().st_size + (Path(str(path) + ".data").stat().st_size if Path(str(path) + ".data").exists() else 0)
+        if size > MAX_ENCODER_BYTES:
+            report(f"int8 {spec.name:>12}: float32 ({size / 2**30:.1f} GiB: quantizing it needs that twice in memory)")
+        else:
+            fold_weight_transposes(path)
+            ids = calib.token_ids[spec.role]
+            feeds = [{"input_ids": ids[i:i + batch]} for i in range(0, len(ids), batch)]
+            result[spec.name] = quantize_stage(path, feeds, tolerance)
+            report(report_line(spec.name, result[spec.name]))
+        if progress is not None:  # one step of the bar per encoder, quantized or not
             progress(f"int8 {spec.name}")
     return result
 

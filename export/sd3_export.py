@@ -53,7 +53,8 @@ def export_sd3(
     pipeline folder whose text encoders and VAE become stages too (docs/pipeline.md), and whose tokenizers are
     exported unless `tokenizers` names another folder; or a checked single file's encoders and VAE
     (export/single_file.py), whose tokenizers `tokenizers` names. `precision` "int8" quantizes the transformer's
-    stages, measured on `calibration` (quantize.py: a Calibration) within `int8_tolerance`; the rest stays float32."""
+    stages and, calibrated on prompts, the text encoders', measured on `calibration` (quantize.py: a Calibration) within
+    `int8_tolerance`; the rest stays float32."""
     compute = "fp32" if precision == "int8" else precision  # what the graphs are traced in
     model = checkpoint.build_model(DTYPES[compute])  # no float32 copy of a half-precision model
     if precision == "int8":
@@ -75,15 +76,20 @@ def export_sd3(
             errors = verify_stages(model, tmp, specs, compute)
             for name, err in errors.items():
                 report(f"verify {name:>12}: max |ORT - PyTorch| = {err:.3e}")
-        quantization = {}
-        if precision == "int8":
-            quantization = {"quantization": quantize_transformer(model, plan, specs, tmp, calibration, int8_tolerance, progress, report)}
+        record = quantize_transformer(model, plan, specs, tmp, calibration, int8_tolerance, progress, report) if precision == "int8" else None
         if components is not None:
             encoder_specs = export_pipeline_stages(components, tmp, compute, t5_max_length, pipeline.clip_length, progress=progress)
             if verify:
                 for name, err in verify_pipeline_stages(components, tmp, encoder_specs, compute, pipeline.clip_length).items():
                     report(f"verify {name:>12}: max |ORT - PyTorch| = {err:.3e}")
             specs = specs + encoder_specs
+            if record is not None:
+                from .quantize import quantize_encoders
+
+                encoders = quantize_encoders(tmp, encoder_specs, calibration, record["tolerance"], report, progress)
+                record["stages"].update({name: q.to_json() for name, q in encoders.items()})
+        if record is not None:
+            record["float_stages"] = [s.name for s in specs if s.name not in record["stages"]]
         config = checkpoint.config
         return {
             "format": BUNDLE_FORMAT,
@@ -100,7 +106,7 @@ def export_sd3(
             "custom_op_library": CUSTOM_OP_LIBRARY if token_stages else None,
             "tokenizers": export_tokenizers(tokenizers, tmp, t5_max_length, tokenizer_roles) if tokenizers is not None else [],
             **({"pipeline": pipeline_manifest(components, pipeline, config, t5_max_length)} if components is not None else {}),
-            **quantization,
+            **({"quantization": record} if record is not None else {}),
         }
 
     def check(bundle: Path) -> None:
@@ -130,7 +136,6 @@ def quantize_transformer(model, plan: SamplingPlan, specs, directory: Path, cali
                         "seed": 0},
         "tolerance": tolerance,
         "stages": {name: q.to_json() for name, q in stages.items()},
-        "float_stages": [s.name for s in specs if s.name not in stages],
     }
 
 

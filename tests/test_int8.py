@@ -256,6 +256,30 @@ def test_lemur_int8_is_reported_by_profile_engine_and_refuses_sd3_flags(lemur_in
     assert proc.returncode == 2 and "--calibrate is for SD3 bundles" in proc.stderr and not (tmp_path / "l.engine").exists()
 
 
+def test_weights_reaching_a_matmul_through_a_transpose_are_folded_for_quantization(tmp_path):
+    """The T5 stage is traced unoptimized: MatMul(x, Transpose(W)). Folded, the float graph computes the same and
+    dynamic quantization finds the weight."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from slimengine.export.quantize import candidate_nodes, fold_weight_transposes
+
+    w = np.random.default_rng(0).standard_normal((8, 5)).astype(np.float32)  # [out, in], as torch.nn.Linear stores it
+    graph = helper.make_graph([helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]), helper.make_node("MatMul", ["x", "wt"], ["y"], name="mm")],
+                              "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 8])], [numpy_helper.from_array(w, "w")])
+    path = tmp_path / "t.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path), save_as_external_data=True,
+                    location="t.onnx.data", size_threshold=0)
+    x = np.random.default_rng(1).standard_normal((3, 5)).astype(np.float32)
+    before = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert candidate_nodes(path) == [] and fold_weight_transposes(path) == 1 and candidate_nodes(path) == ["mm"]
+    folded = onnx.load(str(path))
+    assert [n.op_type for n in folded.graph.node] == ["MatMul"] and [i.name for i in folded.graph.initializer] == ["wt"]
+    np.testing.assert_array_equal(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0], before)
+    assert fold_weight_transposes(path) == 0
+
+
 def test_calibration_without_t5_sees_zeros_in_t5s_place_as_the_bundle_does(tmp_path):
     from slimengine.export.quantize import load_calibration
 
@@ -277,6 +301,7 @@ def test_calibration_without_t5_sees_zeros_in_t5s_place_as_the_bundle_does(tmp_p
 @pytest.mark.slow
 def test_toy_teacher_in_int8_draws_what_the_fp32_teacher_draws(workdir):
     """The shipped toy teacher, calibrated on the training prompts, drawing the held-out class prompts (seed 0)."""
+    from slimengine.tools import toy_shapes
     from slimengine.tools.toy_demo import agreement, generate_classes, score
 
     int8 = export(TOY_TEACHER, workdir / "toy-teacher-int8.engine", "--pipeline", str(TOY_PIPELINE), "--cache-blocks", "none",
@@ -291,3 +316,16 @@ def test_toy_teacher_in_int8_draws_what_the_fp32_teacher_draws(workdir):
     assert agreement(images["int8"], images["fp32"]) == (18, 18)
     mse = np.mean((images["int8"].astype(np.float64) - images["fp32"]) ** 2, axis=(1, 2, 3))
     assert float(np.median(10 * np.log10(255.0**2 / np.maximum(mse, 1e-12)))) >= 28
+    # The text encoders are int8 too (measured on the calibration prompts' token ids), the VAE float32; on the held-out
+    # class prompts each encoder's output stays near the fp32 bundle's.
+    q = json.loads((int8 / "manifest.json").read_text())["quantization"]
+    assert all(q["stages"][role]["int8_nodes"] > 0 for role in ("clip_l", "clip_g", "t5")) and q["float_stages"] == ["vae_decode"]
+    outputs = {}
+    for name, bundle in (("int8", int8), ("fp32", fp32)):
+        with se.open_engine(bundle) as engine, engine.session() as session:
+            for role in ("clip_l", "clip_g", "t5"):
+                ids = np.stack([engine.tokenize(role, p) for p in toy_shapes.class_prompts()]).astype(np.int64)
+                width = next(s for s in engine.manifest["stages"] if s["name"] == role)["outputs"][0]["shape"][-1]
+                outputs[name, role] = session.run_stage(role, {"input_ids": ids}, {"hidden_states": np.empty((*ids.shape, width), np.float32)})
+    for role in ("clip_l", "clip_g", "t5"):
+        assert relative_error(outputs["int8", role]["hidden_states"], outputs["fp32", role]["hidden_states"]) < 0.03, role
