@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 DISTILL_HELP = """Distil a 2-step 1.x student from an SD3 teacher: the student's second step skips the cached block range and adds
 back the compensation MLPs' correction of the first step's change over it; student and compensation train together on
@@ -43,6 +44,8 @@ def distill_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-steps", type=int, default=1200, help="optimiser steps (default 1200)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW, warm-up then cosine; default 5e-4)")
+    p.add_argument("--shift", type=float, help="the student's shift: its middle sigma is S/(S+1) (default: the teacher's, "
+                   "from its metadata or the pipeline's scheduler, else 3)")
     p.add_argument("--save-every", type=int, default=100, help="write the resume file every N steps (default 100)")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT.resume (written while training)")
     return p
@@ -69,6 +72,15 @@ def _expected_errors() -> tuple:
 
 MAX_THREADS = 1024
 MAX_SHIFT = 1000.0  # beyond it float32 sigmas saturate (the runtime refuses an infinite shift)
+
+
+class Shifts(NamedTuple):
+    """The flow-matching shifts a run uses: the teacher samples with `sampling`; the student's two steps take the
+    sigmas of `student`, snapped to the 1000-step grid of `grid` (the teacher's training grid)."""
+
+    sampling: float
+    student: float
+    grid: float
 
 
 def _positive(args, *names, most: int | None = None) -> None:
@@ -117,7 +129,7 @@ def _check_output(args, model_path: Path) -> None:
 
 def _setup(args, model_path: Path):
     """Checked before any work (after _check_output): the checkpoint, the range, the device, the prompts, the pipeline.
-    Returns (checkpoint, plan, shift, prompts, encoder pipeline, T5 length)."""
+    Returns (checkpoint, plan, shifts, prompts, encoder pipeline, T5 length)."""
     from slimengine.export.checkpoint import load_checkpoint
     from slimengine.export.sampling_plan import make_plan
 
@@ -150,8 +162,11 @@ def _setup(args, model_path: Path):
                      1e-3, MAX_SHIFT)
     teacher_shift = sampling.get("teacher_shift")
     teacher_shift = _real_in(teacher_shift if teacher_shift is not None else shift, "the metadata's sampling.teacher_shift", 1e-3, MAX_SHIFT)
+    shifts = Shifts(sampling=shift, student=shift, grid=teacher_shift)
+    if getattr(args, "shift", None) is not None:  # distill-1x --shift: the student's own
+        shifts = shifts._replace(student=_real_in(args.shift, "--shift", 1e-3, MAX_SHIFT))
     # The student's program: two steps, the second skipping the range, no CFG (docs/distill.md).
-    plan = make_plan(layers, True, steps=2, shift=shift, teacher_shift=teacher_shift, cache_blocks=blocks, guidance_scale=1.0)
+    plan = make_plan(layers, True, steps=2, shift=shifts.student, teacher_shift=shifts.grid, cache_blocks=blocks, guidance_scale=1.0)
     plan.validate(layers, True)
     prompts = read_prompts(args.prompts)
     c = checkpoint.config
@@ -162,7 +177,7 @@ def _setup(args, model_path: Path):
         length = trained if isinstance(trained, int) and not isinstance(trained, bool) and 1 < trained <= 512 else 256
     if not 2 <= length <= 512:
         raise UsageError(f"--max-sequence-length must be from 2 to 512, got {length}")
-    return checkpoint, plan, shift, prompts, load_encoder_pipeline(args.pipeline), length
+    return checkpoint, plan, shifts, prompts, load_encoder_pipeline(args.pipeline), length
 
 
 def _scheduler_shift(pipeline: Path) -> float | None:
@@ -173,7 +188,7 @@ def _scheduler_shift(pipeline: Path) -> float | None:
     return float(shift) if isinstance(shift, (int, float)) and not isinstance(shift, bool) and shift > 0 else None
 
 
-def save_student(path: Path, model, checkpoint, plan, shift: float, record: dict, key: str) -> None:
+def save_student(path: Path, model, checkpoint, plan, shifts: Shifts, record: dict, key: str) -> None:
     """The student as a checkpoint export-engine reads (diffusers keys + delta_pred_*), in the source's float type, with
     the 1.x plan and `record` in its metadata; written atomically."""
     import torch
@@ -187,7 +202,7 @@ def save_student(path: Path, model, checkpoint, plan, shift: float, record: dict
     metadata = {k: v for k, v in checkpoint.metadata.items() if k not in ("sampling", "training", "distill", "fit_compensation")}
     metadata.setdefault("num_attention_heads", checkpoint.config.num_attention_heads)
     first, last = plan.cache_blocks
-    metadata["sampling"] = {"steps": plan.steps, "shift": shift, "cache_blocks": f"{first}-{last}"}
+    metadata["sampling"] = {"steps": plan.steps, "shift": shifts.student, "teacher_shift": shifts.grid, "cache_blocks": f"{first}-{last}"}
     if "distill" in checkpoint.metadata and key != "distill":
         metadata["distill"] = checkpoint.metadata["distill"]
     metadata[key] = record
@@ -231,7 +246,7 @@ def distill_main(argv=None) -> int:
             raise UsageError(f"--resume: {resume} does not exist")
         if resume.exists() and not args.resume:
             raise UsageError(f"{resume} exists (an interrupted run): pass --resume to continue it, or delete it")
-        checkpoint, plan, shift, prompts, pipe, length = _setup(args, args.teacher)
+        checkpoint, plan, shifts, prompts, pipe, length = _setup(args, args.teacher)
         guidance = teacher_guidance(args, checkpoint)
         if args.batch_size > len(prompts) * args.samples_per_prompt:
             raise UsageError(f"--batch-size {args.batch_size} is more than the {len(prompts) * args.samples_per_prompt} pairs "
@@ -241,7 +256,7 @@ def distill_main(argv=None) -> int:
             _unlock(lock)
         return _fail("distill-1x", e)
     try:
-        return _distill(args, checkpoint, plan, shift, prompts, pipe, length, guidance, resume, log)
+        return _distill(args, checkpoint, plan, shifts, prompts, pipe, length, guidance, resume, log)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: temporaries are removed on the way out; the last periodic save stands
         saved = f"; {resume} holds the last saved step: --resume continues" if resume.exists() else ""
         print(f"distill-1x: interrupted{saved}", file=sys.stderr)
@@ -252,7 +267,7 @@ def distill_main(argv=None) -> int:
         _unlock(lock)
 
 
-def _distill(args, checkpoint, plan, shift, prompts, pipe, length, guidance, resume: Path, log) -> int:
+def _distill(args, checkpoint, plan, shifts, prompts, pipe, length, guidance, resume: Path, log) -> int:
     import torch
 
     from .data import encode_prompts, noise, teacher_samples
@@ -281,7 +296,7 @@ def _distill(args, checkpoint, plan, shift, prompts, pipe, length, guidance, res
         c = checkpoint.config
         latents = noise(pairs, (c.in_channels, c.sample_size, c.sample_size), args.seed)
         target = teacher_samples(args.teacher, teacher, text[prompt_index], pooled[prompt_index], neg_text, neg_pooled, latents,
-                                 args.teacher_steps, guidance, shift, args.device, not args.quiet, threads=args.threads)
+                                 args.teacher_steps, guidance, shifts.sampling, args.device, not args.quiet, threads=args.threads)
         if not torch.isfinite(target).all():
             raise UsageError(f"{args.teacher}: the teacher's samples are not finite (NaN or inf)")
         data = {"prompt": prompt_index, "noise": latents, "target": target, "text": text, "pooled": pooled}
@@ -319,7 +334,7 @@ def _distill(args, checkpoint, plan, shift, prompts, pipe, length, guidance, res
               "lr": args.lr, "seed": args.seed, "teacher_seconds": round(state["teacher_seconds"]),
               "first_loss": mean_loss(losses, first=True), "final_loss": mean_loss(losses, first=False),
               "seconds": round(time.perf_counter() - start)}
-    save_student(args.output, student, checkpoint, plan, shift, record, "distill")
+    save_student(args.output, student, checkpoint, plan, shifts, record, "distill")
     resume.unlink(missing_ok=True)
     log(f"wrote {args.output}: cached blocks {plan.cache_blocks[0]}-{plan.cache_blocks[1]}, effective NFE "
         f"{plan.effective_nfe(checkpoint.config.num_layers):.2f}; final-step MSE to the teacher {record['first_loss']:.4f} -> "
@@ -335,12 +350,12 @@ def fit_main(argv=None) -> int:
         if not args.cache_blocks:
             raise UsageError("--cache-blocks A-B is required: the range to fit the compensation for")
         _check_output(args, args.student)
-        checkpoint, plan, shift, prompts, pipe, length = _setup(args, args.student)
+        checkpoint, plan, shifts, prompts, pipe, length = _setup(args, args.student)
     except _expected_errors() as e:
         return _fail("fit-compensation", e)
     _on_sigterm_interrupt()
     try:
-        return _fit(args, checkpoint, plan, shift, prompts, pipe, length, log)
+        return _fit(args, checkpoint, plan, shifts, prompts, pipe, length, log)
     except KeyboardInterrupt:
         print("fit-compensation: interrupted; nothing written", file=sys.stderr)
         return 130
@@ -348,7 +363,7 @@ def fit_main(argv=None) -> int:
         return _fail("fit-compensation", e)
 
 
-def _fit(args, checkpoint, plan, shift, prompts, pipe, length, log) -> int:
+def _fit(args, checkpoint, plan, shifts, prompts, pipe, length, log) -> int:
     import torch
 
     from .data import encode_prompts, noise
@@ -370,7 +385,7 @@ def _fit(args, checkpoint, plan, shift, prompts, pipe, length, log) -> int:
     record = {"source_sha256": checkpoint.sha256, "prompts": len(prompts), "samples_per_prompt": args.samples_per_prompt,
               "steps": args.steps, "seed": args.seed, "delta_mse": {k: list(v) for k, v in errors.items()},
               "held_out_relative_error": {"identity": before, "fitted": after}, "seconds": round(time.perf_counter() - start)}
-    save_student(args.output, model, checkpoint, plan, shift, record, "fit_compensation")
+    save_student(args.output, model, checkpoint, plan, shifts, record, "fit_compensation")
     for name, (plain, fitted) in errors.items():
         log(f"{name} stream: MSE of step 1's Δ, reused as is {plain:.5f} -> fitted {fitted:.5f}")
     log(f"wrote {args.output}: blocks {plan.cache_blocks[0]}-{plan.cache_blocks[1]}; final latents vs the uncached student on "
