@@ -167,6 +167,9 @@ def _setup(args, model_path: Path):
         shifts = shifts._replace(student=_real_in(args.shift, "--shift", 1e-3, MAX_SHIFT))
     # The student's program: two steps, the second skipping the range, no CFG (docs/distill.md).
     plan = make_plan(layers, True, steps=2, shift=shifts.student, teacher_shift=shifts.grid, cache_blocks=blocks, guidance_scale=1.0)
+    if not 0 < plan.sigmas[1] < 1:  # on the teacher's 1000-step grid a tiny or huge shift puts it on an end: one step does nothing
+        raise UsageError(f"the student's shift {shifts.student:g} puts its middle step at sigma {plan.sigmas[1]:g} on the teacher's "
+                         "grid: one of its two steps would do nothing; give a larger --shift (0.01 and up)")
     plan.validate(layers, True)
     prompts = read_prompts(args.prompts)
     c = checkpoint.config
@@ -270,15 +273,17 @@ def distill_main(argv=None) -> int:
 def _distill(args, checkpoint, plan, shifts, prompts, pipe, length, guidance, resume: Path, log) -> int:
     import torch
 
+    from slimengine.staging import interrupt_on_sigterm
+
     from .data import encode_prompts, noise, teacher_samples
     from .student import make_student, mean_loss, train
 
-    _on_sigterm_interrupt()
+    interrupt_on_sigterm()
     start = time.perf_counter()
     teacher = checkpoint.build_model().to(args.device)
     # What the teacher samples and the run depend on: a resume file of other inputs is refused.
     key = _digest(checkpoint.sha256, prompts, plan.cache_blocks, plan.sigmas, args.samples_per_prompt, args.teacher_steps, guidance,
-                  args.seed, length, args.train_steps, args.batch_size, args.lr)
+                  args.seed, length, args.train_steps, args.batch_size, args.lr, shifts)
     if args.resume:
         try:
             state = torch.load(resume, map_location="cpu", weights_only=True)
@@ -353,7 +358,9 @@ def fit_main(argv=None) -> int:
         checkpoint, plan, shifts, prompts, pipe, length = _setup(args, args.student)
     except _expected_errors() as e:
         return _fail("fit-compensation", e)
-    _on_sigterm_interrupt()
+    from slimengine.staging import interrupt_on_sigterm
+
+    interrupt_on_sigterm()
     try:
         return _fit(args, checkpoint, plan, shifts, prompts, pipe, length, log)
     except KeyboardInterrupt:
@@ -421,17 +428,6 @@ def _unlock(lock: tuple[int, Path]) -> None:
     fd, path = lock
     path.unlink(missing_ok=True)  # while still held: a run waiting on this file retakes the lock on a new one
     os.close(fd)
-
-
-def _on_sigterm_interrupt() -> None:
-    """SIGTERM ends a run as Ctrl-C does: temporaries (the teacher's bundle, a half-written output) are removed."""
-    import signal
-
-    def interrupt(_signum, _frame):
-        raise KeyboardInterrupt
-
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, interrupt)
 
 
 def _checked_state(state: dict, resume: Path, prompts: int, samples: int, config, train_steps: int) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
 import tempfile
 from pathlib import Path
@@ -105,7 +107,11 @@ def teacher_samples(teacher_path: Path, teacher_model, text, pooled, neg_text, n
 
         with tempfile.TemporaryDirectory(prefix="distill-teacher-") as tmp:
             bundle = Path(tmp) / "teacher.engine"
-            code = export_main([str(teacher_path), "-o", str(bundle), "--cache-blocks", "none", "-q"])
+            said = io.StringIO()  # the export's own lines: shown with progress, or when it fails
+            with contextlib.redirect_stderr(said):
+                code = export_main([str(teacher_path), "-o", str(bundle), "--cache-blocks", "none", "-q"])
+            if progress or code not in (0, 130):
+                sys.stderr.write(said.getvalue())
             if code == 130:
                 raise KeyboardInterrupt
             if code != 0:

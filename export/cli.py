@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from slimengine.staging import OutputPathError, output_directory
+from slimengine.staging import OutputPathError, interrupt_on_sigterm, output_directory
 
 from .errors import CheckpointError
 
@@ -66,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     output = args.output or args.checkpoint.with_name(args.checkpoint.name.split(".")[0] + ".engine")
+    interrupt_on_sigterm()  # a half-written bundle's temporary folder is removed on SIGTERM as on Ctrl-C
+    try:
+        return _main(args, output)
+    except KeyboardInterrupt:  # before or after the export itself (which reports its own interruption)
+        return _fail(f"interrupted; {output} was not written", code=130)
+
+
+def _main(args, output: Path) -> int:
     if args.steps is not None and args.steps < 1:
         return _fail(f"--steps must be at least 1, got {args.steps}")
     if args.shift is not None and not args.shift > 0:
@@ -149,13 +157,16 @@ def main(argv=None) -> int:
     stages = c.num_layers + 2 + checkpoint.has_compensation
     if token_stages:
         stages += c.num_layers - len(c.dual_attention_layers)
-    if args.precision == "int8":
-        stages += c.num_layers + 2 + checkpoint.has_compensation  # each quantized stage: a second step of the bar
     if pipeline is not None:
         stages += len(pipeline.roles())
-        if calibration is not None and calibration.token_ids is not None:  # each text encoder's quantization
-            stages += sum(role in calibration.token_ids for role in pipeline.roles())
-    failed = _run_export(args, output, stages, lambda progress, report: export_sd3(
+    steps = stages  # of the progress bar: each quantized stage is a second step
+    if args.precision == "int8":
+        steps += c.num_layers + 2 + checkpoint.has_compensation
+        if pipeline is not None and calibration.token_ids is not None:  # each text encoder's quantization
+            steps += sum(role in calibration.token_ids for role in pipeline.roles())
+    if calibration is not None:
+        print(f"calibration: {calibration.source}", file=sys.stderr)
+    failed = _run_export(args, output, steps, lambda progress, report: export_sd3(
         checkpoint, plan, output, precision=args.precision, verify=args.verify, force=args.force, token_stages=token_stages,
         tokenizers=args.tokenizers, t5_max_length=args.max_sequence_length, pipeline=pipeline, progress=progress, report=report,
         calibration=calibration, int8_tolerance=args.int8_tolerance))

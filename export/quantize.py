@@ -72,13 +72,15 @@ def load_calibration(path: Path, pipeline_folder: Path | None, max_sequence_leng
         from slimengine.distill.data import DataError, encode_prompts, load_encoder_pipeline, read_prompts
 
         try:
-            prompts = read_prompts(path)[:MAX_CALIBRATION_PROMPTS]
+            every = read_prompts(path)
             pipe = load_encoder_pipeline(pipeline_folder)
         except DataError as e:
             raise CalibrationError(f"--calibrate: {e}") from None
+        prompts = every[:MAX_CALIBRATION_PROMPTS]
         text, pooled = encode_prompts(pipe, prompts, max_sequence_length)
         neg_text, neg_pooled = encode_prompts(pipe, [""], max_sequence_length) if cfg else (None, None)
-        calib = Calibration(f"{path} ({len(prompts)} prompts)", text, pooled, neg_text, neg_pooled,
+        used = f"the first {len(prompts)} of {len(every)} prompts" if len(every) > len(prompts) else f"{len(prompts)} prompts"
+        calib = Calibration(f"{path} ({used})", text, pooled, neg_text, neg_pooled,
                             encoder_token_ids(pipe, prompts + [""], max_sequence_length))
         if t5_rows_from is not None:
             for embeds in (calib.prompt_embeds, calib.negative_prompt_embeds):
@@ -374,6 +376,17 @@ def report_line(name: str, q: StageQuantization) -> str:
     kept = f"; float: {', '.join(q.modules.get(n) or n for n in q.float_nodes)}" if q.float_nodes else ""
     return (f"int8 {name:>12}: {len(q.int8_nodes)} of {len(q.int8_nodes) + len(q.float_nodes)} matmuls int8, "
             f"error {q.error:.4f} (all int8: {q.error_all_int8:.4f}){kept}")
+
+
+def finish_record(record: dict, specs: list[StageSpec]) -> dict:
+    """Complete a bundle's `quantization` record: `float_stages` names every stage without an int8 matmul (never
+    quantized, or every candidate kept float). Refuses a bundle in which nothing ended up int8: it would say int8
+    and compute in float32."""
+    record["float_stages"] = [s.name for s in specs if record["stages"].get(s.name, {}).get("int8_nodes", 0) == 0]
+    if not any(st["int8_nodes"] for st in record["stages"].values()):
+        raise CalibrationError(f"no matmul stays within --int8-tolerance {record['tolerance']:g} in 8 bits: the bundle would compute "
+                               "in float32 only; raise the tolerance, or export fp32")
+    return record
 
 
 def quantize_stages(directory: Path, specs: list[StageSpec], records: dict[str, list[dict[str, np.ndarray]]], tolerance: float,

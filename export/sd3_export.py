@@ -89,7 +89,9 @@ def export_sd3(
                 encoders = quantize_encoders(tmp, encoder_specs, calibration, record["tolerance"], report, progress)
                 record["stages"].update({name: q.to_json() for name, q in encoders.items()})
         if record is not None:
-            record["float_stages"] = [s.name for s in specs if s.name not in record["stages"]]
+            from .quantize import finish_record
+
+            finish_record(record, specs)
         config = checkpoint.config
         return {
             "format": BUNDLE_FORMAT,

@@ -98,7 +98,7 @@ def test_the_student_exports_and_the_engine_runs_its_1x_program_as_pytorch_does(
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-4
 
 
-def test_the_students_own_shift_places_its_middle_step_and_travels_to_the_bundle(few_prompts, tmp_path):
+def test_the_students_own_shift_places_its_middle_step_and_travels_to_the_bundle(few_prompts, tmp_path, capsys):
     """--shift 2: the student's sigmas are 1 -> 2/3 -> 0 (snapped to the teacher's shift-3 grid), in its metadata, in the
     exported program, and in what fit-compensation then reads."""
     out = tmp_path / "student.safetensors"
@@ -106,6 +106,7 @@ def test_the_students_own_shift_places_its_middle_step_and_travels_to_the_bundle
     args = SMALL[:i] + ["--train-steps", "2"] + SMALL[i + 2:]
     assert distill_main([str(TOY_TEACHER), "--pipeline", str(TOY_PIPELINE), "--prompts", str(few_prompts), "-o", str(out), *args,
                          "--shift", "2"]) == 0
+    assert capsys.readouterr().err == ""  # -q: the teacher's export printed its lines (break-it)
     sampling = load_checkpoint(out).metadata["sampling"]
     assert (sampling["shift"], sampling["teacher_shift"]) == (2.0, 3.0)
     want = make_plan(6, True, steps=2, shift=2.0, teacher_shift=3.0, cache_blocks="1-3").sigmas
@@ -242,6 +243,8 @@ DISTILL_REFUSALS = [
     (["--teacher-steps", "1000000000"], None, "--teacher-steps must be from 1 to 10000"),
     (["--batch-size", "1000000000"], None, "--batch-size 1000000000 is more than the 192 pairs"),
     (["--shift", "0"], None, "--shift must be a number from 0.001 to 1000"),
+    # break-it: 1e-3 was accepted and trained a student whose middle sigma snaps to 0 (its second step did nothing)
+    (["--shift", "0.001"], None, "puts its middle step at sigma 0 on the teacher's grid"),
 ]
 
 
@@ -351,6 +354,15 @@ def test_resume_refuses_a_missing_file_and_other_settings(distilled, few_prompts
     (tmp_path / "s.safetensors.resume").write_bytes(b"\x80\x02garbage")
     assert distill_main([*args, "--resume"]) == 2
     assert "not a readable resume file" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_resume_file_of_another_shift_is_refused_even_where_the_sigmas_agree(killed_run, few_prompts, tmp_path, capsys):
+    """Break-it: --resume --shift 2.0001 continued a --shift 2 run (the same snapped sigmas) and recorded 2.0001."""
+    out = tmp_path / "student.safetensors"
+    (tmp_path / "student.safetensors.resume").write_bytes(killed_run.read_bytes())  # a run with the teacher's shift, 3
+    args = [str(TOY_TEACHER), "--pipeline", str(TOY_PIPELINE), "--prompts", str(few_prompts), "-o", str(out), *SMALL]
+    assert distill_main([*args, "--shift", "3.0001", "--resume"]) == 2
+    assert "other inputs or settings" in capsys.readouterr().err and not out.exists()
 
 
 def test_help_says_what_each_tool_does(capsys):

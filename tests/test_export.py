@@ -129,6 +129,39 @@ def _on_disk(bundle):
     return {str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()} - {"manifest.json", "manifest.sha256"}
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_or_ctrl_c_ends_an_export_with_130_and_removes_its_temporary(tmp_path, lemur_checkpoint, sig):
+    """Break-it: SIGTERM (what `timeout` and service managers send) left `.X.engine.tmp-PID/` with half the stages, and
+    Ctrl-C before the export had begun (while torch was being imported) gave a traceback. Both phases, both signals."""
+    for phase in ("importing", "writing"):
+        out = tmp_path / f"{phase}.engine"
+        # Python ignores SIGINT in a child started from a background job: restore the default so Ctrl-C reaches it
+        proc = subprocess.Popen([sys.executable, "-c", "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                                 "sys.argv = sys.argv[1:]; runpy.run_module('slimengine.export.cli', run_name='__main__')",
+                                 "export-engine", str(lemur_checkpoint), "-o", str(out), "--precision", "int8", "-q"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        tmp = tmp_path / f".{out.name}.tmp-{proc.pid}"
+
+        def reached(phase=phase, tmp=tmp, pid=proc.pid) -> bool:
+            """importing: torch's library is being mapped (main's heavy imports); writing: stages/ exists."""
+            if phase == "writing":
+                return (tmp / "stages").exists()
+            try:
+                with open(f"/proc/{pid}/maps") as maps:
+                    return "libtorch" in maps.read()
+            except OSError:
+                return False
+
+        deadline = time.monotonic() + 120
+        while not reached() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and f"export-engine: error: interrupted; {out} was not written" in err, (phase, err)
+        assert "Traceback" not in err and not out.exists() and not tmp.exists(), (phase, err)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_killed_export_leaves_a_temporary_that_the_next_export_removes(tmp_path, lemur_checkpoint):
     out = tmp_path / "k.engine"
     proc = subprocess.Popen([sys.executable, "-m", "slimengine.export.cli", str(lemur_checkpoint), "-o", str(out), "-q"],

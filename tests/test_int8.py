@@ -94,6 +94,8 @@ def test_int8_bundle_runs_and_says_what_it_is(int8_bundles):
         assert engine.manifest["quantization"] == q
     log = int8_bundles["int8"].with_suffix(".log").read_text()
     assert "int8        embed:" in log and "verify      program: final latents vs the float32 PyTorch program" in log
+    # the closing line counts the bundle's stages, not the progress bar's steps (break-it: 23 for a 12-stage bundle)
+    assert f"(int8, {len(manifest['stages'])} stages)" in log and "calibration: " in log and "(4 prompts)" in log
 
 
 def test_the_sensitive_matmul_stays_float_and_that_is_what_keeps_the_program_close(int8_bundles, student):
@@ -227,6 +229,25 @@ def test_lemur_int8_embeddings_hold_cosine_to_pytorch_float32_and_measured_sensi
     assert q["stages"]["embed"]["float_nodes"] and errors["all-int8"] > 1.1 * errors["int8"], (q, errors)
 
 
+def test_lemur_int8_exports_that_would_mislead_are_refused(lemur_checkpoint, tmp_path):
+    """Break-it: weights a thousand times larger gave int8 embeddings at cosine 0.78 of float32, published with exit 0
+    unless --verify; a tolerance nothing meets gave a bundle labelled int8 with no int8 matmul."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(lemur_checkpoint), "pt") as f:
+        metadata = f.metadata()
+    weights = {k: v * 1e3 if v.ndim == 2 and v.is_floating_point() else v for k, v in load_file(str(lemur_checkpoint)).items()}
+    big = tmp_path / "big.safetensors"
+    save_file(weights, str(big), metadata=metadata)
+    for checkpoint, flags, message in ((big, [], "int8 embeddings fall below cosine 0.995 of float32"),
+                                       (lemur_checkpoint, ["--int8-tolerance", "1e-9"], "no matmul stays within --int8-tolerance 1e-09")):
+        out = tmp_path / "l.engine"
+        proc = run_cli("export-engine", str(checkpoint), "-o", str(out), "--precision", "int8", "-q", *flags, check=False)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert "RuntimeWarning" not in proc.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["big.safetensors"]
+
+
 def test_lemur_int8_scores_through_the_bank_follow_float32(lemur_int8, lemur_bundle, tmp_path):
     """The score program (histories assembled from a bank in the call) of the int8 engine against the fp32 engine's,
     each over a bank of its own embeddings of the same documents."""
@@ -278,6 +299,26 @@ def test_weights_reaching_a_matmul_through_a_transpose_are_folded_for_quantizati
     assert [n.op_type for n in folded.graph.node] == ["MatMul"] and [i.name for i in folded.graph.initializer] == ["wt"]
     np.testing.assert_array_equal(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0], before)
     assert fold_weight_transposes(path) == 0
+
+
+def test_calibration_says_how_many_prompts_it_used_and_tokenizes_as_transformers_does(tmp_path):
+    """Break-it: 10,000 prompts were cut to the first 64 without a word. The encoders' token ids are diffusers' call."""
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    from slimengine.export.checkpoint import load_checkpoint
+    from slimengine.export.quantize import MAX_CALIBRATION_PROMPTS, load_calibration
+
+    lines = [f"a red circle number {i}" for i in range(MAX_CALIBRATION_PROMPTS + 6)]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(lines) + "\n")
+    c = load_checkpoint(TOY_TEACHER).config
+    calib = load_calibration(prompts, TOY_PIPELINE, 16, c.joint_attention_dim, c.pooled_projection_dim, cfg=True)
+    assert calib.source == f"{prompts} (the first {MAX_CALIBRATION_PROMPTS} of {len(lines)} prompts)"
+    used = lines[:MAX_CALIBRATION_PROMPTS] + [""]  # and the empty prompt, CFG's negative
+    clip = CLIPTokenizer.from_pretrained(str(TOY_PIPELINE / "tokenizer"))
+    t5 = T5TokenizerFast.from_pretrained(str(TOY_PIPELINE / "tokenizer_3"))
+    assert calib.token_ids["clip_l"].tolist() == clip(used, padding="max_length", max_length=clip.model_max_length, truncation=True).input_ids
+    assert calib.token_ids["t5"].tolist() == t5(used, padding="max_length", max_length=16, truncation=True).input_ids
 
 
 def test_calibration_without_t5_sees_zeros_in_t5s_place_as_the_bundle_does(tmp_path):

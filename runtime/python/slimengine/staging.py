@@ -315,3 +315,16 @@ def _remove_any(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM ends a command as Ctrl-C does (KeyboardInterrupt), so its handlers remove temporaries and half-written
+    outputs; a handler someone else installed is kept."""
+    import signal
+    import threading
+
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, interrupt)
