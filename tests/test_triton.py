@@ -646,8 +646,17 @@ def test_slimengine_serve_restarts_a_tritonserver_that_a_request_aborts(lemur_bu
         assert np.array_equal(got, lemur_engine.session().embed(text_ids, pixels).embeddings)
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
         assert re.search(r"^slimengine_server_restarts(\{\})? 1$", metrics, re.M), metrics
+        # Triton answers as soon as it is ready; serve says so once its own readiness poll sees it, which on a loaded
+        # machine came after this test had already sent SIGTERM (a CI run). Wait for that line (or serve's end) first.
+        said = ""
+        while "serving lemur_embed again" not in said:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            said += line
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=45)
+        err = said + err
         assert proc.returncode == 0, err
         assert "tritonserver exited with signal 6 (Aborted); restarting it (restart 1;" in err, err
         assert "serving lemur_embed again (restart 1)" in err
