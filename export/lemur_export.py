@@ -161,9 +161,10 @@ def verify_embeddings(bundle: Path, model: LemurModel, batch: int = 32) -> tuple
     document's cosine between the two embeddings, and the `score` stage's worst relative error on held-out histories."""
     import slimengine as se
 
-    text_ids, segment_ids, frames = calibration_inputs(model.config, HELD_OUT_SEED, batch)["embed"]
+    held_out = calibration_inputs(model.config, HELD_OUT_SEED, batch)
+    text_ids, segment_ids, frames = held_out["embed"]
     expected = model.embed(text_ids, segment_ids, frames).numpy().astype(np.float64)
-    history, mask, query_ids = calibration_inputs(model.config, HELD_OUT_SEED, batch)["score"]
+    history, mask, query_ids = held_out["score"]
     expected_score = model.score(history, mask, query_ids).numpy().astype(np.float64)
     with se.open_engine(bundle) as engine, engine.session() as session:
         got = np.asarray(session.embed(text_ids.numpy(), frames.numpy(), segment_ids=segment_ids.numpy()).embeddings, dtype=np.float64)
