@@ -46,7 +46,7 @@ std::string custom_op_library_path(const char* name) {
     return (slash == std::string::npos ? std::string(".") : self.substr(0, slash)) + "/" + name;
 }
 
-// Bundle file `rel`, a stage or tokenizer graph, read into memory through `files` (docs/bundle-format.md,
+// Bundle file `rel`, a stage graph, read into memory through `files` (docs/bundle-format.md,
 // "After open"); its weights come with read_weights.
 StageModel read_graph(BundleReader& files, const std::string& root, const std::string& rel) {
     StageModel model;
@@ -94,7 +94,7 @@ Engine::Engine(const std::string& path, const EngineOptions& options) {
     // Every graph (small) read and, as the level says, hashed before any session is built; a stage's weights are
     // read (and at Full hashed) just before its session is built, into one buffer that every stage reuses in turn
     // (ONNX Runtime copies them) and that is freed at the end of the open.
-    std::vector<StageModel> models(manifest_.stages.size()), tokenizer_models;
+    std::vector<StageModel> models(manifest_.stages.size());
     for (size_t i = 0; i < models.size(); ++i) {
         if (files) {
             models[i] = read_graph(*files, path, manifest_.stages[i].file);
@@ -105,13 +105,11 @@ Engine::Engine(const std::string& path, const EngineOptions& options) {
                 throw Error(SLIM_ERR_IO, models[i].path + ": not a readable regular file (ONNX Runtime would wait forever on a FIFO)");
         }
     }
-    for (const TokenizerDecl& t : manifest_.tokenizers) {  // only bundles have tokenizers
-        tokenizer_models.push_back(read_graph(*files, path, t.file));
-        read_weights(*files, t.file, tokenizer_models.back());
-    }
+    std::vector<std::string> tokenizer_files;
+    for (const TokenizerDecl& t : manifest_.tokenizers) tokenizer_files.push_back(files->read(t.file));  // only bundles have tokenizers
+    tokenizers_ = std::make_unique<Tokenizers>(manifest_.tokenizers, tokenizer_files);
 
     ort_ = OrtRuntime::get(options.onnxruntime_library, options.intra_op_threads);
-    tokenizers_ = std::make_unique<Tokenizers>(ort_, manifest_.tokenizers, std::move(tokenizer_models));
     std::string ops;
     if (manifest_.uses_custom_ops) {
         // On CUDA the ops library built with nvcc: the same CPU kernels plus CUDA kernels for the CUDA EP.

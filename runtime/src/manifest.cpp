@@ -271,10 +271,18 @@ void parse_fields(const Value& root, Manifest& m) {
         for (size_t i = 0; i < tokenizers->array.size(); ++i) {
             const Value& t = tokenizers->array[i];
             const std::string w = "tokenizers[" + std::to_string(i) + "]";
-            if (t.kind != Value::Kind::Object) bad(w, "must be an object {role, file, max_length}");
-            TokenizerDecl d{string_field(t, "role", w), relative_path(t, "file", w), int_field(t, "max_length", w, 2, 4096)};
-            if (d.role != "clip_l" && d.role != "clip_g" && d.role != "t5")
-                bad(w + ".role", "'" + d.role + "' is not clip_l, clip_g or t5");
+            if (t.kind != Value::Kind::Object) bad(w, "must be an object {role, kind, file, max_length}");
+            const std::string role = string_field(t, "role", w);
+            if (role != "clip_l" && role != "clip_g" && role != "t5") bad(w + ".role", "'" + role + "' is not clip_l, clip_g or t5");
+            if (!t.find("kind"))  // exporters before the native tokenizers wrote onnxruntime-extensions graphs
+                throw Error(SLIM_ERR_BUNDLE, "tokenizer " + role + " is an onnxruntime-extensions graph (" + string_field(t, "file", w) +
+                                                 "), which this runtime no longer runs: re-export the bundle with this version's "
+                                                 "export-engine (its --tokenizers or pipeline folder) to get native tokenizers");
+            const std::string kind = string_field(t, "kind", w);
+            const std::string expected = role == "t5" ? "unigram" : "clip_bpe";
+            if (kind != expected) bad(w + ".kind", "'" + kind + "' is not " + expected + " (the kind of a " + role + " tokenizer)");
+            TokenizerDecl d{role, role == "t5" ? TokenizerKind::Unigram : TokenizerKind::ClipBpe, relative_path(t, "file", w),
+                            int_field(t, "max_length", w, 2, 4096)};
             for (const TokenizerDecl& other : m.tokenizers)
                 if (other.role == d.role) bad(w + ".role", "'" + d.role + "' is repeated");
             if (!listed.count(d.file)) bad(w + ".file", "'" + d.file + "' is not listed in files");

@@ -65,10 +65,11 @@ struct LemurConfig {
     int64_t model_version;  // recorded with every embedding the embed program writes to a bank
 };
 
-// A tokenizer stage (manifest `tokenizers`, docs/tokenizers.md): a prompt string -> input_ids int64
-// [max_length], run by onnxruntime-extensions' ops; loaded only when a prompt is tokenized.
+// A prompt tokenizer (manifest `tokenizers`, docs/tokenizers.md): a prompt string -> input_ids int64 [max_length].
+enum class TokenizerKind { ClipBpe, Unigram };
 struct TokenizerDecl {
     std::string role;  // clip_l, clip_g or t5
+    TokenizerKind kind;
     std::string file;  // relative to the bundle, inside it
     int max_length;
 };

@@ -1,50 +1,41 @@
-// Prompt tokenization: the bundle's tokenizer stages (manifest `tokenizers`, docs/tokenizers.md), ONNX
-// graphs of onnxruntime-extensions' tokenizer ops, run on one UTF-8 prompt each. Their sessions are made
-// on first use, so an engine used only with embeddings never needs the extensions library; their graphs
-// are read at open (as every bundle file the engine uses), so a change to the files after open is never seen.
+// Prompt tokenization: the bundle's tokenizers (manifest `tokenizers`, docs/tokenizers.md), native: CLIP's
+// byte-level BPE (clip_tokenizer.hpp) and T5's Unigram (t5_tokenizer.hpp), built from their files when the
+// bundle opens (each file validated then), run on one UTF-8 prompt each.
 #pragma once
 
 #include <cstdint>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
+#include "clip_tokenizer.hpp"
 #include "manifest.hpp"
-#include "ort_backend.hpp"
+#include "t5_tokenizer.hpp"
 
 namespace slim {
 
-// Environment variable naming onnxruntime-extensions' shared library (the Python binding sets it from
-// onnxruntime_extensions.get_library_path() when it is unset).
-constexpr const char* kExtensionsLibraryEnv = "SLIMENGINE_EXTENSIONS_LIBRARY";
 // The longest prompt accepted, in bytes: far above what 77 or 512 tokens can hold, low enough that a
 // runaway caller cannot make the tokenizer chew megabytes.
 constexpr size_t kMaxPromptBytes = 64 * 1024;
 
 class Tokenizers {
   public:
-    // `models[i]`: decls[i]'s graph, read at open.
-    Tokenizers(std::shared_ptr<OrtRuntime> ort, std::vector<TokenizerDecl> decls, std::vector<StageModel> models);
+    // `files[i]`: the contents of decls[i].file. Throws Error(SLIM_ERR_BUNDLE) for a file that is not a valid tokenizer.
+    Tokenizers(std::vector<TokenizerDecl> decls, const std::vector<std::string>& files);
     ~Tokenizers();
 
     // The declaration of `role`, or nullptr when the bundle has no such tokenizer.
     const TokenizerDecl* find(const std::string& role) const;
     const std::vector<TokenizerDecl>& decls() const { return decls_; }
 
-    // The ids of `prompt` (`length` bytes of UTF-8, checked) by the stage of `decl`: exactly
-    // decl.max_length ids. Throws Error: INVALID_ARGUMENT (bad UTF-8, too long), BACKEND (no
-    // extensions library, stage failed), BUNDLE (the graph's output is not what the manifest says).
+    // The ids of `prompt` (`length` bytes of UTF-8, checked): exactly decl.max_length ids. Throws Error:
+    // INVALID_ARGUMENT (bad UTF-8, too long). Thread-safe.
     std::vector<int64_t> tokenize(const TokenizerDecl& decl, const char* prompt, size_t length) const;
 
   private:
-    const StageSession& session(const TokenizerDecl& decl) const;
-
-    std::shared_ptr<OrtRuntime> ort_;
     std::vector<TokenizerDecl> decls_;
-    mutable std::vector<StageModel> models_;                       // by index in decls_; freed once its session is made
-    mutable std::mutex mutex_;                                     // guards models_ and sessions_ while sessions are made
-    mutable std::vector<std::unique_ptr<StageSession>> sessions_;  // by index in decls_; null until first use
+    std::vector<std::unique_ptr<ClipTokenizer>> clip_;  // by index in decls_; null for a T5 tokenizer
+    std::vector<std::unique_ptr<T5Tokenizer>> t5_;      // by index in decls_; null for a CLIP tokenizer
 };
 
 // True when the `length` bytes are well-formed UTF-8 (no overlong forms, surrogates or code points

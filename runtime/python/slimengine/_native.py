@@ -323,17 +323,3 @@ def lib() -> ctypes.CDLL:
             fn.argtypes, fn.restype = args, res
         _lib = handle
     return _lib
-
-
-EXTENSIONS_LIBRARY_ENV = "SLIMENGINE_EXTENSIONS_LIBRARY"
-
-
-def set_extensions_library() -> None:
-    """Point the runtime at onnxruntime-extensions' library (for tokenizer stages) unless the environment already does."""
-    if os.environ.get(EXTENSIONS_LIBRARY_ENV):
-        return
-    try:
-        import onnxruntime_extensions
-    except ImportError:
-        return  # tokenize() then says what to install
-    os.environ[EXTENSIONS_LIBRARY_ENV] = onnxruntime_extensions.get_library_path()

@@ -425,7 +425,6 @@ class Engine(_Closable):
         the C runtime (slim_tokenize; docs/tokenizers.md)."""
         if not isinstance(role, str) or not isinstance(prompt, str):
             raise TypeError(f"role and prompt must be str, got {type(role).__name__} and {type(prompt).__name__}")
-        _native.set_extensions_library()
         lib = _native.lib()
         role_b, prompt_b = c_string(role, "role"), c_string(prompt, "prompt")
         count = ctypes.c_size_t()
@@ -584,7 +583,6 @@ class Session(_Closable):
                          num_steps, shift, progress) -> ImageResult:
         """Prompt to image through slim_generate_prompt (docs/pipeline.md); the caller holds the session's gate."""
         lib, engine = _native.lib(), self._engine
-        _native.set_extensions_library()  # the tokenizer stages' ops
         pipeline = engine.manifest.get("pipeline")
         if pipeline is None:
             raise SlimError("SLIM_ERR_INVALID_ARGUMENT", f"generate(prompt=...): {engine.path} has no pipeline stages (no manifest "
