@@ -96,7 +96,7 @@ def _main(args, output: Path) -> int:
     from .sampling_plan import make_plan
     from .sd3_export import export_sd3, needs_token_stages
     from .single_file import component_roles, open_single_file
-    from .tokenizer_export import MAX_T5_LENGTH, check_t5_tokenizer
+    from .tokenizer_export import MAX_T5_LENGTH, check_tokenizer_folders
 
     if args.max_sequence_length is not None and not 2 <= args.max_sequence_length <= MAX_T5_LENGTH:
         return _fail(f"--max-sequence-length must be from 2 to {MAX_T5_LENGTH} (T5 tokens), got {args.max_sequence_length}")
@@ -118,8 +118,8 @@ def _main(args, output: Path) -> int:
             pipeline = open_pipeline(args.pipeline or args.checkpoint, t5=not args.no_t5, transformer=whole)
         elif args.no_t5:
             raise CheckpointError("--no-t5 needs a pipeline (a pipeline folder, --pipeline FOLDER, or a single file with the encoders)")
-        elif args.tokenizers is not None and (args.tokenizers / "tokenizer_3").is_dir():  # checked by open_* otherwise
-            check_t5_tokenizer(args.tokenizers / "tokenizer_3")
+        elif args.tokenizers is not None:  # checked by open_* otherwise
+            check_tokenizer_folders(args.tokenizers)
         if whole:
             args.checkpoint = args.checkpoint / "transformer"
         checkpoint = load_checkpoint(args.checkpoint, num_attention_heads=args.heads)

@@ -13,7 +13,6 @@ unique and dense, merges naming known tokens): a hostile vocabulary is refused i
 
 from __future__ import annotations
 
-import base64
 import json
 from pathlib import Path
 
@@ -238,6 +237,15 @@ def check_t5_tokenizer(folder: Path) -> None:
     """Refuse, in one line naming the file, a T5 tokenizer folder the runtime's tokenizer cannot be made from. Checked
     before the export's work, which would fail on it at the end."""
     t5_tokenizer_data(folder)
+
+
+def check_tokenizer_folders(pipeline: Path) -> None:
+    """Refuse, before the export's work, a tokenizer folder of `pipeline` whose files the runtime could not read."""
+    for role, (folder, _) in ROLES.items():
+        if (pipeline / folder).is_dir() and role == "t5":
+            check_t5_tokenizer(pipeline / folder)
+        elif (pipeline / folder).is_dir():
+            clip_tokenizer_data(pipeline / folder)
 
 
 def reference_ids(tok, prompt: str, max_length: int) -> list[int]:

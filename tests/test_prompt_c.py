@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import subprocess
-import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +42,6 @@ def engine(bundle):
 
 def c_generate(session, prompts, negatives=None, *, height=64, width=64, latents_out=True, image_capacity=None, latents=None, **fields):
     """slim_generate_prompt through ctypes: (status, image uint8 [B, H, W, 3], latents or None, stats, last error)."""
-    _native.set_extensions_library()  # the tokenizer stages' ops (the Python package's own calls set it too)
     lib = _native.lib()
     params = lib.slim_prompt_default_params()
     encoded = [None if p is None else p.encode() if isinstance(p, str) else p for p in prompts]
@@ -130,18 +128,18 @@ def test_c_program_writes_the_python_image(engine, bundle, tmp_path):
     exe = tmp_path / "prompt-example"
     subprocess.run([cc, "-std=c99", "-Wall", "-Werror", f"-I{ROOT / 'runtime/include'}", str(ROOT / "runtime/examples/prompt_example.c"),
                     f"-L{lib_dir}", "-lslimengine", f"-Wl,-rpath,{lib_dir}", "-o", str(exe)], check=True)
-    _native.set_extensions_library()
-    env = dict(os.environ, SLIMENGINE_ORT_LIBRARY=_native.onnxruntime_library())
-    # The wheel's onnxruntime-extensions library is a Python extension module: it resolves libpython's symbols from the
-    # process (docs/tokenizers.md), so this Python-free program preloads libpython, as a C service using that build must.
-    libpython = Path(sysconfig.get_config_var("LIBDIR") or "") / (sysconfig.get_config_var("LDLIBRARY") or "")
-    if not libpython.is_file():
-        pytest.skip(f"no shared libpython ({libpython}) for onnxruntime-extensions' wheel library")
-    env["LD_PRELOAD"] = str(libpython)
+    # Only ONNX Runtime's location: the tokenizers are native, so the program never loads Python. LD_DEBUG=files names
+    # every shared object the dynamic loader maps, at start and by dlopen (ONNX Runtime, its providers): no libpython.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "LD_"))}
+    env.update(SLIMENGINE_ORT_LIBRARY=_native.onnxruntime_library(), LD_DEBUG="files")
     out = tmp_path / "out.ppm"
     proc = subprocess.run([str(exe), str(bundle), "a red circle", "--negative", "blurry", "--seed", "9", "--size", "64",
                            "--guidance", "4.5", "--steps", "3", "--out", str(out)], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
+    loaded = [line for line in proc.stderr.splitlines() if "file=" in line and "generating link map" in line]
+    assert any("libonnxruntime" in line for line in loaded) and any("libslimengine" in line for line in loaded), loaded
+    assert not [line for line in loaded if "libpython" in line], "the C program mapped libpython"
+    proc.stderr = "\n".join(line for line in proc.stderr.splitlines() if not line.lstrip().startswith(tuple("0123456789")))
     assert "vae_decode" in proc.stdout and "3 steps" in proc.stdout
     assert [line for line in proc.stderr.splitlines() if line.startswith("step ")] == ["step 1/3", "step 2/3", "step 3/3"]  # progress
     # The second call in the same session: both texts from the prompt cache, no encoder run, the same bits.
@@ -232,7 +230,6 @@ def test_a_vae_that_makes_nan_is_an_error_not_a_black_image(bundle, tmp_path):
 def test_a_null_image_out_is_named_as_null(engine):
     """image_out NULL was reported as "image_out must hold ... 3072 bytes, image_capacity is 3072": a capacity that
     looked right. The message names the NULL."""
-    _native.set_extensions_library()
     lib = _native.lib()
     params = lib.slim_prompt_default_params()
     params.prompts = (ctypes.c_char_p * 1)(b"a")

@@ -285,12 +285,14 @@ def test_student_from_prompts_matches_pytorch_reference(student, reference):
 
 
 def test_progress_ticks_each_step_and_an_exception_cancels(engine):
-    """progress(phase, step, total) from the runtime's callback: encode, each sampling step, decode; an exception it raises
-    cancels the runtime call, reaches the caller, and the session goes on (the same image as an uncancelled call)."""
+    """progress(phase, step, total) from the runtime's callback: encode, each tokenizer call, each sampling step, decode; an
+    exception it raises cancels the runtime call, reaches the caller, and the session goes on (the same image as an
+    uncancelled call)."""
     session = engine.session(prompt_cache=0)
     seen = []
     first = session.generate(prompt="a red circle", seed=2, num_steps=3, progress=lambda *tick: seen.append(tick))
-    assert seen == [("encode", 0, 1), ("step", 0, 3), ("step", 1, 3), ("step", 2, 3), ("decode", 0, 1)]
+    tokenize = [("tokenize", i, 3) for i in range(3)]  # clip_l, clip_g, t5 of the prompt, then of the negative ""
+    assert seen == [("encode", 0, 1), *tokenize, *tokenize, ("step", 0, 3), ("step", 1, 3), ("step", 2, 3), ("decode", 0, 1)]
 
     class Stop(Exception):
         pass

@@ -20,7 +20,7 @@ from tests.conftest import run_python
 from tests.test_prompt_c import c_generate
 
 OK, INVALID, BUSY, CANCELLED = 0, 1, 11, 12
-ENCODE, STEP, DECODE = 0, 1, 2  # slim_phase
+ENCODE, STEP, DECODE, TOKENIZE = 0, 1, 2, 3  # slim_phase
 STEPS = 3
 V07_PARAMS = _native.PromptParams.progress.offset  # sizeof(slim_prompt_params) in ABI 0.7: it ended with latents
 V07_STATS = _native.PromptStats.prompt_cache_hits.offset  # ... and slim_prompt_stats with effective_nfe
@@ -122,7 +122,9 @@ def test_progress_once_per_step_and_each_phase(engine, reference):
     callback = progress_callback(lambda *call: seen.append(call))
     status, image, _, _, error = c_generate(session, *CALL[:2], progress=callback, **CALL[2])
     assert status == OK, error
-    assert seen == [(ENCODE, 0, 1), *((STEP, i, STEPS) for i in range(STEPS)), (DECODE, 0, 1)]
+    # Before each tokenizer call of the two texts (prompt, negative): clip_l, clip_g, t5.
+    tokenize = [(TOKENIZE, i, 3) for i in range(3)]
+    assert seen == [(ENCODE, 0, 1), *tokenize, *tokenize, *((STEP, i, STEPS) for i in range(STEPS)), (DECODE, 0, 1)]
     assert np.array_equal(image, reference[0])
     # The bundle's program: its step count.
     seen.clear()
@@ -131,7 +133,8 @@ def test_progress_once_per_step_and_each_phase(engine, reference):
     session.close()
 
 
-@pytest.mark.parametrize("at", [(ENCODE, 0), (STEP, 0), (STEP, STEPS - 1), (DECODE, 0)], ids=["encode", "step0", "last-step", "decode"])
+@pytest.mark.parametrize("at", [(ENCODE, 0), (TOKENIZE, 1), (STEP, 0), (STEP, STEPS - 1), (DECODE, 0)],
+                         ids=["encode", "tokenize", "step0", "last-step", "decode"])
 def test_cancelling_from_the_callback(engine, reference, at):
     """SLIM_ERR_CANCELLED, nothing written to the image, latents or stats, and the next call works and matches."""
     lib = _native.lib()

@@ -44,14 +44,15 @@ extern "C" {
  * is no multiple of the struct's alignment (it would end inside a field; every version's sizeof is a multiple). */
 #define SLIM_ABI_VERSION_MAJOR 0
 #define SLIM_ABI_VERSION_MINOR                                                                                                \
-    10 /* 2: X-Slim policies and stats, plan override, profiling events, LEMUR, generic stage call, device; 3: SLIM_ERR_BUSY; \
+    11 /* 2: X-Slim policies and stats, plan override, profiling events, LEMUR, generic stage call, device; 3: SLIM_ERR_BUSY; \
          4: bundle format 2, slim_verify levels, slim_bundle_verify, block events (SLIM_PROFILE_BLOCKS),                      \
          slim_generate_stats.transfer_bytes; 5: slim_abi_version, slim_engine_info, slim_engine_program_step, struct_size     \
          larger than the library's refused; 6: slim_tokenize, slim_engine_tokenizer_count/role;                               \
          7: slim_generate_prompt; 8: the session's prompt-embedding cache (slim_session_set_prompt_cache,                     \
          slim_session_clear_prompt_cache, slim_prompt_stats' cache fields), progress callbacks (slim_progress) with           \
          SLIM_ERR_CANCELLED, prompt events (SLIM_EVENT_TOKENIZE, _DECODE, _IMAGE); 9: slim_bank_repair,                       \
-         slim_bank_recovery.header_corrected; 10: SLIM_DTYPE_INT8 (an int8 bundle's slim_engine_info.precision) */
+         slim_bank_recovery.header_corrected; 10: SLIM_DTYPE_INT8 (an int8 bundle's slim_engine_info.precision);              \
+         11: SLIM_PHASE_TOKENIZE, native tokenizers (no onnxruntime-extensions) */
 
 typedef enum slim_status {
     SLIM_OK = 0,
@@ -285,9 +286,11 @@ SLIM_API slim_status slim_session_clear_prompt_cache(slim_session* session);
 /* What a progress callback reports. */
 typedef enum slim_phase {
     SLIM_PHASE_ENCODE =
-        0,                /* slim_generate_prompt: before the prompts are looked up in the cache, tokenized and encoded (step 0, total 1) */
-    SLIM_PHASE_STEP = 1,  /* after sampling step `step` (0 to total - 1) of `total` finished */
-    SLIM_PHASE_DECODE = 2 /* slim_generate_prompt: before the VAE decode (step 0, total 1) */
+        0,               /* slim_generate_prompt: before the prompts are looked up in the cache, tokenized and encoded (step 0, total 1) */
+    SLIM_PHASE_STEP = 1, /* after sampling step `step` (0 to total - 1) of `total` finished */
+    SLIM_PHASE_DECODE = 2,  /* slim_generate_prompt: before the VAE decode (step 0, total 1) */
+    SLIM_PHASE_TOKENIZE = 3 /* slim_generate_prompt: before each tokenizer call of a text it encodes (step 0 clip_l, 1 clip_g, 2 t5; total
+                               2, or 3 with T5); ABI 0.11 */
 } slim_phase;
 
 /* Called from the thread that made the call, between phases and after each sampling step (never inside a stage).
@@ -364,8 +367,9 @@ typedef struct slim_prompt_params {
     float shift;                         /* that plan's sigma shift; 0 (default): the pipeline's scheduler shift, else 3.0 */
     const slim_tensor* latents; /* float32 [B, C, height/f, width/f] (f: the VAE's scale factor, 8 for SD3) initial noise; NULL: seeded */
     /* ABI 0.8: */
-    slim_progress progress; /* NULL (default), or called at each phase: SLIM_PHASE_ENCODE, SLIM_PHASE_STEP after each sampling
-                               step, SLIM_PHASE_DECODE; non-zero cancels (SLIM_ERR_CANCELLED, nothing written) */
+    slim_progress progress; /* NULL (default), or called at each phase: SLIM_PHASE_ENCODE, SLIM_PHASE_TOKENIZE (ABI 0.11) before
+                               each tokenizer call, SLIM_PHASE_STEP after each sampling step, SLIM_PHASE_DECODE; non-zero cancels
+                               (SLIM_ERR_CANCELLED, nothing written) */
     void* progress_user;    /* passed to progress as it is */
 } slim_prompt_params;
 

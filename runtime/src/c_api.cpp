@@ -23,6 +23,7 @@
 #include "slimengine.h"
 #include "tensor_args.hpp"
 #include "tokenizer.hpp"
+#include "unicode_text.hpp"
 
 #ifndef SLIMENGINE_VERSION
 #define SLIMENGINE_VERSION "0.0.0"
@@ -592,7 +593,7 @@ slim_status slim_generate_prompt(slim_session* session, const slim_prompt_params
             const char* negative = p.negative_prompts && p.negative_prompts[i] ? p.negative_prompts[i] : "";
             request.negatives.emplace_back(negative, strnlen(negative, slim::kMaxPromptBytes + 1));
             for (const std::string* text : {&request.prompts.back(), &request.negatives.back()})
-                if (text->size() > slim::kMaxPromptBytes || !slim::is_utf8(text->data(), text->size()))
+                if (text->size() > slim::kMaxPromptBytes || !slim::unicode::is_utf8(text->data(), text->size()))
                     throw Error(SLIM_ERR_INVALID_ARGUMENT,
                                 std::string("slim_generate_prompt: ") + (text == &request.prompts.back() ? "prompts" : "negative_prompts") +
                                     which + " is not UTF-8 or is longer than " + std::to_string(slim::kMaxPromptBytes) + " bytes");

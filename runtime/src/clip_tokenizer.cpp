@@ -11,8 +11,8 @@
 namespace slim {
 namespace {
 
-using unicode::decode_utf8;
 using unicode::append_utf8;
+using unicode::decode_utf8;
 using unicode::is_letter;
 using unicode::is_number;
 using unicode::is_space;
@@ -94,21 +94,21 @@ ClipTokenizer::ClipTokenizer(const std::string& json_text, const std::string& wh
     json::Value root;
     try {
         root = json::parse(json_text);
-    } catch (const json::ParseError& e) {
-        bad(where, e.what());
-    }
+    } catch (const json::ParseError& e) { bad(where, e.what()); }
     try {
         if (root.kind != json::Value::Kind::Object) bad(where, "must be a JSON object");
         if (json::string_field(root, "format", "") != "slimengine-clip-bpe")
             bad(where, "format is not slimengine-clip-bpe (re-export the bundle with this version's export-engine)");
         const json::Value& vocab = json::object_field(root, "vocab", "");
         if (vocab.object.empty() || vocab.object.size() > kMaxVocabSize)
-            bad(where, "vocab has " + std::to_string(vocab.object.size()) + " tokens; 1 to " + std::to_string(kMaxVocabSize) + " are accepted");
+            bad(where,
+                "vocab has " + std::to_string(vocab.object.size()) + " tokens; 1 to " + std::to_string(kMaxVocabSize) + " are accepted");
         const int64_t size = static_cast<int64_t>(vocab.object.size());
         std::vector<char> seen(vocab.object.size(), 0);
         vocab_.reserve(vocab.object.size());
         for (const auto& [token, id_value] : vocab.object) {  // keys are unique (the JSON reader refuses repeats)
-            if (token.empty() || token.size() > kMaxTokenBytes) bad(where, "vocab has a token of " + std::to_string(token.size()) + " bytes");
+            if (token.empty() || token.size() > kMaxTokenBytes)
+                bad(where, "vocab has a token of " + std::to_string(token.size()) + " bytes");
             const int64_t id = json::as_int64(id_value, "vocab['" + token.substr(0, 40) + "']", 0, size - 1);
             if (seen[id]) bad(where, "vocab id " + std::to_string(id) + " is given to two tokens (ids must be unique)");
             seen[id] = 1;
@@ -116,7 +116,8 @@ ClipTokenizer::ClipTokenizer(const std::string& json_text, const std::string& wh
         }  // `size` ids, unique, each below `size`: dense
         const json::Value& merges = json::array_field(root, "merges", "");
         if (merges.array.size() > vocab.object.size())
-            bad(where, "merges has " + std::to_string(merges.array.size()) + " entries, more than the vocab's " + std::to_string(size) + " tokens");
+            bad(where, "merges has " + std::to_string(merges.array.size()) + " entries, more than the vocab's " + std::to_string(size) +
+                           " tokens");
         merges_.reserve(merges.array.size());
         for (size_t rank = 0; rank < merges.array.size(); ++rank) {
             const json::Value& m = merges.array[rank];
@@ -145,9 +146,7 @@ ClipTokenizer::ClipTokenizer(const std::string& json_text, const std::string& wh
         }
         auto special = [&](const char* key) { return static_cast<int32_t>(json::as_int64(json::field(root, key, ""), key, 0, size - 1)); };
         bos_ = special("bos_id"), eos_ = special("eos_id"), pad_ = special("pad_id"), unk_ = special("unk_id");
-    } catch (const json::FieldError& e) {
-        bad(where, e.what());
-    }
+    } catch (const json::FieldError& e) { bad(where, e.what()); }
     for (int b = 0; b < 256; ++b) {
         append_utf8(byte_char(b), byte_symbol_[b]);
         byte_symbol_end_[b] = byte_symbol_[b] + "</w>";

@@ -23,7 +23,7 @@ namespace slim {
 // that a hostile file cannot make the runtime allocate gigabytes.
 constexpr size_t kMaxVocabSize = 1 << 20;
 constexpr size_t kMaxTokenBytes = 1024;
-constexpr size_t kMaxAddedTokens = 64;     // CLIP's (SD3's have 2 or 3)
+constexpr size_t kMaxAddedTokens = 64;      // CLIP's (SD3's have 2 or 3)
 constexpr size_t kMaxT5AddedTokens = 1024;  // T5's (its 100 <extra_id_N> and 3 specials)
 
 class ClipTokenizer {
@@ -54,8 +54,8 @@ class ClipTokenizer {
     std::unordered_map<std::string, int32_t> vocab_;
     std::unordered_map<uint64_t, std::pair<int32_t, int32_t>> merges_;  // (left id << 32 | right id) -> (rank, merged id)
     std::vector<AddedToken> added_;
-    std::string byte_symbol_[256];       // a byte's character in the byte-level alphabet, UTF-8
-    std::string byte_symbol_end_[256];   // the same followed by `</w>`
+    std::string byte_symbol_[256];      // a byte's character in the byte-level alphabet, UTF-8
+    std::string byte_symbol_end_[256];  // the same followed by `</w>`
     int32_t bos_ = 0, eos_ = 0, pad_ = 0, unk_ = 0;
 };
 

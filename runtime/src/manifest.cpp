@@ -286,6 +286,11 @@ void parse_fields(const Value& root, Manifest& m) {
             for (const TokenizerDecl& other : m.tokenizers)
                 if (other.role == d.role) bad(w + ".role", "'" + d.role + "' is repeated");
             if (!listed.count(d.file)) bad(w + ".file", "'" + d.file + "' is not listed in files");
+            // Read whole and parsed at open: bounded (SD3's tokenizer files are 1 to 2 MB).
+            if (m.files[listed.at(d.file)].size > kMaxTokenizerFileBytes)
+                bad(w + ".file", "'" + d.file + "' is " + std::to_string(m.files[listed.at(d.file)].size) +
+                                     " bytes; a tokenizer file of at most " + std::to_string(kMaxTokenizerFileBytes >> 20) +
+                                     " MiB is accepted");
             m.tokenizers.push_back(std::move(d));
         }
     }

@@ -67,6 +67,7 @@ struct LemurConfig {
 
 // A prompt tokenizer (manifest `tokenizers`, docs/tokenizers.md): a prompt string -> input_ids int64 [max_length].
 enum class TokenizerKind { ClipBpe, Unigram };
+constexpr int64_t kMaxTokenizerFileBytes = int64_t{64} << 20;
 struct TokenizerDecl {
     std::string role;  // clip_l, clip_g or t5
     TokenizerKind kind;

@@ -24,8 +24,8 @@ slim_tensor tensor_of(void* data, slim_dtype dtype, const std::vector<int64_t>& 
 
 class Encoder {
   public:
-    Encoder(const Engine& engine, Profiler& profiler, PromptStats& stats)
-        : engine_(engine), p_(engine.manifest().pipeline), profiler_(profiler), stats_(stats) {}
+    Encoder(const Engine& engine, Profiler& profiler, PromptStats& stats, const Progress& progress)
+        : engine_(engine), p_(engine.manifest().pipeline), profiler_(profiler), stats_(stats), progress_(progress) {}
 
     // Conditioning as diffusers' encode_prompt assembles it (docs/pipeline.md, Conditioning).
     Encoded encode(const std::string& text) {
@@ -62,6 +62,8 @@ class Encoder {
 
   private:
     std::vector<int64_t> tokenize(const char* role, const std::string& text, int64_t length) {
+        const int calls = p_.t5 ? 3 : 2, call = role[0] == 't' ? 2 : role[5] == 'g';  // clip_l, clip_g, t5
+        progress_.report(SLIM_PHASE_TOKENIZE, call, calls);
         const Clock::time_point start = Clock::now();
         const TokenizerDecl* decl = engine_.tokenizers().find(role);  // present: prompt_support checked
         if (decl->max_length != length)
@@ -87,6 +89,7 @@ class Encoder {
     const PipelineConfig& p_;
     Profiler& profiler_;
     PromptStats& stats_;
+    const Progress& progress_;
 };
 
 }  // namespace
@@ -167,7 +170,7 @@ PromptStats generate_prompt(const Engine& engine, Sd3Session& session, PromptCac
     // The record holds every tokenizer and encoder call of the texts, the decode's two events and the call's; the
     // sampling reserves its own.
     profiler.begin_generation(static_cast<size_t>(B) * (cfg ? 2 : 1) * 6 + 3);
-    Encoder encoder(engine, profiler, stats);
+    Encoder encoder(engine, profiler, stats, request.progress);
     const int64_t text_len = p.clip_length + p.max_sequence_length;
 
     // Each distinct text is encoded once: found earlier in this call (the negative "" of a batch, repeated prompts) or in

@@ -44,9 +44,7 @@ T5Tokenizer::T5Tokenizer(const std::string& json_text, const std::string& where)
     json::Value root;
     try {
         root = json::parse(json_text);
-    } catch (const json::ParseError& e) {
-        bad(where, e.what());
-    }
+    } catch (const json::ParseError& e) { bad(where, e.what()); }
     std::string charsmap;
     try {
         if (root.kind != json::Value::Kind::Object) bad(where, "must be a JSON object");
@@ -54,7 +52,8 @@ T5Tokenizer::T5Tokenizer(const std::string& json_text, const std::string& where)
             bad(where, "format is not slimengine-unigram (re-export the bundle with this version's export-engine)");
         const json::Value& pieces = json::array_field(root, "pieces", "");
         if (pieces.array.empty() || pieces.array.size() > kMaxVocabSize)
-            bad(where, "pieces has " + std::to_string(pieces.array.size()) + " entries; 1 to " + std::to_string(kMaxVocabSize) + " are accepted");
+            bad(where,
+                "pieces has " + std::to_string(pieces.array.size()) + " entries; 1 to " + std::to_string(kMaxVocabSize) + " are accepted");
         const int64_t size = static_cast<int64_t>(pieces.array.size());
         const int64_t ids = size + kMaxT5AddedTokens;  // T5's <extra_id_N> may follow the pieces (32000 to 32099)
         node_piece_.push_back(-1);
@@ -79,6 +78,9 @@ T5Tokenizer::T5Tokenizer(const std::string& json_text, const std::string& where)
             }
             node_piece_[node] = static_cast<int32_t>(i);
         }
+        root_children_.fill(-1);
+        for (const auto& [key, child] : children_)
+            if (key >> 8 == 0) root_children_[key & 0xFF] = child;
         unk_score_ = min_score - 10.0;  // the tokenizers library's (and SentencePiece's) unknown-character penalty
         unk_ = static_cast<int32_t>(json::as_int64(json::field(root, "unk_id", ""), "unk_id", 0, size - 1));
         if (!decode_base64(json::string_field(root, "charsmap", ""), charsmap)) bad(where, "charsmap is not base64");
@@ -91,13 +93,12 @@ T5Tokenizer::T5Tokenizer(const std::string& json_text, const std::string& where)
             AddedToken token{json::string_field(t, "content", w), 0};
             token.id = static_cast<int32_t>(json::as_int64(json::field(t, "id", w), w + ".id", 0, ids - 1));
             if (token.content.empty() || token.content.size() > kMaxTokenBytes) bad(where, w + ".content must be 1 to 1024 bytes");
+            added_first_byte_[static_cast<uint8_t>(token.content[0])] = true;
             added_.push_back(std::move(token));
         }
         eos_ = static_cast<int32_t>(json::as_int64(json::field(root, "eos_id", ""), "eos_id", 0, ids - 1));
         pad_ = static_cast<int32_t>(json::as_int64(json::field(root, "pad_id", ""), "pad_id", 0, ids - 1));
-    } catch (const json::FieldError& e) {
-        bad(where, e.what());
-    }
+    } catch (const json::FieldError& e) { bad(where, e.what()); }
     // SentencePiece's charsmap layout: the double array's size in bytes (uint32, little-endian), the array, the strings.
     if (charsmap.size() < 4) bad(where, "charsmap is shorter than its header");
     const uint32_t trie_bytes = static_cast<uint8_t>(charsmap[0]) | static_cast<uint8_t>(charsmap[1]) << 8 |
@@ -107,6 +108,7 @@ T5Tokenizer::T5Tokenizer(const std::string& json_text, const std::string& where)
     for (size_t i = 0; i < charsmap_trie_.size(); ++i)
         for (int b = 3; b >= 0; --b) charsmap_trie_[i] = charsmap_trie_[i] << 8 | static_cast<uint8_t>(charsmap[4 + 4 * i + b]);
     replacements_ = charsmap.substr(4 + trie_bytes);
+    for (int c = 0; c < 0x80; ++c) ascii_mapped_[c] = charsmap_match(std::string(1, static_cast<char>(c))) != nullptr;
 }
 
 const char* T5Tokenizer::charsmap_match(const std::string& key) const {
@@ -129,27 +131,26 @@ const char* T5Tokenizer::charsmap_match(const std::string& key) const {
     return nullptr;
 }
 
-std::string T5Tokenizer::normalize(const std::string& span) const {
-    const std::u32string text = unicode::decode_utf8(span);
-    std::string mapped;
-    for (size_t start = 0; start < text.size();) {
-        const size_t end = unicode::grapheme_end(text, start);
-        std::string cluster;
-        for (size_t i = start; i < end; ++i) unicode::append_utf8(text[i], cluster);
-        const char* whole = cluster.size() < 6 ? charsmap_match(cluster) : nullptr;
-        if (whole) {
-            mapped += whole;
-        } else {
-            for (size_t i = start; i < end; ++i) {
-                std::string one;
-                unicode::append_utf8(text[i], one);
-                const char* replacement = charsmap_match(one);
-                mapped += replacement ? replacement : one;
-            }
-        }
-        start = end;
+void T5Tokenizer::normalize_cluster(const char32_t* begin, const char32_t* end, std::u32string& out) const {
+    if (end - begin == 1 && *begin < 0x80 && !ascii_mapped_[*begin]) {  // most of a prompt: ASCII the charsmap keeps
+        out += *begin;
+        return;
     }
-    return mapped;
+    std::string cluster;
+    for (const char32_t* c = begin; c != end; ++c) unicode::append_utf8(*c, cluster);
+    const char* whole = cluster.size() < 6 ? charsmap_match(cluster) : nullptr;
+    std::string mapped;
+    if (whole) {
+        mapped = whole;
+    } else {
+        for (const char32_t* c = begin; c != end; ++c) {
+            std::string one;
+            unicode::append_utf8(*c, one);
+            const char* replacement = charsmap_match(one);
+            mapped += replacement ? replacement : one;
+        }
+    }
+    out += unicode::decode_utf8(mapped);
 }
 
 void T5Tokenizer::unigram(const std::string& piece, std::vector<int64_t>& out) const {
@@ -170,9 +171,15 @@ void T5Tokenizer::unigram(const std::string& piece, std::vector<int64_t>& out) c
         bool single = false;
         size_t node = 0;
         for (size_t end = start; end < n;) {
-            const auto it = children_.find(static_cast<uint64_t>(node) << 8 | static_cast<uint8_t>(piece[end]));
-            if (it == children_.end()) break;
-            node = static_cast<size_t>(it->second);
+            const auto byte = static_cast<uint8_t>(piece[end]);
+            if (node == 0) {  // most walks end one or two bytes from the root: its children are an array
+                if (root_children_[byte] < 0) break;
+                node = static_cast<size_t>(root_children_[byte]);
+            } else {
+                const auto it = children_.find(static_cast<uint64_t>(node) << 8 | byte);
+                if (it == children_.end()) break;
+                node = static_cast<size_t>(it->second);
+            }
             ++end;
             const int32_t id = node_piece_[node];
             if (id < 0) continue;
@@ -209,32 +216,54 @@ void T5Tokenizer::unigram(const std::string& piece, std::vector<int64_t>& out) c
 std::vector<int64_t> T5Tokenizer::encode(const std::string& text, int max_length) const {
     const size_t room = static_cast<size_t>(max_length) - 1;  // ids before eos
     std::vector<int64_t> ids;
-    // One span between added tokens: normalized, split into words at White_Space, each word into pieces at U+2581.
-    auto encode_span = [&](size_t begin, size_t end) {
-        if (begin == end) return;
-        const std::u32string normalized = unicode::decode_utf8(normalize(text.substr(begin, end - begin)));
-        for (size_t i = 0; i < normalized.size() && ids.size() < room;) {
-            if (unicode::is_space(normalized[i])) {
-                ++i;
-                continue;
+    // A word (no White_Space): a leading U+2581 unless it has one, then a piece from each U+2581 on (Metaspace).
+    auto encode_word = [&](const char32_t* begin, const char32_t* end) {
+        std::string piece = *begin == U'\u2581' ? "" : "\u2581";
+        for (const char32_t* c = begin; c != end && ids.size() < room; ++c) {
+            if (*c == U'\u2581' && !piece.empty()) {
+                unigram(piece, ids);
+                piece.clear();
             }
-            size_t j = i;
-            while (j < normalized.size() && !unicode::is_space(normalized[j])) ++j;
-            std::string piece = normalized[i] == U'\u2581' ? "" : "\u2581";
-            for (size_t k = i; k < j && ids.size() < room; ++k) {
-                if (normalized[k] == U'\u2581' && !piece.empty()) {  // every U+2581 begins a piece
-                    unigram(piece, ids);
-                    piece.clear();
-                }
-                unicode::append_utf8(normalized[k], piece);
-            }
-            if (ids.size() < room) unigram(piece, ids);
-            i = j;
+            unicode::append_utf8(*c, piece);
         }
+        if (ids.size() < room) unigram(piece, ids);
+    };
+    // One span between added tokens, normalized cluster by cluster; each word is encoded once the text after it is
+    // normalized, so a long prompt stops being read once max_length ids are made.
+    auto encode_span = [&](size_t begin, size_t end) {
+        const std::u32string span = unicode::decode_utf8(text.substr(begin, end - begin));
+        std::u32string pending;  // normalized text not encoded yet: at most the last, unfinished word
+        auto encode_words = [&](bool last) {
+            size_t i = 0;
+            while (i < pending.size() && ids.size() < room) {
+                if (unicode::is_space(pending[i])) {
+                    ++i;
+                    continue;
+                }
+                size_t j = i;
+                while (j < pending.size() && !unicode::is_space(pending[j])) ++j;
+                if (j == pending.size() && !last) break;  // may go on in the next cluster
+                encode_word(pending.data() + i, pending.data() + j);
+                i = j;
+            }
+            pending.erase(0, i);
+        };
+        for (size_t start = 0; start < span.size() && ids.size() < room;) {
+            const size_t cluster_end = unicode::grapheme_end(span, start);
+            const size_t before = pending.size();
+            normalize_cluster(span.data() + start, span.data() + cluster_end, pending);
+            if (std::any_of(pending.begin() + before, pending.end(), unicode::is_space)) encode_words(false);
+            start = cluster_end;
+        }
+        encode_words(true);
     };
     // Added tokens: at each position the longest that starts there, scanning left to right (LeftmostLongest).
     size_t start = 0;
     for (size_t i = 0; i < text.size() && ids.size() < room;) {
+        if (!added_first_byte_[static_cast<uint8_t>(text[i])]) {
+            ++i;
+            continue;
+        }
         const AddedToken* best = nullptr;
         for (const AddedToken& t : added_)
             if ((!best || t.content.size() > best->content.size()) && text.compare(i, t.content.size(), t.content) == 0) best = &t;

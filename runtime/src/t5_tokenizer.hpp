@@ -11,6 +11,7 @@
 //   5. the ids truncated to max_length - 1, eos, then pad ids up to max_length.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <string>
 #include <unordered_map>
@@ -31,7 +32,9 @@ class T5Tokenizer {
     // The replacement of `key`'s shortest prefix in the charsmap (a darts-clone double array and its strings, in
     // SentencePiece's layout), or nullptr when none; bounds-checked, so a hostile charsmap cannot read outside it.
     const char* charsmap_match(const std::string& key) const;
-    std::string normalize(const std::string& span) const;
+    // Appends the charsmap normalization of one grapheme cluster: the whole cluster's shortest match when it is under
+    // 6 bytes and has one (the rest of the cluster dropped), else each code point's match or the code point itself.
+    void normalize_cluster(const char32_t* begin, const char32_t* end, std::u32string& out) const;
     // Appends the Unigram ids of one pre-tokenized piece (UTF-8).
     void unigram(const std::string& piece, std::vector<int64_t>& out) const;
 
@@ -40,13 +43,16 @@ class T5Tokenizer {
         int32_t id;
     };
     std::vector<AddedToken> added_;
-    std::vector<uint32_t> charsmap_trie_;  // the charsmap's double array
-    std::string replacements_;             // its NUL-terminated replacement strings, indexed by the trie's values
-    std::vector<double> scores_;           // by piece id
+    std::array<bool, 256> added_first_byte_{};      // the first bytes of added tokens: other positions start none
+    std::array<bool, 128> ascii_mapped_{};          // ASCII characters the charsmap replaces
+    std::vector<uint32_t> charsmap_trie_;           // the charsmap's double array
+    std::string replacements_;                      // its NUL-terminated replacement strings, indexed by the trie's values
+    std::vector<double> scores_;                    // by piece id
     std::unordered_map<std::string, int32_t> ids_;  // piece -> id
     // The pieces as a byte trie: node 0 is the root; (node << 8 | byte) -> child; a node's piece id or -1.
     std::unordered_map<uint64_t, int32_t> children_;
     std::vector<int32_t> node_piece_;
+    std::array<int32_t, 256> root_children_{};  // the root's children, -1 for none
     double unk_score_ = 0;
     int32_t unk_ = 0, eos_ = 0, pad_ = 0;
 };

@@ -38,8 +38,4 @@ class Tokenizers {
     std::vector<std::unique_ptr<T5Tokenizer>> t5_;      // by index in decls_; null for a CLIP tokenizer
 };
 
-// True when the `length` bytes are well-formed UTF-8 (no overlong forms, surrogates or code points
-// above U+10FFFF), as Python's and the tokenizers' decoders require.
-bool is_utf8(const char* text, size_t length);
-
 }  // namespace slim

@@ -54,12 +54,12 @@ char32_t compose(char32_t a, char32_t b) {
         return kSBase + ((a - kLBase) * kVCount + (b - kVBase)) * kTCount;
     if (a >= kSBase && a < kSBase + kSCount && (a - kSBase) % kTCount == 0 && b > kTBase && b < kTBase + kTCount) return a + (b - kTBase);
     const Composition* end = kCompositions + std::size(kCompositions);
-    const Composition* it = std::lower_bound(kCompositions, end, std::make_pair(a, b), [](const Composition& c, const std::pair<char32_t, char32_t>& v) {
-        return c.first != v.first ? c.first < v.first : c.second < v.second;
-    });
+    const Composition* it =
+        std::lower_bound(kCompositions, end, std::make_pair(a, b), [](const Composition& c, const std::pair<char32_t, char32_t>& v) {
+            return c.first != v.first ? c.first < v.first : c.second < v.second;
+        });
     return it != end && it->first == a && it->second == b ? it->composite : 0;
 }
-
 
 // Grapheme_Cluster_Break values, in the order of tools/gen_unicode_tables.py's GRAPHEME_BREAKS.
 enum GraphemeBreak : uint8_t { Other, CR, LF, Control, Extend, ZWJ, RegionalIndicator, Prepend, SpacingMark, L, V, T, LV, LVT };
@@ -83,7 +83,6 @@ GraphemeProps grapheme_props(char32_t c) {
 bool is_letter(char32_t c) { return c < 0x80 ? ((c | 0x20) >= 'a' && (c | 0x20) <= 'z') : in_ranges(kLetterRanges, c); }
 bool is_number(char32_t c) { return c < 0x80 ? (c >= '0' && c <= '9') : in_ranges(kNumberRanges, c); }
 bool is_space(char32_t c) { return in_ranges(kSpaceRanges, c); }
-
 
 void append_lowercase(char32_t c, std::u32string& out) {
     if (c < 0x80) {
@@ -143,6 +142,37 @@ std::u32string nfc(const std::u32string& text) {
     return d;
 }
 
+bool is_utf8(const char* text, size_t length) {
+    const auto* s = reinterpret_cast<const unsigned char*>(text);
+    size_t i = 0;
+    while (i < length) {
+        const unsigned char c = s[i];
+        size_t extra;
+        uint32_t code;
+        if (c < 0x80) {
+            ++i;
+            continue;
+        } else if (c >= 0xC2 && c <= 0xDF) {
+            extra = 1, code = c & 0x1F;
+        } else if (c >= 0xE0 && c <= 0xEF) {
+            extra = 2, code = c & 0x0F;
+        } else if (c >= 0xF0 && c <= 0xF4) {
+            extra = 3, code = c & 0x07;
+        } else {
+            return false;  // a continuation byte first, an overlong two-byte lead (C0, C1) or F5..FF
+        }
+        if (length - i <= extra) return false;
+        for (size_t k = 1; k <= extra; ++k) {
+            if ((s[i + k] & 0xC0) != 0x80) return false;
+            code = (code << 6) | (s[i + k] & 0x3F);
+        }
+        if ((extra == 2 && (code < 0x800 || (code >= 0xD800 && code <= 0xDFFF))) || (extra == 3 && (code < 0x10000 || code > 0x10FFFF)))
+            return false;
+        i += extra + 1;
+    }
+    return true;
+}
+
 std::u32string decode_utf8(const std::string& s) {
     std::u32string out;
     out.reserve(s.size());
@@ -177,29 +207,40 @@ void append_utf8(char32_t c, std::string& out) {
     }
 }
 
-
 size_t grapheme_end(const std::u32string& s, size_t start) {
     // UAX #29's rules GB3 to GB999, first match wins; the state carries what GB9c, GB11 and GB12/13 look back at.
     GraphemeProps prev = grapheme_props(s[start]);
-    bool pictographic_run = prev.pictographic;  // Extended_Pictographic Extend* up to prev (GB11)
-    bool zwj_after_pictographic = false;        // prev is a ZWJ ending such a run
-    int regional = prev.brk == RegionalIndicator;  // regional indicators in a row up to prev (GB12, GB13)
+    bool pictographic_run = prev.pictographic;                // Extended_Pictographic Extend* up to prev (GB11)
+    bool zwj_after_pictographic = false;                      // prev is a ZWJ ending such a run
+    int regional = prev.brk == RegionalIndicator;             // regional indicators in a row up to prev (GB12, GB13)
     bool consonant = prev.incb == Consonant, linker = false;  // InCB Consonant [Extend Linker]* with a Linker (GB9c)
     for (size_t i = start + 1; i < s.size(); ++i) {
         const GraphemeProps cur = grapheme_props(s[i]);
         bool join;
-        if (prev.brk == CR && cur.brk == LF) join = true;                                                 // GB3
-        else if (prev.brk == Control || prev.brk == CR || prev.brk == LF) join = false;                   // GB4
-        else if (cur.brk == Control || cur.brk == CR || cur.brk == LF) join = false;                      // GB5
-        else if (prev.brk == L && (cur.brk == L || cur.brk == V || cur.brk == LV || cur.brk == LVT)) join = true;  // GB6
-        else if ((prev.brk == LV || prev.brk == V) && (cur.brk == V || cur.brk == T)) join = true;        // GB7
-        else if ((prev.brk == LVT || prev.brk == T) && cur.brk == T) join = true;                         // GB8
-        else if (cur.brk == Extend || cur.brk == ZWJ || cur.brk == SpacingMark) join = true;              // GB9, GB9a
-        else if (prev.brk == Prepend) join = true;                                                        // GB9b
-        else if (cur.incb == Consonant && consonant && linker) join = true;                               // GB9c
-        else if (zwj_after_pictographic && cur.pictographic) join = true;                                 // GB11
-        else if (prev.brk == RegionalIndicator && cur.brk == RegionalIndicator) join = regional % 2 == 1;  // GB12, GB13
-        else join = false;                                                                                // GB999
+        if (prev.brk == CR && cur.brk == LF)
+            join = true;  // GB3
+        else if (prev.brk == Control || prev.brk == CR || prev.brk == LF)
+            join = false;  // GB4
+        else if (cur.brk == Control || cur.brk == CR || cur.brk == LF)
+            join = false;  // GB5
+        else if (prev.brk == L && (cur.brk == L || cur.brk == V || cur.brk == LV || cur.brk == LVT))
+            join = true;  // GB6
+        else if ((prev.brk == LV || prev.brk == V) && (cur.brk == V || cur.brk == T))
+            join = true;  // GB7
+        else if ((prev.brk == LVT || prev.brk == T) && cur.brk == T)
+            join = true;  // GB8
+        else if (cur.brk == Extend || cur.brk == ZWJ || cur.brk == SpacingMark)
+            join = true;  // GB9, GB9a
+        else if (prev.brk == Prepend)
+            join = true;  // GB9b
+        else if (cur.incb == Consonant && consonant && linker)
+            join = true;  // GB9c
+        else if (zwj_after_pictographic && cur.pictographic)
+            join = true;  // GB11
+        else if (prev.brk == RegionalIndicator && cur.brk == RegionalIndicator)
+            join = regional % 2 == 1;  // GB12, GB13
+        else
+            join = false;  // GB999
         if (!join) return i;
         zwj_after_pictographic = cur.brk == ZWJ && pictographic_run;
         pictographic_run = cur.pictographic || (cur.brk == Extend && pictographic_run);

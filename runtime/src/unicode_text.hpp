@@ -8,6 +8,10 @@
 
 namespace slim::unicode {
 
+// True when the `length` bytes are well-formed UTF-8 (no overlong forms, surrogates or code points above
+// U+10FFFF), as Python's and the tokenizers' decoders require.
+bool is_utf8(const char* text, size_t length);
+
 // UTF-8 to code points (prompts are checked well-formed; a truncated sequence becomes U+FFFD), and one code point
 // appended as UTF-8.
 std::u32string decode_utf8(const std::string& s);

@@ -29,7 +29,7 @@ DEVICE_CPU, DEVICE_CUDA = 1, 2  # slim_device_type
 
 # The ABI this binding is written against (slimengine.h's SLIM_ABI_VERSION_*): the library must have this major
 # version and at least this minor one.
-ABI_MAJOR, ABI_MINOR = 0, 10
+ABI_MAJOR, ABI_MINOR = 0, 11
 
 
 class EngineInfo(ctypes.Structure):
@@ -61,7 +61,7 @@ class ProgramStep(ctypes.Structure):
 
 # slim_progress: (user, phase, step, total) -> 0 to go on, non-zero to cancel (ABI 0.8)
 Progress = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32)
-PHASES = ("encode", "step", "decode")  # slim_phase
+PHASES = ("encode", "step", "decode", "tokenize")  # slim_phase
 PROMPT_CACHE_MAX = 1024  # SLIM_PROMPT_CACHE_MAX
 
 

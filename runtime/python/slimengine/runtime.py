@@ -515,7 +515,8 @@ class Session(_Closable):
         prompt cache (Engine.session(prompt_cache=N), clear_prompt_cache) spares the encoders a text seen before.
 
         `progress(phase, step, total)` is called from this thread: "step" after each sampling step (step 0 to total - 1),
-        and with a prompt "encode" before the encoders and "decode" before the VAE (step 0, total 1). An exception it
+        and with a prompt "encode" before the encoders, "tokenize" before each tokenizer call of a text it encodes (step 0
+        clip_l, 1 clip_g, 2 t5 of total 2 or 3) and "decode" before the VAE (step 0, total 1). An exception it
         raises cancels the call (nothing is returned; the session stays usable) and is raised here."""
         if prompt is not None:
             if prompt_embeds is not None or pooled_embeds is not None or negative_prompt_embeds is not None \
