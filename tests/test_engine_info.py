@@ -25,7 +25,7 @@ def test_the_abi_version_is_queryable_at_run_time():
     assert lib.slim_abi_version_major() == major.value
     lib.slim_abi_version(None, None)  # either pointer may be NULL
     header = _native.header_path().read_text()
-    assert re.search(r"#define SLIM_ABI_VERSION_MAJOR 0\n#define SLIM_ABI_VERSION_MINOR\s*\\?\s*10 ", header)
+    assert re.search(r"#define SLIM_ABI_VERSION_MAJOR 0\n#define SLIM_ABI_VERSION_MINOR\s*\\?\s*11 ", header)
 
 
 def test_the_binding_refuses_a_library_of_another_abi(tmp_path):

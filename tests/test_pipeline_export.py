@@ -327,6 +327,35 @@ def test_clip_length_comes_from_the_tokenizers(folder, tmp_path):
     assert result.image.shape == (64, 64, 3) and diff.mean() <= 0.5 and diff.max() <= 2, (diff.mean(), diff.max())
 
 
+def test_t5_tokenizer_folder_with_only_tokenizer_json(folder, tmp_path):
+    """A pipeline folder whose tokenizer_3/ holds only tokenizer.json (as T5TokenizerFast.save_pretrained writes it today,
+    no spiece.model) exports, and the engine's image from a prompt is diffusers' StableDiffusion3Pipeline's from the
+    same folder."""
+    import shutil
+
+    from diffusers import StableDiffusion3Pipeline
+
+    from tests.tokenizer_files import make_t5_json_only
+
+    copy = tmp_path / "sd3"
+    shutil.copytree(folder, copy)
+    shutil.rmtree(copy / "tokenizer_3")
+    make_t5_json_only(folder / "tokenizer_3", copy / "tokenizer_3")
+    assert sorted(p.name for p in (copy / "tokenizer_3").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    bundle = export(copy / "transformer", tmp_path / "t5json.engine", "--pipeline", str(copy), "--max-sequence-length", str(T5_LENGTH))
+    pipe = StableDiffusion3Pipeline.from_pretrained(copy, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    prompt = "a red circle on a blue square </s> café, 東京 ﬁ  ramen"
+    noise = np.random.default_rng(4).standard_normal((1, 16, 8, 8)).astype(np.float32)
+    with Engine(bundle) as engine:
+        result = engine.session().generate(prompt=prompt, latents=noise, guidance_scale=1.0, num_steps=1)
+    with torch.no_grad():
+        want = pipe(prompt, latents=torch.from_numpy(noise), guidance_scale=1.0, num_inference_steps=1, height=64, width=64,
+                    max_sequence_length=T5_LENGTH, output_type="np").images
+    diff = np.abs(result.image.astype(np.int16) - (want[0] * 255).round().astype(np.int16))
+    assert result.image.shape == (64, 64, 3) and diff.mean() <= 0.5 and diff.max() <= 2, (diff.mean(), diff.max())
+
+
 def test_clip_tokenizers_of_different_lengths_refused(folder, tmp_path):
     import shutil
 
