@@ -1,7 +1,7 @@
 """Benchmark of the runtime's native prompt tokenizers (CLIP byte-level BPE, T5 Unigram: docs/tokenizers.md) on
 64 KiB prompts, the longest slim_tokenize accepts, against transformers' tokenizers from the same files in the same run.
 
-A bundle with tokenizer stages is exported from a tiny plain checkpoint (make-sd3-checkpoint --preset tiny --plain, then
+A bundle with tokenizers (by default SD3's own, from tests/data) is exported from a tiny plain checkpoint (make-sd3-checkpoint --preset tiny --plain, then
 export-engine --tokenizers FOLDER; or --bundle), and each of its roles (clip_l, clip_g, t5) tokenizes five prompt shapes:
 
 - red:   "red " * 16384 (the break-it case: one short word repeated);
@@ -21,7 +21,7 @@ export-engine --tokenizers FOLDER; or --bundle), and each of its roles (clip_l, 
 
 Each native figure is the median of --repeats runs, each transformers figure of --ref-repeats, after a warm-up call.
 
-    python benchmarks/bench_tokenizers.py [--tokenizers models/toy-pipeline] [--bundle NAME.engine] [--repeats 11]
+    python benchmarks/bench_tokenizers.py [--tokenizers FOLDER] [--bundle NAME.engine] [--repeats 11]
                                           [--ref-repeats 7] [--quick]
 """
 
@@ -172,9 +172,9 @@ def run(bundle: Path, tokenizers: Path, repeats: int, ref_repeats: int) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokenizers", type=Path, default=PIPELINE,
-                        help="pipeline folder with tokenizer/, tokenizer_2/, tokenizer_3/ (default: models/toy-pipeline); "
-                             "with --bundle, the folder the bundle's tokenizers were exported from")
+    parser.add_argument("--tokenizers", type=Path,
+                        help="pipeline folder with tokenizer/, tokenizer_2/, tokenizer_3/ (default: SD3's own, made from tests/data; "
+                             f"the toy's: {PIPELINE.relative_to(ROOT)}); with --bundle, the folder its tokenizers were exported from")
     parser.add_argument("--bundle", type=Path, help="time this bundle's tokenizers instead of exporting one")
     parser.add_argument("--repeats", type=int, default=11, help="native runs per prompt (median)")
     parser.add_argument("--ref-repeats", type=int, default=7, help="transformers runs per prompt (median)")
@@ -187,9 +187,16 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPUs, slimengine {se.version()}, transformers {transformers.__version__}, "
           f"Python {sys.version.split()[0]}")
     if args.bundle:
+        if args.tokenizers is None:
+            parser.error("--bundle needs --tokenizers: the folder its tokenizers were exported from (the reference)")
         run(args.bundle, args.tokenizers, args.repeats, args.ref_repeats)
         return
     with tempfile.TemporaryDirectory(prefix="bench_tokenizers-") as tmp:
+        if args.tokenizers is None:  # SD3's CLIP-L, CLIP-G and T5 v1.1 tokenizers
+            sys.path.insert(0, str(ROOT))
+            from tests.tokenizer_files import make_sd3_tokenizers
+
+            args.tokenizers = make_sd3_tokenizers(Path(tmp) / "sd3-tokenizers")
         start = time.perf_counter()
         bundle = make_bundle(args.tokenizers, Path(tmp))
         print(f"exported a tiny plain bundle with --tokenizers in {time.perf_counter() - start:.1f} s")

@@ -22,6 +22,20 @@ from slimengine.export.checkpoint import load_checkpoint
 from slimengine.export.sampling_plan import make_plan
 from slimengine.tools.make_sd3_checkpoint import main as make_checkpoint_main
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sanitized_executable(exe: Path, sources: list[Path]) -> Path:
+    """A C++ test program built from `sources` with AddressSanitizer and UBSan (runtime/src and the C header on the
+    include path); the test is skipped where no C++ compiler exists."""
+    compiler = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    flags = ["-std=c++17", "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+    subprocess.run([compiler, *flags, f"-I{ROOT / 'runtime/src'}", f"-I{ROOT / 'runtime/include'}", *map(str, sources), "-o", str(exe)],
+                   check=True, capture_output=True)
+    return exe
+
 
 def make_checkpoint(path: Path, *args: str) -> Path:
     assert make_checkpoint_main(["-o", str(path), *args]) == 0

@@ -4,7 +4,6 @@ and a differential test against Python's json module made as strict (slimengine.
 from __future__ import annotations
 
 import random
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -13,19 +12,15 @@ import pytest
 import slimengine as se
 from slimengine.bundle import digest_line, loads_strict
 
+from .conftest import sanitized_executable
+
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [ROOT / "runtime/tests/json_test.cpp", ROOT / "runtime/src/json.cpp"]
 
 
 @pytest.fixture(scope="module")
 def json_test(tmp_path_factory) -> Path:
-    compiler = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if compiler is None:
-        pytest.skip("no C++ compiler")
-    exe = tmp_path_factory.mktemp("json") / "json_test"
-    flags = ["-std=c++17", "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
-    subprocess.run([compiler, *flags, f"-I{ROOT / 'runtime/src'}", *map(str, SOURCES), "-o", str(exe)], check=True, capture_output=True)
-    return exe
+    return sanitized_executable(tmp_path_factory.mktemp("json") / "json_test", SOURCES)
 
 
 def test_the_corpus_passes_under_the_sanitizers(json_test):

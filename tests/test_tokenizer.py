@@ -22,7 +22,7 @@ pytest.importorskip("sentencepiece")
 
 from slimengine import Engine, SlimError, _native  # noqa: E402
 
-from .conftest import edit_manifest, export, run_cli  # noqa: E402
+from .conftest import edit_manifest, export, run_cli, sanitized_executable  # noqa: E402
 from .tokenizer_files import make_pipeline_tokenizers, make_sd3_tokenizers, make_t5_json_only  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -381,16 +381,9 @@ def test_hostile_tokenizer_files_are_refused_at_open(tmp_path, tok_bundle):
 @pytest.fixture(scope="module")
 def tokenizer_check(tmp_path_factory) -> Path:
     """runtime/tests/tokenizer_check.cpp with the tokenizers' sources, built with AddressSanitizer and UBSan."""
-    compiler = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if compiler is None:
-        pytest.skip("no C++ compiler")
-    exe = tmp_path_factory.mktemp("tokcheck") / "tokenizer_check"
     sources = [ROOT / "runtime/tests/tokenizer_check.cpp"] + [ROOT / f"runtime/src/{n}.cpp" for n in ("clip_tokenizer", "t5_tokenizer",
                                                                                                      "unicode_text", "json")]
-    flags = ["-std=c++17", "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
-    subprocess.run([compiler, *flags, f"-I{ROOT / 'runtime/src'}", f"-I{ROOT / 'runtime/include'}", *map(str, sources), "-o", str(exe)],
-                   check=True, capture_output=True)
-    return exe
+    return sanitized_executable(tmp_path_factory.mktemp("tokcheck") / "tokenizer_check", sources)
 
 
 def _run_check(exe: Path, kind: str, file: Path, max_length: int, prompts: list[str], tmp_path: Path) -> subprocess.CompletedProcess:

@@ -5,8 +5,8 @@
  * The bundle must have pipeline stages (export-engine PIPELINE_FOLDER). Writes a binary PPM (P6) of the RGB8
  * image and prints per-stage times, with a line per sampling step on stderr (the progress callback). It then makes
  * the same image again: the session's prompt cache serves both texts (no tokenizer or encoder runs), and the program
- * checks the bits are the same. The tokenizers need onnxruntime-extensions' library in
- * $SLIMENGINE_EXTENSIONS_LIBRARY (docs/tokenizers.md).
+ * checks the bits are the same. The tokenizers are the library's own (docs/tokenizers.md): nothing but ONNX Runtime
+ * ($SLIMENGINE_ORT_LIBRARY) is needed, and no Python.
  */
 #include <stdint.h>
 #include <stdio.h>

@@ -251,9 +251,8 @@ SLIM_API slim_status slim_engine_program_step(const slim_engine* engine, int32_t
  * max_length whenever the role exists, so a caller may ask with capacity 0 to size its buffer.
  * SLIM_ERR_INVALID_ARGUMENT: NULL engine/role/prompt/count, a role the bundle lacks, a prompt that is
  * not UTF-8 or too long, or capacity < max_length (nothing written to ids_out).
- * SLIM_ERR_BACKEND: onnxruntime-extensions' library is not set (environment variable
- * SLIMENGINE_EXTENSIONS_LIBRARY; the Python package sets it) or does not load. Thread-safe; the first
- * call per role loads its tokenizer stage. */
+ * The tokenizers are native (CLIP's byte-level BPE, T5's Unigram; since ABI 0.11, before which they were
+ * onnxruntime-extensions graphs), read and validated when the bundle opens. Thread-safe. */
 SLIM_API slim_status slim_tokenize(const slim_engine* engine, const char* role, const char* prompt, int64_t* ids_out, size_t capacity,
                                    size_t* count);
 /* Number of tokenizers in the bundle and the role of tokenizer i (owned by the engine; NULL out of range). */
