@@ -19,7 +19,7 @@ export-engine --tokenizers FOLDER; or --bundle), and each of its roles (clip_l, 
   two sizes' runs interleaved;
 - ids: the native ids equal transformers' for every prompt timed (checked, and the run fails otherwise).
 
-Each native figure is the median of --repeats runs, each transformers figure of --ref-repeats, after a warm-up call.
+Each native figure is the best of --repeats runs, each transformers figure of --ref-repeats, after a warm-up call.
 
     python benchmarks/bench_tokenizers.py [--tokenizers FOLDER] [--bundle NAME.engine] [--repeats 11]
                                           [--ref-repeats 7] [--quick]
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import statistics
 import string
 import sys
 import tempfile
@@ -92,18 +91,18 @@ def reference(tokenizers: Path, roles: dict[str, int]):
     return calls
 
 
-def median_ms(fn, text: str, repeats: int) -> float:
+def best_ms(fn, text: str, repeats: int) -> float:
     fn(text)  # warm-up
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn(text)
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return min(times)
 
 
 def interleaved_ms(fn, small: str, big: str, repeats: int) -> tuple[float, float]:
-    """Medians (ms) of `repeats` runs of fn(small) and fn(big), alternating, after a warm-up call of each."""
+    """Best times (ms) of `repeats` runs of fn(small) and fn(big), alternating, after a warm-up call of each."""
     fn(small), fn(big)
     times = {0: [], 1: []}
     for _ in range(repeats):
@@ -111,7 +110,7 @@ def interleaved_ms(fn, small: str, big: str, repeats: int) -> tuple[float, float
             start = time.perf_counter()
             fn(text)
             times[i].append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times[0]), statistics.median(times[1])
+    return min(times[0]), min(times[1])
 
 
 def run(bundle: Path, tokenizers: Path, repeats: int, ref_repeats: int) -> bool:
@@ -135,7 +134,7 @@ def run(bundle: Path, tokenizers: Path, repeats: int, ref_repeats: int) -> bool:
                     return engine.tokenize(role, text)
 
                 small_ms, big_ms = interleaved_ms(native, prompts[shape, SMALL], prompts[shape, BIG], repeats)
-                ref_ms = median_ms(ref[role], prompts[shape, BIG], ref_repeats)
+                ref_ms = best_ms(ref[role], prompts[shape, BIG], ref_repeats)
                 equal = True
                 for n in (SMALL, BIG):
                     got, want = native(prompts[shape, n]).tolist(), ref[role](prompts[shape, n])
@@ -146,13 +145,13 @@ def run(bundle: Path, tokenizers: Path, repeats: int, ref_repeats: int) -> bool:
                                           f"transformers {want[first:first + 8]} (lengths {len(got)}, {len(want)})")
                 rows.append((shape, role, big_ms, ref_ms, small_ms, equal))
 
-    print(f"\n64 KiB prompts: native (median of {repeats}) vs transformers (median of {ref_repeats}); "
+    print(f"\n64 KiB prompts: native (best of {repeats}) vs transformers (best of {ref_repeats}); "
           f"ratio = transformers / native; goal native < {GOAL_MS:.0f} ms")
     print(f"  {'shape':6s} {'role':7s} {'native ms':>10s} {'transf. ms':>10s} {'ratio':>7s}  {'< 100 ms':8s} ids equal")
     for shape, role, big_ms, ref_ms, _, equal in rows:
         print(f"  {shape:6s} {role:7s} {big_ms:10.2f} {ref_ms:10.2f} {ref_ms / big_ms:6.2f}x  "
               f"{'yes' if big_ms < GOAL_MS else 'NO':8s} {'yes' if equal else 'NO'}")
-    print(f"\nlinearity: native 64 KiB / 16 KiB (4x the prompt; median of {repeats} each, interleaved); goal <= {GOAL_LINEAR:.0f}x")
+    print(f"\nlinearity: native 64 KiB / 16 KiB (4x the prompt; best of {repeats} each, interleaved); goal <= {GOAL_LINEAR:.0f}x")
     print(f"  {'shape':6s} {'role':7s} {'16 KiB ms':>10s} {'64 KiB ms':>10s} {'ratio':>7s}  <= 5x")
     for shape, role, big_ms, _, small_ms, _ in rows:
         ratio = big_ms / small_ms
@@ -176,8 +175,8 @@ def main() -> None:
                         help="pipeline folder with tokenizer/, tokenizer_2/, tokenizer_3/ (default: SD3's own, made from tests/data; "
                              f"the toy's: {PIPELINE.relative_to(ROOT)}); with --bundle, the folder its tokenizers were exported from")
     parser.add_argument("--bundle", type=Path, help="time this bundle's tokenizers instead of exporting one")
-    parser.add_argument("--repeats", type=int, default=11, help="native runs per prompt (median)")
-    parser.add_argument("--ref-repeats", type=int, default=7, help="transformers runs per prompt (median)")
+    parser.add_argument("--repeats", type=int, default=11, help="native runs per prompt (best of)")
+    parser.add_argument("--ref-repeats", type=int, default=7, help="transformers runs per prompt (best of)")
     parser.add_argument("--quick", action="store_true", help="fewer runs (--repeats 5 --ref-repeats 2)")
     args = parser.parse_args()
     if args.quick:
