@@ -112,7 +112,7 @@ def open_pipeline(path: Path, t5: bool = True, transformer: bool = False) -> Pip
         hint = "; pass --no-t5 to export without T5" if t5 and all("text_encoder_3" in m or "tokenizer_3" in m for m in missing) else ""
         raise CheckpointError(f"{path}: pipeline folder is missing {', '.join(missing)}{hint}")
     for folder, _ in needed:
-        _refuse_special_files(path / folder)
+        refuse_special_files(path / folder)
     roles = [r for r in COMPONENTS if r != "t5" or t5]
     configs = {role: component_config(path / COMPONENTS[role][0], role) for role in roles}
     length = clip_length(path)
@@ -133,7 +133,7 @@ def open_pipeline(path: Path, t5: bool = True, transformer: bool = False) -> Pip
     return PipelineFolder(path=path, t5=t5, shift=None if shift is None else float(shift), clip_length=length)
 
 
-def _refuse_special_files(folder: Path) -> None:
+def refuse_special_files(folder: Path) -> None:
     """Every file of a component folder must be a regular file (a link to one is fine): a FIFO or device where a weight,
     config or vocab file is expected would block or feed endless bytes to the readers (a FIFO as the VAE's weights hung
     the export)."""

@@ -13,6 +13,7 @@ unique and dense, merges naming known tokens): a hostile vocabulary is refused i
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -27,6 +28,8 @@ MAX_VOCAB_SIZE = 1 << 20
 MAX_TOKEN_BYTES = 1024
 MAX_CLIP_ADDED_TOKENS = 64
 MAX_T5_ADDED_TOKENS = 1024
+MAX_ADDED_TOKEN_BYTES = 32
+MAX_REPLACEMENT_BYTES = 64  # a T5 normalizer's replacement string
 MAX_FILE_BYTES = 64 << 20  # a tokenizer file larger than this is refused unread (CLIP's are 2 MB, T5's 2.4 MB)
 CLIP_FORMAT = "slimengine-clip-bpe"
 T5_FORMAT = "slimengine-unigram"
@@ -39,9 +42,12 @@ def _read_json(path: Path):
     if size > MAX_FILE_BYTES:
         raise TokenizerError(f"{path}: {size} bytes; a tokenizer file of at most {MAX_FILE_BYTES >> 20} MiB is accepted")
     try:
-        return json.loads(path.read_bytes())
-    except ValueError as e:
-        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+        data = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as e:  # RecursionError: arrays nested thousands deep
+        raise TokenizerError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:120]})") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path}: must be a JSON object, not {type(data).__name__}")
+    return data
 
 
 def check_vocab(vocab, where: str) -> None:
@@ -67,7 +73,9 @@ def check_merges(merges: list, vocab: dict, where: str) -> None:
         raise TokenizerError(f"{where}: {len(merges)} merges for {len(vocab)} tokens; a vocabulary has at most one merge per token")
     seen = set()
     for k, pair in enumerate(merges):
-        if len(pair) != 2 or any(p not in vocab for p in pair) or pair[0] + pair[1] not in vocab:
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
+            raise TokenizerError(f"{where}: merge {k} ({json.dumps(pair)[:80]}) is not a pair of token strings")
+        if any(p not in vocab for p in pair) or pair[0] + pair[1] not in vocab:
             raise TokenizerError(f"{where}: merge {k} ({' '.join(map(str, pair))[:80]!r}) names a token the vocabulary lacks")
         if tuple(pair) in seen:
             raise TokenizerError(f"{where}: merge {k} ({' '.join(pair)[:80]!r}) repeats an earlier merge")
@@ -83,12 +91,19 @@ def check_clip_files(folder: Path) -> None:
         path = folder / "merges.txt"
         if path.stat().st_size > MAX_FILE_BYTES:
             raise TokenizerError(f"{path}: {path.stat().st_size} bytes; at most {MAX_FILE_BYTES >> 20} MiB are accepted")
-        lines = path.read_text(encoding="utf-8", errors="strict").splitlines()
+        try:
+            lines = path.read_text(encoding="utf-8", errors="strict").splitlines()
+        except UnicodeDecodeError as e:
+            raise TokenizerError(f"{path}: not UTF-8 ({e})") from None
         merges = [line.split(" ") for line in lines if line and not line.startswith("#version")]
         check_merges(merges, vocab, str(path))
     elif (folder / "tokenizer.json").is_file():
-        model = _read_json(folder / "tokenizer.json").get("model") or {}
+        model = _read_json(folder / "tokenizer.json").get("model")
+        if not isinstance(model, dict):
+            raise TokenizerError(f"{folder / 'tokenizer.json'}: has no model object")
         check_vocab(model.get("vocab"), f"{folder / 'tokenizer.json'} model.vocab")
+        if not isinstance(model.get("merges") or [], list):
+            raise TokenizerError(f"{folder / 'tokenizer.json'}: model.merges must be a list")
         merges = [m.split(" ") if isinstance(m, str) else m for m in model.get("merges") or []]
         check_merges(merges, model["vocab"], f"{folder / 'tokenizer.json'} model.merges")
     else:
@@ -105,14 +120,33 @@ def _load_clip(folder: Path):
         raise TokenizerError(f"{folder}: cannot load it as a CLIPTokenizer ({type(e).__name__}: {str(e).strip()[:200]})") from None
 
 
-def _clip_length(tok) -> int:
-    """diffusers' SD3 tokenizer_max_length: the tokenizer's model_max_length (77 when it states none)."""
-    return tok.model_max_length if tok.model_max_length <= 4096 else ROLES["clip_l"][1]
+def _clip_length(tok, folder: Path) -> int:
+    """diffusers' SD3 tokenizer_max_length: the tokenizer's model_max_length (77 when it states none: transformers
+    then says 10^30), an integer from 2 to 4096 as the runtime accepts."""
+    n = tok.model_max_length
+    if isinstance(n, (int, float)) and not isinstance(n, bool) and n > 4096:
+        return ROLES["clip_l"][1]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 2:
+        raise TokenizerError(f"{folder}/tokenizer_config.json: model_max_length must be an integer from 2 to 4096, got {n!r}")
+    return n
 
 
 def clip_max_length(folder: Path) -> int:
     """The token count a CLIP tokenizer folder pads and truncates prompts to in diffusers' SD3 pipeline."""
-    return _clip_length(_load_clip(folder))
+    return _clip_length(_load_clip(folder), folder)
+
+
+def _check_added(folder: Path, added: list, most: int) -> None:
+    """Added tokens the runtime accepts: at most `most`, each 1 to 32 bytes, none twice."""
+    if len(added) > most:
+        raise TokenizerError(f"{folder}: {len(added)} added tokens; at most {most} are accepted")
+    contents = [a["content"] for a in added]
+    for content in contents:
+        if not 0 < len(content.encode()) <= MAX_ADDED_TOKEN_BYTES:
+            raise TokenizerError(f"{folder}: added token {content[:40]!r} is {len(content.encode())} bytes; 1 to {MAX_ADDED_TOKEN_BYTES} "
+                                 "are accepted")
+    if len(set(contents)) != len(contents):
+        raise TokenizerError(f"{folder}: an added token appears twice")
 
 
 def _refuse_unlike(folder: Path, what: str, got, want) -> None:
@@ -141,8 +175,7 @@ def clip_tokenizer_data(folder: Path) -> tuple[dict, int]:
     merges = [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
     check_merges(merges, vocab, f"{folder} (as transformers loaded it)")
     added = spec.get("added_tokens") or []
-    if len(added) > MAX_CLIP_ADDED_TOKENS:
-        raise TokenizerError(f"{folder}: {len(added)} added tokens; at most {MAX_CLIP_ADDED_TOKENS} are accepted")
+    _check_added(folder, added, MAX_CLIP_ADDED_TOKENS)
     for a in added:
         if a["single_word"] or a["lstrip"] or a["rstrip"]:
             raise TokenizerError(f"{folder}: added token {a['content']!r} has single_word, lstrip or rstrip set, which the runtime's "
@@ -155,7 +188,7 @@ def clip_tokenizer_data(folder: Path) -> tuple[dict, int]:
     data = {"format": CLIP_FORMAT, "vocab": vocab, "merges": merges,
             "added_tokens": [{"content": a["content"], "id": a["id"], "normalized": a["normalized"]} for a in added],
             **{f"{k}_id": i for k, i in ids.items()}}
-    return data, _clip_length(tok)
+    return data, _clip_length(tok, folder)
 
 
 def check_t5_files(folder: Path) -> None:
@@ -217,18 +250,23 @@ def t5_tokenizer_data(folder: Path) -> dict:
     if not isinstance(unk, int) or not 0 <= unk < len(pieces):
         raise TokenizerError(f"{folder}: its unk_id {unk!r} is not a piece id")
     added = spec.get("added_tokens") or []
-    if len(added) > MAX_T5_ADDED_TOKENS:
-        raise TokenizerError(f"{folder}: {len(added)} added tokens; at most {MAX_T5_ADDED_TOKENS} are accepted")
+    _check_added(folder, added, MAX_T5_ADDED_TOKENS)
     for a in added:
         if a["single_word"] or a["lstrip"] or a["rstrip"] or a["normalized"]:
             raise TokenizerError(f"{folder}: added token {a['content']!r} has single_word, lstrip, rstrip or normalized set, which the "
                                  "runtime's tokenizer does not implement")
-        if not 0 <= a["id"] < len(pieces) + MAX_T5_ADDED_TOKENS or not a["content"] or len(a["content"].encode()) > MAX_TOKEN_BYTES:
+        if not 0 <= a["id"] < len(pieces) + MAX_T5_ADDED_TOKENS:
             raise TokenizerError(f"{folder}: added token {a['content'][:40]!r} has id {a['id']}, beyond the model's {len(pieces)} pieces "
                                  f"and {MAX_T5_ADDED_TOKENS} added ids")
     for name, i in (("eos", tok.eos_token_id), ("pad", tok.pad_token_id)):
         if i is None or not 0 <= i < len(pieces) + MAX_T5_ADDED_TOKENS:
             raise TokenizerError(f"{folder}: its {name} id {i} is not a token id")
+    charsmap = base64.b64decode(normalizer["precompiled_charsmap"])
+    strings = charsmap[4 + int.from_bytes(charsmap[:4], "little"):]
+    longest = max((len(r) for r in strings.split(b"\0")), default=0)
+    if longest > MAX_REPLACEMENT_BYTES:
+        raise TokenizerError(f"{folder}: its normalizer maps a character to {longest} bytes; at most {MAX_REPLACEMENT_BYTES} are accepted "
+                             "(T5's longest is 33)")
     return {"format": T5_FORMAT, "pieces": pieces, "unk_id": unk, "charsmap": normalizer["precompiled_charsmap"],
             "added_tokens": [{"content": a["content"], "id": a["id"]} for a in added], "eos_id": tok.eos_token_id, "pad_id": tok.pad_token_id}
 
@@ -241,7 +279,13 @@ def check_t5_tokenizer(folder: Path) -> None:
 
 def check_tokenizer_folders(pipeline: Path) -> None:
     """Refuse, before the export's work, a tokenizer folder of `pipeline` whose files the runtime could not read."""
+    from .pipeline_export import refuse_special_files
+
     for role, (folder, _) in ROLES.items():
+        if (pipeline / folder).exists() and not (pipeline / folder).is_dir():
+            raise TokenizerError(f"{pipeline / folder}: not a folder (a diffusers tokenizer folder)")
+        if (pipeline / folder).is_dir():
+            refuse_special_files(pipeline / folder)
         if (pipeline / folder).is_dir() and role == "t5":
             check_t5_tokenizer(pipeline / folder)
         elif (pipeline / folder).is_dir():

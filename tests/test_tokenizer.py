@@ -336,6 +336,8 @@ def _hostile_clip(data: dict) -> dict:
         "repeated merge": (changed(merges=data["merges"] + data["merges"][:1]), "repeats an earlier merge"),
         "bos past the vocab": (changed(bos_id=len(vocab)), "bos_id"),
         "added token past the vocab": (changed(added_tokens=[{"content": "x", "id": 10**9, "normalized": False}]), "added_tokens"),
+        "added token of 33 bytes": (changed(added_tokens=[{"content": "x" * 33, "id": 0, "normalized": False}]), "must be 1 to 32 bytes"),
+        "repeated added token": (changed(added_tokens=[{"content": "x", "id": 0, "normalized": True}] * 2), "repeats an earlier added token"),
         "wrong format": (changed(format="other"), "format is not slimengine-clip-bpe"),
         "not JSON": (b"{\"vocab\": ", "json"),
         "too many tokens": (b'{"format":"slimengine-clip-bpe","vocab":{' + b",".join(b'"t%d":%d' % (i, i) for i in range((1 << 20) + 1)) +
@@ -349,8 +351,13 @@ def _hostile_t5(data: dict) -> dict:
     def changed(**fields):
         return json.dumps({**data, **fields}).encode()
 
-    charsmap = __import__("base64").b64decode(data["charsmap"])
-    trie_past_end = __import__("base64").b64encode((len(charsmap)).to_bytes(4, "little") + charsmap[4:]).decode()
+    import base64
+
+    def b64(raw: bytes) -> str:
+        return base64.b64encode(raw).decode()
+
+    charsmap = base64.b64decode(data["charsmap"])
+    trie_past_end = b64(len(charsmap).to_bytes(4, "little") + charsmap[4:])
     return {
         "repeated piece": (changed(pieces=pieces + pieces[:1]), "repeats an earlier piece"),
         "unk past the pieces": (changed(unk_id=len(pieces)), "unk_id"),
@@ -359,6 +366,10 @@ def _hostile_t5(data: dict) -> dict:
         "charsmap not base64": (changed(charsmap="$$$$"), "charsmap is not base64"),
         "charsmap trie past its end": (changed(charsmap=trie_past_end), "charsmap's trie size does not fit it"),
         "charsmap too short": (changed(charsmap="AAA="), "charsmap is shorter than its header"),
+        # a replacement of kilobytes made a 64 KiB prompt 64 MB of text (2 GB, 10 s); one without a NUL would end outside
+        "charsmap replacement of 65 bytes": (changed(charsmap=b64(charsmap + b"b" * 65 + b"\0")), "replacement of 65 bytes"),
+        "charsmap strings without a NUL": (changed(charsmap=b64(charsmap + b"bb")), "has no NUL terminator"),
+        "repeated added token": (changed(added_tokens=[{"content": "<x>", "id": 0}] * 2), "repeats an earlier added token"),
     }
 
 
@@ -446,21 +457,56 @@ def test_hostile_vocabularies_refused_at_export(tmp_path, plain_checkpoint, pipe
                 f.write("{" + ",".join(f'"t{i}":{i}' for i in range(count)) + "}")
         return edit
 
+    def write(name, text):
+        return lambda folder: (folder / name).write_text(text)
+
+    def tokenizer_json(spec):
+        def edit(folder):
+            (folder / "vocab.json").unlink()
+            (folder / "merges.txt").unlink()
+            (folder / "tokenizer.json").write_text(json.dumps(spec))
+        return edit
+
+    def config(**fields):
+        def edit(folder):
+            (folder / "tokenizer_config.json").write_text(json.dumps({**json.loads((folder / "tokenizer_config.json").read_text()), **fields}))
+        return edit
+
+    def fifo_config(folder):
+        (folder / "tokenizer_config.json").unlink()
+        os.mkfifo(folder / "tokenizer_config.json")
+
+    def not_a_folder(folder):
+        shutil.rmtree(folder)
+        folder.write_text("x")
+
     cases = {
         "duplicate id": (_edit_vocab(lambda v: {**v, first[1]: v[first[0]]}), "is given to two tokens"),
         "huge id": (_edit_vocab(lambda v: {**v, first[0]: 2**62}), "ids must be integers from 0 to"),
         "merges naming unknown tokens": (merges_with_unknown, "names a token the vocabulary lacks"),
         "2^20 + 1 entries": (vocab_of((1 << 20) + 1), "at most 1048576 are accepted"),
         "10^7 entries": (vocab_of(10**7), "a tokenizer file of at most 64 MiB is accepted"),  # refused unread
+        # found by the break-it pass: tracebacks (exit 1) or a bundle the runtime then refused
+        "nested 10^5 deep": (write("vocab.json", "[" * 100000), "not valid JSON"),
+        "tokenizer.json a list": (tokenizer_json([]), "must be a JSON object"),
+        "merges of numbers": (tokenizer_json({"model": {"vocab": {"a": 0}, "merges": [1]}}), "is not a pair of token strings"),
+        "merges of objects": (tokenizer_json({"model": {"vocab": {"a": 0}, "merges": [[{"x": 1}, "a"]]}}), "is not a pair of token strings"),
+        "merges not UTF-8": (lambda folder: (folder / "merges.txt").write_bytes(b"#version: 0.2\n\xff \xfe\n"), "merges.txt: not UTF-8"),
+        "model_max_length 1": (config(model_max_length=1), "model_max_length must be an integer from 2 to 4096"),
+        "model_max_length -5": (config(model_max_length=-5), "model_max_length must be an integer from 2 to 4096"),
+        "model_max_length 77.5": (config(model_max_length=77.5), "model_max_length must be an integer from 2 to 4096"),
+        "model_max_length '77'": (config(model_max_length="77"), "model_max_length must be an integer from 2 to 4096"),
+        "a FIFO as the config": (fifo_config, "not a regular file"),
+        "a file, not a folder": (not_a_folder, "not a folder"),
     }
     for name, (edit, message) in cases.items():
-        case = tmp_path / name.replace(" ", "-").replace("^", "").replace("+", "")
+        case = tmp_path / "".join(c if c.isalnum() else "-" for c in name)
         folder = _vocab_folder(case, pipeline, edit)
         out = case / "out.engine"
         proc = run_cli("export-engine", str(plain_checkpoint), "--tokenizers", str(folder), "-o", str(out), "-q", check=False)
         assert proc.returncode == 2, (name, proc.stderr[-2000:])
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        assert len(lines) == 1 and message in lines[0] and "tokenizer/" in lines[0], (name, proc.stderr)
+        assert len(lines) == 1 and message in lines[0] and "pipe/tokenizer" in lines[0], (name, proc.stderr)
         assert not out.exists() and not [p for p in case.iterdir() if p.name.startswith(".out.engine")], name
 
 
@@ -480,3 +526,47 @@ def test_t5_folder_with_only_tokenizer_json(tmp_path, plain_checkpoint, sd3_toke
     with Engine(bundle) as e:
         assert e.tokenizer_roles == ["t5"]
         assert [e.tokenize("t5", p).tolist() for p in prompts] == want
+
+
+def test_normalized_added_token_content_is_normalized(tmp_path, plain_checkpoint, pipeline):
+    """An added token registered normalized=true with content in upper case ("<X>") is looked for in normalized (lower
+    case) text, its content normalized too, as transformers does: "<x>" and "<X>" both give its id (found by the break-it
+    pass: the runtime compared the raw content and never matched)."""
+    folder = tmp_path / "pipe"
+    shutil.copytree(pipeline, folder)
+    clip = folder / "tokenizer"
+    vocab = json.loads((clip / "vocab.json").read_text())
+    vocab["<X>"] = len(vocab)
+    (clip / "vocab.json").write_text(json.dumps(vocab))
+    config = json.loads((clip / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"] = {str(vocab["<X>"]): {"content": "<X>", "lstrip": False, "normalized": True, "rstrip": False,
+                                                           "single_word": False, "special": True}}
+    (clip / "tokenizer_config.json").write_text(json.dumps(config))
+    bundle = export(plain_checkpoint, tmp_path / "x.engine", "--tokenizers", str(folder))
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(clip)
+    prompts = ["<x>", "<X>", "a <X> b", "<X><x>", "<\u0058>", "< X >"]
+    want = tok(prompts, padding="max_length", max_length=77, truncation=True)["input_ids"]
+    assert sum(row.count(vocab["<X>"]) for row in want) >= 5  # transformers finds the token in each form
+    with Engine(bundle) as e:
+        assert [e.tokenize("clip_l", p).tolist() for p in prompts] == want
+
+
+def test_expanding_t5_normalizer_refused_at_export(tmp_path, plain_checkpoint, pipeline):
+    """A SentencePiece model whose normalization rules map a character to more than 64 bytes (here 'q' to 100 'b's:
+    each 64 KiB prompt became 6 MB of text, seconds and gigabytes per call) is refused at export, in one line."""
+    import sentencepiece as spm
+
+    from .tokenizer_files import CAPTIONS
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(pipeline, folder)
+    rules = tmp_path / "rules.tsv"
+    rules.write_text("71\t" + " ".join(["62"] * 100) + "\n")
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CAPTIONS), model_prefix=str(folder / "tokenizer_3" / "spiece"), vocab_size=90,
+                                   hard_vocab_limit=False, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   character_coverage=1.0, minloglevel=2, normalization_rule_tsv=str(rules))
+    proc = run_cli("export-engine", str(plain_checkpoint), "--tokenizers", str(folder), "-o", str(tmp_path / "x.engine"), "-q", check=False)
+    assert proc.returncode == 2 and "maps a character to 100 bytes; at most 64 are accepted" in proc.stderr, proc.stderr
+    assert not (tmp_path / "x.engine").exists()

@@ -138,10 +138,15 @@ ClipTokenizer::ClipTokenizer(const std::string& json_text, const std::string& wh
             const std::string w = "added_tokens[" + std::to_string(i) + "]";
             const json::Value& t = added.array[i];
             if (t.kind != json::Value::Kind::Object) bad(where, w + " must be an object {content, id, normalized}");
-            AddedToken token{json::string_field(t, "content", w), 0, json::bool_field(t, "normalized", w)};
-            token.id = static_cast<int32_t>(json::as_int64(json::field(t, "id", w), w + ".id", 0, size - 1));
-            if (token.content.empty() || token.content.size() > kMaxTokenBytes) bad(where, w + ".content must be 1 to 1024 bytes");
-            added_.push_back(std::move(token));
+            const std::string content = json::string_field(t, "content", w);
+            const bool normalized = json::bool_field(t, "normalized", w);
+            const auto id = static_cast<int32_t>(json::as_int64(json::field(t, "id", w), w + ".id", 0, size - 1));
+            if (content.empty() || content.size() > kMaxAddedTokenBytes)
+                bad(where, w + ".content must be 1 to " + std::to_string(kMaxAddedTokenBytes) + " bytes");
+            // A normalized token is looked for in normalized text, so its content is normalized too (as the tokenizers
+            // library does): "<X>" matches "<x>" and "<X>" alike.
+            const std::u32string text = normalized ? normalize(decode_utf8(content)) : decode_utf8(content);
+            if (!(normalized ? added_normalized_ : added_raw_).add(text, id)) bad(where, w + " repeats an earlier added token");
         }
         auto special = [&](const char* key) { return static_cast<int32_t>(json::as_int64(json::field(root, key, ""), key, 0, size - 1)); };
         bos_ = special("bos_id"), eos_ = special("eos_id"), pad_ = special("pad_id"), unk_ = special("unk_id");
@@ -152,15 +157,10 @@ ClipTokenizer::ClipTokenizer(const std::string& json_text, const std::string& wh
     }
 }
 
-// Splits every text span around the added tokens of this normalization state, leftmost match first and the
-// longest at one position (the tokenizers library's Aho-Corasick, LeftmostLongest).
-void ClipTokenizer::split_added(std::vector<Span>& spans, bool normalized) const {
-    std::vector<const AddedToken*> tokens;
-    for (const AddedToken& t : added_)
-        if (t.normalized == normalized) tokens.push_back(&t);
+// Splits every text span around the added tokens of `tokens`, leftmost match first and the longest at one position
+// (the tokenizers library's Aho-Corasick, LeftmostLongest).
+void ClipTokenizer::split_added(std::vector<Span>& spans, const TokenTrie<char32_t>& tokens) const {
     if (tokens.empty()) return;
-    std::vector<std::u32string> contents;
-    for (const AddedToken* t : tokens) contents.push_back(decode_utf8(t->content));
     std::vector<Span> out;
     for (Span& span : spans) {
         if (span.token >= 0) {
@@ -170,16 +170,14 @@ void ClipTokenizer::split_added(std::vector<Span>& spans, bool normalized) const
         const std::u32string& s = span.text;
         size_t start = 0;
         for (size_t i = 0; i < s.size();) {
-            size_t best = 0, best_len = 0;
-            for (size_t k = 0; k < tokens.size(); ++k)
-                if (contents[k].size() > best_len && starts_with(s, i, contents[k].c_str())) best = k, best_len = contents[k].size();
-            if (!best_len) {
+            const auto [length, id] = tokens.longest(s.data(), s.size(), i);
+            if (!length) {
                 ++i;
                 continue;
             }
             if (i > start) out.push_back(Span{s.substr(start, i - start)});
-            out.push_back(Span{{}, tokens[best]->id});
-            i += best_len;
+            out.push_back(Span{{}, id});
+            i += length;
             start = i;
         }
         if (start < s.size()) out.push_back(Span{s.substr(start)});
@@ -250,10 +248,10 @@ void ClipTokenizer::bpe(const std::u32string& piece, std::vector<int32_t>& out,
 std::vector<int64_t> ClipTokenizer::encode(const std::string& text, int max_length) const {
     const size_t room = static_cast<size_t>(max_length) - 2;  // ids between bos and eos
     std::vector<Span> spans{Span{decode_utf8(text)}};
-    split_added(spans, false);
+    split_added(spans, added_raw_);
     for (Span& s : spans)
         if (s.token < 0) s.text = normalize(s.text);
-    split_added(spans, true);
+    split_added(spans, added_normalized_);
 
     std::vector<int32_t> ids;
     std::unordered_map<std::u32string, std::vector<int32_t>> cache;

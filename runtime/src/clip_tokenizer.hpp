@@ -17,6 +17,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include "token_trie.hpp"
+
 namespace slim {
 
 // Limits checked when a tokenizer file is read: far above CLIP's 49408 tokens and 48894 merges, low enough
@@ -24,6 +26,7 @@ namespace slim {
 constexpr size_t kMaxVocabSize = 1 << 20;
 constexpr size_t kMaxTokenBytes = 1024;
 constexpr size_t kMaxAddedTokens = 64;      // CLIP's (SD3's have 2 or 3)
+constexpr size_t kMaxAddedTokenBytes = 32;  // SD3's longest, <|startoftext|>, is 15: matching costs up to this per byte
 constexpr size_t kMaxT5AddedTokens = 1024;  // T5's (its 100 <extra_id_N> and 3 specials)
 
 class ClipTokenizer {
@@ -37,25 +40,21 @@ class ClipTokenizer {
     std::vector<int64_t> encode(const std::string& text, int max_length) const;
 
   private:
-    struct AddedToken {
-        std::string content;
-        int32_t id;
-        bool normalized;
-    };
     struct Span {  // a run of text still to tokenize, or an added token already matched
         std::u32string text;
         int32_t token = -1;
     };
 
-    void split_added(std::vector<Span>& spans, bool normalized) const;
+    void split_added(std::vector<Span>& spans, const TokenTrie<char32_t>& tokens) const;
     // Appends the BPE ids of one pre-tokenized piece.
     void bpe(const std::u32string& piece, std::vector<int32_t>& out, std::unordered_map<std::u32string, std::vector<int32_t>>& cache) const;
 
     std::unordered_map<std::string, int32_t> vocab_;
     std::unordered_map<uint64_t, std::pair<int32_t, int32_t>> merges_;  // (left id << 32 | right id) -> (rank, merged id)
-    std::vector<AddedToken> added_;
-    std::string byte_symbol_[256];      // a byte's character in the byte-level alphabet, UTF-8
-    std::string byte_symbol_end_[256];  // the same followed by `</w>`
+    TokenTrie<char32_t> added_raw_;                                     // added tokens with normalized: false, split out of the raw text
+    TokenTrie<char32_t> added_normalized_;  // the others (their content normalized), split out of normalized text
+    std::string byte_symbol_[256];          // a byte's character in the byte-level alphabet, UTF-8
+    std::string byte_symbol_end_[256];      // the same followed by `</w>`
     int32_t bos_ = 0, eos_ = 0, pad_ = 0, unk_ = 0;
 };
 

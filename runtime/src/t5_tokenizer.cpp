@@ -90,11 +90,11 @@ T5Tokenizer::T5Tokenizer(const std::string& json_text, const std::string& where)
             const std::string w = "added_tokens[" + std::to_string(i) + "]";
             const json::Value& t = added.array[i];
             if (t.kind != json::Value::Kind::Object) bad(where, w + " must be an object {content, id}");
-            AddedToken token{json::string_field(t, "content", w), 0};
-            token.id = static_cast<int32_t>(json::as_int64(json::field(t, "id", w), w + ".id", 0, ids - 1));
-            if (token.content.empty() || token.content.size() > kMaxTokenBytes) bad(where, w + ".content must be 1 to 1024 bytes");
-            added_first_byte_[static_cast<uint8_t>(token.content[0])] = true;
-            added_.push_back(std::move(token));
+            const std::string content = json::string_field(t, "content", w);
+            const auto id = static_cast<int32_t>(json::as_int64(json::field(t, "id", w), w + ".id", 0, ids - 1));
+            if (content.empty() || content.size() > kMaxAddedTokenBytes)
+                bad(where, w + ".content must be 1 to " + std::to_string(kMaxAddedTokenBytes) + " bytes");
+            if (!added_.add(content, id)) bad(where, w + " repeats an earlier added token");
         }
         eos_ = static_cast<int32_t>(json::as_int64(json::field(root, "eos_id", ""), "eos_id", 0, ids - 1));
         pad_ = static_cast<int32_t>(json::as_int64(json::field(root, "pad_id", ""), "pad_id", 0, ids - 1));
@@ -108,6 +108,16 @@ T5Tokenizer::T5Tokenizer(const std::string& json_text, const std::string& where)
     for (size_t i = 0; i < charsmap_trie_.size(); ++i)
         for (int b = 3; b >= 0; --b) charsmap_trie_[i] = charsmap_trie_[i] << 8 | static_cast<uint8_t>(charsmap[4 + 4 * i + b]);
     replacements_ = charsmap.substr(4 + trie_bytes);
+    // Replacements are short (T5's longest is 33 bytes): a charsmap expanding each character into kilobytes would make
+    // a 64 KiB prompt megabytes of text.
+    for (size_t begin = 0; begin < replacements_.size();) {
+        const size_t end = replacements_.find('\0', begin);
+        if (end == std::string::npos) bad(where, "charsmap's last replacement string has no NUL terminator");
+        if (end - begin > kMaxReplacementBytes)
+            bad(where, "charsmap has a replacement of " + std::to_string(end - begin) + " bytes; at most " +
+                           std::to_string(kMaxReplacementBytes) + " are accepted");
+        begin = end + 1;
+    }
     for (int c = 0; c < 0x80; ++c) ascii_mapped_[c] = charsmap_match(std::string(1, static_cast<char>(c))) != nullptr;
 }
 
@@ -252,6 +262,9 @@ std::vector<int64_t> T5Tokenizer::encode(const std::string& text, int max_length
             const size_t cluster_end = unicode::grapheme_end(span, start);
             const size_t before = pending.size();
             normalize_cluster(span.data() + start, span.data() + cluster_end, pending);
+            if (pending.size() > kMaxNormalizedWord)
+                throw Error(SLIM_ERR_INVALID_ARGUMENT, "prompt: the T5 tokenizer's charsmap makes a word of over " +
+                                                           std::to_string(kMaxNormalizedWord) + " characters of it");
             if (std::any_of(pending.begin() + before, pending.end(), unicode::is_space)) encode_words(false);
             start = cluster_end;
         }
@@ -260,20 +273,14 @@ std::vector<int64_t> T5Tokenizer::encode(const std::string& text, int max_length
     // Added tokens: at each position the longest that starts there, scanning left to right (LeftmostLongest).
     size_t start = 0;
     for (size_t i = 0; i < text.size() && ids.size() < room;) {
-        if (!added_first_byte_[static_cast<uint8_t>(text[i])]) {
-            ++i;
-            continue;
-        }
-        const AddedToken* best = nullptr;
-        for (const AddedToken& t : added_)
-            if ((!best || t.content.size() > best->content.size()) && text.compare(i, t.content.size(), t.content) == 0) best = &t;
-        if (!best) {
+        const auto [length, id] = added_.longest(text.data(), text.size(), i);
+        if (!length) {
             ++i;
             continue;
         }
         encode_span(start, i);
-        ids.push_back(best->id);
-        i += best->content.size();
+        ids.push_back(id);
+        i += length;
         start = i;
     }
     if (ids.size() < room) encode_span(start, text.size());

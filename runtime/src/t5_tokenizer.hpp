@@ -17,7 +17,12 @@
 #include <unordered_map>
 #include <vector>
 
+#include "token_trie.hpp"
+
 namespace slim {
+
+constexpr size_t kMaxReplacementBytes = 64;     // a charsmap replacement string (T5's longest is 33 bytes)
+constexpr size_t kMaxNormalizedWord = 1 << 20;  // code points of one normalized word (at most 64 Ki unless expanded)
 
 class T5Tokenizer {
   public:
@@ -38,12 +43,7 @@ class T5Tokenizer {
     // Appends the Unigram ids of one pre-tokenized piece (UTF-8).
     void unigram(const std::string& piece, std::vector<int64_t>& out) const;
 
-    struct AddedToken {
-        std::string content;
-        int32_t id;
-    };
-    std::vector<AddedToken> added_;
-    std::array<bool, 256> added_first_byte_{};      // the first bytes of added tokens: other positions start none
+    TokenTrie<char> added_;                         // added tokens, matched in the raw text (UTF-8 bytes)
     std::array<bool, 128> ascii_mapped_{};          // ASCII characters the charsmap replaces
     std::vector<uint32_t> charsmap_trie_;           // the charsmap's double array
     std::string replacements_;                      // its NUL-terminated replacement strings, indexed by the trie's values
