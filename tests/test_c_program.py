@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -70,3 +71,35 @@ def test_open_generate_close_is_clean_under_address_sanitizer(asan_build, distil
         report = proc.stdout + proc.stderr
         assert "Sanitizer" not in report and "runtime error" not in report, report
         assert proc.returncode == (0 if len(args) > 1 else 1), report
+
+
+def test_tokenizer_files_at_open_are_clean_under_address_sanitizer(asan_build, plain_checkpoint, tmp_path):
+    """The sanitizer build opens a bundle with native tokenizers and runs it; each hostile tokenizer file of
+    tests/test_tokenizer.py is refused at open (exit 1, the file named) with no sanitizer report."""
+    from tests.test_tokenizer import _hostile_clip, _hostile_t5, _replace_file
+    from tests.tokenizer_files import make_pipeline_tokenizers
+
+    from .conftest import export
+
+    bundle = export(plain_checkpoint, tmp_path / "tok.engine", "--tokenizers", str(make_pipeline_tokenizers(tmp_path / "pipe")),
+                    "--max-sequence-length", "64")
+    env = dict(_env(), ASAN_OPTIONS="detect_leaks=1:halt_on_error=1", UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
+
+    def run(path):
+        proc = subprocess.run([str(asan_build / "slimengine-example"), str(path), "--size", "16"], capture_output=True, text=True, env=env)
+        report = proc.stdout + proc.stderr
+        assert "Sanitizer" not in report and "runtime error" not in report, report
+        return proc
+
+    assert run(bundle).returncode == 0
+    for role, hostile in (("clip_l", _hostile_clip), ("t5", _hostile_t5)):
+        rel = f"tokenizers/{role}.json"
+        for name, (data, _) in hostile(json.loads((bundle / rel).read_text())).items():
+            if name == "too many tokens":  # 10^6 entries: covered by test_tokenizer.py without the sanitizers' cost
+                continue
+            copy = tmp_path / "hostile.engine"
+            shutil.copytree(bundle, copy)
+            _replace_file(copy, rel, data)
+            proc = run(copy)
+            assert proc.returncode == 1 and rel in proc.stderr, (name, proc.stderr)
+            shutil.rmtree(copy)
