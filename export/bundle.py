@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,8 +22,23 @@ from slimengine.bundle import DIGEST, FORMAT, FORMAT_VERSION, MANIFEST, digest_l
 # The temporary directory, its lock and the publishing rename are shared with `slimengine triton-repo` (staging.py).
 from slimengine.staging import LOCK, hold_lock, output_directory, publish, remove_stale_temporaries, sync_tree, temporary_path
 
+from .errors import CheckpointError
+
 BUNDLE_FORMAT = FORMAT
 BUNDLE_FORMAT_VERSION = FORMAT_VERSION
+
+
+def refuse_special_files(folder: Path) -> None:
+    """Every file of a component folder must be a regular file (a link to one is fine): a FIFO or device where a weight,
+    config or vocab file is expected would block or feed endless bytes to the readers (a FIFO as the VAE's weights hung
+    the export)."""
+    for entry in sorted(folder.rglob("*")):
+        try:
+            mode = entry.stat().st_mode
+        except OSError as e:
+            raise CheckpointError(f"{entry}: cannot read it ({e.strerror or e})") from None
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise CheckpointError(f"{entry}: not a regular file (a FIFO, socket or device); give the component's files themselves")
 
 
 def sha256_files(paths: list[Path]) -> str:

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import stat
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from .bundle import refuse_special_files
 from .errors import CheckpointError
 from .lowering import DTYPES, StageModule, trace_stage
 from .stage_spec import StageSpec, TensorSpec
@@ -131,19 +131,6 @@ def open_pipeline(path: Path, t5: bool = True, transformer: bool = False) -> Pip
         if shift is not None and not (isinstance(shift, (int, float)) and not isinstance(shift, bool) and shift > 0):
             raise CheckpointError(f"{scheduler}: shift must be a positive number, got {shift!r}")
     return PipelineFolder(path=path, t5=t5, shift=None if shift is None else float(shift), clip_length=length)
-
-
-def refuse_special_files(folder: Path) -> None:
-    """Every file of a component folder must be a regular file (a link to one is fine): a FIFO or device where a weight,
-    config or vocab file is expected would block or feed endless bytes to the readers (a FIFO as the VAE's weights hung
-    the export)."""
-    for entry in sorted(folder.rglob("*")):
-        try:
-            mode = entry.stat().st_mode
-        except OSError as e:
-            raise CheckpointError(f"{entry}: cannot read it ({e.strerror or e})") from None
-        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-            raise CheckpointError(f"{entry}: not a regular file (a FIFO, socket or device); give the component's files themselves")
 
 
 def clip_length(path: Path) -> int:

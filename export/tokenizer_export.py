@@ -17,6 +17,7 @@ import base64
 import json
 from pathlib import Path
 
+from .bundle import refuse_special_files
 from .errors import TokenizerError
 
 # Role -> (diffusers' folder, default max_length): 77 for CLIP (diffusers' tokenizer_max_length), 256 for T5
@@ -127,7 +128,7 @@ def _clip_length(tok, folder: Path) -> int:
     if isinstance(n, (int, float)) and not isinstance(n, bool) and n > 4096:
         return ROLES["clip_l"][1]
     if not isinstance(n, int) or isinstance(n, bool) or n < 2:
-        raise TokenizerError(f"{folder}/tokenizer_config.json: model_max_length must be an integer from 2 to 4096, got {n!r}")
+        raise TokenizerError(f"{folder}/tokenizer_config.json: model_max_length {n!r}: must be an integer from 2 to 4096")
     return n
 
 
@@ -279,8 +280,6 @@ def check_t5_tokenizer(folder: Path) -> None:
 
 def check_tokenizer_folders(pipeline: Path) -> None:
     """Refuse, before the export's work, a tokenizer folder of `pipeline` whose files the runtime could not read."""
-    from .pipeline_export import refuse_special_files
-
     for role, (folder, _) in ROLES.items():
         if (pipeline / folder).exists() and not (pipeline / folder).is_dir():
             raise TokenizerError(f"{pipeline / folder}: not a folder (a diffusers tokenizer folder)")
