@@ -291,11 +291,6 @@ def check_tokenizer_folders(pipeline: Path) -> None:
             clip_tokenizer_data(pipeline / folder)
 
 
-def reference_ids(tok, prompt: str, max_length: int) -> list[int]:
-    """The ids diffusers' SD3 pipeline gets for `prompt` (its tokenizer call, with the same max_length)."""
-    return tok(prompt, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=True)["input_ids"]
-
-
 def export_tokenizers(pipeline: Path, bundle: Path, t5_max_length: int = 256, roles: tuple[str, ...] = ("clip_l", "clip_g", "t5")) -> list[dict]:
     """Writes bundle/tokenizers/ROLE.json for each role whose folder `pipeline` has; returns the manifest's `tokenizers` list."""
     if not 1 < t5_max_length <= MAX_T5_LENGTH:
