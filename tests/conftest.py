@@ -202,11 +202,14 @@ class CApiCall:
         return ctypes.pointer(t)
 
     def generate(self, params=None, out=None, **overrides):
-        p = params or self.lib.slim_generate_default_params()
+        p = params or _native.params(_native.GenerateParams)
         if params is None:
             p.prompt_embeds = self.tensor(self.text)
             p.pooled_embeds = self.tensor(self.pooled)
+        fields = {name for name, _ in p._fields_}
         for k, v in overrides.items():
+            if k not in fields:  # ctypes would keep it as a plain attribute: the call would not see it
+                raise AttributeError(f"slim_generate_params has no field {k!r}")
             setattr(p, k, v)
         code = self.lib.slim_generate(self.session._handle, ctypes.byref(p), out or self.tensor(self.out), None)
         return self.lib.slim_status_name(code).decode(), self.lib.slim_last_error().decode()

@@ -7,7 +7,7 @@ Every case is made from its seed alone (FuzzRandom(f"{part}:{seed}")), so one se
 
 Parts:
   bundle  a mutated copy of a small SD3, LEMUR or token-stage SD3 bundle (manifest JSON and text, stage files,
-          files replaced by symlinks, FIFOs, directories) opened with verify_checksums on or off, then a small
+          files replaced by symlinks, FIFOs, directories) opened with verify fast or full, then a small
           generate, or embed and score;
   abi     one C call per case with random arguments through raw ctypes, nothing validated in Python first
           (struct_size, NULLs, shapes, dtypes, strides, NaN, X-Slim policy JSON, every stage via slim_stage_run).
@@ -367,9 +367,9 @@ def mutate_bundle(rng: random.Random, folder: Path) -> str:
     return replace_node(rng, rng.choice(candidates), folder)
 
 
-def run_bundle(rng: random.Random, folder: Path, family: str, verify: bool) -> str:
+def run_bundle(rng: random.Random, folder: Path, family: str, verify: str) -> str:
     """Open the mutated bundle; if it opens, a small generate (SD3) or embed and score (LEMUR)."""
-    with se.open_engine(folder, verify_checksums=verify, intra_op_threads=1) as engine:
+    with se.open_engine(folder, verify=verify, intra_op_threads=1) as engine:
         session = engine.session()
         if engine.manifest.get("family") == "sd3":
             c = engine.config
@@ -407,8 +407,8 @@ def bundle_case(rng: random.Random, seed: int, args) -> tuple[str, callable]:
     shutil.rmtree(folder, ignore_errors=True)
     shutil.copytree(sources[family], folder)
     mutations = [mutate_bundle(rng, folder) for _ in range(rng.choice([1, 1, 1, 2, 3]))]
-    verify = rng.random() < 0.5
-    description = f"{family} verify_checksums={verify}: " + " | ".join(mutations)
+    verify = "full" if rng.random() < 0.5 else "fast"
+    description = f"{family} verify={verify}: " + " | ".join(mutations)
 
     def run():
         try:
@@ -527,7 +527,7 @@ class Tensors:
 
 
 def random_policy(rng: random.Random, steps: int) -> bytes | None:
-    """cache_policy JSON: valid X-Slim policies, their mutations, random JSON and broken text."""
+    """xslim_policy JSON: valid X-Slim policies, their mutations, random JSON and broken text."""
     kind = rng.random()
     if kind < 0.1:
         return None
@@ -622,7 +622,7 @@ class AbiFuzz:
         engine = self.families[family][0]
         c = engine.config
         J, P, C, steps = c["joint_attention_dim"], c["pooled_projection_dim"], c["out_channels"], len(engine.manifest["program"]["steps"])
-        p = self.lib.slim_generate_default_params()
+        p = _native.params(_native.GenerateParams)
         p.struct_size = struct_size(rng, GenerateParams)
         B = pick(rng, rng.choice([1, 1, 2]), [0, 3, 4097])
         L = pick(rng, rng.choice([1, 4, 7]), [0, 8193, 300])
@@ -637,23 +637,27 @@ class AbiFuzz:
         if rng.random() < 0.3:
             p.latents = t.tensor("latents", [B, C, H, W])
         p.seed = rng.choice([0, 1, 2**64 - 1, rng.randrange(2**64)])
-        p.step_cache_threshold = pick(rng, -1.0, [0.0, 0.05, 1e9, math.nan, math.inf, -math.inf], 0.3)
+        if rng.random() < 0.3:  # one seed per row (B of them, as the header asks)
+            seeds = (ctypes.c_uint64 * max(B, 1))(*(rng.randrange(2**64) for _ in range(max(B, 1))))
+            t.keep.append(seeds)
+            p.seeds = seeds
+        p.xslim_threshold = pick(rng, -1.0, [0.0, 0.05, 1e9, math.nan, math.inf, -math.inf], 0.3)
         p.num_steps = pick(rng, 0, [1, 2, 3, 4, 7, -1, 10001, 2**31 - 1, -(2**31), 40], 0.3)
         p.shift = pick(rng, 3.0, [0.0, -1.0, math.nan, math.inf, 1e-30, 1e30, 1.0], 0.2)
         policy = random_policy(rng, p.num_steps if 0 < p.num_steps <= 10000 else steps) if rng.random() < 0.4 else None
-        p.cache_policy = policy
+        p.xslim_policy = policy
         out = t.tensor("latents_out", [B, C, H, W], output=True)
         stats = GenerateStats(struct_size=struct_size(rng, GenerateStats))
         session = self.sessions[pick(rng, family, ["lemur", "null"], 0.05)]
         stats_ptr = ctypes.byref(stats) if rng.random() < 0.8 else None
         params = ctypes.byref(p) if rng.random() > 0.02 else None
         t.notes.append(f"{family} B={B} L={L} H={H} W={W} guidance={p.guidance_scale} steps={p.num_steps} shift={p.shift} "
-                       f"threshold={p.step_cache_threshold} struct_size={p.struct_size} policy={short(policy, 120)}")
+                       f"threshold={p.xslim_threshold} struct_size={p.struct_size} policy={short(policy, 120)}")
         return lambda: self.status(self.lib.slim_generate(session, params, out, stats_ptr))
 
     def call_embed(self, rng, t):
         c = self.lemur.config
-        p = self.lib.slim_embed_default_params()
+        p = _native.params(_native.EmbedParams)
         p.struct_size = struct_size(rng, EmbedParams)
         B = pick(rng, rng.choice([1, 2, 3]), [0, 4097])
         L = pick(rng, rng.choice([1, 8, 48]), [0, 49, 100000])
@@ -676,7 +680,7 @@ class AbiFuzz:
 
     def call_score(self, rng, t):
         c = self.lemur.config
-        p = self.lib.slim_score_default_params()
+        p = _native.params(_native.ScoreParams)
         p.struct_size = struct_size(rng, ScoreParams)
         B = pick(rng, rng.choice([1, 2, 3]), [0, 4097])
         H = pick(rng, rng.choice([1, 4, 16]), [0, 4097, 100000])
@@ -813,7 +817,7 @@ class AbiFuzz:
         return run
 
     def call_bank_open(self, rng, t):
-        p = self.lib.slim_bank_default_params()
+        p = _native.params(_native.BankParams)
         p.struct_size = struct_size(rng, BankParams)
         p.dim = rng.choice([0, 32, 16, 1, -1, 65536, 65537, 2**31 - 1, -(2**31)])
         p.read_only, p.create, p.sync_writes = (rng.choice([0, 1, 2, -1]) for _ in range(3))
@@ -834,9 +838,9 @@ class AbiFuzz:
         return run
 
     def call_engine_open(self, rng, t):
-        p = self.lib.slim_engine_default_params()
+        p = _native.params(_native.EngineParams)
         p.struct_size = struct_size(rng, EngineParams)
-        p.verify_checksums = rng.choice([0, 1, 2, -1])
+        p.verify = rng.choice([0, 1, 2, -1])
         p.intra_op_threads = pick(rng, 1, [0, -1, 2**31 - 1, 3])
         p.device_type = pick(rng, 1, [0, 2, 3, -1])
         p.device_id = pick(rng, 0, [1, -1, 2**31 - 1])
@@ -845,7 +849,7 @@ class AbiFuzz:
         path = rng.choice([str(self.args.sd3), str(self.args.lemur), str(self.args.sd3 / "stages" / "final.onnx"),
                            str(self.args.sd3 / "stages" / "final.onnx.data"), str(self.folder / "w.bank"), "", None, "/nonexistent",
                            str(self.args.sd3 / "manifest.json")])
-        t.notes.append(f"path={path} ort={ort} verify={p.verify_checksums} threads={p.intra_op_threads} device={p.device_type}:{p.device_id} "
+        t.notes.append(f"path={path} ort={ort} verify={p.verify} threads={p.intra_op_threads} device={p.device_type}:{p.device_id} "
                        f"struct_size={p.struct_size}")
         params = ctypes.byref(p) if rng.random() > 0.1 else None
 

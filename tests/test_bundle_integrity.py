@@ -295,21 +295,19 @@ def test_full_verify_finds_a_flipped_weight_byte_that_the_fast_open_does_not_rea
     assert err.status == "SLIM_ERR_BUNDLE" and "checksum mismatch for" in str(err) and "stages/block_2.onnx.data" in str(err)
     with pytest.raises(se.SlimError, match="checksum mismatch for .*stages/block_2.onnx.data"):
         se.verify_bundle(bundle_copy)
-    with pytest.warns(DeprecationWarning):  # the old switch: True was the full check
-        assert _open_error(bundle_copy, verify_checksums=True).status == "SLIM_ERR_BUNDLE"
     with pytest.raises(ValueError, match='verify must be "fast" or "full"'):
         se.open_engine(bundle_copy, verify="none")
 
 
 def test_verify_levels_in_the_c_abi(distilled_bundle):
     lib = _native.lib()
-    params = lib.slim_engine_default_params()
-    assert params.verify_checksums == 0  # SLIM_VERIFY_FAST
-    params.verify_checksums = 2
+    params = _native.params(_native.EngineParams)
+    assert params.verify == 0  # SLIM_VERIFY_FAST
+    params.verify = 2
     handle = ctypes.c_void_p()
     assert lib.slim_status_name(lib.slim_engine_open(str(distilled_bundle).encode(), ctypes.byref(params), ctypes.byref(handle))) == \
         b"SLIM_ERR_INVALID_ARGUMENT"
-    assert b"verify_checksums must be SLIM_VERIFY_FAST (0) or SLIM_VERIFY_FULL (1), got 2" in lib.slim_last_error()
+    assert b"verify must be SLIM_VERIFY_FAST (0) or SLIM_VERIFY_FULL (1), got 2" in lib.slim_last_error()
     seen = []
     progress = _native.VerifyProgress(lambda user, file, done, total: seen.append((file, done, total)) or 0)
     assert lib.slim_bundle_verify(str(distilled_bundle).encode(), 1, progress, None) == 0

@@ -58,8 +58,10 @@ def asan_build(tmp_path_factory) -> Path:
         pytest.skip("cmake not installed")
     build = tmp_path_factory.mktemp("asan")
     headers = ROOT / "third_party/onnxruntime-headers/onnxruntime"
-    subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), "-DSLIM_SANITIZE=ON", "-DCMAKE_BUILD_TYPE=Debug",
-                    f"-DORT_INCLUDE_DIR={headers}"], check=True, capture_output=True)
+    # The library's structs get fields past ABI 1.0's (SLIM_TEST_FUTURE_FIELDS): the example and slim-old-caller,
+    # built against the 1.0 header, are the older callers a later 1.x library must serve.
+    subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build), "-DSLIM_SANITIZE=ON", "-DSLIM_TEST_FUTURE_FIELDS=ON",
+                    "-DCMAKE_BUILD_TYPE=Debug", f"-DORT_INCLUDE_DIR={headers}"], check=True, capture_output=True)
     subprocess.run(["cmake", "--build", str(build), "-j2"], check=True, capture_output=True)
     return build
 
@@ -71,6 +73,17 @@ def test_open_generate_close_is_clean_under_address_sanitizer(asan_build, distil
         report = proc.stdout + proc.stderr
         assert "Sanitizer" not in report and "runtime error" not in report, report
         assert proc.returncode == (0 if len(args) > 1 else 1), report
+
+
+def test_a_caller_of_the_older_header_is_served_within_its_structs(asan_build, distilled_bundle, tmp_path):
+    """runtime/tests/old_caller.c against a library whose structs are 8 bytes larger: each slim_*_params_init writes
+    exactly the caller's struct, open, generate and the bank read only its struct_size bytes and write only that many of
+    the stats (guard bytes and AddressSanitizer), and a struct_size past the library's or below 1.0's is refused."""
+    env = dict(_env(), ASAN_OPTIONS="detect_leaks=1:halt_on_error=1", UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
+    proc = subprocess.run([str(asan_build / "slim-old-caller"), str(distilled_bundle), str(tmp_path / "old.bank")],
+                          capture_output=True, text=True, env=env)
+    report = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok" and "Sanitizer" not in report, report
 
 
 def test_tokenizer_files_at_open_are_clean_under_address_sanitizer(asan_build, plain_checkpoint, tmp_path):

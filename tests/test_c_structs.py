@@ -1,5 +1,6 @@
-"""The C ABI's structs: the ctypes mirrors in the Python binding against the compiled header, and struct_size
-(an older caller's smaller struct works; a struct larger than the library's is refused, not truncated)."""
+"""The C ABI's structs: the ctypes mirrors in the Python binding against the compiled header, params_init, and
+struct_size (a struct larger than the library's is refused, not truncated; one smaller than ABI 1.0's too). A caller of
+an older 1.x header against a newer library: tests/test_c_program.py (runtime/tests/old_caller.c)."""
 
 from __future__ import annotations
 
@@ -19,12 +20,11 @@ from .conftest import CApiCall
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = ROOT / "runtime" / "include" / "slimengine.h"
-LAYOUT_C = ROOT / "runtime" / "tests" / "struct_layout.c"
 
 
 def header_structs() -> dict[str, list[str]]:
     """Every `typedef struct NAME { ... } NAME;` of the header, with its field names in order."""
-    text = re.sub(r"/\*.*?\*/", "", HEADER.read_text(), flags=re.S)
+    text = re.sub(r"/\*.*?\*/", "", HEADER.read_text(), flags=re.S).replace("SLIM_FUTURE_FIELD", "")
     structs = {}
     for m in re.finditer(r"typedef struct (\w+) \{(.*?)\}\s*\w+;", text, flags=re.S):
         fields = []
@@ -36,14 +36,21 @@ def header_structs() -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def c_layout(tmp_path_factory) -> dict[str, tuple[int, int]]:
-    """{"slim_x": (sizeof, 0), "slim_x.field": (offsetof, sizeof)} as the C compiler lays the header out."""
+    """{"slim_x": (sizeof, 0), "slim_x.field": (offsetof, sizeof)} as the C compiler lays the header out, for every
+    struct and field header_structs() finds."""
     cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         pytest.skip("no C compiler")
-    exe = tmp_path_factory.mktemp("layout") / "struct_layout"
-    subprocess.run([cc, "-std=c99", "-Wall", "-Werror", f"-I{HEADER.parent}", str(LAYOUT_C), "-o", str(exe)], check=True)
+    folder = tmp_path_factory.mktemp("layout")
+    lines = ["#include <stddef.h>", "#include <stdio.h>", '#include "slimengine.h"', "int main(void) {"]
+    for name, fields in header_structs().items():
+        lines.append(f'    printf("{name} size %zu\\n", sizeof({name}));')
+        lines += [f'    printf("{name}.{f} %zu %zu\\n", offsetof({name}, {f}), sizeof((({name}*)0)->{f}));' for f in fields]
+    (folder / "layout.c").write_text("\n".join([*lines, "    return 0;", "}", ""]))
+    subprocess.run([cc, "-std=c99", "-Wall", "-Werror", f"-I{HEADER.parent}", str(folder / "layout.c"), "-o", str(folder / "layout")],
+                   check=True)
     layout = {}
-    for line in subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.splitlines():
+    for line in subprocess.run([str(folder / "layout")], check=True, capture_output=True, text=True).stdout.splitlines():
         name, a, b = line.split()
         layout[name] = (int(b), 0) if a == "size" else (int(a), int(b))
     return layout
@@ -79,11 +86,10 @@ def layout_problems(c_layout: dict, structs: dict[str, list[str]], found: dict[s
     return problems
 
 
-def test_the_layout_program_covers_every_struct_and_field_of_the_header(c_layout):
+def test_the_header_parser_finds_every_struct(c_layout):
     structs = header_structs()
-    assert len(structs) >= 15  # the parser found the header's structs
-    missing = [n for n, fields in structs.items() for key in [n, *(f"{n}.{f}" for f in fields)] if key not in c_layout]
-    assert not missing, f"runtime/tests/struct_layout.c does not print {missing}: add STRUCT/FIELD lines for them"
+    assert len(structs) >= 15 and "slim_generate_params" in structs  # the parser found the header's structs
+    assert structs["slim_generate_params"][:2] == ["struct_size", "prompt_embeds"] and "seeds" in structs["slim_generate_params"]
 
 
 def test_ctypes_mirrors_match_the_compiled_header(c_layout):
@@ -132,7 +138,7 @@ def as_struct(value, cls):
 def test_engine_and_bank_params_larger_than_the_library_are_refused(distilled_bundle, tmp_path):
     lib, handle = _native.lib(), ctypes.c_void_p()
     params = padded(_native.EngineParams)
-    ctypes.memmove(ctypes.byref(params), ctypes.byref(lib.slim_engine_default_params()), ctypes.sizeof(_native.EngineParams))
+    ctypes.memmove(ctypes.byref(params), ctypes.byref(_native.params(_native.EngineParams)), ctypes.sizeof(_native.EngineParams))
     params.struct_size = ctypes.sizeof(params)
     refused(lib.slim_engine_open(str(distilled_bundle).encode(), as_struct(params, _native.EngineParams), ctypes.byref(handle)),
             _native.EngineParams)
@@ -149,20 +155,23 @@ def test_generate_structs_larger_than_the_library_are_refused(distilled_bundle):
     call, lib = CApiCall(engine), _native.lib()
     session = call.session._handle
     params = padded(_native.GenerateParams)
-    ctypes.memmove(ctypes.byref(params), ctypes.byref(lib.slim_generate_default_params()), ctypes.sizeof(_native.GenerateParams))
+    ctypes.memmove(ctypes.byref(params), ctypes.byref(_native.params(_native.GenerateParams)), ctypes.sizeof(_native.GenerateParams))
     params.struct_size = ctypes.sizeof(params)
     params.prompt_embeds, params.pooled_embeds = call.tensor(call.text), call.tensor(call.pooled)
     out = call.tensor(call.out)
     refused(lib.slim_generate(session, as_struct(params, _native.GenerateParams), out, None), _native.GenerateParams)
-    good = lib.slim_generate_default_params()
+    good = _native.params(_native.GenerateParams)
     good.prompt_embeds, good.pooled_embeds = params.prompt_embeds, params.pooled_embeds
     stats = padded(_native.GenerateStats)
     refused(lib.slim_generate(session, ctypes.byref(good), out, as_struct(stats, _native.GenerateStats)), _native.GenerateStats)
-    # An ABI 0.1 caller's smaller params (up to step_cache_threshold) and stats (up to backend_ms) still work.
-    good.struct_size = _native.GenerateParams.cache_policy.offset
-    old_stats = _native.GenerateStats(struct_size=_native.GenerateStats.flop_fraction.offset, flop_fraction=-7.0)
-    assert lib.slim_generate(session, ctypes.byref(good), out, ctypes.byref(old_stats)) == 0, lib.slim_last_error()
-    assert old_stats.steps == len(engine.manifest["program"]["steps"]) and old_stats.flop_fraction == -7.0  # not written
+    # Below ABI 1.0's struct (there is no older version since 1.0): refused, naming what to set.
+    good.struct_size = _native.GenerateParams.xslim_policy.offset
+    small_stats = _native.GenerateStats(struct_size=_native.GenerateStats.flop_fraction.offset)
+    for params, stats in [(good, None), (_native.params(_native.GenerateParams), small_stats)]:
+        params.prompt_embeds, params.pooled_embeds = good.prompt_embeds, good.pooled_embeds
+        assert lib.slim_generate(session, ctypes.byref(params), out, stats if stats is None else ctypes.byref(stats)) == 1
+        name = "slim_generate_params" if stats is None else "slim_generate_stats"
+        assert f"{name}.struct_size is " in lib.slim_last_error().decode() and f"set it to sizeof({name})" in lib.slim_last_error().decode()
 
     assert lib.slim_session_set_profiling(session, 1) == 0
     good.struct_size = ctypes.sizeof(_native.GenerateParams)
@@ -176,8 +185,8 @@ def test_generate_structs_larger_than_the_library_are_refused(distilled_bundle):
         fn = (lambda out: lib.slim_engine_get_info(engine._handle, out)) if cls is _native.EngineInfo else (
             lambda out: lib.slim_engine_program_step(engine._handle, 0, out))
         refused(fn(as_struct(padded(cls), cls)), cls)
-        small = cls(struct_size=ctypes.sizeof(cls) - 4)  # new in ABI 0.5: no older, smaller version exists
-        assert fn(ctypes.byref(small)) == 1 and f"{cls._c_name_}.struct_size must be sizeof" in lib.slim_last_error().decode()
+        small = cls(struct_size=ctypes.sizeof(cls) - 4)
+        assert fn(ctypes.byref(small)) == 1 and f"set it to sizeof({cls._c_name_})" in lib.slim_last_error().decode()
 
 
 def test_lemur_and_bank_structs_larger_than_the_library_are_refused(lemur_bundle, tmp_path):
@@ -190,17 +199,47 @@ def test_lemur_and_bank_structs_larger_than_the_library_are_refused(lemur_bundle
     refused(lib.slim_bank_repair(str(tmp_path / "docs.bank").encode(), as_struct(padded(_native.BankRepairReport),
                                                                                  _native.BankRepairReport)),
             _native.BankRepairReport)
-    for default, fn, cls in [(lib.slim_embed_default_params, lib.slim_embed, _native.EmbedParams),
-                             (lib.slim_score_default_params, lib.slim_score, _native.ScoreParams)]:
+    for fn, cls in [(lib.slim_embed, _native.EmbedParams), (lib.slim_score, _native.ScoreParams)]:
         params = padded(cls)
-        ctypes.memmove(ctypes.byref(params), ctypes.byref(default()), ctypes.sizeof(cls))
+        ctypes.memmove(ctypes.byref(params), ctypes.byref(_native.params(cls)), ctypes.sizeof(cls))
         params.struct_size = ctypes.sizeof(params)
         out = _native.SlimTensor()
         refused(fn(session._handle, as_struct(params, cls), ctypes.byref(out), None), cls)
-        good = default()
+        good = _native.params(cls)
         good.bank = bank._handle
         refused(fn(session._handle, ctypes.byref(good), ctypes.byref(out), as_struct(padded(_native.LemurStats), _native.LemurStats)),
                 _native.LemurStats)
     ids = np.zeros((1, 4), np.int64)
     frames = np.zeros((1, 1, 3, engine.info.image_size, engine.info.image_size), np.float32)
     assert session.embed(ids, frames).embeddings.shape == (1, engine.info.embed_dim)  # the binding's own structs are accepted
+
+
+# ---- params_init: the defaults, written into exactly the caller's struct ----
+
+PARAMS = [_native.EngineParams, _native.GenerateParams, _native.PromptParams, _native.BankParams, _native.EmbedParams,
+          _native.ScoreParams]
+
+
+@pytest.mark.parametrize("cls", PARAMS, ids=lambda c: c._c_name_)
+def test_params_init_writes_the_documented_defaults_and_nothing_past_the_struct(cls):
+    lib, size = _native.lib(), ctypes.sizeof(cls)
+    init = getattr(lib, f"slim_{cls._c_name_[5:-7]}_params_init")
+    buffer = (ctypes.c_uint8 * (size + 16))(*([0xAB] * (size + 16)))
+    assert init(ctypes.cast(buffer, ctypes.POINTER(cls)), size) == 0, lib.slim_last_error()
+    assert bytes(buffer[size:]) == b"\xab" * 16  # nothing past the caller's struct
+    value = cls.from_buffer_copy(bytes(buffer[:size]))
+    assert value.struct_size == size
+    defaults = {"slim_engine_params": dict(verify=0, intra_op_threads=0, device_type=_native.DEVICE_CPU, device_id=0, host_buffers=0),
+                "slim_generate_params": dict(seed=0, guidance_scale=-1.0, xslim_threshold=-1.0, num_steps=0, shift=0.0),
+                "slim_prompt_params": dict(prompt_count=0, height=0, width=0, seed=0, guidance_scale=-1.0, xslim_threshold=-1.0),
+                "slim_bank_params": dict(dim=0, read_only=0, create=1, sync_writes=0),
+                "slim_embed_params": dict(model_version=-1),
+                "slim_score_params": dict(missing_policy=0, min_model_version=0)}[cls._c_name_]
+    assert {k: getattr(value, k) for k in defaults} == defaults
+    pointers = [n for n, t in cls._fields_ if n != "struct_size" and (t is ctypes.c_void_p or t is ctypes.c_char_p
+                                                                      or issubclass(t, ctypes._Pointer) or n == "progress")]
+    assert all(not getattr(value, n) for n in pointers)  # every tensor, string and callback NULL
+    for bad in (0, size - 4, size + 8, 2**40):  # below 1.0's, past the library's
+        assert init(ctypes.cast(buffer, ctypes.POINTER(cls)), bad) == 1
+        assert f"{cls._c_name_}.struct_size is {bad}" in lib.slim_last_error().decode()
+    assert init(None, size) == 1 and b"params is NULL" in lib.slim_last_error()

@@ -24,7 +24,7 @@ CPU_ONLY = "CUDAExecutionProvider" not in ort.get_available_providers()
 def _open(bundle, **fields) -> tuple[str, str, ctypes.c_void_p]:
     """slim_engine_open through raw ctypes with the given params fields."""
     lib = _native.lib()
-    params = lib.slim_engine_default_params()
+    params = _native.params(_native.EngineParams)
     params.onnxruntime_library = _native.onnxruntime_library().encode()
     for name, value in fields.items():
         setattr(params, name, value)
@@ -48,6 +48,7 @@ def test_cuda_on_a_cpu_only_onnx_runtime_fails_naming_the_provider(distilled_bun
     ({"device_type": 7}, "device_type must be SLIM_DEVICE_CPU (1) or SLIM_DEVICE_CUDA (2), got 7"),
     ({"device_type": 2, "device_id": -1}, "device_id must be >= 0"),
     ({"device_type": 1, "device_id": 1}, "0 for the CPU"),
+    ({"host_buffers": 2}, "host_buffers must be 0 or 1, got 2"),
 ])
 def test_bad_device_parameters_are_rejected(distilled_bundle, fields, message):
     status, error, handle = _open(distilled_bundle, **fields)
@@ -55,13 +56,16 @@ def test_bad_device_parameters_are_rejected(distilled_bundle, fields, message):
     assert message in error
 
 
-def test_an_abi_0_1_params_struct_never_reads_the_device_fields(distilled_bundle):
-    """A caller built against ABI 0.1 passes the smaller struct: whatever follows it in memory is not read."""
-    lib = _native.lib()
-    status, error, handle = _open(distilled_bundle, struct_size=_native.EngineParams.device_type.offset, device_type=99,
-                                  device_id=-5)
-    assert status == "SLIM_OK", error
-    lib.slim_engine_close(handle)
+def test_host_buffers_leave_a_cpu_engine_as_it_is(distilled_bundle, distilled_checkpoint):
+    """host_buffers (the configuration SLIMENGINE_DEVICE_OPS=cpu gave from the environment before ABI 1.0) is a field
+    of the engine's params; on the CPU, where buffers are on the host anyway, the results are the same bits."""
+    model, _ = reference_for(distilled_checkpoint)
+    text, pooled = random_inputs(model, 2, 5, seed=4)
+    with se.open_engine(distilled_bundle) as plain, se.open_engine(distilled_bundle, host_buffers=True) as host:
+        a, b = (e.session().generate(text, pooled, seed=[3, 9], height=8, width=8).latents for e in (plain, host))
+    assert np.array_equal(a, b)
+    with pytest.raises(TypeError, match="host_buffers must be True or False"):
+        se.open_engine(distilled_bundle, host_buffers="yes")
 
 
 def test_the_cpu_device_is_the_default(distilled_bundle, distilled_checkpoint):

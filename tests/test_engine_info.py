@@ -21,26 +21,25 @@ def test_the_abi_version_is_queryable_at_run_time():
     lib = _native.lib()
     major, minor = ctypes.c_int32(-1), ctypes.c_int32(-1)
     lib.slim_abi_version(ctypes.byref(major), ctypes.byref(minor))
-    assert (major.value, minor.value) == se.abi_version() == (_native.ABI_MAJOR, 11)
+    assert (major.value, minor.value) == se.abi_version() == (_native.ABI_MAJOR, _native.ABI_MINOR) == (1, 0)
     assert lib.slim_abi_version_major() == major.value
     lib.slim_abi_version(None, None)  # either pointer may be NULL
     header = _native.header_path().read_text()
-    assert re.search(r"#define SLIM_ABI_VERSION_MAJOR 0\n#define SLIM_ABI_VERSION_MINOR\s*\\?\s*11 ", header)
+    assert re.search(r"#define SLIM_ABI_VERSION_MAJOR 1\n#define SLIM_ABI_VERSION_MINOR 0\n", header)
 
 
 def test_the_binding_refuses_a_library_of_another_abi(tmp_path):
-    """_native.lib() checks the library's ABI: here one built with a minor below the binding's, and as 1.8."""
+    """_native.lib() checks the library's ABI: here a 0.x one (before 1.0), and one of the next major version."""
     cxx = shutil.which("c++") or shutil.which("g++")
     if cxx is None:
         pytest.skip("no C++ compiler")
-    older = _native.ABI_MINOR - 1
-    for major, minor, expected in [(0, older, f"C ABI 0.{older}"), (1, 8, "C ABI 1.8")]:
+    for major, minor, expected in [(0, 11, "C ABI 0.11"), (2, 0, "C ABI 2.0")]:
         src = tmp_path / "fake.cpp"
         src.write_text(f'extern "C" int slim_abi_version_major() {{ return {major}; }}\n'
                        f'extern "C" void slim_abi_version(int* a, int* b) {{ if (a) *a = {major}; if (b) *b = {minor}; }}\n')
         lib = tmp_path / f"libfake{major}{minor}.so"
         subprocess.run([cxx, "-shared", "-fPIC", str(src), "-o", str(lib)], check=True)
-        with pytest.raises(RuntimeError, match=rf"{expected}; this Python binding needs ABI 0\.{_native.ABI_MINOR} or a newer 0\.x"):
+        with pytest.raises(RuntimeError, match=rf"{expected}; this Python binding needs ABI 1\.0 or a newer 1\.x"):
             _native._check_abi(ctypes.CDLL(str(lib)), lib)
     old = tmp_path / "old.cpp"  # before 0.5 there is no slim_abi_version
     old.write_text('extern "C" int slim_abi_version_major() { return 0; }\n')
@@ -58,26 +57,26 @@ def check_sd3_info(engine: se.Engine) -> se.EngineInfo:
     assert (info.joint_attention_dim, info.pooled_projection_dim) == (c["joint_attention_dim"], c["pooled_projection_dim"])
     assert (info.default_latent_size, info.max_latent_size) == (c["default_latent_size"], c["max_latent_size"])
     assert info.num_steps == len(p["steps"]) == len(info.steps)
-    assert (info.cache_first_block, info.cache_last_block) == tuple(p["cache_blocks"] or (-1, -1))
+    assert (info.skip_first_block, info.skip_last_block) == tuple(p["cache_blocks"] or (-1, -1))
     assert info.compensation == (p.get("compensation") or "none")
     assert info.guidance_scale == pytest.approx(p["guidance_scale"])
     assert info.has_token_stages == any(s["role"] == "block_tokens" for s in m["stages"])
     for got, step in zip(info.steps, p["steps"]):
         assert (got.sigma, got.sigma_next, got.timestep) == (step["sigma"], step["sigma_next"], step["timestep"])
-        assert (got.record_delta, got.skip_cached_blocks) == (step["record_delta"], step["skip_cached_blocks"])
+        assert (got.record_delta, got.skip_range) == (step["record_delta"], step["skip_cached_blocks"])
     assert (info.embed_dim, info.vocab_size, info.max_batch, info.model_version) == (0, 0, 0, 0)  # LEMUR's: 0
     return info
 
 
 def test_engine_info_of_a_1x_bundle(distilled_bundle):
     info = check_sd3_info(se.open_engine(distilled_bundle))
-    assert (info.cache_first_block, info.cache_last_block, info.compensation, info.xslim) == (1, 2, "mlp", "none")
-    assert [s.skip_cached_blocks for s in info.steps] == [False, True]
+    assert (info.skip_first_block, info.skip_last_block, info.compensation, info.xslim) == (1, 2, "mlp", "none")
+    assert [s.skip_range for s in info.steps] == [False, True]
 
 
 def test_engine_info_of_a_cfg_bundle(cfg_bundle):
     info = check_sd3_info(se.open_engine(cfg_bundle))
-    assert (info.cache_first_block, info.compensation, info.guidance_scale, info.num_steps) == (-1, "none", 4.5, 3)
+    assert (info.skip_first_block, info.compensation, info.guidance_scale, info.num_steps) == (-1, "none", 4.5, 3)
 
 
 def test_engine_info_reports_the_bundles_x_slim_policy(bundle_copy):
@@ -96,7 +95,7 @@ def test_engine_info_of_a_lemur_bundle(lemur_bundle):
                 "max_history"):
         assert getattr(info, key) == c[key], key
     assert info.model_version == m["program"]["model_version"] == 7
-    assert (info.num_blocks, info.num_steps, info.steps, info.cache_first_block) == (0, 0, (), -1)
+    assert (info.num_blocks, info.num_steps, info.steps, info.skip_first_block) == (0, 0, (), -1)
     lib, step = _native.lib(), _native.ProgramStep(struct_size=ctypes.sizeof(_native.ProgramStep))
     assert lib.slim_engine_program_step(engine._handle, 0, ctypes.byref(step)) == 1
     assert "family is 'lemur'" in lib.slim_last_error().decode()
@@ -121,7 +120,7 @@ def test_engine_info_of_a_manifest_without_default_latent_size(bundle_copy):
     """default_latent_size is optional (0 in the info), checked when present; the Python binding then needs height and width."""
     edit_manifest(bundle_copy, lambda m: m["config"].pop("default_latent_size"))
     lib, handle = _native.lib(), ctypes.c_void_p()
-    params = lib.slim_engine_default_params()
+    params = _native.params(_native.EngineParams)
     params.onnxruntime_library = _native.onnxruntime_library().encode()
     assert lib.slim_engine_open(str(bundle_copy).encode(), ctypes.byref(params), ctypes.byref(handle)) == 0, lib.slim_last_error()
     info = _native.EngineInfo(struct_size=ctypes.sizeof(_native.EngineInfo))

@@ -22,7 +22,7 @@ from slimengine.export.checkpoint import load_checkpoint
 from slimengine.export.reference_sampler import reference_generate
 from slimengine.export.sampling_plan import make_plan
 from slimengine.export.sd3_export import export_sd3
-from slimengine.noise import gaussian_noise
+from slimengine.noise import seeded_latents
 
 from .conftest import make_checkpoint, random_inputs, reference_for, relative_error, run_cli
 
@@ -75,7 +75,7 @@ def test_reduced_precision_bundles_keep_float32_boundaries(tmp_path, distilled_c
         model, plan = reference_for(distilled_checkpoint)
         text, pooled = random_inputs(model, batch=1, text_len=4, seed=0)
         got = se.open_engine(bundle).session().generate(text, pooled, seed=2, height=16, width=16).latents
-        ref = reference_generate(model, plan, torch.from_numpy(text), torch.from_numpy(pooled), torch.from_numpy(gaussian_noise(got.shape, 2)))
+        ref = reference_generate(model, plan, torch.from_numpy(text), torch.from_numpy(pooled), torch.from_numpy(seeded_latents(got.shape, 2)))
         err = relative_error(got, ref.latents)
         print(f"fp16 bundle vs fp32 PyTorch: relative error {err:.2e}")
         assert err <= 1e-2

@@ -100,7 +100,7 @@ class _RawGenerate:
         self.pooled = rng.standard_normal((1, c["pooled_projection_dim"]), dtype=np.float32)
         self.out = np.zeros((1, c["out_channels"], 32, 32), np.float32)
         self.keep = []
-        self.params = self.lib.slim_generate_default_params()
+        self.params = _native.params(_native.GenerateParams)
         self.params.prompt_embeds, self.params.pooled_embeds = self._tensor(self.text), self._tensor(self.pooled)
         self.params.num_steps, self.params.seed = steps, 4
         self.out_tensor = self._tensor(self.out)
@@ -144,7 +144,7 @@ def test_an_engine_closed_under_a_c_session_stays_loaded_until_the_session_is_de
     engine = se.open_engine(distilled_bundle)
     lib = _native.lib()
     session, engine_handle = ctypes.c_void_p(), ctypes.c_void_p()
-    params = lib.slim_engine_default_params()
+    params = _native.params(_native.EngineParams)
     assert lib.slim_engine_open(str(distilled_bundle).encode(), ctypes.byref(params), ctypes.byref(engine_handle)) == 0
     assert lib.slim_session_create(engine_handle, ctypes.byref(session)) == 0
     run = _RawGenerate(engine, session, LONG_STEPS)
@@ -213,7 +213,7 @@ busy_bank.upsert(ids, np.ones((ids.size, 64), np.float32))
 idle_bank.upsert(ids[:10], np.ones((10, 64), np.float32))
 raw = ctypes.c_void_p()  # a C session used through raw ctypes: only the C library's gate
 assert lib.slim_session_create(engine._handle, ctypes.byref(raw)) == 0
-params = lib.slim_generate_default_params()
+params = _native.params(_native.GenerateParams)
 def tensor(arr):
     dims = (ctypes.c_int64 * arr.ndim)(*arr.shape)
     t = _native.SlimTensor(arr.ctypes.data, 0, 1, 0, arr.ndim, dims, None)

@@ -97,7 +97,7 @@ def test_embed_model_version_is_range_checked_in_python_and_in_c(lemur_bundle, t
 
         out = np.zeros((1, c["embed_dim"]), np.float32)
         for version, status in [(-2, "SLIM_ERR_INVALID_ARGUMENT"), (2**32, "SLIM_ERR_INVALID_ARGUMENT"), (-1, "SLIM_OK")]:
-            p = lib.slim_embed_default_params()
+            p = _native.params(_native.EmbedParams)
             p.text_ids, p.frames, p.bank = tensor(text), tensor(frames), bank._handle
             p.document_ids, p.model_version = tensor(np.array([5], np.int64)), version
             code = lib.slim_embed(session._handle, ctypes.byref(p), tensor(out), None)

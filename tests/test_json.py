@@ -97,8 +97,8 @@ def test_a_bad_escape_is_an_invalid_argument_in_a_policy_and_a_bundle_error_in_a
                                 (b'{"kind": "xslim", "kind": "none"}', 'duplicate key "kind"'),
                                 (b'{"warmup_steps": 02}', "number with a leading zero"), (b'{"early_warning": -Infinity}', "bad number"),
                                 (b'{"kind": "caf\xe9"}', "invalid UTF-8")]:
-            status, error = call.generate(cache_policy=policy)
-            assert status == "SLIM_ERR_INVALID_ARGUMENT" and f"cache_policy: json: {message}" in error, (policy, error)
+            status, error = call.generate(xslim_policy=policy)
+            assert status == "SLIM_ERR_INVALID_ARGUMENT" and f"xslim_policy: json: {message}" in error, (policy, error)
     text = (bundle_copy / "manifest.json").read_bytes().replace(b'"family": "sd3"', b'"family": "sd3", "note": "\\uZZZZ"', 1)
     (bundle_copy / "manifest.json").write_bytes(text)
     (bundle_copy / "manifest.sha256").write_bytes(digest_line(text))

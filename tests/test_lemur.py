@@ -166,7 +166,7 @@ class RawLemurCall:
         return self.lib.slim_status_name(code).decode(), self.lib.slim_last_error().decode()
 
     def embed(self, text, frames, out, bank=None, document_ids=None):
-        p = self.lib.slim_embed_default_params()
+        p = _native.params(_native.EmbedParams)
         p.text_ids, p.frames = self.tensor(text) if isinstance(text, np.ndarray) else text, self.tensor(frames)
         if bank is not None:
             p.bank, p.document_ids = bank._handle, self.tensor(document_ids)

@@ -483,7 +483,7 @@ def _flip_bit(path, record: int, dim: int, byte: int = 45) -> None:
 
 def _recovery(bank) -> tuple:
     r = bank.recovery
-    return r.damaged_records, r.dropped_records, r.first_damaged_offset, r.tail_bytes
+    return r.damaged_records, r.first_damaged_offset, r.tail_bytes
 
 
 def test_a_record_with_one_flipped_bit_is_corrected_and_worse_damage_refuses_until_repair(tmp_path):
@@ -509,14 +509,14 @@ def test_a_record_with_one_flipped_bit_is_corrected_and_worse_damage_refuses_unt
                 got = bank.lookup(ids)
                 assert len(bank) == len(ids) - 1 and got.found.tolist() == [i != record for i in ids]
                 assert np.array_equal(got.embeddings[got.found], values(ids[got.found], dim))
-                assert _recovery(bank) == (1, 0, HEADER_BYTES + record * rb, 0)
+                assert _recovery(bank) == (1, HEADER_BYTES + record * rb, 0)
             assert [w.category for w in caught] == [RuntimeWarning]
             assert re.search(rf"1 record.* at byte {HEADER_BYTES + record * rb}\) had one flipped bit", str(caught[0].message))
     assert path.stat().st_size == size  # the writer cut nothing: the damage is not a tail
     with pytest.warns(RuntimeWarning), se.MemoryBank(path) as bank:  # a writer appends after the log, damage and all
         bank.upsert([19], values([19], dim, 2), model_version=2)
     with pytest.warns(RuntimeWarning), se.MemoryBank(path, read_only=True) as reader:
-        assert len(reader) == len(ids) and _recovery(reader) == (1, 0, HEADER_BYTES + 19 * rb, 0)
+        assert len(reader) == len(ids) and _recovery(reader) == (1, HEADER_BYTES + 19 * rb, 0)
         assert np.array_equal(reader.lookup([19]).embeddings, values([19], dim, 2))
 
     # a reader's refresh: damage in records a writer appended after the reader opened
@@ -530,7 +530,7 @@ def test_a_record_with_one_flipped_bit_is_corrected_and_worse_damage_refuses_unt
         with pytest.warns(RuntimeWarning, match="1 record"):
             reader.refresh()
         assert len(reader) == len(ids) - 1 and reader.lookup(ids).found.tolist() == [i != 150 for i in ids]
-        assert _recovery(reader) == (1, 0, HEADER_BYTES + 150 * rb, 0)
+        assert _recovery(reader) == (1, HEADER_BYTES + 150 * rb, 0)
 
     # two flipped bits: beyond correction; the file is left as it was, and repair loses only the first call
     path.write_bytes(clean)
@@ -556,16 +556,14 @@ def test_a_record_with_one_flipped_bit_is_corrected_and_worse_damage_refuses_unt
     report = se.MemoryBank.repair(path)
     assert (report.unreadable_records, report.dropped_records, report.hidden_ids, report.ids) == (1, 9, 0, len(ids) - per_call)
     with se.MemoryBank(path, read_only=True) as reader:
-        assert reader.lookup(ids).found.tolist() == [i >= per_call for i in ids] and _recovery(reader) == (0, 0, -1, 0)
+        assert reader.lookup(ids).found.tolist() == [i >= per_call for i in ids] and _recovery(reader) == (0, -1, 0)
 
     path.write_bytes(clean)
     with se.MemoryBank(path) as bank:  # nothing to report on an intact file
-        assert _recovery(bank) == (0, 0, -1, 0)
+        assert _recovery(bank) == (0, -1, 0)
         lib, info = _native.lib(), _native.BankRecovery(struct_size=8)  # a caller's struct too small: refused, not overrun
         assert lib.slim_status_name(lib.slim_bank_recovery_info(bank._handle, ctypes.byref(info))) == b"SLIM_ERR_INVALID_ARGUMENT"
-        assert b"struct_size must be sizeof(slim_bank_recovery)" in lib.slim_last_error()
-        info = _native.BankRecovery(struct_size=_native.BankRecovery.header_corrected.offset, header_corrected=7)  # ABI 0.2's
-        assert lib.slim_bank_recovery_info(bank._handle, ctypes.byref(info)) == 0 and info.header_corrected == 7  # not written
+        assert b"slim_bank_recovery.struct_size is 8; set it to sizeof(slim_bank_recovery)" in lib.slim_last_error()
 
 
 def test_a_damaged_record_in_a_format_1_bank_costs_only_itself(tmp_path):
@@ -577,7 +575,7 @@ def test_a_damaged_record_in_a_format_1_bank_costs_only_itself(tmp_path):
     _flip_bit(path, 2, dim, byte=41)
     with pytest.warns(RuntimeWarning), se.MemoryBank(path) as bank:  # format 1: every record stands alone
         assert bank.lookup(ids).found.tolist() == [True, True, False, True, True, True, True, True]
-        assert _recovery(bank) == (1, 0, HEADER_BYTES + 2 * record_bytes(dim), 0)
+        assert _recovery(bank) == (1, HEADER_BYTES + 2 * record_bytes(dim), 0)
 
 
 # ------------------------------------------------ damage that must never bring a deleted document back, and repair
@@ -646,7 +644,7 @@ def test_no_single_bit_flip_in_the_log_brings_a_deleted_document_back(tmp_path):
         for _ in _each_bit_flipped(path, range(8 * first, 8 * (first + rb))):
             with _quiet_open(path, read_only=True) as bank:
                 _assert_no_deleted_id_and_no_wrong_row(bank, dim, complete=False)
-                assert bank.recovery.damaged_records <= 1 and bank.recovery.dropped_records == 0
+                assert bank.recovery.damaged_records <= 1
         for bit in _repair_samples(first, rb):
             data = bytearray(clean)
             data[bit // 8] ^= 1 << bit % 8

@@ -43,14 +43,17 @@ def engine(bundle):
 def c_generate(session, prompts, negatives=None, *, height=64, width=64, latents_out=True, image_capacity=None, latents=None, **fields):
     """slim_generate_prompt through ctypes: (status, image uint8 [B, H, W, 3], latents or None, stats, last error)."""
     lib = _native.lib()
-    params = lib.slim_prompt_default_params()
+    params = _native.params(_native.PromptParams)
     encoded = [None if p is None else p.encode() if isinstance(p, str) else p for p in prompts]
     params.prompts = (ctypes.c_char_p * len(encoded))(*encoded)
     params.prompt_count = len(encoded)
     if negatives is not None:
         params.negative_prompts = (ctypes.c_char_p * len(negatives))(*[n.encode() if isinstance(n, str) else n for n in negatives])
     params.height, params.width = height, width
+    known = {name for name, _ in params._fields_}
     for name, value in fields.items():
+        if name not in known:  # ctypes would keep it as a plain attribute: the call would not see it
+            raise AttributeError(f"slim_prompt_params has no field {name!r}")
         setattr(params, name, value)
     if latents is not None:
         latents_arg = _TensorArg(latents)
@@ -231,7 +234,7 @@ def test_a_null_image_out_is_named_as_null(engine):
     """image_out NULL was reported as "image_out must hold ... 3072 bytes, image_capacity is 3072": a capacity that
     looked right. The message names the NULL."""
     lib = _native.lib()
-    params = lib.slim_prompt_default_params()
+    params = _native.params(_native.PromptParams)
     params.prompts = (ctypes.c_char_p * 1)(b"a")
     params.prompt_count, params.height, params.width, params.num_steps = 1, 32, 32, 1
     session = engine.session()

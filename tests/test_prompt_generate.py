@@ -83,12 +83,12 @@ def test_matches_diffusers_cfg(engine, reference, num_steps):
 
 def test_single_prompt_seeded_and_pil(engine, reference):
     """A str prompt gives [H, W, 3]; seeded noise is the runtime's (slimengine.noise), passed to diffusers as latents."""
-    from slimengine.noise import gaussian_noise
+    from slimengine.noise import seeded_latents
 
     session = engine.session()
     result = session.generate(prompt=PROMPTS[0], seed=7, num_steps=3, guidance_scale=4.0)
     assert result.image.shape == (64, 64, 3)
-    noise = gaussian_noise((1, 16, 8, 8), 7)
+    noise = seeded_latents((1, 16, 8, 8), 7)
     with torch.no_grad():
         want = reference(PROMPTS[0], latents=torch.from_numpy(noise), guidance_scale=4.0, num_inference_steps=3, height=64, width=64,
                          max_sequence_length=T5_LENGTH, output_type="np").images

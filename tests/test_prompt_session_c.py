@@ -22,8 +22,6 @@ from tests.test_prompt_c import c_generate
 OK, INVALID, BUSY, CANCELLED = 0, 1, 11, 12
 ENCODE, STEP, DECODE, TOKENIZE = 0, 1, 2, 3  # slim_phase
 STEPS = 3
-V07_PARAMS = _native.PromptParams.progress.offset  # sizeof(slim_prompt_params) in ABI 0.7: it ended with latents
-V07_STATS = _native.PromptStats.prompt_cache_hits.offset  # ... and slim_prompt_stats with effective_nfe
 
 
 @pytest.fixture(scope="module")
@@ -183,40 +181,13 @@ def test_slim_generate_progress_and_cancel(engine):
     args = [_TensorArg(a) for a in (text, pooled)]
     out = np.zeros_like(want)
     out_arg = _TensorArg(out)
-    params = lib.slim_generate_default_params()
+    params = _native.params(_native.GenerateParams)
     params.prompt_embeds, params.pooled_embeds = args[0].pointer(), args[1].pointer()
     params.seed, params.guidance_scale, params.num_steps = 1, 1.0, 4
     params.progress = callback = progress_callback(lambda phase, step, total: step == 1)
     assert lib.slim_generate(session._handle, ctypes.byref(params), out_arg.pointer(), None) == CANCELLED
     assert not out.any()
     del callback
-    session.close()
-
-
-def test_abi_07_structs_still_work(engine, reference):
-    """An ABI 0.7 caller's smaller params and stats: accepted, its progress-less call runs, the 0.8 stats fields untouched."""
-    session = engine.session()
-    called = []
-    callback = progress_callback(lambda *call: called.append(call))
-    stats = _native.PromptStats(struct_size=V07_STATS)
-    stats.prompt_cache_hits = stats.blocks_run = -7  # past the old struct's end: must stay as they are
-    lib = _native.lib()
-    params = lib.slim_prompt_default_params()
-    params.struct_size = V07_PARAMS
-    params.progress = callback  # past the old struct's end: not read
-    texts = [(ctypes.c_char_p * 1)(t[0].encode()) for t in CALL[:2]]
-    params.prompts, params.negative_prompts, params.prompt_count = texts[0], texts[1], 1
-    params.height = params.width = 64
-    params.seed, params.guidance_scale, params.num_steps = 7, 3.0, STEPS
-    image = np.zeros((1, 64, 64, 3), np.uint8)
-    status = lib.slim_generate_prompt(session._handle, ctypes.byref(params), image.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)),
-                                      image.size, None, 0, ctypes.byref(stats))
-    assert status == OK, lib.slim_last_error()
-    assert np.array_equal(image, reference[0]) and called == []
-    assert stats.steps == STEPS and stats.encoder_calls == 6 and stats.prompt_cache_hits == -7 and stats.blocks_run == -7
-    stats.struct_size = V07_STATS - 8  # smaller than any version's
-    assert lib.slim_generate_prompt(session._handle, ctypes.byref(params), image.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)),
-                                    image.size, None, 0, ctypes.byref(stats)) == INVALID
     session.close()
 
 
@@ -269,7 +240,7 @@ def test_destroy_waits_for_the_running_call(engine, reference):
 def test_an_engine_closed_under_a_running_call_stays_loaded_for_its_session(engine, sd3_pipeline_bundle, reference):
     lib = _native.lib()
     engine_handle = ctypes.c_void_p()
-    params = lib.slim_engine_default_params()
+    params = _native.params(_native.EngineParams)
     ort = _native.onnxruntime_library().encode()
     params.onnxruntime_library = ort
     assert lib.slim_engine_open(str(sd3_pipeline_bundle).encode(), ctypes.byref(params), ctypes.byref(engine_handle)) == OK
@@ -304,7 +275,7 @@ engine = Engine({bundle!r})
 
 def test_a_struct_size_ending_inside_a_field_is_refused(sd3_pipeline_bundle):
     """A struct_size between two versions' sizes ended inside the progress pointer: the part copied was called (a crash).
-    Now refused unless a multiple of the struct's alignment (every version's sizeof is one); the callback is never called."""
+    Since ABI 1.0 a struct_size below the 1.0 struct's is refused (there are no older versions); the callback is never called."""
     code = HOSTILE.format(root=str(Path(__file__).parent.parent), bundle=str(sd3_pipeline_bundle)) + """
 session = engine.session()
 called = []
@@ -312,17 +283,15 @@ callback = _native.Progress(lambda *a: called.append(a) or 0)
 for k in range(1, 8):
     status, image, _, _, error = c_generate(session, ["a"], num_steps=1, progress=callback,
                                             struct_size=_native.PromptParams.progress.offset + k)
-    assert status == 1 and "no version's sizeof(slim_prompt_params)" in error and not image.any(), (k, status, error)
-params = lib.slim_generate_default_params()
+    assert status == 1 and "set it to sizeof(slim_prompt_params)" in error and not image.any(), (k, status, error)
+params = _native.params(_native.GenerateParams)
 params.progress = callback
-for offset in (_native.GenerateParams.progress.offset, _native.GenerateParams.cache_policy.offset):
+for offset in (_native.GenerateParams.progress.offset, _native.GenerateParams.xslim_policy.offset):
     params.struct_size = offset + 4
     assert lib.slim_generate(session._handle, ctypes.byref(params), None, None) == 1
-    assert b"no version's sizeof(slim_generate_params)" in lib.slim_last_error()
+    assert b"set it to sizeof(slim_generate_params)" in lib.slim_last_error()
 assert called == []
-# The versions' own sizes still work.
-for size in (_native.PromptParams.progress.offset, ctypes.sizeof(_native.PromptParams)):
-    assert c_generate(session, ["a"], num_steps=1, struct_size=size)[0] == 0
+assert c_generate(session, ["a"], num_steps=1, struct_size=ctypes.sizeof(_native.PromptParams))[0] == 0
 print("ok")
 """
     proc = run_python(code, timeout=120)

@@ -12,7 +12,7 @@ import torch
 import slimengine as se
 from slimengine.export.bundle import digest_line
 from slimengine.export.reference_sampler import reference_generate
-from slimengine.noise import gaussian_noise
+from slimengine.noise import seeded_latents
 
 from .conftest import CApiCall, edit_manifest, export, make_checkpoint, random_inputs, reference_for, relative_error, run_python
 
@@ -30,7 +30,7 @@ def test_1x_program_with_mlp_compensation_matches_pytorch(distilled_bundle, dist
     session = se.open_engine(distilled_bundle).session()
     for h, w in [(16, 16), (14, 10)]:  # an odd patch grid too
         result = session.generate(text, pooled, seed=11, height=h, width=w)
-        ref = _reference(model, plan, text, pooled, gaussian_noise((2, 16, h, w), 11))
+        ref = _reference(model, plan, text, pooled, seeded_latents((2, 16, h, w), 11))
         err = relative_error(result.latents, ref.latents)
         print(f"1.x + MLP compensation, {h}x{w}: relative error {err:.2e}")
         assert err <= TOLERANCE
@@ -56,7 +56,7 @@ def test_cached_range_without_mlp_reuses_the_raw_delta(identity_bundle, plain_ch
     assert plan.compensation == "identity"
     text, pooled = random_inputs(model, batch=1, text_len=6, seed=2)
     result = se.open_engine(identity_bundle).session().generate(text, pooled, seed=4, height=12, width=12)
-    ref = _reference(model, plan, text, pooled, gaussian_noise((1, 16, 12, 12), 4))
+    ref = _reference(model, plan, text, pooled, seeded_latents((1, 16, 12, 12), 4))
     err = relative_error(result.latents, ref.latents)
     print(f"1.x, identity compensation: relative error {err:.2e}")
     assert err <= TOLERANCE and result.stats["effective_nfe"] == ref.effective_nfe == 2.0
@@ -70,7 +70,7 @@ def test_plain_multistep_plan_with_cfg_matches_pytorch(cfg_bundle, plain_checkpo
     for guidance in (None, 2.0):  # the bundle's default, then a per-request override
         result = session.generate(text, pooled, negative_prompt_embeds=neg_text, negative_pooled_embeds=neg_pooled,
                                   guidance_scale=guidance, seed=9, height=8, width=12)
-        ref = _reference(model, plan, text, pooled, gaussian_noise((2, 16, 8, 12), 9), negative_prompt_embeds=neg_text,
+        ref = _reference(model, plan, text, pooled, seeded_latents((2, 16, 8, 12), 9), negative_prompt_embeds=neg_text,
                          negative_pooled_embeds=neg_pooled, guidance_scale=guidance)
         err = relative_error(result.latents, ref.latents)
         print(f"plain 3 steps, CFG {guidance or plan.guidance_scale}: relative error {err:.2e}")
@@ -229,24 +229,24 @@ def test_unicode_escapes_decode_to_utf8_including_surrogate_pairs(bundle_copy):
     assert err.status == "SLIM_ERR_BUNDLE" and "'sd3\U0001F600' is not supported" in str(err), str(err)
 
 
-def test_a_cache_policy_with_a_bad_escape_is_an_invalid_argument_not_internal(distilled_bundle):
+def test_a_xslim_policy_with_a_bad_escape_is_an_invalid_argument_not_internal(distilled_bundle):
     call = CApiCall(se.open_engine(distilled_bundle))
     for policy in (b'{"kind": "x\\uZZZZ"}', b'{"kind": "x\\u-001"}', b'{"kind": "x\\u 12"}', b'{"k\xff": 1}'):
-        status, message = call.generate(cache_policy=policy)
-        assert status == "SLIM_ERR_INVALID_ARGUMENT" and "cache_policy: json: " in message, (policy, status, message)
-    status, message = call.generate(cache_policy=b'{"kind": "\\u0078slim"}')  # "xslim": the next field is what is missing
-    assert status == "SLIM_ERR_INVALID_ARGUMENT" and "cache_policy.sample_ratio is missing" in message, message
+        status, message = call.generate(xslim_policy=policy)
+        assert status == "SLIM_ERR_INVALID_ARGUMENT" and "xslim_policy: json: " in message, (policy, status, message)
+    status, message = call.generate(xslim_policy=b'{"kind": "\\u0078slim"}')  # "xslim": the next field is what is missing
+    assert status == "SLIM_ERR_INVALID_ARGUMENT" and "xslim_policy.sample_ratio is missing" in message, message
 
 
 # Found by tests/test_fuzz.py: opening a bundle whose file is a FIFO (or a link to /dev/zero) waited, or
 # read, forever. Each open runs in a child process so that the old behaviour fails the test instead of hanging it.
 @pytest.mark.parametrize("name,kind,verify", [
-    ("manifest.json", "fifo", True),
-    ("manifest.json", "directory", False),
-    ("stages/final.onnx", "fifo", False),  # no checksum pass first: ONNX Runtime itself opened the FIFO
-    ("stages/final.onnx", "fifo", True),
-    ("stages/block_1.onnx.data", "/dev/zero", True),  # the checksum pass read it forever
-    ("stages/embed.onnx", "/dev/zero", False),
+    ("manifest.json", "fifo", "full"),
+    ("manifest.json", "directory", "fast"),
+    ("stages/final.onnx", "fifo", "fast"),  # no checksum pass first: ONNX Runtime itself opened the FIFO
+    ("stages/final.onnx", "fifo", "full"),
+    ("stages/block_1.onnx.data", "/dev/zero", "full"),  # the checksum pass read it forever
+    ("stages/embed.onnx", "/dev/zero", "fast"),
 ])
 def test_bundle_files_that_are_not_regular_files_fail_instead_of_hanging(bundle_copy, name, kind, verify):
     target = bundle_copy / name
@@ -257,7 +257,7 @@ def test_bundle_files_that_are_not_regular_files_fail_instead_of_hanging(bundle_
         target.mkdir()
     else:
         target.symlink_to(kind)
-    proc = run_python(f"import slimengine as se\ntry:\n    se.open_engine({str(bundle_copy)!r}, verify_checksums={verify})\n"
+    proc = run_python(f"import slimengine as se\ntry:\n    se.open_engine({str(bundle_copy)!r}, verify={verify!r})\n"
                       "except se.SlimError as e:\n    print(e.status, e)", timeout=30)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("SLIM_ERR_BUNDLE") and f"{name} is not a regular file" in proc.stdout, proc.stdout
@@ -280,3 +280,29 @@ def test_a_missing_or_second_onnx_runtime_library_is_reported(distilled_bundle):
     with pytest.raises(se.SlimError, match="already loaded"):
         se.open_engine(distilled_bundle, onnxruntime_library="/nonexistent/libonnxruntime.so")
     engine.close()
+
+
+def test_each_row_is_the_row_generated_alone_with_its_own_seed(distilled_bundle, distilled_checkpoint, sd3_pipeline_bundle):
+    """Per-row seeds (slim_generate_params.seeds; Python seed=[...]): row b of a batch is bit for bit that row generated
+    alone with seeds[b], on the embeddings path and the prompt path; one seed means seed + row; the noise is
+    slimengine.noise's (docs/runtime-loop.md, "Noise")."""
+    model, plan = reference_for(distilled_checkpoint)
+    text, pooled = random_inputs(model, batch=3, text_len=5, seed=2)
+    session = se.open_engine(distilled_bundle).session()
+    seeds = [11, 2**64 - 1, 11]
+    batch = session.generate(text, pooled, seed=seeds, height=8, width=8).latents
+    for b, seed in enumerate(seeds):
+        assert np.array_equal(batch[b], session.generate(text[b:b + 1], pooled[b:b + 1], seed=seed, height=8, width=8).latents[0])
+    assert not np.array_equal(batch[0], batch[2])  # the same seed, another prompt
+    one = session.generate(text, pooled, seed=2**64 - 2, height=8, width=8).latents  # rows from 2^64-2, 2^64-1, then 0
+    assert np.array_equal(one, session.generate(text, pooled, seed=[2**64 - 2, 2**64 - 1, 0], height=8, width=8).latents)
+    assert np.array_equal(one, session.generate(text, pooled, latents=seeded_latents((3, 16, 8, 8), 2**64 - 2), height=8,
+                                                width=8).latents)
+    with pytest.raises(ValueError, match="2 seeds for a batch of 3"):
+        session.generate(text, pooled, seed=[1, 2], height=8, width=8)
+
+    prompts = ["a red circle", "a blue square"]
+    prompt_session = se.open_engine(sd3_pipeline_bundle).session()
+    images = prompt_session.generate(prompt=prompts, seed=[5, 40], height=64, width=64).image
+    for b, seed in enumerate([5, 40]):
+        assert np.array_equal(images[b], prompt_session.generate(prompt=[prompts[b]], seed=seed, height=64, width=64).image[0])

@@ -14,7 +14,7 @@ import torch
 import slimengine as se
 from slimengine.export.reference_sampler import ACTIONS, reference_generate
 from slimengine.export.xslim import XSlimPolicy
-from slimengine.noise import gaussian_noise
+from slimengine.noise import gaussian_noise, seeded_latents
 from slimengine.runtime import BLOCK_ACTIONS
 
 from .conftest import export, random_inputs, reference_for, relative_error
@@ -63,7 +63,7 @@ def test_action_names_are_the_c_enum_and_block_events_are_asked_for_by_name(cfg_
 def test_the_1x_plan_runs_the_reference_planners_actions(distilled_checkpoint, distilled_bundle):
     model, plan = reference_for(distilled_checkpoint)
     text, pooled = random_inputs(model, 1, 7, seed=1)
-    noise = gaussian_noise((1, model.config.in_channels, 16, 16), 3)
+    noise = seeded_latents((1, model.config.in_channels, 16, 16), 3)
     got, ref = check_against_reference(se.open_engine(distilled_bundle).session(), model, plan,
                                        dict(prompt_embeds=text, pooled_embeds=pooled, latents=noise),
                                        tuple(torch.from_numpy(a) for a in (text, pooled, noise)))
@@ -104,7 +104,7 @@ def test_online_xslim_levels_run_the_reference_planners_actions(toy_bundles, pol
     plan = make_plan(ck.config.num_layers, False, ck.metadata, cache_blocks="none", steps=28, guidance_scale=4.0)
     text, pooled = toy_shapes.prompt_embeds(TOY_PIPELINE, toy_shapes.class_prompts())
     text, pooled = text[:2], pooled[:2]
-    noise = gaussian_noise((2, model.config.in_channels, 16, 16), 0)
+    noise = gaussian_noise((2, model.config.in_channels, 16, 16), 0)  # an input: one Philox stream
     zeros = dict(negative_prompt_embeds=np.zeros_like(text), negative_pooled_embeds=np.zeros_like(pooled))
     _, ref = check_against_reference(se.open_engine(toy_bundles["28-step CFG"]).session(), model, plan,
                                      dict(prompt_embeds=text, pooled_embeds=pooled, latents=noise, **zeros),
@@ -124,7 +124,7 @@ def test_only_the_request_and_the_result_cross_between_caller_memory_and_the_ses
     B, L, H, W = 2, 5, 16, 8
     text, pooled = (np.random.default_rng(1).standard_normal(s, dtype=np.float32)
                     for s in [(B, L, c["joint_attention_dim"]), (B, c["pooled_projection_dim"])])
-    latents = gaussian_noise((B, c["in_channels"], H, W), 4)
+    latents = seeded_latents((B, c["in_channels"], H, W), 4)
     kwargs = dict(negative_prompt_embeds=np.zeros_like(text), negative_pooled_embeds=np.zeros_like(pooled),
                   guidance_scale=4.5 if cfg else 1.0, height=H, width=W, seed=4)
     if given_latents:
@@ -150,7 +150,7 @@ def test_a_cached_range_from_block_0_keeps_the_xslim_stack_input(workdir, plain_
     model, plan = reference_for(plain_checkpoint, {"cache_blocks": "0-1", "steps": 4, "cache": spec})
     assert plan.cache_blocks == (0, 1)
     text, pooled = random_inputs(model, 1, 6, seed=7)
-    noise = gaussian_noise((1, model.config.in_channels, 16, 16), 8)
+    noise = seeded_latents((1, model.config.in_channels, 16, 16), 8)
     got, ref = check_against_reference(se.open_engine(bundle).session(), model, plan,
                                        dict(prompt_embeds=text, pooled_embeds=pooled, latents=noise),
                                        tuple(torch.from_numpy(a) for a in (text, pooled, noise)))

@@ -14,7 +14,7 @@ from slimengine.export.checkpoint import load_checkpoint
 from slimengine.export.reference_sampler import reference_generate
 from slimengine.export.sampling_plan import make_plan
 from slimengine.export.xslim import XSlimPolicy, load_schedule, parse_cache_spec
-from slimengine.noise import gaussian_noise
+from slimengine.noise import seeded_latents
 from slimengine.tools import calibrate_xslim, toy_shapes
 
 from .conftest import TOY_CHECKPOINT, TOY_PIPELINE, TOY_TEACHER, CApiCall, edit_manifest, relative_error, run_cli
@@ -41,7 +41,7 @@ def run_both(toy_case, policy: XSlimPolicy):
     """The runtime and the reference under one policy; asserts they agree step by step."""
     model, plan, text, pooled, session, kwargs, full = toy_case
     got = session.generate(text, pooled, cache=policy, **kwargs)
-    ref = reference_generate(model, plan, *(torch.from_numpy(a) for a in (text, pooled, gaussian_noise(full.latents.shape, 0))),
+    ref = reference_generate(model, plan, *(torch.from_numpy(a) for a in (text, pooled, seeded_latents(full.latents.shape, 0))),
                              torch.zeros(text.shape), torch.zeros(pooled.shape), cache=policy)
     steps = got.stats["per_step"]
     err = relative_error(got.latents, ref.latents)
@@ -150,21 +150,21 @@ def test_bad_schedules_are_rejected(tmp_path, schedule, message):
 
 def test_bad_policies_are_refused_at_the_c_boundary(toy_bundles, bundle_copy):
     call = CApiCall(se.open_engine(toy_bundles["1x"]))
-    status, message = call.generate(step_cache_threshold=float("nan"))
-    assert status == "SLIM_ERR_INVALID_ARGUMENT" and "step_cache_threshold" in message
+    status, message = call.generate(xslim_threshold=float("nan"))
+    assert status == "SLIM_ERR_INVALID_ARGUMENT" and "xslim_threshold must be finite" in message
     good = XSlimPolicy(early_warning=0.1).to_manifest()
-    for change, expected in [({"sample_ratio": 0}, "cache_policy.sample_ratio must be in (0, 1]"),
-                             ({"block_threshold": -1}, "cache_policy.block_threshold must not be negative"),
+    for change, expected in [({"sample_ratio": 0}, "xslim_policy.sample_ratio must be in (0, 1]"),
+                             ({"block_threshold": -1}, "xslim_policy.block_threshold must not be negative"),
                              ({"mode": "schedule", "schedule": [{"level": "full"}] * 5}, "has 5 steps but the program has 2"),
                              ({"mode": "schedule", "schedule": [{"level": "full"}, {"level": "token"}]}, "before two full steps"),
                              ({"critical": 0.3}, "uses the X-Slim token level but this bundle has no block_N_tokens stages"),
                              ({"mode": "schedule", "schedule": [{"level": "full", "ratio": 0.5}, {"level": "full"}]},
-                              "cache_policy.schedule[0].ratio is not a schedule field"),
-                             ({"kind": "teacache"}, 'cache_policy.kind must be "xslim"')]:
-        status, message = call.generate(cache_policy=json.dumps({**good, **change}).encode())
+                              "xslim_policy.schedule[0].ratio is not a schedule field"),
+                             ({"kind": "teacache"}, 'xslim_policy.kind must be "xslim"')]:
+        status, message = call.generate(xslim_policy=json.dumps({**good, **change}).encode())
         assert status == "SLIM_ERR_INVALID_ARGUMENT" and expected in message, message
-    status, message = call.generate(cache_policy=b"{not json")
-    assert status == "SLIM_ERR_INVALID_ARGUMENT" and "cache_policy: json:" in message
+    status, message = call.generate(xslim_policy=b"{not json")
+    assert status == "SLIM_ERR_INVALID_ARGUMENT" and "xslim_policy: json:" in message
     edit_manifest(bundle_copy, lambda m: m["program"].update(cache={**good, "early_warning": -1}))
     with pytest.raises(se.SlimError, match="program.cache.early_warning must not be negative"):
         se.open_engine(bundle_copy)
@@ -225,7 +225,7 @@ def test_a_session_reused_across_policies_and_sizes_matches_a_fresh_one(toy_bund
 def test_token_counts_round_as_the_reference_does(toy_case):
     """0.7 x 15 tokens = 10.5 rounds to 11 in the reference (double precision) and in the runtime."""
     model, plan, text, pooled, session, _, _ = toy_case
-    noise = gaussian_noise((1, model.config.in_channels, 6, 10), 3)
+    noise = seeded_latents((1, model.config.in_channels, 6, 10), 3)
     policy = XSlimPolicy(early_warning=0.05, critical=0.4, refresh="token", sample_ratio=0.7)
     got = session.generate(text[:1], pooled[:1], latents=noise, negative_prompt_embeds=np.zeros_like(text[:1]),
                            negative_pooled_embeds=np.zeros_like(pooled[:1]), cache=policy)
@@ -250,7 +250,7 @@ def test_calibrate_xslim_writes_the_cheapest_schedule_of_its_family_that_keeps_t
     chosen = [s for s, e in enumerate(schedule) if e["level"] == "full"]
 
     plan = make_plan(ck.config.num_layers, True, ck.metadata, cache_blocks="none", steps=steps, guidance_scale=4.0)
-    noise = torch.from_numpy(gaussian_noise((len(text), model.config.in_channels, 16, 16), 1))
+    noise = torch.from_numpy(seeded_latents((len(text), model.config.in_channels, 16, 16), 1))  # the tool draws seed 1 as the engine does
     negatives = calibrate_xslim.load_embeds(f"toy:{TOY_PIPELINE}")  # the empty prompt's conditioning, as the tool used
 
     def reference(full_steps):

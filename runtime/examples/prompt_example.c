@@ -29,7 +29,11 @@ int main(int argc, char** argv) {
                 argv[0]);
         return 2;
     }
-    slim_prompt_params params = slim_prompt_default_params();
+    slim_prompt_params params;
+    if (slim_prompt_params_init(&params, sizeof params) != SLIM_OK) {
+        fprintf(stderr, "%s\n", slim_last_error());
+        return 1;
+    }
     const char* prompt = argv[2];
     const char* negative = "";
     const char* out_path = NULL;
@@ -56,8 +60,9 @@ int main(int argc, char** argv) {
     }
     int32_t major = 0, minor = 0;
     slim_abi_version(&major, &minor);
-    if (major != SLIM_ABI_VERSION_MAJOR || minor < 8) {
-        fprintf(stderr, "libslimengine has ABI %d.%d; this program needs %d.8 or newer\n", major, minor, SLIM_ABI_VERSION_MAJOR);
+    if (major != SLIM_ABI_VERSION_MAJOR || minor < SLIM_ABI_VERSION_MINOR) {
+        fprintf(stderr, "libslimengine has ABI %d.%d; this program needs %d.%d or a newer %d.x\n", major, minor, SLIM_ABI_VERSION_MAJOR,
+                SLIM_ABI_VERSION_MINOR, SLIM_ABI_VERSION_MAJOR);
         return 1;
     }
 

@@ -48,18 +48,19 @@ int main(int argc, char** argv) {
 
     slim_engine* engine = NULL;
     slim_session* session = NULL;
-    slim_engine_params engine_params = slim_engine_default_params();
-    if (slim_engine_open(argv[1], &engine_params, &engine) != SLIM_OK) {
+    slim_engine_params engine_params;
+    if (slim_engine_params_init(&engine_params, sizeof engine_params) != SLIM_OK ||
+        slim_engine_open(argv[1], &engine_params, &engine) != SLIM_OK) {
         fprintf(stderr, "slimengine-example: %s\n", slim_last_error());
         return 1;
     }
-    /* The bundle's shapes and defaults, typed (no JSON parsing): slim_engine_get_info, ABI 0.5. */
+    /* The bundle's shapes and defaults, typed (no JSON parsing): slim_engine_get_info. */
     int32_t abi_major = 0, abi_minor = 0;
     slim_abi_version(&abi_major, &abi_minor);
     slim_engine_info info = {sizeof(slim_engine_info)};
     const char* problem = NULL;
-    if (abi_major != SLIM_ABI_VERSION_MAJOR || abi_minor < 5)
-        problem = "the library's ABI is not 0.5 or a newer 0.x";
+    if (abi_major != SLIM_ABI_VERSION_MAJOR || abi_minor < SLIM_ABI_VERSION_MINOR)
+        problem = "the library's ABI is older than this program's header, or of another major version";
     else if (slim_engine_get_info(engine, &info) != SLIM_OK)
         problem = slim_last_error();
     else if (info.family != SLIM_FAMILY_SD3)
@@ -94,7 +95,8 @@ int main(int argc, char** argv) {
     slim_tensor t_out = {latents, SLIM_DTYPE_FLOAT32, SLIM_DEVICE_CPU, 0, 4, lat_shape, NULL};
 
     int rc = 1;
-    slim_generate_params params = slim_generate_default_params();
+    slim_generate_params params;
+    slim_generate_params_init(&params, sizeof params);
     params.prompt_embeds = &t_text;
     params.pooled_embeds = &t_pooled;
     params.negative_prompt_embeds = &t_neg_text;
@@ -118,9 +120,9 @@ int main(int argc, char** argv) {
         slim_step_stats s = {sizeof(slim_step_stats)};
         slim_session_step_stats(session, i, &s);
         printf("  step %d: sigma %.4f -> %.4f, %d blocks%s, %.2f ms\n", i, s.sigma, s.sigma_next, s.blocks_run,
-               s.level == SLIM_STEP_CACHED_RANGE ? " (cached range skipped)"
-               : s.level == SLIM_STEP_REUSED     ? " (stack reused)"
-                                                 : "",
+               s.level == SLIM_STEP_SKIPPED_RANGE ? " (cached range skipped)"
+               : s.level == SLIM_STEP_REUSED      ? " (stack reused)"
+                                                  : "",
                s.ms);
     }
     if (out_path) {

@@ -37,22 +37,27 @@ extern "C" {
 #define SLIM_API __attribute__((visibility("default")))
 #endif
 
-/* ABI version of this header; slim_abi_version() gives the library's at run time. A library serves every caller
- * of its major version built against a minor version up to its own (params and stats structs grow at their end;
- * an older caller's smaller struct_size keeps working). A struct_size larger than the library's own struct is
- * refused (SLIM_ERR_INVALID_ARGUMENT): the caller's header is newer than the library. So is a params struct_size that
- * is no multiple of the struct's alignment (it would end inside a field; every version's sizeof is a multiple). */
-#define SLIM_ABI_VERSION_MAJOR 0
-#define SLIM_ABI_VERSION_MINOR                                                                                                \
-    11 /* 2: X-Slim policies and stats, plan override, profiling events, LEMUR, generic stage call, device; 3: SLIM_ERR_BUSY; \
-         4: bundle format 2, slim_verify levels, slim_bundle_verify, block events (SLIM_PROFILE_BLOCKS),                      \
-         slim_generate_stats.transfer_bytes; 5: slim_abi_version, slim_engine_info, slim_engine_program_step, struct_size     \
-         larger than the library's refused; 6: slim_tokenize, slim_engine_tokenizer_count/role;                               \
-         7: slim_generate_prompt; 8: the session's prompt-embedding cache (slim_session_set_prompt_cache,                     \
-         slim_session_clear_prompt_cache, slim_prompt_stats' cache fields), progress callbacks (slim_progress) with           \
-         SLIM_ERR_CANCELLED, prompt events (SLIM_EVENT_TOKENIZE, _DECODE, _IMAGE); 9: slim_bank_repair,                       \
-         slim_bank_recovery.header_corrected; 10: SLIM_DTYPE_INT8 (an int8 bundle's slim_engine_info.precision);              \
-         11: SLIM_PHASE_TOKENIZE, native tokenizers (no onnxruntime-extensions) */
+/* ABI version of this header; slim_abi_version() gives the library's at run time. ABI 1.0 is a promise: a library of
+ * major version 1 serves every caller built against a 1.x header up to its own minor version. Structs grow only at
+ * their end, each begins with struct_size, and the library reads and writes only the caller's struct_size bytes:
+ * - params structs (slim_*_params): fill one with slim_*_params_init(&p, sizeof p) (the library writes its defaults
+ *   into exactly those bytes), then set fields and pass it;
+ * - result structs (stats, info, events): set struct_size = sizeof, the library fills that many bytes.
+ * A struct_size larger than the library's own struct is refused (SLIM_ERR_INVALID_ARGUMENT: the caller's header is
+ * newer than the library), and so is one smaller than the 1.0 struct or no multiple of its alignment.
+ * What changed in each version: CHANGELOG.md. */
+#define SLIM_ABI_VERSION_MAJOR 1
+#define SLIM_ABI_VERSION_MINOR 0
+
+/* Structs grow only by fields that keep their alignment (slim_bank_params, of 4-byte fields, by 4-byte fields), so an
+ * older caller's sizeof stays a valid struct_size. Test builds only (tests/test_c_program.py): -DSLIM_TEST_FUTURE_FIELDS
+ * appends 8 bytes of fields to every struct below, as a later minor version would, so a caller built without it stands
+ * for a caller of the older header. */
+#ifdef SLIM_TEST_FUTURE_FIELDS
+#define SLIM_FUTURE_FIELD int32_t test_future_field[2];
+#else
+#define SLIM_FUTURE_FIELD
+#endif
 
 typedef enum slim_status {
     SLIM_OK = 0,
@@ -65,9 +70,9 @@ typedef enum slim_status {
     SLIM_ERR_NUMERICS = 7,         /* NaN or Inf in an input or in the result */
     SLIM_ERR_OUT_OF_MEMORY = 8,
     SLIM_ERR_INTERNAL = 9,
-    SLIM_ERR_NOT_FOUND = 10, /* a document id is not in the memory bank (or is stale); ABI 0.2 */
-    SLIM_ERR_BUSY = 11,      /* the session is running another thread's call; ABI 0.3 */
-    SLIM_ERR_CANCELLED = 12  /* a progress callback returned non-zero: the call stopped, no output written; ABI 0.8 */
+    SLIM_ERR_NOT_FOUND = 10, /* a document id is not in the memory bank (or is stale) */
+    SLIM_ERR_BUSY = 11,      /* the session is running another thread's call */
+    SLIM_ERR_CANCELLED = 12  /* a progress callback returned non-zero: the call stopped, no output written */
 } slim_status;
 
 /* Element types (the values of DLPack's (code, bits) pairs are not used: plain enum). */
@@ -77,7 +82,7 @@ typedef enum slim_dtype {
     SLIM_DTYPE_BFLOAT16 = 2,
     SLIM_DTYPE_INT64 = 3,
     SLIM_DTYPE_INT32 = 4,
-    SLIM_DTYPE_INT8 = 5 /* only as slim_engine_info.precision: an int8 bundle (docs/int8.md); ABI 0.10 */
+    SLIM_DTYPE_INT8 = 5 /* only as slim_engine_info.precision: an int8 bundle (docs/int8.md) */
 } slim_dtype;
 
 /* Device types use DLPack's numbering. */
@@ -104,8 +109,7 @@ SLIM_API const char* slim_version(void);
 /* ABI major version of the library, to compare with SLIM_ABI_VERSION_MAJOR. */
 SLIM_API int32_t slim_abi_version_major(void);
 /* ABI major and minor version of the library (either pointer may be NULL). A caller built against this header needs
- * major == SLIM_ABI_VERSION_MAJOR and minor >= the minor version of the newest call or field it uses. ABI 0.5
- * (a library older than 0.5 lacks this symbol: slim_abi_version_major then still answers). */
+ * major == SLIM_ABI_VERSION_MAJOR and minor >= the minor version of the newest call or field it uses. */
 SLIM_API void slim_abi_version(int32_t* major, int32_t* minor);
 /* Detail of the last error on this thread ("" if none); owned by the library. */
 SLIM_API const char* slim_last_error(void);
@@ -114,7 +118,7 @@ SLIM_API const char* slim_status_name(slim_status status);
 
 /* ---- engine ---- */
 
-/* How much of a bundle slim_engine_open and slim_bundle_verify check (docs/bundle-format.md, "Integrity"). ABI 0.4. */
+/* How much of a bundle slim_engine_open and slim_bundle_verify check (docs/bundle-format.md, "Integrity"). */
 typedef enum slim_verify {
     /* The manifest against its digest (manifest.sha256); every file under the bundle listed in the manifest and every
        listed file present, a regular file (no symlink, FIFO, device) of its listed size; the sha256 of each stage's graph
@@ -125,25 +129,29 @@ typedef enum slim_verify {
 } slim_verify;
 
 typedef struct slim_engine_params {
-    uint32_t struct_size;            /* sizeof(slim_engine_params) */
-    const char* onnxruntime_library; /* path of libonnxruntime.so; NULL: $SLIMENGINE_ORT_LIBRARY, then the loader's search */
-    int32_t verify_checksums;        /* slim_verify: SLIM_VERIFY_FAST (default since ABI 0.4) or SLIM_VERIFY_FULL (1, the
-                                        only check before 0.4); other values are INVALID_ARGUMENT */
-    int32_t intra_op_threads;        /* ONNX Runtime threads, one pool per process set by the first engine; 0: its choice */
-    /* ABI 0.2: */
-    int32_t device_type; /* slim_device_type: SLIM_DEVICE_CPU (default), or SLIM_DEVICE_CUDA: every stage on ONNX Runtime's
-                            CUDA execution provider (onnxruntime-gpu's library; BACKEND error naming the missing provider
-                            otherwise). Buffers between stages still live in host memory in this version. */
-    int32_t device_id;   /* CUDA device ordinal (default 0); must be 0 for the CPU */
+    uint32_t struct_size;            /* set by slim_engine_params_init */
+    const char* onnxruntime_library; /* path of libonnxruntime.so; NULL (default): $SLIMENGINE_ORT_LIBRARY, read at open, then the
+                                        loader's search */
+    int32_t verify;                  /* slim_verify: SLIM_VERIFY_FAST (default) or SLIM_VERIFY_FULL */
+    int32_t intra_op_threads;        /* ONNX Runtime threads, one pool per process set by the first engine; 0 (default): its choice */
+    int32_t device_type;             /* slim_device_type: SLIM_DEVICE_CPU (default), or SLIM_DEVICE_CUDA: every stage on ONNX
+                                        Runtime's CUDA execution provider (onnxruntime-gpu's library; BACKEND error naming the missing
+                                        provider otherwise) */
+    int32_t device_id;               /* CUDA device ordinal (default 0); must be 0 for the CPU */
+    int32_t host_buffers;            /* 1: a CUDA engine's sessions keep the buffers between stages in host memory (ONNX Runtime then
+                                        copies each stage's inputs and outputs), as a build without CUDA kernels does; 0 (default): on
+                                        the device where this build has CUDA kernels. No effect on the CPU. */
+    SLIM_FUTURE_FIELD
 } slim_engine_params;
 
-/* Defaults for slim_engine_open. */
-SLIM_API slim_engine_params slim_engine_default_params(void);
+/* Writes the defaults for slim_engine_open into the first struct_size bytes of *params (struct_size: sizeof(*params) as
+ * the caller compiled it) and sets params->struct_size. Status: INVALID_ARGUMENT (NULL, a struct_size no version has). */
+SLIM_API slim_status slim_engine_params_init(slim_engine_params* params, size_t struct_size);
 
 /* Load the bundle directory at `path`, or a plain ONNX model (a path ending in .onnx: a one-stage
  * engine whose stage "model" runs through slim_stage_run). On success *out owns a new engine (free
  * with slim_engine_close). params may be NULL (defaults). The bundle is checked at params'
- * verify_checksums level first; every file the engine uses is read into memory here, so the engine
+ * verify level first; every file the engine uses is read into memory here, so the engine
  * never reads the bundle again (changing its files after open changes nothing). Status:
  * INVALID_ARGUMENT, IO, BUNDLE (naming the field or file at fault; a format 1 bundle is refused with
  * how to re-export it), BACKEND, OUT_OF_MEMORY. */
@@ -156,7 +164,7 @@ typedef int32_t (*slim_verify_progress)(void* user, const char* file, uint64_t b
 /* Check the bundle directory at `path` at `level` (slim_verify) without loading it: what slim_engine_open
  * checks before it builds any stage (`slimengine verify BUNDLE` runs this). progress may be NULL; it is
  * called as files are hashed (after every 4 MiB). Status: OK, INVALID_ARGUMENT, IO, BUNDLE (naming the
- * file or field at fault). ABI 0.4. */
+ * file or field at fault). */
 SLIM_API slim_status slim_bundle_verify(const char* path, int32_t level, slim_verify_progress progress, void* user);
 /* Close an engine: waits for its calls in flight; its live sessions keep the loaded model until they
  * are destroyed. NULL is accepted. */
@@ -167,7 +175,7 @@ SLIM_API const char* slim_engine_manifest(const slim_engine* engine);
 SLIM_API int32_t slim_engine_stage_count(const slim_engine* engine);
 SLIM_API const char* slim_engine_stage_name(const slim_engine* engine, int32_t index);
 
-/* ---- engine introspection (ABI 0.5): what the manifest says, typed, so C callers need not parse its JSON ---- */
+/* ---- engine introspection: what the manifest says, typed, so C callers need not parse its JSON ---- */
 
 typedef enum slim_family {
     SLIM_FAMILY_SD3 = 0,   /* slim_generate */
@@ -189,7 +197,7 @@ typedef enum slim_xslim_mode {
     SLIM_XSLIM_SCHEDULE = 2 /* a fixed level per step */
 } slim_xslim_mode;
 
-/* Plain numbers only, no pointers or strings. Fields of another family than the engine's are 0 (the cache range -1). */
+/* Plain numbers only, no pointers or strings. Fields of another family than the engine's are 0 (the skipped range -1). */
 typedef struct slim_engine_info {
     uint32_t struct_size; /* set by the caller: sizeof(slim_engine_info) */
     int32_t family;       /* slim_family */
@@ -206,8 +214,8 @@ typedef struct slim_engine_info {
     int32_t default_latent_size;   /* latent H and W the bundle was made for; 0: the manifest does not say */
     int32_t max_latent_size;       /* largest latent H and W (the position table's limit) */
     int32_t num_steps;             /* sampling steps of the bundle's program (each: slim_engine_program_step) */
-    int32_t cache_first_block;     /* 1.x cached block range, inclusive; -1 and -1: none */
-    int32_t cache_last_block;
+    int32_t skip_first_block;      /* 1.x: the block range the skipping steps skip, inclusive; -1 and -1: none */
+    int32_t skip_last_block;
     int32_t compensation;     /* slim_compensation */
     int32_t xslim;            /* slim_xslim_mode of the bundle's default X-Slim policy */
     int32_t has_token_stages; /* 1: block_tokens stages exist (the X-Slim token level can run) */
@@ -223,26 +231,28 @@ typedef struct slim_engine_info {
     int32_t max_batch;
     int32_t max_history;
     int64_t model_version; /* what slim_embed records in a bank by default */
+    SLIM_FUTURE_FIELD
 } slim_engine_info;
 
 /* Fills *out (out->struct_size set by the caller). Status: INVALID_ARGUMENT (NULL, struct_size other than
- * sizeof(slim_engine_info)). ABI 0.5. */
+ * sizeof(slim_engine_info)). */
 SLIM_API slim_status slim_engine_get_info(const slim_engine* engine, slim_engine_info* out);
 
 /* One step of an SD3 bundle's sampling program (manifest program.steps[i]). */
 typedef struct slim_program_step {
-    uint32_t struct_size;       /* set by the caller: sizeof(slim_program_step) */
-    int32_t record_delta;       /* 1: this step records the delta over the cached range (1.x) */
-    int32_t skip_cached_blocks; /* 1: this step skips the cached range and adds the compensated delta */
-    double sigma;               /* noise level at the step's start */
-    double sigma_next;          /* and at its end */
-    double timestep;            /* the timestep the model is conditioned on */
+    uint32_t struct_size; /* set by the caller: sizeof(slim_program_step) */
+    int32_t record_delta; /* 1: this step records the delta over the cached range (1.x) */
+    int32_t skip_range;   /* 1: this step skips the 1.x block range and adds the compensated delta */
+    double sigma;         /* noise level at the step's start */
+    double sigma_next;    /* and at its end */
+    double timestep;      /* the timestep the model is conditioned on */
+    SLIM_FUTURE_FIELD
 } slim_program_step;
 
 /* Step `index` (0 to slim_engine_info.num_steps - 1) of an SD3 engine's program. Status: INVALID_ARGUMENT (NULL,
- * not an sd3 engine, index out of range, struct_size other than sizeof(slim_program_step)). ABI 0.5. */
+ * not an sd3 engine, index out of range, struct_size other than sizeof(slim_program_step)). */
 SLIM_API slim_status slim_engine_program_step(const slim_engine* engine, int32_t index, slim_program_step* out);
-/* ---- prompt tokenization (docs/tokenizers.md; ABI 0.6) ----
+/* ---- prompt tokenization (docs/tokenizers.md) ----
  * Tokenize `prompt` (NUL-terminated UTF-8, at most 65536 bytes) with the bundle's tokenizer of `role`
  * ("clip_l", "clip_g" or "t5", as export-engine wrote them from the pipeline's tokenizer folders): the
  * ids transformers' tokenizer gives with diffusers' SD3 call, i.e. special tokens, truncation to the
@@ -251,8 +261,7 @@ SLIM_API slim_status slim_engine_program_step(const slim_engine* engine, int32_t
  * max_length whenever the role exists, so a caller may ask with capacity 0 to size its buffer.
  * SLIM_ERR_INVALID_ARGUMENT: NULL engine/role/prompt/count, a role the bundle lacks, a prompt that is
  * not UTF-8 or too long, or capacity < max_length (nothing written to ids_out).
- * The tokenizers are native (CLIP's byte-level BPE, T5's Unigram; since ABI 0.11, before which they were
- * onnxruntime-extensions graphs), read and validated when the bundle opens. Thread-safe. */
+ * The tokenizers are native (CLIP's byte-level BPE, T5's Unigram), read and validated when the bundle opens. Thread-safe. */
 SLIM_API slim_status slim_tokenize(const slim_engine* engine, const char* role, const char* prompt, int64_t* ids_out, size_t capacity,
                                    size_t* count);
 /* Number of tokenizers in the bundle and the role of tokenizer i (owned by the engine; NULL out of range). */
@@ -267,7 +276,7 @@ SLIM_API slim_status slim_session_create(slim_engine* engine, slim_session** out
  * callback of a call on this session: the session is freed when that call returns (waiting would never end). */
 SLIM_API void slim_session_destroy(slim_session* session);
 
-/* The session's prompt-embedding cache (ABI 0.8): slim_generate_prompt keeps each prompt text's assembled conditioning
+/* The session's prompt-embedding cache: slim_generate_prompt keeps each prompt text's assembled conditioning
  * (the three encoders' output, as the sampling program takes it) in a least-recently-used cache of `capacity` texts, so
  * the negative prompt ("" usually) and repeated prompts are tokenized and encoded once across calls. A new session's
  * capacity is SLIM_PROMPT_CACHE_DEFAULT; 0 turns the cache off (each call still encodes a text once however often it
@@ -277,10 +286,10 @@ SLIM_API void slim_session_destroy(slim_session* session);
 #define SLIM_PROMPT_CACHE_DEFAULT 16
 #define SLIM_PROMPT_CACHE_MAX 1024
 SLIM_API slim_status slim_session_set_prompt_cache(slim_session* session, int32_t capacity);
-/* Drop every cached prompt (the capacity stays). Status: INVALID_ARGUMENT (NULL session), BUSY. ABI 0.8. */
+/* Drop every cached prompt (the capacity stays). Status: INVALID_ARGUMENT (NULL session), BUSY. */
 SLIM_API slim_status slim_session_clear_prompt_cache(slim_session* session);
 
-/* ---- progress (ABI 0.8) ---- */
+/* ---- progress ---- */
 
 /* What a progress callback reports. */
 typedef enum slim_phase {
@@ -289,7 +298,7 @@ typedef enum slim_phase {
     SLIM_PHASE_STEP = 1, /* after sampling step `step` (0 to total - 1) of `total` finished */
     SLIM_PHASE_DECODE = 2,  /* slim_generate_prompt: before the VAE decode (step 0, total 1) */
     SLIM_PHASE_TOKENIZE = 3 /* slim_generate_prompt: before each tokenizer call of a text it encodes (step 0 clip_l, 1 clip_g, 2 t5; total
-                               2, or 3 with T5); ABI 0.11 */
+                               2, or 3 with T5) */
 } slim_phase;
 
 /* Called from the thread that made the call, between phases and after each sampling step (never inside a stage).
@@ -301,30 +310,34 @@ typedef int32_t (*slim_progress)(void* user, int32_t phase, int32_t step, int32_
 /* ---- SD3 generation ---- */
 
 typedef struct slim_generate_params {
-    uint32_t struct_size;                      /* sizeof(slim_generate_params) */
+    uint32_t struct_size;                      /* set by slim_generate_params_init */
     const slim_tensor* prompt_embeds;          /* float32 [B, L, joint_attention_dim], required */
     const slim_tensor* pooled_embeds;          /* float32 [B, pooled_projection_dim], required */
     const slim_tensor* negative_prompt_embeds; /* float32 [B, L, joint_attention_dim]; required when guidance > 1 */
     const slim_tensor* negative_pooled_embeds; /* float32 [B, pooled_projection_dim]; required when guidance > 1 */
-    const slim_tensor* latents;                /* float32 [B, C, H, W] initial noise; NULL: from `seed` */
-    uint64_t seed;                             /* noise seed when latents is NULL (Philox4x32-10, see noise.py) */
-    float guidance_scale;                      /* < 0 (default): the bundle's default */
-    float step_cache_threshold; /* X-Slim step-level reuse: < 0 (default) the bundle's policy, 0 off, > 0 on with this line */
-    /* ABI 0.2: */
-    /* X-Slim policy for this request as JSON text (docs/xslim.md: the manifest's program.cache object, or
-     * "null" for none); NULL (default): step_cache_threshold, then the bundle's policy. */
-    const char* cache_policy;
+    /* The initial noise: `latents` when given, else row b drawn from seeds[b] when seeds is given, else from seed + b.
+     * A row's noise depends only on its own seed (Philox4x32-10, docs/runtime-loop.md "Noise"), so each row of a
+     * batch is bit-identical to that row generated alone with that seed. */
+    const slim_tensor* latents; /* float32 [B, C, H, W]; NULL (default): seeded */
+    const uint64_t* seeds;      /* B seeds, one per row; NULL (default): seed + row */
+    uint64_t seed;              /* default 0 */
+    float guidance_scale;       /* < 0 (default): the bundle's default */
+    /* X-Slim (docs/xslim.md): the policy for this request as JSON text (the manifest's program.cache object, or "null" for
+     * none); NULL (default): xslim_threshold, then the bundle's policy. */
+    const char* xslim_policy;
+    float xslim_threshold; /* X-Slim step-level reuse with this threshold: < 0 (default) the bundle's policy, 0 off */
     /* A plain plan instead of the bundle's program, on the same stages (e.g. the 28-step CFG baseline). */
-    int32_t num_steps; /* > 0: that many flow-matching Euler steps with diffusers' FlowMatchEulerDiscreteScheduler sigmas
-                          for `shift`, every joint block every step (no cached range); 0 (default): the bundle's program */
-    float shift;       /* sigma shift of that plan, > 0 (default 3.0, SD3's) */
-    /* ABI 0.8: */
+    int32_t num_steps;      /* > 0: that many flow-matching Euler steps with diffusers' FlowMatchEulerDiscreteScheduler sigmas
+                               for `shift`, every joint block every step (no skipped range); 0 (default): the bundle's program */
+    float shift;            /* sigma shift of that plan, > 0; 0 (default): the bundle's pipeline scheduler shift, else 3.0 (SD3's) */
     slim_progress progress; /* NULL (default), or called after each sampling step (SLIM_PHASE_STEP); non-zero cancels */
     void* progress_user;    /* passed to progress as it is */
+    SLIM_FUTURE_FIELD
 } slim_generate_params;
 
-/* Defaults for slim_generate: all tensors NULL, seed 0, guidance, X-Slim policy and program from the bundle. */
-SLIM_API slim_generate_params slim_generate_default_params(void);
+/* Writes the defaults for slim_generate (no tensors, seeds NULL, seed 0, guidance, X-Slim policy and program from the
+ * bundle) into the first struct_size bytes of *params and sets params->struct_size. Status: INVALID_ARGUMENT. */
+SLIM_API slim_status slim_generate_params_init(slim_generate_params* params, size_t struct_size);
 
 typedef struct slim_generate_stats {
     uint32_t struct_size; /* set by the caller: sizeof(slim_generate_stats) */
@@ -334,11 +347,12 @@ typedef struct slim_generate_stats {
     double effective_nfe; /* full-model evaluations equivalent (CFG counts 2 per step; token blocks by their FLOP share) */
     double total_ms;      /* wall time of the generate call */
     double backend_ms;    /* time inside ONNX Runtime's Run, all stages */
-    double flop_fraction; /* joint-block FLOPs run / those of every block on every token every step (ABI 0.2) */
-    /* ABI 0.4: bytes moved between caller memory and the session's buffers: the request's tensors in, the
+    double flop_fraction; /* joint-block FLOPs run / those of every block on every token every step */
+    /* bytes moved between caller memory and the session's buffers: the request's tensors in, the
      * result out. Stage outputs are written in place into the next stage's buffers (IO binding), so nothing
      * else moves; the X-Slim controller's few scalars a step are not counted. */
     uint64_t transfer_bytes;
+    SLIM_FUTURE_FIELD
 } slim_generate_stats;
 
 /* Run the bundle's whole sampling program. `latents_out` is caller memory, float32 [B, C, H, W]
@@ -348,32 +362,34 @@ typedef struct slim_generate_stats {
 SLIM_API slim_status slim_generate(slim_session* session, const slim_generate_params* params, const slim_tensor* latents_out,
                                    slim_generate_stats* stats);
 
-/* ---- prompt to image (docs/pipeline.md; ABI 0.7) ---- */
+/* ---- prompt to image (docs/pipeline.md) ---- */
 
 typedef struct slim_prompt_params {
-    uint32_t struct_size;                /* sizeof(slim_prompt_params) */
+    uint32_t struct_size;                /* set by slim_prompt_params_init */
     const char* const* prompts;          /* prompt_count NUL-terminated UTF-8 prompts (at most 65536 bytes each); required */
     int32_t prompt_count;                /* the batch B, >= 1 */
     const char* const* negative_prompts; /* NULL: "" for each prompt; else prompt_count entries (a NULL entry: ""); used under CFG */
-    uint64_t seed;                       /* noise seed when latents is NULL (as slim_generate) */
     int32_t height;                      /* image pixels, a multiple of the VAE's scale factor x the patch size; 0 (default): the
                                             bundle's default latent size x the scale factor */
     int32_t width;                       /* likewise */
-    float guidance_scale;                /* < 0 (default): the bundle's default; > 1: CFG with the negative prompts */
-    float step_cache_threshold;          /* as slim_generate_params */
-    const char* cache_policy;            /* as slim_generate_params (X-Slim policy JSON, "null" for none); NULL: the bundle's */
-    int32_t num_steps;                   /* as slim_generate_params: > 0 a plain plan of that many steps; 0 (default): the program */
-    float shift;                         /* that plan's sigma shift; 0 (default): the pipeline's scheduler shift, else 3.0 */
     const slim_tensor* latents; /* float32 [B, C, height/f, width/f] (f: the VAE's scale factor, 8 for SD3) initial noise; NULL: seeded */
-    /* ABI 0.8: */
-    slim_progress progress; /* NULL (default), or called at each phase: SLIM_PHASE_ENCODE, SLIM_PHASE_TOKENIZE (ABI 0.11) before
-                               each tokenizer call, SLIM_PHASE_STEP after each sampling step, SLIM_PHASE_DECODE; non-zero cancels
-                               (SLIM_ERR_CANCELLED, nothing written) */
-    void* progress_user;    /* passed to progress as it is */
+    const uint64_t* seeds;      /* as slim_generate_params: B seeds, one per image; NULL (default): seed + row */
+    uint64_t seed;              /* default 0 */
+    float guidance_scale;       /* < 0 (default): the bundle's default; > 1: CFG with the negative prompts */
+    const char* xslim_policy;   /* as slim_generate_params (X-Slim policy JSON, "null" for none); NULL: the bundle's */
+    float xslim_threshold;      /* as slim_generate_params */
+    int32_t num_steps;          /* as slim_generate_params: > 0 a plain plan of that many steps; 0 (default): the program */
+    float shift;                /* as slim_generate_params */
+    slim_progress progress;     /* NULL (default), or called at each phase: SLIM_PHASE_ENCODE, SLIM_PHASE_TOKENIZE before each
+                                   tokenizer call, SLIM_PHASE_STEP after each sampling step, SLIM_PHASE_DECODE; non-zero cancels
+                                   (SLIM_ERR_CANCELLED, nothing written) */
+    void* progress_user;        /* passed to progress as it is */
+    SLIM_FUTURE_FIELD
 } slim_prompt_params;
 
-/* Defaults for slim_generate_prompt: no prompts, seed 0, default size, guidance, X-Slim policy and program from the bundle. */
-SLIM_API slim_prompt_params slim_prompt_default_params(void);
+/* Writes the defaults for slim_generate_prompt (no prompts, seed 0, default size, guidance, X-Slim policy and program
+ * from the bundle) into the first struct_size bytes of *params and sets params->struct_size. Status: INVALID_ARGUMENT. */
+SLIM_API slim_status slim_prompt_params_init(slim_prompt_params* params, size_t struct_size);
 
 typedef struct slim_prompt_stats {
     uint32_t struct_size; /* set by the caller: sizeof(slim_prompt_stats) */
@@ -390,19 +406,20 @@ typedef struct slim_prompt_stats {
     double steps_ms;      /* the sampling program (slim_generate's total_ms) */
     double vae_decode_ms; /* scaling, the vae_decode stage and the conversion to RGB8 */
     double effective_nfe; /* as slim_generate_stats */
-    /* ABI 0.8: the session's prompt cache (slim_session_set_prompt_cache) in this call. Each prompt text of the call (the
+    /* the session's prompt cache (slim_session_set_prompt_cache) in this call. Each prompt text of the call (the
      * negative ones under CFG) is a hit (found in the cache, or earlier in this call) or a miss (tokenized and encoded:
      * encoder_calls is misses x the encoders, 3, or 2 without T5). */
     int32_t prompt_cache_hits;
     int32_t prompt_cache_misses;
     int32_t prompt_cache_size;     /* entries after the call */
     int32_t prompt_cache_capacity; /* as set */
-    /* ABI 0.8: the sampling call's, as slim_generate_stats */
+    /* the sampling call's, as slim_generate_stats */
     int32_t blocks_run;
     int32_t stage_calls;
     double flop_fraction;
     double backend_ms;
     uint64_t transfer_bytes;
+    SLIM_FUTURE_FIELD
 } slim_prompt_stats;
 
 /* Prompt to image: tokenize each prompt (and, when guidance > 1, each negative prompt) with the bundle's
@@ -429,7 +446,7 @@ SLIM_API slim_status slim_generate_prompt(slim_session* session, const slim_prom
 /* How a step ran. */
 typedef enum slim_step_level {
     SLIM_STEP_FULL = 0,          /* every joint block */
-    SLIM_STEP_CACHED_RANGE = 1,  /* 1.x: the cached block range skipped, its compensated delta added */
+    SLIM_STEP_SKIPPED_RANGE = 1, /* 1.x: the block range skipped, its compensated delta added */
     SLIM_STEP_REUSED = 2,        /* X-Slim step level: no block run, the last stack residual reused */
     SLIM_STEP_BLOCK_REFRESH = 3, /* X-Slim block level: low-score blocks add their cached residual */
     SLIM_STEP_TOKEN_REFRESH = 4  /* X-Slim token level: blocks recompute only the most-changed image tokens */
@@ -442,10 +459,10 @@ typedef struct slim_step_stats {
     int32_t blocks_run; /* blocks evaluated (on all or on a subset of the image tokens) */
     int32_t level;      /* slim_step_level */
     double ms;
-    /* ABI 0.2: */
     int32_t blocks_reused;   /* X-Slim block level: blocks that added their cached residual instead */
     int32_t tokens_computed; /* image tokens each evaluated block computed (all of them except in token steps) */
     double flop_fraction;    /* this step's joint-block FLOPs / those of a step running every block on every token */
+    SLIM_FUTURE_FIELD
 } slim_step_stats;
 
 /* Stats of step `index` of the session's last generate (the count is 0 while a call runs on the session).
@@ -457,12 +474,13 @@ typedef struct slim_stage_stats {
     uint32_t struct_size; /* set by the caller */
     int32_t calls;
     double total_ms; /* time inside ONNX Runtime's Run for this stage */
+    SLIM_FUTURE_FIELD
 } slim_stage_stats;
 
 /* Calls and time of stage `index` (see slim_engine_stage_name) in the session's last generate. */
 SLIM_API slim_status slim_session_stage_stats(const slim_session* session, int32_t index, slim_stage_stats* out);
 
-/* ---- profiling (ABI 0.2) ----
+/* ---- profiling ----
  * With profiling on, each generate records a timed event per stage call, per step, for its prepare
  * phase and for the whole generation; each LEMUR embed or score records one for the call, its stage
  * call and its memory-bank work. Host times are the library's own clock reads around each backend call (steady clock,
@@ -474,10 +492,10 @@ typedef enum slim_event_kind {
     SLIM_EVENT_STEP = 2,       /* generate: one sampling step; `level` says how it ran */
     SLIM_EVENT_STAGE = 3,      /* one backend call of stage `stage` (a CFG batch is one call) */
     SLIM_EVENT_BANK = 4,       /* embed, score: the memory-bank work (score: history assembly; embed with a bank: the upsert) */
-    SLIM_EVENT_BLOCK = 5,      /* generate, with SLIM_PROFILE_BLOCKS: one joint block's action in a step (ABI 0.4) */
-    SLIM_EVENT_TOKENIZE = 6,   /* generate_prompt: one tokenizer call (one text, one of clip_l, clip_g, t5) (ABI 0.8) */
-    SLIM_EVENT_DECODE = 7,     /* generate_prompt: the decode: latent scaling, the vae_decode stage, RGB8 conversion (ABI 0.8) */
-    SLIM_EVENT_IMAGE = 8       /* generate_prompt: the whole call, after argument checks (ABI 0.8) */
+    SLIM_EVENT_BLOCK = 5,      /* generate, with SLIM_PROFILE_BLOCKS: one joint block's action in a step */
+    SLIM_EVENT_TOKENIZE = 6,   /* generate_prompt: one tokenizer call (one text, one of clip_l, clip_g, t5) */
+    SLIM_EVENT_DECODE = 7,     /* generate_prompt: the decode: latent scaling, the vae_decode stage, RGB8 conversion */
+    SLIM_EVENT_IMAGE = 8       /* generate_prompt: the whole call, after argument checks */
 } slim_event_kind;             /* later versions may add kinds: skip the ones you do not know */
 
 /* What a step did with a joint block (SLIM_EVENT_BLOCK events carry it in `level`; docs/runtime-loop.md). */
@@ -492,7 +510,7 @@ typedef enum slim_block_action {
 
 /* slim_session_set_profiling flags. */
 #define SLIM_PROFILE_ON 1     /* generation, prepare, step and stage events */
-#define SLIM_PROFILE_BLOCKS 2 /* also one SLIM_EVENT_BLOCK event per joint block per step (ABI 0.4) */
+#define SLIM_PROFILE_BLOCKS 2 /* also one SLIM_EVENT_BLOCK event per joint block per step */
 
 typedef struct slim_event {
     uint32_t struct_size; /* set by the caller: sizeof(slim_event) */
@@ -504,6 +522,7 @@ typedef struct slim_event {
     int64_t start_ns;  /* host time the event began */
     int64_t end_ns;    /* host time it ended */
     int64_t device_ns; /* device time from CUDA events; -1 when not measured (always, in this CPU-only build) */
+    SLIM_FUTURE_FIELD
 } slim_event;
 
 /* Turn event recording on (nonzero: SLIM_PROFILE_ON, with SLIM_PROFILE_BLOCKS also block events) or off (0) for
@@ -539,16 +558,18 @@ SLIM_API slim_status slim_stage_run(slim_session* session, const char* stage, co
 typedef struct slim_bank slim_bank;
 
 typedef struct slim_bank_params {
-    uint32_t struct_size; /* sizeof(slim_bank_params) */
+    uint32_t struct_size; /* set by slim_bank_params_init */
     int32_t dim;          /* embedding width: required to create a bank; checked against an existing one when > 0 */
     int32_t read_only;    /* 1: a reader (no lock, no writes; slim_bank_refresh picks up a writer's appends); 0 (default): the writer */
     int32_t create;       /* 1 (default): a writer creates the file when it does not exist */
     int32_t sync_writes;  /* 1: fdatasync in every upsert/delete (power-loss durable); 0 (default): durable against a process crash
                              (kill -9) as soon as the call returns, against power loss after slim_bank_flush */
+    SLIM_FUTURE_FIELD
 } slim_bank_params;
 
-/* Defaults for slim_bank_open: dim 0 (take the file's), writer, create, no per-call sync. */
-SLIM_API slim_bank_params slim_bank_default_params(void);
+/* Writes the defaults for slim_bank_open (dim 0: take the file's; writer, create, no per-call sync) into the first
+ * struct_size bytes of *params and sets params->struct_size. Status: INVALID_ARGUMENT. */
+SLIM_API slim_status slim_bank_params_init(slim_bank_params* params, size_t struct_size);
 
 /* Open (or create) the bank file at `path` (format: docs/memory-bank.md). A torn tail left by a
  * crash is dropped (a writer truncates it); opening never fails because of one. Damage inside the
@@ -593,20 +614,20 @@ SLIM_API slim_status slim_bank_flush(slim_bank* bank);
 SLIM_API slim_status slim_bank_refresh(slim_bank* bank, int64_t* added);
 
 /* What the scans of a bank handle found: at open, and for a read-only handle up to its last refresh
- * (docs/memory-bank.md, "Damage"). ABI 0.2. */
+ * (docs/memory-bank.md, "Damage"). */
 typedef struct slim_bank_recovery {
     uint32_t struct_size;         /* set by the caller: sizeof(slim_bank_recovery) */
     int64_t damaged_records;      /* records inside the log with one flipped bit, corrected in memory: a delete applied, an upserted
                                      id hidden (not found) until written again or slim_bank_repair */
-    int64_t dropped_records;      /* intact records skipped with damaged ones: 0 since ABI 0.9 (a record is corrected, or opening fails) */
     int64_t first_damaged_offset; /* byte offset of the first damaged record; -1: none */
     int64_t tail_bytes;           /* at open: bytes after the last whole write call (a call a crash cut short); a writer truncated them */
-    int64_t header_corrected;     /* ABI 0.9: 1 when the header had one flipped bit, corrected in memory */
+    int64_t header_corrected;     /* 1 when the header had one flipped bit, corrected in memory */
+    SLIM_FUTURE_FIELD
 } slim_bank_recovery;
-/* Fills *out (an ABI 0.2 struct, without header_corrected, too). Status: INVALID_ARGUMENT (NULL, struct_size too small). */
+/* Fills *out (out->struct_size set by the caller). Status: INVALID_ARGUMENT (NULL, struct_size). */
 SLIM_API slim_status slim_bank_recovery_info(const slim_bank* bank, slim_bank_recovery* out);
 
-/* What slim_bank_repair found and kept. ABI 0.9. */
+/* What slim_bank_repair found and kept. */
 typedef struct slim_bank_repair_report {
     uint32_t struct_size;       /* set by the caller: sizeof(slim_bank_repair_report) */
     int32_t header;             /* 0: intact; 1: one flipped bit, corrected; 2: damaged beyond that, rebuilt from the records */
@@ -617,6 +638,7 @@ typedef struct slim_bank_repair_report {
     int64_t hidden_ids;         /* ids live before an unreadable record, left out: any of them may be the one it deleted */
     int64_t ids;                /* ids in the repaired bank */
     int64_t tail_bytes;         /* bytes after the last whole write call (a call a crash cut short), left out */
+    SLIM_FUTURE_FIELD
 } slim_bank_repair_report;
 /* Rewrite the bank file at `path` with one record per id it can prove live (docs/memory-bank.md, "Repair"): every
  * corrected record restored, no deleted id, none of the ids written before a record damaged beyond correction; a
@@ -636,20 +658,23 @@ typedef struct slim_lemur_stats {
     double total_ms;         /* wall time of the call */
     double backend_ms;       /* time inside ONNX Runtime's Run */
     double bank_ms;          /* time in the bank: history assembly, or the upsert of embed */
+    SLIM_FUTURE_FIELD
 } slim_lemur_stats;
 
 typedef struct slim_embed_params {
-    uint32_t struct_size;            /* sizeof(slim_embed_params) */
+    uint32_t struct_size;            /* set by slim_embed_params_init */
     const slim_tensor* text_ids;     /* int64 [B, L] token ids in [0, vocab_size), 0 pads; title, OCR and ASR concatenated; required */
     const slim_tensor* segment_ids;  /* int64 [B, L] in [0, num_segments) (0 title, 1 OCR, 2 ASR); NULL: all 0 */
     const slim_tensor* frames;       /* float32 [B, F, 3, image_size, image_size], 1 <= F <= max_frames; required */
     slim_bank* bank;                 /* optional: upsert the embeddings into this (writer) bank */
     const slim_tensor* document_ids; /* int64 [B], ids >= 0; required with bank */
     int64_t model_version;           /* recorded in the bank; < 0 (default): the bundle's program.model_version */
+    SLIM_FUTURE_FIELD
 } slim_embed_params;
 
-/* Defaults for slim_embed: all tensors NULL, no bank, the bundle's model version. */
-SLIM_API slim_embed_params slim_embed_default_params(void);
+/* Writes the defaults for slim_embed (all tensors NULL, no bank, the bundle's model version) into the first struct_size bytes of *params
+ * and sets params->struct_size. Status: INVALID_ARGUMENT. */
+SLIM_API slim_status slim_embed_params_init(slim_embed_params* params, size_t struct_size);
 
 /* Document embeddings (L2-normalised) of a batch into `embeddings_out` (float32 [B, embed_dim], CPU
  * contiguous, caller memory); with a bank, also upserted under document_ids. stats may be NULL.
@@ -664,16 +689,18 @@ typedef enum slim_missing_policy {
 } slim_missing_policy;
 
 typedef struct slim_score_params {
-    uint32_t struct_size;           /* sizeof(slim_score_params) */
+    uint32_t struct_size;           /* set by slim_score_params_init */
     const slim_bank* bank;          /* the history embeddings' source; required, dim must be embed_dim */
     const slim_tensor* history_ids; /* int64 [B, H] document ids, most recent last; -1 pads; required */
     const slim_tensor* query_ids;   /* int64 [B, Lq] query token ids in [0, vocab_size), 0 pads; required */
     int32_t missing_policy;         /* slim_missing_policy */
     int64_t min_model_version;      /* bank entries written by an older model version count as missing; 0 (default): all */
+    SLIM_FUTURE_FIELD
 } slim_score_params;
 
-/* Defaults for slim_score: all NULL, SLIM_MISSING_ERROR, min_model_version 0. */
-SLIM_API slim_score_params slim_score_default_params(void);
+/* Writes the defaults for slim_score (all NULL, SLIM_MISSING_ERROR, min_model_version 0) into the first struct_size bytes of *params and
+ * sets params->struct_size. Status: INVALID_ARGUMENT. */
+SLIM_API slim_status slim_score_params_init(slim_score_params* params, size_t struct_size);
 
 /* Click probabilities of each (history, query) row into `scores_out` (float32 [B], caller memory).
  * stats may be NULL. Status: INVALID_ARGUMENT, SHAPE, DTYPE, NOT_FOUND, NUMERICS, BACKEND, BUSY. */

@@ -1,6 +1,7 @@
-// The C ABI: handles, params structs read and checked, caller tensors checked, exceptions turned into
-// status codes. What a call means lives behind it: the programs (sd3_program, lemur_program), X-Slim
-// policies (xslim), the generic stage call (ort_backend), bank files (memory_bank).
+// The C ABI: handles checked, params structs read (the caller's struct_size bytes over the defaults), results
+// written, exceptions turned into status codes. What a call means lives behind it: SD3 requests checked and
+// resolved (sd3_request), the runners (sd3_program, prompt_program, lemur_program), the generic stage call
+// (ort_backend), bank files (memory_bank).
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -18,12 +19,12 @@
 #include "memory_bank.hpp"
 #include "program.hpp"
 #include "prompt_program.hpp"
-#include "sampling_plan.hpp"
 #include "sd3_program.hpp"
+#include "sd3_request.hpp"
+#include "sd3_stages.hpp"
 #include "slimengine.h"
 #include "tensor_args.hpp"
 #include "tokenizer.hpp"
-#include "unicode_text.hpp"
 
 #ifndef SLIMENGINE_VERSION
 #define SLIMENGINE_VERSION "0.0.0"
@@ -37,10 +38,10 @@ struct slim_engine {
 };
 
 struct slim_session {
-    std::shared_ptr<const slim::Engine> engine;     // declared first: destroyed after the program that uses it
-    std::unique_ptr<slim::ProgramSession> program;  // the family's program (nullptr: a plain ONNX engine)
-    slim::PromptCache prompts;                      // slim_generate_prompt's encoded prompt texts
-    mutable slim::CallGate gate;                    // one call at a time
+    std::shared_ptr<const slim::Engine> engine;  // declared first: destroyed after the program that uses it
+    std::unique_ptr<slim::Runner> runner;        // the family's programs (nullptr: a plain ONNX engine)
+    slim::PromptCache prompts;                   // slim_generate_prompt's encoded prompt texts
+    mutable slim::CallGate gate;                 // one call at a time
 };
 
 struct slim_bank {
@@ -51,11 +52,6 @@ struct slim_bank {
 namespace {
 
 thread_local std::string last_error;
-
-// Limits of the exported graphs' dynamic dimensions (export/onnx_export.py).
-constexpr int64_t kMaxBatch = 4096, kMaxText = 8192;
-// Steps of a plain plan (num_steps); the Python binding checks the same bound (runtime.py MAX_STEPS).
-constexpr int32_t kMaxSteps = 10000;
 
 slim_status fail(slim_status status, const std::string& message) {
     last_error = message;
@@ -84,7 +80,7 @@ slim::Verify verify_level(int32_t level, const char* what) {
 
 // A caller's struct larger than this library's: its header is newer, and fields it sets would be
 // ignored (params) or not written (stats), so it is refused rather than truncated.
-void check_not_newer(uint32_t given, size_t known, const char* what) {
+void check_not_newer(size_t given, size_t known, const char* what) {
     if (given > known)
         throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, std::string(what) + ".struct_size is " + std::to_string(given) + ", larger than " +
                                                          std::to_string(known) + ", sizeof(" + what + ") in this library (ABI " +
@@ -94,32 +90,104 @@ void check_not_newer(uint32_t given, size_t known, const char* what) {
                                                          "least as new as its header");
 }
 
-// Copies a caller's params struct over the defaults: older callers pass smaller structs (at least
-// `required_size`: the first version's fields), and only the fields they know are read.
+// The ABI 1.0 struct's fields end here: no caller's struct_size is smaller (a test build has later fields past it).
 template <typename T>
-T read_params(const T* given, T defaults, size_t required_size, const char* what) {
-    if (!given) return defaults;
-    if (given->struct_size < required_size)
-        throw slim::Error(SLIM_ERR_INVALID_ARGUMENT,
-                          std::string(what) + ".struct_size is " + std::to_string(given->struct_size) + "; set it to sizeof(" + what + ")");
-    check_not_newer(given->struct_size, sizeof(T), what);
-    // Every version's sizeof is a multiple of the struct's alignment (each version has a pointer). Any other size
-    // would end inside a field, and a pointer copied in part (a progress callback, a JSON string) would be followed.
-    if (given->struct_size % alignof(T) != 0)
-        throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, std::string(what) + ".struct_size is " + std::to_string(given->struct_size) +
-                                                         ", which is no version's sizeof(" + what + ") (those are multiples of " +
-                                                         std::to_string(alignof(T)) + "); set it to sizeof(" + what + ")");
-    std::memcpy(&defaults, given, given->struct_size);
-    defaults.struct_size = sizeof(T);
-    return defaults;
+constexpr size_t base_size() {
+#ifdef SLIM_TEST_FUTURE_FIELDS
+    return offsetof(T, test_future_field);
+#else
+    return sizeof(T);
+#endif
 }
 
-// A caller's stats or info struct the library fills: at least `required_size` (older callers' structs
-// get the fields they know), at most this library's.
-void check_out_size(uint32_t given, size_t required_size, size_t known, const char* what) {
-    if (given < required_size)
-        throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, std::string(what) + ".struct_size must be sizeof(" + what + ")");
-    check_not_newer(given, known, what);
+// A caller's struct_size: at least the 1.0 struct's, at most this library's, and a multiple of the struct's alignment
+// (every version's sizeof is one; any other size would end inside a field, and a pointer copied in part would be followed).
+template <typename T>
+void check_struct_size(size_t given, const char* what) {
+    check_not_newer(given, sizeof(T), what);
+    if (given < base_size<T>() || given % alignof(T) != 0)
+        throw slim::Error(SLIM_ERR_INVALID_ARGUMENT,
+                          std::string(what) + ".struct_size is " + std::to_string(given) + "; set it to sizeof(" + what + ")");
+}
+
+// Each params struct's defaults, whole (this library's size).
+template <typename T>
+T defaults();
+
+template <>
+slim_engine_params defaults() {
+    slim_engine_params p{};
+    p.verify = SLIM_VERIFY_FAST;
+    p.device_type = SLIM_DEVICE_CPU;
+    return p;
+}
+template <>
+slim_generate_params defaults() {
+    slim_generate_params p{};
+    p.guidance_scale = -1.0f;
+    p.xslim_threshold = -1.0f;
+    return p;
+}
+template <>
+slim_prompt_params defaults() {
+    slim_prompt_params p{};
+    p.guidance_scale = -1.0f;
+    p.xslim_threshold = -1.0f;
+    return p;
+}
+template <>
+slim_bank_params defaults() {
+    slim_bank_params p{};
+    p.create = 1;
+    return p;
+}
+template <>
+slim_embed_params defaults() {
+    slim_embed_params p{};
+    p.model_version = -1;
+    return p;
+}
+template <>
+slim_score_params defaults() {
+    slim_score_params p{};
+    p.missing_policy = SLIM_MISSING_ERROR;
+    return p;
+}
+
+// slim_*_params_init: the defaults, written into exactly the caller's struct_size bytes.
+template <typename T>
+slim_status init_params(T* params, size_t struct_size, const char* what) {
+    return guarded([&] {
+        if (!params) throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, std::string(what) + "_init: params is NULL");
+        check_struct_size<T>(struct_size, what);
+        T value = defaults<T>();
+        value.struct_size = static_cast<uint32_t>(struct_size);
+        std::memcpy(static_cast<void*>(params), &value, struct_size);
+    });
+}
+
+// A caller's params over the defaults: only its struct_size bytes are read (fields of later versions keep their defaults).
+template <typename T>
+T read_params(const T* given, const char* what) {
+    T value = defaults<T>();
+    if (!given) return value;
+    check_struct_size<T>(given->struct_size, what);
+    std::memcpy(static_cast<void*>(&value), given, given->struct_size);
+    value.struct_size = sizeof(T);
+    return value;
+}
+
+// A caller's result struct: checked before the call's work, filled after it with the first struct_size bytes of the whole
+// result (an older caller gets the fields it knows).
+template <typename T>
+void check_out(const T* out, const char* what) {
+    if (out) check_struct_size<T>(out->struct_size, what);
+}
+template <typename T>
+void write_out(T* out, T value) {
+    if (!out) return;
+    value.struct_size = out->struct_size;
+    std::memcpy(static_cast<void*>(out), &value, out->struct_size);
 }
 
 constexpr int64_t kMaxBankBatch = int64_t(1) << 24;  // ids per bank call
@@ -131,8 +199,8 @@ using slim::shape_text;
 
 // The session's program as the type `call` runs, or INVALID_ARGUMENT naming the engine's family and `runs` (what the call takes).
 template <typename P>
-P& program_as(slim_session* session, const char* call, const char* runs) {
-    P* program = dynamic_cast<P*>(session->program.get());
+P& runner_as(slim_session* session, const char* call, const char* runs) {
+    P* program = dynamic_cast<P*>(session->runner.get());
     if (!program)
         throw slim::Error(SLIM_ERR_INVALID_ARGUMENT,
                           std::string(call) + ": the engine's family is '" + session->engine->manifest().family + "'; " + runs);
@@ -140,20 +208,17 @@ P& program_as(slim_session* session, const char* call, const char* runs) {
 }
 
 // The event recorder of the session's program (SD3 generate, LEMUR embed/score), or nullptr (a plain ONNX engine).
-slim::Profiler* profiler_of(const slim_session* session) { return session->program ? &session->program->profiler() : nullptr; }
+slim::Profiler* profiler_of(const slim_session* session) { return session->runner ? &session->runner->profiler() : nullptr; }
 
 void fill_stats(slim_lemur_stats* out, const slim::LemurStats& s) {
-    if (!out) return;
-    out->batch = static_cast<int32_t>(s.batch);
-    out->history_found = s.history_found;
-    out->history_missing = s.history_missing;
-    out->total_ms = s.total_ms;
-    out->backend_ms = s.backend_ms;
-    out->bank_ms = s.bank_ms;
-}
-
-void check_stats_size(const slim_lemur_stats* stats) {
-    if (stats) check_out_size(stats->struct_size, sizeof(slim_lemur_stats), sizeof(slim_lemur_stats), "slim_lemur_stats");
+    slim_lemur_stats value{};
+    value.batch = static_cast<int32_t>(s.batch);
+    value.history_found = s.history_found;
+    value.history_missing = s.history_missing;
+    value.total_ms = s.total_ms;
+    value.backend_ms = s.backend_ms;
+    value.bank_ms = s.bank_ms;
+    write_out(out, value);
 }
 
 int64_t now_us() {
@@ -171,12 +236,12 @@ int32_t count_when_idle(const slim_session* session, F&& count) {
 }
 const std::vector<slim::StepStats>& step_stats_of(const slim_session* session) {
     static const std::vector<slim::StepStats> none;  // only SD3 generations have steps
-    const auto* sd3 = dynamic_cast<const slim::Sd3Session*>(session->program.get());
+    const auto* sd3 = dynamic_cast<const slim::Sd3Runner*>(session->runner.get());
     return sd3 ? sd3->step_stats() : none;
 }
 const std::vector<slim::StageStats>& stage_stats_of(const slim_session* session) {
     static const std::vector<slim::StageStats> none;  // plain ONNX engines: slim_stage_run keeps no stats
-    return session->program ? session->program->stage_stats() : none;
+    return session->runner ? session->runner->stage_stats() : none;
 }
 const std::vector<slim::ProfileEvent>& events_of(const slim_session* session) {
     static const std::vector<slim::ProfileEvent> none;
@@ -188,6 +253,12 @@ const T& item(const std::vector<T>& all, int32_t index, const void* out, const c
     if (!out || index < 0 || index >= static_cast<int32_t>(all.size()))
         throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, std::string(call) + ": NULL argument or index out of range");
     return all[index];
+}
+
+// The settings slim_generate and slim_generate_prompt share (slim::resolve_sd3 applies their rules).
+template <typename P>
+slim::Sd3Settings sd3_settings(const P& p) {
+    return slim::Sd3Settings{p.guidance_scale, p.xslim_policy, p.xslim_threshold, p.num_steps, p.shift, p.seeds, p.seed};
 }
 
 }  // namespace
@@ -234,15 +305,8 @@ const char* slim_status_name(slim_status status) {
     return "SLIM_ERR_UNKNOWN";
 }
 
-slim_engine_params slim_engine_default_params(void) {
-    slim_engine_params p{};
-    p.struct_size = sizeof(p);
-    p.onnxruntime_library = nullptr;
-    p.verify_checksums = SLIM_VERIFY_FAST;
-    p.intra_op_threads = 0;
-    p.device_type = SLIM_DEVICE_CPU;
-    p.device_id = 0;
-    return p;
+slim_status slim_engine_params_init(slim_engine_params* params, size_t struct_size) {
+    return init_params(params, struct_size, "slim_engine_params");
 }
 
 slim_status slim_engine_open(const char* path, const slim_engine_params* params, slim_engine** out) {
@@ -250,8 +314,7 @@ slim_status slim_engine_open(const char* path, const slim_engine_params* params,
     *out = nullptr;
     return guarded([&] {
         if (!path || !*path) throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, "slim_engine_open: path is empty");
-        slim_engine_params p = read_params(params, slim_engine_default_params(),
-                                           offsetof(slim_engine_params, intra_op_threads) + sizeof(int32_t), "slim_engine_params");
+        const slim_engine_params p = read_params(params, "slim_engine_params");
         if (p.intra_op_threads < 0) throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, "slim_engine_params.intra_op_threads must be >= 0");
         if (p.device_type != SLIM_DEVICE_CPU && p.device_type != SLIM_DEVICE_CUDA)
             throw slim::Error(
@@ -260,8 +323,11 @@ slim_status slim_engine_open(const char* path, const slim_engine_params* params,
         if (p.device_id < 0 || (p.device_type == SLIM_DEVICE_CPU && p.device_id != 0))
             throw slim::Error(SLIM_ERR_INVALID_ARGUMENT,
                               "slim_engine_params.device_id must be >= 0 (and 0 for the CPU), got " + std::to_string(p.device_id));
-        slim::EngineOptions options{p.onnxruntime_library, verify_level(p.verify_checksums, "slim_engine_params.verify_checksums"),
-                                    p.intra_op_threads, p.device_type == SLIM_DEVICE_CUDA ? p.device_id : -1};
+        if (p.host_buffers != 0 && p.host_buffers != 1)
+            throw slim::Error(SLIM_ERR_INVALID_ARGUMENT,
+                              "slim_engine_params.host_buffers must be 0 or 1, got " + std::to_string(p.host_buffers));
+        slim::EngineOptions options{p.onnxruntime_library, verify_level(p.verify, "slim_engine_params.verify"), p.intra_op_threads,
+                                    p.device_type == SLIM_DEVICE_CUDA ? p.device_id : -1, p.host_buffers == 1};
         auto engine = std::make_unique<slim_engine>();
         engine->engine = std::make_unique<slim::Engine>(path, options);
         *out = engine.release();
@@ -303,18 +369,17 @@ slim_status slim_engine_get_info(const slim_engine* engine, slim_engine_info* ou
     if (!out) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_engine_get_info: out is NULL");
     return guarded([&] {
         slim::GateEntry use(engine->gate, "slim_engine_get_info: the engine", false);  // a close waits for it
-        check_out_size(out->struct_size, sizeof(slim_engine_info), sizeof(slim_engine_info), "slim_engine_info");
+        check_out(out, "slim_engine_info");
         const slim::Engine& e = *engine->engine;
         const slim::Manifest& m = e.manifest();
         slim_engine_info info{};
-        info.struct_size = sizeof(info);
         info.family = m.kind == slim::Family::Sd3 ? SLIM_FAMILY_SD3 : m.kind == slim::Family::Lemur ? SLIM_FAMILY_LEMUR : SLIM_FAMILY_ONNX;
         info.precision = m.precision == "fp16"   ? SLIM_DTYPE_FLOAT16
                          : m.precision == "bf16" ? SLIM_DTYPE_BFLOAT16
                          : m.precision == "int8" ? SLIM_DTYPE_INT8
                                                  : SLIM_DTYPE_FLOAT32;
         info.stage_count = static_cast<int32_t>(e.stages().size());
-        info.cache_first_block = info.cache_last_block = -1;
+        info.skip_first_block = info.skip_last_block = -1;
         if (m.kind == slim::Family::Sd3) {
             const slim::Sd3Config& c = m.config;
             const slim::Program& p = m.program;
@@ -328,13 +393,13 @@ slim_status slim_engine_get_info(const slim_engine* engine, slim_engine_info* ou
             info.default_latent_size = c.default_latent_size;
             info.max_latent_size = c.max_latent_size;
             info.num_steps = static_cast<int32_t>(p.steps.size());
-            info.cache_first_block = p.cache_first;
-            info.cache_last_block = p.cache_last;
+            info.skip_first_block = p.skip_first;
+            info.skip_last_block = p.skip_last;
             info.compensation = p.compensation == slim::Compensation::Mlp        ? SLIM_COMPENSATION_MLP
                                 : p.compensation == slim::Compensation::Identity ? SLIM_COMPENSATION_IDENTITY
                                                                                  : SLIM_COMPENSATION_NONE;
-            info.xslim = !p.cache.enabled ? SLIM_XSLIM_NONE : p.cache.schedule.empty() ? SLIM_XSLIM_ONLINE : SLIM_XSLIM_SCHEDULE;
-            info.has_token_stages = e.has_token_stages ? 1 : 0;
+            info.xslim = !p.xslim.enabled ? SLIM_XSLIM_NONE : p.xslim.schedule.empty() ? SLIM_XSLIM_ONLINE : SLIM_XSLIM_SCHEDULE;
+            info.has_token_stages = slim::bind_sd3_stages(m).has_token_stages ? 1 : 0;
             info.guidance_scale = p.guidance_scale;
         } else if (m.kind == slim::Family::Lemur) {
             const slim::LemurConfig& c = m.lemur;
@@ -349,7 +414,7 @@ slim_status slim_engine_get_info(const slim_engine* engine, slim_engine_info* ou
             info.max_history = c.max_history;
             info.model_version = c.model_version;
         }
-        *out = info;
+        write_out(out, info);
     });
 }
 
@@ -362,12 +427,14 @@ slim_status slim_engine_program_step(const slim_engine* engine, int32_t index, s
             throw slim::Error(SLIM_ERR_INVALID_ARGUMENT,
                               "slim_engine_program_step: the engine's family is '" + m.family + "'; sampling programs are sd3's");
         const slim::StepPlan& s = item(m.program.steps, index, out, "slim_engine_program_step");
-        check_out_size(out->struct_size, sizeof(slim_program_step), sizeof(slim_program_step), "slim_program_step");
-        out->record_delta = s.record_delta ? 1 : 0;
-        out->skip_cached_blocks = s.skip_cached_blocks ? 1 : 0;
-        out->sigma = s.sigma;
-        out->sigma_next = s.sigma_next;
-        out->timestep = s.timestep;
+        check_out(out, "slim_program_step");
+        slim_program_step value{};
+        value.record_delta = s.record_delta ? 1 : 0;
+        value.skip_range = s.skip_range ? 1 : 0;
+        value.sigma = s.sigma;
+        value.sigma_next = s.sigma_next;
+        value.timestep = s.timestep;
+        write_out(out, value);
     });
 }
 
@@ -415,7 +482,7 @@ slim_status slim_session_create(slim_engine* engine, slim_session** out) {
     return guarded([&] {
         slim::GateEntry use(engine->gate, "slim_session_create: the engine", false);
         auto session = std::make_unique<slim_session>();
-        session->program = slim::make_program(*engine->engine);
+        session->runner = slim::make_runner(*engine->engine);
         session->engine = engine->engine;
         *out = session.release();
     });
@@ -448,14 +515,8 @@ slim_status slim_session_clear_prompt_cache(slim_session* session) {
     });
 }
 
-slim_generate_params slim_generate_default_params(void) {
-    slim_generate_params p{};
-    p.struct_size = sizeof(p);
-    p.guidance_scale = -1.0f;
-    p.step_cache_threshold = -1.0f;
-    p.num_steps = 0;
-    p.shift = 3.0f;
-    return p;
+slim_status slim_generate_params_init(slim_generate_params* params, size_t struct_size) {
+    return init_params(params, struct_size, "slim_generate_params");
 }
 
 slim_status slim_generate(slim_session* session, const slim_generate_params* params, const slim_tensor* latents_out,
@@ -465,100 +526,29 @@ slim_status slim_generate(slim_session* session, const slim_generate_params* par
     return guarded([&] {
         slim::GateEntry use(session->gate, "slim_generate: the session", true);
         using slim::Error;
-        slim::Sd3Session& sd3 = program_as<slim::Sd3Session>(session, "slim_generate", "slim_generate runs sd3 bundles");
-        slim_generate_params p = read_params(params, slim_generate_default_params(),
-                                             offsetof(slim_generate_params, guidance_scale) + sizeof(float), "slim_generate_params");
-        if (stats)
-            check_out_size(stats->struct_size, offsetof(slim_generate_stats, backend_ms) + sizeof(double), sizeof(slim_generate_stats),
-                           "slim_generate_stats");
-        const slim::Manifest& m = session->engine->manifest();
-        const slim::Sd3Config& c = m.config;
-        const std::string J = std::to_string(c.joint_attention_dim), P = std::to_string(c.pooled_projection_dim);
-
-        auto prompt = check_tensor(p.prompt_embeds, "prompt_embeds", {-1, -1, c.joint_attention_dim}, "[B,L," + J + "]");
-        const int64_t B = prompt[0], L = prompt[1];
-        if (B > kMaxBatch || L > kMaxText)
-            throw Error(SLIM_ERR_SHAPE, "prompt_embeds: batch must be <= " + std::to_string(kMaxBatch) +
-                                            " and text length <= " + std::to_string(kMaxText) + ", got " + shape_text(*p.prompt_embeds));
-        auto pooled = check_tensor(p.pooled_embeds, "pooled_embeds", {B, c.pooled_projection_dim}, "[" + std::to_string(B) + "," + P + "]");
-        if (!std::isfinite(p.guidance_scale)) throw Error(SLIM_ERR_INVALID_ARGUMENT, "guidance_scale must be finite");
-        if (!std::isfinite(p.step_cache_threshold)) throw Error(SLIM_ERR_INVALID_ARGUMENT, "step_cache_threshold must be finite");
-        if (p.num_steps < 0 || p.num_steps > kMaxSteps)
-            throw Error(SLIM_ERR_INVALID_ARGUMENT, "num_steps must be 0 (the bundle's program) or 1 to " + std::to_string(kMaxSteps) +
-                                                       ", got " + std::to_string(p.num_steps));
-        if (p.num_steps > 0 && !(std::isfinite(p.shift) && p.shift > 0))
-            throw Error(SLIM_ERR_INVALID_ARGUMENT, "shift must be a positive number, got " + std::to_string(p.shift));
-        slim::Program plan;
-        if (p.num_steps > 0) plan = slim::plain_program(m.program, p.num_steps, p.shift);
-        const slim::Program& program = p.num_steps > 0 ? plan : m.program;
-        const slim::XSlimPolicy cache = slim::resolve_policy(m.program.cache, p.cache_policy, p.step_cache_threshold, program.steps.size(),
-                                                             session->engine->has_token_stages);
-        const float guidance = p.guidance_scale < 0 ? m.program.guidance_scale : p.guidance_scale;
-        const bool cfg = guidance > 1.0f;
-        if (cfg && (!p.negative_prompt_embeds || !p.negative_pooled_embeds))
-            throw Error(SLIM_ERR_INVALID_ARGUMENT,
-                        "guidance scale " + std::to_string(guidance) + " > 1 needs negative_prompt_embeds and negative_pooled_embeds");
-        const std::string C = std::to_string(c.out_channels), Bs = std::to_string(B);
-        auto out = check_tensor(latents_out, "latents_out", {B, c.out_channels, -1, -1}, "[" + Bs + "," + C + ",H,W]");
-        const int64_t H = out[2], W = out[3];
-        if (H % c.patch_size || W % c.patch_size || H > c.max_latent_size || W > c.max_latent_size)
-            throw Error(SLIM_ERR_SHAPE, "latents: height and width must be multiples of " + std::to_string(c.patch_size) + " up to " +
-                                            std::to_string(c.max_latent_size) + ", got " + std::to_string(H) + "x" + std::to_string(W));
-        if (c.in_channels != c.out_channels) throw Error(SLIM_ERR_BUNDLE, "in_channels != out_channels: not a sampling model");
-        check_finite(p.prompt_embeds, prompt, "prompt_embeds");
-        check_finite(p.pooled_embeds, pooled, "pooled_embeds");
-        if (cfg) {
-            auto neg = check_tensor(p.negative_prompt_embeds, "negative_prompt_embeds", prompt,
-                                    shape_text(*p.prompt_embeds) + " (as prompt_embeds)");
-            auto neg_pooled = check_tensor(p.negative_pooled_embeds, "negative_pooled_embeds", pooled,
-                                           shape_text(*p.pooled_embeds) + " (as pooled_embeds)");
-            check_finite(p.negative_prompt_embeds, neg, "negative_prompt_embeds");
-            check_finite(p.negative_pooled_embeds, neg_pooled, "negative_pooled_embeds");
-        }
-        if (p.latents) {
-            auto lat = check_tensor(p.latents, "latents", out, shape_text(*latents_out) + " (as latents_out)");
-            check_finite(p.latents, lat, "latents");
-        }
-
-        slim::GenerateRequest request;
-        request.batch = static_cast<int>(B);
-        request.text_len = static_cast<int>(L);
-        request.height = static_cast<int>(H);
-        request.width = static_cast<int>(W);
-        request.prompt = static_cast<const float*>(p.prompt_embeds->data);
-        request.pooled = static_cast<const float*>(p.pooled_embeds->data);
-        if (cfg) {
-            request.negative_prompt = static_cast<const float*>(p.negative_prompt_embeds->data);
-            request.negative_pooled = static_cast<const float*>(p.negative_pooled_embeds->data);
-        }
-        request.latents = p.latents ? static_cast<const float*>(p.latents->data) : nullptr;
-        request.seed = p.seed;
-        request.guidance_scale = guidance;
-        request.cache = &cache;
-        request.program = &program;
-        request.out = static_cast<float*>(latents_out->data);
-        request.progress = slim::Progress{p.progress, p.progress_user};  // zeros from an older caller's smaller struct
-        slim::GenerateStats s = sd3.generate(request);
-        if (stats) {
-            stats->steps = s.steps;
-            stats->blocks_run = s.blocks_run;
-            stats->stage_calls = s.stage_calls;
-            stats->effective_nfe = s.effective_nfe;
-            stats->total_ms = s.total_ms;
-            stats->backend_ms = s.backend_ms;
-            if (stats->struct_size >= offsetof(slim_generate_stats, flop_fraction) + sizeof(double)) stats->flop_fraction = s.flop_fraction;
-            if (stats->struct_size >= offsetof(slim_generate_stats, transfer_bytes) + sizeof(uint64_t))
-                stats->transfer_bytes = s.transfer_bytes;
-        }
+        slim::Sd3Runner& sd3 = runner_as<slim::Sd3Runner>(session, "slim_generate", "slim_generate runs sd3 bundles");
+        const slim_generate_params p = read_params(params, "slim_generate_params");
+        check_out(stats, "slim_generate_stats");
+        const slim::GenerateArgs args{
+            p.prompt_embeds, p.pooled_embeds, p.negative_prompt_embeds, p.negative_pooled_embeds,
+            p.latents,       latents_out,     sd3_settings(p),          slim::Progress{p.progress, p.progress_user}};
+        const slim::GenerateCall call(sd3, args);
+        const slim::GenerateStats s = sd3.generate(call.request());
+        slim_generate_stats value{};
+        value.steps = s.steps;
+        value.blocks_run = s.blocks_run;
+        value.stage_calls = s.stage_calls;
+        value.effective_nfe = s.effective_nfe;
+        value.total_ms = s.total_ms;
+        value.backend_ms = s.backend_ms;
+        value.flop_fraction = s.flop_fraction;
+        value.transfer_bytes = s.transfer_bytes;
+        write_out(stats, value);
     });
 }
 
-slim_prompt_params slim_prompt_default_params(void) {
-    slim_prompt_params p{};
-    p.struct_size = sizeof(p);
-    p.guidance_scale = -1.0f;
-    p.step_cache_threshold = -1.0f;
-    return p;
+slim_status slim_prompt_params_init(slim_prompt_params* params, size_t struct_size) {
+    return init_params(params, struct_size, "slim_prompt_params");
 }
 
 slim_status slim_generate_prompt(slim_session* session, const slim_prompt_params* params, uint8_t* image_out, size_t image_capacity,
@@ -568,120 +558,49 @@ slim_status slim_generate_prompt(slim_session* session, const slim_prompt_params
     return guarded([&] {
         slim::GateEntry use(session->gate, "slim_generate_prompt: the session", true);
         using slim::Error;
-        slim::Sd3Session& sd3 = program_as<slim::Sd3Session>(session, "slim_generate_prompt", "slim_generate_prompt runs sd3 bundles");
-        // ABI 0.7 callers' structs end before progress (params) and the prompt cache fields (stats).
-        const slim_prompt_params p =
-            read_params(params, slim_prompt_default_params(), offsetof(slim_prompt_params, progress), "slim_prompt_params");
-        constexpr size_t stats_07 = offsetof(slim_prompt_stats, effective_nfe) + sizeof(double);
-        if (stats) check_out_size(stats->struct_size, stats_07, sizeof(slim_prompt_stats), "slim_prompt_stats");
-        const slim::Engine& engine = *session->engine;
-        const std::string unsupported = slim::prompt_support(engine);
-        if (!unsupported.empty()) throw Error(SLIM_ERR_INVALID_ARGUMENT, "slim_generate_prompt: " + unsupported);
-        const slim::Manifest& m = engine.manifest();
-        const slim::Sd3Config& c = m.config;
-        const slim::PipelineConfig& pl = m.pipeline;
-
-        if (!p.prompts || p.prompt_count < 1 || p.prompt_count > kMaxBatch)
-            throw Error(SLIM_ERR_INVALID_ARGUMENT, "slim_generate_prompt: prompts must not be NULL and prompt_count must be 1 to " +
-                                                       std::to_string(kMaxBatch) + ", got " + std::to_string(p.prompt_count));
-        slim::PromptRequest request;
-        for (int32_t i = 0; i < p.prompt_count; ++i) {
-            const std::string which = "[" + std::to_string(i) + "]";
-            if (!p.prompts[i]) throw Error(SLIM_ERR_INVALID_ARGUMENT, "slim_generate_prompt: prompts" + which + " is NULL");
-            // Bounded reads: a prompt past the limit is refused by the tokenizer without reading all of it.
-            request.prompts.emplace_back(p.prompts[i], strnlen(p.prompts[i], slim::kMaxPromptBytes + 1));
-            const char* negative = p.negative_prompts && p.negative_prompts[i] ? p.negative_prompts[i] : "";
-            request.negatives.emplace_back(negative, strnlen(negative, slim::kMaxPromptBytes + 1));
-            for (const std::string* text : {&request.prompts.back(), &request.negatives.back()})
-                if (text->size() > slim::kMaxPromptBytes || !slim::unicode::is_utf8(text->data(), text->size()))
-                    throw Error(SLIM_ERR_INVALID_ARGUMENT,
-                                std::string("slim_generate_prompt: ") + (text == &request.prompts.back() ? "prompts" : "negative_prompts") +
-                                    which + " is not UTF-8 or is longer than " + std::to_string(slim::kMaxPromptBytes) + " bytes");
-        }
-        const int64_t B = p.prompt_count, f = pl.scale_factor, step = f * c.patch_size, limit = f * c.max_latent_size;
-        auto side = [&](int32_t given, const char* name) -> int64_t {
-            if (given == 0) {
-                if (c.default_latent_size <= 0)
-                    throw Error(SLIM_ERR_INVALID_ARGUMENT,
-                                std::string("slim_generate_prompt: the bundle states no default size; set ") + name);
-                return c.default_latent_size * f;
-            }
-            if (given < 0 || given % step || given > limit)
-                throw Error(SLIM_ERR_INVALID_ARGUMENT, std::string("slim_generate_prompt: ") + name + " must be a multiple of " +
-                                                           std::to_string(step) + " (the VAE's scale factor " + std::to_string(f) +
-                                                           " x the patch size " + std::to_string(c.patch_size) + ") up to " +
-                                                           std::to_string(limit) + " image pixels, got " + std::to_string(given));
-            return given;
-        };
-        const int64_t H = side(p.height, "height"), W = side(p.width, "width");
-        if (!std::isfinite(p.guidance_scale)) throw Error(SLIM_ERR_INVALID_ARGUMENT, "guidance_scale must be finite");
-        if (!std::isfinite(p.step_cache_threshold)) throw Error(SLIM_ERR_INVALID_ARGUMENT, "step_cache_threshold must be finite");
-        if (p.num_steps < 0 || p.num_steps > kMaxSteps)
-            throw Error(SLIM_ERR_INVALID_ARGUMENT, "num_steps must be 0 (the bundle's program) or 1 to " + std::to_string(kMaxSteps) +
-                                                       ", got " + std::to_string(p.num_steps));
-        if (!(std::isfinite(p.shift) && p.shift >= 0))
-            throw Error(SLIM_ERR_INVALID_ARGUMENT, "shift must be 0 (the pipeline's) or a positive number, got " + std::to_string(p.shift));
-        // As the Python binding: a plain plan takes the pipeline's scheduler shift unless one is given.
-        const float shift = p.shift > 0 ? p.shift : pl.scheduler_shift > 0 ? static_cast<float>(pl.scheduler_shift) : 3.0f;
-        slim::Program plan;
-        if (p.num_steps > 0) plan = slim::plain_program(m.program, p.num_steps, shift);
-        const slim::Program& program = p.num_steps > 0 ? plan : m.program;
-        const slim::XSlimPolicy cache =
-            slim::resolve_policy(m.program.cache, p.cache_policy, p.step_cache_threshold, program.steps.size(), engine.has_token_stages);
-        const int64_t image_bytes = B * H * W * 3, latent_count = B * c.out_channels * (H / f) * (W / f);
-        if (!image_out) throw Error(SLIM_ERR_INVALID_ARGUMENT, "slim_generate_prompt: image_out is NULL");
-        if (image_capacity < static_cast<size_t>(image_bytes))
-            throw Error(SLIM_ERR_INVALID_ARGUMENT, "slim_generate_prompt: image_out must hold uint8 [" + std::to_string(B) + "," +
-                                                       std::to_string(H) + "," + std::to_string(W) +
-                                                       ",3] = " + std::to_string(image_bytes) + " bytes, image_capacity is " +
-                                                       std::to_string(image_capacity));
-        if (latents_out && latents_capacity < static_cast<size_t>(latent_count))
-            throw Error(SLIM_ERR_INVALID_ARGUMENT, "slim_generate_prompt: latents_out must hold " + std::to_string(latent_count) +
-                                                       " floats, latents_capacity is " + std::to_string(latents_capacity));
-        if (p.latents) {
-            const std::vector<int64_t> shape{B, c.out_channels, H / f, W / f};
-            auto lat = check_tensor(p.latents, "latents", shape,
-                                    "[" + std::to_string(B) + "," + std::to_string(c.out_channels) + "," + std::to_string(H / f) + "," +
-                                        std::to_string(W / f) + "] (height and width / " + std::to_string(f) + ")");
-            check_finite(p.latents, lat, "latents");
-            request.latents = static_cast<const float*>(p.latents->data);
-        }
-        request.seed = p.seed;
-        request.height = static_cast<int>(H);
-        request.width = static_cast<int>(W);
-        request.guidance_scale = p.guidance_scale < 0 ? m.program.guidance_scale : p.guidance_scale;
-        request.cache = &cache;
-        request.program = &program;
-        request.image = image_out;
-        request.latents_out = latents_out;
-        request.progress = slim::Progress{p.progress, p.progress_user};
-        const slim::PromptStats s = slim::generate_prompt(engine, sd3, session->prompts, request);
-        if (stats) {
-            stats->batch = static_cast<int32_t>(B);
-            stats->height = static_cast<int32_t>(H);
-            stats->width = static_cast<int32_t>(W);
-            stats->steps = s.generate.steps;
-            stats->encoder_calls = s.encoder_calls;
-            stats->total_ms = s.total_ms;
-            stats->tokenize_ms = s.tokenize_ms;
-            stats->clip_l_ms = s.clip_l_ms;
-            stats->clip_g_ms = s.clip_g_ms;
-            stats->t5_ms = s.t5_ms;
-            stats->steps_ms = s.generate.total_ms;
-            stats->vae_decode_ms = s.vae_decode_ms;
-            stats->effective_nfe = s.generate.effective_nfe;
-            if (stats->struct_size >= sizeof(slim_prompt_stats)) {  // ABI 0.8 fields
-                stats->prompt_cache_hits = s.cache_hits;
-                stats->prompt_cache_misses = s.cache_misses;
-                stats->prompt_cache_size = session->prompts.size();
-                stats->prompt_cache_capacity = session->prompts.capacity();
-                stats->blocks_run = s.generate.blocks_run;
-                stats->stage_calls = s.generate.stage_calls;
-                stats->flop_fraction = s.generate.flop_fraction;
-                stats->backend_ms = s.generate.backend_ms;
-                stats->transfer_bytes = s.generate.transfer_bytes;
-            }
-        }
+        slim::Sd3Runner& sd3 = runner_as<slim::Sd3Runner>(session, "slim_generate_prompt", "slim_generate_prompt runs sd3 bundles");
+        const slim_prompt_params p = read_params(params, "slim_prompt_params");
+        check_out(stats, "slim_prompt_stats");
+        slim::PromptArgs args;
+        args.prompts = p.prompts;
+        args.prompt_count = p.prompt_count;
+        args.negative_prompts = p.negative_prompts;
+        args.height = p.height;
+        args.width = p.width;
+        args.latents = p.latents;
+        args.settings = sd3_settings(p);
+        args.progress = slim::Progress{p.progress, p.progress_user};
+        args.image_out = image_out;
+        args.image_capacity = image_capacity;
+        args.latents_out = latents_out;
+        args.latents_capacity = latents_capacity;
+        const slim::PromptCall call(sd3, args);
+        const slim::PromptRequest& request = call.request();
+        const slim::PromptStats s = slim::generate_prompt(*session->engine, sd3, session->prompts, request);
+        slim_prompt_stats value{};
+        value.batch = p.prompt_count;
+        value.height = request.height;
+        value.width = request.width;
+        value.steps = s.generate.steps;
+        value.encoder_calls = s.encoder_calls;
+        value.total_ms = s.total_ms;
+        value.tokenize_ms = s.tokenize_ms;
+        value.clip_l_ms = s.clip_l_ms;
+        value.clip_g_ms = s.clip_g_ms;
+        value.t5_ms = s.t5_ms;
+        value.steps_ms = s.generate.total_ms;
+        value.vae_decode_ms = s.vae_decode_ms;
+        value.effective_nfe = s.generate.effective_nfe;
+        value.prompt_cache_hits = s.cache_hits;
+        value.prompt_cache_misses = s.cache_misses;
+        value.prompt_cache_size = session->prompts.size();
+        value.prompt_cache_capacity = session->prompts.capacity();
+        value.blocks_run = s.generate.blocks_run;
+        value.stage_calls = s.generate.stage_calls;
+        value.flop_fraction = s.generate.flop_fraction;
+        value.backend_ms = s.generate.backend_ms;
+        value.transfer_bytes = s.generate.transfer_bytes;
+        write_out(stats, value);
     });
 }
 
@@ -694,17 +613,17 @@ slim_status slim_session_step_stats(const slim_session* session, int32_t index, 
     return guarded([&] {
         slim::GateEntry use(session->gate, "slim_session_step_stats: the session", true);
         const slim::StepStats& s = item(step_stats_of(session), index, out, "slim_session_step_stats");
-        check_out_size(out->struct_size, offsetof(slim_step_stats, ms) + sizeof(double), sizeof(slim_step_stats), "slim_step_stats");
-        out->sigma = s.sigma;
-        out->sigma_next = s.sigma_next;
-        out->blocks_run = s.blocks_run;
-        out->level = s.level;
-        out->ms = s.ms;
-        if (out->struct_size >= sizeof(slim_step_stats)) {  // ABI 0.2 fields
-            out->blocks_reused = s.blocks_reused;
-            out->tokens_computed = s.tokens_computed;
-            out->flop_fraction = s.flop_fraction;
-        }
+        check_out(out, "slim_step_stats");
+        slim_step_stats value{};
+        value.sigma = s.sigma;
+        value.sigma_next = s.sigma_next;
+        value.blocks_run = s.blocks_run;
+        value.level = s.level;
+        value.ms = s.ms;
+        value.blocks_reused = s.blocks_reused;
+        value.tokens_computed = s.tokens_computed;
+        value.flop_fraction = s.flop_fraction;
+        write_out(out, value);
     });
 }
 
@@ -713,9 +632,11 @@ slim_status slim_session_stage_stats(const slim_session* session, int32_t index,
     return guarded([&] {
         slim::GateEntry use(session->gate, "slim_session_stage_stats: the session", true);
         const slim::StageStats& s = item(stage_stats_of(session), index, out, "slim_session_stage_stats");
-        check_out_size(out->struct_size, sizeof(slim_stage_stats), sizeof(slim_stage_stats), "slim_stage_stats");
-        out->calls = s.calls;
-        out->total_ms = s.ms;
+        check_out(out, "slim_stage_stats");
+        slim_stage_stats value{};
+        value.calls = s.calls;
+        value.total_ms = s.ms;
+        write_out(out, value);
     });
 }
 
@@ -743,15 +664,17 @@ slim_status slim_session_event(const slim_session* session, int32_t index, slim_
     return guarded([&] {
         slim::GateEntry use(session->gate, "slim_session_event: the session", true);
         const slim::ProfileEvent& e = item(events_of(session), index, out, "slim_session_event");
-        check_out_size(out->struct_size, sizeof(slim_event), sizeof(slim_event), "slim_event");
-        out->kind = e.kind;
-        out->step = e.step;
-        out->block = e.block;
-        out->stage = e.stage;
-        out->level = e.level;
-        out->start_ns = e.start_ns;
-        out->end_ns = e.end_ns;
-        out->device_ns = e.device_ns;
+        check_out(out, "slim_event");
+        slim_event value{};
+        value.kind = e.kind;
+        value.step = e.step;
+        value.block = e.block;
+        value.stage = e.stage;
+        value.level = e.level;
+        value.start_ns = e.start_ns;
+        value.end_ns = e.end_ns;
+        value.device_ns = e.device_ns;
+        write_out(out, value);
     });
 }
 
@@ -773,14 +696,8 @@ slim_status slim_stage_run(slim_session* session, const char* stage, const slim_
 
 // ---- memory bank ----
 
-slim_bank_params slim_bank_default_params(void) {
-    slim_bank_params p{};
-    p.struct_size = sizeof(p);
-    p.dim = 0;
-    p.read_only = 0;
-    p.create = 1;
-    p.sync_writes = 0;
-    return p;
+slim_status slim_bank_params_init(slim_bank_params* params, size_t struct_size) {
+    return init_params(params, struct_size, "slim_bank_params");
 }
 
 slim_status slim_bank_open(const char* path, const slim_bank_params* params, slim_bank** out) {
@@ -788,7 +705,7 @@ slim_status slim_bank_open(const char* path, const slim_bank_params* params, sli
     *out = nullptr;
     return guarded([&] {
         if (!path || !*path) throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, "slim_bank_open: path is empty");
-        slim_bank_params p = read_params(params, slim_bank_default_params(), sizeof(slim_bank_params), "slim_bank_params");
+        slim_bank_params p = read_params(params, "slim_bank_params");
         slim::BankOptions options;
         options.dim = p.dim;
         options.read_only = p.read_only != 0;
@@ -875,32 +792,33 @@ slim_status slim_bank_recovery_info(const slim_bank* bank, slim_bank_recovery* o
     if (!bank) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_bank_recovery_info: bank is NULL");
     if (!out) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_bank_recovery_info: out is NULL");
     return guarded([&] {
-        check_out_size(out->struct_size, offsetof(slim_bank_recovery, header_corrected), sizeof(slim_bank_recovery), "slim_bank_recovery");
+        check_out(out, "slim_bank_recovery");
         slim::GateEntry use(bank->gate, "slim_bank_recovery_info: the bank", false);
         const slim::BankRecovery r = bank->bank->recovery();
-        out->damaged_records = static_cast<int64_t>(r.damaged_records);
-        out->dropped_records = static_cast<int64_t>(r.dropped_records);
-        out->first_damaged_offset = r.first_damaged_offset;
-        out->tail_bytes = static_cast<int64_t>(r.tail_bytes);
-        if (out->struct_size >= sizeof(slim_bank_recovery)) out->header_corrected = r.header_corrected;  // ABI 0.9
+        slim_bank_recovery value{};
+        value.damaged_records = static_cast<int64_t>(r.damaged_records);
+        value.first_damaged_offset = r.first_damaged_offset;
+        value.tail_bytes = static_cast<int64_t>(r.tail_bytes);
+        value.header_corrected = r.header_corrected;
+        write_out(out, value);
     });
 }
 
 slim_status slim_bank_repair(const char* path, slim_bank_repair_report* out) {
     return guarded([&] {
         if (!path || !*path) throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, "slim_bank_repair: path is empty");
-        if (out)
-            check_out_size(out->struct_size, sizeof(slim_bank_repair_report), sizeof(slim_bank_repair_report), "slim_bank_repair_report");
+        check_out(out, "slim_bank_repair_report");
         const slim::BankRepair r = slim::MemoryBank::repair(path);
-        if (!out) return;
-        out->header = r.header;
-        out->records = static_cast<int64_t>(r.records);
-        out->corrected_records = static_cast<int64_t>(r.corrected_records);
-        out->unreadable_records = static_cast<int64_t>(r.unreadable_records);
-        out->dropped_records = static_cast<int64_t>(r.dropped_records);
-        out->hidden_ids = static_cast<int64_t>(r.hidden_ids);
-        out->ids = static_cast<int64_t>(r.ids);
-        out->tail_bytes = static_cast<int64_t>(r.tail_bytes);
+        slim_bank_repair_report value{};
+        value.header = r.header;
+        value.records = static_cast<int64_t>(r.records);
+        value.corrected_records = static_cast<int64_t>(r.corrected_records);
+        value.unreadable_records = static_cast<int64_t>(r.unreadable_records);
+        value.dropped_records = static_cast<int64_t>(r.dropped_records);
+        value.hidden_ids = static_cast<int64_t>(r.hidden_ids);
+        value.ids = static_cast<int64_t>(r.ids);
+        value.tail_bytes = static_cast<int64_t>(r.tail_bytes);
+        write_out(out, value);
     });
 }
 
@@ -915,11 +833,8 @@ slim_status slim_bank_refresh(slim_bank* bank, int64_t* added) {
 
 // ---- LEMUR programs ----
 
-slim_embed_params slim_embed_default_params(void) {
-    slim_embed_params p{};
-    p.struct_size = sizeof(p);
-    p.model_version = -1;
-    return p;
+slim_status slim_embed_params_init(slim_embed_params* params, size_t struct_size) {
+    return init_params(params, struct_size, "slim_embed_params");
 }
 
 slim_status slim_embed(slim_session* session, const slim_embed_params* params, const slim_tensor* embeddings_out, slim_lemur_stats* stats) {
@@ -927,9 +842,9 @@ slim_status slim_embed(slim_session* session, const slim_embed_params* params, c
     if (!params) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_embed: params is NULL (text_ids and frames are required)");
     return guarded([&] {
         slim::GateEntry use(session->gate, "slim_embed: the session", true);
-        slim::LemurSession& lemur = program_as<slim::LemurSession>(session, "slim_embed", "this call runs lemur bundles");
-        slim_embed_params p = read_params(params, slim_embed_default_params(), sizeof(slim_embed_params), "slim_embed_params");
-        check_stats_size(stats);
+        slim::LemurRunner& lemur = runner_as<slim::LemurRunner>(session, "slim_embed", "this call runs lemur bundles");
+        slim_embed_params p = read_params(params, "slim_embed_params");
+        check_out(stats, "slim_lemur_stats");
         std::optional<slim::GateEntry> bank_use;  // the bank stays open until the call returns
         if (p.bank) bank_use.emplace(p.bank->gate, "slim_embed: the bank", false);
         slim::EmbedArgs args;
@@ -944,12 +859,8 @@ slim_status slim_embed(slim_session* session, const slim_embed_params* params, c
     });
 }
 
-slim_score_params slim_score_default_params(void) {
-    slim_score_params p{};
-    p.struct_size = sizeof(p);
-    p.missing_policy = SLIM_MISSING_ERROR;
-    p.min_model_version = 0;
-    return p;
+slim_status slim_score_params_init(slim_score_params* params, size_t struct_size) {
+    return init_params(params, struct_size, "slim_score_params");
 }
 
 slim_status slim_score(slim_session* session, const slim_score_params* params, const slim_tensor* scores_out, slim_lemur_stats* stats) {
@@ -958,9 +869,9 @@ slim_status slim_score(slim_session* session, const slim_score_params* params, c
     return guarded([&] {
         slim::GateEntry use(session->gate, "slim_score: the session", true);
         using slim::Error;
-        slim::LemurSession& lemur = program_as<slim::LemurSession>(session, "slim_score", "this call runs lemur bundles");
-        slim_score_params p = read_params(params, slim_score_default_params(), sizeof(slim_score_params), "slim_score_params");
-        check_stats_size(stats);
+        slim::LemurRunner& lemur = runner_as<slim::LemurRunner>(session, "slim_score", "this call runs lemur bundles");
+        slim_score_params p = read_params(params, "slim_score_params");
+        check_out(stats, "slim_lemur_stats");
         if (!p.bank) throw Error(SLIM_ERR_INVALID_ARGUMENT, "slim_score: bank is required (history embeddings come from it)");
         slim::GateEntry bank_use(p.bank->gate, "slim_score: the bank", false);
         slim::ScoreArgs args;

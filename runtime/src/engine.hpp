@@ -16,7 +16,8 @@ struct EngineOptions {
     const char* onnxruntime_library = nullptr;
     Verify verify = Verify::Fast;  // how much of the bundle to check (slim_verify)
     int intra_op_threads = 0;
-    int cuda_device = -1;  // >= 0: every stage on ONNX Runtime's CUDA execution provider, this device
+    int cuda_device = -1;       // >= 0: every stage on ONNX Runtime's CUDA execution provider, this device
+    bool host_buffers = false;  // a CUDA engine's sessions keep their buffers in host memory (slim_engine_params.host_buffers)
 };
 
 // Calls and backend time of one stage in a session's last program run.
@@ -33,7 +34,8 @@ class Engine {
 
     const Manifest& manifest() const { return manifest_; }
     const OrtRuntime& ort() const { return *ort_; }
-    const std::vector<std::unique_ptr<StageSession>>& stages() const { return stages_; }
+    const std::vector<std::unique_ptr<Stage>>& stages() const { return stages_; }
+    bool host_buffers() const { return host_buffers_; }
     // The bundle's prompt tokenizers (none for most bundles); loaded on first use.
     const Tokenizers& tokenizers() const { return *tokenizers_; }
 
@@ -44,26 +46,12 @@ class Engine {
     // The joint block each stage computes (its manifest `block`; -1 for a stage of no block), in stages() order.
     std::vector<int> stage_blocks() const;
 
-    // Indices into stages() of the stages the SD3 program calls, bound by their manifest role; compensate is -1 without MLPs.
-    int embed_stage = -1, final_stage = -1, compensate_stage = -1;
-    int clip_l_stage = -1, clip_g_stage = -1, t5_stage = -1, vae_decode_stage = -1;  // the pipeline's, when present
-    std::vector<int> block_stages;
-    // X-Slim token level: the block_tokens stage per block (-1: none, the block then runs whole), and
-    // whether the block's block stage also outputs its image keys/values (img_k, img_v) for the token stage's caches.
-    std::vector<int> token_stages;
-    std::vector<bool> block_kv;
-    bool has_token_stages = false;
-    // The LEMUR programs' stages.
-    int lemur_embed_stage = -1, lemur_score_stage = -1;
-
   private:
-    void bind_sd3_stages();
-    void bind_lemur_stages();
-
     Manifest manifest_;
     std::shared_ptr<OrtRuntime> ort_;
-    std::vector<std::unique_ptr<StageSession>> stages_;
+    std::vector<std::unique_ptr<Stage>> stages_;
     std::unique_ptr<Tokenizers> tokenizers_;
+    bool host_buffers_ = false;
 };
 
 }  // namespace slim

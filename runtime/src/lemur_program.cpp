@@ -16,13 +16,41 @@ constexpr size_t kEventsPerCall = 3;
 
 }  // namespace
 
-LemurSession::LemurSession(const Engine& engine) : ProgramSession(engine), engine_(engine) {}
+namespace {
+using Names = std::vector<std::string>;
+}  // namespace
 
-LemurStats LemurSession::embed(const EmbedArgs& args) { return embed(check(args)); }
+LemurStages bind_lemur_stages(const Manifest& manifest) {
+    LemurStages st;
+    for (size_t i = 0; i < manifest.stages.size(); ++i) {
+        const StageDecl& s = manifest.stages[i];
+        if (s.role == Role::LemurEmbed) {
+            if (st.embed >= 0) throw Error(SLIM_ERR_BUNDLE, "manifest: stage " + s.name + " is a second lemur_embed stage");
+            expect_stage_io(s, {"text_ids", "segment_ids", "frames"}, {"doc_embedding"}, "LEMUR embed");
+            if (s.input_dtypes != Names{"int64", "int64", "float32"})
+                throw Error(SLIM_ERR_BUNDLE, "manifest: stage embed inputs (text_ids, segment_ids, frames) must be int64, int64, float32");
+            st.embed = static_cast<int>(i);
+        } else {  // Role::LemurScore: the manifest allows no other role in a lemur bundle
+            if (st.score >= 0) throw Error(SLIM_ERR_BUNDLE, "manifest: stage " + s.name + " is a second lemur_score stage");
+            expect_stage_io(s, {"history", "history_mask", "query_ids"}, {"score"}, "LEMUR score");
+            if (s.input_dtypes != Names{"float32", "float32", "int64"})
+                throw Error(SLIM_ERR_BUNDLE,
+                            "manifest: stage score inputs (history, history_mask, query_ids) must be float32, float32, int64");
+            st.score = static_cast<int>(i);
+        }
+    }
+    if (st.embed < 0 || st.score < 0)
+        throw Error(SLIM_ERR_BUNDLE, "manifest: a lemur bundle needs the embed and score stages (roles lemur_embed and lemur_score)");
+    return st;
+}
 
-LemurStats LemurSession::score(const ScoreArgs& args) { return score(check(args)); }
+LemurRunner::LemurRunner(const Engine& engine) : Runner(engine), engine_(engine), stage_of_(bind_lemur_stages(engine.manifest())) {}
 
-EmbedRequest LemurSession::check(const EmbedArgs& p) const {
+LemurStats LemurRunner::embed(const EmbedArgs& args) { return embed(check(args)); }
+
+LemurStats LemurRunner::score(const ScoreArgs& args) { return score(check(args)); }
+
+EmbedRequest LemurRunner::check(const EmbedArgs& p) const {
     const LemurConfig& c = engine_.manifest().lemur;
     auto text = check_tensor(p.text_ids, "text_ids", {-1, -1}, "[B,L]", SLIM_DTYPE_INT64);
     const int64_t B = text[0], L = text[1];
@@ -65,7 +93,7 @@ EmbedRequest LemurSession::check(const EmbedArgs& p) const {
     return request;
 }
 
-ScoreRequest LemurSession::check(const ScoreArgs& p) const {
+ScoreRequest LemurRunner::check(const ScoreArgs& p) const {
     const LemurConfig& c = engine_.manifest().lemur;
     if (p.bank->dim() != c.embed_dim)
         throw Error(SLIM_ERR_SHAPE, "slim_score: the bank holds " + std::to_string(p.bank->dim()) + "-d embeddings but this model takes " +
@@ -96,11 +124,11 @@ ScoreRequest LemurSession::check(const ScoreArgs& p) const {
     return request;
 }
 
-double LemurSession::run(int stage, std::initializer_list<const OrtValue*> inputs, std::initializer_list<OrtValue*> outputs) {
+double LemurRunner::run(int stage, std::initializer_list<const OrtValue*> inputs, std::initializer_list<OrtValue*> outputs) {
     return run_stage(engine_, stage, inputs.begin(), outputs.begin(), stages_, profiler_);
 }
 
-LemurStats LemurSession::embed(const EmbedRequest& r) {
+LemurStats LemurRunner::embed(const EmbedRequest& r) {
     auto start = Clock::now();
     profiler_.begin_generation(kEventsPerCall);
     const LemurConfig& c = engine_.manifest().lemur;
@@ -121,7 +149,7 @@ LemurStats LemurSession::embed(const EmbedRequest& r) {
     TensorView out(ort, result_.data(), {B, E});
     LemurStats stats;
     stats.batch = B;
-    stats.backend_ms = run(engine_.lemur_embed_stage, {text.get(), segment.get(), frames.get()}, {out.get()});
+    stats.backend_ms = run(stage_of_.embed, {text.get(), segment.get(), frames.get()}, {out.get()});
     for (int64_t i = 0; i < B * E; ++i)
         if (!std::isfinite(result_[i]))
             throw Error(SLIM_ERR_NUMERICS, "embed: the model produced NaN or Inf for document " + std::to_string(i / E));
@@ -141,7 +169,7 @@ LemurStats LemurSession::embed(const EmbedRequest& r) {
     return stats;
 }
 
-LemurStats LemurSession::score(const ScoreRequest& r) {
+LemurStats LemurRunner::score(const ScoreRequest& r) {
     auto start = Clock::now();
     profiler_.begin_generation(kEventsPerCall);
     const LemurConfig& c = engine_.manifest().lemur;
@@ -184,7 +212,7 @@ LemurStats LemurSession::score(const ScoreRequest& r) {
     TensorView query(ort, const_cast<int64_t*>(r.query_ids), ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, {B, r.query_len});
     result_.resize(static_cast<size_t>(B));
     TensorView out(ort, result_.data(), {B});
-    stats.backend_ms = run(engine_.lemur_score_stage, {history.get(), mask.get(), query.get()}, {out.get()});
+    stats.backend_ms = run(stage_of_.score, {history.get(), mask.get(), query.get()}, {out.get()});
     for (int64_t i = 0; i < B; ++i)
         if (!std::isfinite(result_[i])) throw Error(SLIM_ERR_NUMERICS, "score: the model produced NaN or Inf for row " + std::to_string(i));
     std::memcpy(r.out, result_.data(), result_.size() * sizeof(float));

@@ -57,11 +57,19 @@ struct LemurStats {
     double total_ms = 0, backend_ms = 0, bank_ms = 0;
 };
 
+// The stages the LEMUR programs call, bound by their manifest roles.
+struct LemurStages {
+    int embed = -1, score = -1;
+};
+
+// Binds a lemur manifest's stages and checks their inputs, outputs and dtypes: Error(SLIM_ERR_BUNDLE) naming what is wrong.
+LemurStages bind_lemur_stages(const Manifest& manifest);
+
 // Profiling events of an embed/score call: the call (SLIM_EVENT_GENERATION), its stage call and its
 // bank work (SLIM_EVENT_BANK), with the clock reads of LemurStats.
-class LemurSession final : public ProgramSession {
+class LemurRunner final : public Runner {
   public:
-    explicit LemurSession(const Engine& engine);
+    explicit LemurRunner(const Engine& engine);
 
     // Check the arguments against the bundle (Error: INVALID_ARGUMENT, SHAPE, DTYPE, NUMERICS), then run.
     // embed: Error(SLIM_ERR_BACKEND) if the stage fails, Error(SLIM_ERR_NUMERICS) on a non-finite result.
@@ -77,6 +85,7 @@ class LemurSession final : public ProgramSession {
     double run(int stage, std::initializer_list<const OrtValue*> inputs, std::initializer_list<OrtValue*> outputs);
 
     const Engine& engine_;
+    const LemurStages stage_of_;
     // Buffers, grown on demand and reused across calls.
     std::vector<int64_t> zero_segments_, versions_;
     std::vector<float> history_, mask_;

@@ -139,8 +139,8 @@ Program parse_program(const Value& root, const Sd3Config& cfg) {
     const Value& range = field(p, "cache_blocks", w);
     if (!range.is_null()) {
         if (range.kind != Value::Kind::Array || range.array.size() != 2) bad("program.cache_blocks", "must be null or [first, last]");
-        prog.cache_first = as_int(range.array[0], "program.cache_blocks.first", 0, cfg.num_layers - 2);
-        prog.cache_last = as_int(range.array[1], "program.cache_blocks.last", prog.cache_first, cfg.num_layers - 2);
+        prog.skip_first = as_int(range.array[0], "program.cache_blocks.first", 0, cfg.num_layers - 2);
+        prog.skip_last = as_int(range.array[1], "program.cache_blocks.last", prog.skip_first, cfg.num_layers - 2);
         const Value& comp = field(p, "compensation", w);
         if (comp.kind == Value::Kind::String && comp.string == "mlp")
             prog.compensation = Compensation::Mlp;
@@ -158,21 +158,21 @@ Program parse_program(const Value& root, const Sd3Config& cfg) {
         if (s.kind != Value::Kind::Object) bad(sw, "must be an object");
         StepPlan step{number_field(s, "sigma", sw), number_field(s, "sigma_next", sw), number_field(s, "timestep", sw),
                       bool_field(s, "record_delta", sw), bool_field(s, "skip_cached_blocks", sw)};
-        if ((step.record_delta || step.skip_cached_blocks) && prog.cache_first < 0)
+        if ((step.record_delta || step.skip_range) && prog.skip_first < 0)
             bad(sw, "uses the cached range but program.cache_blocks is null");
-        if (step.record_delta && step.skip_cached_blocks) bad(sw, "cannot both record and skip the cached range");
-        if (step.skip_cached_blocks && !recorded) bad(sw, "skips the cached range before any step recorded it");
+        if (step.record_delta && step.skip_range) bad(sw, "cannot both record and skip the cached range");
+        if (step.skip_range && !recorded) bad(sw, "skips the cached range before any step recorded it");
         recorded = recorded || step.record_delta;
         prog.steps.push_back(step);
     }
     if (const Value* cache = p.find("cache")) {
-        prog.cache = parse_policy(*cache, prog.steps.size(), "program.cache");
+        prog.xslim = parse_policy(*cache, prog.steps.size(), "program.cache");
     } else if (const Value* legacy = p.find("step_cache"); legacy && !legacy->is_null()) {  // bundles before the block/token levels
         if (legacy->kind != Value::Kind::Object) bad("program.step_cache", "must be null or an object");
-        prog.cache.enabled = true;
-        prog.cache.early_warning = number_field(*legacy, "threshold", "program.step_cache");
-        if (prog.cache.early_warning < 0) bad("program.step_cache.threshold", "must not be negative");
-        prog.cache.warmup_steps = int_field(*legacy, "warmup_steps", "program.step_cache", 2, 1 << 20);
+        prog.xslim.enabled = true;
+        prog.xslim.early_warning = number_field(*legacy, "threshold", "program.step_cache");
+        if (prog.xslim.early_warning < 0) bad("program.step_cache.threshold", "must not be negative");
+        prog.xslim.warmup_steps = int_field(*legacy, "warmup_steps", "program.step_cache", 2, 1 << 20);
     }
     return prog;
 }
@@ -385,6 +385,13 @@ Manifest plain_onnx_manifest(const std::string& onnx_path) {
     m.text = "{\"family\": \"onnx\", \"stages\": [{\"name\": \"model\"}]}";
     m.stages.push_back(StageDecl{"model", Role::Model, -1, onnx_path, {}, {}, {}, {}});
     return m;
+}
+
+void expect_stage_io(const StageDecl& s, const std::vector<std::string>& inputs, const std::vector<std::string>& outputs,
+                     const char* program) {
+    if (s.inputs != inputs || s.outputs != outputs)
+        throw Error(SLIM_ERR_BUNDLE,
+                    "manifest: stage " + s.name + " does not have the inputs/outputs the " + program + " program expects of its role");
 }
 
 }  // namespace slim

@@ -46,15 +46,15 @@ enum class Compensation { None, Mlp, Identity };
 
 struct StepPlan {
     double sigma, sigma_next, timestep;
-    bool record_delta;        // record Δ over the cached range (1.x step 1)
-    bool skip_cached_blocks;  // skip the cached range and add the compensated Δ
+    bool record_delta;  // record Δ over the cached range (1.x step 1)
+    bool skip_range;    // skip the cached range and add the compensated Δ
 };
 
 struct Program {
     float guidance_scale;
-    int cache_first = -1, cache_last = -1;  // inclusive range, -1 when the plan caches nothing
+    int skip_first = -1, skip_last = -1;  // inclusive range, -1 when the plan caches nothing
     Compensation compensation = Compensation::None;
-    XSlimPolicy cache;  // the default X-Slim policy; disabled when the bundle sets none
+    XSlimPolicy xslim;  // the default X-Slim policy; disabled when the bundle sets none
     std::vector<StepPlan> steps;
 };
 
@@ -119,5 +119,9 @@ Manifest load_manifest(const BundleDir& dir);
 // A plain ONNX model as a one-stage engine (family PlainOnnx, stage "model"); its inputs and
 // outputs are taken from the graph when the stage is loaded.
 Manifest plain_onnx_manifest(const std::string& onnx_path);
+
+// The inputs and outputs a program expects of a stage of its role: Error(SLIM_ERR_BUNDLE) naming the stage otherwise.
+void expect_stage_io(const StageDecl& s, const std::vector<std::string>& inputs, const std::vector<std::string>& outputs,
+                     const char* program = "SD3");
 
 }  // namespace slim

@@ -50,7 +50,6 @@ struct BankRepair {
 // What the scans of a handle found and left out (docs/memory-bank.md, "Damage").
 struct BankRecovery {
     uint64_t damaged_records = 0;       // records inside the log with one flipped bit: corrected (a delete applied, an upsert's id hidden)
-    uint64_t dropped_records = 0;       // intact records skipped with damaged ones: 0 since records are corrected or opening refuses
     int64_t first_damaged_offset = -1;  // byte offset of the first damaged record; -1: none
     uint64_t tail_bytes = 0;            // at open: bytes after the last whole call (a call a crash cut short); a writer truncated them
     bool header_corrected = false;      // the header had one flipped bit, corrected in memory

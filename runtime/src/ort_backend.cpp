@@ -155,9 +155,9 @@ OrtStatus* append_cuda_provider(const OrtApi* api, OrtSessionOptions* options, i
 
 }  // namespace
 
-StageSession::StageSession(std::shared_ptr<OrtRuntime> ort, const StageModel& model, const std::string& stage_name,
-                           const std::vector<std::string>& inputs, const std::vector<std::string>& outputs, const std::string& custom_ops,
-                           int cuda_device)
+Stage::Stage(std::shared_ptr<OrtRuntime> ort, const StageModel& model, const std::string& stage_name,
+             const std::vector<std::string>& inputs, const std::vector<std::string>& outputs, const std::string& custom_ops,
+             int cuda_device)
     : ort_(std::move(ort)), cuda_device_(cuda_device), name_(stage_name), input_names_(inputs), output_names_(outputs) {
     const OrtApi* api = ort_->api;
     OrtSessionOptions* options = nullptr;
@@ -255,18 +255,18 @@ StageSession::StageSession(std::shared_ptr<OrtRuntime> ort, const StageModel& mo
     for (auto& n : output_names_) output_ptrs_.push_back(n.c_str());
 }
 
-StageSession::~StageSession() {
+Stage::~Stage() {
     if (session_) ort_->api->ReleaseSession(session_);
 }
 
-void StageSession::run(const OrtValue* const* inputs, OrtValue* const* outputs) const {
+void Stage::run(const OrtValue* const* inputs, OrtValue* const* outputs) const {
     // Run takes a non-const output array; the OrtValues it points to are ours and pre-allocated.
     OrtStatus* status = ort_->api->Run(session_, nullptr, input_ptrs_.data(), inputs, input_ptrs_.size(), output_ptrs_.data(),
                                        output_ptrs_.size(), const_cast<OrtValue**>(outputs));
     if (status) check(ort_->api, status, "stage " + name_);  // message built only on failure
 }
 
-std::vector<TensorView> StageSession::run_selected(const OrtValue* const* inputs, const std::vector<size_t>& output_indices) const {
+std::vector<TensorView> Stage::run_selected(const OrtValue* const* inputs, const std::vector<size_t>& output_indices) const {
     std::vector<const char*> names;
     for (size_t i : output_indices) names.push_back(output_ptrs_.at(i));
     std::vector<OrtValue*> values(names.size(), nullptr);
@@ -279,14 +279,14 @@ std::vector<TensorView> StageSession::run_selected(const OrtValue* const* inputs
     return owned;
 }
 
-void StageSession::run(OrtIoBinding* binding) const {
+void Stage::run(OrtIoBinding* binding) const {
     OrtStatus* status = ort_->api->RunWithBinding(session_, nullptr, binding);
     if (status) check(ort_->api, status, "stage " + name_);
 }
 
 // ---- device memory and IO binding ----
 
-DeviceAllocator::DeviceAllocator(const StageSession& stage, bool on_host)
+DeviceAllocator::DeviceAllocator(const Stage& stage, bool on_host)
     : api_(stage.ort_->api), cuda_device_(on_host ? -1 : stage.cuda_device()) {
     if (cuda_device_ < 0) {
         check(api_, api_->GetAllocatorWithDefaultOptions(&allocator_), "ONNX Runtime CPU allocator");
@@ -399,7 +399,7 @@ TensorView DeviceBuffer::view(size_t offset, ONNXTensorElementDataType type, con
     return TensorView(allocator_->api(), allocator_->memory_info(), static_cast<char*>(data_) + offset, type, dims);
 }
 
-StageBinding::StageBinding(const StageSession& stage)
+StageBinding::StageBinding(const Stage& stage)
     : stage_(&stage),
       rebind_inputs_(stage.cuda_device() >= 0),
       input_count_(stage.input_count()),
@@ -507,7 +507,7 @@ std::string dims_text(const std::vector<int64_t>& dims) {
 
 }  // namespace
 
-void run_named(const OrtRuntime& ort, const StageSession& s, const slim_named_tensor* inputs, int32_t input_count,
+void run_named(const OrtRuntime& ort, const Stage& s, const slim_named_tensor* inputs, int32_t input_count,
                const slim_named_tensor* outputs, int32_t output_count) {
     const std::string where = "stage " + s.name() + ": ";
     if (input_count != static_cast<int32_t>(s.inputs().size()) || (input_count > 0 && !inputs))

@@ -86,19 +86,18 @@ struct StageModel {
 };
 
 // One compiled stage graph.
-class StageSession {
+class Stage {
   public:
     // The graph's input/output names must equal `inputs`/`outputs`; both empty: take the graph's own
     // (a plain ONNX model). Throws Error(SLIM_ERR_BUNDLE) on a mismatch, Error(SLIM_ERR_BACKEND).
     // `custom_ops`: path of a custom-op library to register for this stage, or "" for none.
     // `cuda_device` >= 0: run on ONNX Runtime's CUDA execution provider on that device (nodes it
     // cannot take fall back to the CPU); Error(BACKEND) naming the provider when the library lacks it.
-    StageSession(std::shared_ptr<OrtRuntime> ort, const StageModel& model, const std::string& stage_name,
-                 const std::vector<std::string>& inputs, const std::vector<std::string>& outputs, const std::string& custom_ops,
-                 int cuda_device = -1);
-    ~StageSession();
-    StageSession(const StageSession&) = delete;
-    StageSession& operator=(const StageSession&) = delete;
+    Stage(std::shared_ptr<OrtRuntime> ort, const StageModel& model, const std::string& stage_name, const std::vector<std::string>& inputs,
+          const std::vector<std::string>& outputs, const std::string& custom_ops, int cuda_device = -1);
+    ~Stage();
+    Stage(const Stage&) = delete;
+    Stage& operator=(const Stage&) = delete;
 
     // Runs with caller-provided inputs and pre-allocated outputs (ONNX Runtime writes into them).
     // Thread-safe: ONNX Runtime sessions allow concurrent Run calls.
@@ -134,7 +133,7 @@ class StageSession {
 class DeviceAllocator {
   public:
     // `on_host`: host memory even for a stage on CUDA (no device ops for it in this build).
-    DeviceAllocator(const StageSession& stage, bool on_host);
+    DeviceAllocator(const Stage& stage, bool on_host);
     ~DeviceAllocator();
     DeviceAllocator(const DeviceAllocator&) = delete;
     DeviceAllocator& operator=(const DeviceAllocator&) = delete;
@@ -204,7 +203,7 @@ class DeviceBuffer {
 // the other device, and a copy made at an earlier call would be stale.
 class StageBinding {
   public:
-    explicit StageBinding(const StageSession& stage);
+    explicit StageBinding(const Stage& stage);
     ~StageBinding();
     StageBinding(StageBinding&& other) noexcept;
     StageBinding(const StageBinding&) = delete;
@@ -235,7 +234,7 @@ class StageBinding {
         uint64_t last_use = 0;
     };
     void bind(Slot& slot, bool input, size_t index, const OrtValue* value);
-    const StageSession* stage_;
+    const Stage* stage_;
     bool rebind_inputs_;
     size_t input_count_, output_count_;
     Values inputs_{}, outputs_{};  // this call's
@@ -249,7 +248,7 @@ class StageBinding {
 // rank and fixed dimensions (float32 inputs finite); the outputs any subset of the graph's, each caller
 // tensor of exactly the computed shape. Nothing is written to an output unless every check passes.
 // Throws Error: INVALID_ARGUMENT (an unknown or missing name), SHAPE, DTYPE, NUMERICS, BACKEND.
-void run_named(const OrtRuntime& ort, const StageSession& stage, const slim_named_tensor* inputs, int32_t input_count,
+void run_named(const OrtRuntime& ort, const Stage& stage, const slim_named_tensor* inputs, int32_t input_count,
                const slim_named_tensor* outputs, int32_t output_count);
 
 }  // namespace slim

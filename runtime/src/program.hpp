@@ -1,6 +1,6 @@
-// What a session runs: the program of its engine's family (Sd3Session: generate; LemurSession: embed,
-// score), behind one interface for what every program keeps: per-stage stats and profiling events of
-// its last call. A plain ONNX engine has no program (slim_stage_run only).
+// A session's runner: what runs the programs of its engine's family (Sd3Runner: generate; LemurRunner: embed,
+// score), behind one interface for what every runner keeps: per-stage stats and profiling events of its last
+// call. A plain ONNX engine has no runner (slim_stage_run only). ("Session" is the C handle alone.)
 #pragma once
 
 #include <memory>
@@ -11,11 +11,11 @@
 
 namespace slim {
 
-class ProgramSession {
+class Runner {
   public:
-    virtual ~ProgramSession() = default;
-    ProgramSession(const ProgramSession&) = delete;
-    ProgramSession& operator=(const ProgramSession&) = delete;
+    virtual ~Runner() = default;
+    Runner(const Runner&) = delete;
+    Runner& operator=(const Runner&) = delete;
 
     // Calls and backend time per engine stage in the last call (generate, embed or score).
     const std::vector<StageStats>& stage_stats() const { return stages_; }
@@ -24,13 +24,17 @@ class ProgramSession {
     const Profiler& profiler() const { return profiler_; }
 
   protected:
-    explicit ProgramSession(const Engine& engine) : stages_(engine.stages().size()), profiler_(engine.stage_blocks()) {}
+    explicit Runner(const Engine& engine) : stages_(engine.stages().size()), profiler_(engine.stage_blocks()) {}
 
     std::vector<StageStats> stages_;
     Profiler profiler_;
 };
 
-// The program of `engine`'s family; nullptr for a plain ONNX engine.
-std::unique_ptr<ProgramSession> make_program(const Engine& engine);
+// The runner of `engine`'s family; nullptr for a plain ONNX engine.
+std::unique_ptr<Runner> make_runner(const Engine& engine);
+
+// What opening an engine checks of its family's programs: that they can bind the manifest's stages by role
+// (bind_sd3_stages, bind_lemur_stages); Error(SLIM_ERR_BUNDLE) otherwise.
+void check_program_stages(const Manifest& manifest);
 
 }  // namespace slim

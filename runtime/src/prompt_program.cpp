@@ -24,8 +24,8 @@ slim_tensor tensor_of(void* data, slim_dtype dtype, const std::vector<int64_t>& 
 
 class Encoder {
   public:
-    Encoder(const Engine& engine, Profiler& profiler, PromptStats& stats, const Progress& progress)
-        : engine_(engine), p_(engine.manifest().pipeline), profiler_(profiler), stats_(stats), progress_(progress) {}
+    Encoder(const Engine& engine, const Sd3Stages& stages, Profiler& profiler, PromptStats& stats, const Progress& progress)
+        : engine_(engine), stages_(stages), p_(engine.manifest().pipeline), profiler_(profiler), stats_(stats), progress_(progress) {}
 
     // Conditioning as diffusers' encode_prompt assembles it (docs/pipeline.md, Conditioning).
     Encoded encode(const std::string& text) {
@@ -42,7 +42,7 @@ class Encoder {
             const slim_named_tensor in[] = {{"input_ids", tensor_of(ids.data(), SLIM_DTYPE_INT64, ids_shape)}};
             const slim_named_tensor out[] = {{"hidden_states", tensor_of(hidden.data(), SLIM_DTYPE_FLOAT32, hidden_shape)},
                                              {"pooled", tensor_of(pooled.data(), SLIM_DTYPE_FLOAT32, pooled_shape)}};
-            run(g ? engine_.clip_g_stage : engine_.clip_l_stage, in, out, 2, g ? stats_.clip_g_ms : stats_.clip_l_ms);
+            run(g ? stages_.clip_g : stages_.clip_l, in, out, 2, g ? stats_.clip_g_ms : stats_.clip_l_ms);
             // diffusers pads the CLIP concatenation to J features with F.pad, which truncates when CLIP-L + CLIP-G are
             // wider than J (a negative pad): only the first J features of the concatenation are kept.
             const int64_t kept = std::clamp<int64_t>(J - offset, 0, D);
@@ -55,7 +55,7 @@ class Encoder {
             const std::vector<int64_t> ids_shape{1, T}, hidden_shape{1, T, J};
             const slim_named_tensor in[] = {{"input_ids", tensor_of(ids.data(), SLIM_DTYPE_INT64, ids_shape)}};
             const slim_named_tensor out[] = {{"hidden_states", tensor_of(e.embeds.data() + L * J, SLIM_DTYPE_FLOAT32, hidden_shape)}};
-            run(engine_.t5_stage, in, out, 1, stats_.t5_ms);
+            run(stages_.t5, in, out, 1, stats_.t5_ms);
         }
         return e;
     }
@@ -86,6 +86,7 @@ class Encoder {
     }
 
     const Engine& engine_;
+    const Sd3Stages& stages_;
     const PipelineConfig& p_;
     Profiler& profiler_;
     PromptStats& stats_;
@@ -159,7 +160,7 @@ void to_rgb8(const float* image, int batch, int height, int width, uint8_t* out)
         }
 }
 
-PromptStats generate_prompt(const Engine& engine, Sd3Session& session, PromptCache& cache, const PromptRequest& request) {
+PromptStats generate_prompt(const Engine& engine, Sd3Runner& session, PromptCache& cache, const PromptRequest& request) {
     const Clock::time_point start = Clock::now();
     const PipelineConfig& p = engine.manifest().pipeline;
     const Sd3Config& c = engine.manifest().config;
@@ -170,7 +171,7 @@ PromptStats generate_prompt(const Engine& engine, Sd3Session& session, PromptCac
     // The record holds every tokenizer and encoder call of the texts, the decode's two events and the call's; the
     // sampling reserves its own.
     profiler.begin_generation(static_cast<size_t>(B) * (cfg ? 2 : 1) * 6 + 3);
-    Encoder encoder(engine, profiler, stats, request.progress);
+    Encoder encoder(engine, session.stages(), profiler, stats, request.progress);
     const int64_t text_len = p.clip_length + p.max_sequence_length;
 
     // Each distinct text is encoded once: found earlier in this call (the negative "" of a batch, repeated prompts) or in
@@ -215,9 +216,9 @@ PromptStats generate_prompt(const Engine& engine, Sd3Session& session, PromptCac
         g.negative_pooled = neg_pooled.data();
     }
     g.latents = request.latents;
-    g.seed = request.seed;
+    g.seeds = request.seeds;
     g.guidance_scale = request.guidance_scale;
-    g.cache = request.cache;
+    g.xslim = request.xslim;
     g.program = request.program;
     g.out = latents.data();
     g.progress = request.progress;
@@ -234,8 +235,9 @@ PromptStats generate_prompt(const Engine& engine, Sd3Session& session, PromptCac
     const slim_named_tensor in[] = {{"latents", tensor_of(latents.data(), SLIM_DTYPE_FLOAT32, z_shape)}};
     const slim_named_tensor out[] = {{"image", tensor_of(image.data(), SLIM_DTYPE_FLOAT32, image_shape)}};
     const Clock::time_point vae_start = Clock::now();
-    run_named(engine.ort(), *engine.stages()[engine.vae_decode_stage], in, 1, out, 1);
-    profiler.stage(engine.vae_decode_stage, vae_start, Clock::now());
+    const int vae_decode = session.stages().vae_decode;
+    run_named(engine.ort(), *engine.stages()[vae_decode], in, 1, out, 1);
+    profiler.stage(vae_decode, vae_start, Clock::now());
     // The steps refuse NaN latents; a NaN pixel has no defined uint8 either (it would pass as black): refuse it too.
     for (size_t i = 0; i < image.size(); ++i)
         if (std::isnan(image[i]))

@@ -50,10 +50,10 @@ class PromptCache {
 struct PromptRequest {
     std::vector<std::string> prompts;    // B
     std::vector<std::string> negatives;  // B, used when guidance > 1
-    uint64_t seed = 0;
+    const uint64_t* seeds = nullptr;     // as GenerateRequest
     int height = 0, width = 0;           // image pixels
     float guidance_scale = 1.0f;         // resolved
-    const XSlimPolicy* cache = nullptr;  // as GenerateRequest
+    const XSlimPolicy* xslim = nullptr;  // as GenerateRequest
     const Program* program = nullptr;
     const float* latents = nullptr;  // [B, C, h, w] initial noise, or nullptr for seeded
     uint8_t* image = nullptr;        // [B, height, width, 3]
@@ -71,10 +71,10 @@ struct PromptStats {
 // The reason `engine` cannot run prompts ("" when it can): no pipeline block, or a tokenizer missing.
 std::string prompt_support(const Engine& engine);
 
-// Throws Error as the stages and Sd3Session::generate do; INVALID_ARGUMENT for a prompt that is not UTF-8; CANCELLED
+// Throws Error as the stages and Sd3Runner::generate do; INVALID_ARGUMENT for a prompt that is not UTF-8; CANCELLED
 // when the progress callback asks (nothing is written to request.image or latents_out then). Texts encoded are kept
 // in `cache`, and texts found there are not encoded.
-PromptStats generate_prompt(const Engine& engine, Sd3Session& session, PromptCache& cache, const PromptRequest& request);
+PromptStats generate_prompt(const Engine& engine, Sd3Runner& session, PromptCache& cache, const PromptRequest& request);
 
 // VAE output float32 [B, 3, H, W] -> uint8 [B, H, W, 3]: round-half-even(clamp(x * 0.5 + 0.5, 0, 1) * 255) in
 // float32, as diffusers' VaeImageProcessor.postprocess then numpy_to_pil (and numpy's round).

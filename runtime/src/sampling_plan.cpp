@@ -28,7 +28,7 @@ std::vector<double> scheduler_sigmas(int steps, double shift) {
 
 Program plain_program(const Program& bundle, int steps, double shift) {
     Program p = bundle;
-    p.cache_first = p.cache_last = -1;
+    p.skip_first = p.skip_last = -1;
     p.compensation = Compensation::None;
     p.steps.clear();
     const std::vector<double> sigmas = scheduler_sigmas(steps, shift);

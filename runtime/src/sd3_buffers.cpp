@@ -33,7 +33,7 @@ bool Sd3Buffers::size_for(const DeviceAllocator& a, const Sd3Config& c, const Re
     size(stack.v_scratch, any_kv, img);
 
     // 1.x range cache.
-    const bool range_cached = program.cache_first >= 0;
+    const bool range_cached = program.skip_first >= 0;
     size(range.delta_img, range_cached, img);
     size(range.delta_txt, range_cached, txt);
     size(range.comp_img, range_cached && program.compensation == Compensation::Mlp, img);

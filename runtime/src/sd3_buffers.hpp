@@ -57,14 +57,14 @@ struct StackBuffers {
 };
 
 // 1.x: Δ over the cached block range, recorded by a step and added (compensated) by later steps.
-struct RangeCache {
+struct RangeDelta {
     DeviceBuffer delta_img, delta_txt;  // the range's input while a step records; then Δ, computed in place
     DeviceBuffer comp_img, comp_txt;    // MLP compensation: the compensate stage's output, once per recorded Δ
     bool compensated = false;           // comp_* holds the current Δ's compensation
 };
 
 // X-Slim: what full steps record for the steps that reuse them (docs/xslim.md).
-struct XSlimCaches {
+struct XSlimRecords {
     DeviceBuffer stack_in;                                    // [Bm, N, D]: a full step's stack input, then its residual (in place)
     DeviceBuffer residual_last, residual_prev;                // the stack residuals of the last two full steps
     std::vector<DeviceBuffer> block_res_img;                  // per block: its image residual at the last full step (block/token levels)
@@ -80,8 +80,8 @@ class Sd3Buffers {
   public:
     InputBuffers in;
     StackBuffers stack;
-    RangeCache range;
-    XSlimCaches xslim;
+    RangeDelta range;
+    XSlimRecords xslim;
 
     // Sizes every buffer for one request: shapes from `config` and `dims`, the caches `program` and
     // `policy` need (token-level keeps from `controller`), per block from `stages`. Returns true when an

@@ -17,44 +17,27 @@ int step_level(Level level, bool cached_range) {
         case Level::Token:
             return SLIM_STEP_TOKEN_REFRESH;
         default:
-            return cached_range ? SLIM_STEP_CACHED_RANGE : SLIM_STEP_FULL;
+            return cached_range ? SLIM_STEP_SKIPPED_RANGE : SLIM_STEP_FULL;
     }
-}
-
-// The stages the program calls, from the engine's stage roles: the one place this file reads them.
-Sd3Stages stages_of(const Engine& engine) {
-    Sd3Stages s;
-    s.embed = engine.embed_stage;
-    s.final = engine.final_stage;
-    s.compensate = engine.compensate_stage;
-    s.block = engine.block_stages;
-    s.tokens = engine.token_stages;
-    for (size_t b = 0; b < s.block.size(); ++b) {
-        s.blocks.has_tokens.push_back(s.tokens[b] >= 0);
-        s.blocks.outputs_kv.push_back(engine.block_kv[b]);
-    }
-    return s;
 }
 
 const XSlimPolicy kNoPolicy;
 
 // Buffers on the stages' device: the CUDA device ops where this build has them; else the CPU kernels on
-// host buffers (on a CUDA engine ONNX Runtime then copies each stage's inputs and outputs). The
-// device-resident path has never run on a GPU: SLIMENGINE_DEVICE_OPS=cpu keeps a CUDA engine on host buffers.
+// host buffers (on a CUDA engine ONNX Runtime then copies each stage's inputs and outputs), also when the
+// engine was opened with host_buffers.
 std::unique_ptr<DeviceOps> ops_for(const Engine& engine) {
     const int device = engine.stages().front()->cuda_device();
-    const char* forced = std::getenv("SLIMENGINE_DEVICE_OPS");
-    const bool host = forced && std::string(forced) == "cpu";
-    std::unique_ptr<DeviceOps> ops = device >= 0 && !host ? make_cuda_ops(device) : nullptr;
+    std::unique_ptr<DeviceOps> ops = device >= 0 && !engine.host_buffers() ? make_cuda_ops(device) : nullptr;
     return ops ? std::move(ops) : make_cpu_ops();
 }
 
 }  // namespace
 
-Sd3Session::Sd3Session(const Engine& engine)
-    : ProgramSession(engine),
+Sd3Runner::Sd3Runner(const Engine& engine)
+    : Runner(engine),
       engine_(engine),
-      stage_of_(stages_of(engine)),
+      stage_of_(bind_sd3_stages(engine.manifest())),
       ops_(ops_for(engine)),
       host_(ops_->on_host()),
       allocator_(*engine.stages().front(), host_) {
@@ -62,7 +45,7 @@ Sd3Session::Sd3Session(const Engine& engine)
 }
 
 // The denoising loop: plan each step, run its actions, update the caches, take the Euler step.
-GenerateStats Sd3Session::generate(const GenerateRequest& r) {
+GenerateStats Sd3Runner::generate(const GenerateRequest& r) {
     const auto start = Clock::now();
     prepare(r, start);  // buffers sized for this request, inputs uploaded, noise drawn
     Controller controller(*policy_, program_->steps.size());
@@ -72,10 +55,10 @@ GenerateStats Sd3Session::generate(const GenerateRequest& r) {
         profiler_.set_step(static_cast<int>(step));
         const Level level = controller.level(step, plan.record_delta);
         const StepActions& actions = planner_.plan(step, level, controller, buffers_.xslim.block_scores);
-        const Hidden out = execute(step, actions);      // embed, one action per block, final: the velocity
-        update_caches(step, actions, out, controller);  // X-Slim: the stack residual, the controller, token scores
-        euler_cfg(step);                                // x += dt * (guided velocity)
-        end_step(step, actions, step_start);            // its stats and profile event
+        const Hidden out = execute(step, actions);         // embed, one action per block, final: the velocity
+        record_for_reuse(step, actions, out, controller);  // X-Slim: the stack residual, the controller, token scores
+        euler_cfg(step);                                   // x += dt * (guided velocity)
+        end_step(step, actions, step_start);               // its stats and profile event
         r.progress.report(SLIM_PHASE_STEP, static_cast<int>(step), static_cast<int>(program_->steps.size()));  // may cancel
     }
     ops_->download(r.out, buffers_.in.latents.data(), dims_.latent_count * sizeof(float));
@@ -88,10 +71,10 @@ GenerateStats Sd3Session::generate(const GenerateRequest& r) {
 
 // Sizes every buffer for the request (sd3_buffers.cpp), uploads its inputs in the model batch
 // ([negative; positive] under CFG) and draws the noise: all the allocation a generation does.
-void Sd3Session::prepare(const GenerateRequest& r, Clock::time_point start) {
+void Sd3Runner::prepare(const GenerateRequest& r, Clock::time_point start) {
     const Sd3Config& c = engine_.manifest().config;
     program_ = r.program ? r.program : &engine_.manifest().program;
-    policy_ = r.cache ? r.cache : &kNoPolicy;
+    policy_ = r.xslim ? r.xslim : &kNoPolicy;
     guidance_ = r.guidance_scale;
     RequestDims& d = dims_;
     d.cfg = r.guidance_scale > 1.0f;
@@ -128,10 +111,12 @@ void Sd3Session::prepare(const GenerateRequest& r, Clock::time_point start) {
     const size_t latent_bytes = d.latent_count * sizeof(float);
     for (int64_t copy = 0; copy < d.model_batch / d.batch; ++copy) {  // both CFG halves hold x
         float* x = in.latents.f32() + copy * d.latent_count;
-        if (r.latents)
+        if (r.latents) {
             ops_->upload(x, r.latents, latent_bytes);
-        else
-            ops_->noise(x, d.latent_count, r.seed);
+        } else {  // row by row: a row's noise depends on its seed alone
+            const int64_t row = d.latent_count / d.batch;
+            for (int64_t b = 0; b < d.batch; ++b) ops_->noise(x + b * row, row, r.seeds[b]);
+        }
     }
     if (d.embeddings_in_place) {  // host memory already in the model batch: bound as it is, not copied
         in.text_in = caller_view(in.caller_text, r.prompt, {d.batch, d.text, c.joint_attention_dim});
@@ -152,8 +137,8 @@ void Sd3Session::prepare(const GenerateRequest& r, Clock::time_point start) {
 }
 
 // Runs one step's actions: the embed stage, one action per joint block, the final stage. Returns
-// where the stack's output is (update_caches reads it).
-Sd3Session::Hidden Sd3Session::execute(size_t step, const StepActions& a) {
+// where the stack's output is (record_for_reuse reads it).
+Sd3Runner::Hidden Sd3Runner::execute(size_t step, const StepActions& a) {
     const int layers = static_cast<int>(a.blocks.size());
     const int64_t img_count = buffers_.stack.img[0].count(), txt_count = buffers_.stack.txt[0].count();
     Hidden h = embed(step, a);
@@ -190,7 +175,7 @@ Sd3Session::Hidden Sd3Session::execute(size_t step, const StepActions& a) {
                 break;
         }
         if (b == a.range_last) {  // 1.x recording step: Δ over the range, in place of its kept input
-            RangeCache& range = buffers_.range;
+            RangeDelta& range = buffers_.range;
             ops_->subtract(range.delta_img.f32(), h.img->f32(), range_input_img_->f32(), img_count);
             ops_->subtract(range.delta_txt.f32(), h.txt->f32(), range.delta_txt.f32(), txt_count);
             range.compensated = false;
@@ -210,9 +195,9 @@ Sd3Session::Hidden Sd3Session::execute(size_t step, const StepActions& a) {
 
 // X-Slim after a full step: the stack residual (in place of the kept stack input), the controller's
 // change rate, and the token scores every token step until the next full step selects from.
-void Sd3Session::update_caches(size_t step, const StepActions& a, Hidden out, Controller& controller) {
+void Sd3Runner::record_for_reuse(size_t step, const StepActions& a, Hidden out, Controller& controller) {
     if (!a.record_stack) return;
-    XSlimCaches& x = buffers_.xslim;
+    XSlimRecords& x = buffers_.xslim;
     const int64_t count = x.stack_in.count();
     ops_->subtract(x.stack_in.f32(), out.img->f32(), x.stack_in.f32(), count);
     std::swap(x.residual_prev, x.residual_last);  // the older residual's memory becomes the next stack input
@@ -225,7 +210,7 @@ void Sd3Session::update_caches(size_t step, const StepActions& a, Hidden out, Co
 }
 
 // The Euler step with classifier-free guidance v = v_neg + g (v_pos - v_neg), into both CFG halves of x.
-void Sd3Session::euler_cfg(size_t step) {
+void Sd3Runner::euler_cfg(size_t step) {
     const StepPlan& plan = program_->steps[step];
     const int64_t n = dims_.latent_count;
     float* x = buffers_.in.latents.f32();
@@ -236,7 +221,7 @@ void Sd3Session::euler_cfg(size_t step) {
     if (!finite) throw Error(SLIM_ERR_NUMERICS, "step " + std::to_string(step) + " produced NaN or Inf latents");
 }
 
-void Sd3Session::end_step(size_t step, const StepActions& a, Clock::time_point start) {
+void Sd3Runner::end_step(size_t step, const StepActions& a, Clock::time_point start) {
     const auto end = Clock::now();
     const StepPlan& plan = program_->steps[step];
     StepStats st;
@@ -245,7 +230,7 @@ void Sd3Session::end_step(size_t step, const StepActions& a, Clock::time_point s
     st.blocks_run = a.blocks_run;
     st.blocks_reused = a.blocks_reused;
     st.tokens_computed = static_cast<int>(a.keep);
-    st.level = step_level(a.level, plan.skip_cached_blocks);
+    st.level = step_level(a.level, plan.skip_range);
     const Sd3Config& c = engine_.manifest().config;
     const double full = block_flops(dims_.tokens, dims_.tokens, dims_.text, c.inner_dim);
     const double before = flops_;  // the generation's running sum, block by block (its effective NFE)
@@ -260,7 +245,7 @@ void Sd3Session::end_step(size_t step, const StepActions& a, Clock::time_point s
     steps_.push_back(st);  // reserved by prepare
 }
 
-GenerateStats Sd3Session::totals() const {
+GenerateStats Sd3Runner::totals() const {
     const Sd3Config& c = engine_.manifest().config;
     const double full_step = block_flops(dims_.tokens, dims_.tokens, dims_.text, c.inner_dim) * c.num_layers;
     GenerateStats stats;
@@ -279,7 +264,7 @@ GenerateStats Sd3Session::totals() const {
 // Where a stage writes the hidden states that `next_block` reads: the other ping-pong buffers, except
 // for the inputs a step keeps: the stack's input (X-Slim full step) and the cached range's input (1.x
 // recording step) go straight into their caches' buffers, so nothing is copied.
-Sd3Session::Hidden Sd3Session::output_for(int next_block, const StepActions& a, Hidden h) {
+Sd3Runner::Hidden Sd3Runner::output_for(int next_block, const StepActions& a, Hidden h) {
     StackBuffers& stack = buffers_.stack;
     Hidden out{&stack.img[h.img == &stack.img[0] ? 1 : 0], &stack.txt[h.txt == &stack.txt[0] ? 1 : 0]};
     if (next_block == 0 && a.record_stack) out.img = &buffers_.xslim.stack_in;
@@ -292,7 +277,7 @@ Sd3Session::Hidden Sd3Session::output_for(int next_block, const StepActions& a, 
 }
 
 // Embed (stage inputs latents, timestep, pooled, text; outputs img, txt, temb).
-Sd3Session::Hidden Sd3Session::embed(size_t step, const StepActions& a) {
+Sd3Runner::Hidden Sd3Runner::embed(size_t step, const StepActions& a) {
     InputBuffers& in = buffers_.in;
     const Hidden out = output_for(0, a, Hidden{});
     ops_->fill(in.timestep.f32(), static_cast<float>(program_->steps[step].timestep), dims_.model_batch);
@@ -310,7 +295,7 @@ Sd3Session::Hidden Sd3Session::embed(size_t step, const StepActions& a) {
 
 // A block stage on every token (inputs img, txt, temb; outputs img_out, txt_out but for the last
 // block, then img_k, img_v where the block has them: into the X-Slim token cache on RunKeepKV, else scratch).
-Sd3Session::Hidden Sd3Session::run_block(int b, const StepActions& a, Hidden h) {
+Sd3Runner::Hidden Sd3Runner::run_block(int b, const StepActions& a, Hidden h) {
     const bool last = b + 1 == static_cast<int>(a.blocks.size());
     const Hidden out = output_for(b + 1, a, h);
     StageBinding& s = bindings_[stage_of_.block[b]];
@@ -326,7 +311,7 @@ Sd3Session::Hidden Sd3Session::run_block(int b, const StepActions& a, Hidden h) 
         s.output(o++, (keep ? buffers_.xslim.block_v[b] : buffers_.stack.v_scratch).value());
     }
     run(stage_of_.block[b]);
-    XSlimCaches& x = buffers_.xslim;
+    XSlimRecords& x = buffers_.xslim;
     if (a.record_blocks) {  // X-Slim full step: the block's residual and how much it changed its input
         const int64_t img_count = out.img->count();
         if (x.block_res_img[b].used()) ops_->subtract(x.block_res_img[b].f32(), out.img->f32(), h.img->f32(), img_count);
@@ -338,10 +323,10 @@ Sd3Session::Hidden Sd3Session::run_block(int b, const StepActions& a, Hidden h) 
 
 // A block's token stage (inputs img, txt, temb, token_index, k_cache, v_cache, residual_cache;
 // outputs img_out, txt_out but for the last block).
-Sd3Session::Hidden Sd3Session::run_tokens(int b, const StepActions& a, Hidden h) {
+Sd3Runner::Hidden Sd3Runner::run_tokens(int b, const StepActions& a, Hidden h) {
     const bool last = b + 1 == static_cast<int>(a.blocks.size());
     const Hidden out = output_for(b + 1, a, h);
-    XSlimCaches& x = buffers_.xslim;
+    XSlimRecords& x = buffers_.xslim;
     StageBinding& s = bindings_[stage_of_.tokens[b]];
     s.input(0, h.img->value());
     s.input(1, h.txt->value());
@@ -358,8 +343,8 @@ Sd3Session::Hidden Sd3Session::run_tokens(int b, const StepActions& a, Hidden h)
 
 // The end of the 1.x cached range: its compensated Δ added in place (the compensate stage, inputs
 // delta_img, delta_txt, outputs comp_img, comp_txt, runs once per recorded Δ).
-Sd3Session::Hidden Sd3Session::add_delta(Hidden h) {
-    RangeCache& range = buffers_.range;
+Sd3Runner::Hidden Sd3Runner::add_delta(Hidden h) {
+    RangeDelta& range = buffers_.range;
     const bool mlp = program_->compensation == Compensation::Mlp;
     if (mlp && !range.compensated) {
         StageBinding& s = bindings_[stage_of_.compensate];
@@ -377,13 +362,13 @@ Sd3Session::Hidden Sd3Session::add_delta(Hidden h) {
 }
 
 // Where an addition to the image stream `img` goes: in place, unless `img` is the kept stack input
-// (X-Slim full step whose first blocks add instead of run), which update_caches still needs.
-DeviceBuffer* Sd3Session::writable(DeviceBuffer* img) {
+// (X-Slim full step whose first blocks add instead of run), which record_for_reuse still needs.
+DeviceBuffer* Sd3Runner::writable(DeviceBuffer* img) {
     return img == &buffers_.xslim.stack_in ? &buffers_.stack.img[0] : img;  // both ping-pong buffers are free then
 }
 
 // The OrtValue viewing caller memory `data` of `shape` (read-only: ONNX Runtime never writes an input).
-const OrtValue* Sd3Session::caller_view(CallerView& v, const float* data, const std::vector<int64_t>& shape) {
+const OrtValue* Sd3Runner::caller_view(CallerView& v, const float* data, const std::vector<int64_t>& shape) {
     if (v.view.get() && v.data == data && v.shape == shape) return v.view.get();
     TensorView made(engine_.ort(), const_cast<float*>(data), ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, shape);
     if (const OrtValue* old = v.view.get())  // made while the old one lives: a different address
@@ -394,7 +379,7 @@ const OrtValue* Sd3Session::caller_view(CallerView& v, const float* data, const 
     return v.view.get();
 }
 
-void Sd3Session::run(int stage) {
+void Sd3Runner::run(int stage) {
     if (!host_) ops_->finish();  // the stage reads what the device ops wrote (host ops finish as they return)
     backend_ms_ += run_stage(bindings_[stage], stage, stages_, profiler_);
     stage_calls_ += 1;

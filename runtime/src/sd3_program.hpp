@@ -1,5 +1,5 @@
-// The SD3 sampling program (flow-matching Euler, CFG, 1.x cached steps, X-Slim reuse) run over an
-// engine's stages. A session owns every buffer and cache of a generation (sd3_buffers.hpp); the
+// The SD3 sampling program (flow-matching Euler, CFG, 1.x range-skipping steps, X-Slim reuse) run over an
+// engine's stages by Sd3Runner, which owns every buffer of a generation (sd3_buffers.hpp); the
 // engine's stages are pure functions. docs/runtime-loop.md walks through the loop.
 #pragma once
 
@@ -14,6 +14,7 @@
 #include "profiler.hpp"
 #include "program.hpp"
 #include "sd3_buffers.hpp"
+#include "sd3_stages.hpp"
 #include "slimengine.h"
 #include "step_planner.hpp"
 #include "xslim.hpp"
@@ -39,10 +40,10 @@ struct GenerateRequest {
     const float* pooled = nullptr;                       // [B, pooled_projection_dim]
     const float* negative_prompt = nullptr;              // used when guidance > 1
     const float* negative_pooled = nullptr;
-    const float* latents = nullptr;  // [B, C, H, W] or nullptr for seeded noise
-    uint64_t seed = 0;
+    const float* latents = nullptr;   // [B, C, H, W] or nullptr for seeded noise
+    const uint64_t* seeds = nullptr;  // B seeds (row b's noise), used when latents is nullptr
     float guidance_scale = 1.0f;
-    const XSlimPolicy* cache = nullptr;  // X-Slim policy (validated for this program); nullptr or disabled: off
+    const XSlimPolicy* xslim = nullptr;  // X-Slim policy (validated for this program); nullptr or disabled: off
     const Program* program = nullptr;    // a plan replacing the bundle's (sampling_plan.hpp); nullptr: the bundle's
     float* out = nullptr;                // [B, C, H, W]
     Progress progress;                   // told after each step
@@ -64,21 +65,16 @@ struct StepStats {
     int level = SLIM_STEP_FULL;  // slim_step_level
 };
 
-// Indices into the engine's stages of the stages the program calls (read from the engine in one place).
-struct Sd3Stages {
-    int embed = -1, final = -1, compensate = -1;
-    std::vector<int> block, tokens;  // per joint block; tokens: -1 where a block has no token stage
-    BlockStages blocks;
-};
-
-class Sd3Session final : public ProgramSession {
+class Sd3Runner final : public Runner {
   public:
-    explicit Sd3Session(const Engine& engine);
+    explicit Sd3Runner(const Engine& engine);
 
     // Throws Error(SLIM_ERR_BACKEND) if a stage fails, Error(SLIM_ERR_NUMERICS) on a non-finite step.
     GenerateStats generate(const GenerateRequest& request);
 
     const std::vector<StepStats>& step_stats() const { return steps_; }
+    const Sd3Stages& stages() const { return stage_of_; }
+    const Engine& engine() const { return engine_; }
 
   private:
     // Which buffers hold the stack's current image and text hidden states.
@@ -90,7 +86,7 @@ class Sd3Session final : public ProgramSession {
     // The loop's parts, in the order generate calls them.
     void prepare(const GenerateRequest& request, Clock::time_point start);
     Hidden execute(size_t step, const StepActions& actions);
-    void update_caches(size_t step, const StepActions& actions, Hidden out, Controller& controller);
+    void record_for_reuse(size_t step, const StepActions& actions, Hidden out, Controller& controller);
     void euler_cfg(size_t step);
     void end_step(size_t step, const StepActions& actions, Clock::time_point start);  // stats; adds the step's FLOPs to flops_
     GenerateStats totals() const;

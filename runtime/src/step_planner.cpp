@@ -25,8 +25,8 @@ const StepActions& StepPlanner::plan(size_t step, Level level, const Controller&
     a.reuse_stack = level == Level::Skip;
     a.record_stack = level == Level::Full && policy.enabled;
     a.record_blocks = a.record_stack && (policy.uses(Level::Block) || policy.uses(Level::Token));
-    a.range_first = plan.record_delta ? program.cache_first : -1;
-    a.range_last = plan.record_delta ? program.cache_last : -1;
+    a.range_first = plan.record_delta ? program.skip_first : -1;
+    a.range_last = plan.record_delta ? program.skip_last : -1;
     a.blocks_run = a.blocks_reused = 0;
     if (level == Level::Block)
         skippable_blocks(scores, controller.block_threshold(step), policy.first_blocks, reuse_);
@@ -35,11 +35,11 @@ const StepActions& StepPlanner::plan(size_t step, Level level, const Controller&
     const bool keep_kv = a.record_stack && policy.uses(Level::Token);
     for (int b = 0; b < layers; ++b) {
         BlockAction& action = a.blocks[b];
-        const bool in_range = program.cache_first >= 0 && b >= program.cache_first && b <= program.cache_last;
+        const bool in_range = program.skip_first >= 0 && b >= program.skip_first && b <= program.skip_last;
         if (a.reuse_stack)
             action = BlockAction::Skip;
-        else if (plan.skip_cached_blocks && in_range)
-            action = b == program.cache_last ? BlockAction::AddDelta : BlockAction::Skip;
+        else if (plan.skip_range && in_range)
+            action = b == program.skip_last ? BlockAction::AddDelta : BlockAction::Skip;
         else if (reuse_[b])
             action = BlockAction::Reuse;
         else if (level == Level::Token && stages_->has_tokens[b])

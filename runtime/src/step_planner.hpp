@@ -35,7 +35,7 @@ struct StepActions {
     Level level = Level::Full;   // the controller's
     int64_t keep = 0;            // image tokens each block computes (all of them unless a token step)
     bool reuse_stack = false;    // skip level: the last stack residual added to the stack's input, no block run
-    bool record_stack = false;   // X-Slim full step: the stack's input kept, its residual recorded (update_caches)
+    bool record_stack = false;   // X-Slim full step: the stack's input kept, its residual recorded (record_for_reuse)
     bool record_blocks = false;  // ... and each run block's residual and change score (block and token levels)
     int range_first = -1;        // 1.x recording step: the input of this block is kept, and after
     int range_last = -1;         // ... this block Δ = its output - that input

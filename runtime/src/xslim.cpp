@@ -165,11 +165,11 @@ XSlimPolicy resolve_policy(const XSlimPolicy& bundle_policy, const char* policy_
     if (policy_json) {
         constexpr size_t kMaxPolicy = 1 << 20;
         const size_t length = strnlen(policy_json, kMaxPolicy + 1);
-        if (length > kMaxPolicy) throw Error(SLIM_ERR_INVALID_ARGUMENT, "cache_policy: longer than 1 MiB");
+        if (length > kMaxPolicy) throw Error(SLIM_ERR_INVALID_ARGUMENT, "xslim_policy: longer than 1 MiB");
         try {
-            policy = parse_policy(json::parse(std::string(policy_json, length)), steps, "cache_policy");
+            policy = parse_policy(json::parse(std::string(policy_json, length)), steps, "xslim_policy");
         } catch (const json::FieldError& e) { throw Error(SLIM_ERR_INVALID_ARGUMENT, e.what()); } catch (const std::runtime_error& e) {
-            throw Error(SLIM_ERR_INVALID_ARGUMENT, std::string("cache_policy: ") + e.what());
+            throw Error(SLIM_ERR_INVALID_ARGUMENT, std::string("xslim_policy: ") + e.what());
         }
     } else if (step_threshold >= 0) {
         policy = XSlimPolicy{};
@@ -179,11 +179,11 @@ XSlimPolicy resolve_policy(const XSlimPolicy& bundle_policy, const char* policy_
     }
     if (!policy.schedule.empty() && policy.schedule.size() != steps)
         throw Error(SLIM_ERR_INVALID_ARGUMENT, "the bundle's X-Slim schedule has " + std::to_string(policy.schedule.size()) +
-                                                   " steps but this request runs " + std::to_string(steps) + "; pass a cache_policy");
+                                                   " steps but this request runs " + std::to_string(steps) + "; pass a xslim_policy");
     if (policy.uses(Level::Token) && !has_token_stages)
         throw Error(
             SLIM_ERR_INVALID_ARGUMENT,
-            "cache_policy uses the X-Slim token level but this bundle has no block_N_tokens stages; re-export it with --token-stages");
+            "xslim_policy uses the X-Slim token level but this bundle has no block_N_tokens stages; re-export it with --token-stages");
     return policy;
 }
 

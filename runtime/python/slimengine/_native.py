@@ -22,14 +22,14 @@ class SlimTensor(ctypes.Structure):
 class EngineParams(ctypes.Structure):
     _c_name_ = "slim_engine_params"
     _fields_ = [("struct_size", ctypes.c_uint32), ("onnxruntime_library", ctypes.c_char_p),
-                ("verify_checksums", ctypes.c_int32), ("intra_op_threads", ctypes.c_int32), ("device_type", ctypes.c_int32),
-                ("device_id", ctypes.c_int32)]
+                ("verify", ctypes.c_int32), ("intra_op_threads", ctypes.c_int32), ("device_type", ctypes.c_int32),
+                ("device_id", ctypes.c_int32), ("host_buffers", ctypes.c_int32)]
 
 DEVICE_CPU, DEVICE_CUDA = 1, 2  # slim_device_type
 
 # The ABI this binding is written against (slimengine.h's SLIM_ABI_VERSION_*): the library must have this major
 # version and at least this minor one.
-ABI_MAJOR, ABI_MINOR = 0, 11
+ABI_MAJOR, ABI_MINOR = 1, 0
 
 
 class EngineInfo(ctypes.Structure):
@@ -39,7 +39,7 @@ class EngineInfo(ctypes.Structure):
                 ("num_attention_heads", ctypes.c_int32), ("latent_channels", ctypes.c_int32), ("patch_size", ctypes.c_int32),
                 ("joint_attention_dim", ctypes.c_int32), ("pooled_projection_dim", ctypes.c_int32),
                 ("default_latent_size", ctypes.c_int32), ("max_latent_size", ctypes.c_int32), ("num_steps", ctypes.c_int32),
-                ("cache_first_block", ctypes.c_int32), ("cache_last_block", ctypes.c_int32), ("compensation", ctypes.c_int32),
+                ("skip_first_block", ctypes.c_int32), ("skip_last_block", ctypes.c_int32), ("compensation", ctypes.c_int32),
                 ("xslim", ctypes.c_int32), ("has_token_stages", ctypes.c_int32), ("guidance_scale", ctypes.c_float),
                 ("embed_dim", ctypes.c_int32), ("vocab_size", ctypes.c_int32), ("num_segments", ctypes.c_int32),
                 ("max_text_len", ctypes.c_int32), ("max_query_len", ctypes.c_int32), ("image_size", ctypes.c_int32),
@@ -55,7 +55,7 @@ XSLIM_MODES = {0: "none", 1: "online", 2: "schedule"}  # slim_xslim_mode
 
 class ProgramStep(ctypes.Structure):
     _c_name_ = "slim_program_step"
-    _fields_ = [("struct_size", ctypes.c_uint32), ("record_delta", ctypes.c_int32), ("skip_cached_blocks", ctypes.c_int32),
+    _fields_ = [("struct_size", ctypes.c_uint32), ("record_delta", ctypes.c_int32), ("skip_range", ctypes.c_int32),
                 ("sigma", ctypes.c_double), ("sigma_next", ctypes.c_double), ("timestep", ctypes.c_double)]
 
 
@@ -70,9 +70,9 @@ class GenerateParams(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("prompt_embeds", ctypes.POINTER(SlimTensor)),
                 ("pooled_embeds", ctypes.POINTER(SlimTensor)), ("negative_prompt_embeds", ctypes.POINTER(SlimTensor)),
                 ("negative_pooled_embeds", ctypes.POINTER(SlimTensor)), ("latents", ctypes.POINTER(SlimTensor)),
-                ("seed", ctypes.c_uint64), ("guidance_scale", ctypes.c_float), ("step_cache_threshold", ctypes.c_float),
-                ("cache_policy", ctypes.c_char_p), ("num_steps", ctypes.c_int32), ("shift", ctypes.c_float),
-                ("progress", Progress), ("progress_user", ctypes.c_void_p)]
+                ("seeds", ctypes.POINTER(ctypes.c_uint64)), ("seed", ctypes.c_uint64), ("guidance_scale", ctypes.c_float),
+                ("xslim_policy", ctypes.c_char_p), ("xslim_threshold", ctypes.c_float), ("num_steps", ctypes.c_int32),
+                ("shift", ctypes.c_float), ("progress", Progress), ("progress_user", ctypes.c_void_p)]
 
 
 class GenerateStats(ctypes.Structure):
@@ -85,10 +85,10 @@ class GenerateStats(ctypes.Structure):
 class PromptParams(ctypes.Structure):
     _c_name_ = "slim_prompt_params"
     _fields_ = [("struct_size", ctypes.c_uint32), ("prompts", ctypes.POINTER(ctypes.c_char_p)), ("prompt_count", ctypes.c_int32),
-                ("negative_prompts", ctypes.POINTER(ctypes.c_char_p)), ("seed", ctypes.c_uint64), ("height", ctypes.c_int32),
-                ("width", ctypes.c_int32), ("guidance_scale", ctypes.c_float), ("step_cache_threshold", ctypes.c_float),
-                ("cache_policy", ctypes.c_char_p), ("num_steps", ctypes.c_int32), ("shift", ctypes.c_float),
-                ("latents", ctypes.POINTER(SlimTensor)), ("progress", Progress), ("progress_user", ctypes.c_void_p)]
+                ("negative_prompts", ctypes.POINTER(ctypes.c_char_p)), ("height", ctypes.c_int32), ("width", ctypes.c_int32),
+                ("latents", ctypes.POINTER(SlimTensor)), ("seeds", ctypes.POINTER(ctypes.c_uint64)), ("seed", ctypes.c_uint64),
+                ("guidance_scale", ctypes.c_float), ("xslim_policy", ctypes.c_char_p), ("xslim_threshold", ctypes.c_float),
+                ("num_steps", ctypes.c_int32), ("shift", ctypes.c_float), ("progress", Progress), ("progress_user", ctypes.c_void_p)]
 
 
 class PromptStats(ctypes.Structure):
@@ -135,8 +135,7 @@ class BankParams(ctypes.Structure):
 
 class BankRecovery(ctypes.Structure):
     _c_name_ = "slim_bank_recovery"
-    _fields_ = [("struct_size", ctypes.c_uint32), ("damaged_records", ctypes.c_int64), ("dropped_records", ctypes.c_int64),
-                ("first_damaged_offset", ctypes.c_int64), ("tail_bytes", ctypes.c_int64), ("header_corrected", ctypes.c_int64)]
+    _fields_ = [("struct_size", ctypes.c_uint32), ("damaged_records", ctypes.c_int64), ("first_damaged_offset", ctypes.c_int64), ("tail_bytes", ctypes.c_int64), ("header_corrected", ctypes.c_int64)]
 
 
 class BankRepairReport(ctypes.Structure):
@@ -242,7 +241,7 @@ _lib = None
 
 def _check_abi(handle: ctypes.CDLL, path: Path) -> None:
     """Refuse a library of another ABI major version, or older than this binding's minor version."""
-    if not hasattr(handle, "slim_abi_version"):  # before ABI 0.5
+    if not hasattr(handle, "slim_abi_version"):  # a library before ABI 0.5
         major, minor = handle.slim_abi_version_major(), "4 or older"
     else:
         got = (ctypes.c_int32(), ctypes.c_int32())
@@ -270,7 +269,7 @@ def lib() -> ctypes.CDLL:
             "slim_abi_version": ([p(ctypes.c_int32), p(ctypes.c_int32)], None),
             "slim_last_error": ([], ctypes.c_char_p),
             "slim_status_name": ([ctypes.c_int], ctypes.c_char_p),
-            "slim_engine_default_params": ([], EngineParams),
+            "slim_engine_params_init": ([p(EngineParams), ctypes.c_size_t], ctypes.c_int),
             "slim_engine_open": ([ctypes.c_char_p, p(EngineParams), p(ctypes.c_void_p)], ctypes.c_int),
             "slim_engine_close": ([ctypes.c_void_p], None),
             "slim_bundle_verify": ([ctypes.c_char_p, ctypes.c_int32, VerifyProgress, ctypes.c_void_p], ctypes.c_int),
@@ -287,9 +286,9 @@ def lib() -> ctypes.CDLL:
             "slim_session_destroy": ([ctypes.c_void_p], None),
             "slim_session_set_prompt_cache": ([ctypes.c_void_p, ctypes.c_int32], ctypes.c_int),
             "slim_session_clear_prompt_cache": ([ctypes.c_void_p], ctypes.c_int),
-            "slim_generate_default_params": ([], GenerateParams),
+            "slim_generate_params_init": ([p(GenerateParams), ctypes.c_size_t], ctypes.c_int),
             "slim_generate": ([ctypes.c_void_p, p(GenerateParams), p(SlimTensor), p(GenerateStats)], ctypes.c_int),
-            "slim_prompt_default_params": ([], PromptParams),
+            "slim_prompt_params_init": ([p(PromptParams), ctypes.c_size_t], ctypes.c_int),
             "slim_generate_prompt": ([ctypes.c_void_p, p(PromptParams), p(ctypes.c_uint8), ctypes.c_size_t, p(ctypes.c_float),
                                       ctypes.c_size_t, p(PromptStats)], ctypes.c_int),
             "slim_session_step_count": ([ctypes.c_void_p], ctypes.c_int32),
@@ -300,7 +299,7 @@ def lib() -> ctypes.CDLL:
             "slim_session_event": ([ctypes.c_void_p, ctypes.c_int32, p(Event)], ctypes.c_int),
             "slim_stage_run": ([ctypes.c_void_p, ctypes.c_char_p, p(NamedTensor), ctypes.c_int32, p(NamedTensor), ctypes.c_int32],
                                ctypes.c_int),
-            "slim_bank_default_params": ([], BankParams),
+            "slim_bank_params_init": ([p(BankParams), ctypes.c_size_t], ctypes.c_int),
             "slim_bank_open": ([ctypes.c_char_p, p(BankParams), p(ctypes.c_void_p)], ctypes.c_int),
             "slim_bank_close": ([ctypes.c_void_p], None),
             "slim_bank_dim": ([ctypes.c_void_p], ctypes.c_int32),
@@ -313,9 +312,9 @@ def lib() -> ctypes.CDLL:
             "slim_bank_refresh": ([ctypes.c_void_p, p(ctypes.c_int64)], ctypes.c_int),
             "slim_bank_recovery_info": ([ctypes.c_void_p, p(BankRecovery)], ctypes.c_int),
             "slim_bank_repair": ([ctypes.c_char_p, p(BankRepairReport)], ctypes.c_int),
-            "slim_embed_default_params": ([], EmbedParams),
+            "slim_embed_params_init": ([p(EmbedParams), ctypes.c_size_t], ctypes.c_int),
             "slim_embed": ([ctypes.c_void_p, p(EmbedParams), p(SlimTensor), p(LemurStats)], ctypes.c_int),
-            "slim_score_default_params": ([], ScoreParams),
+            "slim_score_params_init": ([p(ScoreParams), ctypes.c_size_t], ctypes.c_int),
             "slim_score": ([ctypes.c_void_p, p(ScoreParams), p(SlimTensor), p(LemurStats)], ctypes.c_int),
         }
         for name, (args, res) in sigs.items():
@@ -323,3 +322,14 @@ def lib() -> ctypes.CDLL:
             fn.argtypes, fn.restype = args, res
         _lib = handle
     return _lib
+
+
+def params(cls: type):
+    """A params struct of `cls` (EngineParams, GenerateParams, ...) holding the library's defaults: its
+    slim_*_params_init fills exactly this binding's sizeof (a newer library keeps its later fields at their defaults)."""
+    value = cls()
+    name = cls._c_name_.removeprefix("slim_").removesuffix("_params")
+    code = getattr(lib(), f"slim_{name}_params_init")(ctypes.byref(value), ctypes.sizeof(cls))
+    if code != 0:
+        raise RuntimeError(f"slim_{name}_params_init: {lib().slim_last_error().decode()}")
+    return value

@@ -3,6 +3,7 @@
 Philox4x32-10 keyed by the 64-bit seed; element k takes lane k % 4 of the block at counter k // 4;
 lanes (0, 1) and (2, 3) are Box-Muller pairs: u1 = (a + 1) / 2^32, u2 = b / 2^32,
 z = sqrt(-2 ln u1) * (cos 2πu2, sin 2πu2), computed in double and rounded to float32.
+A batch draws each row from its own seed (seeded_latents).
 """
 
 from __future__ import annotations
@@ -46,3 +47,12 @@ def gaussian_noise(shape: tuple[int, ...], seed: int) -> np.ndarray:
     z[:, 0::2] = radius * np.cos(angle)
     z[:, 1::2] = radius * np.sin(angle)
     return z.reshape(-1)[:count].astype(np.float32).reshape(shape)
+
+
+def seeded_latents(shape: tuple[int, ...], seed) -> np.ndarray:
+    """The initial latents the runtime draws for a batch [B, ...] with `seed`: row b is gaussian_noise of one row for
+    seed + b (wrapping at 2^64), or for seed[b] when `seed` is a sequence of one seed per row."""
+    seeds = [(seed + b) % 2**64 for b in range(shape[0])] if np.ndim(seed) == 0 else list(seed)
+    if len(seeds) != shape[0]:
+        raise ValueError(f"{len(seeds)} seeds for {shape[0]} rows")
+    return np.stack([gaussian_noise(tuple(shape[1:]), int(s)) for s in seeds]) if shape[0] else np.empty(shape, np.float32)

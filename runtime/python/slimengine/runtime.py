@@ -60,13 +60,13 @@ class ProgramStep:
     sigma: float
     sigma_next: float
     timestep: float
-    record_delta: bool  # records the delta over the cached block range (1.x)
-    skip_cached_blocks: bool  # skips the cached range and adds the compensated delta
+    record_delta: bool  # records the delta over the skipped block range (1.x)
+    skip_range: bool  # skips the 1.x block range and adds the compensated delta
 
 
 @dataclasses.dataclass(frozen=True)
 class EngineInfo:
-    """What the engine's manifest says, typed (slim_engine_get_info; fields of another family are 0, the cache range -1)."""
+    """What the engine's manifest says, typed (slim_engine_get_info; fields of another family are 0, the skipped range -1)."""
 
     family: str  # "sd3", "lemur" or "onnx"
     precision: str  # "fp32", "fp16", "bf16" or "int8"
@@ -82,8 +82,8 @@ class EngineInfo:
     default_latent_size: int
     max_latent_size: int
     num_steps: int
-    cache_first_block: int  # 1.x cached block range, inclusive; -1: none
-    cache_last_block: int
+    skip_first_block: int  # 1.x: the block range the skipping steps skip, inclusive; -1: none
+    skip_last_block: int
     compensation: str  # "none", "mlp" or "identity"
     xslim: str  # the bundle's default X-Slim policy: "none", "online" or "schedule"
     has_token_stages: bool
@@ -110,7 +110,7 @@ def _engine_info(handle) -> EngineInfo:
     for i in range(raw.num_steps):
         step = _native.ProgramStep(struct_size=ctypes.sizeof(_native.ProgramStep))
         _check(lib.slim_engine_program_step(handle, i, ctypes.byref(step)))
-        steps.append(ProgramStep(step.sigma, step.sigma_next, step.timestep, bool(step.record_delta), bool(step.skip_cached_blocks)))
+        steps.append(ProgramStep(step.sigma, step.sigma_next, step.timestep, bool(step.record_delta), bool(step.skip_range)))
     values = {name: getattr(raw, name) for name, _ in raw._fields_ if name != "struct_size"}
     values.update(family=_native.FAMILIES[raw.family], precision=_native.PRECISIONS[raw.precision],
                   compensation=_native.COMPENSATIONS[raw.compensation], xslim=_native.XSLIM_MODES[raw.xslim],
@@ -156,6 +156,27 @@ def _integer(value, name: str, low: int, high: int) -> int:
     return value
 
 
+def _seeds(seed, batch: int):
+    """(seed, seeds) for a params struct: an int is `seed` (row b draws from seed + b); a sequence of one int per row
+    is `seeds` (a ctypes uint64 array, kept alive by the caller until the call returns)."""
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        return _integer(seed, "seed", 0, UINT64_MAX), None
+    try:
+        values = list(seed)
+    except TypeError:
+        raise TypeError(f"seed must be an int or a sequence of one int per row, got {seed!r}") from None
+    if len(values) != batch:
+        raise ValueError(f"seed: {len(values)} seeds for a batch of {batch} (one per row)")
+    return 0, (ctypes.c_uint64 * batch)(*(_integer(v, f"seed[{i}]", 0, UINT64_MAX) for i, v in enumerate(values)))
+
+
+def _flag(value, name: str) -> int:
+    """A bool (or 0/1) as the C int flag."""
+    if not isinstance(value, (bool, np.bool_)) and value not in (0, 1):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return int(bool(value))
+
+
 def _real(value, name: str, low: float, *, above: bool = False) -> float:
     """A finite Python or numpy real number >= low (> low with `above`), checked before ctypes would turn it into
     a float (silently: True is 1.0, 1e300 is inf; a huge int raises OverflowError)."""
@@ -171,7 +192,7 @@ def _real(value, name: str, low: float, *, above: bool = False) -> float:
 
 
 MAX_BATCH, MAX_BANK_IDS = 4096, 2**24  # the C runtime's limits (c_api.cpp): checked here before outputs are allocated
-MAX_STEPS = 10000  # the C runtime's num_steps limit (c_api.cpp kMaxSteps), checked here so callers can check it first
+MAX_STEPS = 10000  # the C runtime's num_steps limit (sd3_request.cpp kMaxSteps), checked here so callers can check it first
 _DTYPES = {np.dtype(np.float32): 0, np.dtype(np.int64): 3, np.dtype(np.int32): 4}  # slim_dtype
 
 
@@ -368,20 +389,22 @@ class Engine(_Closable):
     """A loaded bundle; read-only and shareable between threads. Close it or use it as a context manager.
 
     device: "cpu" (default) or "cuda[:N]": every stage on ONNX Runtime's CUDA execution provider, which needs
-    onnxruntime-gpu (slimengine[gpu]); the runtime's buffers between stages stay in host memory for now.
+    onnxruntime-gpu (slimengine[gpu]); the buffers between stages are on the device where the build has CUDA kernels,
+    else (or with host_buffers=True) in host memory.
 
     verify: "fast" (default: the manifest against its digest, every file listed, regular and of its size, the stage
     graphs' sha256; seconds) or "full" (also the sha256 of every weight file: reads the whole bundle). See
-    docs/bundle-format.md, "Integrity". verify_checksums (deprecated) is the old switch: True is "full", False "fast"."""
+    docs/bundle-format.md, "Integrity"."""
 
     _handle = None
 
-    def __init__(self, path: str | Path, onnxruntime_library: str | None = None, verify_checksums: bool | None = None,
-                 intra_op_threads: int = 0, device: str = "cpu", *, verify: str | None = None):
-        level = _verify_level(verify, verify_checksums)
+    def __init__(self, path: str | Path, onnxruntime_library: str | None = None, intra_op_threads: int = 0, device: str = "cpu", *,
+                 verify: str = "fast", host_buffers: bool = False):
+        level = _verify_level(verify)
         lib = _native.lib()
         path_bytes = c_path(path, "path")
-        params = lib.slim_engine_default_params()
+        params = _native.params(_native.EngineParams)
+        params.host_buffers = _flag(host_buffers, "host_buffers")
         params.device_type, params.device_id = parse_device(device)
         params.intra_op_threads = _integer(intra_op_threads, "intra_op_threads", 0, INT32_MAX)
         if params.device_type == _native.DEVICE_CUDA:
@@ -392,7 +415,7 @@ class Engine(_Closable):
         self._ort_path = c_path(onnxruntime_library if onnxruntime_library is not None else _native.onnxruntime_library(),
                                "onnxruntime_library")
         params.onnxruntime_library = self._ort_path
-        params.verify_checksums = level
+        params.verify = level
         self.device = device
         handle = ctypes.c_void_p()
         _check(lib.slim_engine_open(path_bytes, ctypes.byref(params), ctypes.byref(handle)))
@@ -496,12 +519,14 @@ class Session(_Closable):
             _check(_native.lib().slim_session_set_profiling(self._handle, flags))
             self._profiling = enabled if enabled == "blocks" else bool(enabled)
 
-    def generate(self, prompt_embeds=None, pooled_embeds=None, *, prompt=None, negative_prompt=None, seed: int = 0, latents=None,
+    def generate(self, prompt_embeds=None, pooled_embeds=None, *, prompt=None, negative_prompt=None, seed=0, latents=None,
                  negative_prompt_embeds=None, negative_pooled_embeds=None, guidance_scale: float | None = None,
                  height: int | None = None, width: int | None = None, step_cache_threshold: float | None = None, cache=None,
                  num_steps: int | None = None, shift: float | None = None, progress=None) -> GenerateResult | ImageResult:
         """Run the bundle's sampling program. `latents` (float32 [B,C,H,W]) replaces seeded noise; otherwise
         height/width (latent pixels) default to the bundle's default size (required when its manifest states none).
+        `seed`: an int (row b draws its noise from seed + b) or one int per row; a row's noise depends on its seed
+        alone, so each row is the image that row gives generated alone with that seed.
         `cache` overrides the bundle's X-Slim policy: "none", a spec ("xslim:step=0.1,critical=0.3", see export-engine --help) or an
         XSlimPolicy; `step_cache_threshold` alone asks for step-level reuse with that line (0: off).
         `num_steps` replaces the program by a plain plan on the same stages: that many steps with
@@ -555,18 +580,19 @@ class Session(_Closable):
             shape = (batch, cfg["out_channels"], self._latent_side(height, "height"), self._latent_side(width, "width"))
         if batch > MAX_BATCH:  # checked before the output is allocated
             raise ValueError(f"prompt_embeds: batch {batch} is over the runtime's limit of {MAX_BATCH}")
-        params = lib.slim_generate_default_params()
-        params.seed = _integer(seed, "seed", 0, UINT64_MAX)
+        params = _native.params(_native.GenerateParams)
+        params.seed, seeds = _seeds(seed, batch)
+        params.seeds = seeds
         if guidance_scale is not None:  # None: the bundle's (C's sentinel is any negative value)
             params.guidance_scale = _real(guidance_scale, "guidance_scale", 0)
         if step_cache_threshold is not None:  # None: the bundle's policy
-            params.step_cache_threshold = _real(step_cache_threshold, "step_cache_threshold", 0)
+            params.xslim_threshold = _real(step_cache_threshold, "step_cache_threshold", 0)
         if num_steps is not None:
             params.num_steps = _integer(num_steps, "num_steps", 1, MAX_STEPS)
         if shift is not None:
             params.shift = _real(shift, "shift", 0, above=True)
         if cache is not None:
-            params.cache_policy = c_string(self._engine.policy_json(cache, num_steps), "cache")
+            params.xslim_policy = c_string(self._engine.policy_json(cache, num_steps), "cache")
         out = np.empty(shape, dtype=np.float32)
         tensors = {k: _TensorArg(v) for k, v in args.items() if v is not None}
         for name, t in tensors.items():
@@ -607,22 +633,23 @@ class Session(_Closable):
         else:
             height, width = (factor * (self._latent_side(None, name) if v is None else self._image_side(v, name, factor))
                              for v, name in ((height, "height"), (width, "width")))
-        params = lib.slim_prompt_default_params()
+        params = _native.params(_native.PromptParams)
         batch = len(prompts)
         params.prompts = (ctypes.c_char_p * batch)(*texts[:batch])
         params.negative_prompts = (ctypes.c_char_p * batch)(*texts[batch:])
         params.prompt_count, params.height, params.width = batch, height, width
-        params.seed = _integer(seed, "seed", 0, UINT64_MAX)
+        params.seed, seeds = _seeds(seed, batch)
+        params.seeds = seeds
         if guidance_scale is not None:  # None: the bundle's
             params.guidance_scale = _real(guidance_scale, "guidance_scale", 0)
         if step_cache_threshold is not None:
-            params.step_cache_threshold = _real(step_cache_threshold, "step_cache_threshold", 0)
+            params.xslim_threshold = _real(step_cache_threshold, "step_cache_threshold", 0)
         if num_steps is not None:
             params.num_steps = _integer(num_steps, "num_steps", 1, MAX_STEPS)
         if shift is not None:  # None: the pipeline's scheduler shift (the runtime's 0)
             params.shift = _real(shift, "shift", 0, above=True)
         if cache is not None:
-            params.cache_policy = c_string(engine.policy_json(cache, num_steps), "cache")
+            params.xslim_policy = c_string(engine.policy_json(cache, num_steps), "cache")
         latents_arg = _TensorArg(latents) if latents is not None else None
         if latents_arg is not None:
             params.latents = latents_arg.pointer()
@@ -734,7 +761,7 @@ class Session(_Closable):
             args["segment_ids"] = _TensorArg(_as_int64(segment_ids, "segment_ids"))
         if document_ids is not None:
             args["document_ids"] = _TensorArg(_as_int64(document_ids, "document_ids"))
-        params = lib.slim_embed_default_params()
+        params = _native.params(_native.EmbedParams)
         for name, t in args.items():
             setattr(params, name, t.pointer())
         if model_version is not None:
@@ -755,7 +782,7 @@ class Session(_Closable):
             raise TypeError(f"bank must be a MemoryBank (history embeddings come from it), got {type(bank).__name__}")
         history = _TensorArg(_as_int64(history_ids, "history_ids"))
         query = _TensorArg(_as_int64(query_ids, "query_ids"))
-        params = lib.slim_score_default_params()
+        params = _native.params(_native.ScoreParams)
         params.history_ids, params.query_ids = history.pointer(), query.pointer()
         params.missing_policy = 1 if skip_missing else 0
         params.min_model_version = _integer(min_model_version, "min_model_version", -INT64_MAX - 1, INT64_MAX)
@@ -841,10 +868,9 @@ class BankRecovery:
     """What opening a bank (and a reader's refreshes) found (docs/memory-bank.md, "Damage")."""
 
     damaged_records: int  # records with one flipped bit, corrected in memory: a delete applied, an upserted id hidden
-    dropped_records: int  # intact records skipped with damaged ones: 0 (a record is corrected, or opening refuses)
     first_damaged_offset: int  # byte offset of the first damaged record; -1: none
     tail_bytes: int  # at open: bytes after the last whole write call (a call a crash cut short); a writer truncated them
-    header_corrected: int = 0  # 1: the header had one flipped bit, corrected in memory
+    header_corrected: int  # 1: the header had one flipped bit, corrected in memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -873,7 +899,7 @@ class MemoryBank(_Closable):
     def __init__(self, path: str | Path, dim: int = 0, *, read_only: bool = False, create: bool = True, sync_writes: bool = False):
         lib = _native.lib()
         path_bytes = c_path(path, "path")  # checked first: MemoryBank(None) created a file named "None", and kept it open
-        params = lib.slim_bank_default_params()
+        params = _native.params(_native.BankParams)
         params.dim = _integer(dim, "dim", 0, INT32_MAX)
         params.read_only, params.create, params.sync_writes = int(read_only), int(create), int(sync_writes)
         handle = ctypes.c_void_p()
@@ -891,7 +917,7 @@ class MemoryBank(_Closable):
         out = _native.BankRecovery(struct_size=ctypes.sizeof(_native.BankRecovery))
         with self._gate.call():
             _check(_native.lib().slim_bank_recovery_info(self._handle, ctypes.byref(out)))
-        return BankRecovery(out.damaged_records, out.dropped_records, out.first_damaged_offset, out.tail_bytes, out.header_corrected)
+        return BankRecovery(out.damaged_records, out.first_damaged_offset, out.tail_bytes, out.header_corrected)
 
     @staticmethod
     def repair(path: str | Path) -> BankRepair:
@@ -968,15 +994,7 @@ def open_engine(path: str | Path, **options) -> Engine:
     return Engine(path, **options)
 
 
-def _verify_level(verify: str | None, verify_checksums: bool | None) -> int:
-    if verify is not None and verify_checksums is not None:
-        raise TypeError("give verify= or the deprecated verify_checksums=, not both")
-    if verify_checksums is not None:
-        warnings.warn('verify_checksums is deprecated: use verify="full" (was True) or verify="fast" (was False)', DeprecationWarning,
-                      stacklevel=3)
-        return VERIFY_LEVELS["full" if verify_checksums else "fast"]
-    if verify is None:
-        return VERIFY_LEVELS["fast"]
+def _verify_level(verify: str) -> int:
     if verify not in VERIFY_LEVELS:
         raise ValueError(f'verify must be "fast" or "full", got {verify!r}')
     return VERIFY_LEVELS[verify]
@@ -986,7 +1004,7 @@ def verify_bundle(path: str | Path, verify: str = "full", progress=None) -> None
     """Check the bundle at `path` without loading it (what open_engine checks first): raises SlimError (SLIM_ERR_BUNDLE
     naming the file or field at fault, SLIM_ERR_IO) unless it is intact. progress(file, bytes_done, bytes_total) is
     called as files are hashed."""
-    level = _verify_level(verify, None)
+    level = _verify_level(verify)
     raised = []
 
     def report(_user, file, done, total):

@@ -20,7 +20,6 @@ from collections import defaultdict
 
 import numpy as np
 
-from ..noise import gaussian_noise
 from ..runtime import MemoryBank, SlimError, open_engine
 from ..xslim_policy import excerpt
 from .server import RESTARTS_ENV
@@ -202,17 +201,16 @@ class SD3Model(_Model):
                                            negative_prompt_embeds=p["negative_prompt_embeds"],
                                            negative_pooled_embeds=p["negative_pooled_embeds"], **self._kwargs(p))
             return [result.latents]
-        # Several requests in one call: each request's noise is drawn from its own seed (the runtime's noise, noise.py),
-        # exactly as its own call would draw it, and passed as latents.
-        first, cfg = members[0], self.engine.config
-        height, width = (self.session._latent_side(first[k], k) for k in ("height", "width"))
-        noise = [p["initial_latents"] if p["initial_latents"] is not None else
-                 gaussian_noise((p["rows"], cfg["out_channels"], height, width), p["seed"]) for p in members]
+        # Several requests in one call (the group shares whether initial latents are given): each row's noise is
+        # drawn from its own seed, as the request's own call draws it (row r of a request: its seed + r).
+        first = members[0]
 
         def cat(name):
             return None if first[name] is None else np.concatenate([p[name] for p in members])
 
-        result = self.session.generate(cat("prompt_embeds"), cat("pooled_embeds"), latents=np.concatenate(noise),
+        noise = {"latents": cat("initial_latents")} if first["initial_latents"] is not None else \
+            {"seed": [(p["seed"] + r) % 2**64 for p in members for r in range(p["rows"])]}  # wraps as the runtime does
+        result = self.session.generate(cat("prompt_embeds"), cat("pooled_embeds"), **noise,
                                        negative_prompt_embeds=cat("negative_prompt_embeds"),
                                        negative_pooled_embeds=cat("negative_pooled_embeds"), **self._kwargs(first))
         return _split(result.latents, [p["rows"] for p in members])
