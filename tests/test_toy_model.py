@@ -82,7 +82,7 @@ def test_shipped_tokenizers_load_in_transformers_and_the_engine_gives_their_ids(
 
 # (bundle, guidance, colour and shape thresholds of 18): the teacher's 28-step CFG plan and the distilled student's own
 # 1.x plan (2 steps, no CFG). Measured with the shipped models, prompted colour / shape of 18 (benchmarks/bench_1x.py,
-# seeds 0-7): teacher 17-18 / 16-18 (seed 0: 18 / 18); student 17-18 / 16-18 (seed 0: 18 / 17).
+# seeds 0-7): teacher 18 / 16-18 (seed 0: 18 / 18); student 18 / 16-18 (seed 0: 18 / 18).
 PLANS = [("28-step CFG", None, 17, 17), ("1x", None, 17, 15)]
 
 
@@ -102,8 +102,8 @@ def test_pictures_from_prompts_have_the_prompted_colour_and_shape(toy_bundles, p
 def test_the_distilled_student_draws_what_its_teacher_draws(toy_bundles, seed):
     """Through the engine from prompt strings: on each seed the student's 1.x picture (1.5 NFE) shows the colour and the
     shape the classifier reads from the teacher's 28-step CFG picture (56 NFE) for >= 17/18 and >= 16/18 of the class
-    prompts (a caption template distill-1x never saw). Measured on seeds 0, 1, 2: colours 18, 18, 17; shapes 17, 16, 16
-    (seed 5 of bench_1x.py's 0-7 gives 15: docs/distill-1x.md)."""
+    prompts (a caption template distill-1x never saw). Measured on seeds 0, 1, 2: colours 18, 18, 18; shapes 18, 17, 16
+    (bench_1x.py's seeds 0-7: 16-18; docs/distill-1x.md)."""
     pictures = {}
     for plan in ("1x", "28-step CFG"):
         with se.open_engine(toy_bundles[plan]) as engine:
