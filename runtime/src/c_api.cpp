@@ -1,7 +1,7 @@
 // The C ABI: handles checked, params structs read (the caller's struct_size bytes over the defaults), results
 // written, exceptions turned into status codes. What a call means lives behind it: SD3 requests checked and
 // resolved (sd3_request), the runners (sd3_program, prompt_program, lemur_program), the generic stage call
-// (ort_backend), bank files (memory_bank).
+// (stage: run_named), bank files (memory_bank).
 #include <chrono>
 #include <cmath>
 #include <cstring>

@@ -7,7 +7,7 @@
 
 #include "bundle.hpp"
 #include "manifest.hpp"
-#include "ort_backend.hpp"
+#include "stage.hpp"
 #include "tokenizer.hpp"
 
 namespace slim {

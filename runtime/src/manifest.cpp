@@ -191,7 +191,8 @@ void check_format(const Value& root) {
             "(this runtime reads version " + std::to_string(kBundleFormatVersion) + "); re-export the bundle or update slimengine");
 }
 
-void parse_fields(const Value& root, Manifest& m) {
+// The header fields, and the family's own config and program.
+void parse_family(const Value& root, Manifest& m) {
     m.family = string_field(root, "family", "");
     m.precision = string_field(root, "precision", "");
     if (m.precision != "fp32" && m.precision != "fp16" && m.precision != "bf16" && m.precision != "int8")
@@ -213,7 +214,10 @@ void parse_fields(const Value& root, Manifest& m) {
     } else {
         bad(".family", "'" + m.family + "' is not supported by this runtime (expected sd3 or lemur)");
     }
+}
 
+// files: every file of the bundle with its size and sha256. Returns path -> index in m.files.
+std::unordered_map<std::string, size_t> parse_files(const Value& root, Manifest& m) {
     const Value& files = object_field(root, "files", "");
     std::unordered_map<std::string, size_t> listed;  // path -> index in m.files
     for (const auto& [file, entry] : files.object) {
@@ -226,7 +230,11 @@ void parse_fields(const Value& root, Manifest& m) {
         listed.emplace(file, m.files.size());
         m.files.push_back(std::move(f));
     }
+    return listed;
+}
 
+// stages: each stage's role (one of its family's), block, graph file (listed) and tensors.
+void parse_stages(const Value& root, Manifest& m, const std::unordered_map<std::string, size_t>& listed) {
     const Value& stages = array_field(root, "stages", "");
     std::unordered_set<std::string> names;
     for (size_t i = 0; i < stages.array.size(); ++i) {
@@ -262,8 +270,10 @@ void parse_fields(const Value& root, Manifest& m) {
         if (!listed.count(d.file)) bad(w + ".file", "'" + d.file + "' is not listed in files");
         m.stages.push_back(std::move(d));
     }
+}
 
-    // Optional: the prompt tokenizers (export/tokenizer_export.py).
+// tokenizers (optional): the prompt tokenizers (export/tokenizer_export.py).
+void parse_tokenizers(const Value& root, Manifest& m, const std::unordered_map<std::string, size_t>& listed) {
     const Value* tokenizers = root.find("tokenizers");
     if (tokenizers && !tokenizers->is_null()) {
         if (tokenizers->kind != Value::Kind::Array || tokenizers->array.size() > 3)
@@ -294,8 +304,10 @@ void parse_fields(const Value& root, Manifest& m) {
             m.tokenizers.push_back(std::move(d));
         }
     }
+}
 
-    // Optional (sd3): the pipeline block, whose roles and widths must fit the stages and the transformer.
+// pipeline (optional, sd3): the text encoders' and the VAE's numbers, which must fit the stages and the transformer.
+void parse_pipeline(const Value& root, Manifest& m) {
     const Value* pipeline = root.find("pipeline");
     if (pipeline && !pipeline->is_null()) {
         if (m.kind != Family::Sd3) bad(".pipeline", "is only for sd3 bundles");
@@ -342,6 +354,15 @@ void parse_fields(const Value& root, Manifest& m) {
         if (p.t5 != has(Role::T5)) bad(w + ".t5", p.t5 ? "is true but no stage has role t5" : "is false but a stage has role t5");
         m.has_pipeline = true;
     }
+}
+
+// Every field, section by section.
+void parse_fields(const Value& root, Manifest& m) {
+    parse_family(root, m);
+    const std::unordered_map<std::string, size_t> listed = parse_files(root, m);
+    parse_stages(root, m, listed);
+    parse_tokenizers(root, m, listed);
+    parse_pipeline(root, m);
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "device_memory.hpp"
 #include "engine.hpp"
 #include "slimengine.h"
 

@@ -5,8 +5,8 @@
 #include <map>
 
 #include "error.hpp"
-#include "ort_backend.hpp"
 #include "profiler.hpp"
+#include "stage.hpp"
 #include "tokenizer.hpp"
 
 namespace slim {

@@ -9,8 +9,8 @@
 #include <utility>
 #include <vector>
 
+#include "device_memory.hpp"
 #include "manifest.hpp"
-#include "ort_backend.hpp"
 #include "step_planner.hpp"
 #include "xslim.hpp"
 
