@@ -243,3 +243,35 @@ def test_params_init_writes_the_documented_defaults_and_nothing_past_the_struct(
         assert init(ctypes.cast(buffer, ctypes.POINTER(cls)), bad) == 1
         assert f"{cls._c_name_}.struct_size is {bad}" in lib.slim_last_error().decode()
     assert init(None, size) == 1 and b"params is NULL" in lib.slim_last_error()
+
+
+def test_no_struct_has_tail_padding_a_later_field_could_fill(c_layout):
+    """Found by the ABI 1.0 break-it pass: slim_engine_params had 4 bytes of tail padding, where a 1.1 field could have
+    gone unseen (its sizeof unchanged, so a 1.0 library would take a 1.1 caller's struct and ignore the field). Every
+    struct's size is the end of its last field."""
+    for name, fields in header_structs().items():
+        offset, size = c_layout[f"{name}.{fields[-1]}"]
+        assert c_layout[name][0] == offset + size, f"{name}: sizeof {c_layout[name][0]}, its last field ends at {offset + size}"
+
+
+def test_a_result_struct_size_changed_during_the_call_is_not_read_again(distilled_bundle):
+    """Found by the ABI 1.0 break-it pass: a progress callback that raised stats.struct_size during slim_generate made
+    the library write that many bytes (1024: past its own struct; 2^28: a crash). The size checked is the size written."""
+    engine = se.open_engine(distilled_bundle)
+    call, lib = CApiCall(engine), _native.lib()
+    size = ctypes.sizeof(_native.GenerateStats)
+    for raised_to in (1024, 2**28):
+        buffer = (ctypes.c_uint8 * 4096)(*([0xAB] * 4096))
+        stats = ctypes.cast(buffer, ctypes.POINTER(_native.GenerateStats))
+        stats.contents.struct_size = size
+
+        def grow(user, phase, step, total, stats=stats, raised_to=raised_to):
+            stats.contents.struct_size = raised_to
+            return 0
+
+        callback = _native.Progress(grow)
+        params = _native.params(_native.GenerateParams)
+        params.prompt_embeds, params.pooled_embeds, params.progress = call.tensor(call.text), call.tensor(call.pooled), callback
+        assert lib.slim_generate(call.session._handle, ctypes.byref(params), call.tensor(call.out), stats) == 0, lib.slim_last_error()
+        assert bytes(buffer[size:]) == b"\xab" * (4096 - size)  # nothing past the size checked before the call
+        assert stats.contents.struct_size == size and stats.contents.steps == len(engine.manifest["program"]["steps"])

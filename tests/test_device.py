@@ -64,8 +64,9 @@ def test_host_buffers_leave_a_cpu_engine_as_it_is(distilled_bundle, distilled_ch
     with se.open_engine(distilled_bundle) as plain, se.open_engine(distilled_bundle, host_buffers=True) as host:
         a, b = (e.session().generate(text, pooled, seed=[3, 9], height=8, width=8).latents for e in (plain, host))
     assert np.array_equal(a, b)
-    with pytest.raises(TypeError, match="host_buffers must be True or False"):
-        se.open_engine(distilled_bundle, host_buffers="yes")
+    for bad in ("yes", 2, 1.0, None):  # 1.0 was taken as 1 (found by the break-it pass)
+        with pytest.raises(TypeError, match="host_buffers must be True or False"):
+            se.open_engine(distilled_bundle, host_buffers=bad)
 
 
 def test_the_cpu_device_is_the_default(distilled_bundle, distilled_checkpoint):

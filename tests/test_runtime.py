@@ -300,6 +300,13 @@ def test_each_row_is_the_row_generated_alone_with_its_own_seed(distilled_bundle,
                                                 width=8).latents)
     with pytest.raises(ValueError, match="2 seeds for a batch of 3"):
         session.generate(text, pooled, seed=[1, 2], height=8, width=8)
+    assert np.array_equal(session.generate(text, pooled, seed=np.array(2**64 - 2, np.uint64), height=8, width=8).latents, one)
+    assert np.array_equal(session.generate(text, pooled, seed=np.array([2**64 - 2, 2**64 - 1, 0], np.uint64), height=8,
+                                           width=8).latents, one)
+    # Found by the break-it pass: any iterable was taken, a set in hash order, a dict's keys, bytes as small numbers.
+    for bad in ({1, 2, 3}, {1: 0, 2: 0, 3: 0}, b"\x01\x02\x03", (s for s in [1, 2, 3]), True, 1.0, "1"):
+        with pytest.raises(TypeError, match="seed must be an int or a list, tuple or 1-d array"):
+            session.generate(text, pooled, seed=bad, height=8, width=8)
 
     prompts = ["a red circle", "a blue square"]
     prompt_session = se.open_engine(sd3_pipeline_bundle).session()

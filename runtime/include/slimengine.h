@@ -49,8 +49,9 @@ extern "C" {
 #define SLIM_ABI_VERSION_MAJOR 1
 #define SLIM_ABI_VERSION_MINOR 0
 
-/* Structs grow only by fields that keep their alignment (slim_bank_params, of 4-byte fields, by 4-byte fields), so an
- * older caller's sizeof stays a valid struct_size. Test builds only (tests/test_c_program.py): -DSLIM_TEST_FUTURE_FIELDS
+/* Every struct below ends with its last field (no tail padding a later field could fill unseen), and grows only by
+ * fields that keep its alignment (slim_bank_params, of 4-byte fields, by 4-byte fields), so an older caller's sizeof
+ * stays a valid struct_size and a newer caller's is refused. Test builds only (tests/test_c_program.py): -DSLIM_TEST_FUTURE_FIELDS
  * appends 8 bytes of fields to every struct below, as a later minor version would, so a caller built without it stands
  * for a caller of the older header. */
 #ifdef SLIM_TEST_FUTURE_FIELDS
@@ -130,9 +131,9 @@ typedef enum slim_verify {
 
 typedef struct slim_engine_params {
     uint32_t struct_size;            /* set by slim_engine_params_init */
+    int32_t verify;                  /* slim_verify: SLIM_VERIFY_FAST (default) or SLIM_VERIFY_FULL */
     const char* onnxruntime_library; /* path of libonnxruntime.so; NULL (default): $SLIMENGINE_ORT_LIBRARY, read at open, then the
                                         loader's search */
-    int32_t verify;                  /* slim_verify: SLIM_VERIFY_FAST (default) or SLIM_VERIFY_FULL */
     int32_t intra_op_threads;        /* ONNX Runtime threads, one pool per process set by the first engine; 0 (default): its choice */
     int32_t device_type;             /* slim_device_type: SLIM_DEVICE_CPU (default), or SLIM_DEVICE_CUDA: every stage on ONNX
                                         Runtime's CUDA execution provider (onnxruntime-gpu's library; BACKEND error naming the missing
@@ -317,7 +318,8 @@ typedef struct slim_generate_params {
     const slim_tensor* negative_pooled_embeds; /* float32 [B, pooled_projection_dim]; required when guidance > 1 */
     /* The initial noise: `latents` when given, else row b drawn from seeds[b] when seeds is given, else from seed + b.
      * A row's noise depends only on its own seed (Philox4x32-10, docs/runtime-loop.md "Noise"), so each row of a
-     * batch is bit-identical to that row generated alone with that seed. */
+     * batch is bit-identical to that row generated alone with that seed, unless an online X-Slim policy reuses work:
+     * its decisions look at the whole batch (docs/xslim.md). */
     const slim_tensor* latents; /* float32 [B, C, H, W]; NULL (default): seeded */
     const uint64_t* seeds;      /* B seeds, one per row; NULL (default): seed + row */
     uint64_t seed;              /* default 0 */
@@ -668,7 +670,7 @@ typedef struct slim_embed_params {
     const slim_tensor* frames;       /* float32 [B, F, 3, image_size, image_size], 1 <= F <= max_frames; required */
     slim_bank* bank;                 /* optional: upsert the embeddings into this (writer) bank */
     const slim_tensor* document_ids; /* int64 [B], ids >= 0; required with bank */
-    int64_t model_version;           /* recorded in the bank; < 0 (default): the bundle's program.model_version */
+    int64_t model_version;           /* recorded in the bank, in [0, 2^32); -1 (default): the bundle's program.model_version */
     SLIM_FUTURE_FIELD
 } slim_embed_params;
 

@@ -1,7 +1,7 @@
 // The C ABI: handles checked, params structs read (the caller's struct_size bytes over the defaults), results
 // written, exceptions turned into status codes. What a call means lives behind it: SD3 requests checked and
 // resolved (sd3_request), the runners (sd3_program, prompt_program, lemur_program), the generic stage call
-// (stage: run_named), bank files (memory_bank).
+// (stage_call), bank files (memory_bank).
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -16,6 +16,7 @@
 #include "engine.hpp"
 #include "error.hpp"
 #include "lemur_program.hpp"
+#include "lemur_request.hpp"
 #include "memory_bank.hpp"
 #include "program.hpp"
 #include "prompt_program.hpp"
@@ -23,6 +24,7 @@
 #include "sd3_request.hpp"
 #include "sd3_stages.hpp"
 #include "slimengine.h"
+#include "stage_call.hpp"
 #include "tensor_args.hpp"
 #include "tokenizer.hpp"
 
@@ -167,27 +169,33 @@ slim_status init_params(T* params, size_t struct_size, const char* what) {
 }
 
 // A caller's params over the defaults: only its struct_size bytes are read (fields of later versions keep their defaults).
+// struct_size is read once: the size checked is the size used, whatever the caller's memory holds later.
 template <typename T>
 T read_params(const T* given, const char* what) {
     T value = defaults<T>();
     if (!given) return value;
-    check_struct_size<T>(given->struct_size, what);
-    std::memcpy(static_cast<void*>(&value), given, given->struct_size);
+    const uint32_t size = given->struct_size;
+    check_struct_size<T>(size, what);
+    std::memcpy(static_cast<void*>(&value), given, size);
     value.struct_size = sizeof(T);
     return value;
 }
 
-// A caller's result struct: checked before the call's work, filled after it with the first struct_size bytes of the whole
-// result (an older caller gets the fields it knows).
+// A caller's result struct: its size checked before the call's work (check_out returns it; 0 for NULL), then filled
+// after it with that many bytes of the whole result (an older caller gets the fields it knows). The size checked is the
+// size written: a struct_size the caller (its progress callback, another thread) changes meanwhile is not read again.
 template <typename T>
-void check_out(const T* out, const char* what) {
-    if (out) check_struct_size<T>(out->struct_size, what);
+uint32_t check_out(const T* out, const char* what) {
+    if (!out) return 0;
+    const uint32_t size = out->struct_size;
+    check_struct_size<T>(size, what);
+    return size;
 }
 template <typename T>
-void write_out(T* out, T value) {
+void write_out(T* out, uint32_t size, T value) {
     if (!out) return;
-    value.struct_size = out->struct_size;
-    std::memcpy(static_cast<void*>(out), &value, out->struct_size);
+    value.struct_size = size;
+    std::memcpy(static_cast<void*>(out), &value, std::min<size_t>(size, sizeof(T)));
 }
 
 constexpr int64_t kMaxBankBatch = int64_t(1) << 24;  // ids per bank call
@@ -210,7 +218,7 @@ P& runner_as(slim_session* session, const char* call, const char* runs) {
 // The event recorder of the session's program (SD3 generate, LEMUR embed/score), or nullptr (a plain ONNX engine).
 slim::Profiler* profiler_of(const slim_session* session) { return session->runner ? &session->runner->profiler() : nullptr; }
 
-void fill_stats(slim_lemur_stats* out, const slim::LemurStats& s) {
+void fill_stats(slim_lemur_stats* out, uint32_t out_size, const slim::LemurStats& s) {
     slim_lemur_stats value{};
     value.batch = static_cast<int32_t>(s.batch);
     value.history_found = s.history_found;
@@ -218,7 +226,7 @@ void fill_stats(slim_lemur_stats* out, const slim::LemurStats& s) {
     value.total_ms = s.total_ms;
     value.backend_ms = s.backend_ms;
     value.bank_ms = s.bank_ms;
-    write_out(out, value);
+    write_out(out, out_size, value);
 }
 
 int64_t now_us() {
@@ -369,7 +377,7 @@ slim_status slim_engine_get_info(const slim_engine* engine, slim_engine_info* ou
     if (!out) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_engine_get_info: out is NULL");
     return guarded([&] {
         slim::GateEntry use(engine->gate, "slim_engine_get_info: the engine", false);  // a close waits for it
-        check_out(out, "slim_engine_info");
+        const uint32_t out_size = check_out(out, "slim_engine_info");
         const slim::Engine& e = *engine->engine;
         const slim::Manifest& m = e.manifest();
         slim_engine_info info{};
@@ -414,7 +422,7 @@ slim_status slim_engine_get_info(const slim_engine* engine, slim_engine_info* ou
             info.max_history = c.max_history;
             info.model_version = c.model_version;
         }
-        write_out(out, info);
+        write_out(out, out_size, info);
     });
 }
 
@@ -427,14 +435,14 @@ slim_status slim_engine_program_step(const slim_engine* engine, int32_t index, s
             throw slim::Error(SLIM_ERR_INVALID_ARGUMENT,
                               "slim_engine_program_step: the engine's family is '" + m.family + "'; sampling programs are sd3's");
         const slim::StepPlan& s = item(m.program.steps, index, out, "slim_engine_program_step");
-        check_out(out, "slim_program_step");
+        const uint32_t out_size = check_out(out, "slim_program_step");
         slim_program_step value{};
         value.record_delta = s.record_delta ? 1 : 0;
         value.skip_range = s.skip_range ? 1 : 0;
         value.sigma = s.sigma;
         value.sigma_next = s.sigma_next;
         value.timestep = s.timestep;
-        write_out(out, value);
+        write_out(out, out_size, value);
     });
 }
 
@@ -528,7 +536,7 @@ slim_status slim_generate(slim_session* session, const slim_generate_params* par
         using slim::Error;
         slim::Sd3Runner& sd3 = runner_as<slim::Sd3Runner>(session, "slim_generate", "slim_generate runs sd3 bundles");
         const slim_generate_params p = read_params(params, "slim_generate_params");
-        check_out(stats, "slim_generate_stats");
+        const uint32_t stats_size = check_out(stats, "slim_generate_stats");
         const slim::GenerateArgs args{
             p.prompt_embeds, p.pooled_embeds, p.negative_prompt_embeds, p.negative_pooled_embeds,
             p.latents,       latents_out,     sd3_settings(p),          slim::Progress{p.progress, p.progress_user}};
@@ -543,7 +551,7 @@ slim_status slim_generate(slim_session* session, const slim_generate_params* par
         value.backend_ms = s.backend_ms;
         value.flop_fraction = s.flop_fraction;
         value.transfer_bytes = s.transfer_bytes;
-        write_out(stats, value);
+        write_out(stats, stats_size, value);
     });
 }
 
@@ -560,7 +568,7 @@ slim_status slim_generate_prompt(slim_session* session, const slim_prompt_params
         using slim::Error;
         slim::Sd3Runner& sd3 = runner_as<slim::Sd3Runner>(session, "slim_generate_prompt", "slim_generate_prompt runs sd3 bundles");
         const slim_prompt_params p = read_params(params, "slim_prompt_params");
-        check_out(stats, "slim_prompt_stats");
+        const uint32_t stats_size = check_out(stats, "slim_prompt_stats");
         slim::PromptArgs args;
         args.prompts = p.prompts;
         args.prompt_count = p.prompt_count;
@@ -600,7 +608,7 @@ slim_status slim_generate_prompt(slim_session* session, const slim_prompt_params
         value.flop_fraction = s.generate.flop_fraction;
         value.backend_ms = s.generate.backend_ms;
         value.transfer_bytes = s.generate.transfer_bytes;
-        write_out(stats, value);
+        write_out(stats, stats_size, value);
     });
 }
 
@@ -613,7 +621,7 @@ slim_status slim_session_step_stats(const slim_session* session, int32_t index, 
     return guarded([&] {
         slim::GateEntry use(session->gate, "slim_session_step_stats: the session", true);
         const slim::StepStats& s = item(step_stats_of(session), index, out, "slim_session_step_stats");
-        check_out(out, "slim_step_stats");
+        const uint32_t out_size = check_out(out, "slim_step_stats");
         slim_step_stats value{};
         value.sigma = s.sigma;
         value.sigma_next = s.sigma_next;
@@ -623,7 +631,7 @@ slim_status slim_session_step_stats(const slim_session* session, int32_t index, 
         value.blocks_reused = s.blocks_reused;
         value.tokens_computed = s.tokens_computed;
         value.flop_fraction = s.flop_fraction;
-        write_out(out, value);
+        write_out(out, out_size, value);
     });
 }
 
@@ -632,11 +640,11 @@ slim_status slim_session_stage_stats(const slim_session* session, int32_t index,
     return guarded([&] {
         slim::GateEntry use(session->gate, "slim_session_stage_stats: the session", true);
         const slim::StageStats& s = item(stage_stats_of(session), index, out, "slim_session_stage_stats");
-        check_out(out, "slim_stage_stats");
+        const uint32_t out_size = check_out(out, "slim_stage_stats");
         slim_stage_stats value{};
         value.calls = s.calls;
         value.total_ms = s.ms;
-        write_out(out, value);
+        write_out(out, out_size, value);
     });
 }
 
@@ -664,7 +672,7 @@ slim_status slim_session_event(const slim_session* session, int32_t index, slim_
     return guarded([&] {
         slim::GateEntry use(session->gate, "slim_session_event: the session", true);
         const slim::ProfileEvent& e = item(events_of(session), index, out, "slim_session_event");
-        check_out(out, "slim_event");
+        const uint32_t out_size = check_out(out, "slim_event");
         slim_event value{};
         value.kind = e.kind;
         value.step = e.step;
@@ -674,7 +682,7 @@ slim_status slim_session_event(const slim_session* session, int32_t index, slim_
         value.start_ns = e.start_ns;
         value.end_ns = e.end_ns;
         value.device_ns = e.device_ns;
-        write_out(out, value);
+        write_out(out, out_size, value);
     });
 }
 
@@ -792,7 +800,7 @@ slim_status slim_bank_recovery_info(const slim_bank* bank, slim_bank_recovery* o
     if (!bank) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_bank_recovery_info: bank is NULL");
     if (!out) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_bank_recovery_info: out is NULL");
     return guarded([&] {
-        check_out(out, "slim_bank_recovery");
+        const uint32_t out_size = check_out(out, "slim_bank_recovery");
         slim::GateEntry use(bank->gate, "slim_bank_recovery_info: the bank", false);
         const slim::BankRecovery r = bank->bank->recovery();
         slim_bank_recovery value{};
@@ -800,14 +808,14 @@ slim_status slim_bank_recovery_info(const slim_bank* bank, slim_bank_recovery* o
         value.first_damaged_offset = r.first_damaged_offset;
         value.tail_bytes = static_cast<int64_t>(r.tail_bytes);
         value.header_corrected = r.header_corrected;
-        write_out(out, value);
+        write_out(out, out_size, value);
     });
 }
 
 slim_status slim_bank_repair(const char* path, slim_bank_repair_report* out) {
     return guarded([&] {
         if (!path || !*path) throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, "slim_bank_repair: path is empty");
-        check_out(out, "slim_bank_repair_report");
+        const uint32_t out_size = check_out(out, "slim_bank_repair_report");
         const slim::BankRepair r = slim::MemoryBank::repair(path);
         slim_bank_repair_report value{};
         value.header = r.header;
@@ -818,7 +826,7 @@ slim_status slim_bank_repair(const char* path, slim_bank_repair_report* out) {
         value.hidden_ids = static_cast<int64_t>(r.hidden_ids);
         value.ids = static_cast<int64_t>(r.ids);
         value.tail_bytes = static_cast<int64_t>(r.tail_bytes);
-        write_out(out, value);
+        write_out(out, out_size, value);
     });
 }
 
@@ -844,7 +852,7 @@ slim_status slim_embed(slim_session* session, const slim_embed_params* params, c
         slim::GateEntry use(session->gate, "slim_embed: the session", true);
         slim::LemurRunner& lemur = runner_as<slim::LemurRunner>(session, "slim_embed", "this call runs lemur bundles");
         slim_embed_params p = read_params(params, "slim_embed_params");
-        check_out(stats, "slim_lemur_stats");
+        const uint32_t stats_size = check_out(stats, "slim_lemur_stats");
         std::optional<slim::GateEntry> bank_use;  // the bank stays open until the call returns
         if (p.bank) bank_use.emplace(p.bank->gate, "slim_embed: the bank", false);
         slim::EmbedArgs args;
@@ -855,7 +863,7 @@ slim_status slim_embed(slim_session* session, const slim_embed_params* params, c
         args.document_ids = p.document_ids;
         args.model_version = p.model_version;
         args.out = embeddings_out;
-        fill_stats(stats, lemur.embed(args));
+        fill_stats(stats, stats_size, lemur.embed(slim::check_embed(*session->engine, args)));
     });
 }
 
@@ -871,7 +879,7 @@ slim_status slim_score(slim_session* session, const slim_score_params* params, c
         using slim::Error;
         slim::LemurRunner& lemur = runner_as<slim::LemurRunner>(session, "slim_score", "this call runs lemur bundles");
         slim_score_params p = read_params(params, "slim_score_params");
-        check_out(stats, "slim_lemur_stats");
+        const uint32_t stats_size = check_out(stats, "slim_lemur_stats");
         if (!p.bank) throw Error(SLIM_ERR_INVALID_ARGUMENT, "slim_score: bank is required (history embeddings come from it)");
         slim::GateEntry bank_use(p.bank->gate, "slim_score: the bank", false);
         slim::ScoreArgs args;
@@ -881,7 +889,7 @@ slim_status slim_score(slim_session* session, const slim_score_params* params, c
         args.missing_policy = p.missing_policy;
         args.min_model_version = p.min_model_version;
         args.out = scores_out;
-        fill_stats(stats, lemur.score(args));
+        fill_stats(stats, stats_size, lemur.score(slim::check_score(*session->engine, args)));
     });
 }
 

@@ -9,28 +9,10 @@
 #include "memory_bank.hpp"
 #include "profiler.hpp"
 #include "program.hpp"
-#include "slimengine.h"
 
 namespace slim {
 
-// A call's arguments as the C boundary passes them on (params struct read, bank handle resolved):
-// embed and score check them against the bundle's LemurConfig.
-struct EmbedArgs {
-    const slim_tensor *text_ids = nullptr, *segment_ids = nullptr, *frames = nullptr, *document_ids = nullptr;
-    MemoryBank* bank = nullptr;  // optional
-    int64_t model_version = -1;  // < 0: the bundle's
-    const slim_tensor* out = nullptr;
-};
-
-struct ScoreArgs {
-    const MemoryBank* bank = nullptr;  // required (checked at the boundary)
-    const slim_tensor *history_ids = nullptr, *query_ids = nullptr;
-    int32_t missing_policy = SLIM_MISSING_ERROR;
-    int64_t min_model_version = 0;
-    const slim_tensor* out = nullptr;
-};
-
-// Inputs checked by embed(EmbedArgs): shapes agree with the manifest, ids in range, data finite.
+// An embed request as check_embed makes it (lemur_request.hpp): shapes agree with the manifest, ids in range, data finite.
 struct EmbedRequest {
     int64_t batch = 0, text_len = 0, frames = 0;
     const int64_t* text_ids = nullptr;     // [B, L]
@@ -71,17 +53,13 @@ class LemurRunner final : public Runner {
   public:
     explicit LemurRunner(const Engine& engine);
 
-    // Check the arguments against the bundle (Error: INVALID_ARGUMENT, SHAPE, DTYPE, NUMERICS), then run.
-    // embed: Error(SLIM_ERR_BACKEND) if the stage fails, Error(SLIM_ERR_NUMERICS) on a non-finite result.
-    LemurStats embed(const EmbedArgs& args);
-    // score: also Error(SLIM_ERR_NOT_FOUND) naming the first missing or stale id unless SLIM_MISSING_SKIP.
-    LemurStats score(const ScoreArgs& args);
+    // Run a checked request (lemur_request.hpp). embed: Error(SLIM_ERR_BACKEND) if the stage fails,
+    // Error(SLIM_ERR_NUMERICS) on a non-finite result.
+    LemurStats embed(const EmbedRequest& request);
+    // score: also Error(SLIM_ERR_NOT_FOUND) naming the first missing or stale id unless the request skips them.
+    LemurStats score(const ScoreRequest& request);
 
   private:
-    EmbedRequest check(const EmbedArgs& args) const;
-    ScoreRequest check(const ScoreArgs& args) const;
-    LemurStats embed(const EmbedRequest& request);
-    LemurStats score(const ScoreRequest& request);
     double run(int stage, std::initializer_list<const OrtValue*> inputs, std::initializer_list<OrtValue*> outputs);
 
     const Engine& engine_;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <map>
 
 #include "error.hpp"
@@ -12,14 +13,15 @@
 namespace slim {
 namespace {
 
-slim_tensor tensor_of(void* data, slim_dtype dtype, const std::vector<int64_t>& shape) {
-    slim_tensor t{};
-    t.data = data;
-    t.dtype = dtype;
-    t.device_type = SLIM_DEVICE_CPU;
-    t.ndim = static_cast<int32_t>(shape.size());
-    t.shape = shape.data();
-    return t;
+// One call of stage `stage` on host tensors, its inputs and outputs in the graph's order (the manifest's names, which
+// bind_sd3_stages checked): ONNX Runtime writes the outputs in place and refuses a shape other than the computed one.
+void run_host(const Engine& engine, int stage, std::initializer_list<const TensorView*> inputs,
+              std::initializer_list<const TensorView*> outputs) {
+    std::vector<const OrtValue*> in;
+    std::vector<OrtValue*> out;
+    for (const TensorView* t : inputs) in.push_back(t->get());
+    for (const TensorView* t : outputs) out.push_back(t->get());
+    engine.stages()[stage]->run(in.data(), out.data());
 }
 
 class Encoder {
@@ -39,10 +41,10 @@ class Encoder {
             std::vector<int64_t> ids = tokenize(g ? "clip_g" : "clip_l", text, L);
             std::vector<float> hidden(static_cast<size_t>(L * D)), pooled(static_cast<size_t>(P));
             const std::vector<int64_t> ids_shape{1, L}, hidden_shape{1, L, D}, pooled_shape{1, P};
-            const slim_named_tensor in[] = {{"input_ids", tensor_of(ids.data(), SLIM_DTYPE_INT64, ids_shape)}};
-            const slim_named_tensor out[] = {{"hidden_states", tensor_of(hidden.data(), SLIM_DTYPE_FLOAT32, hidden_shape)},
-                                             {"pooled", tensor_of(pooled.data(), SLIM_DTYPE_FLOAT32, pooled_shape)}};
-            run(g ? stages_.clip_g : stages_.clip_l, in, out, 2, g ? stats_.clip_g_ms : stats_.clip_l_ms);
+            const OrtRuntime& ort = engine_.ort();
+            const TensorView in(ort, ids.data(), ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, ids_shape);
+            const TensorView out_hidden(ort, hidden.data(), hidden_shape), out_pooled(ort, pooled.data(), pooled_shape);
+            run(g ? stages_.clip_g : stages_.clip_l, {&in}, {&out_hidden, &out_pooled}, g ? stats_.clip_g_ms : stats_.clip_l_ms);
             // diffusers pads the CLIP concatenation to J features with F.pad, which truncates when CLIP-L + CLIP-G are
             // wider than J (a negative pad): only the first J features of the concatenation are kept.
             const int64_t kept = std::clamp<int64_t>(J - offset, 0, D);
@@ -53,9 +55,9 @@ class Encoder {
         if (p_.t5) {  // without T5 the rows stay zeros, as diffusers' _get_t5_prompt_embeds with no text_encoder_3
             std::vector<int64_t> ids = tokenize("t5", text, T);
             const std::vector<int64_t> ids_shape{1, T}, hidden_shape{1, T, J};
-            const slim_named_tensor in[] = {{"input_ids", tensor_of(ids.data(), SLIM_DTYPE_INT64, ids_shape)}};
-            const slim_named_tensor out[] = {{"hidden_states", tensor_of(e.embeds.data() + L * J, SLIM_DTYPE_FLOAT32, hidden_shape)}};
-            run(stages_.t5, in, out, 1, stats_.t5_ms);
+            const TensorView in(engine_.ort(), ids.data(), ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, ids_shape);
+            const TensorView out(engine_.ort(), e.embeds.data() + L * J, hidden_shape);
+            run(stages_.t5, {&in}, {&out}, stats_.t5_ms);
         }
         return e;
     }
@@ -76,9 +78,9 @@ class Encoder {
         return ids;
     }
 
-    void run(int stage, const slim_named_tensor* in, const slim_named_tensor* out, int32_t outputs, double& ms) {
+    void run(int stage, std::initializer_list<const TensorView*> in, std::initializer_list<const TensorView*> out, double& ms) {
         const Clock::time_point start = Clock::now();
-        run_named(engine_.ort(), *engine_.stages()[stage], in, 1, out, outputs);
+        run_host(engine_, stage, in, out);
         const Clock::time_point end = Clock::now();
         profiler_.stage(stage, start, end);
         ms += ms_between(start, end);
@@ -232,11 +234,10 @@ PromptStats generate_prompt(const Engine& engine, Sd3Runner& session, PromptCach
     for (float& v : latents) v = v / p.scaling_factor + p.shift_factor;
     std::vector<float> image(static_cast<size_t>(B) * 3 * request.height * request.width);
     const std::vector<int64_t> z_shape{B, c.out_channels, h, w}, image_shape{B, 3, request.height, request.width};
-    const slim_named_tensor in[] = {{"latents", tensor_of(latents.data(), SLIM_DTYPE_FLOAT32, z_shape)}};
-    const slim_named_tensor out[] = {{"image", tensor_of(image.data(), SLIM_DTYPE_FLOAT32, image_shape)}};
+    const TensorView in(engine.ort(), latents.data(), z_shape), out(engine.ort(), image.data(), image_shape);
     const Clock::time_point vae_start = Clock::now();
     const int vae_decode = session.stages().vae_decode;
-    run_named(engine.ort(), *engine.stages()[vae_decode], in, 1, out, 1);
+    run_host(engine, vae_decode, {&in}, {&out});
     profiler.stage(vae_decode, vae_start, Clock::now());
     // The steps refuse NaN latents; a NaN pixel has no defined uint8 either (it would pass as black): refuse it too.
     for (size_t i = 0; i < image.size(); ++i)

@@ -1,12 +1,10 @@
-// One ONNX Runtime session per stage graph (Stage), its Run calls, and the generic stage call on caller tensors
-// (run_named, slim_stage_run).
+// One ONNX Runtime session per stage graph (Stage) and its Run calls.
 #pragma once
 
 #include <string>
 #include <vector>
 
 #include "ort_runtime.hpp"
-#include "slimengine.h"
 
 namespace slim {
 
@@ -78,13 +76,5 @@ class Stage {
     std::vector<IoSpec> inputs_, outputs_;
     std::vector<const char*> input_ptrs_, output_ptrs_;
 };
-
-// The generic stage call (slim_stage_run): caller tensors bound to `stage`'s graph inputs and outputs by
-// name, and one Run. Every input bound exactly once with the graph's dtype (float32, int64 or int32),
-// rank and fixed dimensions (float32 inputs finite); the outputs any subset of the graph's, each caller
-// tensor of exactly the computed shape. Nothing is written to an output unless every check passes.
-// Throws Error: INVALID_ARGUMENT (an unknown or missing name), SHAPE, DTYPE, NUMERICS, BACKEND.
-void run_named(const OrtRuntime& ort, const Stage& stage, const slim_named_tensor* inputs, int32_t input_count,
-               const slim_named_tensor* outputs, int32_t output_count);
 
 }  // namespace slim

@@ -21,9 +21,9 @@ class SlimTensor(ctypes.Structure):
 
 class EngineParams(ctypes.Structure):
     _c_name_ = "slim_engine_params"
-    _fields_ = [("struct_size", ctypes.c_uint32), ("onnxruntime_library", ctypes.c_char_p),
-                ("verify", ctypes.c_int32), ("intra_op_threads", ctypes.c_int32), ("device_type", ctypes.c_int32),
-                ("device_id", ctypes.c_int32), ("host_buffers", ctypes.c_int32)]
+    _fields_ = [("struct_size", ctypes.c_uint32), ("verify", ctypes.c_int32), ("onnxruntime_library", ctypes.c_char_p),
+                ("intra_op_threads", ctypes.c_int32), ("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32),
+                ("host_buffers", ctypes.c_int32)]
 
 DEVICE_CPU, DEVICE_CUDA = 1, 2  # slim_device_type
 

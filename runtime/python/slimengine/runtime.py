@@ -159,12 +159,13 @@ def _integer(value, name: str, low: int, high: int) -> int:
 def _seeds(seed, batch: int):
     """(seed, seeds) for a params struct: an int is `seed` (row b draws from seed + b); a sequence of one int per row
     is `seeds` (a ctypes uint64 array, kept alive by the caller until the call returns)."""
-    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+    if isinstance(seed, np.ndarray) and seed.ndim == 0:
+        seed = seed[()]
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, (bool, np.bool_)):
         return _integer(seed, "seed", 0, UINT64_MAX), None
-    try:
-        values = list(seed)
-    except TypeError:
-        raise TypeError(f"seed must be an int or a sequence of one int per row, got {seed!r}") from None
+    if not (isinstance(seed, (list, tuple)) or (isinstance(seed, np.ndarray) and seed.ndim == 1)):
+        raise TypeError(f"seed must be an int or a list, tuple or 1-d array of one int per row, got {type(seed).__name__}")
+    values = list(seed)
     if len(values) != batch:
         raise ValueError(f"seed: {len(values)} seeds for a batch of {batch} (one per row)")
     return 0, (ctypes.c_uint64 * batch)(*(_integer(v, f"seed[{i}]", 0, UINT64_MAX) for i, v in enumerate(values)))
@@ -172,7 +173,7 @@ def _seeds(seed, batch: int):
 
 def _flag(value, name: str) -> int:
     """A bool (or 0/1) as the C int flag."""
-    if not isinstance(value, (bool, np.bool_)) and value not in (0, 1):
+    if not isinstance(value, (bool, np.bool_)) and not (isinstance(value, (int, np.integer)) and value in (0, 1)):
         raise TypeError(f"{name} must be True or False, got {value!r}")
     return int(bool(value))
 
@@ -525,8 +526,9 @@ class Session(_Closable):
                  num_steps: int | None = None, shift: float | None = None, progress=None) -> GenerateResult | ImageResult:
         """Run the bundle's sampling program. `latents` (float32 [B,C,H,W]) replaces seeded noise; otherwise
         height/width (latent pixels) default to the bundle's default size (required when its manifest states none).
-        `seed`: an int (row b draws its noise from seed + b) or one int per row; a row's noise depends on its seed
-        alone, so each row is the image that row gives generated alone with that seed.
+        `seed`: an int (row b draws its noise from seed + b) or one int per row (a list, tuple or 1-d array); a row's
+        noise depends on its seed alone, so each row is the image that row gives generated alone with that seed (unless
+        an online X-Slim policy reuses work: its decisions look at the whole batch).
         `cache` overrides the bundle's X-Slim policy: "none", a spec ("xslim:step=0.1,critical=0.3", see export-engine --help) or an
         XSlimPolicy; `step_cache_threshold` alone asks for step-level reuse with that line (0: off).
         `num_steps` replaces the program by a plain plan on the same stages: that many steps with
