@@ -59,7 +59,7 @@ class ProgramStep(ctypes.Structure):
                 ("sigma", ctypes.c_double), ("sigma_next", ctypes.c_double), ("timestep", ctypes.c_double)]
 
 
-# slim_progress: (user, phase, step, total) -> 0 to go on, non-zero to cancel (ABI 0.8)
+# slim_progress: (user, phase, step, total) -> 0 to go on, non-zero to cancel
 Progress = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32)
 PHASES = ("encode", "step", "decode", "tokenize")  # slim_phase
 PROMPT_CACHE_MAX = 1024  # SLIM_PROMPT_CACHE_MAX

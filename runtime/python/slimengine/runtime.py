@@ -532,12 +532,13 @@ class Session(_Closable):
         `cache` overrides the bundle's X-Slim policy: "none", a spec ("xslim:step=0.1,critical=0.3", see export-engine --help) or an
         XSlimPolicy; `step_cache_threshold` alone asks for step-level reuse with that line (0: off).
         `num_steps` replaces the program by a plain plan on the same stages: that many steps with
-        diffusers' scheduler sigmas for `shift` (default 3.0), every block every step.
+        diffusers' scheduler sigmas for `shift` (default: the bundle's pipeline scheduler shift, else 3.0), every
+        block every step.
 
         With `prompt` (a str, or a list of str for a batch) instead of embeddings: prompt to image on a bundle
         with pipeline stages (docs/pipeline.md, "Runtime"): the bundle's tokenizers and text encoders make the
         conditioning (`negative_prompt`, default "", for CFG), the program samples, the VAE decodes. height/width
-        are then image pixels, and `num_steps`' plan takes the pipeline's scheduler shift unless `shift` is given.
+        are then image pixels.
         Returns an ImageResult (uint8 RGB image). One runtime call does it all (slim_generate_prompt); the session's
         prompt cache (Engine.session(prompt_cache=N), clear_prompt_cache) spares the encoders a text seen before.
 
