@@ -108,10 +108,15 @@ def test_plain_plan_override_has_the_python_sigmas_and_equals_the_plain_bundle(i
 def test_bad_plan_overrides_and_event_reads_are_refused(identity_bundle):
     call = CApiCall(se.open_engine(identity_bundle))
     for overrides, message in [(dict(num_steps=-1), "num_steps must be 0"), (dict(num_steps=10001), "num_steps must be 0"),
-                               (dict(num_steps=3, shift=0.0), "shift must be a positive"),
-                               (dict(num_steps=3, shift=float("nan")), "shift must be a positive")]:
+                               (dict(num_steps=3, shift=-1.0), "shift must be 0 (the pipeline's scheduler shift, else 3) or a positive"),
+                               (dict(num_steps=3, shift=float("nan")), "shift must be 0")]:
         status, text = call.generate(**overrides)
         assert status == "SLIM_ERR_INVALID_ARGUMENT" and message in text, (overrides, status, text)
+    # shift 0 (the default since ABI 1.0) is the pipeline's scheduler shift, else 3.0: this bundle has no pipeline
+    default, three = call.out.copy(), call.out.copy()
+    assert call.generate(num_steps=3, shift=0.0, out=call.tensor(default)) == ("SLIM_OK", "")
+    assert call.generate(num_steps=3, shift=3.0, out=call.tensor(three)) == ("SLIM_OK", "")
+    assert np.array_equal(default, three)
     lib, handle = call.lib, call.session._handle
     event = se._native.Event(struct_size=ctypes.sizeof(se._native.Event))
     assert lib.slim_session_event_count(handle) == 0  # profiling off
