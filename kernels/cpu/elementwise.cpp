@@ -2,6 +2,7 @@
 // is computed with the same operations in the same order as the runtime always did, so results are
 // bit-identical to the earlier in-line loops. This file is compiled without FMA contraction
 // (CMakeLists.txt), so the SSE2 and AVX2 versions below give the same bits, as do the CUDA kernels.
+#include <algorithm>
 #include <cmath>
 
 #include "slim_kernels.h"
@@ -81,6 +82,31 @@ void gaussian_noise(float* out, int64_t count, uint64_t seed) {
         philox_normal4(static_cast<uint64_t>(block), seed, z);
         for (int64_t lane = 0; lane < 4 && block * 4 + lane < count; ++lane) out[block * 4 + lane] = static_cast<float>(z[lane]);
     }
+}
+
+void unscale_latents(float* dst, const float* src, float scaling, float shift, int64_t count) {
+    for (int64_t i = 0; i < count; ++i) dst[i] = src[i] / scaling + shift;
+}
+
+bool image_to_rgb8(const float* image, int64_t batch, int64_t height, int64_t width, uint8_t* out) {
+    const int64_t plane = height * width;
+    bool finite = true;
+    for (int64_t b = 0; b < batch; ++b)
+        for (int64_t c = 0; c < 3; ++c) {
+            const float* src = image + (b * 3 + c) * plane;
+            uint8_t* dst = out + b * plane * 3 + c;
+            for (int64_t i = 0; i < plane; ++i) {
+                if (std::isnan(src[i])) {
+                    dst[i * 3] = 0;
+                    finite = false;
+                    continue;
+                }
+                // float32 throughout; std::nearbyint rounds half to even in the default mode, as numpy's round.
+                const float x = std::min(std::max(src[i] * 0.5f + 0.5f, 0.0f), 1.0f);
+                dst[i * 3] = static_cast<uint8_t>(std::nearbyint(x * 255.0f));
+            }
+        }
+    return finite;
 }
 
 }  // namespace slim::kernels::cpu

@@ -50,6 +50,27 @@ __global__ void noise_kernel(float* out, int64_t count, uint64_t seed) {
         if (static_cast<int64_t>(block * 4) + lane < count) out[block * 4 + lane] = static_cast<float>(z[lane]);
 }
 
+__global__ void unscale_kernel(float* dst, const float* src, float scaling, float shift, int64_t n) {
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = __fadd_rn(__fdiv_rn(src[i], scaling), shift);
+}
+
+// One output pixel channel per thread: element i of the [B, 3, H, W] image goes to [b, y, x, c].
+__global__ void rgb8_kernel(const float* image, int64_t plane, int64_t n, uint8_t* out, int32_t* nan) {
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const int64_t b = i / (3 * plane), c = (i / plane) % 3, p = i % plane;
+    const float v = image[i];
+    uint8_t value = 0;
+    if (isnan(v)) {
+        *nan = 1;  // a benign race: every writer stores 1
+    } else {
+        const float x = fminf(fmaxf(__fadd_rn(__fmul_rn(v, 0.5f), 0.5f), 0.0f), 1.0f);
+        value = static_cast<uint8_t>(rintf(__fmul_rn(x, 255.0f)));  // rintf: half to even, as the CPU's nearbyint
+    }
+    out[(b * plane + p) * 3 + c] = value;
+}
+
 }  // namespace
 
 cudaError_t euler_cfg(float* x, float* x_copy, const float* v_neg, const float* v_pos, float guidance, float dt, int64_t count,
@@ -81,6 +102,21 @@ cudaError_t subtract(float* dst, const float* a, const float* b, int64_t count, 
 cudaError_t gaussian_noise(float* out, int64_t count, uint64_t seed, cudaStream_t stream) {
     if (count == 0) return cudaSuccess;
     noise_kernel<<<blocks_for((count + 3) / 4), kThreads, 0, stream>>>(out, count, seed);
+    return cudaGetLastError();
+}
+
+cudaError_t unscale_latents(float* dst, const float* src, float scaling, float shift, int64_t count, cudaStream_t stream) {
+    if (count == 0) return cudaSuccess;
+    unscale_kernel<<<blocks_for(count), kThreads, 0, stream>>>(dst, src, scaling, shift, count);
+    return cudaGetLastError();
+}
+
+cudaError_t image_to_rgb8(const float* image, int64_t batch, int64_t height, int64_t width, uint8_t* out, int32_t* nan,
+                          cudaStream_t stream) {
+    cudaError_t status = cudaMemsetAsync(nan, 0, sizeof(int32_t), stream);
+    const int64_t n = batch * 3 * height * width;
+    if (status != cudaSuccess || n == 0) return status;
+    rgb8_kernel<<<blocks_for(n), kThreads, 0, stream>>>(image, height * width, n, out, nan);
     return cudaGetLastError();
 }
 

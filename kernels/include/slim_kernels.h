@@ -53,4 +53,15 @@ void subtract(float* dst, const float* a, const float* b, int64_t count);
 // slimengine/noise.py; element k comes from lane k % 4 of Philox block k / 4.
 void gaussian_noise(float* out, int64_t count, uint64_t seed);
 
+// ---- the prompt path's decoding (docs/pipeline.md, Decoding) ----
+
+// The VAE's input from sampled latents: dst = src / scaling + shift in float32 (diffusers' latents /
+// scaling_factor + shift_factor); dst may be src.
+void unscale_latents(float* dst, const float* src, float scaling, float shift, int64_t count);
+
+// The VAE's output, float32 [batch, 3, height, width], as uint8 [batch, height, width, 3]:
+// round-half-even(clamp(x * 0.5 + 0.5, 0, 1) * 255) in float32, as diffusers' VaeImageProcessor.postprocess
+// then numpy_to_pil (numpy's round). Returns false when a value is NaN (written as 0: no uint8 means NaN).
+bool image_to_rgb8(const float* image, int64_t batch, int64_t height, int64_t width, uint8_t* out);
+
 }  // namespace slim::kernels::cpu

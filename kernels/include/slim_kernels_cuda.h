@@ -43,5 +43,9 @@ cudaError_t add(float* dst, const float* a, const float* b, int64_t count, cudaS
 cudaError_t subtract(float* dst, const float* a, const float* b, int64_t count, cudaStream_t stream);
 // The runtime's seeded noise (Philox4x32-10 + Box-Muller), element for element the CPU's.
 cudaError_t gaussian_noise(float* out, int64_t count, uint64_t seed, cudaStream_t stream);
+// The prompt path's decoding, as the CPU's; image_to_rgb8 sets the device int32 `nan` to 1 when a value is NaN, else 0.
+cudaError_t unscale_latents(float* dst, const float* src, float scaling, float shift, int64_t count, cudaStream_t stream);
+cudaError_t image_to_rgb8(const float* image, int64_t batch, int64_t height, int64_t width, uint8_t* out, int32_t* nan,
+                          cudaStream_t stream);
 
 }  // namespace slim::kernels::cuda

@@ -256,6 +256,35 @@ void check_noise(int64_t count, uint64_t seed) {
     report(shape_name("gaussian_noise", {count}), d.host(), want, 1e-6, 1e-6);
 }
 
+// The prompt path's decoding: unscaled latents and RGB8 bit for bit the CPU's, a NaN pixel flagged (and written as 0).
+void check_decoding(int64_t batch, int64_t height, int64_t width) {
+    const int64_t count = batch * 3 * height * width;
+    std::vector<float> image = random_floats(count), unscaled(count);
+    for (int64_t i = 0; i < count; i += 97) image[i] = 0.5f / 255.0f * static_cast<float>(i % 5) - 1.0f;  // rounding ties
+    cpu::unscale_latents(unscaled.data(), image.data(), 1.5305f, 0.0609f, count);
+    Device<float> d_image(image), d_unscaled(count);
+    CHECK_CUDA(gpu::unscale_latents(d_unscaled.ptr, d_image.ptr, 1.5305f, 0.0609f, count, nullptr));
+    report(shape_name("unscale_latents", {count}), d_unscaled.host(), unscaled, 0, 0);
+    for (const bool with_nan : {false, true}) {
+        if (with_nan) image[count / 2] = NAN;
+        std::vector<uint8_t> want(count);
+        const bool finite = cpu::image_to_rgb8(image.data(), batch, height, width, want.data());
+        Device<float> d(image);
+        Device<uint8_t> d_rgb(count);
+        Device<int32_t> nan(1, 0x7F);
+        CHECK_CUDA(gpu::image_to_rgb8(d.ptr, batch, height, width, d_rgb.ptr, nan.ptr, nullptr));
+        const std::vector<uint8_t> got = d_rgb.host();
+        size_t mismatches = 0;
+        for (int64_t i = 0; i < count; ++i) mismatches += got[i] != want[i];
+        const bool ok = mismatches == 0 && finite == !with_nan && nan.host()[0] == (with_nan ? 1 : 0);
+        failures += !ok;
+        const std::string name = shape_name(with_nan ? "image_to_rgb8 (NaN)" : "image_to_rgb8", {batch, 3, height, width});
+        std::printf("%s %-44s %zu of %lld bytes differ\n", ok ? "PASS" : "FAIL", name.c_str(), mismatches, static_cast<long long>(count));
+        append_json(json_checks, "{\"name\": \"" + name + "\", \"pass\": " + (ok ? "true" : "false") +
+                                     ", \"mismatches\": " + std::to_string(mismatches) + "}");
+    }
+}
+
 // ---- bandwidth ----
 
 // Mean milliseconds of `launch` over `iters` runs after warm-up.
@@ -366,6 +395,8 @@ int main(int argc, char** argv) {
     for (int64_t n : {int64_t{1}, int64_t{1001}, int64_t{2 * 16 * 128 * 128}}) check_elementwise(n);
     check_euler_nonfinite();
     for (int64_t n : {int64_t{1}, int64_t{7}, int64_t{2 * 16 * 128 * 128 + 3}}) check_noise(n, seed);
+    check_decoding(1, 1, 1);
+    check_decoding(2, 1024, 1024);
 
     if (!skip_bandwidth) {
         std::printf("bandwidth, SD3-Medium 1024x1024 with CFG (B=2, N=4096, D=1536), vs cudaMemcpy device-to-device:\n");

@@ -420,6 +420,9 @@ typedef struct slim_prompt_stats {
     int32_t stage_calls;
     double flop_fraction;
     double backend_ms;
+    /* bytes moved between caller memory and the session's buffers in the whole call: the token ids of each text
+     * encoded and given latents in, the image and latents_out out. The conditioning and the latents stay in the
+     * session's buffers from the encoders to the VAE. */
     uint64_t transfer_bytes;
     SLIM_FUTURE_FIELD
 } slim_prompt_stats;

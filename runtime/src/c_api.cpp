@@ -22,7 +22,6 @@
 #include "prompt_program.hpp"
 #include "sd3_program.hpp"
 #include "sd3_request.hpp"
-#include "sd3_stages.hpp"
 #include "slimengine.h"
 #include "stage_call.hpp"
 #include "tensor_args.hpp"
@@ -42,8 +41,8 @@ struct slim_engine {
 struct slim_session {
     std::shared_ptr<const slim::Engine> engine;  // declared first: destroyed after the program that uses it
     std::unique_ptr<slim::Runner> runner;        // the family's programs (nullptr: a plain ONNX engine)
-    slim::PromptCache prompts;                   // slim_generate_prompt's encoded prompt texts
-    mutable slim::CallGate gate;                 // one call at a time
+    slim::PromptState prompts;    // slim_generate_prompt's encoded prompt texts and scratch (after runner: their memory is its)
+    mutable slim::CallGate gate;  // one call at a time
 };
 
 struct slim_bank {
@@ -407,7 +406,7 @@ slim_status slim_engine_get_info(const slim_engine* engine, slim_engine_info* ou
                                 : p.compensation == slim::Compensation::Identity ? SLIM_COMPENSATION_IDENTITY
                                                                                  : SLIM_COMPENSATION_NONE;
             info.xslim = !p.xslim.enabled ? SLIM_XSLIM_NONE : p.xslim.schedule.empty() ? SLIM_XSLIM_ONLINE : SLIM_XSLIM_SCHEDULE;
-            info.has_token_stages = slim::bind_sd3_stages(m).has_token_stages ? 1 : 0;
+            info.has_token_stages = m.has_stage(slim::Role::BlockTokens) ? 1 : 0;  // opening checked them (bind_sd3_stages)
             info.guidance_scale = p.guidance_scale;
         } else if (m.kind == slim::Family::Lemur) {
             const slim::LemurConfig& c = m.lemur;
@@ -511,7 +510,7 @@ slim_status slim_session_set_prompt_cache(slim_session* session, int32_t capacit
             throw slim::Error(SLIM_ERR_INVALID_ARGUMENT, "slim_session_set_prompt_cache: capacity must be 0 (off) to " +
                                                              std::to_string(SLIM_PROMPT_CACHE_MAX) + " prompt texts, got " +
                                                              std::to_string(capacity));
-        session->prompts.set_capacity(capacity);
+        session->prompts.cache.set_capacity(capacity);
     });
 }
 
@@ -519,7 +518,7 @@ slim_status slim_session_clear_prompt_cache(slim_session* session) {
     if (!session) return fail(SLIM_ERR_INVALID_ARGUMENT, "slim_session_clear_prompt_cache: session is NULL");
     return guarded([&] {
         slim::GateEntry use(session->gate, "slim_session_clear_prompt_cache: the session", true);
-        session->prompts.clear();
+        session->prompts.cache.clear();
     });
 }
 
@@ -601,13 +600,13 @@ slim_status slim_generate_prompt(slim_session* session, const slim_prompt_params
         value.effective_nfe = s.generate.effective_nfe;
         value.prompt_cache_hits = s.cache_hits;
         value.prompt_cache_misses = s.cache_misses;
-        value.prompt_cache_size = session->prompts.size();
-        value.prompt_cache_capacity = session->prompts.capacity();
+        value.prompt_cache_size = session->prompts.cache.size();
+        value.prompt_cache_capacity = session->prompts.cache.capacity();
         value.blocks_run = s.generate.blocks_run;
         value.stage_calls = s.generate.stage_calls;
         value.flop_fraction = s.generate.flop_fraction;
         value.backend_ms = s.generate.backend_ms;
-        value.transfer_bytes = s.generate.transfer_bytes;
+        value.transfer_bytes = s.transfer_bytes;
         write_out(stats, stats_size, value);
     });
 }

@@ -52,6 +52,14 @@ class DeviceOps {
     // x += dt * (v_neg + g (v_pos - v_neg)) (dt * v_pos without v_neg), also into x_copy when not null.
     // Returns false when a new value is NaN or Inf (a scalar read on the host).
     virtual bool euler_cfg(float* x, float* x_copy, const float* v_neg, const float* v_pos, float guidance, float dt, int64_t count) = 0;
+    // `rows` rows of `width` values from `src` (rows `src_stride` values apart) to `dst` (`dst_stride` apart), on the
+    // device: not a transfer.
+    virtual void copy_rows(float* dst, int64_t dst_stride, const float* src, int64_t src_stride, int64_t rows, int64_t width) = 0;
+    void copy(float* dst, const float* src, int64_t count) { copy_rows(dst, count, src, count, 1, count); }
+    // The prompt path's decoding (kernels: unscale_latents, image_to_rgb8). to_rgb8 returns false when the
+    // image holds a NaN (a scalar read on the host).
+    virtual void unscale_latents(float* dst, const float* src, float scaling, float shift, int64_t count) = 0;
+    virtual bool to_rgb8(const float* image, int64_t batch, int64_t height, int64_t width, uint8_t* out) = 0;
     // Work queued so far is complete: called before a stage reads buffers these ops wrote.
     virtual void finish() = 0;
 

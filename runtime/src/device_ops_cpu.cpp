@@ -38,6 +38,15 @@ class CpuOps final : public DeviceOps {
     bool euler_cfg(float* x, float* x_copy, const float* v_neg, const float* v_pos, float guidance, float dt, int64_t count) override {
         return kernels::cpu::euler_cfg(x, x_copy, v_neg, v_pos, guidance, dt, count);
     }
+    void copy_rows(float* dst, int64_t dst_stride, const float* src, int64_t src_stride, int64_t rows, int64_t width) override {
+        for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * dst_stride, src + r * src_stride, width * sizeof(float));
+    }
+    void unscale_latents(float* dst, const float* src, float scaling, float shift, int64_t count) override {
+        kernels::cpu::unscale_latents(dst, src, scaling, shift, count);
+    }
+    bool to_rgb8(const float* image, int64_t batch, int64_t height, int64_t width, uint8_t* out) override {
+        return kernels::cpu::image_to_rgb8(image, batch, height, width, out);
+    }
     void finish() override {}
 
   protected:
@@ -80,6 +89,15 @@ class PluginOps final : public DeviceOps {
     }
     bool euler_cfg(float* x, float* x_copy, const float* v_neg, const float* v_pos, float guidance, float dt, int64_t count) override {
         return guard([&] { return inner_->euler_cfg(x, x_copy, v_neg, v_pos, guidance, dt, count); });
+    }
+    void copy_rows(float* dst, int64_t dst_stride, const float* src, int64_t src_stride, int64_t rows, int64_t width) override {
+        guard([&] { inner_->copy_rows(dst, dst_stride, src, src_stride, rows, width); });
+    }
+    void unscale_latents(float* dst, const float* src, float scaling, float shift, int64_t count) override {
+        guard([&] { inner_->unscale_latents(dst, src, scaling, shift, count); });
+    }
+    bool to_rgb8(const float* image, int64_t batch, int64_t height, int64_t width, uint8_t* out) override {
+        return guard([&] { return inner_->to_rgb8(image, batch, height, width, out); });
     }
     void finish() override {
         guard([&] { inner_->finish(); });

@@ -80,10 +80,19 @@ class CudaOps final : public DeviceOps {
     }
     bool euler_cfg(float* x, float* x_copy, const float* v_neg, const float* v_pos, float guidance, float dt, int64_t count) override {
         ok(kernels::cuda::euler_cfg(x, x_copy, v_neg, v_pos, guidance, dt, count, nonfinite_, stream_), "euler_cfg");
-        int32_t* flag = reinterpret_cast<int32_t*>(host_scalars_ + 2);
-        ok(cudaMemcpyAsync(flag, nonfinite_, sizeof(int32_t), cudaMemcpyDeviceToHost, stream_), "cudaMemcpyAsync");
-        ok(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
-        return *flag == 0;
+        return read_flag() == 0;
+    }
+    void copy_rows(float* dst, int64_t dst_stride, const float* src, int64_t src_stride, int64_t rows, int64_t width) override {
+        ok(cudaMemcpy2DAsync(dst, dst_stride * sizeof(float), src, src_stride * sizeof(float), width * sizeof(float), rows,
+                             cudaMemcpyDeviceToDevice, stream_),
+           "copy_rows");
+    }
+    void unscale_latents(float* dst, const float* src, float scaling, float shift, int64_t count) override {
+        ok(kernels::cuda::unscale_latents(dst, src, scaling, shift, count, stream_), "unscale_latents");
+    }
+    bool to_rgb8(const float* image, int64_t batch, int64_t height, int64_t width, uint8_t* out) override {
+        ok(kernels::cuda::image_to_rgb8(image, batch, height, width, out, nonfinite_, stream_), "image_to_rgb8");
+        return read_flag() == 0;
     }
     void finish() override { ok(cudaStreamSynchronize(stream_), "cudaStreamSynchronize"); }
 
@@ -98,6 +107,14 @@ class CudaOps final : public DeviceOps {
     }
 
   private:
+    // The device flag nonfinite_ (set by the kernel just queued), read on the host.
+    int32_t read_flag() {
+        int32_t* flag = reinterpret_cast<int32_t*>(host_scalars_ + 2);
+        ok(cudaMemcpyAsync(flag, nonfinite_, sizeof(int32_t), cudaMemcpyDeviceToHost, stream_), "cudaMemcpyAsync");
+        ok(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+        return *flag;
+    }
+
     int device_;
     cudaStream_t stream_ = nullptr;
     double* partial_ = nullptr;

@@ -107,6 +107,12 @@ struct Manifest {
     std::vector<TokenizerDecl> tokenizers;
     bool has_pipeline = false;  // family sd3 with a `pipeline` block
     PipelineConfig pipeline;
+
+    bool has_stage(Role role) const {
+        for (const StageDecl& s : stages)
+            if (s.role == role) return true;
+        return false;
+    }
 };
 
 class BundleDir;

@@ -88,6 +88,8 @@ OrtRuntime::~OrtRuntime() {
 
 size_t element_size(ONNXTensorElementDataType type) {
     switch (type) {
+        case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8:
+            return 1;
         case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT:
         case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32:
             return 4;

@@ -17,10 +17,11 @@
 
 namespace slim {
 
-// One prompt text's conditioning, batch 1, as diffusers' encode_prompt assembles it.
+// One prompt text's conditioning, batch 1, as diffusers' encode_prompt assembles it, in the runner's buffers (device
+// memory on CUDA): it reaches the sampler without crossing to the host.
 struct Encoded {
-    std::vector<float> embeds;  // [1, clip_length + max_sequence_length, joint_attention_dim]
-    std::vector<float> pooled;  // [1, pooled_projection_dim]
+    DeviceBuffer embeds;  // [1, clip_length + max_sequence_length, joint_attention_dim]
+    DeviceBuffer pooled;  // [1, pooled_projection_dim]: CLIP-L's pooled output, then CLIP-G's
 };
 
 // A session's least-recently-used cache of encoded prompt texts (slim_session_set_prompt_cache). Entries are
@@ -45,6 +46,22 @@ class PromptCache {
     std::unordered_map<std::string, decltype(order_)::iterator> index_;
 };
 
+// The prompt path's scratch, kept across calls (memory only grows), in the runner's buffers.
+struct PromptBuffers {
+    DeviceBuffer ids;     // [1, length] int64: one tokenizer's output
+    DeviceBuffer hidden;  // [1, clip_length, D]: one CLIP's hidden states, before they take their columns of the conditioning
+    DeviceBuffer vae_in;  // [B, C, h, w]: latents / scaling_factor + shift_factor
+    DeviceBuffer image;   // [B, 3, H, W]: the VAE's output
+    DeviceBuffer rgb;     // [B, H, W, 3] uint8: the image the caller receives
+};
+
+// What slim_generate_prompt keeps in a session between calls. Its memory is the session's runner's: it is destroyed
+// before the runner.
+struct PromptState {
+    PromptCache cache;
+    PromptBuffers buffers;
+};
+
 // Checked at the C boundary but for what needs the pipeline: prompts are NUL-free strings; height and
 // width are image pixels, already validated against the pipeline and the model.
 struct PromptRequest {
@@ -66,18 +83,17 @@ struct PromptStats {
     int encoder_calls = 0;
     int cache_hits = 0, cache_misses = 0;  // per prompt text of the call (see slim_prompt_stats)
     double total_ms = 0, tokenize_ms = 0, clip_l_ms = 0, clip_g_ms = 0, t5_ms = 0, vae_decode_ms = 0;
+    uint64_t transfer_bytes = 0;  // the whole call's: token ids in, the image (and latents_out) out
 };
 
 // The reason `engine` cannot run prompts ("" when it can): no pipeline block, or a tokenizer missing.
 std::string prompt_support(const Engine& engine);
 
 // Throws Error as the stages and Sd3Runner::generate do; INVALID_ARGUMENT for a prompt that is not UTF-8; CANCELLED
-// when the progress callback asks (nothing is written to request.image or latents_out then). Texts encoded are kept
-// in `cache`, and texts found there are not encoded.
-PromptStats generate_prompt(const Engine& engine, Sd3Runner& session, PromptCache& cache, const PromptRequest& request);
-
-// VAE output float32 [B, 3, H, W] -> uint8 [B, H, W, 3]: round-half-even(clamp(x * 0.5 + 0.5, 0, 1) * 255) in
-// float32, as diffusers' VaeImageProcessor.postprocess then numpy_to_pil (and numpy's round).
-void to_rgb8(const float* image, int batch, int height, int width, uint8_t* out);
+// when the progress callback asks (nothing is written to request.image or latents_out then); NUMERICS for a NaN
+// pixel (nothing written to request.image). Texts encoded are kept in `state.cache`, and texts found there are not
+// encoded. Only token ids (and given latents) go in and the image (and latents_out) comes out: the conditioning and the
+// latents stay in the runner's buffers from the encoders to the VAE.
+PromptStats generate_prompt(const Engine& engine, Sd3Runner& runner, PromptState& state, const PromptRequest& request);
 
 }  // namespace slim

@@ -61,7 +61,7 @@ GenerateStats Sd3Runner::generate(const GenerateRequest& r) {
         end_step(step, actions, step_start);               // its stats and profile event
         r.progress.report(SLIM_PHASE_STEP, static_cast<int>(step), static_cast<int>(program_->steps.size()));  // may cancel
     }
-    ops_->download(r.out, buffers_.in.latents.data(), dims_.latent_count * sizeof(float));
+    if (r.out) ops_->download(r.out, buffers_.in.latents.data(), dims_.latent_count * sizeof(float));
     GenerateStats stats = totals();
     const auto end = Clock::now();
     profiler_.generation(start, end);
@@ -86,7 +86,7 @@ void Sd3Runner::prepare(const GenerateRequest& r, Clock::time_point start) {
     d.tokens = (d.height / c.patch_size) * (d.width / c.patch_size);
     d.latent_count = d.batch * c.in_channels * d.height * d.width;
     d.steps = program_->steps.size();
-    d.embeddings_in_place = ops_->on_host() && !d.cfg;
+    d.embeddings_in_place = ops_->on_host() && !d.cfg && !r.rows;
 
     steps_.clear();
     steps_.reserve(d.steps);
@@ -94,12 +94,13 @@ void Sd3Runner::prepare(const GenerateRequest& r, Clock::time_point start) {
     backend_ms_ = 0;
     stage_calls_ = 0;
     flops_ = 0;
-    ops_->reset_transfer_bytes();
     const size_t per_step = 1 + stages_.size() + (profiler_.blocks() ? c.num_layers : 0);
-    if (r.continue_record)
+    if (r.continue_call) {
         profiler_.continue_generation(2 + d.steps * per_step);
-    else
+    } else {
         profiler_.begin_generation(2 + d.steps * per_step);  // each stage at most once a step
+        ops_->reset_transfer_bytes();
+    }
 
     const Controller controller(*policy_, d.steps);  // for the token steps' keeps (sizes only)
     if (buffers_.size_for(allocator_, c, d, *program_, *policy_, controller, stage_of_.blocks))
@@ -109,18 +110,25 @@ void Sd3Runner::prepare(const GenerateRequest& r, Clock::time_point start) {
 
     InputBuffers& in = buffers_.in;
     const size_t latent_bytes = d.latent_count * sizeof(float);
-    for (int64_t copy = 0; copy < d.model_batch / d.batch; ++copy) {  // both CFG halves hold x
-        float* x = in.latents.f32() + copy * d.latent_count;
-        if (r.latents) {
-            ops_->upload(x, r.latents, latent_bytes);
-        } else {  // row by row: a row's noise depends on its seed alone
-            const int64_t row = d.latent_count / d.batch;
-            for (int64_t b = 0; b < d.batch; ++b) ops_->noise(x + b * row, row, r.seeds[b]);
-        }
+    float* x = in.latents.f32();
+    if (r.latents) {
+        ops_->upload(x, r.latents, latent_bytes);
+    } else {  // row by row: a row's noise depends on its seed alone
+        const int64_t row = d.latent_count / d.batch;
+        for (int64_t b = 0; b < d.batch; ++b) ops_->noise(x + b * row, row, r.seeds[b]);
     }
-    if (d.embeddings_in_place) {  // host memory already in the model batch: bound as it is, not copied
+    if (d.cfg) ops_->copy(x + d.latent_count, x, d.latent_count);  // both CFG halves hold x
+    if (d.embeddings_in_place) {                                   // host memory already in the model batch: bound as it is, not copied
         in.text_in = caller_view(in.caller_text, r.prompt, {d.batch, d.text, c.joint_attention_dim});
         in.pooled_in = caller_view(in.caller_pooled, r.pooled, {d.batch, c.pooled_projection_dim});
+    } else if (r.rows) {  // already on the device: row by row into the model batch
+        const int64_t text_row = d.text * c.joint_attention_dim;
+        for (int64_t i = 0; i < d.model_batch; ++i) {
+            ops_->copy(in.text.f32() + i * text_row, r.rows->text[i], text_row);
+            ops_->copy(in.pooled.f32() + i * c.pooled_projection_dim, r.rows->pooled[i], c.pooled_projection_dim);
+        }
+        in.text_in = in.text.value();
+        in.pooled_in = in.pooled.value();
     } else {
         auto stack = [&](DeviceBuffer& dst, const float* negative, const float* positive) {
             const size_t half = dst.bytes() / (d.cfg ? 2 : 1);

@@ -33,27 +33,37 @@ struct Progress {
     }
 };
 
+// Conditioning already in the runner's buffers (the prompt program's encoded texts), one pointer per model-batch row:
+// the negative rows then the positive ones under CFG. Copied on the device, never through the host.
+struct ConditioningRows {
+    std::vector<const float*> text;    // rows of [L, joint_attention_dim]
+    std::vector<const float*> pooled;  // rows of [pooled_projection_dim]
+};
+
 // Inputs already validated at the C boundary: shapes agree with the manifest, data is finite.
 struct GenerateRequest {
     int batch = 0, text_len = 0, height = 0, width = 0;  // latent height/width
-    const float* prompt = nullptr;                       // [B, L, joint_attention_dim]
+    const float* prompt = nullptr;                       // [B, L, joint_attention_dim] caller memory
     const float* pooled = nullptr;                       // [B, pooled_projection_dim]
     const float* negative_prompt = nullptr;              // used when guidance > 1
     const float* negative_pooled = nullptr;
-    const float* latents = nullptr;   // [B, C, H, W] or nullptr for seeded noise
-    const uint64_t* seeds = nullptr;  // B seeds (row b's noise), used when latents is nullptr
+    const ConditioningRows* rows = nullptr;  // instead of the four above: conditioning in the runner's buffers
+    const float* latents = nullptr;          // [B, C, H, W] or nullptr for seeded noise
+    const uint64_t* seeds = nullptr;         // B seeds (row b's noise), used when latents is nullptr
     float guidance_scale = 1.0f;
     const XSlimPolicy* xslim = nullptr;  // X-Slim policy (validated for this program); nullptr or disabled: off
     const Program* program = nullptr;    // a plan replacing the bundle's (sampling_plan.hpp); nullptr: the bundle's
-    float* out = nullptr;                // [B, C, H, W]
+    float* out = nullptr;                // [B, C, H, W] caller memory; nullptr: left in the runner's buffers (latents())
     Progress progress;                   // told after each step
-    bool continue_record = false;        // the profiler's record was begun by the caller (slim_generate_prompt): keep it
+    bool continue_call = false;          // part of a larger call (slim_generate_prompt) that began the profiler's record
+                                         // and the transfer count: both are kept
 };
 
 struct GenerateStats {
     int steps = 0, blocks_run = 0, stage_calls = 0;
     double effective_nfe = 0, flop_fraction = 0, total_ms = 0, backend_ms = 0;
-    uint64_t transfer_bytes = 0;  // caller memory <-> the session's buffers: the request's tensors and the result
+    uint64_t transfer_bytes = 0;  // caller memory <-> the session's buffers: the request's tensors and the result (the
+                                  // whole call's with continue_call)
 };
 
 struct StepStats {
@@ -75,6 +85,11 @@ class Sd3Runner final : public Runner {
     const std::vector<StepStats>& step_stats() const { return steps_; }
     const Sd3Stages& stages() const { return stage_of_; }
     const Engine& engine() const { return engine_; }
+    // What the prompt program shares: the ops and memory of this runner's buffers, and the last generation's latents
+    // ([B, C, H, W] on the device, until the next generation).
+    DeviceOps& ops() { return *ops_; }
+    const DeviceAllocator& allocator() const { return allocator_; }
+    const float* latents() const { return buffers_.in.latents.f32(); }
 
   private:
     // Which buffers hold the stack's current image and text hidden states.
