@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO := out/demo
-C_SOURCES := runtime/include/*.h runtime/src/*.cpp runtime/src/*.hpp runtime/tests/*.cpp runtime/tests/*.c runtime/examples/*.c kernels/*/*.cpp kernels/cuda/*.cu kernels/tests/*.cu kernels/include/*.h
+C_SOURCES := runtime/include/*.h runtime/python/ext/*.cpp runtime/src/*.cpp runtime/src/*.hpp runtime/tests/*.cpp runtime/tests/*.c runtime/examples/*.c kernels/*/*.cpp kernels/cuda/*.cu kernels/tests/*.cu kernels/include/*.h
 PY_SOURCES := export tools distill runtime/python tests benchmarks
 INSTALL_INPUTS := $(shell find runtime export tools distill kernels -type f -not -path '*/__pycache__/*' 2>/dev/null) pyproject.toml CMakeLists.txt
 

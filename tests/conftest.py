@@ -66,6 +66,12 @@ def export(checkpoint: Path, bundle: Path, *args: str) -> Path:
     return bundle
 
 
+def bank_address(bank) -> int:
+    """An open MemoryBank's C handle (slim_bank*), for raw ctypes calls; the test keeps the bank open meanwhile."""
+    with bank._handle as address:
+        return address
+
+
 def edit_manifest(bundle: Path, edit) -> dict:
     """Apply `edit(manifest)` to the bundle's manifest and re-sign it (manifest.sha256), as a re-export would: for
     tests that need the runtime to reach a field's validation. An unsigned edit is refused by the digest."""

@@ -15,6 +15,7 @@ import pytest
 
 import slimengine as se
 from slimengine import _native
+from tests.conftest import bank_address
 
 from .conftest import CApiCall
 
@@ -194,7 +195,7 @@ def test_lemur_and_bank_structs_larger_than_the_library_are_refused(lemur_bundle
     engine = se.open_engine(lemur_bundle)
     session = engine.session()
     bank = se.MemoryBank(tmp_path / "docs.bank", dim=engine.info.embed_dim)
-    refused(lib.slim_bank_recovery_info(bank._handle, as_struct(padded(_native.BankRecovery), _native.BankRecovery)),
+    refused(lib.slim_bank_recovery_info(bank_address(bank), as_struct(padded(_native.BankRecovery), _native.BankRecovery)),
             _native.BankRecovery)
     refused(lib.slim_bank_repair(str(tmp_path / "docs.bank").encode(), as_struct(padded(_native.BankRepairReport),
                                                                                  _native.BankRepairReport)),
@@ -206,7 +207,7 @@ def test_lemur_and_bank_structs_larger_than_the_library_are_refused(lemur_bundle
         out = _native.SlimTensor()
         refused(fn(session._handle, as_struct(params, cls), ctypes.byref(out), None), cls)
         good = _native.params(cls)
-        good.bank = bank._handle
+        good.bank = bank_address(bank)
         refused(fn(session._handle, ctypes.byref(good), ctypes.byref(out), as_struct(padded(_native.LemurStats), _native.LemurStats)),
                 _native.LemurStats)
     ids = np.zeros((1, 4), np.int64)

@@ -234,11 +234,11 @@ def raw_busy():
 while not (busy_session._gate._calls and raw_busy()):
     time.sleep(0.001)
 for attempt in range(50):  # until the fork lands inside a lookup too (they follow each other with gaps)
-    while not busy_bank._gate._calls:
+    while not busy_bank._handle.calls:
         pass
     read_end, write_end = os.pipe()
     pid = os.fork()
-    if pid == 0 and not getattr(busy_bank._gate, "_forked_busy", True):
+    if pid == 0 and not busy_bank._handle.forked_busy:
         os._exit(3)
     if pid == 0 or os.waitpid(pid, 0)[1] != 3 << 8:
         break

@@ -10,6 +10,7 @@ import pytest
 
 import slimengine as se
 from slimengine import _native
+from tests.conftest import bank_address
 
 from .conftest import edit_manifest
 
@@ -98,7 +99,7 @@ def test_embed_model_version_is_range_checked_in_python_and_in_c(lemur_bundle, t
         out = np.zeros((1, c["embed_dim"]), np.float32)
         for version, status in [(-2, "SLIM_ERR_INVALID_ARGUMENT"), (2**32, "SLIM_ERR_INVALID_ARGUMENT"), (-1, "SLIM_OK")]:
             p = _native.params(_native.EmbedParams)
-            p.text_ids, p.frames, p.bank = tensor(text), tensor(frames), bank._handle
+            p.text_ids, p.frames, p.bank = tensor(text), tensor(frames), bank_address(bank)
             p.document_ids, p.model_version = tensor(np.array([5], np.int64)), version
             code = lib.slim_embed(session._handle, ctypes.byref(p), tensor(out), None)
             assert lib.slim_status_name(code).decode() == status, (version, lib.slim_last_error())

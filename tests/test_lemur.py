@@ -16,6 +16,7 @@ import torch
 import slimengine as se
 from slimengine import _native
 from slimengine.export.checkpoint import load_lemur_checkpoint
+from tests.conftest import bank_address
 
 from .conftest import edit_manifest, relative_error, run_cli
 
@@ -169,7 +170,7 @@ class RawLemurCall:
         p = _native.params(_native.EmbedParams)
         p.text_ids, p.frames = self.tensor(text) if isinstance(text, np.ndarray) else text, self.tensor(frames)
         if bank is not None:
-            p.bank, p.document_ids = bank._handle, self.tensor(document_ids)
+            p.bank, p.document_ids = bank_address(bank), self.tensor(document_ids)
         return self.status(self.lib.slim_embed(self.session._handle, ctypes.byref(p), self.tensor(out), None))
 
 

@@ -20,6 +20,7 @@ import pytest
 
 import slimengine as se
 from slimengine import _native
+from tests.conftest import bank_address
 
 from .bank_format import HEADER_BYTES, crc32c, record_bytes
 from .conftest import run_python
@@ -359,11 +360,11 @@ def test_bad_input_gets_clear_errors_and_changes_nothing(tmp_path):
     lib = _native.lib()
     ids_f, keep1 = _raw(lib, np.array([5.0], np.float32), 0)
     emb, keep2 = _raw(lib, values([5], dim), 0)
-    assert lib.slim_status_name(lib.slim_bank_upsert(bank._handle, ids_f, emb, 0)) == b"SLIM_ERR_DTYPE"
+    assert lib.slim_status_name(lib.slim_bank_upsert(bank_address(bank), ids_f, emb, 0)) == b"SLIM_ERR_DTYPE"
     assert b"ids: dtype must be int64" in lib.slim_last_error()
     ids_ok, keep3 = _raw(lib, np.array([5], np.int64), 3)
     emb_i, keep4 = _raw(lib, np.zeros((1, dim), np.int64), 3)
-    assert lib.slim_status_name(lib.slim_bank_upsert(bank._handle, ids_ok, emb_i, 0)) == b"SLIM_ERR_DTYPE"
+    assert lib.slim_status_name(lib.slim_bank_upsert(bank_address(bank), ids_ok, emb_i, 0)) == b"SLIM_ERR_DTYPE"
     assert b"embeddings: dtype must be float32" in lib.slim_last_error()
     assert path.read_bytes() == snapshot and len(bank) == 2
     del keep1, keep2, keep3, keep4
@@ -562,7 +563,7 @@ def test_a_record_with_one_flipped_bit_is_corrected_and_worse_damage_refuses_unt
     with se.MemoryBank(path) as bank:  # nothing to report on an intact file
         assert _recovery(bank) == (0, -1, 0)
         lib, info = _native.lib(), _native.BankRecovery(struct_size=8)  # a caller's struct too small: refused, not overrun
-        assert lib.slim_status_name(lib.slim_bank_recovery_info(bank._handle, ctypes.byref(info))) == b"SLIM_ERR_INVALID_ARGUMENT"
+        assert lib.slim_status_name(lib.slim_bank_recovery_info(bank_address(bank), ctypes.byref(info))) == b"SLIM_ERR_INVALID_ARGUMENT"
         assert b"slim_bank_recovery.struct_size is 8; set it to sizeof(slim_bank_recovery)" in lib.slim_last_error()
 
 

@@ -772,8 +772,8 @@ class Session(_Closable):
         batch = args["text_ids"].arr.shape[0] if args["text_ids"].arr.ndim else 0
         out = np.empty((batch, self._engine.config.get("embed_dim", 0)), dtype=np.float32)
         stats = LemurStats(struct_size=ctypes.sizeof(LemurStats))
-        with self._gate.call(), bank._gate.call() if bank is not None else contextlib.nullcontext():
-            params.bank = bank._handle if bank is not None else None
+        with self._gate.call(), bank._handle if bank is not None else contextlib.nullcontext() as bank_handle:
+            params.bank = bank_handle
             _check(lib.slim_embed(self._handle, ctypes.byref(params), _TensorArg(out).pointer(), ctypes.byref(stats)))
             return EmbedResult(embeddings=out, stats=_lemur_stats(stats), events=self._events())
 
@@ -791,8 +791,8 @@ class Session(_Closable):
         params.min_model_version = _integer(min_model_version, "min_model_version", -INT64_MAX - 1, INT64_MAX)
         out = np.empty((history.arr.shape[0] if history.arr.ndim else 0,), dtype=np.float32)
         stats = LemurStats(struct_size=ctypes.sizeof(LemurStats))
-        with self._gate.call(), bank._gate.call():
-            params.bank = bank._handle
+        with self._gate.call(), bank._handle as bank_handle:
+            params.bank = bank_handle
             _check(lib.slim_score(self._handle, ctypes.byref(params), _TensorArg(out).pointer(), ctypes.byref(stats)))
             return ScoreResult(scores=out, stats=_lemur_stats(stats), events=self._events())
 
@@ -907,10 +907,11 @@ class MemoryBank(_Closable):
         params.read_only, params.create, params.sync_writes = int(read_only), int(create), int(sync_writes)
         handle = ctypes.c_void_p()
         _check(lib.slim_bank_open(path_bytes, ctypes.byref(params), ctypes.byref(handle)))
-        self._handle = handle
-        self._gate = _CallGate("memory bank", exclusive=False)  # from here on, close() (and collection) frees the handle
-        self.path = Path(os.fsdecode(path_bytes))
         self.dim = lib.slim_bank_dim(handle)
+        # The handle's lifetime guard and its lookup, compiled (_calls.Bank): `with self._handle as h:` is a call in
+        # flight on h, which close() waits for. From here on, close() (and collection) frees the handle.
+        self._handle = _native.calls().Bank(handle.value, self.dim)
+        self.path = Path(os.fsdecode(path_bytes))
         self._warned_damage = 0
         self._warn_about_damage()
 
@@ -918,8 +919,8 @@ class MemoryBank(_Closable):
     def recovery(self) -> BankRecovery:
         """What opening (and later refreshes) found damaged inside the log and skipped (docs/memory-bank.md, Damage)."""
         out = _native.BankRecovery(struct_size=ctypes.sizeof(_native.BankRecovery))
-        with self._gate.call():
-            _check(_native.lib().slim_bank_recovery_info(self._handle, ctypes.byref(out)))
+        with self._handle as handle:
+            _check(_native.lib().slim_bank_recovery_info(handle, ctypes.byref(out)))
         return BankRecovery(out.damaged_records, out.first_damaged_offset, out.tail_bytes, out.header_corrected)
 
     @staticmethod
@@ -945,51 +946,44 @@ class MemoryBank(_Closable):
                           "(docs/memory-bank.md, Damage)", RuntimeWarning, stacklevel=3)
 
     def __len__(self) -> int:
-        with self._gate.call():
-            return _native.lib().slim_bank_count(self._handle)
+        with self._handle as handle:
+            return _native.lib().slim_bank_count(handle)
 
     def upsert(self, ids, embeddings, model_version: int = 0) -> None:
         """Insert or replace embeddings [N, dim] (float32, finite) under ids [N] (>= 0); a rejected call writes nothing."""
         ids_arg, emb_arg = _TensorArg(_as_int64(ids, "ids")), _TensorArg(_as_float32(embeddings, "embeddings"))
         model_version = _integer(model_version, "model_version", 0, UINT32_MAX)
-        with self._gate.call():
-            _check(_native.lib().slim_bank_upsert(self._handle, ids_arg.pointer(), emb_arg.pointer(), model_version))
+        with self._handle as handle:
+            _check(_native.lib().slim_bank_upsert(handle, ids_arg.pointer(), emb_arg.pointer(), model_version))
 
     def delete(self, ids) -> int:
         ids_arg, deleted = _TensorArg(_as_int64(ids, "ids")), ctypes.c_int64()
-        with self._gate.call():
-            _check(_native.lib().slim_bank_delete(self._handle, ids_arg.pointer(), ctypes.byref(deleted)))
+        with self._handle as handle:
+            _check(_native.lib().slim_bank_delete(handle, ids_arg.pointer(), ctypes.byref(deleted)))
         return deleted.value
 
     def lookup(self, ids) -> LookupResult:
-        ids = _as_int64(ids, "ids")
-        n = ids.shape[0] if ids.ndim else 0
-        if n > MAX_BANK_IDS:  # checked before the result is allocated
-            raise ValueError(f"ids: at most {MAX_BANK_IDS} per call, got {n}")
-        result = LookupResult(np.empty((n, self.dim), np.float32), np.empty(n, bool), np.empty(n, np.int64), np.empty(n, np.int64))
-        args = [_TensorArg(a) for a in (ids, result.embeddings, result.write_times_us, result.model_versions)]
-        found = ctypes.c_int64()
-        with self._gate.call():
-            _check(_native.lib().slim_bank_lookup(self._handle, *(a.pointer() for a in args), ctypes.byref(found)))
-        result.found[:] = result.write_times_us >= 0
-        return result
+        """The rows of ids [N]: one compiled call (no ctypes), a few microseconds beside the lookup itself."""
+        return LookupResult(*self._handle.lookup(ids))
 
     def flush(self) -> None:
-        with self._gate.call():
-            _check(_native.lib().slim_bank_flush(self._handle))
+        with self._handle as handle:
+            _check(_native.lib().slim_bank_flush(handle))
 
     def refresh(self) -> int:
         added = ctypes.c_int64()
-        with self._gate.call():
-            _check(_native.lib().slim_bank_refresh(self._handle, ctypes.byref(added)))
+        with self._handle as handle:
+            _check(_native.lib().slim_bank_refresh(handle, ctypes.byref(added)))
         self._warn_about_damage()
         return added.value
 
     def close(self) -> None:
         """Close the bank, after the calls other threads are running on it return."""
-        if self._gate.close():
-            _native.lib().slim_bank_close(self._handle)
-            self._handle = None
+        if self._handle is not None:
+            self._handle.close()
+
+    def __del__(self):
+        self.close()  # a constructor that failed has no handle
 
 
 def open_engine(path: str | Path, **options) -> Engine:
