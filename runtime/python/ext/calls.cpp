@@ -9,8 +9,8 @@
 #include <Python.h>
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
 #include <numpy/arrayobject.h>
+#include <pthread.h>
 #include <sched.h>
-#include <unistd.h>
 
 #include <cstdint>
 
@@ -27,6 +27,10 @@ struct Api {
     PyObject* error_type = nullptr;  // slimengine.SlimError(status_name, message)
     PyObject* as_int64 = nullptr;    // slimengine's id coercion (name: str) -> C-contiguous int64 ndarray
 } api;
+
+// Forks of this process so far, counted in the child (pthread_atfork): a handle compares it with its own, which costs
+// nothing on every call, where getpid() would be a system call.
+uint64_t fork_generation = 0;
 
 constexpr int64_t kMaxBankIds = int64_t{1} << 24;  // slim_bank_lookup's limit: checked before the results are allocated
 
@@ -53,19 +57,18 @@ PyObject* raise_status(slim_status status) {
 struct Bank {
     PyObject_HEAD slim_bank* handle;
     int64_t dim;
-    int64_t calls;     // calls in flight (counted under the GIL)
-    bool closed;       // close() began: no call may start
-    bool forked_busy;  // this process was forked while another thread's call ran: the handle is that call's, mid-way
-    pid_t pid;         // the process the calls were counted in
+    int64_t calls;        // calls in flight (counted under the GIL)
+    bool closed;          // close() began: no call may start
+    bool forked_busy;     // this process was forked while another thread's call ran: the handle is that call's, mid-way
+    uint64_t generation;  // fork_generation when the calls were counted
 };
 
 // After os.fork() the child has only the forking thread: calls counted before belong to threads it does not have.
 void notice_fork(Bank* b) {
-    const pid_t pid = getpid();
-    if (pid == b->pid) return;
+    if (b->generation == fork_generation) return;
     b->forked_busy = b->forked_busy || b->calls > 0;
     b->calls = 0;
-    b->pid = pid;
+    b->generation = fork_generation;
 }
 
 // Starts a call: false with SlimError set when the bank is closed or unusable after a fork.
@@ -87,7 +90,7 @@ bool enter(Bank* b) {
 }
 
 void leave(Bank* b) {
-    if (b->pid == getpid() && b->calls > 0) --b->calls;
+    if (b->generation == fork_generation && b->calls > 0) --b->calls;
 }
 
 int bank_init(Bank* self, PyObject* args, PyObject*) {
@@ -98,7 +101,7 @@ int bank_init(Bank* self, PyObject* args, PyObject*) {
     self->dim = dim;
     self->calls = 0;
     self->closed = self->forked_busy = false;
-    self->pid = getpid();
+    self->generation = fork_generation;
     return 0;
 }
 
@@ -260,6 +263,10 @@ PyModuleDef module = {PyModuleDef_HEAD_INIT, "_calls", "The binding's hot calls,
 
 PyMODINIT_FUNC PyInit__calls(void) {
     import_array();
+    if (pthread_atfork(nullptr, nullptr, [] { ++fork_generation; }) != 0) {
+        PyErr_SetString(PyExc_RuntimeError, "pthread_atfork failed");
+        return nullptr;
+    }
     BankType.tp_name = "slimengine._calls.Bank";
     BankType.tp_basicsize = sizeof(Bank);
     BankType.tp_flags = Py_TPFLAGS_DEFAULT;

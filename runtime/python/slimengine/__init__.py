@@ -16,6 +16,7 @@ numpy in and out (anything with __dlpack__ or __array__ is accepted as input). T
 in `slimengine.export`, the command-line tools in `slimengine.tools`.
 """
 
+from .pipeline import SD3Pipeline, SD3PipelineOutput
 from .runtime import (
                       Engine,
                       EngineInfo,
@@ -31,5 +32,6 @@ from .runtime import (
                       version,
 )
 
-__all__ = ["Engine", "EngineInfo", "GenerateResult", "ImageResult", "MemoryBank", "ProgramStep", "Session", "SlimError", "abi_version", "open_engine",
+__all__ = ["Engine", "EngineInfo", "GenerateResult", "ImageResult", "MemoryBank", "ProgramStep", "SD3Pipeline", "SD3PipelineOutput", "Session",
+           "SlimError", "abi_version", "open_engine",
            "verify_bundle", "version"]
