@@ -45,4 +45,4 @@ format: setup
 	$(VENV)/bin/clang-format -i $(C_SOURCES)
 
 test: lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=30 tests

@@ -83,6 +83,10 @@ class CudaOps final : public DeviceOps {
         return read_flag() == 0;
     }
     void copy_rows(float* dst, int64_t dst_stride, const float* src, int64_t src_stride, int64_t rows, int64_t width) override {
+        if (rows == 1) {  // a plain copy (cudaMemcpy2D limits its pitches, to about 2 GiB)
+            ok(cudaMemcpyAsync(dst, src, width * sizeof(float), cudaMemcpyDeviceToDevice, stream_), "copy");
+            return;
+        }
         ok(cudaMemcpy2DAsync(dst, dst_stride * sizeof(float), src, src_stride * sizeof(float), width * sizeof(float), rows,
                              cudaMemcpyDeviceToDevice, stream_),
            "copy_rows");

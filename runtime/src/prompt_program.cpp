@@ -239,8 +239,8 @@ PromptStats generate_prompt(const Engine& engine, Sd3Runner& runner, PromptState
     // The steps refuse NaN latents; a NaN pixel has no defined uint8 either (it would pass as black): refuse it too.
     if (!ops.to_rgb8(buffers.image.f32(), B, request.height, request.width, static_cast<uint8_t*>(buffers.rgb.data())))
         throw Error(SLIM_ERR_NUMERICS,
-                    "stage vae_decode produced NaN from finite latents: the bundle's VAE is broken (NaN weights, or an fp16 overflow); "
-                    "no image was written");
+                    "stage vae_decode produced NaN from finite latents (NaN weights in the bundle's VAE, an fp16 overflow, or given "
+                    "latents far outside the VAE's range); no image was written");
     ops.download(request.image, buffers.rgb.data(), buffers.rgb.bytes());
     const Clock::time_point end = Clock::now();
     profiler.decode(decode_start, end);
