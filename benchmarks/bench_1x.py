@@ -8,7 +8,7 @@ engine's Philox noise; distill-1x trained on other noise).
 - diversity: mean pixel distance between the seeds' pictures of one prompt, student / teacher (goal >= 0.8);
 - speed: wall time of the sampling program for the 18 prompts, 1.x vs 28 steps with CFG (28 x 2 model evaluations),
   on the same student bundle (goal >= 25x), effective NFE, and the whole prompt-to-image call (VAE decode included);
-- another cached range: blocks 1-4 with compensation fitted by fit-compensation, with no compensation (Δ reused as is),
+- another skipped range: blocks 1-4 with compensation fitted by fit-compensation, with no compensation (Δ reused as is),
   and the shipped range (1-3), same figures;
 - a picture: per prompt the teacher's picture above the student's, seed by seed (--png).
 
@@ -123,7 +123,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=8, help="seeds 0..N-1 (default 8)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per program (default 5)")
-    parser.add_argument("--range", default="1-4", help="another cached range to fit compensation for (default 1-4)")
+    parser.add_argument("--range", default="1-4", help="another skipped range to fit compensation for (default 1-4)")
     parser.add_argument("--fit-steps", type=int, default=600, help="fit-compensation's steps for --range (default 600)")
     parser.add_argument("--png", type=Path, default=ROOT / "out" / "bench_1x.png", help="teacher-over-student picture to write")
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -137,12 +137,12 @@ def main() -> None:
         from slimengine.distill.cli import fit_main
 
         fitted = work / f"student-{args.range}.safetensors"
-        if fit_main([str(STUDENT), "--pipeline", str(PIPELINE), "--prompts", str(PROMPTS), "--cache-blocks", args.range,
+        if fit_main([str(STUDENT), "--pipeline", str(PIPELINE), "--prompts", str(PROMPTS), "--skip-blocks", args.range,
                      "--steps", str(args.fit_steps), "-o", str(fitted), "-q"]) != 0:
             raise SystemExit("fit-compensation failed")
         fit_seconds = time.perf_counter() - start
         fitted_bundle = export(fitted, work / "fitted.engine")
-        plain_bundle = export(without_compensation(STUDENT, work / "plain.safetensors"), work / "plain.engine", "--cache-blocks", args.range)
+        plain_bundle = export(without_compensation(STUDENT, work / "plain.safetensors"), work / "plain.engine", "--skip-blocks", args.range)
 
         teacher, teacher_nfe = draw(teacher_bundle, args.seeds)  # its own program: 28 steps, CFG 4 (the teacher's metadata)
         colours, shapes = zip(*(score(t) for t in teacher))

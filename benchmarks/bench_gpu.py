@@ -6,7 +6,7 @@ usage or set-up error), so the shell script can run each part under its own time
     op-models DIR                       tiny ONNX graphs of the ai.slimengine ops (made where onnx is installed)
     ops DIR --ops-lib SO --out J        each op on the CUDA provider vs the CPU provider, and on which provider it ran
     compare BUNDLE... --out J           runtime generate on CUDA vs on the CPU, same bundle and inputs; X-Slim decisions
-    sd3m-export WORKDIR                 SD3-Medium config, random fp16 weights, 1.x plan with blocks 8-15 cached
+    sd3m-export WORKDIR                 SD3-Medium config, random fp16 weights, 1.x plan with blocks 8-15 skipped
     sd3m-engine WORKDIR --out J         1 NFE (num_steps=1) and the 1.x program (1.67 NFE) through the runtime on CUDA
     sd3m-torch --mode eager|compile --out J   diffusers' SD3Transformer2DModel, same config, one forward
     report OUTDIR                       every figure of OUTDIR/*.json with its ratio to the baseline of the same run
@@ -30,7 +30,7 @@ from common import timings_ms
 TOLERANCE = {"fp32": 1e-3, "fp16": 1e-2, "bf16": 1e-2}  # relative L2 error, CUDA vs CPU generate
 TEXT_LEN = 333  # SD3: 77 CLIP + 256 T5 tokens
 SD3M_LATENT = 128  # 1024 x 1024 pixels
-SD3M_PROGRAM = ("--steps", "2", "--cache-blocks", "8-15")  # 8 of 24 blocks cached in step 2: 1.67 NFE
+SD3M_PROGRAM = ("--steps", "2", "--skip-blocks", "8-15")  # 8 of 24 blocks skipped in step 2: 1.67 NFE
 GOAL_1X_MS = {"H200": 25.0, "H100": 30.0}
 TOKEN_POLICY = "xslim:step=0,critical=10,refresh=token,ratio=0.5"  # every step after warm-up refreshes tokens
 
@@ -131,7 +131,7 @@ def compare(bundles: list[str], device: str, out: str) -> int:
             text = rng.standard_normal((1, 8, c["joint_attention_dim"]), dtype=np.float32)
             pooled = rng.standard_normal((1, c["pooled_projection_dim"]), dtype=np.float32)
             token = any(s["role"] == "block_tokens" for s in m["stages"])
-            kwargs = {"seed": int(rng.integers(1 << 31)), "cache": TOKEN_POLICY if token else None}
+            kwargs = {"seed": int(rng.integers(1 << 31)), "xslim": TOKEN_POLICY if token else None}
             got = gpu_engine.session().generate(text, pooled, **kwargs)
         with se.open_engine(reference) as cpu_engine:
             want = cpu_engine.session().generate(text, pooled, **kwargs)

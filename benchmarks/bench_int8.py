@@ -168,7 +168,7 @@ def toy_quality(tmp: Path, seeds: int) -> dict:
     prompts = MODELS / "toy-prompts.txt"  # calibration: the training prompts; drawn below: the held-out template, other noise
     rows = {}
     for name, checkpoint in (("teacher 28 steps CFG", MODELS / "toy-sd3-teacher.safetensors"), ("student 1.x", MODELS / "toy-sd3.safetensors")):
-        flags = ("--pipeline", str(PIPELINE)) + (("--cache-blocks", "none") if "teacher" in name else ())
+        flags = ("--pipeline", str(PIPELINE)) + (("--skip-blocks", "none") if "teacher" in name else ())
         slug = name.split()[0]
         fp32 = export(checkpoint, tmp / f"toy-{slug}-fp32.engine", *flags)
         int8 = export(checkpoint, tmp / f"toy-{slug}-int8.engine", *flags, "--precision", "int8", "--calibrate", str(prompts))

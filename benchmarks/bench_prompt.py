@@ -2,7 +2,7 @@
 with the same weights in the same run, for two pipelines.
 
 The trained toy pipeline (models/toy-pipeline + the student models/toy-sd3.safetensors, 32 px): the student's
-1.x program (2 steps, cached blocks, no CFG) against diffusers' 2 plain steps, and 28 steps with CFG 4 both ways.
+1.x program (2 steps, skipped blocks, no CFG) against diffusers' 2 plain steps, and 28 steps with CFG 4 both ways.
 
 A random SD3 pipeline folder of the `small` preset (tests/pipeline_files.py: 256 px images, CLIP-L/G and T5
 of 4 layers, a 4-block transformer, a VAE of widths 32-128; the tokenizers trained there) is exported with
@@ -105,7 +105,7 @@ class Case:
     guidance: float
     t5_length: int
     engine_steps: int | None  # the engine's num_steps (None: the bundle's own program)
-    engine_cache: str | None  # the engine's cache policy ("none": every block; None: the bundle's program)
+    engine_xslim: str | None  # the engine's X-Slim policy ("none": every block; None: the bundle's program)
 
     @property
     def size_px(self) -> int:
@@ -131,7 +131,7 @@ def run_engine(session, case: Case) -> dict:
     session.clear_prompt_cache()  # a miss every run, as diffusers encodes every call
     start = time.perf_counter()
     result = session.generate(prompt=case.prompt, negative_prompt="", latents=case.noise, guidance_scale=case.guidance,
-                              num_steps=case.engine_steps, cache=case.engine_cache)
+                              num_steps=case.engine_steps, xslim=case.engine_xslim)
     total = (time.perf_counter() - start) * 1e3
     return dict(result.stats["stage_ms"], total=total)
 
@@ -192,7 +192,7 @@ def bench_small(work: Path, args) -> None:
 
 
 def bench_toy(work: Path, args) -> None:
-    """The trained toy pipeline (models/): the student's 1.x program (2 steps, blocks 1-3 cached after step 1, no CFG)
+    """The trained toy pipeline (models/): the student's 1.x program (2 steps, blocks 1-3 skipped after step 1, no CFG)
     against diffusers' 2 plain steps, and 28 steps with CFG 4 both ways; diffusers' pipeline is models/toy-pipeline with
     the student's transformer weights (its compensation MLPs are the engine's alone)."""
     from slimengine.export.checkpoint import load_checkpoint
@@ -201,13 +201,13 @@ def bench_toy(work: Path, args) -> None:
     if not (student / "manifest.json").exists():
         cli("slimengine.export.cli", str(TOY), "--pipeline", str(TOY_PIPELINE), "-o", str(student), "-q")
     if not (full / "manifest.json").exists():
-        cli("slimengine.export.cli", str(TOY), "--pipeline", str(TOY_PIPELINE), "-o", str(full), "-q", "--cache-blocks", "none",
+        cli("slimengine.export.cli", str(TOY), "--pipeline", str(TOY_PIPELINE), "-o", str(full), "-q", "--skip-blocks", "none",
             "--steps", "28", "--guidance-scale", "4")
     checkpoint = load_checkpoint(TOY)
     t5_length = checkpoint.metadata["pipeline"]["max_sequence_length"]
     pipe, watch = diffusers_pipeline(TOY_PIPELINE, transformer=checkpoint.build_model().transformer.eval())
     noise = np.random.default_rng(0).standard_normal((1, 16, 16, 16)).astype(np.float32)
-    cases = [("1.x program (engine: 2 steps, blocks 1-3 cached at step 2, NFE 1.5; diffusers: 2 plain steps), no CFG", student,
+    cases = [("1.x program (engine: 2 steps, blocks 1-3 skipped at step 2, NFE 1.5; diffusers: 2 plain steps), no CFG", student,
               Case(TOY_PROMPT, noise, 2, 1.0, t5_length, None, None, factor=2)),
              ("28 steps, CFG 4 (batch 2 per step), every block", full, Case(TOY_PROMPT, noise, 28, 4.0, t5_length, 28, "none", factor=2))]
     for title, bundle, case in cases:

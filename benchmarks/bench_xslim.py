@@ -81,7 +81,7 @@ def token_step_cost(work: Path, iters: int) -> None:
                     "schedule": [{"level": "full"}, {"level": "full"}, {"level": "token"}, {"level": "token"}]}
         times = {"full": [], "token_refresh": []}
         for i in range(iters + 1):
-            r = session.generate(text, pooled, seed=0, height=128, width=128, cache=schedule)
+            r = session.generate(text, pooled, seed=0, height=128, width=128, xslim=schedule)
             for st in r.stats["per_step"][1:] if i else ():  # the first generation warms ONNX Runtime up: untimed
                 times[st["level"]].append(st["ms"])
         full, token = np.median(times["full"]), np.median(times["token_refresh"])
@@ -99,7 +99,7 @@ def main() -> None:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         full_bundle, student_bundle = work / "toy-28.engine", work / "toy-1x.engine"
-        cli("slimengine.export.cli", str(TEACHER), "-o", str(full_bundle), "-q", "--force", "--cache-blocks", "none", "--steps", "28",
+        cli("slimengine.export.cli", str(TEACHER), "-o", str(full_bundle), "-q", "--force", "--skip-blocks", "none", "--steps", "28",
             "--guidance-scale", "4", "--token-stages")
         cli("slimengine.export.cli", str(TOY), "-o", str(student_bundle), "-q", "--force")
         embeds = load_embeds(f"toy:{TOY_PIPELINE}")  # the 18 class prompts; the empty prompt as CFG's negative
@@ -112,15 +112,15 @@ def main() -> None:
 
         for steps in args.steps:
             plan = dict(kwargs, num_steps=steps)
-            full = session.generate(text, pooled, cache="none", **plan)
-            full_ms = median_ms(lambda p=plan: session.generate(text, pooled, cache="none", **p), args.iters)
+            full = session.generate(text, pooled, xslim="none", **plan)
+            full_ms = median_ms(lambda p=plan: session.generate(text, pooled, xslim="none", **p), args.iters)
             print(f"\n{steps} steps: full computation {full_ms:.1f} ms, NFE {2 * steps}")
             print(f"{'policy':<72}{'speed-up':>9}{'NFE':>7}{'PSNR dB':>9}  levels (f full, r skip, b block, t token)")
             best = {}
             for specs in (STEP, BLOCK, TOKEN, schedules(steps, work), calibrated(session, steps, work)):
                 for spec in specs:
-                    r = session.generate(text, pooled, cache=spec, **plan)
-                    ms = median_ms(lambda s=spec, p=plan: session.generate(text, pooled, cache=s, **p), args.iters)
+                    r = session.generate(text, pooled, xslim=spec, **plan)
+                    ms = median_ms(lambda s=spec, p=plan: session.generate(text, pooled, xslim=s, **p), args.iters)
                     speedup, quality = full_ms / ms, psnr_db(r.latents, full.latents, PEAK)
                     levels = "".join({"full": "f", "reused": "r", "block_refresh": "b", "token_refresh": "t"}[s["level"]]
                                      for s in r.stats["per_step"])
@@ -136,8 +136,8 @@ def main() -> None:
                 print(f"best {kind}-level speed-up at PSNR >= {GOAL_DB:.0f} dB: {speedup:.2f}x ({spec}); goal >= {goal:.0f}x {verdict}")
 
         base = dict(kwargs, num_steps=28)
-        full_ms = median_ms(lambda: session.generate(text, pooled, cache="none", **base), args.iters)
-        full = session.generate(text, pooled, cache="none", **base)
+        full_ms = median_ms(lambda: session.generate(text, pooled, xslim="none", **base), args.iters)
+        full = session.generate(text, pooled, xslim="none", **base)
         student = se.open_engine(student_bundle).session()
         r = student.generate(text, pooled, **kwargs)
         ms = median_ms(lambda: student.generate(text, pooled, **kwargs), args.iters)

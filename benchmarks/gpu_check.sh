@@ -18,7 +18,7 @@
 #   compare      runtime generate on CUDA vs on the CPU, same tiny bundle and inputs: fp32 (<= 1e-3),
 #                fp16 (<= 1e-2), bf16 (<= 1e-2, CPU reference: the fp32 twin), token stages with an X-Slim
 #                token policy (same per-step decisions)
-#   sd3m_export  SD3-Medium config, random fp16 weights, 1.x plan with blocks 8-15 cached (runs on the CPU
+#   sd3m_export  SD3-Medium config, random fp16 weights, 1.x plan with blocks 8-15 skipped (runs on the CPU
 #                cores in the background while the parts above use the GPU)
 #   sd3m_engine  1024x1024, batch 1: one NFE (num_steps=1) and the 1.x program (1.67 NFE) through the runtime
 #   sd3m_torch_eager, sd3m_torch_compile   diffusers' SD3Transformer2DModel, same config, one forward

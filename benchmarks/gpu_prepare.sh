@@ -41,7 +41,7 @@ trap 'rm -rf "$tmp"' EXIT
 for p in fp32 fp16 bf16; do
   "$PY" -m slimengine.export.cli "$tmp/distilled.pt" -o "$dest/bundles/tiny-1x-$p.engine" --precision "$p" -q
 done
-"$PY" -m slimengine.export.cli "$tmp/plain.pt" -o "$dest/bundles/tiny-tokens-fp32.engine" --steps 8 --cache-blocks none \
+"$PY" -m slimengine.export.cli "$tmp/plain.pt" -o "$dest/bundles/tiny-tokens-fp32.engine" --steps 8 --skip-blocks none \
   --guidance-scale 1 --token-stages -q
 "$PY" benchmarks/bench_gpu.py op-models "$dest/ops" > /dev/null
 

@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-DISTILL_HELP = """Distil a 2-step 1.x student from an SD3 teacher: the student's second step skips the cached block range and adds
+DISTILL_HELP = """Distil a 2-step 1.x student from an SD3 teacher: the student's second step skips a block range and adds
 back the compensation MLPs' correction of the first step's change over it; student and compensation train together on
 the teacher's CFG samples of the given prompts (docs/distill-1x.md). Seeded; --resume continues an interrupted run."""
 
-FIT_HELP = """Fit only the compensation MLPs of a frozen 1.x student for a cached block range (e.g. 1-4 instead of the range
+FIT_HELP = """Fit only the compensation MLPs of a frozen 1.x student for a skipped block range (e.g. 1-4 instead of the range
 it was distilled with), on calibration prompts, and write a checkpoint export-engine reads (docs/distill-1x.md)."""
 
 
@@ -25,7 +25,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline", type=Path, required=True, help="diffusers SD3 pipeline folder of the checkpoint's text encoders")
     parser.add_argument("--prompts", type=Path, required=True, help="text file, one prompt per line (# comments and blank lines skipped)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="student checkpoint to write (.safetensors)")
-    parser.add_argument("--cache-blocks", help="joint blocks the second step skips, A-B inclusive (within 0 to layers-2)")
+    parser.add_argument("--skip-blocks", help="joint blocks the second step skips, A-B inclusive (within 0 to layers-2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda is untested here: no GPU)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads (default: every core)")
@@ -131,7 +131,7 @@ def _setup(args, model_path: Path):
     """Checked before any work (after _check_output): the checkpoint, the range, the device, the prompts, the pipeline.
     Returns (checkpoint, plan, shifts, prompts, encoder pipeline, T5 length)."""
     from slimengine.export.checkpoint import load_checkpoint
-    from slimengine.export.sampling_plan import make_plan
+    from slimengine.export.sampling_plan import make_plan, sampling_key
 
     from .data import load_encoder_pipeline, read_prompts
 
@@ -152,10 +152,10 @@ def _setup(args, model_path: Path):
     sampling = checkpoint.metadata.get("sampling", {})
     if not isinstance(sampling, dict):
         raise UsageError(f"{model_path}: the metadata's sampling must be an object, got {type(sampling).__name__}")
-    blocks = args.cache_blocks or sampling.get("cache_blocks")
+    blocks = args.skip_blocks or sampling_key(sampling, "skip_blocks", "cache_blocks")[1]
     if blocks is None:
         if layers < 9:
-            raise UsageError(f"{model_path} has {layers} blocks and names no cached range: pass --cache-blocks A-B (within 0-{layers - 2})")
+            raise UsageError(f"{model_path} has {layers} blocks and names no skipped range: pass --skip-blocks A-B (within 0-{layers - 2})")
         blocks = "2-7"
     shift = sampling.get("shift")
     shift = _real_in(shift if shift is not None else _scheduler_shift(args.pipeline) or 3.0, "the shift (metadata sampling.shift)",
@@ -166,7 +166,7 @@ def _setup(args, model_path: Path):
     if getattr(args, "shift", None) is not None:  # distill-1x --shift: the student's own
         shifts = shifts._replace(student=_real_in(args.shift, "--shift", 1e-3, MAX_SHIFT))
     # The student's program: two steps, the second skipping the range, no CFG (docs/distill.md).
-    plan = make_plan(layers, True, steps=2, shift=shifts.student, teacher_shift=shifts.grid, cache_blocks=blocks, guidance_scale=1.0)
+    plan = make_plan(layers, True, steps=2, shift=shifts.student, teacher_shift=shifts.grid, skip_blocks=blocks, guidance_scale=1.0)
     if not 0 < plan.sigmas[1] < 1:  # on the teacher's 1000-step grid a tiny or huge shift puts it on an end: one step does nothing
         raise UsageError(f"the student's shift {shifts.student:g} puts its middle step at sigma {plan.sigmas[1]:g} on the teacher's "
                          "grid: one of its two steps would do nothing; give a larger --shift (0.01 and up)")
@@ -204,8 +204,8 @@ def save_student(path: Path, model, checkpoint, plan, shifts: Shifts, record: di
     state = {k.removeprefix("transformer."): v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     metadata = {k: v for k, v in checkpoint.metadata.items() if k not in ("sampling", "training", "distill", "fit_compensation")}
     metadata.setdefault("num_attention_heads", checkpoint.config.num_attention_heads)
-    first, last = plan.cache_blocks
-    metadata["sampling"] = {"steps": plan.steps, "shift": shifts.student, "teacher_shift": shifts.grid, "cache_blocks": f"{first}-{last}"}
+    first, last = plan.skip_blocks
+    metadata["sampling"] = {"steps": plan.steps, "shift": shifts.student, "teacher_shift": shifts.grid, "skip_blocks": f"{first}-{last}"}
     if "distill" in checkpoint.metadata and key != "distill":
         metadata["distill"] = checkpoint.metadata["distill"]
     metadata[key] = record
@@ -282,7 +282,7 @@ def _distill(args, checkpoint, plan, shifts, prompts, pipe, length, guidance, re
     start = time.perf_counter()
     teacher = checkpoint.build_model().to(args.device)
     # What the teacher samples and the run depend on: a resume file of other inputs is refused.
-    key = _digest(checkpoint.sha256, prompts, plan.cache_blocks, plan.sigmas, args.samples_per_prompt, args.teacher_steps, guidance,
+    key = _digest(checkpoint.sha256, prompts, plan.skip_blocks, plan.sigmas, args.samples_per_prompt, args.teacher_steps, guidance,
                   args.seed, length, args.train_steps, args.batch_size, args.lr, shifts)
     if args.resume:
         try:
@@ -341,7 +341,7 @@ def _distill(args, checkpoint, plan, shifts, prompts, pipe, length, guidance, re
               "seconds": round(time.perf_counter() - start)}
     save_student(args.output, student, checkpoint, plan, shifts, record, "distill")
     resume.unlink(missing_ok=True)
-    log(f"wrote {args.output}: cached blocks {plan.cache_blocks[0]}-{plan.cache_blocks[1]}, effective NFE "
+    log(f"wrote {args.output}: skipped blocks {plan.skip_blocks[0]}-{plan.skip_blocks[1]}, effective NFE "
         f"{plan.effective_nfe(checkpoint.config.num_layers):.2f}; final-step MSE to the teacher {record['first_loss']:.4f} -> "
         f"{record['final_loss']:.4f} in {record['seconds']} s")
     return 0
@@ -352,8 +352,8 @@ def fit_main(argv=None) -> int:
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     try:
         _positive(args, "steps", most=10_000_000)
-        if not args.cache_blocks:
-            raise UsageError("--cache-blocks A-B is required: the range to fit the compensation for")
+        if not args.skip_blocks:
+            raise UsageError("--skip-blocks A-B is required: the range to fit the compensation for")
         _check_output(args, args.student)
         checkpoint, plan, shifts, prompts, pipe, length = _setup(args, args.student)
     except _expected_errors() as e:
@@ -374,7 +374,7 @@ def _fit(args, checkpoint, plan, shifts, prompts, pipe, length, log) -> int:
     import torch
 
     from .data import encode_prompts, noise
-    from .student import cached_error, fit_compensation, make_student
+    from .student import fit_compensation, make_student, skip_error
 
     start = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -386,16 +386,16 @@ def _fit(args, checkpoint, plan, shifts, prompts, pipe, length, log) -> int:
     latents = noise(len(index), shape, args.seed)
     held_out = noise(len(prompts), shape, args.seed + 1)  # one fresh noise per prompt, for the report only
     identity = dataclasses.replace(plan, compensation="identity")
-    before = cached_error(model, identity, held_out.to(args.device), text.to(args.device), pooled.to(args.device))
+    before = skip_error(model, identity, held_out.to(args.device), text.to(args.device), pooled.to(args.device))
     errors = fit_compensation(model, plan, latents, text[index], pooled[index], args.steps, args.seed, args.device, not args.quiet)
-    after = cached_error(model, plan, held_out.to(args.device), text.to(args.device), pooled.to(args.device))
+    after = skip_error(model, plan, held_out.to(args.device), text.to(args.device), pooled.to(args.device))
     record = {"source_sha256": checkpoint.sha256, "prompts": len(prompts), "samples_per_prompt": args.samples_per_prompt,
               "steps": args.steps, "seed": args.seed, "delta_mse": {k: list(v) for k, v in errors.items()},
               "held_out_relative_error": {"identity": before, "fitted": after}, "seconds": round(time.perf_counter() - start)}
     save_student(args.output, model, checkpoint, plan, shifts, record, "fit_compensation")
     for name, (plain, fitted) in errors.items():
         log(f"{name} stream: MSE of step 1's Δ, reused as is {plain:.5f} -> fitted {fitted:.5f}")
-    log(f"wrote {args.output}: blocks {plan.cache_blocks[0]}-{plan.cache_blocks[1]}; final latents vs the uncached student on "
+    log(f"wrote {args.output}: blocks {plan.skip_blocks[0]}-{plan.skip_blocks[1]}; final latents vs the full student on "
         f"held-out noise, relative L2: Δ as is {before:.4f} -> fitted {after:.4f} ({record['seconds']} s)")
     return 0
 

@@ -109,7 +109,7 @@ def teacher_samples(teacher_path: Path, teacher_model, text, pooled, neg_text, n
             bundle = Path(tmp) / "teacher.engine"
             said = io.StringIO()  # the export's own lines: shown with progress, or when it fails
             with contextlib.redirect_stderr(said):
-                code = export_main([str(teacher_path), "-o", str(bundle), "--cache-blocks", "none", "-q"])
+                code = export_main([str(teacher_path), "-o", str(bundle), "--skip-blocks", "none", "-q"])
             if progress or code not in (0, 130):
                 sys.stderr.write(said.getvalue())
             if code == 130:
@@ -130,7 +130,7 @@ def teacher_samples(teacher_path: Path, teacher_model, text, pooled, neg_text, n
 
         from .student import run_program
 
-        plan = make_plan(teacher_model.num_layers, False, steps=steps, guidance_scale=guidance, shift=shift, cache_blocks="none")
+        plan = make_plan(teacher_model.num_layers, False, steps=steps, guidance_scale=guidance, shift=shift, skip_blocks="none")
         for i in range(0, count, chunk):
             n = min(chunk, count - i)
             xs = run_program(teacher_model, plan, latents[i:i + n].to(device), text[i:i + n].to(device), pooled[i:i + n].to(device),

@@ -12,14 +12,14 @@ from slimengine.export.sampling_plan import SamplingPlan
 from slimengine.export.sd3_model import DistilledSD3
 
 
-def run_program(model: DistilledSD3, plan: SamplingPlan, x, text, pooled, neg_text=None, neg_pooled=None, cached: bool = True):
+def run_program(model: DistilledSD3, plan: SamplingPlan, x, text, pooled, neg_text=None, neg_pooled=None, skip: bool = True):
     """The sampling loop of docs/distill.md ("The sampling loop"), the latents after each step. CFG when the plan's
-    guidance is above 1 (then neg_text/neg_pooled are the negative conditioning). `cached=False` runs every block
-    (the uncached student the compensation is measured against). Gradients flow through every step."""
+    guidance is above 1 (then neg_text/neg_pooled are the negative conditioning). `skip=False` runs every block
+    (the full student the compensation is measured against). Gradients flow through every step."""
     cfg = plan.guidance_scale > 1.0
     if cfg:
         text, pooled = torch.cat([neg_text, text]), torch.cat([neg_pooled, pooled])
-    first, last = plan.cache_blocks or (-1, -1)
+    first, last = plan.skip_blocks or (-1, -1)
     delta = compensated = None
     out = []
     for k in range(plan.steps):
@@ -29,7 +29,7 @@ def run_program(model: DistilledSD3, plan: SamplingPlan, x, text, pooled, neg_te
         for i in range(model.num_layers):
             if plan.records_delta(k) and i == first:
                 before = (img, txt)
-            if cached and plan.skips_block(k, i):
+            if skip and plan.skips_block(k, i):
                 if i == last:
                     if compensated is None:
                         compensated = model.compensate(*delta) if plan.compensation == "mlp" else delta
@@ -119,9 +119,9 @@ def train(student: DistilledSD3, plan: SamplingPlan, data: dict, state: dict, st
 
 @torch.no_grad()
 def range_deltas(model: DistilledSD3, plan: SamplingPlan, x, text, pooled):
-    """(Δ recorded by step 0, true Δ of step 1) over the plan's cached range, image and text streams, with every block
+    """(Δ recorded by step 0, true Δ of step 1) over the plan's skipped range, image and text streams, with every block
     run: what the compensation must turn the first into."""
-    first, last = plan.cache_blocks
+    first, last = plan.skip_blocks
     deltas = []
     for k in range(2):
         t = torch.full((x.shape[0],), plan.timesteps[k], device=x.device, dtype=x.dtype)
@@ -169,14 +169,14 @@ def fit_compensation(model: DistilledSD3, plan: SamplingPlan, noise, text, poole
 
 
 @torch.no_grad()
-def cached_error(model: DistilledSD3, plan: SamplingPlan, noise, text, pooled, chunk: int = 64) -> float:
-    """Relative L2 error of the cached program's final latents against the same model run uncached (every block at
+def skip_error(model: DistilledSD3, plan: SamplingPlan, noise, text, pooled, chunk: int = 64) -> float:
+    """Relative L2 error of the skipping program's final latents against the same model run in full (every block at
     every step): what the compensation is for."""
     num = den = 0.0
     for i in range(0, noise.shape[0], chunk):
         args = (noise[i:i + chunk], text[i:i + chunk], pooled[i:i + chunk])
-        cached = run_program(model, plan, *args)[-1]
-        full = run_program(model, plan, *args, cached=False)[-1]
-        num += (cached - full).pow(2).sum().item()
+        skipped = run_program(model, plan, *args)[-1]
+        full = run_program(model, plan, *args, skip=False)[-1]
+        num += (skipped - full).pow(2).sum().item()
         den += full.pow(2).sum().item()
     return math.sqrt(num / den)

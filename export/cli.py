@@ -34,14 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "inputs; the most sensitive matmuls stay float until it holds (default 0.02)")
     parser.add_argument("--steps", type=int, help="sampling steps (default: metadata, else 2 for 1.x-Distill, 28 for plain SD3)")
     parser.add_argument("--shift", type=float, help="sigma shift (default: metadata, else the pipeline's scheduler/scheduler_config.json, else 3.0)")
-    parser.add_argument("--cache-blocks", help="joint blocks skipped after step 1, e.g. 2-7, or 'none' for a plain plan (default: metadata)")
-    parser.add_argument("--cache", help="default X-Slim policy (docs/xslim.md): none (default); xslim:step=T[,critical=C]"
+    parser.add_argument("--skip-blocks", help="joint blocks skipped after step 1, e.g. 2-7, or 'none' for a plain plan (default: metadata)")
+    parser.add_argument("--xslim", help="default X-Slim policy (docs/xslim.md): none (default); xslim:step=T[,critical=C]"
                         "[,refresh=block|token][,ratio=R][,block=B][,first=F][,warmup=K] for the online dual-threshold "
                         "controller (skip steps below T, refresh blocks or tokens below C, full step above); or "
                         "xslim:schedule=FILE.json[,mode=NAME] for an offline schedule (X-Slim's strategy fields accepted)")
     parser.add_argument("--token-stages", action="store_true",
                         help="add the X-Slim token-level stages (block_N_tokens) so requests may use the token level; "
-                        "implied by a --cache that uses it")
+                        "implied by an --xslim that uses it")
     parser.add_argument("--guidance-scale", type=float, help="default CFG scale (default: 1.0 for 1.x, 7.0 for plain SD3)")
     parser.add_argument("--heads", type=int, help="attention heads, when the weights cannot tell (no qk-norm, no metadata)")
     parser.add_argument("--model-version", type=int, default=1,
@@ -128,8 +128,8 @@ def _main(args, output: Path) -> int:
         if pipeline is not None and pipeline.shift is not None and isinstance(metadata.get("sampling", {}), dict):
             metadata = {**metadata, "sampling": {"shift": pipeline.shift, **metadata.get("sampling", {})}}
         plan = make_plan(checkpoint.config.num_layers, checkpoint.has_compensation, metadata,
-                         steps=args.steps, shift=args.shift, cache_blocks=args.cache_blocks, guidance_scale=args.guidance_scale,
-                         cache=args.cache)
+                         steps=args.steps, shift=args.shift, skip_blocks=args.skip_blocks, guidance_scale=args.guidance_scale,
+                         xslim=args.xslim)
     except (CheckpointError, ValueError) as e:
         return _fail(str(e))
     if args.max_sequence_length is None:
@@ -149,7 +149,7 @@ def _main(args, output: Path) -> int:
         except CalibrationError as e:
             return _fail(str(e))
     c = checkpoint.config
-    kind = f"cached blocks {plan.cache_blocks[0]}-{plan.cache_blocks[1]} ({plan.compensation} compensation)" if plan.cache_blocks else "full steps"
+    kind = f"skipped blocks {plan.skip_blocks[0]}-{plan.skip_blocks[1]} ({plan.compensation} compensation)" if plan.skip_blocks else "full steps"
     kind = ("1.x-Distill student, " if checkpoint.has_compensation else "plain SD3, ") + kind
     print(f"{args.checkpoint}: {c.num_layers} blocks, {c.num_attention_heads}x{c.attention_head_dim} heads, {kind}; "
           f"{plan.steps} steps, effective NFE {plan.effective_nfe(c.num_layers):.2f}", file=sys.stderr)

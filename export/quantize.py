@@ -167,7 +167,7 @@ def check_memory(model, plan, calib: Calibration, latent_size: int) -> None:
 def record_stage_inputs(model, plan, calib: Calibration, specs: list[StageSpec], latent_size: int, seed: int = 0,
                         max_steps: int = 8) -> dict[str, list[dict[str, np.ndarray]]]:
     """Each quantized stage's float32 inputs, by input name, at the recorded steps of the PyTorch program (the
-    plan's steps, CFG and 1.x cache; X-Slim off) run on the calibration conditioning from seeded noise."""
+    plan's steps, CFG and 1.x skipped range; X-Slim off) run on the calibration conditioning from seeded noise."""
     from .reference_sampler import reference_generate
 
     c = model.config
@@ -211,7 +211,7 @@ def record_stage_inputs(model, plan, calib: Calibration, specs: list[StageSpec],
         if calib.negative_prompt_embeds is not None:
             neg = {"negative_prompt_embeds": calib.negative_prompt_embeds.expand(count, -1, -1),
                    "negative_pooled_embeds": calib.negative_pooled_embeds.expand(count, -1)}  # 1 row, or one per prompt
-        reference_generate(model, plan, calib.prompt_embeds, calib.pooled_embeds, latents, cache=None, **neg)
+        reference_generate(model, plan, calib.prompt_embeds, calib.pooled_embeds, latents, xslim=None, **neg)
     finally:
         del model.embed, model.block, model.compensate, model.final  # the class's methods again
     return records
@@ -489,9 +489,9 @@ def verify_program(bundle: Path, model, plan, calib: Calibration, latent_size: i
     if calib.negative_prompt_embeds is not None:
         neg = {"negative_prompt_embeds": calib.negative_prompt_embeds[:n].expand(n, -1, -1).contiguous(),
                "negative_pooled_embeds": calib.negative_pooled_embeds[:n].expand(n, -1).contiguous()}
-    expected = reference_generate(model, plan, text, pooled, latents, cache=None, **neg).latents.numpy().astype(np.float64)
+    expected = reference_generate(model, plan, text, pooled, latents, xslim=None, **neg).latents.numpy().astype(np.float64)
     with se.open_engine(bundle) as engine, engine.session() as session:
-        got = session.generate(text.numpy(), pooled.numpy(), latents=latents.numpy(), cache="none",
+        got = session.generate(text.numpy(), pooled.numpy(), latents=latents.numpy(), xslim="none",
                                **{k: v.numpy() for k, v in neg.items()}).latents
     got = np.asarray(got, dtype=np.float64)
     error = float(np.linalg.norm(got - expected) / np.linalg.norm(expected))

@@ -79,7 +79,7 @@ class StepActions:
 class Caches:
     """What steps keep for later steps, by owner (the runtime's sd3_buffers.hpp)."""
 
-    delta: tuple | None = None  # 1.x range cache: delta over the cached range (image, text)
+    delta: tuple | None = None  # 1.x: delta over the skipped range (image, text)
     compensated: tuple | None = None  # ... and its compensation, once per recorded delta
     residuals: list = dataclasses.field(default_factory=list)  # X-Slim: stack residuals of the last two full steps
     block_res: dict = dataclasses.field(default_factory=dict)  # per block: (image, text) residual at the last full step
@@ -101,7 +101,7 @@ def plan_step(plan: SamplingPlan, step: int, level: str, num_layers: int, token_
         if level == "skip":
             action = "skip"
         elif plan.skips_block(step, i):
-            action = "add_delta" if i == plan.cache_blocks[1] else "skip"
+            action = "add_delta" if i == plan.skip_blocks[1] else "skip"
         elif i in reuse:
             action = "reuse"
         elif level == "token" and i in token_blocks:
@@ -111,7 +111,7 @@ def plan_step(plan: SamplingPlan, step: int, level: str, num_layers: int, token_
         else:
             action = "run"
         blocks.append(action)
-    first, last = plan.cache_blocks if plan.records_delta(step) else (None, None)
+    first, last = plan.skip_blocks if plan.records_delta(step) else (None, None)
     return StepActions(level=level, keep=tokens_for_ratio(controller.ratio(step), tokens) if level == "token" else tokens,
                        reuse_stack=level == "skip", record_stack=record_stack,
                        record_blocks=record_stack and bool(uses & {"block", "token"}), range_first=first, range_last=last,
@@ -186,12 +186,12 @@ def reference_generate(
     negative_prompt_embeds: torch.Tensor | None = None,
     negative_pooled_embeds: torch.Tensor | None = None,
     guidance_scale: float | None = None,
-    cache: XSlimPolicy | None = _DEFAULT,
+    xslim: XSlimPolicy | None = _DEFAULT,
 ) -> ReferenceResult:
-    """`cache` defaults to the plan's X-Slim policy; None computes every step fully. The loop reads as the
+    """`xslim` defaults to the plan's X-Slim policy; None computes every step fully. The loop reads as the
     runtime's (runtime/src/sd3_program.cpp, Sd3Session::generate): plan, execute, update caches, Euler/CFG."""
     guidance = plan.guidance_scale if guidance_scale is None else guidance_scale
-    policy = plan.cache if cache is _DEFAULT else cache
+    policy = plan.xslim if xslim is _DEFAULT else xslim
     if policy is not None:
         policy.validate(plan.steps)
     controller = Controller(policy, plan.steps) if policy else None

@@ -2,9 +2,9 @@
 
 Two kinds of plan:
 - 1.x-Distill (docs/distill.md): sigmas = shift(linspace(1, 0, steps+1), s) snapped to the teacher's
-  1000-step grid; step 0 runs every block and records Δ over the cached range; every later step
+  1000-step grid; step 0 runs every block and records Δ over the skipped range; every later step
   skips the range and adds MLP(Δ) (compensation "mlp") or Δ itself (compensation "identity", for a
-  plain model given --cache-blocks).
+  plain model given --skip-blocks).
 - plain SD3: diffusers' FlowMatchEulerDiscreteScheduler sigmas, every block every step, CFG.
 """
 
@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from slimengine.xslim_policy import XSlimPolicy, parse_cache_spec
+from slimengine.xslim_policy import XSlimPolicy, parse_xslim_spec
 
 TEACHER_TRAIN_STEPS = 1000
 
@@ -24,9 +24,9 @@ TEACHER_TRAIN_STEPS = 1000
 class SamplingPlan:
     sigmas: tuple[float, ...]  # steps + 1 values, the last one 0
     guidance_scale: float
-    cache_blocks: tuple[int, int] | None = None  # inclusive range of joint blocks skipped after step 0
+    skip_blocks: tuple[int, int] | None = None  # inclusive range of joint blocks skipped after step 0
     compensation: str | None = None  # "mlp" | "identity" | None
-    cache: XSlimPolicy | None = None  # X-Slim policy, decided at run time
+    xslim: XSlimPolicy | None = None  # X-Slim policy, decided at run time
 
     @property
     def steps(self) -> int:
@@ -37,12 +37,12 @@ class SamplingPlan:
         return [s * TEACHER_TRAIN_STEPS for s in self.sigmas[:-1]]
 
     def records_delta(self, step: int) -> bool:
-        return self.cache_blocks is not None and step == 0
+        return self.skip_blocks is not None and step == 0
 
     def skips_block(self, step: int, block: int) -> bool:
-        if self.cache_blocks is None or step == 0:
+        if self.skip_blocks is None or step == 0:
             return False
-        first, last = self.cache_blocks
+        first, last = self.skip_blocks
         return first <= block <= last
 
     def blocks_run(self, step: int, num_layers: int) -> int:
@@ -57,17 +57,17 @@ class SamplingPlan:
             raise ValueError("a plan needs at least one step")
         if self.guidance_scale < 0:
             raise ValueError(f"guidance scale {self.guidance_scale} is negative")
-        if self.cache_blocks is not None:
-            first, last = self.cache_blocks
-            # The last block ends the text stream, so a cached range must stop before it.
+        if self.skip_blocks is not None:
+            first, last = self.skip_blocks
+            # The last block ends the text stream, so a skipped range must stop before it.
             if not 0 <= first <= last < num_layers - 1:
-                raise ValueError(f"cache blocks {first}-{last} must lie within 0-{num_layers - 2} for a {num_layers}-block model")
+                raise ValueError(f"skipped blocks {first}-{last} must lie within 0-{num_layers - 2} for a {num_layers}-block model")
             if self.compensation not in ("mlp", "identity"):
-                raise ValueError("a cached range needs compensation 'mlp' or 'identity'")
+                raise ValueError("a skipped range needs compensation 'mlp' or 'identity'")
             if self.compensation == "mlp" and not has_compensation_mlp:
                 raise ValueError("compensation 'mlp' needs delta_pred_* weights in the checkpoint")
-        if self.cache is not None:
-            self.cache.validate(self.steps)
+        if self.xslim is not None:
+            self.xslim.validate(self.steps)
 
     def to_manifest(self, num_layers: int) -> dict:
         steps = []
@@ -78,17 +78,17 @@ class SamplingPlan:
                     "sigma_next": self.sigmas[s + 1],
                     "timestep": self.timesteps[s],
                     "record_delta": self.records_delta(s),
-                    "skip_cached_blocks": self.cache_blocks is not None and s > 0,
+                    "skip_range": self.skip_blocks is not None and s > 0,
                     "blocks_run": self.blocks_run(s, num_layers),
                 }
             )
         return {
             "sampler": "flow_match_euler",
             "guidance_scale": self.guidance_scale,
-            "cache_blocks": list(self.cache_blocks) if self.cache_blocks else None,
+            "skip_blocks": list(self.skip_blocks) if self.skip_blocks else None,
             "compensation": self.compensation,
             "effective_nfe": self.effective_nfe(num_layers),  # before any run-time X-Slim reuse
-            "cache": self.cache.to_manifest() if self.cache else None,
+            "xslim": self.xslim.to_manifest() if self.xslim else None,
             "steps": steps,
         }
 
@@ -154,23 +154,32 @@ def _checked_real(value, name: str, positive: bool) -> float:
     return number
 
 
+def sampling_key(sampling: dict, key: str, legacy: str) -> tuple[str, object]:
+    """(the name it is stored under, the value) of a key of a checkpoint's sampling metadata, also under its legacy
+    spelling: checkpoints written before 1.0 (the shipped models/*.safetensors among them) name skip_blocks
+    cache_blocks, and xslim cache. (key, None) when neither is there; both is an error."""
+    if key in sampling and legacy in sampling:
+        raise ValueError(f"the checkpoint's sampling metadata has both '{key}' and its legacy spelling '{legacy}': keep '{key}'")
+    return (legacy, sampling[legacy]) if legacy in sampling else (key, sampling.get(key))
+
+
 def make_plan(
     num_layers: int,
     has_compensation_mlp: bool,
     metadata: dict | None = None,
     steps: int | None = None,
     shift: float | None = None,
-    cache_blocks: str | tuple[int, int] | None = None,
+    skip_blocks: str | tuple[int, int] | None = None,
     guidance_scale: float | None = None,
     teacher_shift: float | None = None,
-    cache: str | None = None,
+    xslim: str | None = None,
 ) -> SamplingPlan:
     """Plan from the checkpoint's metadata, overridden by explicit arguments (the CLI flags).
 
     A checkpoint with compensation weights is a 1.x-Distill student: 2 steps, shift 3, no CFG,
-    cached range from metadata (blocks 2-7 by default when the model is deep enough). Without them it
-    is a plain SD3 model: 28 steps, shift 3, CFG 7.0, unless --cache-blocks asks for Δ reuse.
-    cache_blocks="none" asks for that plain plan whatever the checkpoint. `cache` ("none" or
+    skipped range from metadata (blocks 2-7 by default when the model is deep enough). Without them it
+    is a plain SD3 model: 28 steps, shift 3, CFG 7.0, unless --skip-blocks asks for Δ reuse.
+    skip_blocks="none" asks for that plain plan whatever the checkpoint. `xslim` ("none" or
     "xslim:...", xslim.SPEC_HELP) sets the default X-Slim policy.
     """
     sampling = (metadata or {}).get("sampling", {})
@@ -178,42 +187,44 @@ def make_plan(
         raise ValueError(f"the checkpoint's sampling metadata must be an object, got {type(sampling).__name__}")
     meta = dict(sampling)
     distilled = has_compensation_mlp
-    if isinstance(cache_blocks, str) and cache_blocks.lower() == "none":
+    if isinstance(skip_blocks, str) and skip_blocks.lower() == "none":
         # A plain full-step plan, even for a 1.x student (the metadata describes its 1.x plan).
-        meta, distilled, cache_blocks = {}, False, None
+        meta, distilled, skip_blocks = {}, False, None
     # Checked before any sigma is computed: metadata is untrusted (steps=10**9 allocated 7.5 GB, a string or NaN
     # went on to fail deep inside, or became a bundle no runtime opens).
     steps = _checked_steps(steps or meta.get("steps") or (2 if distilled else 28))
     shift = _checked_real(shift or meta.get("shift") or 3.0, "shift", positive=True)
     teacher_shift = _checked_real(teacher_shift or meta.get("teacher_shift") or 3.0, "teacher_shift", positive=True)
-    if cache_blocks is None:
-        cache_blocks = meta.get("cache_blocks")
-        if cache_blocks is None and distilled and num_layers >= 9:
-            cache_blocks = (2, 7)
-    if isinstance(cache_blocks, str):
-        cache_blocks = parse_block_range(cache_blocks)
-    if distilled and cache_blocks is None:
-        raise ValueError("the checkpoint has compensation weights but no cached block range; pass --cache-blocks A-B")
-    if cache_blocks is not None:
-        if not isinstance(cache_blocks, (list, tuple)) or len(cache_blocks) != 2 or not all(
-                isinstance(b, int) and not isinstance(b, bool) for b in cache_blocks):
-            raise ValueError(f"cache_blocks must be 'A-B' or two block indices, got {cache_blocks!r}")
-        cache_blocks = tuple(cache_blocks)
-    if not isinstance(cache or meta.get("cache") or "none", str):
-        raise ValueError(f"the checkpoint's sampling metadata 'cache' must be a spec string, got {meta.get('cache')!r}")
+    _, meta_skip_blocks = sampling_key(meta, "skip_blocks", "cache_blocks")
+    xslim_key, meta_xslim = sampling_key(meta, "xslim", "cache")
+    if skip_blocks is None:
+        skip_blocks = meta_skip_blocks
+        if skip_blocks is None and distilled and num_layers >= 9:
+            skip_blocks = (2, 7)
+    if isinstance(skip_blocks, str):
+        skip_blocks = parse_block_range(skip_blocks)
+    if distilled and skip_blocks is None:
+        raise ValueError("the checkpoint has compensation weights but no skipped block range; pass --skip-blocks A-B")
+    if skip_blocks is not None:
+        if not isinstance(skip_blocks, (list, tuple)) or len(skip_blocks) != 2 or not all(
+                isinstance(b, int) and not isinstance(b, bool) for b in skip_blocks):
+            raise ValueError(f"skip_blocks must be 'A-B' or two block indices, got {skip_blocks!r}")
+        skip_blocks = tuple(skip_blocks)
+    if not isinstance(xslim or meta_xslim or "none", str):
+        raise ValueError(f"the checkpoint's sampling metadata '{xslim_key}' must be a spec string, got {meta_xslim!r}")
     if guidance_scale is None:
-        guidance_scale = meta.get("guidance_scale", 1.0 if (distilled or cache_blocks) else 7.0)
+        guidance_scale = meta.get("guidance_scale", 1.0 if (distilled or skip_blocks) else 7.0)
     guidance_scale = _checked_real(guidance_scale, "guidance_scale", positive=False)
-    if distilled or cache_blocks is not None:
+    if distilled or skip_blocks is not None:
         sigmas = distilled_sigmas(steps, shift, teacher_shift)
     else:
         sigmas = scheduler_sigmas(steps, shift)
     plan = SamplingPlan(
         sigmas=sigmas,
         guidance_scale=float(guidance_scale),
-        cache_blocks=cache_blocks,
-        compensation=("mlp" if distilled else "identity") if cache_blocks else None,
-        cache=parse_cache_spec(cache or meta.get("cache") or "none", steps),
+        skip_blocks=skip_blocks,
+        compensation=("mlp" if distilled else "identity") if skip_blocks else None,
+        xslim=parse_xslim_spec(xslim or meta_xslim or "none", steps),
     )
     plan.validate(num_layers, has_compensation_mlp)
     return plan

@@ -27,7 +27,7 @@ CUSTOM_OP_LIBRARY = "libslimengine_ops.so"  # the runtime's own "ai.slimengine" 
 
 
 def needs_token_stages(plan: SamplingPlan) -> bool:
-    return plan.cache is not None and "token" in plan.cache.uses
+    return plan.xslim is not None and "token" in plan.xslim.uses
 
 
 def export_sd3(

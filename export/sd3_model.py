@@ -1,7 +1,7 @@
 """The SD3 transformer cut into the stages the engine runs, plus 1.x-Distill's compensation MLPs.
 
 diffusers' `SD3Transformer2DModel` is the model itself; this file only adds the cut points
-(embed, one joint block, compensate, final) so that a sampler can skip or cache blocks, and the
+(embed, one joint block, compensate, final) so that a sampler can skip or reuse blocks, and the
 `DeltaMLP` that 1.x-Distill adds. `DistilledSD3.forward_full` composes the stages back into one
 forward pass, which tests compare with diffusers' own `forward`.
 """
@@ -110,7 +110,7 @@ class DistilledSD3(nn.Module):
         return img, txt
 
     def compensate(self, delta_img, delta_txt):
-        """The compensated deltas MLP_h(Δh), MLP_c(Δc) added back where the cached range is skipped."""
+        """The compensated deltas MLP_h(Δh), MLP_c(Δc) added back in place of the skipped range."""
         return self.delta_pred_hidden(delta_img), self.delta_pred_encoder(delta_txt)
 
     def final(self, img, temb, latents):

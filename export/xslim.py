@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import math
 
-from slimengine.xslim_policy import LEVELS, SPEC_HELP, XSlimPolicy, load_schedule, parse_cache_spec
+from slimengine.xslim_policy import LEVELS, SPEC_HELP, XSlimPolicy, load_schedule, parse_xslim_spec
 
 # The policy itself lives in the runtime package (slimengine.xslim_policy), torch-free, so that the binding
 # need not import the exporter; it is re-exported here for the exporter's callers.
-__all__ = ["LEVELS", "SPEC_HELP", "Controller", "XSlimPolicy", "load_schedule", "parse_cache_spec", "skippable_blocks", "tokens_for_ratio"]
+__all__ = ["LEVELS", "SPEC_HELP", "Controller", "XSlimPolicy", "load_schedule", "parse_xslim_spec", "skippable_blocks", "tokens_for_ratio"]
 
 
 class Controller:

@@ -111,7 +111,7 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def distilled_checkpoint(workdir) -> Path:
-    """1.x-Distill student with SD3.5 features (qk-norm, dual attention), cached blocks 1-2 of 4."""
+    """1.x-Distill student with SD3.5 features (qk-norm, dual attention), skipped blocks 1-2 of 4."""
     return make_checkpoint(workdir / "distilled.pt", "--preset", "tiny-3.5", "--seed", "1")
 
 
@@ -123,13 +123,13 @@ def distilled_bundle(workdir, distilled_checkpoint) -> Path:
 @pytest.fixture(scope="session")
 def distilled_xslim_bundle(workdir, distilled_checkpoint) -> tuple[Path, str]:
     """The distilled student on 6 steps with CFG under an X-Slim schedule that runs every level (full, token, skip,
-    block), and the --cache spec it was exported with (its schedule file stays in workdir): shared by test_xslim and
+    block), and the --xslim spec it was exported with (its schedule file stays in workdir): shared by test_xslim and
     test_runtime_loop, which both need exactly this export."""
     schedule = workdir / "xslim-schedule.json"
     schedule.write_text(json.dumps({"steps": [{"level": "full"}, {"level": "full"}, {"level": "token", "sample_ratio": 0.4},
                                               {"level": "skip"}, {"level": "block", "block_threshold": 0.8}, {"level": "full"}]}))
     spec = f"xslim:schedule={schedule},first=0"
-    return export(distilled_checkpoint, workdir / "distilled-xslim.engine", "--steps", "6", "--guidance-scale", "3", "--cache", spec), spec
+    return export(distilled_checkpoint, workdir / "distilled-xslim.engine", "--steps", "6", "--guidance-scale", "3", "--xslim", spec), spec
 
 
 @pytest.fixture(scope="session")
@@ -141,8 +141,8 @@ def plain_checkpoint(workdir) -> Path:
 
 @pytest.fixture(scope="session")
 def identity_bundle(workdir, plain_checkpoint) -> Path:
-    """A plain model given a cached range: Δ reused as-is (identity compensation)."""
-    return export(plain_checkpoint, workdir / "identity.engine", "--cache-blocks", "1-2", "--steps", "3")
+    """A plain model given a skipped range: Δ reused as-is (identity compensation)."""
+    return export(plain_checkpoint, workdir / "identity.engine", "--skip-blocks", "1-2", "--steps", "3")
 
 
 @pytest.fixture(scope="session")
@@ -161,7 +161,7 @@ TOY_PIPELINE = Path(__file__).resolve().parents[1] / "models" / "toy-pipeline"
 def toy_bundles(workdir) -> dict[str, Path]:
     """The trained toy pipeline (prompt to image): the student with its own 1.x plan, and the teacher with 28 steps and CFG."""
     return {"1x": export(TOY_CHECKPOINT, workdir / "toy-1x.engine", "--pipeline", str(TOY_PIPELINE)),
-            "28-step CFG": export(TOY_TEACHER, workdir / "toy-28.engine", "--pipeline", str(TOY_PIPELINE), "--cache-blocks", "none",
+            "28-step CFG": export(TOY_TEACHER, workdir / "toy-28.engine", "--pipeline", str(TOY_PIPELINE), "--skip-blocks", "none",
                                   "--steps", "28", "--guidance-scale", "4", "--token-stages")}
 
 

@@ -103,7 +103,7 @@ def ensure_bundles(folder: Path) -> tuple[Path, Path, Path]:
     toy, toy_pipeline = models / "toy-sd3-teacher.safetensors", models / "toy-pipeline"
     return (export(sd3_checkpoint, folder / "distilled.engine", "--verify"),
             export(lemur_checkpoint, folder / "lemur-tiny.engine", "--verify", "--model-version", "7"),
-            export(toy, folder / "toy-28.engine", "--pipeline", str(toy_pipeline), "--cache-blocks", "none", "--steps", "28", "--guidance-scale", "4", "--token-stages"))
+            export(toy, folder / "toy-28.engine", "--pipeline", str(toy_pipeline), "--skip-blocks", "none", "--steps", "28", "--guidance-scale", "4", "--token-stages"))
 
 
 # ---------------------------------------------------------------- random JSON and its mutations
@@ -205,7 +205,7 @@ def mutate_json_doc(rng: random.Random, doc) -> tuple[object, str]:
             node.append(value)
             return doc, f"append {path} {short(value)}"
         if isinstance(node, dict):
-            key, value = rng.choice(["extra", "name", "file", "cache", "step_cache", "schedule", ""]), random_value(rng)
+            key, value = rng.choice(["extra", "name", "file", "xslim", "cache", "step_cache", "schedule", ""]), random_value(rng)
             node[key] = value
             return doc, f"set {path + (key,)} = {short(value)}"
         kind = "replace"
@@ -382,9 +382,9 @@ def run_bundle(rng: random.Random, folder: Path, family: str, verify: str) -> st
             if rng.random() < 0.3:
                 kwargs["num_steps"] = rng.choice([1, 2, 3])
             if rng.random() < 0.2:
-                kwargs["step_cache_threshold"] = rng.choice([0.0, 0.05, 10.0])
+                kwargs["xslim_threshold"] = rng.choice([0.0, 0.05, 10.0])
             elif rng.random() < 0.2:
-                kwargs["cache"] = rng.choice(["none", "xslim:step=0.05", "xslim:step=0.05,critical=0.5,refresh=block",
+                kwargs["xslim"] = rng.choice(["none", "xslim:step=0.05", "xslim:step=0.05,critical=0.5,refresh=block",
                                               "xslim:step=0.05,critical=0.5,refresh=token,ratio=0.5"])
             result = session.generate(text, pooled, negative_prompt_embeds=text, negative_pooled_embeds=pooled, **kwargs)
             if not np.isfinite(result.latents).all():

@@ -1,5 +1,6 @@
-"""Bundle format 2: stages bound by role, the manifest digest, the file listing, file types and sizes, the fast
-and full checks, `slimengine verify`, and the refusal of format 1 (docs/bundle-format.md)."""
+"""Bundle format 3: stages bound by role, the manifest digest, the file listing, file types and sizes, the fast
+and full checks, `slimengine verify`, format 2 bundles (the legacy program keys) still read, and the refusal of format 1
+(docs/bundle-format.md)."""
 
 from __future__ import annotations
 
@@ -160,6 +161,62 @@ def test_a_format_1_bundle_is_told_to_re_export(bundle_copy):
     assert "re-export it: export-engine CHECKPOINT -o NAME.engine --force" in str(err) and "\n" not in str(err)
 
 
+def as_format_2(manifest: dict) -> None:
+    """A format 3 manifest as format 2 spelt it (docs/bundle-format.md, "Legacy spellings"): program.cache_blocks,
+    program.steps[].skip_cached_blocks and program.cache for skip_blocks, skip_range and xslim."""
+    manifest["format_version"] = 2
+    program = manifest["program"]
+    program["cache_blocks"] = program.pop("skip_blocks")
+    program["cache"] = program.pop("xslim")
+    for step in program["steps"]:
+        step["skip_cached_blocks"] = step.pop("skip_range")
+
+
+def test_a_format_2_bundle_opens_and_runs_bit_identically(tmp_path, distilled_xslim_bundle):
+    """A bundle exported before format 3 (its program keys spelt the old way) opens, verifies and generates the same
+    bits as the same bundle in format 3: here a skipped range with MLP compensation and an X-Slim schedule of every
+    level, on 6 steps with CFG."""
+    bundle, _ = distilled_xslim_bundle
+    legacy = tmp_path / "format-2.engine"
+    shutil.copytree(bundle, legacy)
+    manifest = edit_manifest(legacy, as_format_2)
+    assert manifest["program"]["cache_blocks"] == [1, 2] and manifest["program"]["cache"]["mode"] == "schedule"
+    se.verify_bundle(legacy, verify="full")
+    with se.open_engine(bundle) as new, se.open_engine(legacy) as old:
+        assert old.info == new.info and (old.info.skip_first_block, old.info.xslim) == (1, "schedule")
+        c = new.config
+        rng = np.random.default_rng(5)
+        text = rng.standard_normal((2, 2, 6, c["joint_attention_dim"]), dtype=np.float32)
+        pooled = rng.standard_normal((2, 2, c["pooled_projection_dim"]), dtype=np.float32)
+        inputs = dict(negative_prompt_embeds=text[1], negative_pooled_embeds=pooled[1], seed=3)
+        want = new.session().generate(text[0], pooled[0], **inputs)
+        got = old.session().generate(text[0], pooled[0], **inputs)
+        assert [s["level"] for s in got.stats["per_step"]] == [s["level"] for s in want.stats["per_step"]]
+        assert {s["level"] for s in got.stats["per_step"]} >= {"skipped_range", "reused", "block_refresh", "token_refresh"}
+        assert np.array_equal(got.latents, want.latents)
+
+
+@pytest.mark.parametrize("version,edit,message", [
+    (3, lambda p: p.update(cache_blocks=p.pop("skip_blocks")), "program.cache_blocks is the format 2 spelling; a format 3 manifest "
+                                                               "names it skip_blocks"),
+    (3, lambda p: p["steps"][1].update(skip_cached_blocks=True), "program.steps[1].skip_cached_blocks is the format 2 spelling; "
+                                                                 "a format 3 manifest names it skip_range"),
+    (3, lambda p: p.update(cache=None), "program.cache is the format 2 spelling; a format 3 manifest names it xslim"),
+    (3, lambda p: p.update(step_cache=None), "program.step_cache is the format 2 spelling; a format 3 manifest names it xslim"),
+    (2, lambda p: p.update(skip_blocks=[1, 2]), "program.skip_blocks is the format 3 spelling; a format 2 manifest names it cache_blocks"),
+    (2, lambda p: p.update(xslim=None), "program.xslim is the format 3 spelling; a format 2 manifest names it cache"),
+], ids=["3-cache_blocks", "3-skip_cached_blocks", "3-cache", "3-step_cache", "2-skip_blocks", "2-xslim"])
+def test_a_manifest_spells_its_program_keys_one_way(bundle_copy, version, edit, message):
+    """Each format has one spelling of the renamed program keys: the other one is refused by name, not ignored."""
+    def change(m):
+        if version == 2:
+            as_format_2(m)
+        edit(m["program"])
+    edit_manifest(bundle_copy, change)
+    err = _open_error(bundle_copy)
+    assert err.status == "SLIM_ERR_BUNDLE" and message in str(err), str(err)
+
+
 def test_duplicate_keys_are_refused_in_c_and_in_python(bundle_copy):
     text = (bundle_copy / "manifest.json").read_bytes()
     duplicated = text.replace(b'"precision": "fp32"', b'"precision": "fp32", "precision": "fp16"', 1)
@@ -192,10 +249,10 @@ def test_a_manifest_of_100k_stages_is_read_in_linear_time(tmp_path):
               for i in range(100_000)]
     config = {"num_layers": 4, "num_attention_heads": 2, "attention_head_dim": 8, "inner_dim": 16, "in_channels": 4, "out_channels": 4,
               "patch_size": 2, "joint_attention_dim": 8, "caption_projection_dim": 16, "pooled_projection_dim": 8, "max_latent_size": 64}
-    manifest = {"format": "slimengine-bundle", "format_version": 2, "family": "sd3", "precision": "fp32", "custom_op_library": None,
+    manifest = {"format": "slimengine-bundle", "format_version": 3, "family": "sd3", "precision": "fp32", "custom_op_library": None,
                 "config": config, "stages": stages,
-                "program": {"sampler": "flow_match_euler", "guidance_scale": 1.0, "cache_blocks": None,
-                            "steps": [{"sigma": 1.0, "sigma_next": 0.0, "timestep": 1000.0, "record_delta": False, "skip_cached_blocks": False}]},
+                "program": {"sampler": "flow_match_euler", "guidance_scale": 1.0, "skip_blocks": None,
+                            "steps": [{"sigma": 1.0, "sigma_next": 0.0, "timestep": 1000.0, "record_delta": False, "skip_range": False}]},
                 "files": {s["file"]: {"sha256": "0" * 64, "size": 1} for s in stages}}
     _sign(bundle, json.dumps(manifest).encode())
     start = time.perf_counter()

@@ -157,15 +157,17 @@ def test_expanded_or_overlapping_sd3_tensors_are_refused_before_anything_is_buil
 
 
 @pytest.mark.parametrize("sampling, message", [
-    ({"cache_blocks": "1-2", "steps": 10_001}, "steps must be an integer from 1 to 10000"),  # 10**9: 7.5 GB of sigmas (see below)
-    ({"cache_blocks": "1-2", "steps": "2"}, "steps must be an integer from 1 to 10000 (--steps or the checkpoint's sampling metadata), got '2'"),
-    ({"cache_blocks": "1-2", "steps": True}, "steps must be an integer"),
-    ({"cache_blocks": "1-2", "shift": float("nan")}, "shift must be a finite positive number"),  # went into the sigmas
-    ({"cache_blocks": "1-2", "teacher_shift": -3.0}, "teacher_shift must be a finite positive number"),
-    ({"cache_blocks": "1-2", "guidance_scale": float("nan")}, "guidance_scale must be a finite non-negative number"),  # a bundle no runtime opens
-    ({"cache_blocks": 5}, "cache_blocks must be 'A-B' or two block indices, got 5"),
-    ({"cache_blocks": ["1", "2"]}, "cache_blocks must be 'A-B' or two block indices"),
-    ({"cache_blocks": "1-2", "cache": 5}, "the checkpoint's sampling metadata 'cache' must be a spec string, got 5"),
+    ({"skip_blocks": "1-2", "steps": 10_001}, "steps must be an integer from 1 to 10000"),  # 10**9: 7.5 GB of sigmas (see below)
+    ({"skip_blocks": "1-2", "steps": "2"}, "steps must be an integer from 1 to 10000 (--steps or the checkpoint's sampling metadata), got '2'"),
+    ({"skip_blocks": "1-2", "steps": True}, "steps must be an integer"),
+    ({"skip_blocks": "1-2", "shift": float("nan")}, "shift must be a finite positive number"),  # went into the sigmas
+    ({"skip_blocks": "1-2", "teacher_shift": -3.0}, "teacher_shift must be a finite positive number"),
+    ({"skip_blocks": "1-2", "guidance_scale": float("nan")}, "guidance_scale must be a finite non-negative number"),  # a bundle no runtime opens
+    ({"skip_blocks": 5}, "skip_blocks must be 'A-B' or two block indices, got 5"),
+    ({"skip_blocks": ["1", "2"]}, "skip_blocks must be 'A-B' or two block indices"),
+    ({"skip_blocks": "1-2", "xslim": 5}, "the checkpoint's sampling metadata 'xslim' must be a spec string, got 5"),
+    ({"cache_blocks": "1-2", "cache": 5}, "the checkpoint's sampling metadata 'cache' must be a spec string, got 5"),  # legacy keys
+    ({"skip_blocks": "1-2", "cache_blocks": "1-2"}, "has both 'skip_blocks' and its legacy spelling 'cache_blocks'"),
     ([1], "the checkpoint's sampling metadata must be an object, got list"),
 ])
 def test_untrusted_sampling_metadata_is_checked_before_any_plan_is_computed(sampling, message):

@@ -1,7 +1,7 @@
 """distill-1x and fit-compensation (docs/distill-1x.md) on the shipped toy teacher, at a few steps: distillation lowers
 the student's error to its teacher on noise it never saw, the student exports and the engine runs its 1.x program as
-PyTorch does, a run killed with -9 resumes to the same student, fitted compensation lowers the cached program's error
-against the uncached student on held-out prompts; and every refusal comes before any work."""
+PyTorch does, a run killed with -9 resumes to the same student, fitted compensation lowers the skipping program's error
+against the full student on held-out prompts; and every refusal comes before any work."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 import slimengine as se
 from slimengine.distill.cli import distill_main, fit_main
 from slimengine.distill.data import encode_prompts, load_encoder_pipeline, noise
-from slimengine.distill.student import cached_error, make_student, run_program
+from slimengine.distill.student import make_student, run_program, skip_error
 from slimengine.export.checkpoint import load_checkpoint
 from slimengine.export.sampling_plan import make_plan
 from slimengine.tools import toy_shapes
@@ -30,7 +30,7 @@ from .conftest import TOY_CHECKPOINT, TOY_PIPELINE, TOY_PROMPTS, TOY_TEACHER, ex
 # error to the teacher on the training pairs falls to about 0.6x, on prompts and noise never seen to 0.81-0.83x; with 4
 # noises a prompt the student learns its 48 pairs and little else (held out: 0.95x at 80 steps).
 SMALL = ["--samples-per-prompt", "16", "--teacher-steps", "4", "--guidance", "4", "--train-steps", "40", "--batch-size", "8",
-         "--lr", "5e-4", "--cache-blocks", "1-3", "--threads", "2", "--seed", "5", "-q"]
+         "--lr", "5e-4", "--skip-blocks", "1-3", "--threads", "2", "--seed", "5", "-q"]
 HELD_OUT = toy_shapes.class_prompts()  # template 0: never in the prompt files below
 
 
@@ -64,7 +64,7 @@ def test_distillation_lowers_the_students_error_to_the_teacher(distilled, few_pr
     student = load_checkpoint(distilled)
     record = student.metadata["distill"]
     assert record["final_loss"] < 0.8 * record["first_loss"] and record["train_steps"] == 40
-    assert student.metadata["sampling"]["cache_blocks"] == "1-3" and student.has_compensation
+    assert student.metadata["sampling"]["skip_blocks"] == "1-3" and student.has_compensation
     teacher = load_checkpoint(TOY_TEACHER).build_model()
     pipe = load_encoder_pipeline(TOY_PIPELINE)
     prompts = [line for line in few_prompts.read_text().splitlines()]
@@ -88,7 +88,7 @@ def test_the_student_exports_and_the_engine_runs_its_1x_program_as_pytorch_does(
     (text, pooled), _ = held_out_conditioning
     bundle = export(distilled, tmp_path / "student.engine")
     program = json.loads((bundle / "manifest.json").read_text())["program"]
-    assert program["cache_blocks"] == [1, 3] and program["compensation"] == "mlp" and len(program["steps"]) == 2
+    assert program["skip_blocks"] == [1, 3] and program["compensation"] == "mlp" and len(program["steps"]) == 2
     ck = load_checkpoint(distilled)
     x = noise(len(HELD_OUT), (16, 16, 16), 9)
     with se.open_engine(bundle) as engine:
@@ -109,14 +109,14 @@ def test_the_students_own_shift_places_its_middle_step_and_travels_to_the_bundle
     assert capsys.readouterr().err == ""  # -q: the teacher's export printed its lines (break-it)
     sampling = load_checkpoint(out).metadata["sampling"]
     assert (sampling["shift"], sampling["teacher_shift"]) == (2.0, 3.0)
-    want = make_plan(6, True, steps=2, shift=2.0, teacher_shift=3.0, cache_blocks="1-3").sigmas
-    assert abs(want[1] - 2 / 3) < 1e-3 and want != make_plan(6, True, steps=2, shift=3.0, teacher_shift=3.0, cache_blocks="1-3").sigmas
+    want = make_plan(6, True, steps=2, shift=2.0, teacher_shift=3.0, skip_blocks="1-3").sigmas
+    assert abs(want[1] - 2 / 3) < 1e-3 and want != make_plan(6, True, steps=2, shift=3.0, teacher_shift=3.0, skip_blocks="1-3").sigmas
     steps = json.loads((export(out, tmp_path / "student.engine") / "manifest.json").read_text())["program"]["steps"]
     assert [s["sigma"] for s in steps] == pytest.approx(want[:2]) and steps[-1]["sigma_next"] == 0
     fitted = tmp_path / "fitted.safetensors"
-    assert fit_main([str(out), "--pipeline", str(TOY_PIPELINE), "--prompts", str(few_prompts), "-o", str(fitted), "--cache-blocks", "1-4",
+    assert fit_main([str(out), "--pipeline", str(TOY_PIPELINE), "--prompts", str(few_prompts), "-o", str(fitted), "--skip-blocks", "1-4",
                      "--steps", "2", "--samples-per-prompt", "1", "-q"]) == 0
-    assert load_checkpoint(fitted).metadata["sampling"] == {**sampling, "cache_blocks": "1-4"}
+    assert load_checkpoint(fitted).metadata["sampling"] == {**sampling, "skip_blocks": "1-4"}
 
 
 DISTILL_SCRIPT = "import sys; from slimengine.distill.cli import distill_main; sys.exit(distill_main(sys.argv[1:]))"
@@ -155,22 +155,22 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_student(distilled, few_pr
     assert want.keys() == got.keys() and all(torch.allclose(want[k].float(), got[k].float(), atol=1e-6) for k in want)
 
 
-def test_fitted_compensation_lowers_the_cached_error_on_held_out_prompts(few_prompts, tmp_path, held_out_conditioning):
+def test_fitted_compensation_lowers_the_skip_error_on_held_out_prompts(few_prompts, tmp_path, held_out_conditioning):
     (text, pooled), _ = held_out_conditioning
     out = tmp_path / "blocks-1-4.safetensors"
-    assert fit_main([str(TOY_CHECKPOINT), "--pipeline", str(TOY_PIPELINE), "--prompts", str(few_prompts), "--cache-blocks", "1-4",
+    assert fit_main([str(TOY_CHECKPOINT), "--pipeline", str(TOY_PIPELINE), "--prompts", str(few_prompts), "--skip-blocks", "1-4",
                      "--samples-per-prompt", "2", "--steps", "150", "--threads", "2", "-o", str(out), "-q"]) == 0
     fitted = load_checkpoint(out)
-    assert fitted.metadata["sampling"]["cache_blocks"] == "1-4" and "distill" in fitted.metadata
+    assert fitted.metadata["sampling"]["skip_blocks"] == "1-4" and "distill" in fitted.metadata
     plan = make_plan(6, True, fitted.metadata)
     x = noise(len(HELD_OUT), (16, 16, 16), 77)
     model = fitted.build_model()
     import dataclasses
 
-    identity = cached_error(model, dataclasses.replace(plan, compensation="identity"), x, text, pooled)
-    mlp = cached_error(model, plan, x, text, pooled)
-    shipped = cached_error(load_checkpoint(TOY_CHECKPOINT).build_model(), plan, x, text, pooled)  # its MLP: distilled for 1-3
-    print(f"held-out relative error of blocks 1-4 vs the uncached student: Δ as is {identity:.4f}, shipped 1-3 MLP "
+    identity = skip_error(model, dataclasses.replace(plan, compensation="identity"), x, text, pooled)
+    mlp = skip_error(model, plan, x, text, pooled)
+    shipped = skip_error(load_checkpoint(TOY_CHECKPOINT).build_model(), plan, x, text, pooled)  # its MLP: distilled for 1-3
+    print(f"held-out relative error of blocks 1-4 vs the full student: Δ as is {identity:.4f}, shipped 1-3 MLP "
           f"{shipped:.4f}, fitted {mlp:.4f}")
     # measured: 0.458 as is, 0.433 with the 1-3 MLP, 0.342 fitted (0.75x)
     assert mlp < 0.9 * identity and mlp < 0.95 * shipped
@@ -185,7 +185,7 @@ REFUSALS = [
     ({"blocks": "1-5"}, "must lie within 0-4 for a 6-block model"),
     ({"blocks": "7-9"}, "must lie within 0-4 for a 6-block model"),
     ({"blocks": "three"}, "not of the form A-B"),
-    ({"blocks": None}, "cache-blocks"),  # the teacher names no range (distill-1x), fit-compensation always needs one
+    ({"blocks": None}, "skip-blocks"),  # the teacher names no range (distill-1x), fit-compensation always needs one
     ({"prompts": "empty.txt"}, "no prompts"),
     ({"prompts": "missing.txt"}, "cannot read the prompt file"),
     ({"pipeline": "folder"}, "not a diffusers pipeline folder"),
@@ -214,7 +214,7 @@ def test_bad_input_is_refused_before_any_work_with_one_line(main, change, messag
     given.update(change)
     path = lambda name: str(tmp_path / name) if not os.path.isabs(name) else name  # noqa: E731
     argv = [path(given["source"]), "--pipeline", path(given["pipeline"]), "--prompts", path(given["prompts"]),
-            "-o", path(given["output"]), *given["extra"], "-q"] + (["--cache-blocks", given["blocks"]] if given["blocks"] else [])
+            "-o", path(given["output"]), *given["extra"], "-q"] + (["--skip-blocks", given["blocks"]] if given["blocks"] else [])
     start = time.perf_counter()
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -370,4 +370,4 @@ def test_help_says_what_each_tool_does(capsys):
         with pytest.raises(SystemExit) as e:
             main(["--help"])
         out = capsys.readouterr().out
-        assert e.value.code == 0 and words in out and "--cache-blocks" in out and "--prompts" in out
+        assert e.value.code == 0 and words in out and "--skip-blocks" in out and "--prompts" in out

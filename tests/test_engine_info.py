@@ -57,13 +57,13 @@ def check_sd3_info(engine: se.Engine) -> se.EngineInfo:
     assert (info.joint_attention_dim, info.pooled_projection_dim) == (c["joint_attention_dim"], c["pooled_projection_dim"])
     assert (info.default_latent_size, info.max_latent_size) == (c["default_latent_size"], c["max_latent_size"])
     assert info.num_steps == len(p["steps"]) == len(info.steps)
-    assert (info.skip_first_block, info.skip_last_block) == tuple(p["cache_blocks"] or (-1, -1))
+    assert (info.skip_first_block, info.skip_last_block) == tuple(p["skip_blocks"] or (-1, -1))
     assert info.compensation == (p.get("compensation") or "none")
     assert info.guidance_scale == pytest.approx(p["guidance_scale"])
     assert info.has_token_stages == any(s["role"] == "block_tokens" for s in m["stages"])
     for got, step in zip(info.steps, p["steps"]):
         assert (got.sigma, got.sigma_next, got.timestep) == (step["sigma"], step["sigma_next"], step["timestep"])
-        assert (got.record_delta, got.skip_range) == (step["record_delta"], step["skip_cached_blocks"])
+        assert (got.record_delta, got.skip_range) == (step["record_delta"], step["skip_range"])
     assert (info.embed_dim, info.vocab_size, info.max_batch, info.model_version) == (0, 0, 0, 0)  # LEMUR's: 0
     return info
 
@@ -80,9 +80,9 @@ def test_engine_info_of_a_cfg_bundle(cfg_bundle):
 
 
 def test_engine_info_reports_the_bundles_x_slim_policy(bundle_copy):
-    from slimengine.export.xslim import parse_cache_spec
+    from slimengine.export.xslim import parse_xslim_spec
 
-    edit_manifest(bundle_copy, lambda m: m["program"].update(cache=parse_cache_spec("xslim:step=0.2").to_manifest()))
+    edit_manifest(bundle_copy, lambda m: m["program"].update(xslim=parse_xslim_spec("xslim:step=0.2").to_manifest()))
     assert check_sd3_info(se.open_engine(bundle_copy)).xslim == "online"
 
 

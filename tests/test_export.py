@@ -29,15 +29,15 @@ from .conftest import make_checkpoint, random_inputs, reference_for, relative_er
 
 def test_bundle_has_a_complete_manifest_and_checksums(distilled_bundle, distilled_checkpoint):
     manifest = json.loads((distilled_bundle / "manifest.json").read_text())
-    assert manifest["format"] == "slimengine-bundle" and manifest["format_version"] == 2
+    assert manifest["format"] == "slimengine-bundle" and manifest["format_version"] == 3
     assert manifest["family"] == "sd3" and manifest["precision"] == "fp32"
     assert manifest["source"]["sha256"] == hashlib.sha256(distilled_checkpoint.read_bytes()).hexdigest()
     names = [s["name"] for s in manifest["stages"]]
     assert names == ["embed", "block_0", "block_1", "block_2", "block_3", "compensate", "final"]
     program = manifest["program"]
-    assert program["cache_blocks"] == [1, 2] and program["compensation"] == "mlp"
+    assert program["skip_blocks"] == [1, 2] and program["compensation"] == "mlp"
     assert [s["record_delta"] for s in program["steps"]] == [True, False]
-    assert [s["skip_cached_blocks"] for s in program["steps"]] == [False, True]
+    assert [s["skip_range"] for s in program["steps"]] == [False, True]
     assert program["effective_nfe"] == 1.5
     on_disk = {str(p.relative_to(distilled_bundle)) for p in distilled_bundle.rglob("*") if p.is_file()} - {"manifest.json", "manifest.sha256"}
     assert set(manifest["files"]) == on_disk
@@ -117,8 +117,8 @@ def test_an_existing_bundle_is_replaced_only_with_force(tmp_path, distilled_chec
 
 def test_cli_rejects_bad_flags_with_usage_errors(tmp_path):
     ck = make_checkpoint(tmp_path / "c.pt", "--preset", "tiny")
-    for flags, message in [(["--cache-blocks", "1-3"], "must lie within"), (["--steps", "0"], "at least 1"),
-                           (["--cache-blocks", "x"], "form A-B"), (["--precision", "fp8"], "invalid choice"),
+    for flags, message in [(["--skip-blocks", "1-3"], "must lie within"), (["--steps", "0"], "at least 1"),
+                           (["--skip-blocks", "x"], "form A-B"), (["--precision", "fp8"], "invalid choice"),
                            (["--shift", "0"], "must be positive"), (["--guidance-scale", "-1"], "negative")]:
         proc = run_cli("export-engine", str(ck), "-o", str(tmp_path / "o.engine"), *flags, check=False)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, (flags, proc.stderr)

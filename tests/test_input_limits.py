@@ -111,7 +111,7 @@ def test_embed_model_version_is_range_checked_in_python_and_in_c(lemur_bundle, t
     (dict(guidance_scale=True), TypeError, "guidance_scale must be a real number, got True"),  # was: 1.0
     (dict(guidance_scale=10**400), ValueError, "guidance_scale must be a finite number"),  # was: OverflowError
     (dict(guidance_scale=np.float64("nan")), ValueError, "guidance_scale must be a finite number >= 0, got nan"),
-    (dict(step_cache_threshold=-1.0), ValueError, "step_cache_threshold must be a finite number >= 0"),  # was: the bundle's
+    (dict(xslim_threshold=-1.0), ValueError, "xslim_threshold must be a finite number >= 0"),  # was: the bundle's
     (dict(shift=float("nan")), ValueError, "shift must be a finite number > 0, got nan"),  # was: ignored without num_steps
     (dict(shift=0), ValueError, "shift must be a finite number > 0, got 0.0"),
     (dict(shift="3"), TypeError, "shift must be a real number"),
@@ -124,8 +124,8 @@ def test_generate_refuses_float_options_it_would_silently_change(sd3, kwargs, er
 
 def test_the_float_options_accept_python_and_numpy_numbers(sd3):
     session, text, pooled = sd3
-    a = session.generate(text, pooled, guidance_scale=np.float32(1), step_cache_threshold=0, num_steps=2, shift=np.int8(3)).latents
-    assert np.array_equal(a, session.generate(text, pooled, guidance_scale=1.0, step_cache_threshold=0.0, num_steps=2, shift=3.0).latents)
+    a = session.generate(text, pooled, guidance_scale=np.float32(1), xslim_threshold=0, num_steps=2, shift=np.int8(3)).latents
+    assert np.array_equal(a, session.generate(text, pooled, guidance_scale=1.0, xslim_threshold=0.0, num_steps=2, shift=3.0).latents)
 
 
 def test_paths_and_handles_of_the_wrong_type_are_type_errors_that_create_nothing(tmp_path, monkeypatch, lemur_bundle):

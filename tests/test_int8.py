@@ -33,7 +33,7 @@ def conditioning(config, prompts: int, seed: int, text_len: int = 7) -> dict[str
 
 @pytest.fixture(scope="module")
 def student(workdir):
-    """A 1.x student (qk-norm, dual attention, cached blocks 1-2) whose text projection ignores text feature 0."""
+    """A 1.x student (qk-norm, dual attention, skipped blocks 1-2) whose text projection ignores text feature 0."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -74,7 +74,7 @@ def program_error(bundle, checkpoint, seed: int = 5) -> float:
     with se.open_engine(bundle) as engine, engine.session() as session:
         got = session.generate(cond["prompt_embeds"].numpy(), cond["pooled_prompt_embeds"].numpy(), latents=latents.numpy()).latents
     with torch.no_grad():
-        expected = reference_generate(model, plan, cond["prompt_embeds"], cond["pooled_prompt_embeds"], latents, cache=None).latents
+        expected = reference_generate(model, plan, cond["prompt_embeds"], cond["pooled_prompt_embeds"], latents, xslim=None).latents
     return relative_error(got, expected.numpy())
 
 
@@ -345,9 +345,9 @@ def test_toy_teacher_in_int8_draws_what_the_fp32_teacher_draws(workdir):
     from slimengine.tools import toy_shapes
     from slimengine.tools.toy_demo import agreement, generate_classes, score
 
-    int8 = export(TOY_TEACHER, workdir / "toy-teacher-int8.engine", "--pipeline", str(TOY_PIPELINE), "--cache-blocks", "none",
+    int8 = export(TOY_TEACHER, workdir / "toy-teacher-int8.engine", "--pipeline", str(TOY_PIPELINE), "--skip-blocks", "none",
                   "--precision", "int8", "--calibrate", str(TOY_PROMPTS))
-    fp32 = export(TOY_TEACHER, workdir / "toy-teacher-fp32-for-int8.engine", "--pipeline", str(TOY_PIPELINE), "--cache-blocks", "none")
+    fp32 = export(TOY_TEACHER, workdir / "toy-teacher-fp32-for-int8.engine", "--pipeline", str(TOY_PIPELINE), "--skip-blocks", "none")
     images = {}
     for name, bundle in (("int8", int8), ("fp32", fp32)):
         with se.open_engine(bundle) as engine, engine.session() as session:

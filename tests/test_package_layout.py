@@ -126,16 +126,16 @@ def test_runtime_parses_policies_without_exporter_torch_or_onnx(tmp_path, distil
 import json
 import numpy as np
 import slimengine as se
-from slimengine.xslim_policy import XSlimPolicy, parse_cache_spec
+from slimengine.xslim_policy import XSlimPolicy, parse_xslim_spec
 
-policy = parse_cache_spec("xslim:step=0.1,critical=0.3,refresh=block")
+policy = parse_xslim_spec("xslim:step=0.1,critical=0.3,refresh=block")
 assert isinstance(policy, XSlimPolicy) and policy.critical == 0.3, policy
 engine = se.open_engine({str(distilled_bundle)!r})
 assert json.loads(engine.policy_json("xslim:step=0.1"))["early_warning"] == 0.1
 embeds = np.load({str(np_file)!r})
 session = engine.session()
-for cache in ("xslim:step=0.1,critical=0.3,refresh=block", "xslim:schedule={schedule}", policy):
-    result = session.generate(embeds["text"], embeds["pooled"], seed=0, cache=cache)
+for xslim in ("xslim:step=0.1,critical=0.3,refresh=block", "xslim:schedule={schedule}", policy):
+    result = session.generate(embeds["text"], embeds["pooled"], seed=0, xslim=xslim)
     assert np.isfinite(result.latents).all()
 loaded = sorted(m for m in sys.modules if m.startswith(("slimengine.export", "torch", "onnx.")) or m == "onnx")
 assert not loaded, loaded

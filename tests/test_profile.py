@@ -78,7 +78,7 @@ def test_reused_steps_are_recorded_with_their_level_and_run_no_block(cfg_bundle)
     session = engine.session()
     session.profiling = True
     text, pooled, kwargs = _inputs(engine)
-    result = session.generate(text, pooled, num_steps=6, step_cache_threshold=1e9, **kwargs)
+    result = session.generate(text, pooled, num_steps=6, xslim_threshold=1e9, **kwargs)
     levels = [e["level"] for e in result.events if e["kind"] == "step"]
     assert levels == ["full", "full", "reused", "reused", "reused", "full"]  # warm-up 2, the last step always computes
     for step, level in enumerate(levels):
@@ -146,7 +146,7 @@ def profiled(tmp_path_factory, identity_bundle):
 def test_profile_engine_prints_a_table_with_the_measured_baseline_speedup(profiled):
     proc, _ = profiled
     print(proc.stdout)
-    for row in ("generation ", "step 0 (full)", "step 2 (cached_range)", "stage embed", "stage final", "block 3", "prepare",
+    for row in ("generation ", "step 0 (full)", "step 2 (skipped_range)", "stage embed", "stage final", "block 3", "prepare",
                 "other host work", "effective NFE 2.00", "effective NFE 56.00", "speedup over the baseline:"):
         assert row in proc.stdout, row
     assert "block 1" in proc.stdout and "stage block_1" not in proc.stdout  # blocks once, by block
@@ -154,14 +154,14 @@ def test_profile_engine_prints_a_table_with_the_measured_baseline_speedup(profil
 
 def test_the_json_report_follows_its_schema(profiled):
     report = json.loads(profiled[1]["json"].read_text())
-    assert report["schema"] == "slimengine-profile" and report["schema_version"] == 1 and report["family"] == "sd3"
+    assert report["schema"] == "slimengine-profile" and report["schema_version"] == 2 and report["family"] == "sd3"
     assert report["settings"]["iters"] == ITERS and report["settings"]["device_time"] is False
     stats_keys = ["count", "min", "mean", "median", "p90", "p95", "p99", "max", "throughput_per_s"]
     g = report["generation"]
     assert [k for k in g if k in stats_keys] == stats_keys and g["count"] == ITERS and g["device"] is None
     assert g["min"] <= g["median"] <= g["p90"] <= g["p95"] <= g["p99"] <= g["max"] and g["min"] <= g["mean"] <= g["max"]
     assert g["throughput_per_s"] == pytest.approx(1e3 / g["mean"])
-    assert [s["level"] for s in report["steps"]] == ["full", "cached_range", "cached_range"]
+    assert [s["level"] for s in report["steps"]] == ["full", "skipped_range", "skipped_range"]
     assert [s["blocks_run"] for s in report["steps"]] == [4, 2, 2] and report["effective_nfe"] == 2.0
     assert report["stages"]["block_0"]["calls_per_generation"] == 3 and report["stages"]["block_1"]["calls_per_generation"] == 1
     assert [b["index"] for b in report["blocks"]] == [0, 1, 2, 3]
@@ -246,7 +246,7 @@ def test_bad_arguments_get_one_line_errors(tmp_path, identity_bundle, profiled):
         ([str(tmp_path / "nothing.engine")], "no such engine"),
         ([str(identity_bundle), "--iters", "0"], "--iters must be at least 1, got 0"),
         ([str(identity_bundle), "--warmup", "-1"], "--warmup must be 0 or more"),
-        ([str(identity_bundle), "--cache", "teacache:0.1"], "unknown cache policy 'teacache'"),
+        ([str(identity_bundle), "--xslim", "teacache:0.1"], "unknown X-Slim policy 'teacache'"),
         ([str(identity_bundle), "--resolution", "7"], "--resolution 7: give a latent size"),
         ([str(tmp_path)], "is not an engine bundle"),
         ([str(unknown)], "model family 'flux' is not supported (expected sd3 or lemur)"),

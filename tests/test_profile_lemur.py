@@ -109,7 +109,7 @@ def test_profile_engine_prints_calls_stages_and_bank_work_of_both_programs(profi
 
 def test_the_lemur_json_report_follows_its_schema(profiled):
     report = json.loads(profiled[1]["json"].read_text())
-    assert report["schema"] == "slimengine-profile" and report["schema_version"] == 1 and report["family"] == "lemur"
+    assert report["schema"] == "slimengine-profile" and report["schema_version"] == 2 and report["family"] == "lemur"
     assert report["baseline"] is None and "no reference plan" in report["baseline_note"]
     assert report["engine"]["stages"] == ["embed", "score"] and report["engine"]["embed_dim"] == 32
     s = report["settings"]
@@ -183,10 +183,10 @@ def test_bad_lemur_arguments_get_one_line_errors(lemur_bundle, profiled, tmp_pat
     sd3.mkdir()
     (sd3 / "manifest.json").write_text(json.dumps({"family": "sd3"}))
     sd3_report = tmp_path / "sd3.json"
-    sd3_report.write_text(json.dumps({"schema": "slimengine-profile", "schema_version": 1, "family": "sd3"}))
+    sd3_report.write_text(json.dumps({"schema": "slimengine-profile", "schema_version": 2, "family": "sd3"}))
     bundle = str(lemur_bundle)
     cases = [
-        ([bundle, "--cache", "none"], f"--cache applies to sd3 engines; {bundle} is a lemur engine"),
+        ([bundle, "--xslim", "none"], f"--xslim applies to sd3 engines; {bundle} is a lemur engine"),
         ([bundle, "--resolution", "64"], "--resolution applies to sd3 engines"),
         ([bundle, "--text-len", "8"], "--text-len applies to sd3 engines"),
         ([str(sd3), "--program", "embed"], f"--program applies to lemur engines; {sd3} is a sd3 engine"),

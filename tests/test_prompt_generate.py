@@ -182,12 +182,12 @@ def test_cli_writes_the_python_image(engine, bundle, tmp_path):
 
     out = tmp_path / "out.png"
     proc = _cli(bundle, "a red circle", "-o", out, "--negative", "blurry", "--seed", 11, "--size", "64x80", "--guidance", 4.5,
-                "--steps", 3, "--cache", "none")
+                "--steps", 3, "--xslim", "none")
     assert proc.returncode == 0, proc.stderr
     assert str(out) in proc.stdout and "vae_decode" in proc.stdout
     session = engine.session()
     want = session.generate(prompt="a red circle", negative_prompt="blurry", seed=11, height=64, width=80, guidance_scale=4.5,
-                            num_steps=3, cache="none").image
+                            num_steps=3, xslim="none").image
     session.close()
     with Image.open(out) as image:
         assert image.format == "PNG" and image.mode == "RGB"
@@ -229,7 +229,7 @@ def test_cli_checks_the_output_path_before_generating(bundle, tmp_path):
 
 @pytest.fixture(scope="module")
 def student(folder, workdir):
-    """A 1.x-Distill student (compensation MLPs, cached blocks 1-2 of 4) that fits the tiny pipeline, written by
+    """A 1.x-Distill student (compensation MLPs, skipped blocks 1-2 of 4) that fits the tiny pipeline, written by
     make-sd3-checkpoint's own functions, and its fp32 bundle with the folder's encoders, VAE and tokenizers."""
     import json
 
@@ -243,7 +243,7 @@ def student(folder, workdir):
                                             "pooled_projection_dim", "pos_embed_max_size", "sample_size")})
     path = workdir / "student-for-pipeline.safetensors"
     metadata = {"num_attention_heads": config.num_attention_heads, "sample_size": config.sample_size,
-                "sampling": {"cache_blocks": "1-2", "steps": 3}}
+                "sampling": {"skip_blocks": "1-2", "steps": 3}}
     write_checkpoint(random_state_dict(config, True, 4, torch.float32), config, metadata, path, "safetensors")
     bundle = export(path, workdir / "student-for-pipeline.engine", "--pipeline", str(folder), "--precision", "fp32",
                     "--max-sequence-length", str(T5_LENGTH))
@@ -272,7 +272,7 @@ def test_student_from_prompts_matches_pytorch_reference(student, reference):
     checkpoint = load_checkpoint(path)
     plan = make_plan(checkpoint.config.num_layers, True, checkpoint.metadata, shift=SCHEDULER_SHIFT)  # the folder's scheduler shift
     program = json.loads((bundle / "manifest.json").read_text())["program"]
-    assert plan.cache_blocks == (1, 2) and [s["sigma"] for s in program["steps"]] == pytest.approx(plan.sigmas[:-1], rel=1e-6)
+    assert plan.skip_blocks == (1, 2) and [s["sigma"] for s in program["steps"]] == pytest.approx(plan.sigmas[:-1], rel=1e-6)
     with torch.no_grad():
         embeds, negative_embeds, pooled, negative_pooled = reference.encode_prompt(
             PROMPTS, PROMPTS, PROMPTS, negative_prompt=NEGATIVES, do_classifier_free_guidance=True, max_sequence_length=T5_LENGTH)

@@ -36,7 +36,7 @@ def test_1x_program_with_mlp_compensation_matches_pytorch(distilled_bundle, dist
         assert err <= TOLERANCE
         assert result.stats["effective_nfe"] == ref.effective_nfe == 1.5
         assert [s["blocks_run"] for s in result.stats["per_step"]] == ref.blocks_run == [4, 2]
-        assert [s["level"] for s in result.stats["per_step"]] == ["full", "cached_range"]
+        assert [s["level"] for s in result.stats["per_step"]] == ["full", "skipped_range"]
         assert result.stats["per_stage"]["compensate"]["calls"] == 1
         assert result.stats["per_stage"]["block_1"]["calls"] == 1 and result.stats["per_stage"]["block_0"]["calls"] == 2
 
@@ -51,8 +51,8 @@ def test_given_latents_replace_the_seeded_noise(distilled_bundle, distilled_chec
     assert err <= TOLERANCE
 
 
-def test_cached_range_without_mlp_reuses_the_raw_delta(identity_bundle, plain_checkpoint):
-    model, plan = reference_for(plain_checkpoint, {"cache_blocks": "1-2", "steps": 3})
+def test_skipped_range_without_mlp_reuses_the_raw_delta(identity_bundle, plain_checkpoint):
+    model, plan = reference_for(plain_checkpoint, {"skip_blocks": "1-2", "steps": 3})
     assert plan.compensation == "identity"
     text, pooled = random_inputs(model, batch=1, text_len=6, seed=2)
     result = se.open_engine(identity_bundle).session().generate(text, pooled, seed=4, height=12, width=12)
@@ -178,8 +178,8 @@ def test_a_file_modified_after_export_fails_the_checksum(bundle_copy):
     (lambda m: m.update(format_version=7), "unsupported bundle format version 7"),
     (lambda m: m.update(family="flux"), "'flux' is not supported"),
     (lambda m: m["config"].update(num_layers=0), "config.num_layers must be an integer in [1, 1024]"),
-    (lambda m: m["program"]["steps"][0].update(record_delta=False), "skips the cached range before any step recorded it"),
-    (lambda m: m["program"].update(cache_blocks=[1, 3]), "program.cache_blocks.last"),
+    (lambda m: m["program"]["steps"][0].update(record_delta=False), "skips the range before any step recorded it"),
+    (lambda m: m["program"].update(skip_blocks=[1, 3]), "program.skip_blocks.last"),
     (lambda m: m["stages"][1].update(file="../../etc/passwd"), "must be a path inside the bundle"),
     (lambda m: m["stages"].pop(2), "stage block_1 is missing"),
     (lambda m: m["stages"][0]["inputs"].reverse(), "does not have the inputs/outputs"),

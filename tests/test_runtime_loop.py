@@ -30,11 +30,11 @@ def block_actions(result, layers: int) -> list[list[str]]:
     return actions
 
 
-def check_against_reference(session, model, plan, inputs: dict, ref_inputs: tuple, cache=None):
+def check_against_reference(session, model, plan, inputs: dict, ref_inputs: tuple, xslim=None):
     """Runs both with block events on: the same actions step by step, the same latents (within float32)."""
     session.profiling = "blocks"
-    got = session.generate(**inputs, **({"cache": cache} if cache is not None else {}))
-    ref = reference_generate(model, plan, *ref_inputs, **({"cache": cache} if cache is not None else {}))
+    got = session.generate(**inputs, **({"xslim": xslim} if xslim is not None else {}))
+    ref = reference_generate(model, plan, *ref_inputs, **({"xslim": xslim} if xslim is not None else {}))
     actions = block_actions(got, model.num_layers)
     print("actions per step:", [" ".join(a) for a in actions])
     assert actions == ref.actions
@@ -46,7 +46,7 @@ def check_against_reference(session, model, plan, inputs: dict, ref_inputs: tupl
     assert relative_error(got.latents, ref.latents) <= 1e-4
     # Block events are observation only: the same latents without them.
     session.profiling = False
-    again = session.generate(**inputs, **({"cache": cache} if cache is not None else {}))
+    again = session.generate(**inputs, **({"xslim": xslim} if xslim is not None else {}))
     assert np.array_equal(again.latents, got.latents) and not again.events
     return got, ref
 
@@ -67,7 +67,7 @@ def test_the_1x_plan_runs_the_reference_planners_actions(distilled_checkpoint, d
     got, ref = check_against_reference(se.open_engine(distilled_bundle).session(), model, plan,
                                        dict(prompt_embeds=text, pooled_embeds=pooled, latents=noise),
                                        tuple(torch.from_numpy(a) for a in (text, pooled, noise)))
-    first, last = plan.cache_blocks
+    first, last = plan.skip_blocks
     assert ref.actions[0] == ["run"] * model.num_layers
     assert ref.actions[1] == ["skip" if first <= b < last else "add_delta" if b == last else "run" for b in range(model.num_layers)]
 
@@ -75,7 +75,7 @@ def test_the_1x_plan_runs_the_reference_planners_actions(distilled_checkpoint, d
 def test_every_action_of_a_1x_bundle_under_an_xslim_schedule(distilled_xslim_bundle, distilled_checkpoint):
     """Full, token, skip and block steps on a 1.x student with a dual-attention block: all six actions."""
     bundle, spec = distilled_xslim_bundle
-    model, plan = reference_for(distilled_checkpoint, {"steps": 6, "guidance_scale": 3.0, "cache": spec})
+    model, plan = reference_for(distilled_checkpoint, {"steps": 6, "guidance_scale": 3.0, "xslim": spec})
     text, pooled = random_inputs(model, 2, 7, seed=3)
     negative, negative_pooled = random_inputs(model, 2, 7, seed=4)
     noise = np.random.default_rng(5).standard_normal((2, model.config.in_channels, 16, 12), dtype=np.float32)
@@ -101,7 +101,7 @@ def test_online_xslim_levels_run_the_reference_planners_actions(toy_bundles, pol
 
     ck = load_checkpoint(TOY_TEACHER)
     model = ck.build_model()
-    plan = make_plan(ck.config.num_layers, False, ck.metadata, cache_blocks="none", steps=28, guidance_scale=4.0)
+    plan = make_plan(ck.config.num_layers, False, ck.metadata, skip_blocks="none", steps=28, guidance_scale=4.0)
     text, pooled = toy_shapes.prompt_embeds(TOY_PIPELINE, toy_shapes.class_prompts())
     text, pooled = text[:2], pooled[:2]
     noise = gaussian_noise((2, model.config.in_channels, 16, 16), 0)  # an input: one Philox stream
@@ -109,7 +109,7 @@ def test_online_xslim_levels_run_the_reference_planners_actions(toy_bundles, pol
     _, ref = check_against_reference(se.open_engine(toy_bundles["28-step CFG"]).session(), model, plan,
                                      dict(prompt_embeds=text, pooled_embeds=pooled, latents=noise, **zeros),
                                      (*(torch.from_numpy(a) for a in (text, pooled, noise)), torch.zeros(text.shape), torch.zeros(pooled.shape)),
-                                     cache=policy)
+                                     xslim=policy)
     level = {"block": "reuse", "token": "run_tokens"}[policy.refresh]
     assert any(level in step for step in ref.actions) and any(step == ["skip"] * model.num_layers for step in ref.actions)
 
@@ -140,16 +140,16 @@ def test_only_the_request_and_the_result_cross_between_caller_memory_and_the_ses
         assert np.array_equal(result.latents, engine.session().generate(text, pooled, **kwargs, latents=latents).latents)
 
 
-def test_a_cached_range_from_block_0_keeps_the_xslim_stack_input(workdir, plain_checkpoint, tmp_path):
+def test_a_skipped_range_from_block_0_keeps_the_xslim_stack_input(workdir, plain_checkpoint, tmp_path):
     """Range 0-1 under X-Slim full steps: the embed output is both the stack input X-Slim keeps and the
     range's input, and in later steps the range's delta is added right onto the stack input. The kept
     input must not change (the next step reuses the stack residual): the runtime equals the reference."""
     schedule = tmp_path / "schedule.json"
     schedule.write_text(json.dumps({"steps": [{"level": "full"}, {"level": "full"}, {"level": "skip"}, {"level": "full"}]}))
     spec = f"xslim:schedule={schedule}"
-    bundle = export(plain_checkpoint, workdir / "range0-xslim.engine", "--cache-blocks", "0-1", "--steps", "4", "--cache", spec)
-    model, plan = reference_for(plain_checkpoint, {"cache_blocks": "0-1", "steps": 4, "cache": spec})
-    assert plan.cache_blocks == (0, 1)
+    bundle = export(plain_checkpoint, workdir / "range0-xslim.engine", "--skip-blocks", "0-1", "--steps", "4", "--xslim", spec)
+    model, plan = reference_for(plain_checkpoint, {"skip_blocks": "0-1", "steps": 4, "xslim": spec})
+    assert plan.skip_blocks == (0, 1)
     text, pooled = random_inputs(model, 1, 6, seed=7)
     noise = seeded_latents((1, model.config.in_channels, 16, 16), 8)
     got, ref = check_against_reference(se.open_engine(bundle).session(), model, plan,

@@ -16,7 +16,7 @@ from .conftest import make_checkpoint
 
 def test_distilled_sigmas_are_shifted_and_snapped_to_the_teacher_grid():
     plan = make_plan(24, True)
-    assert plan.steps == 2 and plan.cache_blocks == (2, 7) and plan.guidance_scale == 1.0
+    assert plan.steps == 2 and plan.skip_blocks == (2, 7) and plan.guidance_scale == 1.0
     assert plan.sigmas == pytest.approx((1.0, 0.75, 0.0))  # shift 3 of (1, 0.5, 0) is exactly on the grid
     grid = teacher_grid(3.0)
     five = make_plan(24, True, steps=5)
@@ -27,21 +27,21 @@ def test_distilled_sigmas_are_shifted_and_snapped_to_the_teacher_grid():
     assert five.timesteps == pytest.approx([s * 1000 for s in five.sigmas[:-1]])
 
 
-@pytest.mark.parametrize("cache_blocks,nfe", [("2-7", 1.75), ("2-9", 1 + 16 / 24)])
-def test_effective_nfe_matches_the_paper_accounting(cache_blocks, nfe):
-    # 6 cached of 24 -> 1.75; 8 cached of 24 -> 1.67 (docs/distill.md, effective NFE)
-    assert make_plan(24, True, cache_blocks=cache_blocks).effective_nfe(24) == pytest.approx(nfe)
+@pytest.mark.parametrize("skip_blocks,nfe", [("2-7", 1.75), ("2-9", 1 + 16 / 24)])
+def test_effective_nfe_matches_the_paper_accounting(skip_blocks, nfe):
+    # 6 skipped of 24 -> 1.75; 8 skipped of 24 -> 1.67 (docs/distill.md, effective NFE)
+    assert make_plan(24, True, skip_blocks=skip_blocks).effective_nfe(24) == pytest.approx(nfe)
     assert make_plan(24, False, steps=28).effective_nfe(24) == 56  # 28 steps x 2 (CFG)
 
 
 def test_plans_with_impossible_ranges_are_rejected():
     with pytest.raises(ValueError, match="must lie within"):
-        make_plan(4, True, cache_blocks="1-3")  # the last block ends the text stream
+        make_plan(4, True, skip_blocks="1-3")  # the last block ends the text stream
     with pytest.raises(ValueError, match="form A-B"):
         parse_block_range("7-2")
     with pytest.raises(ValueError, match="form A-B"):
         parse_block_range("two-seven")
-    with pytest.raises(ValueError, match="no cached block range"):
+    with pytest.raises(ValueError, match="no skipped block range"):
         make_plan(4, True)  # a shallow distilled model without metadata
     with pytest.raises(ValueError, match="delta_pred"):
         SamplingPlan((1.0, 0.0), 1.0, (1, 1), "mlp").validate(4, has_compensation_mlp=False)
@@ -73,8 +73,8 @@ def test_plain_reference_sampler_equals_a_diffusers_scheduler_loop(tmp_path):
 
 
 def test_1x_reference_skips_the_range_and_adds_the_compensated_delta(tmp_path):
-    """Step 2 of the 1.x plan equals running the full model with the cached blocks replaced by MLP(Δ) from step 1."""
-    ck = load_checkpoint(make_checkpoint(tmp_path / "d.pt", "--preset", "tiny", "--cache-blocks", "1-2"))
+    """Step 2 of the 1.x plan equals running the full model with the skipped blocks replaced by MLP(Δ) from step 1."""
+    ck = load_checkpoint(make_checkpoint(tmp_path / "d.pt", "--preset", "tiny", "--skip-blocks", "1-2"))
     model = ck.build_model()
     plan = make_plan(model.num_layers, True, ck.metadata)
     g = torch.Generator().manual_seed(1)
@@ -110,7 +110,7 @@ def test_1x_reference_skips_the_range_and_adds_the_compensated_delta(tmp_path):
     assert torch.allclose(result.latents, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
 
 
-def test_cache_blocks_none_gives_a_plain_plan_for_a_student():
-    plan = make_plan(6, True, {"sampling": {"steps": 2, "cache_blocks": "1-3"}}, cache_blocks="none", steps=28, guidance_scale=4.0)
-    assert plan.cache_blocks is None and plan.compensation is None and plan.steps == 28
+def test_skip_blocks_none_gives_a_plain_plan_for_a_student():
+    plan = make_plan(6, True, {"sampling": {"steps": 2, "skip_blocks": "1-3"}}, skip_blocks="none", steps=28, guidance_scale=4.0)
+    assert plan.skip_blocks is None and plan.compensation is None and plan.steps == 28
     assert plan.effective_nfe(6) == 56 and plan.sigmas == make_plan(6, False, steps=28).sigmas

@@ -11,6 +11,7 @@ import pytest
 
 import slimengine as se
 from slimengine.export.checkpoint import load_checkpoint
+from slimengine.export.sampling_plan import make_plan
 from slimengine.tools import toy_shapes
 from slimengine.tools.toy_demo import agreement, generate_classes, score
 from slimengine.tools.train_toy_sd3 import CLIP_LENGTH, CONFIG, T5_LENGTH
@@ -45,7 +46,9 @@ def test_the_shipped_vae_reconstructs_colour_and_shape():
 def test_shipped_checkpoints_are_the_trainer_configs_teacher_and_its_distilled_student():
     ck, teacher = load_checkpoint(TOY), load_checkpoint(TOY_TEACHER)
     assert ck.config == CONFIG == teacher.config and ck.has_compensation and not teacher.has_compensation
+    # The shipped student predates 1.0: its metadata spells skip_blocks the legacy way (cache_blocks), read as such.
     assert ck.metadata["toy_shapes"] and ck.metadata["sampling"]["cache_blocks"] == "1-3"
+    assert make_plan(CONFIG.num_layers, True, ck.metadata).skip_blocks == (1, 3)
     assert teacher.metadata["sampling"] == {"steps": 28, "shift": 3.0, "guidance_scale": 4.0}
     assert ck.metadata["distill"]["teacher_sha256"] == teacher.sha256  # distill-1x's output of the shipped teacher
     assert ck.metadata["pipeline"] == teacher.metadata["pipeline"] == {"clip_length": CLIP_LENGTH, "max_sequence_length": T5_LENGTH}

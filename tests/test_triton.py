@@ -216,7 +216,7 @@ def test_health_and_per_model_readiness(server, clients):
             assert client.is_model_ready(model)
         assert not client.is_model_ready("no_such_model")
     metadata = clients["http"].get_model_metadata("sd3")
-    assert {i["name"] for i in metadata["inputs"]} >= {"prompt_embeds", "pooled_embeds", "seed", "guidance_scale", "cache"}
+    assert {i["name"] for i in metadata["inputs"]} >= {"prompt_embeds", "pooled_embeds", "seed", "guidance_scale", "xslim"}
     assert [o["name"] for o in metadata["outputs"]] == ["latents"]
 
 
@@ -232,15 +232,15 @@ def sd3_request(config: dict, rows: int, text_len: int, seed: int, **settings) -
         inputs["negative_pooled_embeds"] = rng.standard_normal(inputs["pooled_embeds"].shape, dtype=np.float32)
         kwargs.update(negative_prompt_embeds=inputs["negative_prompt_embeds"], negative_pooled_embeds=inputs["negative_pooled_embeds"])
     dtypes = {"guidance_scale": np.float32, "num_steps": np.int32, "height": np.int32, "width": np.int32, "shift": np.float32,
-              "step_cache_threshold": np.float32, "cache": object}
+              "xslim_threshold": np.float32, "xslim": object}
     for name, value in settings.items():
-        inputs[name] = scalar(value.encode() if name == "cache" else value, dtypes[name], rows)
+        inputs[name] = scalar(value.encode() if name == "xslim" else value, dtypes[name], rows)
         kwargs[name] = value
     return inputs, kwargs
 
 
-SD3_CASES = [dict(), dict(guidance_scale=4.5), dict(num_steps=3, height=16, width=8), dict(cache="xslim:step=0.05"),
-             dict(step_cache_threshold=0.0, cache="none")]
+SD3_CASES = [dict(), dict(guidance_scale=4.5), dict(num_steps=3, height=16, width=8), dict(xslim="xslim:step=0.05"),
+             dict(xslim_threshold=0.0, xslim="none")]
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
@@ -350,8 +350,8 @@ def test_bad_requests_get_the_runtimes_message_and_the_next_good_one_succeeds(se
     nan["prompt_embeds"][0, 1, 2] = np.nan
     cases = [
         (nan, "prompt_embeds contains NaN or Inf"),
-        (dict(good, cache=scalar(b"bogus", object)), "unknown cache policy 'bogus'"),
-        (dict(good, cache=scalar(b"xslim:schedule=/etc/passwd", object)), "a request cannot name one"),
+        (dict(good, xslim=scalar(b"bogus", object)), "unknown X-Slim policy 'bogus'"),
+        (dict(good, xslim=scalar(b"xslim:schedule=/etc/passwd", object)), "a request cannot name one"),
         (dict(good, height=scalar(4096, np.int32)), f"height must be a multiple of {c['patch_size']} up to {c['max_latent_size']}"),
         (dict(good, guidance_scale=scalar(np.inf, np.float32)), "guidance_scale must be a finite number"),
         (dict(good, seed=np.array([[1], [2]], np.uint64), prompt_embeds=np.repeat(good["prompt_embeds"], 2, 0),
@@ -397,11 +397,11 @@ def test_bad_requests_get_the_runtimes_message_and_the_next_good_one_succeeds(se
 
 def test_bad_requests_are_client_errors_and_nan_settings_get_the_runtimes_message(http, grpc, sd3_engine):
     """A request's own error is HTTP 400 / gRPC INVALID_ARGUMENT (not 500 / INTERNAL, which clients retry); a NaN
-    setting is reported by the runtime's range check; a cache policy that is not UTF-8 is named as such."""
+    setting is reported by the runtime's range check; an X-Slim policy that is not UTF-8 is named as such."""
     good, _ = sd3_request(sd3_engine.config, 1, 4, seed=9)
     cases = [(dict(good, shift=scalar(np.nan, np.float32)), "shift must be a finite number > 0, got nan"),
              (dict(good, guidance_scale=scalar(np.nan, np.float32)), "guidance_scale must be a finite number"),
-             (dict(good, cache=np.array([[b"\xff\xfe"]], dtype=object)), "cache: not UTF-8 text"),
+             (dict(good, xslim=np.array([[b"\xff\xfe"]], dtype=object)), "xslim: not UTF-8 text"),
              (dict(good, height=scalar(7, np.int32)), "height must be a multiple of")]
     for protocol, client, status in (("http", http, "400"), ("grpc", grpc, "StatusCode.INVALID_ARGUMENT")):
         for inputs, message in cases:
@@ -410,35 +410,35 @@ def test_bad_requests_are_client_errors_and_nan_settings_get_the_runtimes_messag
             assert e.value.status() == status, (protocol, message)
 
 
-def test_a_huge_cache_policy_is_not_echoed_back_in_full(http, sd3_engine, tmp_path):
-    """A 1 MB cache policy string was echoed whole in the error (a megabyte back per bad request, and in logs): user
+def test_a_huge_xslim_policy_is_not_echoed_back_in_full(http, sd3_engine, tmp_path):
+    """A 1 MB X-Slim policy string was echoed whole in the error (a megabyte back per bad request, and in logs): user
     text in a message is cut to its first 200 characters and its size, over Triton and in a direct call."""
     good, _ = sd3_request(sd3_engine.config, 1, 4, seed=9)
     junk = "q" * (1 << 20)
-    for policy, start in ((junk, "unknown cache policy 'qqq"), (f"xslim:{junk}=1", "cache option 'qqq"),
-                          (f"xslim:step={junk}", "cache option step='qqq")):
+    for policy, start in ((junk, "unknown X-Slim policy 'qqq"), (f"xslim:{junk}=1", "X-Slim option 'qqq"),
+                          (f"xslim:step={junk}", "X-Slim option step='qqq")):
         with pytest.raises(InferenceServerException) as e:
-            infer(http, "http", "sd3", dict(good, cache=np.array([[policy.encode()]], dtype=object)), "latents")
+            infer(http, "http", "sd3", dict(good, xslim=np.array([[policy.encode()]], dtype=object)), "latents")
         assert start in str(e.value) and len(str(e.value)) < 2000 and "… (1048576 bytes)" in str(e.value)
         with pytest.raises(ValueError) as e:
-            sd3_engine.session().generate(good["prompt_embeds"], good["pooled_embeds"], cache=policy)
+            sd3_engine.session().generate(good["prompt_embeds"], good["pooled_embeds"], xslim=policy)
         assert start in str(e.value) and len(str(e.value)) < 1000 and "q" * 200 + "… (1048576 bytes)" in str(e.value)
     with pytest.raises(ValueError) as e:  # a schedule path (a local call's) likewise
-        sd3_engine.session().generate(good["prompt_embeds"], good["pooled_embeds"], cache=f"xslim:schedule={tmp_path}/{junk}")
+        sd3_engine.session().generate(good["prompt_embeds"], good["pooled_embeds"], xslim=f"xslim:schedule={tmp_path}/{junk}")
     assert "cannot read schedule" in str(e.value) and len(str(e.value)) < 1000
 
 
-def test_a_cache_policy_with_a_nul_byte_is_refused_naming_the_nul(http, sd3_engine):
-    """b"none\\x00" was answered "cache: one value per request" (numpy's bytes scalars drop trailing NULs), and
+def test_an_xslim_policy_with_a_nul_byte_is_refused_naming_the_nul(http, sd3_engine):
+    """b"none\\x00" was answered "xslim: one value per request" (numpy's bytes scalars drop trailing NULs), and
     b"no\\x00ne" reached the runtime as "no" (a C string ends at the NUL): both are refused as what they are."""
     good, _ = sd3_request(sd3_engine.config, 1, 4, seed=9)
     for policy, offset in ((b"none\x00", 4), (b"no\x00ne", 2), (b"\x00", 0)):
-        with pytest.raises(InferenceServerException, match=re.escape(f"cache: a NUL byte at offset {offset}")) as e:
-            infer(http, "http", "sd3", dict(good, cache=np.array([[policy]], dtype=object)), "latents")
+        with pytest.raises(InferenceServerException, match=re.escape(f"xslim: a NUL byte at offset {offset}")) as e:
+            infer(http, "http", "sd3", dict(good, xslim=np.array([[policy]], dtype=object)), "latents")
         assert e.value.status() == "400" and "one value per request" not in str(e.value)
     two_rows, _ = sd3_request(sd3_engine.config, 2, 4, seed=9)  # rows that differ only past a NUL still differ
-    with pytest.raises(InferenceServerException, match="cache: one value per request"):
-        infer(http, "http", "sd3", dict(two_rows, cache=np.array([[b"none"], [b"none\x00"]], dtype=object)), "latents")
+    with pytest.raises(InferenceServerException, match="xslim: one value per request"):
+        infer(http, "http", "sd3", dict(two_rows, xslim=np.array([[b"none"], [b"none\x00"]], dtype=object)), "latents")
 
 
 # ---- metrics, load ----

@@ -13,7 +13,7 @@ import slimengine as se
 from slimengine.export.checkpoint import load_checkpoint
 from slimengine.export.reference_sampler import reference_generate
 from slimengine.export.sampling_plan import make_plan
-from slimengine.export.xslim import XSlimPolicy, load_schedule, parse_cache_spec
+from slimengine.export.xslim import XSlimPolicy, load_schedule, parse_xslim_spec
 from slimengine.noise import seeded_latents
 from slimengine.tools import calibrate_xslim, toy_shapes
 
@@ -29,20 +29,20 @@ def psnr(a, b) -> float:
 @pytest.fixture(scope="module")
 def toy_case(toy_bundles):
     ck = load_checkpoint(TOY_TEACHER)
-    plan = make_plan(ck.config.num_layers, False, ck.metadata, cache_blocks="none", steps=28, guidance_scale=4.0)
+    plan = make_plan(ck.config.num_layers, False, ck.metadata, skip_blocks="none", steps=28, guidance_scale=4.0)
     text, pooled = toy_shapes.prompt_embeds(TOY_PIPELINE, toy_shapes.class_prompts())
     session = se.open_engine(toy_bundles["28-step CFG"]).session()
     kwargs = dict(negative_prompt_embeds=np.zeros_like(text), negative_pooled_embeds=np.zeros_like(pooled), seed=0, height=16, width=16)
-    full = session.generate(text, pooled, cache="none", **kwargs)
+    full = session.generate(text, pooled, xslim="none", **kwargs)
     return ck.build_model(), plan, text, pooled, session, kwargs, full
 
 
 def run_both(toy_case, policy: XSlimPolicy):
     """The runtime and the reference under one policy; asserts they agree step by step."""
     model, plan, text, pooled, session, kwargs, full = toy_case
-    got = session.generate(text, pooled, cache=policy, **kwargs)
+    got = session.generate(text, pooled, xslim=policy, **kwargs)
     ref = reference_generate(model, plan, *(torch.from_numpy(a) for a in (text, pooled, seeded_latents(full.latents.shape, 0))),
-                             torch.zeros(text.shape), torch.zeros(pooled.shape), cache=policy)
+                             torch.zeros(text.shape), torch.zeros(pooled.shape), xslim=policy)
     steps = got.stats["per_step"]
     err = relative_error(got.latents, ref.latents)
     print(f"{policy}: levels {''.join(s['level'][0] for s in steps)}, NFE {got.stats['effective_nfe']:.2f} of 56, "
@@ -91,7 +91,7 @@ def test_offline_schedule_in_xslim_fields(toy_case, tmp_path):
                          "token_refresh_step": [4, 12, 18, 24], "sample_ratio": 0.7}}
     path = tmp_path / "strategy.json"
     path.write_text(json.dumps(strategy))
-    policy = parse_cache_spec(f"xslim:schedule={path},mode=fast,block=0.5,first=1", steps=28)
+    policy = parse_xslim_spec(f"xslim:schedule={path},mode=fast,block=0.5,first=1", steps=28)
     got, ref = run_both(toy_case, policy)
     assert [i for i, level in enumerate(ref.levels) if level == "full"] == strategy["fast"]["fully_infer_step"]
     assert [i for i, level in enumerate(ref.levels) if level == "block"] == strategy["fast"]["block_refresh_step"]
@@ -102,31 +102,31 @@ def test_offline_schedule_in_xslim_fields(toy_case, tmp_path):
 def test_bundle_default_policy_and_per_request_override(toy_bundles, tmp_path, toy_case):
     import shutil
 
-    bundle = tmp_path / "cached.engine"
+    bundle = tmp_path / "xslim.engine"
     shutil.copytree(toy_bundles["28-step CFG"], bundle)
-    # What --cache xslim:step=0.2 writes (re-signed, as an export would).
-    edit_manifest(bundle, lambda m: m["program"].update(cache=parse_cache_spec("xslim:step=0.2").to_manifest()))
+    # What --xslim xslim:step=0.2 writes (re-signed, as an export would).
+    edit_manifest(bundle, lambda m: m["program"].update(xslim=parse_xslim_spec("xslim:step=0.2").to_manifest()))
     _, _, text, pooled, _, kwargs, _ = toy_case
     session = se.open_engine(bundle).session()
     assert session.generate(text, pooled, **kwargs).stats["effective_nfe"] < 56
-    assert session.generate(text, pooled, cache="none", **kwargs).stats["effective_nfe"] == 56
-    assert session.generate(text, pooled, step_cache_threshold=0, **kwargs).stats["effective_nfe"] == 56
+    assert session.generate(text, pooled, xslim="none", **kwargs).stats["effective_nfe"] == 56
+    assert session.generate(text, pooled, xslim_threshold=0, **kwargs).stats["effective_nfe"] == 56
 
 
-def test_cache_specs_are_parsed_or_rejected_clearly(tmp_path):
-    assert parse_cache_spec("none") is None
-    assert parse_cache_spec("xslim:step=0.3,warmup=3") == XSlimPolicy(early_warning=0.3, warmup_steps=3)
-    assert parse_cache_spec("xslim:step=0.1,critical=0.4,refresh=block,block=0.2,first=3") == XSlimPolicy(
+def test_xslim_specs_are_parsed_or_rejected_clearly(tmp_path):
+    assert parse_xslim_spec("none") is None
+    assert parse_xslim_spec("xslim:step=0.3,warmup=3") == XSlimPolicy(early_warning=0.3, warmup_steps=3)
+    assert parse_xslim_spec("xslim:step=0.1,critical=0.4,refresh=block,block=0.2,first=3") == XSlimPolicy(
         early_warning=0.1, critical=0.4, refresh="block", block_threshold=0.2, first_blocks=3)
-    assert make_plan(6, False, steps=8, cache="xslim:step=0.1").to_manifest(6)["cache"]["early_warning"] == 0.1
+    assert make_plan(6, False, steps=8, xslim="xslim:step=0.1").to_manifest(6)["xslim"]["early_warning"] == 0.1
     for spec, message in [("xslim:step=-1", "must be >= 0"), ("xslim:warmup=1,step=0.1", "at least 2"), ("xslim", "needs step="),
                           ("xslim:step=0.1,ratio=0", r"in \(0, 1\]"), ("xslim:step=0.1,ratio=1.5", r"in \(0, 1\]"),
                           ("xslim:step=0.1,block=-0.5", ">= 0"), ("xslim:step=0.3,critical=0.1", "must be >= the early-warning"),
                           ("xslim:step=0.1,refresh=layer", "block or token"), ("xslim:step=0.1,speed=2", "not supported"),
-                          ("teacache:0.1", "unknown cache policy"), ("xslim:step=abc", "not a number")]:
+                          ("teacache:0.1", "unknown X-Slim policy"), ("xslim:step=abc", "not a number")]:
         with pytest.raises(ValueError, match=message):
-            parse_cache_spec(spec)
-    proc = run_cli("export-engine", str(TOY_CHECKPOINT), "-o", str(tmp_path / "x.engine"), "--cache", "xslim:step=-2", check=False)
+            parse_xslim_spec(spec)
+    proc = run_cli("export-engine", str(TOY_CHECKPOINT), "-o", str(tmp_path / "x.engine"), "--xslim", "xslim:step=-2", check=False)
     assert proc.returncode == 2 and "must be >= 0" in proc.stderr and not (tmp_path / "x.engine").exists()
 
 
@@ -145,7 +145,7 @@ def test_bad_schedules_are_rejected(tmp_path, schedule, message):
     path = tmp_path / "schedule.json"
     path.write_text(json.dumps(schedule))
     with pytest.raises(ValueError, match=message):
-        parse_cache_spec(f"xslim:schedule={path}", steps=28)
+        parse_xslim_spec(f"xslim:schedule={path}", steps=28)
 
 
 def test_bad_policies_are_refused_at_the_c_boundary(toy_bundles, bundle_copy):
@@ -165,8 +165,8 @@ def test_bad_policies_are_refused_at_the_c_boundary(toy_bundles, bundle_copy):
         assert status == "SLIM_ERR_INVALID_ARGUMENT" and expected in message, message
     status, message = call.generate(xslim_policy=b"{not json")
     assert status == "SLIM_ERR_INVALID_ARGUMENT" and "xslim_policy: json:" in message
-    edit_manifest(bundle_copy, lambda m: m["program"].update(cache={**good, "early_warning": -1}))
-    with pytest.raises(se.SlimError, match="program.cache.early_warning must not be negative"):
+    edit_manifest(bundle_copy, lambda m: m["program"].update(xslim={**good, "early_warning": -1}))
+    with pytest.raises(se.SlimError, match="program.xslim.early_warning must not be negative"):
         se.open_engine(bundle_copy)
 
 
@@ -178,14 +178,14 @@ def test_xslim_strategy_files_load_with_skips_in_between(tmp_path):
 
 
 def test_xslim_composes_with_the_1x_program_cfg_and_dual_attention(distilled_xslim_bundle, distilled_checkpoint):
-    """A 1.x student (cached range 1-2, SD3.5 dual-attention block 0) on 6 steps with CFG under a schedule
-    that runs every level: the cached range stays skipped in every level, dual-attention blocks run whole
+    """A 1.x student (skipped range 1-2, SD3.5 dual-attention block 0) on 6 steps with CFG under a schedule
+    that runs every level: the skipped range stays skipped in every level, dual-attention blocks run whole
     in token steps, and the runtime still matches the reference."""
     from .conftest import random_inputs, reference_for
 
     bundle, spec = distilled_xslim_bundle
-    model, plan = reference_for(distilled_checkpoint, {"steps": 6, "guidance_scale": 3.0, "cache": spec})
-    assert plan.cache_blocks is not None and model.config.dual_attention_layers
+    model, plan = reference_for(distilled_checkpoint, {"steps": 6, "guidance_scale": 3.0, "xslim": spec})
+    assert plan.skip_blocks is not None and model.config.dual_attention_layers
     text, pooled = random_inputs(model, 2, 7, seed=3)
     negative, negative_pooled = random_inputs(model, 2, 7, seed=4)
     noise = np.random.default_rng(5).standard_normal((2, model.config.in_channels, 16, 12), dtype=np.float32)
@@ -193,10 +193,10 @@ def test_xslim_composes_with_the_1x_program_cfg_and_dual_attention(distilled_xsl
                                                     negative_pooled_embeds=negative_pooled)
     ref = reference_generate(model, plan, *(torch.from_numpy(a) for a in (text, pooled, noise, negative, negative_pooled)))
     steps = got.stats["per_step"]
-    assert [s["level"] for s in steps] == ["full", "cached_range", "token_refresh", "reused", "block_refresh", "cached_range"]
+    assert [s["level"] for s in steps] == ["full", "skipped_range", "token_refresh", "reused", "block_refresh", "skipped_range"]
     assert ref.levels == ["full", "full", "token", "skip", "block", "full"]
-    cached = plan.cache_blocks[1] - plan.cache_blocks[0] + 1
-    assert steps[2]["blocks_run"] == model.num_layers - cached  # token step: the cached range still skipped
+    skipped = plan.skip_blocks[1] - plan.skip_blocks[0] + 1
+    assert steps[2]["blocks_run"] == model.num_layers - skipped  # token step: the range still skipped
     assert steps[4]["blocks_reused"] == len(ref.blocks_skipped[4]) > 0 and not set(ref.blocks_skipped[4]) & set(range(1, 3))
     assert steps[4]["blocks_run"] > 0  # a block step that runs some blocks of a bundle with token stages
     assert [s["tokens_computed"] for s in steps] == ref.tokens_computed
@@ -211,11 +211,11 @@ def test_a_session_reused_across_policies_and_sizes_matches_a_fresh_one(toy_bund
     engine = se.open_engine(toy_bundles["28-step CFG"])
     reused = engine.session()
     reused.generate(text[:1], pooled[:1], guidance_scale=1.0, seed=1, height=16, width=16,
-                    cache="xslim:step=0.05,critical=0.4,refresh=token,ratio=0.5")
+                    xslim="xslim:step=0.05,critical=0.4,refresh=token,ratio=0.5")
     reused.generate(text[:1], pooled[:1], guidance_scale=1.0, seed=1, height=16, width=16,
-                    cache="xslim:step=0.05,critical=0.4,refresh=block,block=0.5,first=1")
+                    xslim="xslim:step=0.05,critical=0.4,refresh=block,block=0.5,first=1")
     kwargs = dict(negative_prompt_embeds=np.zeros_like(text), negative_pooled_embeds=np.zeros_like(pooled), seed=2, height=32, width=32,
-                  cache="xslim:step=0.05,critical=0.4,refresh=token,ratio=0.3")
+                  xslim="xslim:step=0.05,critical=0.4,refresh=token,ratio=0.3")
     again = reused.generate(text, pooled, **kwargs)
     fresh = engine.session().generate(text, pooled, **kwargs)
     assert np.array_equal(again.latents, fresh.latents)
@@ -228,9 +228,9 @@ def test_token_counts_round_as_the_reference_does(toy_case):
     noise = seeded_latents((1, model.config.in_channels, 6, 10), 3)
     policy = XSlimPolicy(early_warning=0.05, critical=0.4, refresh="token", sample_ratio=0.7)
     got = session.generate(text[:1], pooled[:1], latents=noise, negative_prompt_embeds=np.zeros_like(text[:1]),
-                           negative_pooled_embeds=np.zeros_like(pooled[:1]), cache=policy)
+                           negative_pooled_embeds=np.zeros_like(pooled[:1]), xslim=policy)
     ref = reference_generate(model, plan, torch.from_numpy(text[:1]), torch.from_numpy(pooled[:1]), torch.from_numpy(noise),
-                             torch.zeros(text[:1].shape), torch.zeros(pooled[:1].shape), cache=policy)
+                             torch.zeros(text[:1].shape), torch.zeros(pooled[:1].shape), xslim=policy)
     counts = [s["tokens_computed"] for s in got.stats["per_step"]]
     assert counts == ref.tokens_computed and 11 in counts
     assert relative_error(got.latents, ref.latents) <= 1e-4
@@ -249,7 +249,7 @@ def test_calibrate_xslim_writes_the_cheapest_schedule_of_its_family_that_keeps_t
     schedule = load_schedule(out, "fast", steps)
     chosen = [s for s, e in enumerate(schedule) if e["level"] == "full"]
 
-    plan = make_plan(ck.config.num_layers, True, ck.metadata, cache_blocks="none", steps=steps, guidance_scale=4.0)
+    plan = make_plan(ck.config.num_layers, True, ck.metadata, skip_blocks="none", steps=steps, guidance_scale=4.0)
     noise = torch.from_numpy(seeded_latents((len(text), model.config.in_channels, 16, 16), 1))  # the tool draws seed 1 as the engine does
     negatives = calibrate_xslim.load_embeds(f"toy:{TOY_PIPELINE}")  # the empty prompt's conditioning, as the tool used
 
@@ -258,7 +258,7 @@ def test_calibrate_xslim_writes_the_cheapest_schedule_of_its_family_that_keeps_t
             {"level": "full" if s in full_steps else "skip"} for s in range(steps)))
         return reference_generate(model, plan, torch.from_numpy(text), torch.from_numpy(pooled), noise,
                                   *(torch.from_numpy(negatives[k]) for k in ("negative_prompt_embeds", "negative_pooled_prompt_embeds")),
-                                  cache=policy).latents.numpy()
+                                  xslim=policy).latents.numpy()
 
     full = reference(None)
     assert psnr(reference(chosen), full) >= target

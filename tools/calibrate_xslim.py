@@ -7,7 +7,7 @@ reuse. On calibration prompts and seeds it computes the plan fully, then tries s
 first W steps, the last, and a full step every K steps in between (the others reuse the stack's last
 residual), for W in 2..4 and K from 1.5 to 6. It writes the schedule with the fewest full steps whose
 final latents stay within --target-db PSNR of full computation on every calibration seed, in
-X-Slim's format ({"MODE": {"fully_infer_step": [...]}}), ready for `--cache xslim:schedule=FILE,mode=MODE`.
+X-Slim's format ({"MODE": {"fully_infer_step": [...]}}), ready for `--xslim xslim:schedule=FILE,mode=MODE`.
 Evaluate it on other seeds or prompts than the calibration ones.
 
 --embeds: an .npz with prompt_embeds [B, L, D] and pooled_prompt_embeds [B, P] (and optionally
@@ -69,8 +69,8 @@ def calibrate(session: se.Session, embeds: dict, *, steps: int, seeds: list[int]
               progress: bool = False, **generate_kwargs) -> tuple[Candidate | None, list[Candidate]]:
     """Every candidate of the family, evaluated; the one with the fewest full steps reaching target_db
     on every seed (ties: the higher PSNR), or None."""
-    def run(seed: int, cache):
-        return session.generate(embeds["prompt_embeds"], embeds["pooled_prompt_embeds"], seed=seed, cache=cache, num_steps=steps,
+    def run(seed: int, xslim):
+        return session.generate(embeds["prompt_embeds"], embeds["pooled_prompt_embeds"], seed=seed, xslim=xslim, num_steps=steps,
                                 negative_prompt_embeds=embeds["negative_prompt_embeds"],
                                 negative_pooled_embeds=embeds["negative_pooled_prompt_embeds"], **generate_kwargs).latents
 
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     except OutputPathError as e:  # the path changed while calibrating
         return fail(str(e))
     print(f"{args.output}: mode '{args.mode}', {len(best.full)} of {args.steps} steps full (warm-up {best.warmup}, every "
-          f"{best.spacing:g}), {best.psnr_db:.1f} dB on seeds {' '.join(map(str, args.seeds))}; use --cache "
+          f"{best.spacing:g}), {best.psnr_db:.1f} dB on seeds {' '.join(map(str, args.seeds))}; use --xslim "
           f"xslim:schedule={args.output},mode={args.mode}")
     return 0
 

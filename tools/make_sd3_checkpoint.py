@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="small", help="model size (default: small)")
     parser.add_argument("--layers", type=int, help="override the number of joint blocks")
     parser.add_argument("--plain", action="store_true", help="a plain SD3 model: no 1.x-Distill compensation MLPs")
-    parser.add_argument("--cache-blocks", default=None, help="cached block range stored in the metadata, e.g. 1-2")
+    parser.add_argument("--skip-blocks", default=None, help="skipped block range (1.x) stored in the metadata, e.g. 1-2")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps stored in the metadata")
     parser.add_argument("--format", choices=["pt", "safetensors", "diffusers"], help="default: from the output suffix")
     parser.add_argument("--key-format", choices=["diffusers", "original"], default="diffusers")
@@ -167,10 +167,10 @@ def main(argv=None) -> int:
     sampling = {}
     if args.steps:
         sampling["steps"] = args.steps
-    if args.cache_blocks:
-        sampling["cache_blocks"] = args.cache_blocks
-    elif not args.plain and config.num_layers < 9:  # 2-7 does not fit: cache blocks 1..L-2
-        sampling["cache_blocks"] = f"1-{config.num_layers - 2}"
+    if args.skip_blocks:
+        sampling["skip_blocks"] = args.skip_blocks
+    elif not args.plain and config.num_layers < 9:  # 2-7 does not fit: skip blocks 1..L-2
+        sampling["skip_blocks"] = f"1-{config.num_layers - 2}"
     metadata = {"num_attention_heads": config.num_attention_heads, "sampling": sampling}
     write_file_atomically(args.output, lambda tmp: write_checkpoint(state, config, metadata, tmp, fmt), parents=True)
     params = sum(v.numel() for v in state.values())

@@ -1,6 +1,6 @@
 """profile-engine: where the milliseconds of an engine go: SD3 by stage, step and block; LEMUR by call, stage and bank work.
 
-    profile-engine SD3.engine [--warmup N] [--iters N] [--batch B] [--resolution R] [--cache POLICY]
+    profile-engine SD3.engine [--warmup N] [--iters N] [--batch B] [--resolution R] [--xslim POLICY]
                               [--prompt TEXT [--negative TEXT]] [--json F] [--trace F] [--plot F]
     profile-engine LEMUR.engine [--program embed|score|both] [--batch B] [--history H] [--warmup N] [--iters N]
                                 [--json F] [--trace F] [--plot F]
@@ -33,10 +33,10 @@ import numpy as np
 import slimengine as se
 from slimengine.bundle import loads_strict
 from slimengine.staging import OutputPathError, output_file, write_file_atomically
-from slimengine.xslim_policy import parse_cache_spec
+from slimengine.xslim_policy import parse_xslim_spec
 
 SCHEMA = "slimengine-profile"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 (1.0): settings.xslim (was cache), step level skipped_range (was cached_range)
 BASELINE_STEPS, BASELINE_SHIFT, BASELINE_GUIDANCE = 28, 3.0, 7.0  # plain SD3 (export/sampling_plan.py make_plan)
 DEFAULT_TEXT_LEN = 333  # SD3: 77 CLIP + 256 T5 tokens
 PERCENTILES = (90, 95, 99)
@@ -48,10 +48,10 @@ BANK_WORK = {"embed": "bank upsert", "score": "bank history assembly"}  # what a
 ITEMS_PER_S = {"embed": "documents_per_s", "score": "scores_per_s"}  # a call's throughput x batch
 LEMUR_BASELINE_NOTE = ("a LEMUR bundle has no reference plan of the same weights to time against (SD3's baseline is its "
                        "28-step CFG plan); compare two reports with --compare")
-SD3_ONLY, LEMUR_ONLY = ("text_len", "resolution", "cache", "prompt", "negative"), ("program", "history")
+SD3_ONLY, LEMUR_ONLY = ("text_len", "resolution", "xslim", "prompt", "negative"), ("program", "history")
 PROMPT_PHASES = ("tokenize", "clip_l", "clip_g", "t5", "vae_decode")  # ImageResult.spans' stages, in pipeline order
 PIPELINE_COLOURS = {"tokenize": "tab:gray", "clip_l": "tab:pink", "clip_g": "tab:pink", "t5": "tab:pink", "vae_decode": "tab:brown"}
-LEVEL_COLOURS = {"full": "tab:red", "cached_range": "tab:orange", "reused": "tab:green", "block_refresh": "tab:cyan",
+LEVEL_COLOURS = {"full": "tab:red", "skipped_range": "tab:orange", "reused": "tab:green", "block_refresh": "tab:cyan",
                  "token_refresh": "tab:olive"}
 
 
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resolution", help="SD3: latent size R or HxW, as slim_generate takes it (SD3's VAE: 128 for 1024 px); "
                         "default: the bundle's default_latent_size")
     parser.add_argument("--text-len", type=int, help=f"SD3: text tokens (default {DEFAULT_TEXT_LEN}, SD3's)")
-    parser.add_argument("--cache", help="SD3: X-Slim policy (docs/xslim.md): none, xslim:step=T[,critical=C,refresh=block|token,...] "
+    parser.add_argument("--xslim", help="SD3: X-Slim policy (docs/xslim.md): none, xslim:step=T[,critical=C,refresh=block|token,...] "
                         "or xslim:schedule=FILE.json (default: the bundle's own policy)")
     parser.add_argument("--prompt", help="SD3 with pipeline stages: profile prompt to image (tokenize, text encoders, steps, "
                         "VAE decode) for this prompt; --resolution stays in latent pixels")
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--history", type=int, help=f"LEMUR: history length of each score row (default {DEFAULT_HISTORY})")
     parser.add_argument("--json", type=Path, help="write the report as JSON (schema: docs/profile-engine.md)")
     parser.add_argument("--trace", type=Path, help="write a Chrome-trace JSON (open it in ui.perfetto.dev or chrome://tracing)")
-    parser.add_argument("--plot", type=Path, help="write a PNG: time per stage, per-step timeline by cache level, per-block heatmap")
+    parser.add_argument("--plot", type=Path, help="write a PNG: time per stage, per-step timeline by step level, per-block heatmap")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("A.json", "B.json"), help="compare two --json reports: ratios B/A")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser
@@ -185,16 +185,16 @@ def latent_size(text: str | None, config: dict) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
-def cache_request(spec: str | None, program: dict) -> dict:
-    """Session.generate arguments for a --cache policy (None: the bundle's own). The one place a policy
+def xslim_request(spec: str | None, program: dict) -> dict:
+    """Session.generate arguments for an --xslim policy (None: the bundle's own). The one place a policy
     becomes runtime parameters; the policy syntax is slimengine.xslim_policy's (docs/xslim.md)."""
     if spec is None:
         return {}
     try:
-        parse_cache_spec(spec, steps=len(program["steps"]))
+        parse_xslim_spec(spec, steps=len(program["steps"]))
     except ValueError as e:
-        raise UsageError(f"--cache {spec}: {e}") from None
-    return {"cache": spec}
+        raise UsageError(f"--xslim {spec}: {e}") from None
+    return {"xslim": spec}
 
 
 # ---- measuring ----
@@ -208,7 +208,7 @@ def profile_sd3(args) -> tuple[dict, dict]:
         raise UsageError(f"{args.engine}: {e}") from None
     config, program = engine.config, engine.manifest["program"]
     height, width = latent_size(args.resolution, config)
-    cache = cache_request(args.cache, program)
+    xslim = xslim_request(args.xslim, program)
     pipeline = engine.manifest.get("pipeline")
     if args.prompt is not None:
         missing = [r for r in ("clip_l", "clip_g", "vae_decode") if r not in engine.stage_names]
@@ -228,10 +228,10 @@ def profile_sd3(args) -> tuple[dict, dict]:
         inputs = dict(negative_prompt_embeds=neg_text, negative_pooled_embeds=neg_pooled, seed=0, height=height, width=width)
     guidance = program["guidance_scale"]
     baseline_guidance = guidance if guidance > 1 else BASELINE_GUIDANCE
-    plans = {"engine": dict(inputs, **cache)}
+    plans = {"engine": dict(inputs, **xslim)}
     if not args.no_baseline:
         plans["baseline"] = dict(inputs, num_steps=BASELINE_STEPS, shift=BASELINE_SHIFT, guidance_scale=baseline_guidance,
-                                 cache="none")
+                                 xslim="none")
     sessions = {name: engine.session() for name in plans}
     for session in sessions.values():
         session.profiling = True
@@ -260,7 +260,7 @@ def profile_sd3(args) -> tuple[dict, dict]:
                    "num_layers": config["num_layers"], "stages": stage_names, "runtime_version": se.version(),
                    "quantization": engine.manifest.get("quantization")},
         "settings": {"warmup": args.warmup, "iters": args.iters, "batch": args.batch, "latent_size": [height, width],
-                     "text_len": text_len, "cache": args.cache or "bundle", "guidance_scale": guidance, "seed": 0,
+                     "text_len": text_len, "xslim": args.xslim or "bundle", "guidance_scale": guidance, "seed": 0,
                      "device": "cpu", "device_time": False},
         **summarize(runs["engine"], config["num_layers"], args.batch),
         "prompt": None if args.prompt is None else summarize_prompt(runs["engine"], calls["engine"], args,
@@ -568,7 +568,7 @@ def report_table(report: dict) -> str:
     e, s = report["engine"], report["settings"]
     h, w = s["latent_size"]
     lines = [f"{e['path']}: {e['family']} {e['precision']}, {e['num_layers']} blocks, {len(report['steps'])} steps; "
-             f"batch {s['batch']}, latent {h}x{w}, text {s['text_len']}, cache {s['cache']}",
+             f"batch {s['batch']}, latent {h}x{w}, text {s['text_len']}, X-Slim {s['xslim']}",
              f"{s['iters']} timed generations after {s['warmup']} warm-up; host time from the runtime's events (ms); "
              "device time: not measured (CPU)", "", TABLE_HEADER]
     row = _table_row
@@ -660,7 +660,7 @@ def write_plot(report: dict, trace: dict, path: Path) -> None:
     for y, v in enumerate(values):
         ax_stages.text(v, y, f" {v:.2f} ms ({100 * v / whole['mean']:.1f}%)", va="center", fontsize=8)
 
-    # The median generation of the engine's plan as a timeline: steps coloured by cache level, stage calls below;
+    # The median generation of the engine's plan as a timeline: steps coloured by step level, stage calls below;
     # prompt mode: the median prompt-to-image call, its pipeline phases in the steps' lane.
     generations = [e for e in trace["traceEvents"] if e.get("cat") == ("image" if prompt else "generation") and e["tid"] == 1]
     median = sorted(generations, key=lambda e: e["dur"])[len(generations) // 2]
@@ -679,7 +679,7 @@ def write_plot(report: dict, trace: dict, path: Path) -> None:
             ax_steps.broken_barh([(start, dur)], (0.1, 0.8), color=colour, edgecolor="white", linewidth=0.3)
     ax_steps.set_yticks([0.5, 1.5], ["stage calls", "steps"])
     ax_steps.set_xlabel(f"ms since the start of the {'prompt-to-image call' if prompt else 'generation'} (median run)")
-    ax_steps.set_title("per-step timeline (colour: cache level)")
+    ax_steps.set_title("per-step timeline (colour: step level)")
     legend = {"prepare": "tab:gray", **{f"step: {level}": c for level, c in LEVEL_COLOURS.items()}, "stage: a block": "tab:blue",
               "stage: other": "tab:cyan"}
     if prompt:
@@ -804,7 +804,7 @@ def comparison_rows(report: dict) -> dict:
 
 def _settings_text(report: dict) -> str:
     s = report["settings"]
-    return f"batch {s['batch']}, history {s['history']}" if _family(report) == "lemur" else f"cache {s['cache']}"
+    return f"batch {s['batch']}, history {s['history']}" if _family(report) == "lemur" else f"X-Slim {s['xslim']}"
 
 
 def compare_table(a: dict, b: dict, path_a: Path, path_b: Path) -> str:

@@ -120,7 +120,7 @@ int main(int argc, char** argv) {
         slim_step_stats s = {sizeof(slim_step_stats)};
         slim_session_step_stats(session, i, &s);
         printf("  step %d: sigma %.4f -> %.4f, %d blocks%s, %.2f ms\n", i, s.sigma, s.sigma_next, s.blocks_run,
-               s.level == SLIM_STEP_SKIPPED_RANGE ? " (cached range skipped)"
+               s.level == SLIM_STEP_SKIPPED_RANGE ? " (block range skipped)"
                : s.level == SLIM_STEP_REUSED      ? " (stack reused)"
                                                   : "",
                s.ms);

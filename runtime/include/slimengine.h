@@ -184,14 +184,14 @@ typedef enum slim_family {
     SLIM_FAMILY_ONNX = 2   /* a plain ONNX model: slim_stage_run only */
 } slim_family;
 
-/* What the bundle's 1.x cached steps add in place of the cached block range. */
+/* What the bundle's 1.x skipping steps add in place of the skipped block range. */
 typedef enum slim_compensation {
-    SLIM_COMPENSATION_NONE = 0,    /* no cached range */
+    SLIM_COMPENSATION_NONE = 0,    /* no skipped range */
     SLIM_COMPENSATION_MLP = 1,     /* the compensate stage's output */
     SLIM_COMPENSATION_IDENTITY = 2 /* the recorded delta as it is */
 } slim_compensation;
 
-/* The bundle's default X-Slim policy (program.cache; docs/xslim.md). */
+/* The bundle's default X-Slim policy (program.xslim; docs/xslim.md). */
 typedef enum slim_xslim_mode {
     SLIM_XSLIM_NONE = 0,    /* none, or disabled */
     SLIM_XSLIM_ONLINE = 1,  /* decided each step from the accumulated change */
@@ -242,7 +242,7 @@ SLIM_API slim_status slim_engine_get_info(const slim_engine* engine, slim_engine
 /* One step of an SD3 bundle's sampling program (manifest program.steps[i]). */
 typedef struct slim_program_step {
     uint32_t struct_size; /* set by the caller: sizeof(slim_program_step) */
-    int32_t record_delta; /* 1: this step records the delta over the cached range (1.x) */
+    int32_t record_delta; /* 1: this step records the delta over the skipped range (1.x) */
     int32_t skip_range;   /* 1: this step skips the 1.x block range and adds the compensated delta */
     double sigma;         /* noise level at the step's start */
     double sigma_next;    /* and at its end */
@@ -324,7 +324,7 @@ typedef struct slim_generate_params {
     const uint64_t* seeds;      /* B seeds, one per row; NULL (default): seed + row */
     uint64_t seed;              /* default 0 */
     float guidance_scale;       /* < 0 (default): the bundle's default */
-    /* X-Slim (docs/xslim.md): the policy for this request as JSON text (the manifest's program.cache object, or "null" for
+    /* X-Slim (docs/xslim.md): the policy for this request as JSON text (the manifest's program.xslim object, or "null" for
      * none); NULL (default): xslim_threshold, then the bundle's policy. */
     const char* xslim_policy;
     float xslim_threshold; /* X-Slim step-level reuse with this threshold: < 0 (default) the bundle's policy, 0 off */
@@ -509,8 +509,8 @@ typedef enum slim_block_action {
     SLIM_BLOCK_RUN_KEEP_KV = 1, /* the same, keeping its image keys/values and residual for later token steps */
     SLIM_BLOCK_RUN_TOKENS = 2,  /* X-Slim token level: the block_N_tokens stage on the selected tokens */
     SLIM_BLOCK_REUSE = 3,       /* X-Slim block level: its residual from the last full step added */
-    SLIM_BLOCK_SKIP = 4,        /* nothing: inside the 1.x cached range, or a step reusing the whole stack */
-    SLIM_BLOCK_ADD_DELTA = 5    /* the last block of the 1.x cached range: the compensated delta added */
+    SLIM_BLOCK_SKIP = 4,        /* nothing: inside the 1.x skipped range, or a step reusing the whole stack */
+    SLIM_BLOCK_ADD_DELTA = 5    /* the last block of the 1.x skipped range: the compensated delta added */
 } slim_block_action;
 
 /* slim_session_set_profiling flags. */

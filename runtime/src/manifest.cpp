@@ -129,25 +129,47 @@ LemurConfig parse_lemur_config(const Value& root) {
     return cfg;
 }
 
-Program parse_program(const Value& root, const Sd3Config& cfg) {
+// The program keys format 3 renamed, as each format spells them (docs/bundle-format.md, "Legacy spellings"). A
+// manifest uses its own format's spelling: the other one is refused, not ignored.
+struct ProgramKeys {
+    const char* skip_blocks;  // the 1.x skipped range: [first, last] or null
+    const char* skip_range;   // per step: it skips that range
+    const char* xslim;        // the default X-Slim policy
+};
+constexpr ProgramKeys kProgramKeys3{"skip_blocks", "skip_range", "xslim"};
+constexpr ProgramKeys kProgramKeys2{"cache_blocks", "skip_cached_blocks", "cache"};
+
+void refuse_key(const Value& obj, const char* key, const std::string& where, int version, const char* own) {
+    if (obj.find(key))
+        bad(where + "." + key, "is the format " + std::to_string(version >= 3 ? 2 : 3) + " spelling; a format " + std::to_string(version) +
+                                   " manifest names it " + own);
+}
+
+Program parse_program(const Value& root, const Sd3Config& cfg, int version) {
     const Value& p = object_field(root, "program", "");
     const std::string w = "program";
+    const ProgramKeys& keys = version >= 3 ? kProgramKeys3 : kProgramKeys2;
+    const ProgramKeys& other = version >= 3 ? kProgramKeys2 : kProgramKeys3;
+    refuse_key(p, other.skip_blocks, w, version, keys.skip_blocks);
+    refuse_key(p, other.xslim, w, version, keys.xslim);
+    if (version >= 3) refuse_key(p, "step_cache", w, version, keys.xslim);  // format 2's older policy key
+    const std::string range_key = w + "." + keys.skip_blocks;
     if (string_field(p, "sampler", w) != "flow_match_euler") bad("program.sampler", "must be flow_match_euler");
     Program prog;
     prog.guidance_scale = static_cast<float>(number_field(p, "guidance_scale", w));
     if (prog.guidance_scale < 0) bad("program.guidance_scale", "must not be negative");
-    const Value& range = field(p, "cache_blocks", w);
+    const Value& range = field(p, keys.skip_blocks, w);
     if (!range.is_null()) {
-        if (range.kind != Value::Kind::Array || range.array.size() != 2) bad("program.cache_blocks", "must be null or [first, last]");
-        prog.skip_first = as_int(range.array[0], "program.cache_blocks.first", 0, cfg.num_layers - 2);
-        prog.skip_last = as_int(range.array[1], "program.cache_blocks.last", prog.skip_first, cfg.num_layers - 2);
+        if (range.kind != Value::Kind::Array || range.array.size() != 2) bad(range_key, "must be null or [first, last]");
+        prog.skip_first = as_int(range.array[0], range_key + ".first", 0, cfg.num_layers - 2);
+        prog.skip_last = as_int(range.array[1], range_key + ".last", prog.skip_first, cfg.num_layers - 2);
         const Value& comp = field(p, "compensation", w);
         if (comp.kind == Value::Kind::String && comp.string == "mlp")
             prog.compensation = Compensation::Mlp;
         else if (comp.kind == Value::Kind::String && comp.string == "identity")
             prog.compensation = Compensation::Identity;
         else
-            bad("program.compensation", "must be \"mlp\" or \"identity\" when cache_blocks is set");
+            bad("program.compensation", std::string("must be \"mlp\" or \"identity\" when ") + keys.skip_blocks + " is set");
     }
     const Value& steps = array_field(p, "steps", w);
     if (steps.array.empty() || steps.array.size() > 10000) bad("program.steps", "must hold 1 to 10000 steps");
@@ -156,18 +178,18 @@ Program parse_program(const Value& root, const Sd3Config& cfg) {
         const Value& s = steps.array[i];
         std::string sw = "program.steps[" + std::to_string(i) + "]";
         if (s.kind != Value::Kind::Object) bad(sw, "must be an object");
+        refuse_key(s, other.skip_range, sw, version, keys.skip_range);
         StepPlan step{number_field(s, "sigma", sw), number_field(s, "sigma_next", sw), number_field(s, "timestep", sw),
-                      bool_field(s, "record_delta", sw), bool_field(s, "skip_cached_blocks", sw)};
-        if ((step.record_delta || step.skip_range) && prog.skip_first < 0)
-            bad(sw, "uses the cached range but program.cache_blocks is null");
-        if (step.record_delta && step.skip_range) bad(sw, "cannot both record and skip the cached range");
-        if (step.skip_range && !recorded) bad(sw, "skips the cached range before any step recorded it");
+                      bool_field(s, "record_delta", sw), bool_field(s, keys.skip_range, sw)};
+        if ((step.record_delta || step.skip_range) && prog.skip_first < 0) bad(sw, "uses the skipped range but " + range_key + " is null");
+        if (step.record_delta && step.skip_range) bad(sw, "cannot both record the skipped range and skip it");
+        if (step.skip_range && !recorded) bad(sw, "skips the range before any step recorded it");
         recorded = recorded || step.record_delta;
         prog.steps.push_back(step);
     }
-    if (const Value* cache = p.find("cache")) {
-        prog.xslim = parse_policy(*cache, prog.steps.size(), "program.cache");
-    } else if (const Value* legacy = p.find("step_cache"); legacy && !legacy->is_null()) {  // bundles before the block/token levels
+    if (const Value* xslim = p.find(keys.xslim)) {
+        prog.xslim = parse_policy(*xslim, prog.steps.size(), w + "." + keys.xslim);
+    } else if (const Value* legacy = p.find("step_cache"); legacy && !legacy->is_null()) {  // format 2, before block/token levels
         if (legacy->kind != Value::Kind::Object) bad("program.step_cache", "must be null or an object");
         prog.xslim.enabled = true;
         prog.xslim.early_warning = number_field(*legacy, "threshold", "program.step_cache");
@@ -178,7 +200,7 @@ Program parse_program(const Value& root, const Sd3Config& cfg) {
 }
 
 // The format and its version, read before anything else (and before the digest, which format 1 lacks).
-void check_format(const Value& root) {
+int check_format(const Value& root) {
     if (root.kind != Value::Kind::Object) bad("", "root must be an object");
     if (string_field(root, "format", "") != "slimengine-bundle") bad(".format", "must be \"slimengine-bundle\"");
     int version = int_field(root, "format_version", "", 0, 1 << 30);
@@ -186,9 +208,12 @@ void check_format(const Value& root) {
         throw Error(SLIM_ERR_BUNDLE,
                     "this bundle is format 1, which this runtime no longer reads (no stage roles or digest); re-export it: "
                     "export-engine CHECKPOINT -o NAME.engine --force");
-    if (version != kBundleFormatVersion)
+    if (version < kOldestBundleFormatVersion || version > kBundleFormatVersion) {
+        const std::string readable = std::to_string(kOldestBundleFormatVersion) + " to " + std::to_string(kBundleFormatVersion);
         bad("unsupported bundle format version " + std::to_string(version),
-            "(this runtime reads version " + std::to_string(kBundleFormatVersion) + "); re-export the bundle or update slimengine");
+            "(this runtime reads versions " + readable + "); re-export the bundle or update slimengine");
+    }
+    return version;
 }
 
 // The header fields, and the family's own config and program.
@@ -205,7 +230,7 @@ void parse_family(const Value& root, Manifest& m) {
     if (m.family == "sd3") {
         m.kind = Family::Sd3;
         m.config = parse_config(root);
-        m.program = parse_program(root, m.config);
+        m.program = parse_program(root, m.config, m.format_version);
     } else if (m.family == "lemur") {
         m.kind = Family::Lemur;
         // int8 stages take and give float32 like fp32 ones (docs/int8.md)
@@ -376,14 +401,16 @@ Manifest load_manifest(const BundleDir& dir) {
         root = json::parse(m.text);
     } catch (const json::ParseError& e) { throw Error(SLIM_ERR_BUNDLE, path + ": " + e.what()); }
     try {
-        check_format(root);
+        m.format_version = check_format(root);
     } catch (const FieldError& e) { throw Error(SLIM_ERR_BUNDLE, std::string("manifest: ") + e.what()); }
     // The digest, before any field is believed: "<64 hex>  manifest.json\n", as sha256sum writes it.
     const std::string digest_path = dir.path() + "/" + kDigestFile;
     std::string line;
     try {
         line = dir.read(kDigestFile, 1024);
-    } catch (const Error& e) { throw Error(SLIM_ERR_BUNDLE, e.what() + std::string(" (a format 2 bundle has one; re-export the bundle)")); }
+    } catch (const Error& e) {
+        throw Error(SLIM_ERR_BUNDLE, e.what() + std::string(" (a bundle of format 2 or later has one; re-export the bundle)"));
+    }
     const std::string expected_tail = std::string("  ") + kManifestFile + "\n";
     if (line.size() != 64 + expected_tail.size() || line.compare(64, std::string::npos, expected_tail) != 0 ||
         line.find_first_not_of("0123456789abcdef") < 64)

@@ -10,7 +10,10 @@
 
 namespace slim {
 
-constexpr int kBundleFormatVersion = 2;
+// The format export-engine writes. Format 2 (program keys spelt the old way: docs/bundle-format.md, "Legacy
+// spellings") is still read; format 1 is refused with a line saying how to re-export.
+constexpr int kBundleFormatVersion = 3;
+constexpr int kOldestBundleFormatVersion = 2;
 // The custom-op library a bundle may name: the runtime's own, found beside libslimengine.so.
 constexpr const char* kCustomOpLibrary = "libslimengine_ops.so";
 constexpr const char* kCustomOpLibraryCuda = "libslimengine_ops_cuda.so";  // the runtime's stand-in for it on CUDA
@@ -46,13 +49,13 @@ enum class Compensation { None, Mlp, Identity };
 
 struct StepPlan {
     double sigma, sigma_next, timestep;
-    bool record_delta;  // record Δ over the cached range (1.x step 1)
-    bool skip_range;    // skip the cached range and add the compensated Δ
+    bool record_delta;  // record Δ over the skipped range (1.x step 1)
+    bool skip_range;    // skip the range and add the compensated Δ
 };
 
 struct Program {
     float guidance_scale;
-    int skip_first = -1, skip_last = -1;  // inclusive range, -1 when the plan caches nothing
+    int skip_first = -1, skip_last = -1;  // the skipped range (1.x), inclusive; -1 when the plan skips nothing
     Compensation compensation = Compensation::None;
     XSlimPolicy xslim;  // the default X-Slim policy; disabled when the bundle sets none
     std::vector<StepPlan> steps;
@@ -94,8 +97,9 @@ struct FileEntry {
 };
 
 struct Manifest {
-    std::string text;    // the file as read, for slim_engine_manifest
-    std::string digest;  // sha256 of `text`, as manifest.sha256 states it
+    std::string text;        // the file as read, for slim_engine_manifest
+    std::string digest;      // sha256 of `text`, as manifest.sha256 states it
+    int format_version = 0;  // kOldestBundleFormatVersion to kBundleFormatVersion (0: a plain ONNX model)
     std::string family, precision;
     Family kind = Family::Sd3;
     Sd3Config config{};   // family sd3

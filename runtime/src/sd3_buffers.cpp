@@ -32,12 +32,12 @@ bool Sd3Buffers::size_for(const DeviceAllocator& a, const Sd3Config& c, const Re
     size(stack.k_scratch, any_kv, img);
     size(stack.v_scratch, any_kv, img);
 
-    // 1.x range cache.
-    const bool range_cached = program.skip_first >= 0;
-    size(range.delta_img, range_cached, img);
-    size(range.delta_txt, range_cached, txt);
-    size(range.comp_img, range_cached && program.compensation == Compensation::Mlp, img);
-    size(range.comp_txt, range_cached && program.compensation == Compensation::Mlp, txt);
+    // 1.x: the skipped range's Δ and its compensation.
+    const bool range_skipped = program.skip_first >= 0;
+    size(range.delta_img, range_skipped, img);
+    size(range.delta_txt, range_skipped, txt);
+    size(range.comp_img, range_skipped && program.compensation == Compensation::Mlp, img);
+    size(range.comp_txt, range_skipped && program.compensation == Compensation::Mlp, txt);
     range.compensated = false;
 
     // X-Slim caches: what full steps record for the levels this policy uses.

@@ -56,7 +56,7 @@ struct StackBuffers {
     DeviceBuffer k_scratch, v_scratch;  // [Bm, N, D]: keys/values a block outputs that this step does not keep
 };
 
-// 1.x: Δ over the cached block range, recorded by a step and added (compensated) by later steps.
+// 1.x: Δ over the skipped block range, recorded by a step and added (compensated) by later steps.
 struct RangeDelta {
     DeviceBuffer delta_img, delta_txt;  // the range's input while a step records; then Δ, computed in place
     DeviceBuffer comp_img, comp_txt;    // MLP compensation: the compensate stage's output, once per recorded Δ

@@ -8,7 +8,7 @@
 namespace slim {
 namespace {
 
-int step_level(Level level, bool cached_range) {
+int step_level(Level level, bool skipped_range) {
     switch (level) {
         case Level::Skip:
             return SLIM_STEP_REUSED;
@@ -17,7 +17,7 @@ int step_level(Level level, bool cached_range) {
         case Level::Token:
             return SLIM_STEP_TOKEN_REFRESH;
         default:
-            return cached_range ? SLIM_STEP_SKIPPED_RANGE : SLIM_STEP_FULL;
+            return skipped_range ? SLIM_STEP_SKIPPED_RANGE : SLIM_STEP_FULL;
     }
 }
 
@@ -270,7 +270,7 @@ GenerateStats Sd3Runner::totals() const {
 // ---- the executor's pieces ----
 
 // Where a stage writes the hidden states that `next_block` reads: the other ping-pong buffers, except
-// for the inputs a step keeps: the stack's input (X-Slim full step) and the cached range's input (1.x
+// for the inputs a step keeps: the stack's input (X-Slim full step) and the skipped range's input (1.x
 // recording step) go straight into their caches' buffers, so nothing is copied.
 Sd3Runner::Hidden Sd3Runner::output_for(int next_block, const StepActions& a, Hidden h) {
     StackBuffers& stack = buffers_.stack;
@@ -349,7 +349,7 @@ Sd3Runner::Hidden Sd3Runner::run_tokens(int b, const StepActions& a, Hidden h) {
     return last ? Hidden{out.img, h.txt} : out;
 }
 
-// The end of the 1.x cached range: its compensated Δ added in place (the compensate stage, inputs
+// The end of the 1.x skipped range: its compensated Δ added in place (the compensate stage, inputs
 // delta_img, delta_txt, outputs comp_img, comp_txt, runs once per recorded Δ).
 Sd3Runner::Hidden Sd3Runner::add_delta(Hidden h) {
     RangeDelta& range = buffers_.range;

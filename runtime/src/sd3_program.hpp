@@ -131,7 +131,7 @@ class Sd3Runner final : public Runner {
     RequestDims dims_;
     float guidance_ = 1.0f;
     double flops_ = 0;
-    const DeviceBuffer* range_input_img_ = nullptr;  // where the recording step kept the cached range's image input
+    const DeviceBuffer* range_input_img_ = nullptr;  // where the recording step kept the skipped range's image input
 
     std::vector<StepStats> steps_;
     double backend_ms_ = 0;

@@ -20,8 +20,8 @@ enum class BlockAction : int32_t {
     RunKeepKV = SLIM_BLOCK_RUN_KEEP_KV,  // the same, keeping its image keys/values and residual for token steps
     RunTokens = SLIM_BLOCK_RUN_TOKENS,   // X-Slim token level: the block's token stage on the selected tokens
     Reuse = SLIM_BLOCK_REUSE,            // X-Slim block level: its residual from the last full step added
-    Skip = SLIM_BLOCK_SKIP,              // nothing: inside the 1.x cached range, or the whole stack reused
-    AddDelta = SLIM_BLOCK_ADD_DELTA,     // the 1.x cached range's last block: the compensated delta added
+    Skip = SLIM_BLOCK_SKIP,              // nothing: inside the 1.x skipped range, or the whole stack reused
+    AddDelta = SLIM_BLOCK_ADD_DELTA,     // the 1.x skipped range's last block: the compensated delta added
 };
 
 // Which stages each joint block has (read once from the engine, sd3_program.cpp).

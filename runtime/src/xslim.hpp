@@ -1,4 +1,4 @@
-// X-Slim: the reuse policy (program.cache in the manifest, or a request's policy JSON) and the
+// X-Slim: the reuse policy (program.xslim in the manifest, or a request's policy JSON) and the
 // controller's decisions. export/xslim.py is the reference; docs/xslim.md describes the rules.
 #pragma once
 

@@ -1,4 +1,4 @@
-"""slimengine: compiled deployment of few-step, cache-accelerated SD3 transformers.
+"""slimengine: compiled deployment of few-step, reuse-accelerated SD3 transformers.
 
     import slimengine as se
     session = se.open_engine("sd3m.engine").session()

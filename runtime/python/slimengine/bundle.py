@@ -1,4 +1,4 @@
-"""What an engine bundle is on disk (format 2, docs/bundle-format.md): file names, the manifest's digest
+"""What an engine bundle is on disk (format 3, docs/bundle-format.md): file names, the manifest's digest
 line and strict reading of manifest JSON. Torch-free: the runtime, the exporter and the tools share it."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 import math
 
 FORMAT = "slimengine-bundle"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # what export writes; the runtime also reads format 2 (its legacy program keys)
 MANIFEST = "manifest.json"
 DIGEST = "manifest.sha256"  # "<sha256 of manifest.json's bytes>  manifest.json\n", as sha256sum writes it
 # Stage roles (the runtime binds stages by role, never by name); block and block_tokens also carry `block`.

@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=float, help="CFG scale (default: the bundle's; <= 1: no CFG)")
     gen.add_argument("--steps", type=int, help="a plain plan of that many steps with the pipeline's scheduler shift (default: "
                                                "the bundle's program)")
-    gen.add_argument("--cache", help='X-Slim policy override: "none" or a spec such as "xslim:step=0.1" (default: the bundle\'s)')
+    gen.add_argument("--xslim", help='X-Slim policy override: "none" or a spec such as "xslim:step=0.1" (default: the bundle\'s)')
     gen.add_argument("--device", default="cpu", help='"cpu" (default) or "cuda[:N]"')
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")
     bank = commands.add_parser("bank", help="LEMUR memory bank maintenance").add_subparsers(dest="bank_command", metavar="ACTION",
@@ -151,14 +151,14 @@ def generate(args: argparse.Namespace) -> int:
             in_runtime = True
             try:
                 result = session.generate(prompt=args.prompt, negative_prompt=args.negative, seed=args.seed, height=height,
-                                          width=width, guidance_scale=args.guidance, num_steps=args.steps, cache=args.cache,
+                                          width=width, guidance_scale=args.guidance, num_steps=args.steps, xslim=args.xslim,
                                           progress=progress)
             finally:
                 in_runtime = False
             if interrupted:  # after the last callback
                 raise KeyboardInterrupt
         write_file_atomically(args.output, lambda tmp: result.pil().save(tmp, format="PNG"))
-    except (ValueError, TypeError) as e:  # out of the bundle's range (--size, --cache), or the output path changed: a usage error
+    except (ValueError, TypeError) as e:  # out of the bundle's range (--size, --xslim), or the output path changed: a usage error
         print(f"slimengine generate: {e}", file=sys.stderr)
         return 2
     except (SlimError, OSError, ImportError) as e:

@@ -18,9 +18,9 @@ import numpy as np
 from . import _native
 from ._native import Event, GenerateStats, LemurStats, NamedTensor, SlimTensor, StageStats, StepStats, c_path, c_string
 from .bundle import VERIFY_LEVELS, loads_strict
-from .xslim_policy import XSlimPolicy, parse_cache_spec
+from .xslim_policy import XSlimPolicy, parse_xslim_spec
 
-STEP_LEVELS = ("full", "cached_range", "reused", "block_refresh", "token_refresh")  # slim_step_level
+STEP_LEVELS = ("full", "skipped_range", "reused", "block_refresh", "token_refresh")  # slim_step_level
 EVENT_KINDS = ("generation", "prepare", "step", "stage", "bank", "block", "tokenize", "decode", "image")  # slim_event_kind
 BLOCK_ACTIONS = ("run", "run_keep_kv", "run_tokens", "reuse", "skip", "add_delta")  # slim_block_action
 PROFILE_ON, PROFILE_BLOCKS = 1, 2  # slim_session_set_profiling flags
@@ -434,14 +434,14 @@ class Engine(_Closable):
         self.config = self.manifest.get("config", {})  # a plain ONNX engine has none
         # config.default_latent_size is checked by the runtime at open (optional; info.default_latent_size is 0 without it)
 
-    def policy_json(self, cache, num_steps: int | None = None) -> str:
-        """An X-Slim policy for slim_generate's cache_policy: "none", a spec string, an XSlimPolicy or its dict;
+    def policy_json(self, xslim, num_steps: int | None = None) -> str:
+        """An X-Slim policy for slim_generate's xslim_policy: "none", a spec string, an XSlimPolicy or its dict;
         a schedule is checked against the program's steps (or `num_steps`, a plan override's)."""
-        if isinstance(cache, str):
-            cache = parse_cache_spec(cache, steps=num_steps or len(self.manifest["program"]["steps"]))
-        if isinstance(cache, XSlimPolicy):
-            cache = cache.to_manifest()
-        return json.dumps(cache)
+        if isinstance(xslim, str):
+            xslim = parse_xslim_spec(xslim, steps=num_steps or len(self.manifest["program"]["steps"]))
+        if isinstance(xslim, XSlimPolicy):
+            xslim = xslim.to_manifest()
+        return json.dumps(xslim)
 
     def tokenize(self, role: str, prompt: str) -> np.ndarray:
         """The int64 ids of `prompt` by the bundle's tokenizer `role` (see tokenizer_roles): exactly the ids transformers'
@@ -522,15 +522,15 @@ class Session(_Closable):
 
     def generate(self, prompt_embeds=None, pooled_embeds=None, *, prompt=None, negative_prompt=None, seed=0, latents=None,
                  negative_prompt_embeds=None, negative_pooled_embeds=None, guidance_scale: float | None = None,
-                 height: int | None = None, width: int | None = None, step_cache_threshold: float | None = None, cache=None,
+                 height: int | None = None, width: int | None = None, xslim_threshold: float | None = None, xslim=None,
                  num_steps: int | None = None, shift: float | None = None, progress=None) -> GenerateResult | ImageResult:
         """Run the bundle's sampling program. `latents` (float32 [B,C,H,W]) replaces seeded noise; otherwise
         height/width (latent pixels) default to the bundle's default size (required when its manifest states none).
         `seed`: an int (row b draws its noise from seed + b) or one int per row (a list, tuple or 1-d array); a row's
         noise depends on its seed alone, so each row is the image that row gives generated alone with that seed (unless
         an online X-Slim policy reuses work: its decisions look at the whole batch).
-        `cache` overrides the bundle's X-Slim policy: "none", a spec ("xslim:step=0.1,critical=0.3", see export-engine --help) or an
-        XSlimPolicy; `step_cache_threshold` alone asks for step-level reuse with that line (0: off).
+        `xslim` overrides the bundle's X-Slim policy: "none", a spec ("xslim:step=0.1,critical=0.3", see export-engine --help) or an
+        XSlimPolicy; `xslim_threshold` alone asks for step-level reuse with that line (0: off).
         `num_steps` replaces the program by a plain plan on the same stages: that many steps with
         diffusers' scheduler sigmas for `shift` (default: the bundle's pipeline scheduler shift, else 3.0), every
         block every step.
@@ -552,7 +552,7 @@ class Session(_Closable):
                 raise TypeError("generate: give prompt (text) or prompt_embeds/pooled_embeds (embeddings), not both")
             with self._gate.call():
                 return self._generate_prompt(prompt, negative_prompt, seed=seed, latents=latents, guidance_scale=guidance_scale,
-                                             height=height, width=width, step_cache_threshold=step_cache_threshold, cache=cache,
+                                             height=height, width=width, xslim_threshold=xslim_threshold, xslim=xslim,
                                              num_steps=num_steps, shift=shift, progress=progress)
         if negative_prompt is not None:
             raise TypeError("generate: negative_prompt goes with prompt (text); with embeddings give negative_prompt_embeds")
@@ -560,11 +560,11 @@ class Session(_Closable):
             return self._generate(prompt_embeds, pooled_embeds, seed=seed, latents=latents,
                                   negative_prompt_embeds=negative_prompt_embeds, negative_pooled_embeds=negative_pooled_embeds,
                                   guidance_scale=guidance_scale, height=height, width=width,
-                                  step_cache_threshold=step_cache_threshold, cache=cache, num_steps=num_steps, shift=shift,
+                                  xslim_threshold=xslim_threshold, xslim=xslim, num_steps=num_steps, shift=shift,
                                   progress=progress)
 
     def _generate(self, prompt_embeds, pooled_embeds, *, seed, latents, negative_prompt_embeds, negative_pooled_embeds, guidance_scale,
-                  height, width, step_cache_threshold, cache, num_steps, shift, progress) -> GenerateResult:
+                  height, width, xslim_threshold, xslim, num_steps, shift, progress) -> GenerateResult:
         """generate() with embeddings; the caller holds the session's gate."""
         lib = _native.lib()
         if self._engine.manifest.get("family") != "sd3":
@@ -588,14 +588,14 @@ class Session(_Closable):
         params.seeds = seeds
         if guidance_scale is not None:  # None: the bundle's (C's sentinel is any negative value)
             params.guidance_scale = _real(guidance_scale, "guidance_scale", 0)
-        if step_cache_threshold is not None:  # None: the bundle's policy
-            params.xslim_threshold = _real(step_cache_threshold, "step_cache_threshold", 0)
+        if xslim_threshold is not None:  # None: the bundle's policy
+            params.xslim_threshold = _real(xslim_threshold, "xslim_threshold", 0)
         if num_steps is not None:
             params.num_steps = _integer(num_steps, "num_steps", 1, MAX_STEPS)
         if shift is not None:
             params.shift = _real(shift, "shift", 0, above=True)
-        if cache is not None:
-            params.xslim_policy = c_string(self._engine.policy_json(cache, num_steps), "cache")
+        if xslim is not None:
+            params.xslim_policy = c_string(self._engine.policy_json(xslim, num_steps), "xslim")
         out = np.empty(shape, dtype=np.float32)
         tensors = {k: _TensorArg(v) for k, v in args.items() if v is not None}
         for name, t in tensors.items():
@@ -609,7 +609,7 @@ class Session(_Closable):
         _check_progress(status, raised)
         return GenerateResult(latents=out, stats=self._stats(stats), events=self._events())
 
-    def _generate_prompt(self, prompt, negative_prompt, *, seed, latents, guidance_scale, height, width, step_cache_threshold, cache,
+    def _generate_prompt(self, prompt, negative_prompt, *, seed, latents, guidance_scale, height, width, xslim_threshold, xslim,
                          num_steps, shift, progress) -> ImageResult:
         """Prompt to image through slim_generate_prompt (docs/pipeline.md); the caller holds the session's gate."""
         lib, engine = _native.lib(), self._engine
@@ -645,14 +645,14 @@ class Session(_Closable):
         params.seeds = seeds
         if guidance_scale is not None:  # None: the bundle's
             params.guidance_scale = _real(guidance_scale, "guidance_scale", 0)
-        if step_cache_threshold is not None:
-            params.xslim_threshold = _real(step_cache_threshold, "step_cache_threshold", 0)
+        if xslim_threshold is not None:
+            params.xslim_threshold = _real(xslim_threshold, "xslim_threshold", 0)
         if num_steps is not None:
             params.num_steps = _integer(num_steps, "num_steps", 1, MAX_STEPS)
         if shift is not None:  # None: the pipeline's scheduler shift (the runtime's 0)
             params.shift = _real(shift, "shift", 0, above=True)
-        if cache is not None:
-            params.xslim_policy = c_string(engine.policy_json(cache, num_steps), "cache")
+        if xslim is not None:
+            params.xslim_policy = c_string(engine.policy_json(xslim, num_steps), "xslim")
         latents_arg = _TensorArg(latents) if latents is not None else None
         if latents_arg is not None:
             params.latents = latents_arg.pointer()

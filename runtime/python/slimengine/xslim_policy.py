@@ -1,4 +1,4 @@
-"""X-Slim cache policies: the policy a bundle or a request carries, its spec strings
+"""X-Slim policies (training-free reuse): the policy a bundle or a request carries, its spec strings
 ("xslim:step=0.1,critical=0.3", SPEC_HELP) and schedule files, and their validation.
 
 Torch-free and exporter-free: the runtime binding (Engine.policy_json) and the exporter
@@ -153,13 +153,13 @@ def load_schedule(path: str | Path, mode: str | None = None, steps: int | None =
     return schedule
 
 
-def parse_cache_spec(text: str, steps: int | None = None) -> XSlimPolicy | None:
+def parse_xslim_spec(text: str, steps: int | None = None) -> XSlimPolicy | None:
     """'none' -> None; 'xslim:...' (see SPEC_HELP) -> a validated XSlimPolicy."""
     if text == "none":
         return None
     kind, _, options = text.partition(":")
     if kind != "xslim":
-        raise ValueError(f"unknown cache policy '{excerpt(kind)}' (expected {SPEC_HELP})")
+        raise ValueError(f"unknown X-Slim policy '{excerpt(kind)}' (expected {SPEC_HELP})")
     numbers = {"step": ("early_warning", float), "critical": ("critical", float), "ratio": ("sample_ratio", float),
                "block": ("block_threshold", float), "first": ("first_blocks", int), "warmup": ("warmup_steps", int)}
     values, schedule_file, mode = {}, None, None
@@ -176,9 +176,9 @@ def parse_cache_spec(text: str, steps: int | None = None) -> XSlimPolicy | None:
             try:
                 values[name] = convert(value)
             except ValueError:
-                raise ValueError(f"cache option {excerpt(key)}='{excerpt(value)}' is not a number") from None
+                raise ValueError(f"X-Slim option {excerpt(key)}='{excerpt(value)}' is not a number") from None
         else:
-            raise ValueError(f"cache option '{excerpt(key)}' is not supported (expected {SPEC_HELP})")
+            raise ValueError(f"X-Slim option '{excerpt(key)}' is not supported (expected {SPEC_HELP})")
     if schedule_file is not None:
         online = {"early_warning", "critical", "refresh", "warmup_steps"} & set(values)
         if online:
@@ -187,7 +187,7 @@ def parse_cache_spec(text: str, steps: int | None = None) -> XSlimPolicy | None:
     elif mode is not None:
         raise ValueError("mode= selects an entry of a schedule file: pass schedule=FILE too")
     elif "early_warning" not in values and "critical" not in values:
-        raise ValueError("xslim needs step=T (the early-warning line) or schedule=FILE, e.g. --cache xslim:step=0.1,critical=0.3")
+        raise ValueError("xslim needs step=T (the early-warning line) or schedule=FILE, e.g. --xslim xslim:step=0.1,critical=0.3")
     policy = XSlimPolicy(**values)
     policy.validate(steps if schedule_file is not None else None)
     return policy

@@ -155,21 +155,21 @@ class SD3Model(_Model):
 
     kind = "sd3"
     output_name = "latents"
-    SETTINGS = ("guidance_scale", "num_steps", "shift", "height", "width", "step_cache_threshold", "cache")
+    SETTINGS = ("guidance_scale", "num_steps", "shift", "height", "width", "xslim_threshold", "xslim")
 
     def initialize(self, args: dict) -> None:
         super().initialize(args)
-        self.bundle_cache = self.engine.manifest["program"].get("cache")
+        self.bundle_xslim = self.engine.info.xslim != "none"  # the bundle has a default X-Slim policy
 
     def parse(self, request) -> dict:
         p = {name: self._input(request, name) for name in ("prompt_embeds", "pooled_embeds", "negative_prompt_embeds",
                                                            "negative_pooled_embeds", "initial_latents")}
         p["seed"] = self._scalar(request, "seed") or 0
         p.update({name: self._scalar(request, name) for name in self.SETTINGS})
-        cache = p["cache"]
-        if cache is not None and "schedule=" in cache:
-            raise RequestError("cache: a schedule file is read on the server, so a request cannot name one; put the schedule in "
-                               "the bundle (export-engine --cache xslim:schedule=...) and leave `cache` out")
+        xslim = p["xslim"]
+        if xslim is not None and "schedule=" in xslim:
+            raise RequestError("xslim: a schedule file is read on the server, so a request cannot name one; put the schedule in "
+                               "the bundle (export-engine --xslim xslim:schedule=...) and leave `xslim` out")
         p["rows"] = p["prompt_embeds"].shape[0]
         for name in ("pooled_embeds", "negative_prompt_embeds", "negative_pooled_embeds", "initial_latents"):
             if p[name] is not None and p[name].shape[0] != p["rows"]:
@@ -178,11 +178,11 @@ class SD3Model(_Model):
 
     def _adaptive(self, p: dict) -> bool:
         """True when an online X-Slim policy (decisions over the whole batch) applies to this request."""
-        if p["cache"] is not None:
-            return p["cache"] != "none"
-        if p["step_cache_threshold"] is not None:
-            return p["step_cache_threshold"] > 0
-        return self.bundle_cache is not None
+        if p["xslim"] is not None:
+            return p["xslim"] != "none"
+        if p["xslim_threshold"] is not None:
+            return p["xslim_threshold"] > 0
+        return self.bundle_xslim
 
     def group_key(self, p: dict):
         if self._adaptive(p):

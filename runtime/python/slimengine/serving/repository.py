@@ -100,7 +100,7 @@ def _io(spec: ModelSpec) -> tuple[list[str], list[str]]:
                   _tensor("seed", "UINT64", [1], True), _tensor("guidance_scale", "FP32", [1], True),
                   _tensor("num_steps", "INT32", [1], True), _tensor("shift", "FP32", [1], True),
                   _tensor("height", "INT32", [1], True), _tensor("width", "INT32", [1], True),
-                  _tensor("step_cache_threshold", "FP32", [1], True), _tensor("cache", "STRING", [1], True)]
+                  _tensor("xslim_threshold", "FP32", [1], True), _tensor("xslim", "STRING", [1], True)]
         outputs = [_tensor("latents", "FP32", [c["out_channels"], -1, -1])]
     elif spec.kind == "lemur_embed":
         s = c["image_size"]
