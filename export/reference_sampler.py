@@ -68,7 +68,7 @@ class StepActions:
     level: str  # full | skip | block | token
     keep: int  # image tokens each block computes (all of them unless a token step)
     reuse_stack: bool  # skip level: the last stack residual added to the stack's input, no block run
-    record_stack: bool  # X-Slim full step: the stack residual recorded (update_caches)
+    record_stack: bool  # X-Slim full step: the stack residual recorded (record_for_reuse)
     record_blocks: bool  # ... and each run block's residual and change score (block and token levels)
     range_first: int | None  # 1.x recording step: the input of this block is kept, and after
     range_last: int | None  # ... this block delta = its output - that input
@@ -160,7 +160,7 @@ def execute(model: DistilledSD3, plan: SamplingPlan, actions: StepActions, x_in,
     return stack_in, img, model.final(img, temb, x_in)
 
 
-def update_caches(actions: StepActions, step: int, stack_in, stack_out, caches: Caches, controller: Controller | None) -> None:
+def record_for_reuse(actions: StepActions, step: int, stack_in, stack_out, caches: Caches, controller: Controller | None) -> None:
     """X-Slim after a full step: the stack residual and the controller's change rate."""
     if actions.record_stack:
         caches.residuals = (caches.residuals + [stack_out - stack_in])[-2:]
@@ -219,7 +219,7 @@ def reference_generate(
         actions = plan_step(plan, step, level, model.num_layers, token_blocks, N, controller, caches)
         ratio = controller.ratio(step) if level == "token" else 1.0
         stack_in, stack_out, v = execute(model, plan, actions, x_in, t, pooled, text, caches, ratio)
-        update_caches(actions, step, stack_in, stack_out, caches, controller)
+        record_for_reuse(actions, step, stack_in, stack_out, caches, controller)
         x = euler_cfg(x, v, sigma, sigma_next, guidance, cfg)
         for action in actions.blocks:  # summed block by block, as the runtime does
             if action.startswith("run"):

@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     parser.add_argument("--embed-dim", type=int, help="override the document embedding width")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    try:  # before any work: never a device, FIFO, socket, directory or a link to nothing (README.md, "Output files")
+    try:  # before any work: never a device, FIFO, socket, directory or a link to nothing (docs/export.md, "Output files")
         output_file(args.output, parents=True)
     except OutputPathError as e:
         parser.error(str(e))

@@ -298,7 +298,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.output.suffix != ".safetensors":
         parser.error("the output must be a .safetensors file")
-    try:  # before any work: never a device, FIFO, socket, directory or a link to nothing (README.md, "Output files")
+    try:  # before any work: never a device, FIFO, socket, directory or a link to nothing (docs/export.md, "Output files")
         output_file(args.output, parents=True)
     except OutputPathError as e:
         parser.error(str(e))

@@ -5,7 +5,7 @@
 // [0, tokens) (no out-of-bounds access; the CPU versions return false instead).
 // Built wherever nvcc exists (CMake option SLIM_CUDA); checked against the CPU versions on a GPU by
 // kernels/tests/cuda_kernel_check.cu. The runtime calls them through its CUDA device interface
-// (runtime/src/device_ops_cuda.cpp), compiled but not yet run on a GPU (see README, "GPU").
+// (runtime/src/device_ops_cuda.cpp), compiled but not yet run on a GPU (see docs/gpu.md).
 #pragma once
 
 #include <cuda_runtime.h>

@@ -1,7 +1,7 @@
 // DeviceOps on a CUDA device: the kernels of kernels/cuda on device buffers, on one stream of this
 // object's own. Built as libslimengine_device_cuda.so wherever nvcc exists (the CPU-only library does
 // not link CUDA); the runtime loads it when an engine runs on CUDA (device_ops_cpu.cpp, make_cuda_ops).
-// COMPILED ONLY: no GPU has run it yet (README, "GPU").
+// COMPILED ONLY: no GPU has run it yet (docs/gpu.md).
 //
 // Ordering with ONNX Runtime: the CUDA execution provider runs each stage on its own stream and, by
 // default, synchronizes it before Run returns, so a stage's outputs are complete when these kernels

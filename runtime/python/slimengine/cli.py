@@ -9,7 +9,7 @@ with --force, a repository directory, too).
 (docs/pipeline.md). Exit status 0, 1 on failure (a bundle without pipeline stages too), 2 usage.
 `slimengine bank repair PATH` rewrites a damaged LEMUR memory bank with every id it can prove live
 (docs/memory-bank.md, Repair). Exit status 0, 1 on failure, 2 usage.
-Outputs are written only where a command may write (staging.output_file; README.md, "Output files").
+Outputs are written only where a command may write (staging.output_file; docs/export.md, "Output files").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Writing outputs atomically, and only where a command may write (README.md, "Output files").
+"""Writing outputs atomically, and only where a command may write (docs/export.md, "Output files").
 
 A file (`write_file_atomically`) is written to a hidden temporary beside it, synced and renamed over it. A directory
 is built in a hidden `.NAME.tmp-PID/` sibling of its destination, then renamed into place (`publish`). Torch-free:
