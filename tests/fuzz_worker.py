@@ -592,7 +592,7 @@ class AbiFuzz:
         self.writer.upsert(np.arange(10), np.random.default_rng(0).standard_normal((10, 32)).astype(np.float32), model_version=7)
         self.reader = se.MemoryBank(folder / "w.bank", read_only=True)
         self.narrow = se.MemoryBank(folder / "narrow.bank", 16)
-        self.banks = {"writer": self.writer._handle, "reader": self.reader._handle, "narrow": self.narrow._handle, "null": None}
+        self.banks = {"writer": address(self.writer), "reader": address(self.reader), "narrow": address(self.narrow), "null": None}
         self.args = args
         self.calls = ["generate"] * 6 + ["embed"] * 4 + ["score"] * 4 + ["upsert", "delete", "lookup", "lookup", "refresh", "flush",
                                                                             "stage_run", "stage_run", "stage_run", "stats", "bank_open",
@@ -890,6 +890,12 @@ class AbiFuzz:
 
 
 # ---------------------------------------------------------------- part (c): memory bank files
+
+def address(bank: se.MemoryBank) -> int:
+    """An open bank's C handle (slim_bank*) for raw calls; the bank stays open while they run."""
+    with bank._handle as handle:
+        return handle
+
 
 def mutate_bank_file(rng: random.Random, path: Path, dim: int, written: dict) -> str:
     """One mutation of a bank file; a record rewritten with a valid checksum counts as written (the format cannot tell)."""
