@@ -254,23 +254,6 @@ def _check_abi(handle: ctypes.CDLL, path: Path) -> None:
                        f"{ABI_MAJOR}.x: reinstall slimengine so the library and the binding match (or unset SLIMENGINE_LIBRARY)")
 
 
-_calls = None
-
-
-def calls():
-    """The binding's compiled hot calls (slimengine._calls, runtime/python/ext/calls.cpp), bound to lib()'s functions."""
-    global _calls
-    if _calls is None:
-        from . import _calls as module
-        from .runtime import SlimError, _as_int64
-
-        library = lib()
-        names = ("slim_bank_lookup", "slim_bank_close", "slim_last_error", "slim_status_name")
-        module.bind({name: ctypes.cast(getattr(library, name), ctypes.c_void_p).value for name in names}, SlimError, _as_int64)
-        _calls = module
-    return _calls
-
-
 def lib() -> ctypes.CDLL:
     global _lib
     if _lib is None:

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from . import _native
+from ._calls import Bank as _BankGuard
+from ._calls import bind as _bind_compiled
 from ._native import Event, GenerateStats, LemurStats, NamedTensor, SlimTensor, StageStats, StepStats, c_path, c_string
 from .bundle import VERIFY_LEVELS, loads_strict
 from .xslim_policy import XSlimPolicy, parse_xslim_spec
@@ -890,6 +892,21 @@ class BankRepair:
     tail_bytes: int  # bytes after the last whole write call (a torn tail), left out
 
 
+_compiled_bound = False
+
+
+def _bank_guard(handle: ctypes.c_void_p, dim: int) -> _BankGuard:
+    """A bank handle's compiled guard and lookup (slimengine._calls, runtime/python/ext/calls.cpp), which calls the functions of
+    the library this binding loaded: their addresses are bound once, here."""
+    global _compiled_bound
+    if not _compiled_bound:
+        lib = _native.lib()
+        names = ("slim_bank_lookup", "slim_bank_close", "slim_last_error", "slim_status_name")
+        _bind_compiled({name: ctypes.cast(getattr(lib, name), ctypes.c_void_p).value for name in names}, SlimError, _as_int64)
+        _compiled_bound = True
+    return _BankGuard(handle.value, dim)
+
+
 class MemoryBank(_Closable):
     """The durable document-id -> embedding store (docs/memory-bank.md). One writer per file; readers
     open with read_only=True and call refresh() to see the writer's appends. Thread-safe. Only the
@@ -910,7 +927,7 @@ class MemoryBank(_Closable):
         self.dim = lib.slim_bank_dim(handle)
         # The handle's lifetime guard and its lookup, compiled (_calls.Bank): `with self._handle as h:` is a call in
         # flight on h, which close() waits for. From here on, close() (and collection) frees the handle.
-        self._handle = _native.calls().Bank(handle.value, self.dim)
+        self._handle = _bank_guard(handle, self.dim)
         self.path = Path(os.fsdecode(path_bytes))
         self._warned_damage = 0
         self._warn_about_damage()
