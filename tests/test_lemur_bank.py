@@ -1142,3 +1142,10 @@ def test_a_fifo_or_directory_in_place_of_a_bank_fails_instead_of_hanging(tmp_pat
         with pytest.raises(se.SlimError) as err:
             se.MemoryBank(path, 4, read_only=read_only)
         assert err.value.status == "SLIM_ERR_IO" and ("is not a regular file" in str(err.value) or "Is a directory" in str(err.value))
+
+
+def test_the_compiled_module_refuses_a_bank_before_it_is_bound():
+    """slimengine._calls used alone, before the binding gave it the library's functions, would call a null pointer: it
+    refuses to make a bank instead of crashing the interpreter."""
+    proc = run_python("from slimengine._calls import Bank\ntry:\n    Bank(1, 8)\nexcept RuntimeError as e:\n    print(e)")
+    assert proc.returncode == 0 and "not bound to a library" in proc.stdout, (proc.returncode, proc.stdout, proc.stderr)

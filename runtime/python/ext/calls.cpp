@@ -97,6 +97,10 @@ int bank_init(Bank* self, PyObject* args, PyObject*) {
     unsigned long long address = 0;
     long long dim = 0;
     if (!PyArg_ParseTuple(args, "KL", &address, &dim)) return -1;
+    if (!api.bank_lookup) {  // the module alone, before the binding bound it: its calls would jump to nothing
+        PyErr_SetString(PyExc_RuntimeError, "slimengine._calls is not bound to a library: open banks with slimengine.MemoryBank");
+        return -1;
+    }
     self->handle = reinterpret_cast<slim_bank*>(static_cast<uintptr_t>(address));
     self->dim = dim;
     self->calls = 0;
